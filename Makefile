@@ -1,0 +1,39 @@
+# triton_lstm — every target sets up what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+# The CPU build of torch where no torch is installed (a plain `pip install torch`
+# would pull a multi-GB CUDA build onto a machine without a GPU).
+TORCH_SPEC ?= torch==2.13.0
+OUT ?= perf/results
+
+.PHONY: install test perf perf-quick tune gpu-check demo lint
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[test,perf]"
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+perf: install
+	$(PYTHON) perf/bench.py
+
+perf-quick: install
+	$(PYTHON) perf/bench.py --quick
+
+tune: install
+	$(PYTHON) perf/tune.py
+
+# On a GPU machine with torch and triton already there (no install step, no network):
+# the GPU tests, then a short timing table; logs under $OUT when set.
+gpu-check:
+	mkdir -p "$(OUT)"
+	set -o pipefail; PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$(OUT)/gpu-tests.log"
+	set -o pipefail; PYTHONPATH=$(CURDIR) $(PYTHON) perf/gpu_check.py 2>&1 | tee "$(OUT)/gpu-timing.log"
+
+demo: install
+	$(PYTHON) examples/char_lm.py
+
+lint:
+	$(PYTHON) -m pyflakes triton_lstm tests perf 2>/dev/null || $(PYTHON) -m compileall -q triton_lstm tests perf

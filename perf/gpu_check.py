@@ -1,0 +1,56 @@
+"""Short timing table for `make gpu-check`: triton_lstm vs torch.nn.LSTM, µs per step.
+
+T = 256, input size = hidden size, one layer; forward (no grad) and forward+backward.
+Prints the table and writes it as CSV to $OUT (or perf/results/) with the GPU's name.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import triton_lstm  # noqa: E402
+from timing import bench_ms, forward_fn, random_inputs, train_fn  # noqa: E402
+
+SHAPES = [(1, 512), (8, 256), (8, 512), (8, 1024), (64, 512), (128, 1024), (512, 1024)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+T = 256
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA GPU found")
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    print(f"{gpu}, torch {torch.__version__}, T={T}, µs per step (median)")
+    print(f"{'dtype':5} {'B':>4} {'H':>5} | {'ours fwd':>9} {'cuDNN fwd':>9} {'x':>5} | "
+          f"{'ours f+b':>9} {'cuDNN f+b':>9} {'x':>5}")
+    for dtype_name, dtype in DTYPES.items():
+        for B, H in SHAPES:
+            torch_lstm = torch.nn.LSTM(H, H, device="cuda", dtype=dtype)
+            ours = triton_lstm.LSTM.from_torch(torch_lstm, backend="triton")
+            x, hx = random_inputs(T, B, H, H, dtype)
+            xg, hxg = random_inputs(T, B, H, H, dtype, requires_grad=True)
+            row = dict(gpu=gpu, dtype=dtype_name, B=B, H=H, T=T)
+            for name, module in (("ours", ours), ("cudnn", torch_lstm)):
+                row[f"{name}_fwd_us"] = bench_ms(forward_fn(module, x, hx))[0] * 1e3 / T
+                row[f"{name}_train_us"] = bench_ms(train_fn(module, xg, hxg))[0] * 1e3 / T
+            rows.append(row)
+            print(f"{dtype_name:5} {B:4} {H:5} | {row['ours_fwd_us']:9.2f} {row['cudnn_fwd_us']:9.2f} "
+                  f"{row['cudnn_fwd_us'] / row['ours_fwd_us']:5.1f} | {row['ours_train_us']:9.2f} "
+                  f"{row['cudnn_train_us']:9.2f} {row['cudnn_train_us'] / row['ours_train_us']:5.1f}",
+                  flush=True)
+    out_dir = pathlib.Path(os.environ.get("OUT") or pathlib.Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "gpu_check.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

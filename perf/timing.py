@@ -1,0 +1,36 @@
+"""Timing helpers shared by the benchmarks: CUDA-event timing through triton.testing.do_bench."""
+from __future__ import annotations
+
+import torch
+import triton
+
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+def bench_ms(fn, *, warmup_ms: int = 25, rep_ms: int = 100) -> tuple[float, float, float]:
+    """Median, 20% and 80% quantiles of fn's run time in milliseconds (warm-up excluded)."""
+    return tuple(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES)))
+
+
+def forward_fn(module, x, hx):
+    def run():
+        with torch.no_grad():
+            module(x, hx)
+    return run
+
+
+def train_fn(module, x, hx):
+    """Forward and backward through every input and parameter, upstream gradient on y."""
+    def run():
+        y, _ = module(x, hx)
+        y.backward(grad)
+    y, _ = module(x, hx)
+    grad = torch.randn_like(y)
+    return run
+
+
+def random_inputs(T, B, I, H, dtype, device="cuda", requires_grad=False):
+    x = torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=requires_grad)
+    hx = tuple(torch.randn(1, B, H, device=device, dtype=dtype, requires_grad=requires_grad)
+               for _ in range(2))
+    return x, hx

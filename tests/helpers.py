@@ -1,0 +1,47 @@
+"""Shared test helpers: random problems, a float64 reference, gradient collection."""
+import torch
+
+import triton_lstm
+
+
+def random_problem(T, B, I, H, dtype, device="cpu", *, bias=True, with_state=True):
+    """Random input, state and a torch.nn.LSTM holding random weights (never zeros)."""
+    ref = torch.nn.LSTM(I, H, bias=bias).to(device=device, dtype=dtype)
+    x = torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=True)
+    hx = None
+    if with_state:
+        hx = tuple(torch.randn(1, B, H, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(2))
+    return ref, x, hx
+
+
+def outputs_and_grads(module, x, hx, upstream=None):
+    """Run module, backprop random upstream gradients from y, h_n and c_n.
+
+    Returns (outputs, grads, upstream): grads in the order x, h0, c0, then parameters.
+    """
+    y, (h, c) = module(x, hx)
+    outs = (y, h, c)
+    if upstream is None:
+        upstream = tuple(torch.randn_like(o) for o in outs)
+    inputs = [x] + (list(hx) if hx is not None else []) + list(module.parameters())
+    loss = sum((o * g.to(o.dtype)).sum() for o, g in zip(outs, upstream))
+    grads = torch.autograd.grad(loss, inputs)
+    return [o.detach() for o in outs], [g.detach() for g in grads], upstream
+
+
+def float64_reference(module, x, hx, upstream):
+    """The same computation in float64 on the CPU with torch.nn.LSTM."""
+    ref = torch.nn.LSTM(module.input_size, module.hidden_size, num_layers=module.num_layers,
+                        bias=module.bias, batch_first=module.batch_first,
+                        bidirectional=module.bidirectional, proj_size=module.proj_size,
+                        dtype=torch.float64)
+    ref.load_state_dict({k: v.detach().cpu().double() for k, v in module.state_dict().items()})
+    x64 = x.detach().cpu().double().requires_grad_()
+    hx64 = None if hx is None else tuple(s.detach().cpu().double().requires_grad_() for s in hx)
+    up64 = tuple(u.detach().cpu().double() for u in upstream)
+    return outputs_and_grads(ref, x64, hx64, up64)[:2]
+
+
+def triton_copy(ref, **kwargs):
+    return triton_lstm.LSTM.from_torch(ref, backend="triton", **kwargs)

@@ -1,0 +1,126 @@
+"""GPU tests: the persistent kernels in every dtype, against a float64 reference.
+
+Tolerance rule (as flash-attention's tests): the error of triton_lstm against a
+float64 CPU reference may be at most twice the error of torch.nn.LSTM (cuDNN) in
+the same dtype, plus a small slack of about one rounding step of the dtype.
+Errors are relative to the reference's largest magnitude. Run by `make gpu-check`.
+"""
+import contextlib
+
+import pytest
+import torch
+
+from triton_lstm import LSTMFunction
+from triton_lstm.dispatch import KernelConfig, launch_counts
+from triton_lstm.kernels.forward import lstm_forward
+
+from .conftest import requires_cuda
+from .helpers import float64_reference, outputs_and_grads, triton_copy
+
+pytestmark = requires_cuda
+
+DTYPES = {  # name: (dtype, allow tf32 in cuDNN and our kernels, slack)
+    "fp32": (torch.float32, False, 2e-5),
+    "fp32-tf32": (torch.float32, True, 1e-3),
+    "bf16": (torch.bfloat16, False, 4e-3),
+    "fp16": (torch.float16, False, 5e-4),
+}
+
+SHAPES = [  # T, B, I, H
+    pytest.param((40, 1, 64, 512), id="T40-B1-H512"),
+    pytest.param((32, 8, 256, 512), id="T32-B8-H512"),
+    pytest.param((24, 64, 128, 1024), id="T24-B64-H1024"),
+    pytest.param((16, 130, 64, 256), id="T16-B130-H256"),    # several batch blocks
+    pytest.param((20, 5, 33, 768), id="T20-B5-I33-H768"),     # H not a power of two
+    pytest.param((8, 3, 20, 2048), id="T8-B3-H2048"),         # weights streamed from L2
+]
+
+
+@contextlib.contextmanager
+def tf32(enabled):
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+def relative_error(got, want):
+    want = want.double().cpu()
+    return float((got.double().cpu() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_persistent_matches_float64_within_twice_cudnn_error(shape, dtype_name):
+    dtype, allow_tf32, slack = DTYPES[dtype_name]
+    T, B, I, H = shape
+    torch_lstm = torch.nn.LSTM(I, H, device="cuda", dtype=dtype)
+    ours = triton_copy(torch_lstm)
+    x = torch.randn(T, B, I, device="cuda", dtype=dtype, requires_grad=True)
+    hx = tuple(torch.randn(1, B, H, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    before = launch_counts["persistent"]
+    with tf32(allow_tf32):
+        our_outs, our_grads, upstream = outputs_and_grads(ours, x, hx)
+        torch_outs, torch_grads, _ = outputs_and_grads(torch_lstm, x, hx, upstream)
+    assert launch_counts["persistent"] >= before + 2, "the persistent path did not run"
+    ref_outs, ref_grads = float64_reference(torch_lstm, x, hx, upstream)
+    names = ["y", "h_n", "c_n", "grad x", "grad h0", "grad c0",
+             "grad w_ih", "grad w_hh", "grad b_ih", "grad b_hh"]
+    for name, got, base, want in zip(names, our_outs + our_grads, torch_outs + torch_grads,
+                                     ref_outs + ref_grads):
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        ours_err, torch_err = relative_error(got, want), relative_error(base, want)
+        assert ours_err <= 2 * torch_err + slack, (
+            f"{name}: error {ours_err:.2e} vs nn.LSTM's {torch_err:.2e} (+{slack:.0e})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_two_runs_are_bitwise_equal_and_stepped_matches_persistent(dtype):
+    T, B, I, H = 33, 8, 128, 512
+    torch_lstm = torch.nn.LSTM(I, H, device="cuda", dtype=dtype)
+    x = torch.randn(T, B, I, device="cuda", dtype=dtype, requires_grad=True)
+    params = list(torch_lstm.parameters())
+    runs = []
+    for force_stepped in (False, False, True):
+        y, h, c = LSTMFunction.apply(x, None, None, *params, None, force_stepped)
+        grads = torch.autograd.grad((y * 1.5).sum() + h.sum() - c.sum(), [x] + params)
+        runs.append([y, h, c, *grads])
+    for first, second, stepped in zip(*runs):
+        assert torch.equal(first, second)
+        assert torch.equal(first, stepped)
+
+
+def test_streamed_weights_match_resident():
+    T, B, I, H = 16, 8, 64, 256
+    torch_lstm = torch.nn.LSTM(I, H, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16)
+    params = list(torch_lstm.parameters())
+    with torch.no_grad():
+        resident = LSTMFunction.apply(x, None, None, *params, KernelConfig(16, 8, resident=True))
+        streamed = LSTMFunction.apply(x, None, None, *params,
+                                      KernelConfig(16, 8, resident=False, block_k=32))
+    for a, b in zip(resident, streamed):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_graph_replay():
+    """The barrier counters reset themselves: replays of a captured forward stay correct."""
+    T, B, H = 12, 8, 256
+    gx = torch.randn(T, B, 4 * H, device="cuda", dtype=torch.bfloat16)
+    w_hh = torch.randn(4 * H, H, device="cuda", dtype=torch.bfloat16) / H ** 0.5
+    eager = lstm_forward(gx, w_hh, None, None, save=False)[0].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        lstm_forward(gx, w_hh, None, None, save=False)      # warm up (compile) outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = lstm_forward(gx, w_hh, None, None, save=False)[0]
+    for _ in range(3):
+        captured.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)

@@ -1,0 +1,107 @@
+"""The Triton kernels themselves, on CPU under the interpreter (stepped mode).
+
+Every output and gradient of LSTMFunction against torch.nn.LSTM in float64, with
+tile configs that split the hidden units and the batch over several programs and
+cover both the on-chip and the streamed-weight paths.
+"""
+import pytest
+import torch
+
+from triton_lstm import LSTMFunction
+from triton_lstm.autograd import lstm_layer
+from triton_lstm.dispatch import KernelConfig, launch_counts
+
+from .conftest import requires_interpreter
+from .helpers import random_problem
+
+pytestmark = requires_interpreter
+
+CONFIGS = {
+    "resident-bh4": KernelConfig(block_b=16, block_h=4, resident=True),
+    "resident-bh8": KernelConfig(block_b=16, block_h=8, resident=True),
+    "streamed-bh8-bk16": KernelConfig(block_b=16, block_h=8, resident=False, block_k=16),
+}
+
+SHAPES = [  # T, B, I, H
+    pytest.param((1, 1, 4, 20), id="T1-B1-I4-H20"),
+    pytest.param((7, 3, 5, 33), id="T7-B3-I5-H33"),
+    pytest.param((4, 2, 6, 16), id="T4-B2-I6-H16"),
+    pytest.param((3, 17, 3, 12), id="T3-B17-I3-H12"),   # two batch blocks of 16
+]
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def run_function(x, hx, ref, config, upstream=None):
+    """LSTMFunction on ref's weights; returns outputs, grads (x, h0, c0, params) and upstream."""
+    params = [p.detach().clone().requires_grad_() for p in ref.parameters()]
+    w_ih, w_hh, b_ih, b_hh = params if len(params) == 4 else params + [None, None]
+    h0, c0 = (hx[0][0], hx[1][0]) if hx is not None else (None, None)
+    y, h, c = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, config)
+    outs = (y, h, c)
+    if upstream is None:
+        upstream = tuple(torch.randn_like(o) for o in outs)
+    inputs = [x] + (list(hx) if hx is not None else []) + params
+    grads = torch.autograd.grad(sum((o * g).sum() for o, g in zip(outs, upstream)), inputs)
+    return outs, grads, upstream
+
+
+def run_reference(x, hx, ref, upstream):
+    y, (h, c) = ref(x, hx)
+    outs = (y, h[0], c[0])
+    inputs = [x] + (list(hx) if hx is not None else []) + list(ref.parameters())
+    grads = torch.autograd.grad(sum((o * g).sum() for o, g in zip(outs, upstream)), inputs)
+    return outs, grads
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_outputs_and_all_gradients(shape, dtype, config_name):
+    T, B, I, H = shape
+    ref, x, hx = random_problem(T, B, I, H, dtype)
+    outs, grads, upstream = run_function(x, hx, ref, CONFIGS[config_name])
+    ref_outs, ref_grads = run_reference(x, hx, ref, upstream)
+    for name, got, want in zip(("y", "h_n", "c_n"), outs, ref_outs):
+        torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    names = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh"]
+    for name, got, want in zip(names, grads, ref_grads):
+        torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("with_state", [True, False], ids=["hx", "no-hx"])
+def test_optional_bias_and_state(bias, with_state):
+    ref, x, hx = random_problem(5, 2, 3, 10, torch.float64, bias=bias, with_state=with_state)
+    outs, grads, upstream = run_function(x, hx, ref, CONFIGS["resident-bh4"])
+    ref_outs, ref_grads = run_reference(x, hx, ref, upstream)
+    for got, want in zip(list(outs) + list(grads), list(ref_outs) + list(ref_grads)):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_only_some_outputs_used():
+    """Unused outputs get no gradient (None upstream); the rest must still be right."""
+    ref, x, hx = random_problem(4, 2, 3, 9, torch.float64)
+    params = [p.detach().clone().requires_grad_() for p in ref.parameters()]
+    y, h, c = LSTMFunction.apply(x, hx[0][0], hx[1][0], *params, CONFIGS["resident-bh4"])
+    gx, = torch.autograd.grad(c.sum(), [x])
+    yr, (hr, cr) = ref(x, hx)
+    want, = torch.autograd.grad(cr.sum(), [x])
+    torch.testing.assert_close(gx, want, **TOL[torch.float64])
+
+
+def test_runs_without_autograd():
+    ref, x, hx = random_problem(3, 2, 4, 8, torch.float32)
+    with torch.no_grad():
+        y, h, c = lstm_layer(x, hx[0][0], hx[1][0], *ref.parameters())
+        yr, (hr, cr) = ref(x, hx)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, yr, **TOL[torch.float32])
+    torch.testing.assert_close(c, cr[0], **TOL[torch.float32])
+
+
+def test_interpreter_runs_the_stepped_mode():
+    before = launch_counts["stepped"]
+    ref, x, hx = random_problem(3, 2, 4, 8, torch.float32)
+    LSTMFunction.apply(x, None, None, *ref.parameters())
+    assert launch_counts["stepped"] == before + 3

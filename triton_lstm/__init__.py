@@ -1,0 +1,13 @@
+"""triton_lstm: a drop-in torch.nn.LSTM whose recurrence runs in persistent Triton kernels."""
+from importlib.metadata import PackageNotFoundError, version
+
+from .autograd import LSTMFunction
+from .functional import lstm
+from .module import LSTM, LSTMInputError
+
+try:
+    __version__ = version("triton_lstm")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0+unknown"
+
+__all__ = ["LSTM", "LSTMFunction", "LSTMInputError", "lstm", "__version__"]

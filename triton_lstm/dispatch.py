@@ -1,0 +1,249 @@
+"""How a recurrence is launched: tile config, persistent or stepped, batch chunks.
+
+A persistent launch is only safe when every program of a barrier group is
+resident at once. We compile the kernel, count how many of its programs fit on
+the device (registers, shared memory, threads per SM), and launch persistently
+only if a whole group fits; the launch is also cooperative where Triton offers
+it, so a misjudged grid fails loudly instead of hanging. Batch blocks beyond
+what fits run as further persistent launches, one after another (they are
+independent problems). If not even one group fits, or the kernels run under
+the Triton interpreter (programs run one after another, a spin barrier would
+wait forever), the same kernel runs in stepped mode: one launch per step.
+
+Tile configs come from ``configs/<gpu>.json`` when ``make tune`` measured one
+for the shape, otherwise from a heuristic.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+
+import torch
+import triton
+
+from .kernels.barrier import leader_increment
+
+CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+# Shared memory a resident program may use: its weight slice plus one staged
+# [BLOCK_B, HP] operand tile (Hopper has ~227 KB per SM; leave room for shuffles).
+ON_CHIP_BUDGET = 200 * 1024
+_COUNTER_SLOTS = 4096
+
+try:
+    from triton.backends.nvidia.compiler import CUDAOptions
+    COOPERATIVE_LAUNCH = "launch_cooperative_grid" in {f.name for f in dataclasses.fields(CUDAOptions)}
+except ImportError:  # pragma: no cover - Triton without the NVIDIA backend
+    COOPERATIVE_LAUNCH = False
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape of one program.
+
+    block_b: batch rows per program; block_h: hidden units per program (all four
+    gates); resident: keep the weight slice on chip for the whole sequence,
+    else stream it in block_k chunks every step; num_warps: warps per program.
+    """
+    block_b: int
+    block_h: int
+    resident: bool = True
+    block_k: int = 64
+    num_warps: int = 4
+
+    def num_h_blocks(self, hidden_size: int) -> int:
+        return triton.cdiv(hidden_size, self.block_h)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def padded(hidden_size: int) -> int:
+    """Reduction length of the recurrent dot: H rounded up to a power of two (>= 16)."""
+    return max(16, triton.next_power_of_2(hidden_size))
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """tf32 for fp32 on GPU when cuDNN may use it (nn.LSTM's rule), exact otherwise."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the cell state and gate math: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def on_chip_bytes(hidden_size: int, block_b: int, block_h: int, dtype: torch.dtype) -> int:
+    """Shared memory of a resident program: the [HP, 4*BLOCK_H] weight slice and a [BLOCK_B, HP] tile."""
+    return padded(hidden_size) * (4 * block_h + block_b) * dtype.itemsize
+
+
+def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: int) -> KernelConfig:
+    """A sensible tile without measurements: ~64 hidden blocks, weights on chip if they fit."""
+    block_b = min(max(16, triton.next_power_of_2(batch)), 64)
+    block_h = 8
+    while triton.cdiv(hidden_size, block_h) > 64 and block_h < 64:
+        block_h *= 2
+
+    def fits(bb, bh):
+        return on_chip_bytes(hidden_size, bb, bh, dtype) <= ON_CHIP_BUDGET
+
+    # Prefer more, smaller programs, then fewer rows per program, over streaming weights.
+    while not fits(block_b, block_h) and block_h > 4 and triton.cdiv(hidden_size, block_h // 2) <= num_sms:
+        block_h //= 2
+    while not fits(block_b, block_h) and block_b > 16:
+        block_b //= 2
+    resident = fits(block_b, block_h)
+    return KernelConfig(block_b=block_b, block_h=block_h, resident=resident,
+                        block_k=min(64, padded(hidden_size)))
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_table(gpu_name: str) -> dict:
+    path = CONFIG_DIR / (gpu_slug(gpu_name) + ".json")
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def gpu_slug(gpu_name: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200': the file name of a GPU's tuned configs and results."""
+    return "-".join(gpu_name.lower().replace("_", " ").split())
+
+
+def tuned_key(dtype: torch.dtype, batch: int, hidden_size: int) -> str:
+    return f"{str(dtype).removeprefix('torch.')}/B{batch}/H{hidden_size}"
+
+
+def tuned_config(table: dict, kernel: str, batch: int, hidden_size: int,
+                 dtype: torch.dtype) -> KernelConfig | None:
+    """The config measured for the smallest tuned batch >= batch (else the largest), same dtype and H."""
+    prefix = str(dtype).removeprefix("torch.") + "/B"
+    suffix = f"/H{hidden_size}"
+    batches = sorted(int(k[len(prefix):-len(suffix)]) for k in table
+                     if k.startswith(prefix) and k.endswith(suffix))
+    if not batches:
+        return None
+    tuned_batch = next((b for b in batches if b >= batch), batches[-1])
+    entry = table[tuned_key(dtype, tuned_batch, hidden_size)].get(kernel)
+    if entry is None:
+        return None
+    fields = {f.name for f in dataclasses.fields(KernelConfig)}
+    return KernelConfig(**{k: v for k, v in entry.items() if k in fields})
+
+
+def pick_config(batch: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
+                kernel: str = "forward") -> KernelConfig:
+    """The best config ``make tune`` measured on this GPU for the shape, else the heuristic.
+
+    kernel: "forward" or "backward" (they are tuned separately).
+    """
+    if device.type == "cuda":
+        table = _tuned_table(torch.cuda.get_device_name(device))
+        config = tuned_config(table, kernel, batch, hidden_size, dtype)
+        if config is not None:
+            return config
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        num_sms = 4
+    return heuristic_config(batch, hidden_size, dtype, num_sms)
+
+
+def barrier_counters(device: torch.device) -> torch.Tensor:
+    """Zero-initialised barrier counters for this device and stream; they reset themselves."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return _counters(device, stream)
+
+
+@functools.lru_cache(maxsize=None)
+def _counters(device: torch.device, stream: int) -> torch.Tensor:
+    return torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+
+
+def programs_per_sm(compiled, device: torch.device) -> int:
+    """How many programs of a compiled kernel one SM holds at once."""
+    if hasattr(compiled, "_init_handles"):
+        compiled._init_handles()
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index)
+    num_warps = compiled.metadata.num_warps
+    by_threads = 2048 // (32 * num_warps)
+    regs_per_warp = triton.cdiv(max(compiled.n_regs, 1) * 32, 256) * 256
+    by_regs = (props["max_num_regs"] // regs_per_warp) // num_warps
+    shared = compiled.metadata.shared
+    by_shared = (props["max_shared_mem"] + 1024) // (shared + 1024) if shared else 32
+    return max(0, min(by_threads, by_regs, by_shared, 32))
+
+
+_capacity_cache: dict = {}
+# How many launches of each kind ran ("persistent" / "stepped"): lets tests see the path taken.
+launch_counts: collections.Counter = collections.Counter()
+
+
+def co_resident_programs(kernel, args: tuple, constexprs: dict, config: KernelConfig,
+                         device: torch.device) -> int:
+    """Programs of this kernel the whole device can hold at once (compiles it once per key)."""
+    key = (kernel.fn.__name__, device, tuple(sorted(constexprs.items())), config,
+           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    if key not in _capacity_cache:
+        compiled = kernel.warmup(*args, grid=(1,), num_warps=config.num_warps, num_stages=1,
+                                 **_launch_options(), **constexprs)
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        _capacity_cache[key] = programs_per_sm(compiled, device) * num_sms
+    return _capacity_cache[key]
+
+
+def _launch_options(persistent: bool = True) -> dict:
+    return {"launch_cooperative_grid": True} if (persistent and COOPERATIVE_LAUNCH) else {}
+
+
+def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, batch: int,
+                      hidden_size: int, config: KernelConfig, device: torch.device,
+                      force_stepped: bool = False) -> None:
+    """Run ``kernel`` over ``num_steps`` recurrent steps, persistently where it is safe.
+
+    ``args`` are the kernel's tensors and sizes up to (and without) the barrier
+    counters; ``constexprs`` its shape-independent compile-time flags (the tile
+    flags come from ``config``). A resident config whose tiles do not fit the
+    chip falls back to streamed weights.
+    """
+    num_h = config.num_h_blocks(hidden_size)
+    num_b = triton.cdiv(batch, config.block_b)
+    counters = barrier_counters(device)
+    args = args[:-2] + (counters,) + args[-2:]   # the counters come just before T, B
+    leader_inc = leader_increment(num_h)
+    constexprs = dict(constexprs, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
+                      BLOCK_K=config.block_k, RESIDENT=config.resident)
+    common = dict(num_warps=config.num_warps, num_stages=1, **constexprs)
+
+    groups_at_once = 0
+    if not (force_stepped or interpreting()):
+        try:
+            capacity = co_resident_programs(kernel, args + (0, num_steps, 0, leader_inc),
+                                            dict(constexprs, PERSISTENT=True), config, device)
+        except triton.runtime.errors.OutOfResources:
+            if not config.resident:
+                raise
+            streamed = dataclasses.replace(config, resident=False)
+            return launch_recurrence(kernel, args[:-3] + args[-2:], constexprs, num_steps=num_steps,
+                                     batch=batch, hidden_size=hidden_size, config=streamed,
+                                     device=device, force_stepped=force_stepped)
+        groups_at_once = min(capacity // num_h, num_b, _COUNTER_SLOTS)
+
+    if groups_at_once >= 1:
+        for b0 in range(0, num_b, groups_at_once):
+            grid = (num_h * min(groups_at_once, num_b - b0),)
+            kernel[grid](*args, 0, num_steps, b0 * config.block_b, leader_inc,
+                         PERSISTENT=True, **_launch_options(), **common)
+            launch_counts["persistent"] += 1
+    else:
+        grid = (num_h * num_b,)
+        for step in range(num_steps):
+            kernel[grid](*args, step, step + 1, 0, leader_inc, PERSISTENT=False, **common)
+            launch_counts["stepped"] += 1

@@ -1,0 +1,171 @@
+"""Persistent LSTM forward: the whole recurrence in one launch.
+
+Dimensions: T steps, B batch rows, H hidden units, HP = H rounded up to a power
+of two (the reduction length of the recurrent dot), gates in PyTorch's order
+i, f, g, o.
+
+Program (b, p) owns batch rows [b*BLOCK_B, (b+1)*BLOCK_B) and hidden units
+[p*BLOCK_H, (p+1)*BLOCK_H) *of all four gates*, so the cell update needs only
+its own data. Before the time loop it loads its slice of W_hh as one
+[HP, 4*BLOCK_H] tile (columns ordered unit-major, gate-minor) and keeps it on
+chip. Each step it reads the whole h_{t-1} of its batch rows (written by the
+other programs, so the loads go to L2), does one dot for the four gates, adds
+the precomputed input projection, updates c in registers, writes h_t and
+meets the other programs of its batch block at the grid barrier.
+
+When the slice is too large to keep (RESIDENT=False), each step streams it from
+L2 in BLOCK_K chunks instead: slower, still correct.
+
+Stepped mode (PERSISTENT=False) runs the same body for [t_begin, t_end) and
+ends; the caller launches once per step and the launch boundary is the
+barrier. c travels between launches through ``c_state``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import dot_precision, launch_recurrence, padded, pick_config, state_dtype
+from .barrier import grid_barrier
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit(do_not_specialize=["T", "B", "t_begin", "t_end", "batch_start", "leader_inc"])
+def lstm_forward_kernel(
+    gx,        # [T, B, 4H]  x_t W_ih^T + b_ih + b_hh, input dtype
+    w_hh,      # [4H, H]     input dtype
+    h0,        # [B, H]      input dtype, read when HAS_H0
+    c0,        # [B, H]      input dtype, read when HAS_H0
+    y,         # [T, B, H]   out: h_t, input dtype
+    h_n,       # [B, H]      out: h_{T-1}, input dtype
+    c_state,   # [B, H]      fp32, in: c_{t_begin-1} when t_begin > 0; out: c_{t_end-1}
+    gates,     # [T, B, 4H]  fp32 out when SAVE: activated i, f, g, o
+    c_all,     # [T, B, H]   fp32 out when SAVE
+    counters,  # [groups]    int32 barrier counters, one per batch block
+    T, B, t_begin, t_end, batch_start, leader_inc,
+    H: tl.constexpr, HP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    RESIDENT: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr,
+    PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
+    ACC: tl.constexpr = c_state.dtype.element_ty    # fp32 (fp64 for fp64 inputs)
+    i_p = tl.program_id(0)
+    i_h = i_p % NUM_H_BLOCKS
+    i_b = i_p // NUM_H_BLOCKS
+
+    o_b = batch_start + i_b * BLOCK_B + tl.arange(0, BLOCK_B)   # batch rows
+    o_u = i_h * BLOCK_H + tl.arange(0, BLOCK_H)                 # own hidden units
+    m_b = o_b < B
+    m_bu = m_b[:, None] & (o_u < H)[None, :]
+    p_bu = o_b[:, None] * H + o_u[None, :]                      # into [B, H]
+    p_bg = o_b[:, None] * (4 * H) + o_u[None, :]                # into [B, 4H], gate i
+    # Weight-tile columns: n = 4 * unit + gate.
+    o_n = tl.arange(0, 4 * BLOCK_H)
+    o_nu = i_h * BLOCK_H + o_n // 4
+    w_row = (o_n % 4) * H + o_nu                                # row of W_hh
+    m_n = o_nu < H
+
+    if RESIDENT:
+        o_k = tl.arange(0, HP)
+        b_w = tl.load(w_hh + w_row[None, :] * H + o_k[:, None],
+                      mask=m_n[None, :] & (o_k < H)[:, None], other=0.0)
+
+    if t_begin == 0:
+        if HAS_H0:
+            b_c = tl.load(c0 + p_bu, mask=m_bu, other=0.0).to(ACC)
+        else:
+            b_c = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+    else:
+        b_c = tl.load(c_state + p_bu, mask=m_bu, other=0.0)
+
+    for t in range(t_begin, t_end):
+        t64 = tl.cast(t, tl.int64)
+        # h_{t-1} of every unit, written by all programs of this batch block.
+        if t == 0:
+            p_prev = h0
+        else:
+            p_prev = y + (t64 - 1) * B * H
+        if HAS_H0:
+            m_prev = m_b & (t >= 0)
+        else:
+            m_prev = m_b & (t > 0)
+        if RESIDENT:
+            b_hp = tl.load(p_prev + o_b[:, None] * H + o_k[None, :],
+                           mask=m_prev[:, None] & (o_k < H)[None, :], other=0.0,
+                           cache_modifier=".cg")
+            b_acc = tl.dot(b_hp, b_w, input_precision=DOT_PRECISION, out_dtype=ACC)
+        else:
+            b_acc = tl.zeros([BLOCK_B, 4 * BLOCK_H], dtype=ACC)
+            for k0 in range(0, HP, BLOCK_K):
+                o_k = k0 + tl.arange(0, BLOCK_K)
+                b_hp = tl.load(p_prev + o_b[:, None] * H + o_k[None, :],
+                               mask=m_prev[:, None] & (o_k < H)[None, :], other=0.0,
+                               cache_modifier=".cg")
+                b_w = tl.load(w_hh + w_row[None, :] * H + o_k[:, None],
+                              mask=m_n[None, :] & (o_k < H)[:, None], other=0.0)
+                b_acc = tl.dot(b_hp, b_w, b_acc, input_precision=DOT_PRECISION)
+        # [B, 4*BLOCK_H] -> four [B, BLOCK_H] gates (column n = 4 * unit + 2 * a + b).
+        b_even, b_odd = tl.split(tl.reshape(b_acc, [BLOCK_B, BLOCK_H, 2, 2]))
+        b_ai, b_ag = tl.split(b_even)
+        b_af, b_ao = tl.split(b_odd)
+
+        p_gx = gx + t64 * B * 4 * H + p_bg
+        b_i = tl.sigmoid(b_ai + tl.load(p_gx, mask=m_bu, other=0.0).to(ACC))
+        b_f = tl.sigmoid(b_af + tl.load(p_gx + H, mask=m_bu, other=0.0).to(ACC))
+        b_g = _tanh(b_ag + tl.load(p_gx + 2 * H, mask=m_bu, other=0.0).to(ACC))
+        b_o = tl.sigmoid(b_ao + tl.load(p_gx + 3 * H, mask=m_bu, other=0.0).to(ACC))
+        b_c = b_f * b_c + b_i * b_g
+        b_h = (b_o * _tanh(b_c)).to(y.dtype.element_ty)
+
+        tl.store(y + t64 * B * H + p_bu, b_h, mask=m_bu)
+        if t == T - 1:
+            tl.store(h_n + p_bu, b_h, mask=m_bu)
+        if SAVE:
+            p_g = gates + t64 * B * 4 * H + p_bg
+            tl.store(p_g, b_i, mask=m_bu)
+            tl.store(p_g + H, b_f, mask=m_bu)
+            tl.store(p_g + 2 * H, b_g, mask=m_bu)
+            tl.store(p_g + 3 * H, b_o, mask=m_bu)
+            tl.store(c_all + t64 * B * H + p_bu, b_c, mask=m_bu)
+        if PERSISTENT:
+            if t < t_end - 1:
+                grid_barrier(counters + i_b, leader_inc, i_h == 0)
+
+    tl.store(c_state + p_bu, b_c, mask=m_bu)
+
+
+def lstm_forward(gx, w_hh, h0, c0, *, save: bool, config=None, force_stepped: bool = False):
+    """Run the recurrence over a precomputed input projection.
+
+    Args:
+        gx: [T, B, 4H] input projection with both biases, contiguous.
+        w_hh: [4H, H] recurrent weights, same dtype as gx.
+        h0, c0: [B, H] initial state, or both None for zeros.
+        save: also return what the backward needs (gates and c per step, in the state dtype).
+        config: a ``KernelConfig``; picked by ``dispatch.pick_config`` when None.
+        force_stepped: one launch per step even where a persistent launch fits.
+    Returns:
+        y [T, B, H], h_n [B, H], c_n [B, H], gates [T, B, 4H] or None, c_all [T, B, H] or None;
+        the last three in the state dtype (fp32, fp64 for fp64 inputs).
+    """
+    T, B, _ = gx.shape
+    H = w_hh.shape[1]
+    device, dtype = gx.device, gx.dtype
+    config = config or pick_config(B, H, dtype, device, "forward")
+    acc = state_dtype(dtype)
+    y = torch.empty(T, B, H, dtype=dtype, device=device)
+    h_n = torch.empty(B, H, dtype=dtype, device=device)
+    c_state = torch.empty(B, H, dtype=acc, device=device)
+    gates = torch.empty(T, B, 4 * H, dtype=acc, device=device) if save else None
+    c_all = torch.empty(T, B, H, dtype=acc, device=device) if save else None
+    has_h0 = h0 is not None
+    args = (gx, w_hh, h0 if has_h0 else y, c0 if has_h0 else y, y, h_n, c_state,
+            gates if save else c_state, c_all if save else c_state, T, B)
+    constexprs = dict(H=H, HP=padded(H), HAS_H0=has_h0, SAVE=save, DOT_PRECISION=dot_precision(dtype, device))
+    launch_recurrence(lstm_forward_kernel, args, constexprs, num_steps=T, batch=B, hidden_size=H,
+                      config=config, device=device, force_stepped=force_stepped)
+    return y, h_n, c_state, gates, c_all
