@@ -17,8 +17,8 @@ from .helpers import random_problem
 pytestmark = requires_interpreter
 
 CONFIGS = {
-    "resident-bh4": KernelConfig(block_b=16, block_h=4, resident=True),
-    "resident-bh8": KernelConfig(block_b=16, block_h=8, resident=True),
+    "resident-bh4": KernelConfig(block_b=16, block_h=4, resident=True, split_k=1),
+    "resident-bh8-split2": KernelConfig(block_b=16, block_h=8, resident=True, split_k=2),
     "streamed-bh8-bk16": KernelConfig(block_b=16, block_h=8, resident=False, block_k=16),
 }
 

@@ -46,12 +46,15 @@ class KernelConfig:
 
     block_b: batch rows per program; block_h: hidden units per program (all four
     gates); resident: keep the weight slice on chip for the whole sequence,
-    else stream it in block_k chunks every step; num_warps: warps per program.
+    else stream it in block_k chunks every step; split_k: slices of the
+    recurrent reduction given to different warps (resident only); num_warps:
+    warps per program.
     """
     block_b: int
     block_h: int
     resident: bool = True
     block_k: int = 64
+    split_k: int = 4
     num_warps: int = 4
 
     def num_h_blocks(self, hidden_size: int) -> int:
@@ -86,23 +89,41 @@ def on_chip_bytes(hidden_size: int, block_b: int, block_h: int, dtype: torch.dty
 
 
 def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: int) -> KernelConfig:
-    """A sensible tile without measurements: ~64 hidden blocks, weights on chip if they fit."""
-    block_b = min(max(16, triton.next_power_of_2(batch)), 64)
+    """A sensible tile without measurements (``make tune`` measures better ones).
+
+    Hidden blocks of 8+ units (at most 64 blocks), batch blocks of 16+ rows, the
+    grid within one launch where the tiles allow; weights on chip when they fit,
+    else streamed.
+    """
     block_h = 8
     while triton.cdiv(hidden_size, block_h) > 64 and block_h < 64:
         block_h *= 2
 
-    def fits(bb, bh):
-        return on_chip_bytes(hidden_size, bb, bh, dtype) <= ON_CHIP_BUDGET
+    def programs(bb, bh):
+        return triton.cdiv(hidden_size, bh) * triton.cdiv(batch, bb)
 
-    # Prefer more, smaller programs, then fewer rows per program, over streaming weights.
-    while not fits(block_b, block_h) and block_h > 4 and triton.cdiv(hidden_size, block_h // 2) <= num_sms:
+    # Spread the batch over blocks of 16+ rows while the grid fits one launch ...
+    block_b = 16
+    while programs(block_b, block_h) > num_sms and block_b < min(128, triton.next_power_of_2(batch)):
+        block_b *= 2
+    # ... then wider hidden blocks, up to a tile of 2048 cells (more would spill registers);
+    # what still does not fit one launch runs as several launches over the batch.
+    while programs(block_b, block_h) > num_sms and block_b * block_h < 2048:
+        block_h *= 2
+
+    def fits(bh):
+        return on_chip_bytes(hidden_size, block_b, bh, dtype) <= ON_CHIP_BUDGET
+
+    # Smaller hidden blocks (more programs) keep the weights on chip where a group still fits.
+    while not fits(block_h) and block_h > 8 and programs(block_b, block_h // 2) <= num_sms:
         block_h //= 2
-    while not fits(block_b, block_h) and block_b > 16:
-        block_b //= 2
-    resident = fits(block_b, block_h)
-    return KernelConfig(block_b=block_b, block_h=block_h, resident=resident,
-                        block_k=min(64, padded(hidden_size)))
+    # Warps grow with the per-program tile (the cell state and the prefetched
+    # operands of the next step live in registers), so that nothing spills.
+    tile = block_b * block_h * (dtype.itemsize if dtype.itemsize > 2 else 1)
+    num_warps = 4 if tile <= 128 else 8 if tile <= 1024 else 16
+    return KernelConfig(block_b=block_b, block_h=block_h, resident=fits(block_h),
+                        block_k=min(64, padded(hidden_size)),
+                        split_k=min(4, padded(hidden_size) // 16), num_warps=num_warps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -219,7 +240,8 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     args = args[:-2] + (counters,) + args[-2:]   # the counters come just before T, B
     leader_inc = leader_increment(num_h)
     constexprs = dict(constexprs, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
-                      BLOCK_K=config.block_k, RESIDENT=config.resident)
+                      BLOCK_K=config.block_k, RESIDENT=config.resident,
+                      SPLIT_K=min(config.split_k, padded(hidden_size) // 16))
     common = dict(num_warps=config.num_warps, num_stages=1, **constexprs)
 
     groups_at_once = 0

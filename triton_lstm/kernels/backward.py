@@ -2,8 +2,8 @@
 
 Same grid and ownership as the forward kernel (see forward.py): program (b, p)
 owns batch rows of block b and hidden units [p*BLOCK_H, (p+1)*BLOCK_H). It
-keeps the *column* slice W_hh[:, its units] on chip as four [HP, BLOCK_H] tiles
-(one per gate).
+keeps the *column* slice W_hh[:, its units] on chip, per gate a [SPLIT_K,
+HP/SPLIT_K, BLOCK_H] tile for ``split_dot`` (forward.py).
 
 The loop runs T + 1 stages, s = 0 .. T, for t = T - 1 - s:
   1. dh for its units: dh_n at s = 0, else dG_{t+1} @ W_hh[:, units], reading
@@ -25,7 +25,33 @@ import triton.language as tl
 
 from ..dispatch import dot_precision, launch_recurrence, padded, pick_config, state_dtype
 from .barrier import grid_barrier
-from .forward import _tanh
+from .forward import _tanh, split_dot
+
+
+@triton.jit
+def _load_saved(t, dy, gates, c_all, c0, B, p_bu, p_bg, m_bu, H: tl.constexpr,
+                HAS_DY: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr):
+    """What step t needs besides dh: dy_t, gates i, f, g, o, c_t, c_{t-1} (nothing read if t < 0)."""
+    t64 = tl.cast(t, tl.int64)
+    m = m_bu & (tl.full(m_bu.shape, t, tl.int32) >= 0)
+    p_g = gates + t64 * B * 4 * H + p_bg
+    b_i = tl.load(p_g, mask=m, other=0.0)
+    b_f = tl.load(p_g + H, mask=m, other=0.0)
+    b_g = tl.load(p_g + 2 * H, mask=m, other=0.0)
+    b_o = tl.load(p_g + 3 * H, mask=m, other=0.0)
+    b_ct = tl.load(c_all + t64 * B * H + p_bu, mask=m, other=0.0)
+    if t > 0:
+        b_cp = tl.load(c_all + (t64 - 1) * B * H + p_bu, mask=m, other=0.0)
+    else:
+        if HAS_H0:
+            b_cp = tl.load(c0 + p_bu, mask=m, other=0.0).to(ACC)
+        else:
+            b_cp = tl.zeros(p_bu.shape, dtype=ACC)
+    if HAS_DY:
+        b_dy = tl.load(dy + t64 * B * H + p_bu, mask=m, other=0.0).to(ACC)
+    else:
+        b_dy = tl.zeros(p_bu.shape, dtype=ACC)
+    return b_dy, b_i, b_f, b_g, b_o, b_ct, b_cp
 
 
 @triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end", "batch_start", "leader_inc"])
@@ -42,12 +68,13 @@ def lstm_backward_kernel(
     counters,  # [groups]    int32 barrier counters, one per batch block
     T, B, s_begin, s_end, batch_start, leader_inc,
     H: tl.constexpr, HP: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     RESIDENT: tl.constexpr, HAS_DY: tl.constexpr, HAS_DHN: tl.constexpr, HAS_H0: tl.constexpr,
     PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
     ACC: tl.constexpr = dc_state.dtype.element_ty   # fp32 (fp64 for fp64 inputs)
+    KS: tl.constexpr = HP // SPLIT_K
     i_p = tl.program_id(0)
     i_h = i_p % NUM_H_BLOCKS
     i_b = i_p // NUM_H_BLOCKS
@@ -60,18 +87,19 @@ def lstm_backward_kernel(
     p_bu = o_b[:, None] * H + o_u[None, :]
     p_bg = o_b[:, None] * (4 * H) + o_u[None, :]
 
-    # W_hh[k*H + j, own units] for gate k: four [HP, BLOCK_H] tiles, one dot each,
-    # so only one gate's [BLOCK_B, HP] slice of dG is staged at a time.
-    o_k = tl.arange(0, HP)
-    m_ku = (o_k < H)[:, None] & m_u[None, :]
-    p_w = w_hh + o_k[:, None] * H + o_u[None, :]
     if RESIDENT:
-        b_wi = tl.load(p_w, mask=m_ku, other=0.0)
-        b_wf = tl.load(p_w + H * H, mask=m_ku, other=0.0)
-        b_wg = tl.load(p_w + 2 * H * H, mask=m_ku, other=0.0)
-        b_wo = tl.load(p_w + 3 * H * H, mask=m_ku, other=0.0)
+        # Per gate, W_hh[gate*H + j, own units] as [SPLIT_K, KS, BLOCK_H] for split_dot.
+        o_j = tl.arange(0, SPLIT_K)[:, None] * KS + tl.arange(0, KS)[None, :]   # [S, KS]
+        p_w = w_hh + o_j[:, :, None] * H + o_u[None, None, :]
+        m_w = (o_j < H)[:, :, None] & m_u[None, None, :]
+        b_wi = tl.load(p_w, mask=m_w, other=0.0)
+        b_wf = tl.load(p_w + H * H, mask=m_w, other=0.0)
+        b_wg = tl.load(p_w + 2 * H * H, mask=m_w, other=0.0)
+        b_wo = tl.load(p_w + 3 * H * H, mask=m_w, other=0.0)
 
     b_dc = tl.load(dc_state + p_bu, mask=m_bu, other=0.0)
+    b_dy, b_i, b_f, b_g, b_o, b_ct, b_cp = _load_saved(
+        T - 1 - s_begin, dy, gates, c_all, c0, B, p_bu, p_bg, m_bu, H, HAS_DY, HAS_H0, ACC)
 
     for s in range(s_begin, s_end):
         t = T - 1 - s
@@ -82,47 +110,30 @@ def lstm_backward_kernel(
             else:
                 b_dh = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
         else:
-            p_dg = dgates + (t64 + 1) * B * 4 * H + o_b[:, None] * (4 * H)
+            # dG_{t+1} of every unit, written by all programs of this batch block.
+            p_dg = dgates + (t64 + 1) * B * 4 * H
             if RESIDENT:
-                m_bk = m_b[:, None] & (o_k < H)[None, :]
-                p_dgk = p_dg + o_k[None, :]
-                b_dh = tl.dot(tl.load(p_dgk, mask=m_bk, other=0.0, cache_modifier=".cg"), b_wi,
-                              input_precision=DOT_PRECISION, out_dtype=ACC)
-                b_dh = tl.dot(tl.load(p_dgk + H, mask=m_bk, other=0.0, cache_modifier=".cg"), b_wf,
-                              b_dh, input_precision=DOT_PRECISION)
-                b_dh = tl.dot(tl.load(p_dgk + 2 * H, mask=m_bk, other=0.0, cache_modifier=".cg"), b_wg,
-                              b_dh, input_precision=DOT_PRECISION)
-                b_dh = tl.dot(tl.load(p_dgk + 3 * H, mask=m_bk, other=0.0, cache_modifier=".cg"), b_wo,
-                              b_dh, input_precision=DOT_PRECISION)
+                # One gate at a time, so only a [BLOCK_B, HP] slice of dG is staged.
+                p_rows = p_dg + o_b * (4 * H)
+                b_dh = split_dot(p_rows, m_b, o_j, b_wi, H, DOT_PRECISION, ACC)
+                b_dh += split_dot(p_rows + H, m_b, o_j, b_wf, H, DOT_PRECISION, ACC)
+                b_dh += split_dot(p_rows + 2 * H, m_b, o_j, b_wg, H, DOT_PRECISION, ACC)
+                b_dh += split_dot(p_rows + 3 * H, m_b, o_j, b_wo, H, DOT_PRECISION, ACC)
             else:
                 b_dh = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
                 for k0 in range(0, 4 * HP, BLOCK_K):
                     o_n = k0 + tl.arange(0, BLOCK_K)     # gate o_n // HP, unit o_n % HP
                     m_n = (o_n % HP) < H
                     col_n = (o_n // HP) * H + o_n % HP
-                    b_dg = tl.load(p_dg + col_n[None, :], mask=m_b[:, None] & m_n[None, :],
-                                   other=0.0, cache_modifier=".cg")
-                    b_w = tl.load(w_hh + col_n[:, None] * H + o_u[None, :],
-                                  mask=m_n[:, None] & m_u[None, :], other=0.0)
-                    b_dh = tl.dot(b_dg, b_w, b_dh, input_precision=DOT_PRECISION)
+                    b_dgk = tl.load(p_dg + o_b[:, None] * (4 * H) + col_n[None, :],
+                                    mask=m_b[:, None] & m_n[None, :], other=0.0, cache_modifier=".cg")
+                    b_wk = tl.load(w_hh + col_n[:, None] * H + o_u[None, :],
+                                   mask=m_n[:, None] & m_u[None, :], other=0.0)
+                    b_dh = tl.dot(b_dgk, b_wk, b_dh, input_precision=DOT_PRECISION)
 
         if s < T:
-            if HAS_DY:
-                b_dh += tl.load(dy + t64 * B * H + p_bu, mask=m_bu, other=0.0).to(ACC)
-            p_g = gates + t64 * B * 4 * H + p_bg
-            b_i = tl.load(p_g, mask=m_bu, other=0.0)
-            b_f = tl.load(p_g + H, mask=m_bu, other=0.0)
-            b_g = tl.load(p_g + 2 * H, mask=m_bu, other=0.0)
-            b_o = tl.load(p_g + 3 * H, mask=m_bu, other=0.0)
-            b_tc = _tanh(tl.load(c_all + t64 * B * H + p_bu, mask=m_bu, other=0.0))
-            if t == 0:
-                if HAS_H0:
-                    b_cp = tl.load(c0 + p_bu, mask=m_bu, other=0.0).to(ACC)
-                else:
-                    b_cp = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-            else:
-                b_cp = tl.load(c_all + (t64 - 1) * B * H + p_bu, mask=m_bu, other=0.0)
-
+            b_dh += b_dy
+            b_tc = _tanh(b_ct)
             b_dc = b_dc + b_dh * b_o * (1.0 - b_tc * b_tc)
             p_out = dgates + t64 * B * 4 * H + p_bg
             dtype = dgates.dtype.element_ty
@@ -131,6 +142,11 @@ def lstm_backward_kernel(
             tl.store(p_out + 2 * H, (b_dc * b_i * (1.0 - b_g * b_g)).to(dtype), mask=m_bu)
             tl.store(p_out + 3 * H, (b_dh * b_tc * b_o * (1.0 - b_o)).to(dtype), mask=m_bu)
             b_dc = b_dc * b_f
+            # The next step's saved values do not depend on the recurrence: their
+            # loads are in flight while this program waits at the barrier.
+            t_next = tl.where(s + 1 < s_end, t - 1, -1)
+            b_dy, b_i, b_f, b_g, b_o, b_ct, b_cp = _load_saved(
+                t_next, dy, gates, c_all, c0, B, p_bu, p_bg, m_bu, H, HAS_DY, HAS_H0, ACC)
             if PERSISTENT:
                 grid_barrier(counters + i_b, leader_inc, i_h == 0)
         else:

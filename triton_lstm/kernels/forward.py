@@ -13,6 +13,11 @@ other programs, so the loads go to L2), does one dot for the four gates, adds
 the precomputed input projection, updates c in registers, writes h_t and
 meets the other programs of its batch block at the grid barrier.
 
+The recurrent dot is a 3-D dot over SPLIT_K slices of the reduction, summed
+afterwards: the slices go to different warps, which shortens the sequential
+chain of MMAs that bounds a step at small batch. The next step's input
+projection is loaded before the barrier, so its latency hides behind the wait.
+
 When the slice is too large to keep (RESIDENT=False), each step streams it from
 L2 in BLOCK_K chunks instead: slower, still correct.
 
@@ -33,6 +38,29 @@ def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
+@triton.jit
+def split_dot(p_rows, m_rows, o_j, b_w, H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              ACC: tl.constexpr):
+    """sum_s A_s @ W_s, with A_s[r, k] = *(p_rows[r] + o_j[s, k]) read through L2.
+
+    o_j [S, KS] cuts the reduction into S slices: one batch of a 3-D dot each,
+    spread over the warps, so the chains of MMAs are S times shorter.
+    """
+    b_a = tl.load(p_rows[None, :, None] + o_j[:, None, :],
+                  mask=m_rows[None, :, None] & (o_j < H)[:, None, :], other=0.0,
+                  cache_modifier=".cg")
+    return tl.sum(tl.dot(b_a, b_w, input_precision=DOT_PRECISION, out_dtype=ACC), axis=0)
+
+
+@triton.jit
+def _load_gx(gx, t, T, B, p_bg, m_bu, H: tl.constexpr, ACC: tl.constexpr):
+    """Input projection of step t for own units, per gate (nothing is read when t >= T)."""
+    p = gx + tl.cast(t, tl.int64) * B * 4 * H + p_bg
+    m = m_bu & (tl.full(m_bu.shape, t, tl.int32) < T)
+    return (tl.load(p, mask=m, other=0.0).to(ACC), tl.load(p + H, mask=m, other=0.0).to(ACC),
+            tl.load(p + 2 * H, mask=m, other=0.0).to(ACC), tl.load(p + 3 * H, mask=m, other=0.0).to(ACC))
+
+
 @triton.jit(do_not_specialize=["T", "B", "t_begin", "t_end", "batch_start", "leader_inc"])
 def lstm_forward_kernel(
     gx,        # [T, B, 4H]  x_t W_ih^T + b_ih + b_hh, input dtype
@@ -47,12 +75,13 @@ def lstm_forward_kernel(
     counters,  # [groups]    int32 barrier counters, one per batch block
     T, B, t_begin, t_end, batch_start, leader_inc,
     H: tl.constexpr, HP: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     RESIDENT: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr,
     PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
     ACC: tl.constexpr = c_state.dtype.element_ty    # fp32 (fp64 for fp64 inputs)
+    KS: tl.constexpr = HP // SPLIT_K                # reduction length per split
     i_p = tl.program_id(0)
     i_h = i_p % NUM_H_BLOCKS
     i_b = i_p // NUM_H_BLOCKS
@@ -70,9 +99,10 @@ def lstm_forward_kernel(
     m_n = o_nu < H
 
     if RESIDENT:
-        o_k = tl.arange(0, HP)
-        b_w = tl.load(w_hh + w_row[None, :] * H + o_k[:, None],
-                      mask=m_n[None, :] & (o_k < H)[:, None], other=0.0)
+        # [SPLIT_K, KS, 4*BLOCK_H]: the reduction cut into slices for split_dot.
+        o_j = tl.arange(0, SPLIT_K)[:, None] * KS + tl.arange(0, KS)[None, :]   # [S, KS]
+        b_w = tl.load(w_hh + w_row[None, None, :] * H + o_j[:, :, None],
+                      mask=m_n[None, None, :] & (o_j < H)[:, :, None], other=0.0)
 
     if t_begin == 0:
         if HAS_H0:
@@ -81,6 +111,7 @@ def lstm_forward_kernel(
             b_c = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
     else:
         b_c = tl.load(c_state + p_bu, mask=m_bu, other=0.0)
+    b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_begin, T, B, p_bg, m_bu, H, ACC)
 
     for t in range(t_begin, t_end):
         t64 = tl.cast(t, tl.int64)
@@ -94,10 +125,7 @@ def lstm_forward_kernel(
         else:
             m_prev = m_b & (t > 0)
         if RESIDENT:
-            b_hp = tl.load(p_prev + o_b[:, None] * H + o_k[None, :],
-                           mask=m_prev[:, None] & (o_k < H)[None, :], other=0.0,
-                           cache_modifier=".cg")
-            b_acc = tl.dot(b_hp, b_w, input_precision=DOT_PRECISION, out_dtype=ACC)
+            b_acc = split_dot(p_prev + o_b * H, m_prev, o_j, b_w, H, DOT_PRECISION, ACC)
         else:
             b_acc = tl.zeros([BLOCK_B, 4 * BLOCK_H], dtype=ACC)
             for k0 in range(0, HP, BLOCK_K):
@@ -105,19 +133,18 @@ def lstm_forward_kernel(
                 b_hp = tl.load(p_prev + o_b[:, None] * H + o_k[None, :],
                                mask=m_prev[:, None] & (o_k < H)[None, :], other=0.0,
                                cache_modifier=".cg")
-                b_w = tl.load(w_hh + w_row[None, :] * H + o_k[:, None],
-                              mask=m_n[None, :] & (o_k < H)[:, None], other=0.0)
-                b_acc = tl.dot(b_hp, b_w, b_acc, input_precision=DOT_PRECISION)
+                b_wk = tl.load(w_hh + w_row[None, :] * H + o_k[:, None],
+                               mask=m_n[None, :] & (o_k < H)[:, None], other=0.0)
+                b_acc = tl.dot(b_hp, b_wk, b_acc, input_precision=DOT_PRECISION)
         # [B, 4*BLOCK_H] -> four [B, BLOCK_H] gates (column n = 4 * unit + 2 * a + b).
         b_even, b_odd = tl.split(tl.reshape(b_acc, [BLOCK_B, BLOCK_H, 2, 2]))
         b_ai, b_ag = tl.split(b_even)
         b_af, b_ao = tl.split(b_odd)
 
-        p_gx = gx + t64 * B * 4 * H + p_bg
-        b_i = tl.sigmoid(b_ai + tl.load(p_gx, mask=m_bu, other=0.0).to(ACC))
-        b_f = tl.sigmoid(b_af + tl.load(p_gx + H, mask=m_bu, other=0.0).to(ACC))
-        b_g = _tanh(b_ag + tl.load(p_gx + 2 * H, mask=m_bu, other=0.0).to(ACC))
-        b_o = tl.sigmoid(b_ao + tl.load(p_gx + 3 * H, mask=m_bu, other=0.0).to(ACC))
+        b_i = tl.sigmoid(b_ai + b_gxi)
+        b_f = tl.sigmoid(b_af + b_gxf)
+        b_g = _tanh(b_ag + b_gxg)
+        b_o = tl.sigmoid(b_ao + b_gxo)
         b_c = b_f * b_c + b_i * b_g
         b_h = (b_o * _tanh(b_c)).to(y.dtype.element_ty)
 
@@ -131,6 +158,9 @@ def lstm_forward_kernel(
             tl.store(p_g + 2 * H, b_g, mask=m_bu)
             tl.store(p_g + 3 * H, b_o, mask=m_bu)
             tl.store(c_all + t64 * B * H + p_bu, b_c, mask=m_bu)
+        # Next step's input projection does not depend on the recurrence: its
+        # load is in flight while this program waits at the barrier.
+        b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t + 1, t_end, B, p_bg, m_bu, H, ACC)
         if PERSISTENT:
             if t < t_end - 1:
                 grid_barrier(counters + i_b, leader_inc, i_h == 0)

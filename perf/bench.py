@@ -1,0 +1,476 @@
+"""`make perf`: triton_lstm against cuDNN and the loops users write, µs per step.
+
+Peers, at the same shapes and in one run on one GPU (one layer, input size = H):
+    triton              triton_lstm.LSTM, the strategy the dispatcher picks
+    cudnn               torch.nn.LSTM
+    cudnn_graph         torch.nn.LSTM forward replayed from a CUDA graph (no launch cost)
+    cell_loop           a Python loop over nn.LSTMCell, eager
+    cell_loop_compiled  the same loop with its step under torch.compile
+    flashrnn            FlashRNN, where installed
+Each (peer, dtype, shape) is first checked against torch.nn.LSTM in float64 on
+the CPU; a peer that fails gets no timing. Results go to perf/results/<gpu>/
+(or --out, and $OUT when set): results.csv, results.json, speedup_{fwd,train}.png.
+
+    python3 perf/bench.py [--quick] [--shapes 8x512 16x768x1024] [--dtypes fp32 bf16 fp16]
+                          [--modes fwd train] [--peers triton cudnn ...] [--out DIR]
+    python3 perf/bench.py --summarize perf/results/<gpu>/results.json   # Markdown table
+
+Without a GPU it runs the kernels under the Triton interpreter at a tiny shape,
+checks them against float64 and times nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+# triton.jit reads TRITON_INTERPRET when the kernels are defined, i.e. when triton_lstm is imported.
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+PERF_DIR = pathlib.Path(__file__).resolve().parent
+REPO_DIR = PERF_DIR.parent
+sys.path[:0] = [str(PERF_DIR), str(REPO_DIR)]
+import triton  # noqa: E402
+
+import triton_lstm  # noqa: E402
+from timing import bench_ms, random_inputs, train_fn  # noqa: E402
+from triton_lstm.dispatch import gpu_slug  # noqa: E402
+
+# torch.nn.LSTM never flattens bf16 weights (cudnn.is_acceptable leaves bf16 out), so every bf16
+# cuDNN call repacks them and warns. That cost is part of the bf16 cuDNN numbers; the warning is noise.
+warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+
+try:
+    from tqdm import tqdm
+except ImportError:  # the progress bar is optional; a printed counter does the job
+    tqdm = None
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PEERS = ("triton", "cudnn", "cudnn_graph", "cell_loop", "cell_loop_compiled", "flashrnn")
+MODES = ("fwd", "train")
+# The cuDNN numbers triton is measured against: the best of them, per mode.
+CUDNN_PEERS = {"fwd": ("cudnn", "cudnn_graph"), "train": ("cudnn",)}
+
+GRID = [(B, H, 256) for B in (1, 8, 16, 64, 128, 512) for H in (256, 512, 1024)]
+GRID.append((16, 768, 1024))   # FlashRNN's published shape
+QUICK_GRID = [(B, H, 128) for B in (1, 8, 64) for H in (512, 1024)]
+TIMING = dict(warmup_ms=25, rep_ms=100)
+QUICK_TIMING = dict(warmup_ms=10, rep_ms=30)
+
+# max|out - ref| / max|ref| of the output; fp32 leaves room for tf32, which cuDNN uses by default.
+ERROR_BOUNDS = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 1e-2}
+# The reference runs in float64 on the CPU; the first steps are enough to catch a wrong kernel.
+CHECK_STEPS = 32
+# Without a GPU: a tiny problem through the interpreter, where fp32 is exact (no tf32).
+INTERPRETER_SHAPE = dict(T=4, B=2, H=16)
+INTERPRETER_BOUNDS = {"fp32": 1e-5, "fp64": 1e-12}
+
+FIELDS = ["peer", "dtype", "B", "H", "T", "mode", "median_us", "q20_us", "q80_us", "peak_mb",
+          "rel_error", "gpu", "torch", "triton", "cudnn", "date", "commit"]
+
+
+# -- peers -------------------------------------------------------------------------------------
+
+class CellLoop(nn.Module):
+    """torch.nn.LSTM's forward as a Python loop over nn.LSTMCell, with the LSTM's weights.
+
+    compiled: run the step under torch.compile. The step, not the loop: dynamo
+    would unroll all T steps into one graph, minutes of compilation per shape.
+    """
+
+    def __init__(self, lstm: nn.LSTM, compiled: bool = False):
+        super().__init__()
+        weight = lstm.weight_ih_l0
+        self.cell = nn.LSTMCell(lstm.input_size, lstm.hidden_size, device=weight.device,
+                                dtype=weight.dtype)
+        with torch.no_grad():
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(self.cell, name).copy_(getattr(lstm, name + "_l0"))
+        # fullgraph: a graph break must fail loudly, not time a half-eager step as "compiled".
+        self.step = torch.compile(self.cell, fullgraph=True, dynamic=False) if compiled else self.cell
+
+    def forward(self, x, hx):
+        h, c = hx[0][0], hx[1][0]
+        outputs = []
+        for x_t in x.unbind(0):
+            h, c = self.step(x_t, (h, c))
+            outputs.append(h)
+        return torch.stack(outputs), (h.unsqueeze(0), c.unsqueeze(0))
+
+
+class GraphedForward:
+    """A module's no-grad forward captured once in a CUDA graph; calling it replays the graph."""
+
+    def __init__(self, module: nn.Module, x: torch.Tensor, hx: tuple):
+        # The graph reads and writes fixed addresses: it owns its inputs for as long as it lives.
+        self.x, self.hx = x.clone(), tuple(s.clone() for s in hx)
+        side = torch.cuda.Stream()   # warm up on a side stream, as the CUDA graph docs ask
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(3):
+                module(self.x, self.hx)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.output, _ = module(self.x, self.hx)
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.output
+
+
+def build_peer(peer: str, lstm: nn.LSTM, x, hx):
+    """(forward, module): a call that runs peer's forward and returns its output, and the
+    module to train (None where the peer has no backward)."""
+    if peer == "cudnn_graph":
+        return GraphedForward(lstm, x, hx), None
+    if peer == "triton":
+        module = triton_lstm.LSTM.from_torch(lstm, backend="triton")
+    elif peer == "cudnn":
+        module = lstm
+    elif peer == "cell_loop":
+        module = CellLoop(lstm)
+    elif peer == "cell_loop_compiled":
+        torch._dynamo.reset()   # a fresh cache per shape: no recompile limit, no stale graphs
+        module = CellLoop(lstm, compiled=True)
+    else:
+        raise ValueError(f"unknown peer {peer!r}")
+
+    def forward():
+        with torch.no_grad():
+            return module(x, hx)[0]
+    return forward, module
+
+
+def flashrnn_status() -> str:
+    if importlib.util.find_spec("flashrnn") is None:
+        return "flashrnn: not installed, skipped"
+    return "flashrnn: installed, but this benchmark has no adapter for its API yet, skipped"
+
+
+# -- checks and timing -------------------------------------------------------------------------
+
+def float64_reference(lstm: nn.LSTM, x, hx) -> torch.Tensor:
+    """torch.nn.LSTM's output in float64 on the CPU, with lstm's weights."""
+    ref = nn.LSTM(lstm.input_size, lstm.hidden_size, dtype=torch.float64)
+    ref.load_state_dict({k: v.detach().cpu().double() for k, v in lstm.state_dict().items()})
+    with torch.no_grad():
+        return ref(x.cpu().double(), tuple(s.cpu().double() for s in hx))[0]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max|got - want| / max|want|; NaN if got has a NaN."""
+    want = want.double().cpu()
+    return float((got.double().cpu() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def within_bound(error: float, bound: float) -> bool:
+    return error <= bound   # False for NaN: a NaN output is wrong, not unmeasurable
+
+
+def time_training(module: nn.Module, x, hx, timing: dict) -> tuple[tuple, float]:
+    """Forward+backward quantiles in ms, and the peak memory of one step in MB."""
+    x = x.detach().clone().requires_grad_()
+    hx = tuple(s.detach().clone().requires_grad_() for s in hx)
+    run = train_fn(module, x, hx)
+    quantiles = bench_ms(run, **timing)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    module.zero_grad(set_to_none=True)   # the next peer's peak must not hold these gradients
+    return quantiles, peak_mb
+
+
+def make_row(peer, dtype_name, B, H, T, mode, quantiles_ms, peak_mb, error, env) -> dict:
+    """One result: quantiles in ms for the whole sequence become µs per step."""
+    median, q20, q80 = (ms * 1e3 / T for ms in quantiles_ms)
+    return dict(peer=peer, dtype=dtype_name, B=B, H=H, T=T, mode=mode, median_us=median,
+                q20_us=q20, q80_us=q80, peak_mb=peak_mb, rel_error=error, **env)
+
+
+def run_config(dtype_name, B, H, T, peers, modes, timing, env, log) -> tuple[list, list]:
+    """Check, then time, every peer at one dtype and shape; returns (rows, problems)."""
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    lstm = nn.LSTM(H, H, device="cuda", dtype=dtype)
+    x, hx = random_inputs(T, B, H, H, dtype)
+    # The recurrence is causal: the first steps of the full output are the short run's output.
+    steps = min(CHECK_STEPS, T)
+    reference = float64_reference(lstm, x[:steps], hx)
+    bound = ERROR_BOUNDS[dtype_name]
+    rows, problems = [], []
+    for peer in peers:
+        label = f"{peer} {dtype_name} B={B} H={H} T={T}"
+        try:
+            forward, module = build_peer(peer, lstm, x, hx)
+            error = relative_error(forward()[:steps], reference)
+            if not within_bound(error, bound):
+                problems.append(f"WRONG {label}: relative error {error:.2e} > {bound:.0e}, not timed")
+                log(problems[-1])
+                continue
+            for mode in modes:
+                if mode == "fwd":
+                    quantiles, peak_mb = bench_ms(forward, **timing), None
+                elif module is not None:
+                    quantiles, peak_mb = time_training(module, x, hx, timing)
+                else:
+                    continue
+                rows.append(make_row(peer, dtype_name, B, H, T, mode, quantiles, peak_mb, error, env))
+        except Exception as exc:   # say why and post nothing: never a number from a broken run
+            message = str(exc).strip().split("\n")[0][:200]   # the first line says what failed
+            reason = f"{type(exc).__name__}: {message}"
+            log(f"{label}: skipped, {reason}")
+            if peer != "cell_loop_compiled":   # torch.compile failing is a finding, not our bug
+                problems.append(f"ERROR {label}: {reason}")
+        finally:
+            forward = module = None   # free this peer (CUDA graph pool, copies) before the next
+    return rows, problems
+
+
+# -- results -----------------------------------------------------------------------------------
+
+def config_key(row: dict) -> tuple:
+    return row["dtype"], row["B"], row["H"], row["T"], row["mode"]
+
+
+def speedups(rows: list[dict]) -> dict[tuple, float]:
+    """Speed-up of triton over the best cuDNN number, per (dtype, B, H, T, mode), where both exist."""
+    median = {(row["peer"],) + config_key(row): row["median_us"] for row in rows}
+    result = {}
+    for key in dict.fromkeys(config_key(row) for row in rows):
+        ours = median.get(("triton",) + key)
+        cudnn = [median[(peer,) + key] for peer in CUDNN_PEERS[key[-1]] if (peer,) + key in median]
+        if ours and cudnn:
+            result[key] = min(cudnn) / ours
+    return result
+
+
+def _fmt(value, fmt="{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    """µs per step (median) of every peer, and triton's speed-up over the best cuDNN number."""
+    peers = [peer for peer in PEERS if any(row["peer"] == peer for row in rows)]
+    median = {(row["peer"],) + config_key(row): row["median_us"] for row in rows}
+    ratio = speedups(rows)
+    widths = [max(len(peer), 8) for peer in peers]
+    lines = [f"{'dtype':5} {'B':>4} {'H':>5} {'T':>5} {'mode':5} "
+             + " ".join(f"{peer:>{w}}" for peer, w in zip(peers, widths)) + f" {'speed-up':>8}"]
+    for key in dict.fromkeys(config_key(row) for row in rows):
+        dtype_name, B, H, T, mode = key
+        cells = " ".join(f"{_fmt(median.get((peer,) + key)):>{w}}" for peer, w in zip(peers, widths))
+        lines.append(f"{dtype_name:5} {B:4} {H:5} {T:5} {mode:5} {cells} "
+                     f"{_fmt(ratio.get(key), '{:.2f}x'):>8}")
+    return "\n".join(lines)
+
+
+def summarize(rows: list[dict]) -> str:
+    """The README's Markdown table: triton against the best cuDNN number, forward and training."""
+    median = {(row["peer"],) + config_key(row): row["median_us"] for row in rows}
+    ratio = speedups(rows)
+    lines = ["| dtype | B | H | T | triton fwd µs | best cuDNN fwd µs | speed-up "
+             "| triton train µs | cuDNN train µs | speed-up |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    def table_order(shape):   # dtypes as in DTYPES, then T, H, B
+        dtype_name, B, H, T = shape
+        return list(DTYPES).index(dtype_name) if dtype_name in DTYPES else len(DTYPES), T, H, B
+
+    for shape in sorted({config_key(row)[:4] for row in rows}, key=table_order):
+        cells = []
+        for mode in MODES:
+            key = shape + (mode,)
+            cudnn = [median[(p,) + key] for p in CUDNN_PEERS[mode] if (p,) + key in median]
+            cells += [_fmt(median.get(("triton",) + key)), _fmt(min(cudnn) if cudnn else None),
+                      _fmt(ratio.get(key), "{:.2f}x")]
+        lines.append("| " + " | ".join([shape[0], *map(str, shape[1:])] + cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """results.csv and results.json in out_dir, one row per (peer, dtype, B, H, T, mode)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out_dir / "results.csv", out_dir / "results.json"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path.write_text(json.dumps(rows, indent=1) + "\n")
+    return [csv_path, json_path]
+
+
+def plot_speedups(rows: list[dict], out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """speedup_<mode>.png: speed-up over best cuDNN vs batch, a line per H, a subplot per dtype."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratio = speedups(rows)
+    gpu = rows[0]["gpu"] if rows else ""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for mode, title in (("fwd", "forward"), ("train", "forward + backward")):
+        dtypes = [d for d in DTYPES if any(k[0] == d and k[-1] == mode for k in ratio)]
+        if not dtypes:
+            continue
+        fig, axes = plt.subplots(1, len(dtypes), figsize=(5 * len(dtypes), 4), squeeze=False, sharey=True)
+        for ax, dtype_name in zip(axes[0], dtypes):
+            lines = {}   # (H, T) -> [(B, speed-up)]
+            for (d, B, H, T, m), speedup in sorted(ratio.items()):
+                if d == dtype_name and m == mode:
+                    lines.setdefault((H, T), []).append((B, speedup))
+            for (H, T), line in sorted(lines.items()):
+                ax.plot(*zip(*line), marker="o", label=f"H={H}, T={T}")
+            ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)   # parity with cuDNN
+            ax.set_xscale("log", base=2)
+            batches = sorted({B for line in lines.values() for B, _ in line})
+            ax.set_xticks(batches, [str(B) for B in batches])
+            ax.minorticks_off()
+            ax.set(title=dtype_name, xlabel="batch size")
+            ax.legend(fontsize="small")
+        axes[0][0].set_ylabel("speed-up over best cuDNN")
+        fig.suptitle(f"triton_lstm {title}, {gpu}")
+        fig.tight_layout()
+        paths.append(out_dir / f"speedup_{mode}.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def copy_flat(paths: list[pathlib.Path], dest: pathlib.Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        if (dest / path.name).resolve() != path.resolve():
+            shutil.copy2(path, dest / path.name)
+
+
+def environment() -> dict:
+    """What a number depends on besides the shape: GPU, versions, date, commit."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, check=True,
+                                capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cudnn=torch.backends.cudnn.version(),
+                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=commit)
+
+
+# -- entry points ------------------------------------------------------------------------------
+
+def parse_shapes(texts: list[str], default_steps: int) -> list[tuple[int, int, int]]:
+    """'8x512' -> (8, 512, default_steps); '16x768x1024' -> (16, 768, 1024)."""
+    shapes = []
+    for text in texts:
+        parts = text.lower().split("x")
+        if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"shape {text!r} is not BxH or BxHxT (e.g. 8x512, 16x768x1024)")
+        B, H, T = map(int, parts + [str(default_steps)] * (3 - len(parts)))
+        shapes.append((B, H, T))
+    return shapes
+
+
+def interpreter_check() -> int:
+    """No GPU: the kernels under the interpreter at a tiny shape, against float64; no timings."""
+    T, B, H = INTERPRETER_SHAPE["T"], INTERPRETER_SHAPE["B"], INTERPRETER_SHAPE["H"]
+    print(f"No CUDA GPU found: no GPU timings. Checking the Triton kernels under the interpreter "
+          f"(TRITON_INTERPRET=1) at T={T}, B={B}, H={H} against float64.")
+    failed = False
+    for dtype_name, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
+        torch.manual_seed(0)
+        lstm = nn.LSTM(H, H, dtype=dtype)
+        ours = triton_lstm.LSTM.from_torch(lstm, backend="triton")
+        x, hx = random_inputs(T, B, H, H, dtype, device="cpu")
+        with torch.no_grad():
+            error = relative_error(ours(x, hx)[0], float64_reference(lstm, x, hx))
+        ok = within_bound(error, INTERPRETER_BOUNDS[dtype_name])
+        failed |= not ok
+        print(f"interpreter {dtype_name}: relative error {error:.2e} vs float64 "
+              f"(bound {INTERPRETER_BOUNDS[dtype_name]:.0e}) {'ok' if ok else 'WRONG'}")
+    return 1 if failed else 0
+
+
+def benchmark(args) -> int:
+    if args.shapes:
+        shapes = parse_shapes(args.shapes, 128 if args.quick else 256)
+    else:
+        shapes = QUICK_GRID if args.quick else GRID
+    timing = QUICK_TIMING if args.quick else TIMING
+    env = environment()
+    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, cuDNN {env['cudnn']}, "
+          f"commit {env['commit']}")
+    if "flashrnn" in args.peers:
+        print(flashrnn_status())
+    peers = [peer for peer in args.peers if peer != "flashrnn"]
+    out_dir = pathlib.Path(args.out) if args.out else PERF_DIR / "results" / gpu_slug(env["gpu"])
+    copy_dir = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    log = tqdm.write if tqdm else print
+    configs = [(d, B, H, T) for d in args.dtypes for B, H, T in shapes]
+    bar = tqdm(configs, unit="config") if tqdm else configs
+    rows, problems = [], []
+    for i, (dtype_name, B, H, T) in enumerate(bar, 1):
+        if tqdm:
+            bar.set_description(f"{dtype_name} B={B} H={H} T={T}")
+        else:
+            print(f"[{i}/{len(configs)}] {dtype_name} B={B} H={H} T={T}", flush=True)
+        new_rows, new_problems = run_config(dtype_name, B, H, T, peers, args.modes, timing, env, log)
+        rows += new_rows
+        problems += new_problems
+        # Saved after every config: a run cut short still leaves what it measured.
+        files = write_results(rows, out_dir)
+        if copy_dir:
+            copy_flat(files, copy_dir)
+
+    print(f"\nµs per step (median), speed-up = best cuDNN / triton\n{format_table(rows)}")
+    try:
+        files += plot_speedups(rows, out_dir)
+    except ImportError:
+        print("matplotlib not installed: no plots")
+    if copy_dir:
+        copy_flat(files, copy_dir)
+    print("wrote " + ", ".join(str(path) for path in files))
+    for problem in problems:
+        print(problem)
+    return 1 if problems else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small grid at T=128, fewer repetitions")
+    parser.add_argument("--shapes", nargs="+", metavar="BxH[xT]", help="e.g. 8x512 16x768x1024")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
+    parser.add_argument("--out", metavar="DIR", help="results folder (default perf/results/<gpu>/)")
+    parser.add_argument("--summarize", metavar="JSON", help="print a results.json as a Markdown table")
+    args = parser.parse_args(argv)
+    if args.shapes:
+        try:
+            parse_shapes(args.shapes, 1)
+        except ValueError as error:
+            parser.error(str(error))
+    if args.summarize:
+        print(summarize(json.loads(pathlib.Path(args.summarize).read_text())))
+        return 0
+    if not HAS_GPU:
+        return interpreter_check()
+    return benchmark(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""perf/bench.py on CPU: result rows, speed-ups, files, plots, the Markdown table, the CLI.
+
+The GPU part of the benchmark needs a GPU; everything it does with the numbers
+is checked here on hand-made rows, and the script itself runs end to end
+without a GPU (the interpreter check).
+"""
+import csv
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR / "perf"))
+import bench  # noqa: E402
+
+ENV = dict(gpu="NVIDIA H200", torch="2.11.0", triton="3.6.0", cudnn=91002,
+           date="2025-01-01T00:00:00+00:00", commit="abc1234")
+
+
+def row(peer, mode, median_us, dtype="fp16", B=8, H=512, T=256, peak_mb=None):
+    ms = median_us * T / 1e3
+    return bench.make_row(peer, dtype, B, H, T, mode, (ms, 0.9 * ms, 1.1 * ms), peak_mb, 1e-3, ENV)
+
+
+@pytest.fixture
+def rows():
+    """fp16 B=8 H=512: triton 10/40 µs, cuDNN 30/100, graphed cuDNN 20; fp32 B=1 H=256: no triton."""
+    return [
+        row("triton", "fwd", 10.0), row("cudnn", "fwd", 30.0), row("cudnn_graph", "fwd", 20.0),
+        row("cell_loop", "fwd", 200.0),
+        row("triton", "train", 40.0, peak_mb=12.5), row("cudnn", "train", 100.0, peak_mb=20.0),
+        row("cudnn", "fwd", 5.0, dtype="fp32", B=1, H=256),
+    ]
+
+
+def test_make_row_converts_sequence_ms_to_us_per_step():
+    r = bench.make_row("triton", "bf16", 4, 256, 128, "train", (1.28, 1.0, 2.56), 7.5, 2e-3, ENV)
+    assert (r["median_us"], r["q20_us"], r["q80_us"]) == pytest.approx((10.0, 1e3 / 128, 20.0))
+    assert (r["peer"], r["dtype"], r["B"], r["H"], r["T"], r["mode"]) == ("triton", "bf16", 4, 256, 128, "train")
+    assert r["peak_mb"] == 7.5 and r["rel_error"] == 2e-3 and r["commit"] == "abc1234"
+    assert list(r) == bench.FIELDS
+
+
+def test_speedup_is_over_the_best_cudnn_number_of_the_mode(rows):
+    ratio = bench.speedups(rows)
+    # fwd: the graphed cuDNN (20 µs) beats plain cuDNN (30 µs); train: plain cuDNN only.
+    assert ratio[("fp16", 8, 512, 256, "fwd")] == pytest.approx(2.0)
+    assert ratio[("fp16", 8, 512, 256, "train")] == pytest.approx(2.5)
+    assert ("fp32", 1, 256, 256, "fwd") not in ratio   # no triton number, no speed-up
+    assert len(ratio) == 2
+
+
+def test_speedup_ignores_the_graph_for_training():
+    rows = [row("triton", "train", 50.0), row("cudnn", "train", 100.0), row("cudnn_graph", "train", 1.0)]
+    assert bench.speedups(rows) == {("fp16", 8, 512, 256, "train"): pytest.approx(2.0)}
+
+
+def test_terminal_table_has_every_config_and_the_speedups(rows):
+    lines = bench.format_table(rows).splitlines()
+    assert lines[0].split() == ["dtype", "B", "H", "T", "mode", "triton", "cudnn", "cudnn_graph",
+                                "cell_loop", "speed-up"]
+    assert len(lines) == 1 + 3
+    assert lines[1].split() == ["fp16", "8", "512", "256", "fwd", "10.00", "30.00", "20.00", "200.00", "2.00x"]
+    assert lines[2].split() == ["fp16", "8", "512", "256", "train", "40.00", "100.00", "-", "-", "2.50x"]
+    assert lines[3].split()[-1] == "-"
+
+
+def test_summarize_renders_the_readme_table(rows):
+    lines = bench.summarize(rows).splitlines()
+    assert lines[0].startswith("| dtype | B | H | T | triton fwd µs | best cuDNN fwd µs | speed-up |")
+    assert len(lines) == 2 + 2
+    assert all(line.count("|") == 11 for line in lines)
+    # fp32 sorts before fp16; missing numbers are dashes, not zeros.
+    assert lines[2] == "| fp32 | 1 | 256 | 256 | - | 5.00 | - | - | - | - |"
+    assert lines[3] == "| fp16 | 8 | 512 | 256 | 10.00 | 20.00 | 2.00x | 40.00 | 100.00 | 2.50x |"
+
+
+def test_csv_and_json_hold_one_row_per_peer_dtype_shape_mode(rows, tmp_path):
+    paths = bench.write_results(rows, tmp_path / "nvidia-h200")
+    assert [p.name for p in paths] == ["results.csv", "results.json"]
+    assert json.loads(paths[1].read_text()) == rows
+    with open(paths[0], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == bench.FIELDS
+    assert len(table) == len(rows)
+    train = next(r for r in table if r["peer"] == "triton" and r["mode"] == "train")
+    assert float(train["median_us"]) == pytest.approx(40.0) and float(train["peak_mb"]) == 12.5
+    assert train["gpu"] == "NVIDIA H200" and train["cudnn"] == "91002" and train["commit"] == "abc1234"
+    fwd = next(r for r in table if r["peer"] == "triton" and r["mode"] == "fwd")
+    assert fwd["peak_mb"] == ""   # memory is measured for training only
+
+
+def test_summarize_from_the_command_line(rows, tmp_path, capsys):
+    path = bench.write_results(rows, tmp_path)[1]
+    assert bench.main(["--summarize", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == bench.summarize(rows)
+
+
+def test_plots_one_png_per_mode(rows, tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = bench.plot_speedups(rows, tmp_path)
+    assert [p.name for p in paths] == ["speedup_fwd.png", "speedup_train.png"]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_copy_flat_copies_files_and_tolerates_the_same_folder(rows, tmp_path):
+    paths = bench.write_results(rows, tmp_path / "results")
+    bench.copy_flat(paths, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.csv", "results.json"]
+    bench.copy_flat(paths, tmp_path / "results")   # $OUT pointing at the results folder itself
+    assert json.loads(paths[1].read_text()) == rows
+
+
+def test_parse_shapes():
+    assert bench.parse_shapes(["8x512", "16X768x1024"], 256) == [(8, 512, 256), (16, 768, 1024)]
+    for bad in ("8", "8x", "8x512x1x2", "ax512", "0x512"):
+        with pytest.raises(ValueError, match="BxH"):
+            bench.parse_shapes([bad], 256)
+
+
+def test_nan_output_fails_the_error_check():
+    want = torch.ones(3, 2, 4, dtype=torch.float64)
+    got = want.float().clone()
+    assert bench.relative_error(got, want) == 0.0
+    got[1, 0, 2] = 1.5
+    assert bench.relative_error(got, want) == pytest.approx(0.5)
+    got[0, 0, 0] = float("nan")
+    assert not bench.within_bound(bench.relative_error(got, want), bench.ERROR_BOUNDS["fp32"])
+
+
+def test_default_grid():
+    assert len(bench.GRID) == 6 * 3 + 1 and (16, 768, 1024) in bench.GRID
+    assert {T for _, _, T in bench.GRID[:-1]} == {256}
+    assert {(B, H) for B, H, _ in bench.QUICK_GRID} == {(B, H) for B in (1, 8, 64) for H in (512, 1024)}
+
+
+def test_script_runs_without_a_gpu():
+    # No visible GPU even on a GPU machine: this is the CPU path, the kernels under the interpreter.
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "perf/bench.py"], cwd=REPO_DIR, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No CUDA GPU found" in result.stdout
+    for dtype_name in ("fp32", "fp64"):
+        match = re.search(rf"interpreter {dtype_name}: relative error (\S+) vs float64 .* ok", result.stdout)
+        assert match, result.stdout
+        assert float(match.group(1)) <= bench.INTERPRETER_BOUNDS[dtype_name]
+    assert "µs" not in result.stdout   # no timings without a GPU
