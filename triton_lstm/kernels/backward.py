@@ -2,8 +2,8 @@
 
 Same grid and ownership as the forward kernel (see forward.py): program (b, p)
 owns batch rows of block b and hidden units [p*BLOCK_H, (p+1)*BLOCK_H). It
-keeps the *column* slice W_hh[:, its units] on chip, per gate a [SPLIT_K,
-HP/SPLIT_K, BLOCK_H] tile for ``split_dot`` (forward.py).
+keeps the *column* slice W_hh[:, its units] on chip, per gate a [HP, BLOCK_H]
+tile (cut into SPLIT_K slices when asked) for ``split_dot`` (forward.py).
 
 The loop runs T + 1 stages, s = 0 .. T, for t = T - 1 - s:
   1. dh for its units: dh_n at s = 0, else dG_{t+1} @ W_hh[:, units], reading
@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ..dispatch import dot_precision, launch_recurrence, padded, pick_config, state_dtype
 from .barrier import grid_barrier
-from .forward import _tanh, split_dot
+from .forward import _tanh, reduction_index, split_dot
 
 
 @triton.jit
@@ -74,7 +74,6 @@ def lstm_backward_kernel(
 ):
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
     ACC: tl.constexpr = dc_state.dtype.element_ty   # fp32 (fp64 for fp64 inputs)
-    KS: tl.constexpr = HP // SPLIT_K
     i_p = tl.program_id(0)
     i_h = i_p % NUM_H_BLOCKS
     i_b = i_p // NUM_H_BLOCKS
@@ -88,10 +87,10 @@ def lstm_backward_kernel(
     p_bg = o_b[:, None] * (4 * H) + o_u[None, :]
 
     if RESIDENT:
-        # Per gate, W_hh[gate*H + j, own units] as [SPLIT_K, KS, BLOCK_H] for split_dot.
-        o_j = tl.arange(0, SPLIT_K)[:, None] * KS + tl.arange(0, KS)[None, :]   # [S, KS]
-        p_w = w_hh + o_j[:, :, None] * H + o_u[None, None, :]
-        m_w = (o_j < H)[:, :, None] & m_u[None, None, :]
+        # Per gate, W_hh[gate*H + j, own units] as [HP, BLOCK_H] (or slices) for split_dot.
+        o_j = reduction_index(HP, SPLIT_K)
+        p_w = w_hh + tl.expand_dims(o_j, -1) * H + o_u
+        m_w = tl.expand_dims(o_j < H, -1) & m_u
         b_wi = tl.load(p_w, mask=m_w, other=0.0)
         b_wf = tl.load(p_w + H * H, mask=m_w, other=0.0)
         b_wg = tl.load(p_w + 2 * H * H, mask=m_w, other=0.0)
@@ -115,10 +114,10 @@ def lstm_backward_kernel(
             if RESIDENT:
                 # One gate at a time, so only a [BLOCK_B, HP] slice of dG is staged.
                 p_rows = p_dg + o_b * (4 * H)
-                b_dh = split_dot(p_rows, m_b, o_j, b_wi, H, DOT_PRECISION, ACC)
-                b_dh += split_dot(p_rows + H, m_b, o_j, b_wf, H, DOT_PRECISION, ACC)
-                b_dh += split_dot(p_rows + 2 * H, m_b, o_j, b_wg, H, DOT_PRECISION, ACC)
-                b_dh += split_dot(p_rows + 3 * H, m_b, o_j, b_wo, H, DOT_PRECISION, ACC)
+                b_dh = split_dot(p_rows, m_b, o_j, b_wi, H, SPLIT_K, DOT_PRECISION, ACC)
+                b_dh += split_dot(p_rows + H, m_b, o_j, b_wf, H, SPLIT_K, DOT_PRECISION, ACC)
+                b_dh += split_dot(p_rows + 2 * H, m_b, o_j, b_wg, H, SPLIT_K, DOT_PRECISION, ACC)
+                b_dh += split_dot(p_rows + 3 * H, m_b, o_j, b_wo, H, SPLIT_K, DOT_PRECISION, ACC)
             else:
                 b_dh = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
                 for k0 in range(0, 4 * HP, BLOCK_K):

@@ -13,9 +13,9 @@ other programs, so the loads go to L2), does one dot for the four gates, adds
 the precomputed input projection, updates c in registers, writes h_t and
 meets the other programs of its batch block at the grid barrier.
 
-The recurrent dot is a 3-D dot over SPLIT_K slices of the reduction, summed
-afterwards: the slices go to different warps, which shortens the sequential
-chain of MMAs that bounds a step at small batch. The next step's input
+With SPLIT_K > 1 the recurrent dot is a 3-D dot over slices of the reduction,
+summed afterwards: the slices go to different warps, which shortens the
+sequential chains of MMAs (a tuning choice; small tiles do best without). The next step's input
 projection is loaded before the barrier, so its latency hides behind the wait.
 
 When the slice is too large to keep (RESIDENT=False), each step streams it from
@@ -39,17 +39,31 @@ def _tanh(x):
 
 
 @triton.jit
-def split_dot(p_rows, m_rows, o_j, b_w, H: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              ACC: tl.constexpr):
-    """sum_s A_s @ W_s, with A_s[r, k] = *(p_rows[r] + o_j[s, k]) read through L2.
+def reduction_index(HP: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Positions along the recurrent reduction: [HP], or [SPLIT_K, HP // SPLIT_K] slices."""
+    if SPLIT_K == 1:
+        return tl.arange(0, HP)
+    else:
+        KS: tl.constexpr = HP // SPLIT_K
+        return tl.arange(0, SPLIT_K)[:, None] * KS + tl.arange(0, KS)[None, :]
 
-    o_j [S, KS] cuts the reduction into S slices: one batch of a 3-D dot each,
-    spread over the warps, so the chains of MMAs are S times shorter.
+
+@triton.jit
+def split_dot(p_rows, m_rows, o_j, b_w, H: tl.constexpr, SPLIT_K: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """A @ W over the reduction positions o_j, with A[r, j] = *(p_rows[r] + j) read through L2.
+
+    With SPLIT_K > 1 the reduction comes in slices (o_j [SPLIT_K, KS], W
+    [SPLIT_K, KS, N]): one batch of a 3-D dot each, spread over the warps so the
+    chains of MMAs are shorter, then summed.
     """
-    b_a = tl.load(p_rows[None, :, None] + o_j[:, None, :],
-                  mask=m_rows[None, :, None] & (o_j < H)[:, None, :], other=0.0,
+    b_a = tl.load(p_rows[:, None] + tl.expand_dims(o_j, -2),
+                  mask=m_rows[:, None] & tl.expand_dims(o_j < H, -2), other=0.0,
                   cache_modifier=".cg")
-    return tl.sum(tl.dot(b_a, b_w, input_precision=DOT_PRECISION, out_dtype=ACC), axis=0)
+    b_acc = tl.dot(b_a, b_w, input_precision=DOT_PRECISION, out_dtype=ACC)
+    if SPLIT_K > 1:
+        b_acc = tl.sum(b_acc, axis=0)
+    return b_acc
 
 
 @triton.jit
@@ -81,7 +95,6 @@ def lstm_forward_kernel(
 ):
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
     ACC: tl.constexpr = c_state.dtype.element_ty    # fp32 (fp64 for fp64 inputs)
-    KS: tl.constexpr = HP // SPLIT_K                # reduction length per split
     i_p = tl.program_id(0)
     i_h = i_p % NUM_H_BLOCKS
     i_b = i_p // NUM_H_BLOCKS
@@ -99,10 +112,10 @@ def lstm_forward_kernel(
     m_n = o_nu < H
 
     if RESIDENT:
-        # [SPLIT_K, KS, 4*BLOCK_H]: the reduction cut into slices for split_dot.
-        o_j = tl.arange(0, SPLIT_K)[:, None] * KS + tl.arange(0, KS)[None, :]   # [S, KS]
-        b_w = tl.load(w_hh + w_row[None, None, :] * H + o_j[:, :, None],
-                      mask=m_n[None, None, :] & (o_j < H)[:, :, None], other=0.0)
+        # [HP, 4*BLOCK_H], or [SPLIT_K, HP // SPLIT_K, 4*BLOCK_H] slices for split_dot.
+        o_j = reduction_index(HP, SPLIT_K)
+        b_w = tl.load(w_hh + w_row * H + tl.expand_dims(o_j, -1),
+                      mask=m_n & tl.expand_dims(o_j < H, -1), other=0.0)
 
     if t_begin == 0:
         if HAS_H0:
@@ -125,7 +138,7 @@ def lstm_forward_kernel(
         else:
             m_prev = m_b & (t > 0)
         if RESIDENT:
-            b_acc = split_dot(p_prev + o_b * H, m_prev, o_j, b_w, H, DOT_PRECISION, ACC)
+            b_acc = split_dot(p_prev + o_b * H, m_prev, o_j, b_w, H, SPLIT_K, DOT_PRECISION, ACC)
         else:
             b_acc = tl.zeros([BLOCK_B, 4 * BLOCK_H], dtype=ACC)
             for k0 in range(0, HP, BLOCK_K):
