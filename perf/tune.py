@@ -51,15 +51,15 @@ def candidates(batch, hidden, dtype, num_sms, quick):
 def tune_shape(batch, hidden, dtype, T, quick):
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     gx = torch.randn(T, batch, 4 * hidden, device="cuda", dtype=dtype)
-    w_hh = (torch.randn(4 * hidden, hidden, device="cuda", dtype=dtype) / hidden ** 0.5)
-    _, _, _, gates, c_all = lstm_forward(gx, w_hh, None, None, save=True)
+    w_hh = torch.randn(1, 4 * hidden, hidden, device="cuda", dtype=dtype) / hidden ** 0.5
+    _, _, _, gates, c_all = lstm_forward(gx, w_hh, None, None, None, save=True)
     dy = torch.randn(T, batch, hidden, device="cuda", dtype=dtype)
     best = {}
     for config in candidates(batch, hidden, dtype, num_sms, quick):
         try:
-            fwd = bench_ms(lambda: lstm_forward(gx, w_hh, None, None, save=False, config=config),
+            fwd = bench_ms(lambda: lstm_forward(gx, w_hh, None, None, None, save=False, config=config),
                            warmup_ms=10, rep_ms=40)[0]
-            bwd = bench_ms(lambda: lstm_backward(dy, None, None, gates, c_all, None, w_hh, config=config),
+            bwd = bench_ms(lambda: lstm_backward(dy, None, None, gates, c_all, None, None, w_hh, config=config),
                            warmup_ms=10, rep_ms=40)[0]
         except Exception as error:   # a config that does not compile or fit: skip it, say why
             print(f"  skip {config}: {type(error).__name__}: {str(error)[:120]}", flush=True)

@@ -84,7 +84,7 @@ def test_two_runs_are_bitwise_equal_and_stepped_matches_persistent(dtype):
     params = list(torch_lstm.parameters())
     runs = []
     for force_stepped in (False, False, True):
-        y, h, c = LSTMFunction.apply(x, None, None, *params, None, force_stepped)
+        y, h, c = LSTMFunction.apply(x, None, None, *params, None, None, force_stepped)
         grads = torch.autograd.grad((y * 1.5).sum() + h.sum() - c.sum(), [x] + params)
         runs.append([y, h, c, *grads])
     for first, second, stepped in zip(*runs):
@@ -98,8 +98,8 @@ def test_streamed_weights_match_resident():
     x = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16)
     params = list(torch_lstm.parameters())
     with torch.no_grad():
-        resident = LSTMFunction.apply(x, None, None, *params, KernelConfig(16, 8, resident=True))
-        streamed = LSTMFunction.apply(x, None, None, *params,
+        resident = LSTMFunction.apply(x, None, None, *params, None, KernelConfig(16, 8, resident=True))
+        streamed = LSTMFunction.apply(x, None, None, *params, None,
                                       KernelConfig(16, 8, resident=False, block_k=32))
     for a, b in zip(resident, streamed):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
@@ -109,16 +109,16 @@ def test_cuda_graph_replay():
     """The barrier counters reset themselves: replays of a captured forward stay correct."""
     T, B, H = 12, 8, 256
     gx = torch.randn(T, B, 4 * H, device="cuda", dtype=torch.bfloat16)
-    w_hh = torch.randn(4 * H, H, device="cuda", dtype=torch.bfloat16) / H ** 0.5
-    eager = lstm_forward(gx, w_hh, None, None, save=False)[0].clone()
+    w_hh = torch.randn(1, 4 * H, H, device="cuda", dtype=torch.bfloat16) / H ** 0.5
+    eager = lstm_forward(gx, w_hh, None, None, None, save=False)[0].clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        lstm_forward(gx, w_hh, None, None, save=False)      # warm up (compile) outside capture
+        lstm_forward(gx, w_hh, None, None, None, save=False)      # warm up (compile) outside capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = lstm_forward(gx, w_hh, None, None, save=False)[0]
+        captured = lstm_forward(gx, w_hh, None, None, None, save=False)[0]
     for _ in range(3):
         captured.fill_(float("nan"))
         graph.replay()

@@ -1,9 +1,9 @@
-"""LSTMFunction: one layer, one direction, as a torch.autograd.Function.
+"""LSTMFunction: one LSTM layer (one direction, or both at once) as a torch.autograd.Function.
 
-Forward: the input projection for all steps is one GEMM, then the persistent
-recurrent kernel. Backward: the persistent reverse kernel produces dG (the
-gradient of the gate pre-activations) for every step; all the non-recurrent
-gradients are then large GEMMs and a reduction over dG.
+Forward: the input projection for all steps and directions is one GEMM, then
+the persistent recurrent kernel. Backward: the persistent reverse kernel
+produces dG (the gradient of the gate pre-activations) for every step; all the
+non-recurrent gradients are then large GEMMs and a reduction over dG.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .kernels.forward import lstm_forward
 
 
 def input_projection(x: torch.Tensor, w_ih: torch.Tensor, b_ih, b_hh) -> torch.Tensor:
-    """x [T, B, I] -> x W_ih^T + b_ih + b_hh, [T, B, 4H], one GEMM."""
+    """x [T, B, I] -> x W_ih^T + b_ih + b_hh, [T, B, D*4H], one GEMM for all directions."""
     T, B, I = x.shape
     x2 = x.reshape(T * B, I)
     if b_ih is None:
@@ -24,73 +24,121 @@ def input_projection(x: torch.Tensor, w_ih: torch.Tensor, b_ih, b_hh) -> torch.T
     return gx.view(T, B, -1)
 
 
-def run_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *, save, config=None, force_stepped=False):
-    """Input projection GEMM, then the recurrent kernel. Returns y, h_n, c_n (state dtype), saved."""
-    x = x.contiguous()
-    w_hh = w_hh.contiguous()
+def previous_hidden(y: torch.Tensor, h0, lengths, direction: int, hidden_size: int) -> torch.Tensor:
+    """h_{t-1} as seen by step t of one direction, [T, B, H] (for the W_hh gradient GEMM).
+
+    Forward: y_{t-1}, h0 at t = 0. Reverse: y_{t+1}, h0 at each row's last step.
+    Past a row's length anything finite will do (dG is zero there).
+    """
+    y_d = y[:, :, direction * hidden_size:(direction + 1) * hidden_size]
+    prev = torch.zeros_like(y_d)
+    T, B, _ = y_d.shape
+    if direction == 0:
+        prev[1:] = y_d[:-1]
+        if h0 is not None:
+            prev[0] = h0[0]
+    else:
+        prev[:-1] = y_d[1:]
+        last = lengths.long() - 1 if lengths is not None else torch.full((B,), T - 1, device=y.device)
+        rows = torch.arange(B, device=y.device)
+        prev[last, rows] = h0[1] if h0 is not None else 0.0
+    return prev
+
+
+def run_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, *, save, config=None,
+                force_stepped=False):
+    """Input projection GEMM, then the recurrent kernel (w_hh [D, 4H, H], h0/c0 [D, B, H])."""
+    gx = input_projection(x.contiguous(), w_ih, b_ih, b_hh)
     h0 = h0.contiguous() if h0 is not None else None
     c0 = c0.contiguous() if c0 is not None else None
-    gx = input_projection(x, w_ih, b_ih, b_hh)
-    return lstm_forward(gx, w_hh, h0, c0, save=save, config=config, force_stepped=force_stepped)
+    return lstm_forward(gx, w_hh.contiguous(), h0, c0, lengths, save=save, config=config,
+                        force_stepped=force_stepped)
 
 
-def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, config=None, force_stepped=False):
-    """One layer-direction: through LSTMFunction when a gradient is needed, else saving nothing."""
+def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, config=None,
+               force_stepped=False):
+    """One layer: through LSTMFunction when a gradient is needed, else saving nothing."""
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return LSTMFunction.apply(*tensors, config, force_stepped)
-    y, h_n, c_n, _, _ = run_forward(*tensors, save=False, config=config, force_stepped=force_stepped)
-    return y, h_n, c_n.to(x.dtype)
+        return LSTMFunction.apply(*tensors, lengths, config, force_stepped)
+    single = w_hh.dim() == 2
+    if single:
+        w_hh, h0, c0 = _add_direction_dim(w_hh, h0, c0)
+    y, h_n, c_n, _, _ = run_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save=False,
+                                    config=config, force_stepped=force_stepped)
+    c_n = c_n.to(x.dtype)
+    return (y, h_n[0], c_n[0]) if single else (y, h_n, c_n)
+
+
+def _add_direction_dim(w_hh, h0, c0):
+    return (w_hh.unsqueeze(0), None if h0 is None else h0.unsqueeze(0),
+            None if c0 is None else c0.unsqueeze(0))
 
 
 class LSTMFunction(torch.autograd.Function):
-    """One LSTM layer-direction over a whole sequence.
+    """One LSTM layer over a whole sequence: one direction, or both directions in one launch.
 
     Args (all on one device, one dtype):
         x: [T, B, I] input, T >= 1, B >= 1.
-        h0, c0: [B, H] initial state, or both None for zeros.
-        w_ih: [4H, I], w_hh: [4H, H], b_ih, b_hh: [4H] or both None.
+        h0, c0: [B, H] initial state ([D, B, H] with 3-D w_hh), or both None for zeros.
+        w_ih: [D*4H, I]; w_hh: [4H, H] for one direction, or [D, 4H, H] (direction 1
+            runs in reverse); b_ih, b_hh: [D*4H] or both None.
+        lengths: [B] int32 sequence lengths on x's device (packed sequences), or None.
         config: optional ``dispatch.KernelConfig`` forcing the tile shape of both kernels.
         force_stepped: run one launch per step even where a persistent launch fits.
     Returns:
-        y [T, B, H], h_n [B, H], c_n [B, H].
+        y [T, B, D*H] (zeros past each row's length), h_n, c_n [B, H] (or [D, B, H]).
 
     Example:
         >>> y, h_n, c_n = LSTMFunction.apply(x, None, None, w_ih, w_hh, b_ih, b_hh)
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, config=None, force_stepped=False):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, config=None,
+                force_stepped=False):
+        ctx.single = w_hh.dim() == 2
+        if ctx.single:
+            w_hh, h0, c0 = _add_direction_dim(w_hh, h0, c0)
         # Under no_grad needs_input_grad still says True: lstm_layer skips this Function then.
         save = any(ctx.needs_input_grad[:7])
-        y, h_n, c_n, gates, c_all = run_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, save=save,
-                                                config=config, force_stepped=force_stepped)
+        y, h_n, c_n, gates, c_all = run_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths,
+                                                save=save, config=config,
+                                                force_stepped=force_stepped)
         ctx.set_materialize_grads(False)
         if save:
-            ctx.save_for_backward(x.contiguous(), h0, c0, w_ih, w_hh.contiguous(), y, gates, c_all)
+            ctx.save_for_backward(x.contiguous(), h0, c0, w_ih, w_hh.contiguous(), y, gates, c_all,
+                                  lengths)
             ctx.has_bias = b_ih is not None
             ctx.config, ctx.force_stepped = config, force_stepped
-        return y, h_n, c_n.to(x.dtype)
+        c_n = c_n.to(x.dtype)
+        return (y, h_n[0], c_n[0]) if ctx.single else (y, h_n, c_n)
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
-        x, h0, c0, w_ih, w_hh, y, gates, c_all = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, y, gates, c_all, lengths = ctx.saved_tensors
         T, B, I = x.shape
-        H = w_hh.shape[1]
+        D, _, H = w_hh.shape
+        if ctx.single:
+            dh_n = None if dh_n is None else dh_n.unsqueeze(0)
+            dc_n = None if dc_n is None else dc_n.unsqueeze(0)
         need_x, need_h0, need_c0, need_wih, need_whh, need_bih, need_bhh = ctx.needs_input_grad[:7]
-        dG, dh0, dc0 = lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, w_hh, config=ctx.config,
-                                     force_stepped=ctx.force_stepped)
-        dG2 = dG.view(T * B, 4 * H)
+        dG, dh0, dc0 = lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh,
+                                     config=ctx.config, force_stepped=ctx.force_stepped)
+        dG2 = dG.view(T * B, D * 4 * H)
         dx = (dG2 @ w_ih).view(T, B, I) if need_x else None
         dw_ih = dG2.t() @ x.reshape(T * B, I) if need_wih else None
         dw_hh = None
         if need_whh:
-            # h_{t-1} is y_{t-1} for t >= 1 and h0 at t = 0.
-            dw_hh = dG[1:].reshape(-1, 4 * H).t() @ y[:-1].reshape(-1, H)
-            if h0 is not None:
-                dw_hh = dw_hh + dG[0].t() @ h0
+            dw_hh = torch.stack([
+                dG2[:, d * 4 * H:(d + 1) * 4 * H].t()
+                @ previous_hidden(y, h0, lengths, d, H).reshape(T * B, H)
+                for d in range(D)])
         db = None
         if ctx.has_bias and (need_bih or need_bhh):
             db = dG2.sum(0, dtype=c_all.dtype).to(dG.dtype)
-        return (dx, dh0 if need_h0 else None, dc0.to(x.dtype) if need_c0 else None,
-                dw_ih, dw_hh, db if need_bih else None, db if need_bhh else None, None, None)
+        dc0 = dc0.to(x.dtype)
+        if ctx.single:
+            dh0, dc0 = dh0[0], dc0[0]
+            dw_hh = None if dw_hh is None else dw_hh[0]
+        return (dx, dh0 if need_h0 else None, dc0 if need_c0 else None, dw_ih, dw_hh,
+                db if need_bih else None, db if need_bhh else None, None, None, None)

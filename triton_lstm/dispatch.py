@@ -173,10 +173,11 @@ def tuned_config(table: dict, kernel: str, batch: int, hidden_size: int,
 
 
 def pick_config(batch: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
-                kernel: str = "forward") -> KernelConfig:
+                kernel: str = "forward", num_directions: int = 1) -> KernelConfig:
     """The best config ``make tune`` measured on this GPU for the shape, else the heuristic.
 
-    kernel: "forward" or "backward" (they are tuned separately).
+    kernel: "forward" or "backward" (they are tuned separately); both directions
+    of a bidirectional layer share the device, so each gets half of it.
     """
     if device.type == "cuda":
         table = _tuned_table(torch.cuda.get_device_name(device))
@@ -186,7 +187,7 @@ def pick_config(batch: int, hidden_size: int, dtype: torch.dtype, device: torch.
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         num_sms = 4
-    return heuristic_config(batch, hidden_size, dtype, num_sms, kernel)
+    return heuristic_config(batch, hidden_size, dtype, max(1, num_sms // num_directions), kernel)
 
 
 def barrier_counters(device: torch.device) -> torch.Tensor:
@@ -237,16 +238,18 @@ def _launch_options(persistent: bool = True) -> dict:
 
 
 def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, batch: int,
-                      hidden_size: int, config: KernelConfig, device: torch.device,
-                      force_stepped: bool = False) -> None:
+                      hidden_size: int, num_directions: int, config: KernelConfig,
+                      device: torch.device, force_stepped: bool = False) -> None:
     """Run ``kernel`` over ``num_steps`` recurrent steps, persistently where it is safe.
 
     ``args`` are the kernel's tensors and sizes up to (and without) the barrier
     counters; ``constexprs`` its shape-independent compile-time flags (the tile
-    flags come from ``config``). A resident config whose tiles do not fit the
-    chip falls back to streamed weights.
+    flags come from ``config``). The grid is (hidden blocks x batch blocks,
+    directions); every (direction, batch block) is one barrier group. A resident
+    config whose tiles do not fit the chip falls back to streamed weights.
     """
     num_h = config.num_h_blocks(hidden_size)
+    group = num_h * num_directions          # programs per batch block
     num_b = triton.cdiv(batch, config.block_b)
     counters = barrier_counters(device)
     args = args[:-2] + (counters,) + args[-2:]   # the counters come just before T, B
@@ -266,18 +269,19 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
                 raise
             streamed = dataclasses.replace(config, resident=False)
             return launch_recurrence(kernel, args[:-3] + args[-2:], constexprs, num_steps=num_steps,
-                                     batch=batch, hidden_size=hidden_size, config=streamed,
+                                     batch=batch, hidden_size=hidden_size,
+                                     num_directions=num_directions, config=streamed,
                                      device=device, force_stepped=force_stepped)
-        groups_at_once = min(capacity // num_h, num_b, _COUNTER_SLOTS)
+        groups_at_once = min(capacity // group, num_b, _COUNTER_SLOTS // num_directions)
 
     if groups_at_once >= 1:
         for b0 in range(0, num_b, groups_at_once):
-            grid = (num_h * min(groups_at_once, num_b - b0),)
+            grid = (num_h * min(groups_at_once, num_b - b0), num_directions)
             kernel[grid](*args, 0, num_steps, b0 * config.block_b, leader_inc,
                          PERSISTENT=True, **_launch_options(), **common)
             launch_counts["persistent"] += 1
     else:
-        grid = (num_h * num_b,)
+        grid = (num_h * num_b, num_directions)
         for step in range(num_steps):
             kernel[grid](*args, step, step + 1, 0, leader_inc, PERSISTENT=False, **common)
             launch_counts["stepped"] += 1

@@ -2,8 +2,9 @@
 
 Layout as torch.nn.LSTM: ``h_n``/``c_n`` are [num_layers * num_directions, B, H]
 with the direction index fastest; each layer's output concatenates the forward
-and reverse directions along the feature axis; dropout is applied to every
-layer's output except the last, in training mode only.
+and reverse directions along the feature axis (the kernels write it that way,
+both directions in one launch); dropout is applied to every layer's output
+except the last, in training mode only.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def lstm(
     dropout: float = 0.0,
     training: bool = False,
     batch_first: bool = False,
+    lengths: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Run a stacked LSTM on the Triton kernels.
 
@@ -34,6 +36,9 @@ def lstm(
         weights: per layer and direction (layer-major, reverse after forward),
             ``(w_ih [4H, I_l], w_hh [4H, H], b_ih [4H] or None, b_hh [4H] or None)``.
         num_layers, bidirectional, dropout, training, batch_first: as torch.nn.LSTM.
+        lengths: [B] int32 sequence lengths on the input's device (1..T), or None:
+            each row stops at its own length (h_n, c_n are its last valid step) and
+            the output is zero past it.
     Returns:
         output [T, B, num_directions * H] (batch first if asked), (h_n, c_n).
 
@@ -44,18 +49,24 @@ def lstm(
     num_directions = 2 if bidirectional else 1
     h_n, c_n = [], []
     for layer in range(num_layers):
-        outputs = []
-        for direction in range(num_directions):
-            index = layer * num_directions + direction
-            w_ih, w_hh, b_ih, b_hh = weights[index]
-            h0, c0 = (hx[0][index], hx[1][index]) if hx is not None else (None, None)
-            seq = x.flip(0) if direction == 1 else x
-            y, h, c = lstm_layer(seq, h0, c0, w_ih, w_hh, b_ih, b_hh)
-            outputs.append(y.flip(0) if direction == 1 else y)
-            h_n.append(h)
-            c_n.append(c)
-        x = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
+        first = layer * num_directions
+        group = list(weights[first:first + num_directions])
+        w_ih, w_hh, b_ih, b_hh = (_join([w[k] for w in group], stack=(k == 1)) for k in range(4))
+        h0, c0 = (None, None) if hx is None else (hx[0][first:first + num_directions],
+                                                  hx[1][first:first + num_directions])
+        x, h, c = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
+        h_n.append(h)
+        c_n.append(c)
         if dropout > 0 and training and layer < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)
     output = x.transpose(0, 1) if batch_first else x
-    return output, (torch.stack(h_n), torch.stack(c_n))
+    return output, (torch.cat(h_n), torch.cat(c_n))
+
+
+def _join(tensors, stack: bool):
+    """Both directions' weights as one operand: W_hh stacked [D, 4H, H], the others concatenated."""
+    if tensors[0] is None:
+        return None
+    if stack:
+        return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)

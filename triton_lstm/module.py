@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .dispatch import interpreting
 from .functional import lstm
@@ -89,11 +90,8 @@ class LSTM(nn.LSTM):
         return True
 
     def forward(self, input, hx: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
-        if isinstance(input, nn.utils.rnn.PackedSequence):
-            if self.backend == "triton" or (self.backend == "auto" and input.data.is_cuda):
-                raise NotImplementedError("PackedSequence input is not supported by the Triton "
-                                          "kernels yet; use backend='torch'")
-            return super().forward(input, hx)
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
         self._check_input(input)
         if not self._uses_triton(input):
             return super().forward(input, hx)
@@ -117,6 +115,29 @@ class LSTM(nn.LSTM):
             output, h_n, c_n = output.squeeze(batch_dim), h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
+    def _forward_packed(self, packed: PackedSequence, hx):
+        """Variable lengths: each row of the padded batch stops at its own length in the kernels."""
+        self._check_input(packed.data, packed=True)
+        if not self._uses_triton(packed.data):
+            return super().forward(packed, hx)
+        if self.proj_size > 0:
+            raise NotImplementedError("proj_size > 0 is not supported by the Triton kernels yet; "
+                                      "use backend='torch'")
+        padded, lengths = pad_packed_sequence(packed)   # [T, B, I] in the caller's batch order
+        hx = self._check_hx(padded, hx, 1, False)
+        device = packed.data.device
+        output, state = lstm(
+            padded, hx, self._layer_weights(), num_layers=self.num_layers,
+            bidirectional=self.bidirectional, dropout=self.dropout, training=self.training,
+            lengths=lengths.to(device=device, dtype=torch.int32))
+        # Back to the packed layout: step t holds the first batch_sizes[t] rows in sorted order.
+        sizes = packed.batch_sizes
+        steps = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        ranks = torch.arange(int(sizes.sum())) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+        rows = ranks if packed.sorted_indices is None else packed.sorted_indices.cpu()[ranks]
+        data = output[steps.to(device), rows.to(device)]
+        return PackedSequence(data, sizes, packed.sorted_indices, packed.unsorted_indices), state
+
     # -- helpers -----------------------------------------------------------------------------
 
     def _layer_weights(self):
@@ -128,9 +149,12 @@ class LSTM(nn.LSTM):
             weights.append(tuple(group) if self.bias else (group[0], group[1], None, None))
         return weights
 
-    def _check_input(self, input) -> None:
+    def _check_input(self, input, packed: bool = False) -> None:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor or PackedSequence, got {type(input).__name__}")
+        if packed and input.dim() != 2:
+            raise LSTMInputError(f"packed input data must be 2-D [sum of lengths, input_size], got "
+                                 f"{input.dim()}-D with shape {tuple(input.shape)}")
         if input.dim() not in (2, 3):
             raise LSTMInputError(f"input must be 2-D (unbatched [T, input_size]) or 3-D, got "
                                  f"{input.dim()}-D with shape {tuple(input.shape)}")
@@ -146,7 +170,7 @@ class LSTM(nn.LSTM):
             raise LSTMInputError(f"input is on {input.device} but the weights are on "
                                  f"{weight.device}: move one of them")
         time_dim = 1 if (self.batch_first and input.dim() == 3) else 0
-        if input.shape[time_dim] == 0:
+        if not packed and input.shape[time_dim] == 0:
             raise LSTMInputError("input has sequence length 0; it must be at least 1")
         if self._uses_triton(input) and input.dtype not in KERNEL_DTYPES:
             raise TypeError(f"input dtype must be one of {KERNEL_DTYPES} for the Triton kernels, "

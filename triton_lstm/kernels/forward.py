@@ -1,28 +1,33 @@
-"""Persistent LSTM forward: the whole recurrence in one launch.
+"""Persistent LSTM forward: the whole recurrence of a layer in one launch.
 
-Dimensions: T steps, B batch rows, H hidden units, HP = H rounded up to a power
-of two (the reduction length of the recurrent dot), gates in PyTorch's order
-i, f, g, o.
+Dimensions: T steps, B batch rows, D directions (1, or 2 when bidirectional),
+H hidden units, HP = H rounded up to a power of two (the reduction length of
+the recurrent dot); gates in PyTorch's order i, f, g, o.
 
-Program (b, p) owns batch rows [b*BLOCK_B, (b+1)*BLOCK_B) and hidden units
-[p*BLOCK_H, (p+1)*BLOCK_H) *of all four gates*, so the cell update needs only
-its own data. Before the time loop it loads its slice of W_hh as one
-[HP, 4*BLOCK_H] tile (columns ordered unit-major, gate-minor) and keeps it on
-chip. Each step it reads the whole h_{t-1} of its batch rows (written by the
-other programs, so the loads go to L2), does one dot for the four gates, adds
-the precomputed input projection, updates c in registers, writes h_t and
-meets the other programs of its batch block at the grid barrier.
+Program (b, p, d) owns batch rows [b*BLOCK_B, (b+1)*BLOCK_B) and hidden units
+[p*BLOCK_H, (p+1)*BLOCK_H) *of all four gates* of direction d, so the cell
+update needs only its own data. Before the time loop it loads its slice of
+W_hh as one [HP, 4*BLOCK_H] tile (columns ordered unit-major, gate-minor) and
+keeps it on chip. Each step it reads the whole h_{t-1} of its batch rows
+(written by the other programs, so the loads go to L2), does one dot for the
+four gates, adds the precomputed input projection, updates c in registers,
+writes h_t and meets the other programs of its (direction, batch block) at the
+grid barrier. Both directions of a layer run side by side in one grid.
+
+Variable lengths (packed sequences) are handled per row: a row whose sequence
+has ended keeps its state and writes zeros; the reverse direction walks each
+row from its own last step back to 0. Outputs land in time order, both
+directions interleaved as torch.nn.LSTM lays them out ([T, B, D*H]).
 
 With SPLIT_K > 1 the recurrent dot is a 3-D dot over slices of the reduction,
-summed afterwards: the slices go to different warps, which shortens the
-sequential chains of MMAs (a tuning choice; small tiles do best without). The next step's input
+summed afterwards: the slices go to different warps, which shortens the chains
+of MMAs (a tuning choice; small tiles do best without). The next step's input
 projection is loaded before the barrier, so its latency hides behind the wait.
-
 When the slice is too large to keep (RESIDENT=False), each step streams it from
 L2 in BLOCK_K chunks instead: slower, still correct.
 
-Stepped mode (PERSISTENT=False) runs the same body for [t_begin, t_end) and
-ends; the caller launches once per step and the launch boundary is the
+Stepped mode (PERSISTENT=False) runs the same body for steps [t_begin, t_end)
+and ends; the caller launches once per step and the launch boundary is the
 barrier. c travels between launches through ``c_state``.
 """
 import torch
@@ -67,44 +72,81 @@ def split_dot(p_rows, m_rows, o_j, b_w, H: tl.constexpr, SPLIT_K: tl.constexpr,
 
 
 @triton.jit
-def _load_gx(gx, t, T, B, p_bg, m_bu, H: tl.constexpr, ACC: tl.constexpr):
-    """Input projection of step t for own units, per gate (nothing is read when t >= T)."""
-    p = gx + tl.cast(t, tl.int64) * B * 4 * H + p_bg
-    m = m_bu & (tl.full(m_bu.shape, t, tl.int32) < T)
+def step_rows(step, length, m_b, reverse):
+    """Each row's time index at processing step `step`, and whether the row is still running.
+
+    Forward rows walk t = step; reverse rows walk t = length - 1 - step. A row
+    past its length maps to t = step, a padded slot.
+    """
+    step_b = tl.full(length.shape, step, tl.int32)
+    running = m_b & (step_b < length)
+    t_row = tl.where(running & reverse, length - 1 - step_b, step_b)
+    return tl.cast(t_row, tl.int64), running
+
+
+@triton.jit
+def _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H: tl.constexpr, GS: tl.constexpr,
+             ACC: tl.constexpr):
+    """Input projection of own units at each row's time index, per gate (nothing read for stopped rows)."""
+    p = gx + (t_row * B + o_b)[:, None] * GS + o_u[None, :]
+    m = running[:, None] & m_u[None, :]
     return (tl.load(p, mask=m, other=0.0).to(ACC), tl.load(p + H, mask=m, other=0.0).to(ACC),
             tl.load(p + 2 * H, mask=m, other=0.0).to(ACC), tl.load(p + 3 * H, mask=m, other=0.0).to(ACC))
 
 
 @triton.jit(do_not_specialize=["T", "B", "t_begin", "t_end", "batch_start", "leader_inc"])
 def lstm_forward_kernel(
-    gx,        # [T, B, 4H]  x_t W_ih^T + b_ih + b_hh, input dtype
-    w_hh,      # [4H, H]     input dtype
-    h0,        # [B, H]      input dtype, read when HAS_H0
-    c0,        # [B, H]      input dtype, read when HAS_H0
-    y,         # [T, B, H]   out: h_t, input dtype
-    h_n,       # [B, H]      out: h_{T-1}, input dtype
-    c_state,   # [B, H]      fp32, in: c_{t_begin-1} when t_begin > 0; out: c_{t_end-1}
-    gates,     # [T, B, 4H]  fp32 out when SAVE: activated i, f, g, o
-    c_all,     # [T, B, H]   fp32 out when SAVE
-    counters,  # [groups]    int32 barrier counters, one per batch block
+    gx,        # [T, B, D, 4H]  x_t W_ih^T + b_ih + b_hh per direction, input dtype
+    w_hh,      # [D, 4H, H]     input dtype
+    h0,        # [D, B, H]      input dtype, read when HAS_H0
+    c0,        # [D, B, H]      input dtype, read when HAS_H0
+    lengths,   # [B]            int32 sequence lengths, read when HAS_LENGTHS
+    y,         # [T, B, D, H]   out: h_t (zeros past a row's length), input dtype
+    h_n,       # [D, B, H]      out: h at each row's last step, input dtype
+    c_state,   # [D, B, H]      fp32, in: c before step t_begin when t_begin > 0; out: c after t_end-1
+    gates,     # [D, T, B, 4H]  fp32 out when SAVE: activated i, f, g, o
+    c_all,     # [D, T, B, H]   fp32 out when SAVE
+    counters,  # [groups]       int32 barrier counters, one per (direction, batch block)
     T, B, t_begin, t_end, batch_start, leader_inc,
-    H: tl.constexpr, HP: tl.constexpr,
+    H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    RESIDENT: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr,
+    RESIDENT: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
     PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
     ACC: tl.constexpr = c_state.dtype.element_ty    # fp32 (fp64 for fp64 inputs)
+    YS: tl.constexpr = D * H                        # row stride of y
+    GS: tl.constexpr = D * 4 * H                    # row stride of gx
     i_p = tl.program_id(0)
+    i_d = tl.program_id(1)
     i_h = i_p % NUM_H_BLOCKS
     i_b = i_p // NUM_H_BLOCKS
+    counter = counters + i_d * (tl.num_programs(0) // NUM_H_BLOCKS) + i_b
+    if D == 1:
+        reverse = False
+    else:
+        reverse = i_d == 1
+    # Per-direction bases.
+    gx += i_d * 4 * H
+    w_hh += i_d * 4 * H * H
+    h0 += i_d * B * H
+    c0 += i_d * B * H
+    y += i_d * H
+    h_n += i_d * B * H
+    c_state += i_d * B * H
+    gates += i_d * T * B * 4 * H
+    c_all += i_d * T * B * H
 
     o_b = batch_start + i_b * BLOCK_B + tl.arange(0, BLOCK_B)   # batch rows
     o_u = i_h * BLOCK_H + tl.arange(0, BLOCK_H)                 # own hidden units
     m_b = o_b < B
-    m_bu = m_b[:, None] & (o_u < H)[None, :]
+    m_u = o_u < H
+    m_bu = m_b[:, None] & m_u[None, :]
     p_bu = o_b[:, None] * H + o_u[None, :]                      # into [B, H]
-    p_bg = o_b[:, None] * (4 * H) + o_u[None, :]                # into [B, 4H], gate i
+    if HAS_LENGTHS:
+        length = tl.load(lengths + o_b, mask=m_b, other=0)
+    else:
+        length = tl.full([BLOCK_B], T, tl.int32)
     # Weight-tile columns: n = 4 * unit + gate.
     o_n = tl.arange(0, 4 * BLOCK_H)
     o_nu = i_h * BLOCK_H + o_n // 4
@@ -124,27 +166,29 @@ def lstm_forward_kernel(
             b_c = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
     else:
         b_c = tl.load(c_state + p_bu, mask=m_bu, other=0.0)
-    b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_begin, T, B, p_bg, m_bu, H, ACC)
+    t_row, running = step_rows(t_begin, length, m_b, reverse)
+    b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H, GS, ACC)
 
     for t in range(t_begin, t_end):
-        t64 = tl.cast(t, tl.int64)
-        # h_{t-1} of every unit, written by all programs of this batch block.
+        # h of the previous step of every unit, written by all programs of this group.
         if t == 0:
-            p_prev = h0
+            p_rows = h0 + o_b * H
+            if HAS_H0:
+                m_rows = m_b
+            else:
+                m_rows = m_b & (o_b < 0)
         else:
-            p_prev = y + (t64 - 1) * B * H
-        if HAS_H0:
-            m_prev = m_b & (t >= 0)
-        else:
-            m_prev = m_b & (t > 0)
+            t_prev = tl.where(reverse, t_row + 1, t_row - 1)
+            p_rows = y + (t_prev * B + o_b) * YS
+            m_rows = running
         if RESIDENT:
-            b_acc = split_dot(p_prev + o_b * H, m_prev, o_j, b_w, H, SPLIT_K, DOT_PRECISION, ACC)
+            b_acc = split_dot(p_rows, m_rows, o_j, b_w, H, SPLIT_K, DOT_PRECISION, ACC)
         else:
             b_acc = tl.zeros([BLOCK_B, 4 * BLOCK_H], dtype=ACC)
             for k0 in range(0, HP, BLOCK_K):
                 o_k = k0 + tl.arange(0, BLOCK_K)
-                b_hp = tl.load(p_prev + o_b[:, None] * H + o_k[None, :],
-                               mask=m_prev[:, None] & (o_k < H)[None, :], other=0.0,
+                b_hp = tl.load(p_rows[:, None] + o_k[None, :],
+                               mask=m_rows[:, None] & (o_k < H)[None, :], other=0.0,
                                cache_modifier=".cg")
                 b_wk = tl.load(w_hh + w_row[None, :] * H + o_k[:, None],
                                mask=m_n[None, :] & (o_k < H)[:, None], other=0.0)
@@ -158,57 +202,64 @@ def lstm_forward_kernel(
         b_f = tl.sigmoid(b_af + b_gxf)
         b_g = _tanh(b_ag + b_gxg)
         b_o = tl.sigmoid(b_ao + b_gxo)
-        b_c = b_f * b_c + b_i * b_g
-        b_h = (b_o * _tanh(b_c)).to(y.dtype.element_ty)
+        m_run = running[:, None] & m_u[None, :]
+        b_c = tl.where(m_run, b_f * b_c + b_i * b_g, b_c)      # stopped rows keep their state
+        b_h = tl.where(m_run, b_o * _tanh(b_c), 0.0).to(y.dtype.element_ty)
 
-        tl.store(y + t64 * B * H + p_bu, b_h, mask=m_bu)
-        if t == T - 1:
-            tl.store(h_n + p_bu, b_h, mask=m_bu)
+        tl.store(y + (t_row * B + o_b)[:, None] * YS + o_u[None, :], b_h, mask=m_bu)
+        tl.store(h_n + p_bu, b_h, mask=m_bu & (t == length - 1)[:, None])
         if SAVE:
-            p_g = gates + t64 * B * 4 * H + p_bg
-            tl.store(p_g, b_i, mask=m_bu)
-            tl.store(p_g + H, b_f, mask=m_bu)
-            tl.store(p_g + 2 * H, b_g, mask=m_bu)
-            tl.store(p_g + 3 * H, b_o, mask=m_bu)
-            tl.store(c_all + t64 * B * H + p_bu, b_c, mask=m_bu)
-        # Next step's input projection does not depend on the recurrence: its
+            p_g = gates + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :]
+            tl.store(p_g, b_i, mask=m_run)
+            tl.store(p_g + H, b_f, mask=m_run)
+            tl.store(p_g + 2 * H, b_g, mask=m_run)
+            tl.store(p_g + 3 * H, b_o, mask=m_run)
+            tl.store(c_all + (t_row * B + o_b)[:, None] * H + o_u[None, :], b_c, mask=m_run)
+        # The next step's input projection does not depend on the recurrence: its
         # load is in flight while this program waits at the barrier.
-        b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t + 1, t_end, B, p_bg, m_bu, H, ACC)
+        m_next = m_b & (tl.full([BLOCK_B], t + 1, tl.int32) < t_end)
+        t_row, running = step_rows(t + 1, length, m_next, reverse)
+        b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H, GS, ACC)
         if PERSISTENT:
             if t < t_end - 1:
-                grid_barrier(counters + i_b, leader_inc, i_h == 0)
+                grid_barrier(counter, leader_inc, i_h == 0)
 
     tl.store(c_state + p_bu, b_c, mask=m_bu)
 
 
-def lstm_forward(gx, w_hh, h0, c0, *, save: bool, config=None, force_stepped: bool = False):
-    """Run the recurrence over a precomputed input projection.
+def lstm_forward(gx, w_hh, h0, c0, lengths, *, save: bool, config=None,
+                 force_stepped: bool = False):
+    """Run the recurrence of one layer (all its directions) over a precomputed input projection.
 
     Args:
-        gx: [T, B, 4H] input projection with both biases, contiguous.
-        w_hh: [4H, H] recurrent weights, same dtype as gx.
-        h0, c0: [B, H] initial state, or both None for zeros.
+        gx: [T, B, D*4H] input projection with both biases, contiguous, direction-major columns.
+        w_hh: [D, 4H, H] recurrent weights, same dtype as gx; direction 1 runs in reverse.
+        h0, c0: [D, B, H] initial state, or both None for zeros.
+        lengths: [B] int32 sequence lengths on gx's device (1..T), or None for all T.
         save: also return what the backward needs (gates and c per step, in the state dtype).
         config: a ``KernelConfig``; picked by ``dispatch.pick_config`` when None.
         force_stepped: one launch per step even where a persistent launch fits.
     Returns:
-        y [T, B, H], h_n [B, H], c_n [B, H], gates [T, B, 4H] or None, c_all [T, B, H] or None;
-        the last three in the state dtype (fp32, fp64 for fp64 inputs).
+        y [T, B, D*H] (zeros past each row's length), h_n [D, B, H], c_n [D, B, H],
+        gates [D, T, B, 4H] or None, c_all [D, T, B, H] or None; the last three in the
+        state dtype (fp32, fp64 for fp64 inputs).
     """
     T, B, _ = gx.shape
-    H = w_hh.shape[1]
+    D, _, H = w_hh.shape
     device, dtype = gx.device, gx.dtype
-    config = config or pick_config(B, H, dtype, device, "forward")
+    config = config or pick_config(B, H, dtype, device, "forward", D)
     acc = state_dtype(dtype)
-    y = torch.empty(T, B, H, dtype=dtype, device=device)
-    h_n = torch.empty(B, H, dtype=dtype, device=device)
-    c_state = torch.empty(B, H, dtype=acc, device=device)
-    gates = torch.empty(T, B, 4 * H, dtype=acc, device=device) if save else None
-    c_all = torch.empty(T, B, H, dtype=acc, device=device) if save else None
+    y = torch.empty(T, B, D * H, dtype=dtype, device=device)
+    h_n = torch.empty(D, B, H, dtype=dtype, device=device)
+    c_state = torch.empty(D, B, H, dtype=acc, device=device)
+    gates = torch.empty(D, T, B, 4 * H, dtype=acc, device=device) if save else None
+    c_all = torch.empty(D, T, B, H, dtype=acc, device=device) if save else None
     has_h0 = h0 is not None
-    args = (gx, w_hh, h0 if has_h0 else y, c0 if has_h0 else y, y, h_n, c_state,
+    args = (gx, w_hh, h0 if has_h0 else y, c0 if has_h0 else y,
+            lengths if lengths is not None else c_state, y, h_n, c_state,
             gates if save else c_state, c_all if save else c_state, T, B)
-    constexprs = dict(H=H, HP=padded(H), HAS_H0=has_h0, SAVE=save, DOT_PRECISION=dot_precision(dtype, device))
+    constexprs = dict(H=H, HP=padded(H), D=D, HAS_H0=has_h0, HAS_LENGTHS=lengths is not None,
+                      SAVE=save, DOT_PRECISION=dot_precision(dtype, device))
     launch_recurrence(lstm_forward_kernel, args, constexprs, num_steps=T, batch=B, hidden_size=H,
-                      config=config, device=device, force_stepped=force_stepped)
+                      num_directions=D, config=config, device=device, force_stepped=force_stepped)
     return y, h_n, c_state, gates, c_all
