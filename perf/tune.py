@@ -52,7 +52,7 @@ def tune_shape(batch, hidden, dtype, T, quick):
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     gx = torch.randn(T, batch, 4 * hidden, device="cuda", dtype=dtype)
     w_hh = torch.randn(1, 4 * hidden, hidden, device="cuda", dtype=dtype) / hidden ** 0.5
-    _, _, _, gates, c_all = lstm_forward(gx, w_hh, None, None, None, save=True)
+    _, _, _, gates, c_all, _ = lstm_forward(gx, w_hh, None, None, None, save=True)
     dy = torch.randn(T, batch, hidden, device="cuda", dtype=dtype)
     best = {}
     for config in candidates(batch, hidden, dtype, num_sms, quick):

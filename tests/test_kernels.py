@@ -100,6 +100,40 @@ def test_runs_without_autograd():
     torch.testing.assert_close(c, cr[0], **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_projection_and_both_directions_with_lengths(config_name):
+    """Projection, reverse direction and per-row lengths through every tile config."""
+    T, B, I, H, P = 4, 17, 3, 20, 5
+    ref = torch.nn.LSTM(I, H, bidirectional=True, proj_size=P, dtype=torch.float64)
+    params = [p.detach().clone().requires_grad_() for p in ref.parameters()]
+    names = [n for n, _ in ref.named_parameters()]
+    fwd = dict(zip(names, params))
+    w_ih = torch.cat([fwd["weight_ih_l0"], fwd["weight_ih_l0_reverse"]])
+    w_hh = torch.stack([fwd["weight_hh_l0"], fwd["weight_hh_l0_reverse"]])
+    b_ih = torch.cat([fwd["bias_ih_l0"], fwd["bias_ih_l0_reverse"]])
+    b_hh = torch.cat([fwd["bias_hh_l0"], fwd["bias_hh_l0_reverse"]])
+    w_hr = torch.stack([fwd["weight_hr_l0"], fwd["weight_hr_l0_reverse"]])
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, B, P, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(2, B, H, dtype=torch.float64, requires_grad=True)
+    y, h, c = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths.to(torch.int32),
+                                 CONFIGS[config_name], False, w_hr)
+    valid = (torch.arange(T)[:, None] < lengths[None, :]).double()[..., None]
+    upstream = [torch.randn_like(y) * valid, torch.randn_like(h), torch.randn_like(c)]
+    inputs = [x, h0, c0] + params
+    grads = torch.autograd.grad(sum((o * g).sum() for o, g in zip((y, h, c), upstream)), inputs)
+
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    out, (hr, cr) = ref(packed, (h0, c0))
+    yr, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T)
+    ref_grads = torch.autograd.grad(
+        sum((o * g).sum() for o, g in zip((yr, hr, cr), upstream)), [x, h0, c0] + list(ref.parameters()))
+    for got, want in zip([y, h, c] + list(grads), [yr, hr, cr] + list(ref_grads)):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
 def test_interpreter_runs_the_stepped_mode():
     before = launch_counts["stepped"]
     ref, x, hx = random_problem(3, 2, 4, 8, torch.float32)

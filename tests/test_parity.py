@@ -1,6 +1,6 @@
 """torch.nn.LSTM parity through the Triton kernels (CPU, interpreter): layers, directions,
-packed sequences, batch_first, unbatched, dropout; outputs, final states and every gradient
-against torch.nn.LSTM in float64 loaded with the same state_dict."""
+projections, packed sequences, batch_first, unbatched, dropout; outputs, final states and
+every gradient against torch.nn.LSTM in float64 loaded with the same state_dict."""
 import itertools
 
 import pytest
@@ -36,16 +36,19 @@ def packed(x, lengths, enforce_sorted):
                           p.unsorted_indices)
 
 
-CASES = [pytest.param(layers, bidir, form, with_hx, id=f"L{layers}-{'bi' if bidir else 'uni'}-{form}"
-                      f"-{'hx' if with_hx else 'nohx'}")
-         for layers, bidir, form, with_hx in itertools.product(
-             (1, 2), (False, True), ("seq", "batch_first", "packed", "packed_sorted"), (False, True))]
+CASES = [pytest.param(layers, bidir, form, with_hx, proj,
+                      id=f"L{layers}-{'bi' if bidir else 'uni'}-{form}-{'hx' if with_hx else 'nohx'}"
+                      f"-P{proj}")
+         for layers, bidir, form, with_hx, proj in itertools.product(
+             (1, 2), (False, True), ("seq", "batch_first", "packed", "packed_sorted"), (False, True),
+             (0, 4))
+         if proj == 0 or with_hx]   # projections: every layout, with hx (its shapes differ)
 
 
-@pytest.mark.parametrize("layers, bidir, form, with_hx", CASES)
-def test_matches_torch_lstm(layers, bidir, form, with_hx):
+@pytest.mark.parametrize("layers, bidir, form, with_hx, proj", CASES)
+def test_matches_torch_lstm(layers, bidir, form, with_hx, proj):
     T, B, I, H = 5, 3, 4, 6
-    ref = torch.nn.LSTM(I, H, num_layers=layers, bidirectional=bidir,
+    ref = torch.nn.LSTM(I, H, num_layers=layers, bidirectional=bidir, proj_size=proj,
                         batch_first=(form == "batch_first"), dtype=torch.float64)
     ours = triton_lstm.LSTM.from_torch(ref, backend="triton")
     D = 2 if bidir else 1
@@ -58,8 +61,8 @@ def test_matches_torch_lstm(layers, bidir, form, with_hx):
         x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
     hx = None
     if with_hx:
-        hx = tuple(torch.randn(layers * D, B, H, dtype=torch.float64, requires_grad=True)
-                   for _ in range(2))
+        hx = tuple(torch.randn(layers * D, B, size, dtype=torch.float64, requires_grad=True)
+                   for size in (proj or H, H))
     before = launch_counts["stepped"]
     outs, grads, upstream = run(ours, x, hx)
     assert launch_counts["stepped"] > before, "the Triton kernels did not run"

@@ -45,34 +45,34 @@ def previous_hidden(y: torch.Tensor, h0, lengths, direction: int, hidden_size: i
     return prev
 
 
-def run_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, *, save, config=None,
+def run_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr, *, save, config=None,
                 force_stepped=False):
-    """Input projection GEMM, then the recurrent kernel (w_hh [D, 4H, H], h0/c0 [D, B, H])."""
+    """Input projection GEMM, then the recurrent kernel (w_hh [D, 4H, R], h0 [D, B, R])."""
     gx = input_projection(x.contiguous(), w_ih, b_ih, b_hh)
     h0 = h0.contiguous() if h0 is not None else None
     c0 = c0.contiguous() if c0 is not None else None
-    return lstm_forward(gx, w_hh.contiguous(), h0, c0, lengths, save=save, config=config,
+    w_hr = w_hr.contiguous() if w_hr is not None else None
+    return lstm_forward(gx, w_hh.contiguous(), h0, c0, lengths, w_hr, save=save, config=config,
                         force_stepped=force_stepped)
 
 
-def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, config=None,
-               force_stepped=False):
+def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, w_hr=None,
+               config=None, force_stepped=False):
     """One layer: through LSTMFunction when a gradient is needed, else saving nothing."""
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return LSTMFunction.apply(*tensors, lengths, config, force_stepped)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors + (w_hr,)):
+        return LSTMFunction.apply(*tensors, lengths, config, force_stepped, w_hr)
     single = w_hh.dim() == 2
     if single:
-        w_hh, h0, c0 = _add_direction_dim(w_hh, h0, c0)
-    y, h_n, c_n, _, _ = run_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save=False,
-                                    config=config, force_stepped=force_stepped)
+        w_hh, h0, c0, w_hr = _add_direction_dim(w_hh, h0, c0, w_hr)
+    y, h_n, c_n, _, _, _ = run_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr,
+                                       save=False, config=config, force_stepped=force_stepped)
     c_n = c_n.to(x.dtype)
     return (y, h_n[0], c_n[0]) if single else (y, h_n, c_n)
 
 
-def _add_direction_dim(w_hh, h0, c0):
-    return (w_hh.unsqueeze(0), None if h0 is None else h0.unsqueeze(0),
-            None if c0 is None else c0.unsqueeze(0))
+def _add_direction_dim(*tensors):
+    return tuple(None if t is None else t.unsqueeze(0) for t in tensors)
 
 
 class LSTMFunction(torch.autograd.Function):
@@ -80,14 +80,15 @@ class LSTMFunction(torch.autograd.Function):
 
     Args (all on one device, one dtype):
         x: [T, B, I] input, T >= 1, B >= 1.
-        h0, c0: [B, H] initial state ([D, B, H] with 3-D w_hh), or both None for zeros.
-        w_ih: [D*4H, I]; w_hh: [4H, H] for one direction, or [D, 4H, H] (direction 1
+        h0: [B, R], c0: [B, H] initial state ([D, B, .] with 3-D w_hh), or both None for zeros.
+        w_ih: [D*4H, I]; w_hh: [4H, R] for one direction, or [D, 4H, R] (direction 1
             runs in reverse); b_ih, b_hh: [D*4H] or both None.
         lengths: [B] int32 sequence lengths on x's device (packed sequences), or None.
         config: optional ``dispatch.KernelConfig`` forcing the tile shape of both kernels.
         force_stepped: run one launch per step even where a persistent launch fits.
+        w_hr: projection weights [R, H] ([D, R, H]), or None: then R = H.
     Returns:
-        y [T, B, D*H] (zeros past each row's length), h_n, c_n [B, H] (or [D, B, H]).
+        y [T, B, D*R] (zeros past each row's length), h_n [B, R], c_n [B, H] (or [D, B, .]).
 
     Example:
         >>> y, h_n, c_n = LSTMFunction.apply(x, None, None, w_ih, w_hh, b_ih, b_hh)
@@ -95,19 +96,21 @@ class LSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, config=None,
-                force_stepped=False):
+                force_stepped=False, w_hr=None):
         ctx.single = w_hh.dim() == 2
         if ctx.single:
-            w_hh, h0, c0 = _add_direction_dim(w_hh, h0, c0)
+            w_hh, h0, c0, w_hr = _add_direction_dim(w_hh, h0, c0, w_hr)
+        # The kernels and the backward read these as dense blocks.
+        x, h0, c0 = (None if t is None else t.contiguous() for t in (x, h0, c0))
         # Under no_grad needs_input_grad still says True: lstm_layer skips this Function then.
-        save = any(ctx.needs_input_grad[:7])
-        y, h_n, c_n, gates, c_all = run_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths,
-                                                save=save, config=config,
-                                                force_stepped=force_stepped)
+        save = any(ctx.needs_input_grad)
+        y, h_n, c_n, gates, c_all, r_all = run_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths,
+                                                       w_hr, save=save, config=config,
+                                                       force_stepped=force_stepped)
         ctx.set_materialize_grads(False)
         if save:
-            ctx.save_for_backward(x.contiguous(), h0, c0, w_ih, w_hh.contiguous(), y, gates, c_all,
-                                  lengths)
+            ctx.save_for_backward(x, h0, c0, w_ih, w_hh.contiguous(), y, gates, c_all, lengths,
+                                  w_hr, r_all)
             ctx.has_bias = b_ih is not None
             ctx.config, ctx.force_stepped = config, force_stepped
         c_n = c_n.to(x.dtype)
@@ -115,15 +118,21 @@ class LSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
-        x, h0, c0, w_ih, w_hh, y, gates, c_all, lengths = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # The kernels' backward is not itself differentiable: refuse rather than return
+            # second derivatives that silently miss the recurrence.
+            raise RuntimeError("triton_lstm: gradients of gradients (backward with create_graph=True) "
+                               "are not supported; use backend='torch' for double backward")
+        x, h0, c0, w_ih, w_hh, y, gates, c_all, lengths, w_hr, r_all = ctx.saved_tensors
         T, B, I = x.shape
-        D, _, H = w_hh.shape
+        D, _, R = w_hh.shape
+        H = c_all.shape[3]
         if ctx.single:
             dh_n = None if dh_n is None else dh_n.unsqueeze(0)
             dc_n = None if dc_n is None else dc_n.unsqueeze(0)
         need_x, need_h0, need_c0, need_wih, need_whh, need_bih, need_bhh = ctx.needs_input_grad[:7]
-        dG, dh0, dc0 = lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh,
-                                     config=ctx.config, force_stepped=ctx.force_stepped)
+        dG, dh0, dc0, dh_all = lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr,
+                                             config=ctx.config, force_stepped=ctx.force_stepped)
         dG2 = dG.view(T * B, D * 4 * H)
         dx = (dG2 @ w_ih).view(T, B, I) if need_x else None
         dw_ih = dG2.t() @ x.reshape(T * B, I) if need_wih else None
@@ -131,8 +140,13 @@ class LSTMFunction(torch.autograd.Function):
         if need_whh:
             dw_hh = torch.stack([
                 dG2[:, d * 4 * H:(d + 1) * 4 * H].t()
-                @ previous_hidden(y, h0, lengths, d, H).reshape(T * B, H)
+                @ previous_hidden(y, h0, lengths, d, R).reshape(T * B, R)
                 for d in range(D)])
+        dw_hr = None
+        if w_hr is not None and ctx.needs_input_grad[10]:
+            # h_t = r_t W_hr^T: dW_hr = sum_t dh_t^T r_t, with dh_t the total gradient of h_t.
+            dw_hr = torch.stack([dh_all[d].reshape(T * B, R).t() @ r_all[d].reshape(T * B, H)
+                                 for d in range(D)])
         db = None
         if ctx.has_bias and (need_bih or need_bhh):
             db = dG2.sum(0, dtype=c_all.dtype).to(dG.dtype)
@@ -140,5 +154,6 @@ class LSTMFunction(torch.autograd.Function):
         if ctx.single:
             dh0, dc0 = dh0[0], dc0[0]
             dw_hh = None if dw_hh is None else dw_hh[0]
+            dw_hr = None if dw_hr is None else dw_hr[0]
         return (dx, dh0 if need_h0 else None, dc0 if need_c0 else None, dw_ih, dw_hh,
-                db if need_bih else None, db if need_bhh else None, None, None, None)
+                db if need_bih else None, db if need_bhh else None, None, None, None, dw_hr)

@@ -238,9 +238,10 @@ def _launch_options(persistent: bool = True) -> dict:
 
 
 def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, batch: int,
-                      hidden_size: int, num_directions: int, config: KernelConfig,
-                      device: torch.device, force_stepped: bool = False) -> None:
-    """Run ``kernel`` over ``num_steps`` recurrent steps, persistently where it is safe.
+                      hidden_size: int, output_size: int, num_directions: int,
+                      config: KernelConfig, device: torch.device,
+                      force_stepped: bool = False) -> None:
+    """Run ``kernel`` over ``num_steps`` recurrent phases, persistently where it is safe.
 
     ``args`` are the kernel's tensors and sizes up to (and without) the barrier
     counters; ``constexprs`` its shape-independent compile-time flags (the tile
@@ -254,9 +255,11 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     counters = barrier_counters(device)
     args = args[:-2] + (counters,) + args[-2:]   # the counters come just before T, B
     leader_inc = leader_increment(num_h)
-    constexprs = dict(constexprs, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
+    # With a projection every hidden block also owns BLOCK_R of the output units.
+    block_r = max(16, triton.next_power_of_2(triton.cdiv(output_size, num_h)))
+    constexprs = dict(constexprs, BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_R=block_r,
                       BLOCK_K=config.block_k, RESIDENT=config.resident,
-                      SPLIT_K=min(config.split_k, padded(hidden_size) // 16))
+                      SPLIT_K=min(config.split_k, padded(min(hidden_size, output_size)) // 16))
     common = dict(num_warps=config.num_warps, num_stages=1, **constexprs)
 
     groups_at_once = 0
@@ -269,7 +272,7 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
                 raise
             streamed = dataclasses.replace(config, resident=False)
             return launch_recurrence(kernel, args[:-3] + args[-2:], constexprs, num_steps=num_steps,
-                                     batch=batch, hidden_size=hidden_size,
+                                     batch=batch, hidden_size=hidden_size, output_size=output_size,
                                      num_directions=num_directions, config=streamed,
                                      device=device, force_stepped=force_stepped)
         groups_at_once = min(capacity // group, num_b, _COUNTER_SLOTS // num_directions)

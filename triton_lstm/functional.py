@@ -34,13 +34,14 @@ def lstm(
         input: [T, B, I] ([B, T, I] when ``batch_first``), T >= 1.
         hx: (h0, c0), each [num_layers * num_directions, B, H], or None for zeros.
         weights: per layer and direction (layer-major, reverse after forward),
-            ``(w_ih [4H, I_l], w_hh [4H, H], b_ih [4H] or None, b_hh [4H] or None)``.
+            ``(w_ih [4H, I_l], w_hh [4H, R], b_ih [4H] or None, b_hh [4H] or None,
+            w_hr [R, H] or None)``, with R = proj_size if there is a projection, else H.
         num_layers, bidirectional, dropout, training, batch_first: as torch.nn.LSTM.
         lengths: [B] int32 sequence lengths on the input's device (1..T), or None:
             each row stops at its own length (h_n, c_n are its last valid step) and
             the output is zero past it.
     Returns:
-        output [T, B, num_directions * H] (batch first if asked), (h_n, c_n).
+        output [T, B, num_directions * R] (batch first if asked), (h_n, c_n).
 
     Example:
         >>> out, (h_n, c_n) = lstm(x, None, [(w_ih, w_hh, b_ih, b_hh)])
@@ -51,10 +52,11 @@ def lstm(
     for layer in range(num_layers):
         first = layer * num_directions
         group = list(weights[first:first + num_directions])
-        w_ih, w_hh, b_ih, b_hh = (_join([w[k] for w in group], stack=(k == 1)) for k in range(4))
+        w_ih, w_hh, b_ih, b_hh, w_hr = (_join([w[k] for w in group], stack=k in (1, 4))
+                                        for k in range(5))
         h0, c0 = (None, None) if hx is None else (hx[0][first:first + num_directions],
                                                   hx[1][first:first + num_directions])
-        x, h, c = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
+        x, h, c = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr)
         h_n.append(h)
         c_n.append(c)
         if dropout > 0 and training and layer < num_layers - 1:
@@ -64,7 +66,7 @@ def lstm(
 
 
 def _join(tensors, stack: bool):
-    """Both directions' weights as one operand: W_hh stacked [D, 4H, H], the others concatenated."""
+    """Both directions' weights as one operand: W_hh, W_hr stacked [D, ...], the others concatenated."""
     if tensors[0] is None:
         return None
     if stack:

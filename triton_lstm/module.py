@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
@@ -20,6 +22,11 @@ from .functional import lstm
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _copy_requires_grad(source: nn.Module, target: nn.Module) -> None:
+    for (name, p), q in zip(source.named_parameters(), target.parameters()):
+        q.requires_grad_(p.requires_grad)
 
 
 class LSTMInputError(ValueError, RuntimeError):
@@ -58,22 +65,28 @@ class LSTM(nn.LSTM):
     def from_torch(cls, module: nn.LSTM, *, backend: str = "auto") -> "LSTM":
         """A triton_lstm.LSTM with the same options and parameters as ``module``."""
         weight = module.weight_ih_l0
-        new = cls(module.input_size, module.hidden_size, num_layers=module.num_layers,
-                  bias=module.bias, batch_first=module.batch_first, dropout=module.dropout,
-                  bidirectional=module.bidirectional, proj_size=module.proj_size,
-                  device=weight.device, dtype=weight.dtype, backend=backend)
+        with warnings.catch_warnings():   # the source module already warned about its options
+            warnings.simplefilter("ignore")
+            new = cls(module.input_size, module.hidden_size, num_layers=module.num_layers,
+                      bias=module.bias, batch_first=module.batch_first, dropout=module.dropout,
+                      bidirectional=module.bidirectional, proj_size=module.proj_size,
+                      device=weight.device, dtype=weight.dtype, backend=backend)
         new.load_state_dict(module.state_dict())
+        _copy_requires_grad(module, new)
         new.train(module.training)
         return new
 
     def to_torch(self) -> nn.LSTM:
         """A plain torch.nn.LSTM with the same options and parameters."""
         weight = self.weight_ih_l0
-        module = nn.LSTM(self.input_size, self.hidden_size, num_layers=self.num_layers,
-                         bias=self.bias, batch_first=self.batch_first, dropout=self.dropout,
-                         bidirectional=self.bidirectional, proj_size=self.proj_size,
-                         device=weight.device, dtype=weight.dtype)
+        with warnings.catch_warnings():   # this module already warned about its options
+            warnings.simplefilter("ignore")
+            module = nn.LSTM(self.input_size, self.hidden_size, num_layers=self.num_layers,
+                             bias=self.bias, batch_first=self.batch_first, dropout=self.dropout,
+                             bidirectional=self.bidirectional, proj_size=self.proj_size,
+                             device=weight.device, dtype=weight.dtype)
         module.load_state_dict(self.state_dict())
+        _copy_requires_grad(self, module)
         module.train(self.training)
         return module
 
@@ -95,17 +108,14 @@ class LSTM(nn.LSTM):
         self._check_input(input)
         if not self._uses_triton(input):
             return super().forward(input, hx)
-        if self.proj_size > 0:
-            raise NotImplementedError("proj_size > 0 is not supported by the Triton kernels yet; "
-                                      "use backend='torch'")
         unbatched = input.dim() == 2
         batch_dim = 0 if self.batch_first else 1
         if unbatched:
             input = input.unsqueeze(batch_dim)
-        hx = self._check_hx(input, hx, batch_dim, unbatched)
-        batch = input.shape[batch_dim]
-        if batch == 0:
-            return self._empty_result(input, batch_dim, unbatched)
+        checked_hx = self._check_hx(input, hx, batch_dim, unbatched)
+        if input.shape[batch_dim] == 0:   # nothing to run; nn.LSTM's path keeps autograd's shape
+            return super().forward(input.squeeze(batch_dim) if unbatched else input, hx)
+        hx = checked_hx
 
         output, (h_n, c_n) = lstm(
             input, hx, self._layer_weights(), num_layers=self.num_layers,
@@ -120,9 +130,6 @@ class LSTM(nn.LSTM):
         self._check_input(packed.data, packed=True)
         if not self._uses_triton(packed.data):
             return super().forward(packed, hx)
-        if self.proj_size > 0:
-            raise NotImplementedError("proj_size > 0 is not supported by the Triton kernels yet; "
-                                      "use backend='torch'")
         padded, lengths = pad_packed_sequence(packed)   # [T, B, I] in the caller's batch order
         hx = self._check_hx(padded, hx, 1, False)
         device = packed.data.device
@@ -141,12 +148,14 @@ class LSTM(nn.LSTM):
     # -- helpers -----------------------------------------------------------------------------
 
     def _layer_weights(self):
-        names = self._flat_weights_names
-        per = 4 if self.bias else 2
+        """Per layer and direction: (w_ih, w_hh, b_ih, b_hh, w_hr), absent ones None."""
         weights = []
-        for k in range(0, len(names), per):
-            group = [getattr(self, n) for n in names[k:k + per]]
-            weights.append(tuple(group) if self.bias else (group[0], group[1], None, None))
+        for layer in range(self.num_layers):
+            for suffix in ("", "_reverse")[:2 if self.bidirectional else 1]:
+                names = (f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}",
+                         f"bias_ih_l{layer}{suffix}", f"bias_hh_l{layer}{suffix}",
+                         f"weight_hr_l{layer}{suffix}")
+                weights.append(tuple(getattr(self, name, None) for name in names))
         return weights
 
     def _check_input(self, input, packed: bool = False) -> None:
@@ -163,7 +172,7 @@ class LSTM(nn.LSTM):
                                  f"got {input.shape[-1]} (input shape {tuple(input.shape)})")
         weight = self.weight_ih_l0
         if input.dtype != weight.dtype:
-            raise TypeError(f"input dtype {input.dtype} does not match the weights' dtype "
+            raise LSTMInputError(f"input dtype {input.dtype} does not match the weights' dtype "
                             f"{weight.dtype}: convert the input (input.to({weight.dtype})) "
                             f"or the module (module.to({input.dtype}))")
         if input.device != weight.device:
@@ -181,8 +190,12 @@ class LSTM(nn.LSTM):
             return None
         if not (isinstance(hx, (tuple, list)) and len(hx) == 2
                 and all(isinstance(t, torch.Tensor) for t in hx)):
-            raise TypeError("hx must be a tuple (h0, c0) of two tensors, got "
-                            f"{type(hx).__name__}" + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+            if isinstance(hx, (tuple, list)):
+                got = (f"a {type(hx).__name__} of length {len(hx)}" if len(hx) != 2 else
+                       f"({', '.join(type(t).__name__ for t in hx)})")
+            else:
+                got = type(hx).__name__
+            raise TypeError(f"hx must be a tuple (h0, c0) of two tensors, got {got}")
         num_directions = 2 if self.bidirectional else 1
         batch = input.shape[batch_dim]
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -203,16 +216,8 @@ class LSTM(nn.LSTM):
                                      "(num_layers * num_directions, batch, hidden)"
                                      f", got {have}")
             if state.dtype != input.dtype:
-                raise TypeError(f"{name} dtype {state.dtype} does not match input dtype {input.dtype}")
+                raise LSTMInputError(f"{name} dtype {state.dtype} does not match input dtype {input.dtype}")
             if state.device != input.device:
                 raise LSTMInputError(f"{name} is on {state.device} but input is on {input.device}")
             checked.append(state)
         return checked[0], checked[1]
-
-    def _empty_result(self, input, batch_dim, unbatched):
-        num_directions = 2 if self.bidirectional else 1
-        shape = list(input.shape)
-        shape[-1] = num_directions * self.hidden_size
-        output = input.new_zeros(shape)
-        state = input.new_zeros(self.num_layers * num_directions, 0, self.hidden_size)
-        return output, (state, state.clone())

@@ -33,10 +33,9 @@ from .forward import _tanh, reduction_index, split_dot, step_rows
 
 
 @triton.jit
-def _load_saved(step, t_row, running, dy, gates, c_all, c0, B, o_b, o_u, m_u,
-                H: tl.constexpr, YS: tl.constexpr, HAS_DY: tl.constexpr, HAS_H0: tl.constexpr,
-                ACC: tl.constexpr, REVERSE):
-    """What a step needs besides dh: dy_t, gates i, f, g, o, c_t, c_{t-1} (zeros for stopped rows)."""
+def _load_saved(step, t_row, running, gates, c_all, c0, B, o_b, o_u, m_u, H: tl.constexpr,
+                HAS_H0: tl.constexpr, ACC: tl.constexpr, REVERSE):
+    """What the cell phase of a step needs: gates i, f, g, o, c_t, c_{t-1} (zeros for stopped rows)."""
     m = running[:, None] & m_u[None, :]
     p_g = gates + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :]
     b_i = tl.load(p_g, mask=m, other=0.0)
@@ -52,35 +51,40 @@ def _load_saved(step, t_row, running, dy, gates, c_all, c0, B, o_b, o_u, m_u,
             b_cp = tl.load(c0 + o_b[:, None] * H + o_u[None, :], mask=m, other=0.0).to(ACC)
         else:
             b_cp = tl.zeros(m.shape, dtype=ACC)
-    if HAS_DY:
-        b_dy = tl.load(dy + (t_row * B + o_b)[:, None] * YS + o_u[None, :], mask=m, other=0.0).to(ACC)
-    else:
-        b_dy = tl.zeros(m.shape, dtype=ACC)
-    return b_dy, b_i, b_f, b_g, b_o, b_ct, b_cp
+    return b_i, b_f, b_g, b_o, b_ct, b_cp
 
 
-@triton.jit(do_not_specialize=["T", "B", "s_begin", "s_end", "batch_start", "leader_inc"])
+@triton.jit(do_not_specialize=["T", "B", "q_begin", "q_end", "batch_start", "leader_inc"])
 def lstm_backward_kernel(
-    dy,        # [T, B, D, H]   grad of y, input dtype (read when HAS_DY)
-    dh_n,      # [D, B, H]      grad of h_n, input dtype (read when HAS_DHN)
-    dc_state,  # [D, B, H]      fp32, in: dc_next at stage s_begin; out: after stage s_end - 1
+    dy,        # [T, B, D, R]   grad of y, input dtype (read when HAS_DY)
+    dh_n,      # [D, B, R]      grad of h_n, input dtype (read when HAS_DHN)
+    dc_state,  # [D, B, H]      fp32, in: dc_next before phase q_begin; out: after q_end - 1
     gates,     # [D, T, B, 4H]  fp32 activated i, f, g, o saved by the forward
     c_all,     # [D, T, B, H]   fp32 c_t saved by the forward
     c0,        # [D, B, H]      input dtype, read when HAS_H0
     lengths,   # [B]            int32 sequence lengths, read when HAS_LENGTHS
-    w_hh,      # [D, 4H, H]     input dtype
+    w_hh,      # [D, 4H, R]     input dtype
+    w_hr,      # [D, R, H]      projection weights, input dtype (read when PROJ)
     dgates,    # [T, B, D, 4H]  out: dG_t, input dtype
-    dh0,       # [D, B, H]      out: grad of h0, input dtype
+    dh_all,    # [D, T, B, R]   out when PROJ: total grad of h_t, input dtype (zeros past length)
+    dh0,       # [D, B, R]      out: grad of h0, input dtype
     counters,  # [groups]       int32 barrier counters, one per (direction, batch block)
-    T, B, s_begin, s_end, batch_start, leader_inc,
-    H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    RESIDENT: tl.constexpr, HAS_DY: tl.constexpr, HAS_DHN: tl.constexpr, HAS_H0: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    T, B, q_begin, q_end, batch_start, leader_inc,
+    H: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, RESIDENT: tl.constexpr, PROJ: tl.constexpr, HAS_DY: tl.constexpr,
+    HAS_DHN: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # Stage s = 0 .. T walks the forward's steps backwards (step = T - 1 - s). Its dh
+    # phase gives dh of own output units; its cell phase (s < T) gives dG of own hidden
+    # units. Without a projection both own the same units and share one phase; with
+    # one (PROJ) they are separate phases with a barrier between. q counts phases.
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
+    PHASES: tl.constexpr = 2 if PROJ else 1
+    BLOCK_O: tl.constexpr = BLOCK_R if PROJ else BLOCK_H    # output units per program
     ACC: tl.constexpr = dc_state.dtype.element_ty   # fp32 (fp64 for fp64 inputs)
-    YS: tl.constexpr = D * H                        # row stride of dy
+    YS: tl.constexpr = D * R                        # row stride of dy
     GS: tl.constexpr = D * 4 * H                    # row stride of dgates
     i_p = tl.program_id(0)
     i_d = tl.program_id(1)
@@ -92,83 +96,132 @@ def lstm_backward_kernel(
     else:
         reverse = i_d == 1
     # Per-direction bases.
-    dy += i_d * H
-    dh_n += i_d * B * H
+    dy += i_d * R
+    dh_n += i_d * B * R
     dc_state += i_d * B * H
     gates += i_d * T * B * 4 * H
     c_all += i_d * T * B * H
     c0 += i_d * B * H
-    w_hh += i_d * 4 * H * H
+    w_hh += i_d * 4 * H * R
+    w_hr += i_d * R * H
     dgates += i_d * 4 * H
-    dh0 += i_d * B * H
+    dh_all += i_d * T * B * R
+    dh0 += i_d * B * R
 
     o_b = batch_start + i_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    o_u = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_u = i_h * BLOCK_H + tl.arange(0, BLOCK_H)     # own hidden units (cell phase)
     m_b = o_b < B
     m_u = o_u < H
     m_bu = m_b[:, None] & m_u[None, :]
     p_bu = o_b[:, None] * H + o_u[None, :]
+    o_r = i_h * BLOCK_O + tl.arange(0, BLOCK_O)         # own output units (dh phase)
+    m_r = o_r < R
+    m_br = m_b[:, None] & m_r[None, :]
+    p_br = o_b[:, None] * R + o_r[None, :]
     if HAS_LENGTHS:
         length = tl.load(lengths + o_b, mask=m_b, other=0)
     else:
         length = tl.full([BLOCK_B], T, tl.int32)
 
     if RESIDENT:
-        # Per gate, W_hh[gate*H + j, own units] as [HP, BLOCK_H] (or slices) for split_dot.
+        # Per gate, W_hh[gate*H + j, own output units] as [HP, BLOCK_R] (or slices) for split_dot.
         o_j = reduction_index(HP, SPLIT_K)
-        p_w = w_hh + tl.expand_dims(o_j, -1) * H + o_u
-        m_w = tl.expand_dims(o_j < H, -1) & m_u
+        p_w = w_hh + tl.expand_dims(o_j, -1) * R + o_r
+        m_w = tl.expand_dims(o_j < H, -1) & m_r
         b_wi = tl.load(p_w, mask=m_w, other=0.0)
-        b_wf = tl.load(p_w + H * H, mask=m_w, other=0.0)
-        b_wg = tl.load(p_w + 2 * H * H, mask=m_w, other=0.0)
-        b_wo = tl.load(p_w + 3 * H * H, mask=m_w, other=0.0)
+        b_wf = tl.load(p_w + H * R, mask=m_w, other=0.0)
+        b_wg = tl.load(p_w + 2 * H * R, mask=m_w, other=0.0)
+        b_wo = tl.load(p_w + 3 * H * R, mask=m_w, other=0.0)
+    if PROJ and RESIDENT:
+        # W_hr[:, own hidden units] as [RP, BLOCK_H]: dr = dh @ W_hr.
+        o_jr = reduction_index(RP, SPLIT_K)
+        b_whr = tl.load(w_hr + tl.expand_dims(o_jr, -1) * H + o_u,
+                        mask=tl.expand_dims(o_jr < R, -1) & m_u, other=0.0)
     if HAS_DHN:
-        b_dhn = tl.load(dh_n + p_bu, mask=m_bu, other=0.0).to(ACC)
+        b_dhn = tl.load(dh_n + p_br, mask=m_br, other=0.0).to(ACC)
     else:
-        b_dhn = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+        b_dhn = tl.zeros([BLOCK_B, BLOCK_O], dtype=ACC)
 
     b_dc = tl.load(dc_state + p_bu, mask=m_bu, other=0.0)
-    step = T - 1 - s_begin
-    t_row, running = step_rows(step, length, m_b, reverse)
-    b_dy, b_i, b_f, b_g, b_o, b_ct, b_cp = _load_saved(
-        step, t_row, running, dy, gates, c_all, c0, B, o_b, o_u, m_u, H, YS, HAS_DY, HAS_H0, ACC,
-        reverse)
+    step = T - 1 - q_begin // PHASES
+    t_row, running = step_rows(step, length, m_b & (tl.full([BLOCK_B], step, tl.int32) >= 0),
+                               reverse)
+    b_i, b_f, b_g, b_o, b_ct, b_cp = _load_saved(step, t_row, running, gates, c_all, c0, B, o_b,
+                                                 o_u, m_u, H, HAS_H0, ACC, reverse)
 
-    for s in range(s_begin, s_end):
+    for q in range(q_begin, q_end):
+        s = q // PHASES
         step = T - 1 - s
-        b_dh = b_dhn
-        if s > 0:
-            # dG of the next step of every unit, written by all programs of this group.
-            # Rows whose sequence ended after this step pass dh_n through unchanged.
-            t_next, running_next = step_rows(step + 1, length, m_b, reverse)
-            p_rows = dgates + (t_next * B + o_b) * GS
-            if RESIDENT:
-                # One gate at a time, so only a [BLOCK_B, HP] slice of dG is staged.
-                b_dot = split_dot(p_rows, running_next, o_j, b_wi, H, SPLIT_K, DOT_PRECISION, ACC)
-                b_dot += split_dot(p_rows + H, running_next, o_j, b_wf, H, SPLIT_K, DOT_PRECISION, ACC)
-                b_dot += split_dot(p_rows + 2 * H, running_next, o_j, b_wg, H, SPLIT_K, DOT_PRECISION,
-                                   ACC)
-                b_dot += split_dot(p_rows + 3 * H, running_next, o_j, b_wo, H, SPLIT_K, DOT_PRECISION,
-                                   ACC)
+        t_row, running = step_rows(step, length, m_b & (tl.full([BLOCK_B], step, tl.int32) >= 0),
+                                   reverse)
+        if PROJ:
+            dh_phase = q % 2 == 0
+        else:
+            dh_phase: tl.constexpr = True
+        if dh_phase:
+            b_dh = b_dhn
+            if s > 0:
+                # dG of the next step of every unit, written by all programs of this group.
+                # Rows whose sequence ended after this step pass dh_n through unchanged.
+                t_next, running_next = step_rows(step + 1, length, m_b, reverse)
+                p_rows = dgates + (t_next * B + o_b) * GS
+                if RESIDENT:
+                    # One gate at a time, so only a [BLOCK_B, HP] slice of dG is staged.
+                    b_dot = split_dot(p_rows, running_next, o_j, b_wi, H, SPLIT_K, DOT_PRECISION, ACC)
+                    b_dot += split_dot(p_rows + H, running_next, o_j, b_wf, H, SPLIT_K,
+                                       DOT_PRECISION, ACC)
+                    b_dot += split_dot(p_rows + 2 * H, running_next, o_j, b_wg, H, SPLIT_K,
+                                       DOT_PRECISION, ACC)
+                    b_dot += split_dot(p_rows + 3 * H, running_next, o_j, b_wo, H, SPLIT_K,
+                                       DOT_PRECISION, ACC)
+                else:
+                    b_dot = tl.zeros([BLOCK_B, BLOCK_O], dtype=ACC)
+                    for k0 in range(0, 4 * HP, BLOCK_K):
+                        o_n = k0 + tl.arange(0, BLOCK_K)     # gate o_n // HP, unit o_n % HP
+                        m_n = (o_n % HP) < H
+                        col_n = (o_n // HP) * H + o_n % HP
+                        b_dgk = tl.load(p_rows[:, None] + col_n[None, :],
+                                        mask=running_next[:, None] & m_n[None, :], other=0.0,
+                                        cache_modifier=".cg")
+                        b_wk = tl.load(w_hh + col_n[:, None] * R + o_r[None, :],
+                                       mask=m_n[:, None] & m_r[None, :], other=0.0)
+                        b_dot = tl.dot(b_dgk, b_wk, b_dot, input_precision=DOT_PRECISION)
+                b_dh = tl.where(running_next[:, None], b_dot, b_dhn)
+            if s < T:
+                if HAS_DY:
+                    b_dh += tl.load(dy + (t_row * B + o_b)[:, None] * YS + o_r[None, :],
+                                    mask=running[:, None] & m_r[None, :], other=0.0).to(ACC)
+                if PROJ:
+                    tl.store(dh_all + (t_row * B + o_b)[:, None] * R + o_r[None, :],
+                             tl.where(running[:, None], b_dh, 0.0).to(dh_all.dtype.element_ty),
+                             mask=m_br)
             else:
-                b_dot = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-                for k0 in range(0, 4 * HP, BLOCK_K):
-                    o_n = k0 + tl.arange(0, BLOCK_K)     # gate o_n // HP, unit o_n % HP
-                    m_n = (o_n % HP) < H
-                    col_n = (o_n // HP) * H + o_n % HP
-                    b_dgk = tl.load(p_rows[:, None] + col_n[None, :],
-                                    mask=running_next[:, None] & m_n[None, :], other=0.0,
-                                    cache_modifier=".cg")
-                    b_wk = tl.load(w_hh + col_n[:, None] * H + o_u[None, :],
-                                   mask=m_n[:, None] & m_u[None, :], other=0.0)
-                    b_dot = tl.dot(b_dgk, b_wk, b_dot, input_precision=DOT_PRECISION)
-            b_dh = tl.where(running_next[:, None], b_dot, b_dhn)
-
-        if s < T:
+                tl.store(dh0 + p_br, b_dh.to(dh0.dtype.element_ty), mask=m_br)
+        if PROJ:
+            cell_phase = q % 2 == 1
+        else:
+            cell_phase = s < T
+        if cell_phase:
+            if PROJ:
+                # dr = dh_t @ W_hr over all output units, written by every program last phase.
+                p_rows = dh_all + (t_row * B + o_b) * R
+                if RESIDENT:
+                    b_dr = split_dot(p_rows, running, o_jr, b_whr, R, SPLIT_K, DOT_PRECISION, ACC)
+                else:
+                    b_dr = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+                    for k0 in range(0, RP, BLOCK_K):
+                        o_k = k0 + tl.arange(0, BLOCK_K)
+                        b_dhk = tl.load(p_rows[:, None] + o_k[None, :],
+                                        mask=running[:, None] & (o_k < R)[None, :], other=0.0,
+                                        cache_modifier=".cg")
+                        b_wk = tl.load(w_hr + o_k[:, None] * H + o_u[None, :],
+                                       mask=(o_k < R)[:, None] & m_u[None, :], other=0.0)
+                        b_dr = tl.dot(b_dhk, b_wk, b_dr, input_precision=DOT_PRECISION)
+            else:
+                b_dr = b_dh
             m_run = running[:, None] & m_u[None, :]
-            b_dh += b_dy
             b_tc = _tanh(b_ct)
-            b_dc_t = b_dc + b_dh * b_o * (1.0 - b_tc * b_tc)
+            b_dc_t = b_dc + b_dr * b_o * (1.0 - b_tc * b_tc)
             p_out = dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :]
             dtype = dgates.dtype.element_ty
             tl.store(p_out, tl.where(m_run, b_dc_t * b_g * b_i * (1.0 - b_i), 0.0).to(dtype), mask=m_bu)
@@ -176,56 +229,60 @@ def lstm_backward_kernel(
                      mask=m_bu)
             tl.store(p_out + 2 * H, tl.where(m_run, b_dc_t * b_i * (1.0 - b_g * b_g), 0.0).to(dtype),
                      mask=m_bu)
-            tl.store(p_out + 3 * H, tl.where(m_run, b_dh * b_tc * b_o * (1.0 - b_o), 0.0).to(dtype),
+            tl.store(p_out + 3 * H, tl.where(m_run, b_dr * b_tc * b_o * (1.0 - b_o), 0.0).to(dtype),
                      mask=m_bu)
             b_dc = tl.where(m_run, b_dc_t * b_f, b_dc)       # stopped rows carry dc_n through
             # The next step's saved values do not depend on the recurrence: their
             # loads are in flight while this program waits at the barrier.
-            s_next = tl.full([BLOCK_B], s + 1, tl.int32)
-            m_next = m_b & (s_next < s_end) & (s_next < T)
-            t_row, running = step_rows(step - 1, length, m_next, reverse)
-            b_dy, b_i, b_f, b_g, b_o, b_ct, b_cp = _load_saved(
-                step - 1, t_row, running, dy, gates, c_all, c0, B, o_b, o_u, m_u, H, YS, HAS_DY,
-                HAS_H0, ACC, reverse)
-            if PERSISTENT:
+            q_next = tl.full([BLOCK_B], (s + 1) * PHASES, tl.int32)
+            m_next = m_b & (q_next < q_end) & (tl.full([BLOCK_B], step, tl.int32) > 0)
+            t_prev_row, running_prev = step_rows(step - 1, length, m_next, reverse)
+            b_i, b_f, b_g, b_o, b_ct, b_cp = _load_saved(
+                step - 1, t_prev_row, running_prev, gates, c_all, c0, B, o_b, o_u, m_u, H, HAS_H0,
+                ACC, reverse)
+        if PERSISTENT:
+            if q < q_end - 1:
                 grid_barrier(counter, leader_inc, i_h == 0)
-        else:
-            tl.store(dh0 + p_bu, b_dh.to(dh0.dtype.element_ty), mask=m_bu)
 
     tl.store(dc_state + p_bu, b_dc, mask=m_bu)
 
 
-def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, config=None,
+def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *, config=None,
                   force_stepped: bool = False):
     """Run the reverse recurrence of one layer (all its directions).
 
     Args:
-        dy: [T, B, D*H] gradient of y, or None. dh_n, dc_n: [D, B, H] or None.
+        dy: [T, B, D*R] gradient of y, or None. dh_n: [D, B, R] or None; dc_n: [D, B, H] or None.
         gates, c_all: what ``lstm_forward(save=True)`` returned.
         c0: [D, B, H] initial cell state, or None for zeros.
         lengths: [B] int32 sequence lengths, or None.
-        w_hh: [D, 4H, H].
+        w_hh: [D, 4H, R]; w_hr: [D, R, H] projection weights, or None (then R = H).
     Returns:
-        dgates [T, B, D*4H] (w_hh's dtype; zeros past each row's length), dh0 [D, B, H],
-        dc0 [D, B, H] in the state dtype.
+        dgates [T, B, D*4H] (w_hh's dtype; zeros past each row's length), dh0 [D, B, R],
+        dc0 [D, B, H] in the state dtype, and with a projection dh_all [D, T, B, R] (the
+        total gradient of each h_t, w_hh's dtype), else None.
     """
     D, T, B, _ = gates.shape
-    H = w_hh.shape[2]
+    H = gates.shape[3] // 4
+    R = w_hh.shape[2]
     device, dtype = w_hh.device, w_hh.dtype
     config = config or pick_config(B, H, dtype, device, "backward", D)
+    proj = w_hr is not None
     dgates = torch.empty(T, B, D * 4 * H, dtype=dtype, device=device)
-    dh0 = torch.empty(D, B, H, dtype=dtype, device=device)
+    dh0 = torch.empty(D, B, R, dtype=dtype, device=device)
+    dh_all = torch.empty(D, T, B, R, dtype=dtype, device=device) if proj else None
     if dc_n is None:
         dc_state = torch.zeros(D, B, H, dtype=state_dtype(dtype), device=device)
     else:
         dc_state = dc_n.to(state_dtype(dtype), copy=True).contiguous()
     args = (dgates if dy is None else dy.contiguous(), dh0 if dh_n is None else dh_n.contiguous(),
             dc_state, gates, c_all, dh0 if c0 is None else c0,
-            lengths if lengths is not None else dc_state, w_hh, dgates, dh0, T, B)
-    constexprs = dict(H=H, HP=padded(H), D=D, HAS_DY=dy is not None, HAS_DHN=dh_n is not None,
-                      HAS_H0=c0 is not None, HAS_LENGTHS=lengths is not None,
-                      DOT_PRECISION=dot_precision(dtype, device))
-    launch_recurrence(lstm_backward_kernel, args, constexprs, num_steps=T + 1, batch=B,
-                      hidden_size=H, num_directions=D, config=config, device=device,
-                      force_stepped=force_stepped)
-    return dgates, dh0, dc_state
+            lengths if lengths is not None else dc_state, w_hh, w_hr if proj else w_hh, dgates,
+            dh_all if proj else dc_state, dh0, T, B)
+    constexprs = dict(H=H, HP=padded(H), R=R, RP=padded(R), D=D, PROJ=proj,
+                      HAS_DY=dy is not None, HAS_DHN=dh_n is not None, HAS_H0=c0 is not None,
+                      HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(dtype, device))
+    launch_recurrence(lstm_backward_kernel, args, constexprs, num_steps=T * (2 if proj else 1) + 1,
+                      batch=B, hidden_size=H, output_size=R, num_directions=D, config=config,
+                      device=device, force_stepped=force_stepped)
+    return dgates, dh0, dc_state, dh_all

@@ -94,28 +94,35 @@ def _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H: tl.constexpr, GS: tl.const
             tl.load(p + 2 * H, mask=m, other=0.0).to(ACC), tl.load(p + 3 * H, mask=m, other=0.0).to(ACC))
 
 
-@triton.jit(do_not_specialize=["T", "B", "t_begin", "t_end", "batch_start", "leader_inc"])
+@triton.jit(do_not_specialize=["T", "B", "q_begin", "q_end", "batch_start", "leader_inc"])
 def lstm_forward_kernel(
     gx,        # [T, B, D, 4H]  x_t W_ih^T + b_ih + b_hh per direction, input dtype
-    w_hh,      # [D, 4H, H]     input dtype
-    h0,        # [D, B, H]      input dtype, read when HAS_H0
+    w_hh,      # [D, 4H, R]     input dtype
+    w_hr,      # [D, R, H]      projection weights, input dtype (read when PROJ)
+    h0,        # [D, B, R]      input dtype, read when HAS_H0
     c0,        # [D, B, H]      input dtype, read when HAS_H0
     lengths,   # [B]            int32 sequence lengths, read when HAS_LENGTHS
-    y,         # [T, B, D, H]   out: h_t (zeros past a row's length), input dtype
-    h_n,       # [D, B, H]      out: h at each row's last step, input dtype
-    c_state,   # [D, B, H]      fp32, in: c before step t_begin when t_begin > 0; out: c after t_end-1
+    y,         # [T, B, D, R]   out: h_t (zeros past a row's length), input dtype
+    h_n,       # [D, B, R]      out: h at each row's last step, input dtype
+    r_all,     # [D, T, B, H]   out when PROJ: o * tanh(c) before the projection, input dtype
+    c_state,   # [D, B, H]      fp32, in: c before the first step when q_begin > 0; out: c after
     gates,     # [D, T, B, 4H]  fp32 out when SAVE: activated i, f, g, o
     c_all,     # [D, T, B, H]   fp32 out when SAVE
     counters,  # [groups]       int32 barrier counters, one per (direction, batch block)
-    T, B, t_begin, t_end, batch_start, leader_inc,
-    H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    RESIDENT: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr,
-    PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    T, B, q_begin, q_end, batch_start, leader_inc,
+    H: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, RESIDENT: tl.constexpr, PROJ: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, PERSISTENT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
+    # Each step is one phase (cell update), or two with a projection (PROJ): the cell
+    # phase over own hidden units, a barrier, then h = r W_hr^T over own output units.
+    # q counts phases; stepped mode launches once per phase.
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
+    PHASES: tl.constexpr = 2 if PROJ else 1
     ACC: tl.constexpr = c_state.dtype.element_ty    # fp32 (fp64 for fp64 inputs)
-    YS: tl.constexpr = D * H                        # row stride of y
+    YS: tl.constexpr = D * R                        # row stride of y
     GS: tl.constexpr = D * 4 * H                    # row stride of gx
     i_p = tl.program_id(0)
     i_d = tl.program_id(1)
@@ -128,11 +135,13 @@ def lstm_forward_kernel(
         reverse = i_d == 1
     # Per-direction bases.
     gx += i_d * 4 * H
-    w_hh += i_d * 4 * H * H
-    h0 += i_d * B * H
+    w_hh += i_d * 4 * H * R
+    w_hr += i_d * R * H
+    h0 += i_d * B * R
     c0 += i_d * B * H
-    y += i_d * H
-    h_n += i_d * B * H
+    y += i_d * R
+    h_n += i_d * B * R
+    r_all += i_d * T * B * H
     c_state += i_d * B * H
     gates += i_d * T * B * 4 * H
     c_all += i_d * T * B * H
@@ -143,6 +152,8 @@ def lstm_forward_kernel(
     m_u = o_u < H
     m_bu = m_b[:, None] & m_u[None, :]
     p_bu = o_b[:, None] * H + o_u[None, :]                      # into [B, H]
+    o_r = i_h * BLOCK_R + tl.arange(0, BLOCK_R)                 # own output units (PROJ)
+    m_r = o_r < R
     if HAS_LENGTHS:
         length = tl.load(lengths + o_b, mask=m_b, other=0)
     else:
@@ -154,12 +165,18 @@ def lstm_forward_kernel(
     m_n = o_nu < H
 
     if RESIDENT:
-        # [HP, 4*BLOCK_H], or [SPLIT_K, HP // SPLIT_K, 4*BLOCK_H] slices for split_dot.
-        o_j = reduction_index(HP, SPLIT_K)
-        b_w = tl.load(w_hh + w_row * H + tl.expand_dims(o_j, -1),
-                      mask=m_n & tl.expand_dims(o_j < H, -1), other=0.0)
+        # [RP, 4*BLOCK_H], or [SPLIT_K, RP // SPLIT_K, 4*BLOCK_H] slices for split_dot.
+        o_j = reduction_index(RP, SPLIT_K)
+        b_w = tl.load(w_hh + w_row * R + tl.expand_dims(o_j, -1),
+                      mask=m_n & tl.expand_dims(o_j < R, -1), other=0.0)
+    if PROJ and RESIDENT:
+        # W_hr[own output units, :] as a [HP, BLOCK_R] tile, kept on chip.
+        o_jh = reduction_index(HP, SPLIT_K)
+        b_whr = tl.load(w_hr + o_r * H + tl.expand_dims(o_jh, -1),
+                        mask=m_r & tl.expand_dims(o_jh < H, -1), other=0.0)
 
-    if t_begin == 0:
+    t_begin = q_begin // PHASES
+    if q_begin == 0:
         if HAS_H0:
             b_c = tl.load(c0 + p_bu, mask=m_bu, other=0.0).to(ACC)
         else:
@@ -169,97 +186,134 @@ def lstm_forward_kernel(
     t_row, running = step_rows(t_begin, length, m_b, reverse)
     b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H, GS, ACC)
 
-    for t in range(t_begin, t_end):
-        # h of the previous step of every unit, written by all programs of this group.
-        if t == 0:
-            p_rows = h0 + o_b * H
-            if HAS_H0:
-                m_rows = m_b
+    for q in range(q_begin, q_end):
+        t = q // PHASES
+        t_row, running = step_rows(t, length, m_b, reverse)
+        if PROJ:
+            cell_phase = q % 2 == 0
+        else:
+            cell_phase: tl.constexpr = True
+        if cell_phase:
+            # h of the previous step of every unit, written by all programs of this group.
+            if t == 0:
+                p_rows = h0 + o_b * R
+                if HAS_H0:
+                    m_rows = m_b
+                else:
+                    m_rows = m_b & (o_b < 0)
             else:
-                m_rows = m_b & (o_b < 0)
-        else:
-            t_prev = tl.where(reverse, t_row + 1, t_row - 1)
-            p_rows = y + (t_prev * B + o_b) * YS
-            m_rows = running
-        if RESIDENT:
-            b_acc = split_dot(p_rows, m_rows, o_j, b_w, H, SPLIT_K, DOT_PRECISION, ACC)
-        else:
-            b_acc = tl.zeros([BLOCK_B, 4 * BLOCK_H], dtype=ACC)
-            for k0 in range(0, HP, BLOCK_K):
-                o_k = k0 + tl.arange(0, BLOCK_K)
-                b_hp = tl.load(p_rows[:, None] + o_k[None, :],
-                               mask=m_rows[:, None] & (o_k < H)[None, :], other=0.0,
-                               cache_modifier=".cg")
-                b_wk = tl.load(w_hh + w_row[None, :] * H + o_k[:, None],
-                               mask=m_n[None, :] & (o_k < H)[:, None], other=0.0)
-                b_acc = tl.dot(b_hp, b_wk, b_acc, input_precision=DOT_PRECISION)
-        # [B, 4*BLOCK_H] -> four [B, BLOCK_H] gates (column n = 4 * unit + 2 * a + b).
-        b_even, b_odd = tl.split(tl.reshape(b_acc, [BLOCK_B, BLOCK_H, 2, 2]))
-        b_ai, b_ag = tl.split(b_even)
-        b_af, b_ao = tl.split(b_odd)
+                t_prev = tl.where(reverse, t_row + 1, t_row - 1)
+                p_rows = y + (t_prev * B + o_b) * YS
+                m_rows = running
+            if RESIDENT:
+                b_acc = split_dot(p_rows, m_rows, o_j, b_w, R, SPLIT_K, DOT_PRECISION, ACC)
+            else:
+                b_acc = tl.zeros([BLOCK_B, 4 * BLOCK_H], dtype=ACC)
+                for k0 in range(0, RP, BLOCK_K):
+                    o_k = k0 + tl.arange(0, BLOCK_K)
+                    b_hp = tl.load(p_rows[:, None] + o_k[None, :],
+                                   mask=m_rows[:, None] & (o_k < R)[None, :], other=0.0,
+                                   cache_modifier=".cg")
+                    b_wk = tl.load(w_hh + w_row[None, :] * R + o_k[:, None],
+                                   mask=m_n[None, :] & (o_k < R)[:, None], other=0.0)
+                    b_acc = tl.dot(b_hp, b_wk, b_acc, input_precision=DOT_PRECISION)
+            # [B, 4*BLOCK_H] -> four [B, BLOCK_H] gates (column n = 4 * unit + 2 * a + b).
+            b_even, b_odd = tl.split(tl.reshape(b_acc, [BLOCK_B, BLOCK_H, 2, 2]))
+            b_ai, b_ag = tl.split(b_even)
+            b_af, b_ao = tl.split(b_odd)
 
-        b_i = tl.sigmoid(b_ai + b_gxi)
-        b_f = tl.sigmoid(b_af + b_gxf)
-        b_g = _tanh(b_ag + b_gxg)
-        b_o = tl.sigmoid(b_ao + b_gxo)
-        m_run = running[:, None] & m_u[None, :]
-        b_c = tl.where(m_run, b_f * b_c + b_i * b_g, b_c)      # stopped rows keep their state
-        b_h = tl.where(m_run, b_o * _tanh(b_c), 0.0).to(y.dtype.element_ty)
+            b_i = tl.sigmoid(b_ai + b_gxi)
+            b_f = tl.sigmoid(b_af + b_gxf)
+            b_g = _tanh(b_ag + b_gxg)
+            b_o = tl.sigmoid(b_ao + b_gxo)
+            m_run = running[:, None] & m_u[None, :]
+            b_c = tl.where(m_run, b_f * b_c + b_i * b_g, b_c)      # stopped rows keep their state
+            b_h = tl.where(m_run, b_o * _tanh(b_c), 0.0).to(y.dtype.element_ty)
 
-        tl.store(y + (t_row * B + o_b)[:, None] * YS + o_u[None, :], b_h, mask=m_bu)
-        tl.store(h_n + p_bu, b_h, mask=m_bu & (t == length - 1)[:, None])
-        if SAVE:
-            p_g = gates + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :]
-            tl.store(p_g, b_i, mask=m_run)
-            tl.store(p_g + H, b_f, mask=m_run)
-            tl.store(p_g + 2 * H, b_g, mask=m_run)
-            tl.store(p_g + 3 * H, b_o, mask=m_run)
-            tl.store(c_all + (t_row * B + o_b)[:, None] * H + o_u[None, :], b_c, mask=m_run)
-        # The next step's input projection does not depend on the recurrence: its
-        # load is in flight while this program waits at the barrier.
-        m_next = m_b & (tl.full([BLOCK_B], t + 1, tl.int32) < t_end)
-        t_row, running = step_rows(t + 1, length, m_next, reverse)
-        b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H, GS, ACC)
+            if PROJ:
+                tl.store(r_all + (t_row * B + o_b)[:, None] * H + o_u[None, :], b_h, mask=m_bu)
+            else:
+                tl.store(y + (t_row * B + o_b)[:, None] * YS + o_u[None, :], b_h, mask=m_bu)
+                tl.store(h_n + p_bu, b_h, mask=m_bu & (t == length - 1)[:, None])
+            if SAVE:
+                p_g = gates + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :]
+                tl.store(p_g, b_i, mask=m_run)
+                tl.store(p_g + H, b_f, mask=m_run)
+                tl.store(p_g + 2 * H, b_g, mask=m_run)
+                tl.store(p_g + 3 * H, b_o, mask=m_run)
+                tl.store(c_all + (t_row * B + o_b)[:, None] * H + o_u[None, :], b_c, mask=m_run)
+            # The next step's input projection does not depend on the recurrence: its
+            # load is in flight while this program waits at the barrier.
+            m_next = m_b & (tl.full([BLOCK_B], (t + 1) * PHASES, tl.int32) < q_end)
+            t_next, running_next = step_rows(t + 1, length, m_next, reverse)
+            b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_next, running_next, B, o_b, o_u, m_u, H,
+                                                  GS, ACC)
+        else:
+            # Projection: h_t[:, own output units] = r_t (all hidden units) @ W_hr^T.
+            p_rows = r_all + (t_row * B + o_b) * H
+            if RESIDENT:
+                b_y = split_dot(p_rows, running, o_jh, b_whr, H, SPLIT_K, DOT_PRECISION, ACC)
+            else:
+                b_y = tl.zeros([BLOCK_B, BLOCK_R], dtype=ACC)
+                for k0 in range(0, HP, BLOCK_K):
+                    o_k = k0 + tl.arange(0, BLOCK_K)
+                    b_rk = tl.load(p_rows[:, None] + o_k[None, :],
+                                   mask=running[:, None] & (o_k < H)[None, :], other=0.0,
+                                   cache_modifier=".cg")
+                    b_wk = tl.load(w_hr + o_r[None, :] * H + o_k[:, None],
+                                   mask=m_r[None, :] & (o_k < H)[:, None], other=0.0)
+                    b_y = tl.dot(b_rk, b_wk, b_y, input_precision=DOT_PRECISION)
+            b_y = tl.where(running[:, None], b_y, 0.0).to(y.dtype.element_ty)
+            m_br = m_b[:, None] & m_r[None, :]
+            tl.store(y + (t_row * B + o_b)[:, None] * YS + o_r[None, :], b_y, mask=m_br)
+            tl.store(h_n + o_b[:, None] * R + o_r[None, :], b_y,
+                     mask=m_br & (t == length - 1)[:, None])
         if PERSISTENT:
-            if t < t_end - 1:
+            if q < q_end - 1:
                 grid_barrier(counter, leader_inc, i_h == 0)
 
     tl.store(c_state + p_bu, b_c, mask=m_bu)
 
 
-def lstm_forward(gx, w_hh, h0, c0, lengths, *, save: bool, config=None,
+def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=None,
                  force_stepped: bool = False):
     """Run the recurrence of one layer (all its directions) over a precomputed input projection.
 
     Args:
         gx: [T, B, D*4H] input projection with both biases, contiguous, direction-major columns.
-        w_hh: [D, 4H, H] recurrent weights, same dtype as gx; direction 1 runs in reverse.
-        h0, c0: [D, B, H] initial state, or both None for zeros.
+        w_hh: [D, 4H, R] recurrent weights, same dtype as gx; direction 1 runs in reverse.
+        h0: [D, B, R], c0: [D, B, H] initial state, or both None for zeros.
         lengths: [B] int32 sequence lengths on gx's device (1..T), or None for all T.
+        w_hr: [D, R, H] projection weights (h = (o * tanh(c)) W_hr^T), or None (then R = H).
         save: also return what the backward needs (gates and c per step, in the state dtype).
         config: a ``KernelConfig``; picked by ``dispatch.pick_config`` when None.
         force_stepped: one launch per step even where a persistent launch fits.
     Returns:
-        y [T, B, D*H] (zeros past each row's length), h_n [D, B, H], c_n [D, B, H],
-        gates [D, T, B, 4H] or None, c_all [D, T, B, H] or None; the last three in the
-        state dtype (fp32, fp64 for fp64 inputs).
+        y [T, B, D*R] (zeros past each row's length), h_n [D, B, R], c_n [D, B, H],
+        gates [D, T, B, 4H] or None, c_all [D, T, B, H] or None (these three in the state
+        dtype: fp32, fp64 for fp64 inputs), r_all [D, T, B, H] (o * tanh(c)) or None.
     """
-    T, B, _ = gx.shape
-    D, _, H = w_hh.shape
+    T, B, G = gx.shape
+    D, _, R = w_hh.shape
+    H = G // (4 * D)
     device, dtype = gx.device, gx.dtype
     config = config or pick_config(B, H, dtype, device, "forward", D)
     acc = state_dtype(dtype)
-    y = torch.empty(T, B, D * H, dtype=dtype, device=device)
-    h_n = torch.empty(D, B, H, dtype=dtype, device=device)
+    proj = w_hr is not None
+    y = torch.empty(T, B, D * R, dtype=dtype, device=device)
+    h_n = torch.empty(D, B, R, dtype=dtype, device=device)
+    r_all = torch.empty(D, T, B, H, dtype=dtype, device=device) if proj else None
     c_state = torch.empty(D, B, H, dtype=acc, device=device)
     gates = torch.empty(D, T, B, 4 * H, dtype=acc, device=device) if save else None
     c_all = torch.empty(D, T, B, H, dtype=acc, device=device) if save else None
     has_h0 = h0 is not None
-    args = (gx, w_hh, h0 if has_h0 else y, c0 if has_h0 else y,
-            lengths if lengths is not None else c_state, y, h_n, c_state,
+    args = (gx, w_hh, w_hr if proj else w_hh, h0 if has_h0 else y, c0 if has_h0 else y,
+            lengths if lengths is not None else c_state, y, h_n, r_all if proj else y, c_state,
             gates if save else c_state, c_all if save else c_state, T, B)
-    constexprs = dict(H=H, HP=padded(H), D=D, HAS_H0=has_h0, HAS_LENGTHS=lengths is not None,
-                      SAVE=save, DOT_PRECISION=dot_precision(dtype, device))
-    launch_recurrence(lstm_forward_kernel, args, constexprs, num_steps=T, batch=B, hidden_size=H,
-                      num_directions=D, config=config, device=device, force_stepped=force_stepped)
-    return y, h_n, c_state, gates, c_all
+    constexprs = dict(H=H, HP=padded(H), R=R, RP=padded(R), D=D, PROJ=proj, HAS_H0=has_h0,
+                      HAS_LENGTHS=lengths is not None, SAVE=save,
+                      DOT_PRECISION=dot_precision(dtype, device))
+    launch_recurrence(lstm_forward_kernel, args, constexprs, num_steps=T * (2 if proj else 1),
+                      batch=B, hidden_size=H, output_size=R, num_directions=D, config=config,
+                      device=device, force_stepped=force_stepped)
+    return y, h_n, c_state, gates, c_all, r_all
