@@ -105,6 +105,51 @@ def test_streamed_weights_match_resident():
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("form", ["stacked-bidir", "projected", "packed-bidir"])
+def test_options_match_float64_within_twice_cudnn_error(form, dtype_name):
+    """Two layers, both directions per launch, projections, packed sequences: same rule."""
+    dtype, allow_tf32, slack = DTYPES[dtype_name]
+    T, B, I, H = 24, 6, 48, 128
+    kwargs = dict(num_layers=2, bidirectional=form != "projected",
+                  proj_size=64 if form == "projected" else 0)
+    torch_lstm = torch.nn.LSTM(I, H, device="cuda", dtype=dtype, **kwargs)
+    ours = triton_copy(torch_lstm)
+    x = torch.randn(T, B, I, device="cuda", dtype=dtype, requires_grad=True)
+    if form == "packed-bidir":
+        lengths = torch.tensor([24, 7, 19, 1, 24, 12])
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x.detach(), lengths, enforce_sorted=False)
+        x = torch.nn.utils.rnn.PackedSequence(packed.data.requires_grad_(), packed.batch_sizes,
+                                              packed.sorted_indices, packed.unsorted_indices)
+
+    def run(module, upstream=None):
+        out, (h, c) = module(x, None)
+        data = out.data if form == "packed-bidir" else out
+        if upstream is None:
+            upstream = [torch.randn_like(t) for t in (data, h, c)]
+        leaf = x.data if form == "packed-bidir" else x
+        loss = sum((t * u).sum() for t, u in zip((data, h, c), upstream))
+        grads = torch.autograd.grad(loss, [leaf] + list(module.parameters()))
+        return [t.detach() for t in (data, h, c)] + list(grads), upstream
+
+    with tf32(allow_tf32):
+        ours_all, upstream = run(ours)
+        torch_all, _ = run(torch_lstm, upstream)
+    ref = torch.nn.LSTM(I, H, dtype=torch.float64, **kwargs)
+    ref.load_state_dict({k: v.double().cpu() for k, v in torch_lstm.state_dict().items()})
+    if form == "packed-bidir":
+        x = torch.nn.utils.rnn.PackedSequence(x.data.detach().double().cpu().requires_grad_(),
+                                              x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+    else:
+        x = x.detach().double().cpu().requires_grad_()
+    ref_all, _ = run(ref, [u.double().cpu() for u in upstream])
+    for k, (got, base, want) in enumerate(zip(ours_all, torch_all, ref_all)):
+        assert torch.isfinite(got).all(), f"tensor {k}: non-finite values"
+        ours_err, torch_err = relative_error(got, want), relative_error(base, want)
+        assert ours_err <= 2 * torch_err + slack, (
+            f"tensor {k}: error {ours_err:.2e} vs nn.LSTM's {torch_err:.2e} (+{slack:.0e})")
+
+
 def test_cuda_graph_replay():
     """The barrier counters reset themselves: replays of a captured forward stay correct."""
     T, B, H = 12, 8, 256
