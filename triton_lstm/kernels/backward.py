@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..dispatch import dot_precision, launch_recurrence, padded, pick_config, state_dtype
 from .barrier import grid_barrier
-from .forward import _tanh, reduction_index, split_dot, step_rows
+from .forward import _tanh, reduction_index, split_dot, step_rows, streamed_dot
 
 
 @triton.jit
@@ -208,15 +208,8 @@ def lstm_backward_kernel(
                 if RESIDENT:
                     b_dr = split_dot(p_rows, running, o_jr, b_whr, R, SPLIT_K, DOT_PRECISION, ACC)
                 else:
-                    b_dr = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
-                    for k0 in range(0, RP, BLOCK_K):
-                        o_k = k0 + tl.arange(0, BLOCK_K)
-                        b_dhk = tl.load(p_rows[:, None] + o_k[None, :],
-                                        mask=running[:, None] & (o_k < R)[None, :], other=0.0,
-                                        cache_modifier=".cg")
-                        b_wk = tl.load(w_hr + o_k[:, None] * H + o_u[None, :],
-                                       mask=(o_k < R)[:, None] & m_u[None, :], other=0.0)
-                        b_dr = tl.dot(b_dhk, b_wk, b_dr, input_precision=DOT_PRECISION)
+                    b_dr = streamed_dot(p_rows, running, w_hr + o_u, m_u, R, RP, H, BLOCK_K,
+                                        DOT_PRECISION, ACC)
             else:
                 b_dr = b_dh
             m_run = running[:, None] & m_u[None, :]

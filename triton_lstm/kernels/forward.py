@@ -72,6 +72,25 @@ def split_dot(p_rows, m_rows, o_j, b_w, H: tl.constexpr, SPLIT_K: tl.constexpr,
 
 
 @triton.jit
+def streamed_dot(p_rows, m_rows, p_cols, m_cols, K: tl.constexpr, KP: tl.constexpr,
+                 K_STRIDE: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 ACC: tl.constexpr):
+    """A @ W with both read from L2 in BLOCK_K chunks of the reduction (weights not kept on chip).
+
+    A[r, k] = *(p_rows[r] + k), W[k, n] = *(p_cols[n] + k * K_STRIDE), for k < K.
+    """
+    b_acc = tl.zeros([p_rows.shape[0], p_cols.shape[0]], dtype=ACC)
+    for k0 in range(0, KP, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        b_a = tl.load(p_rows[:, None] + o_k[None, :], mask=m_rows[:, None] & (o_k < K)[None, :],
+                      other=0.0, cache_modifier=".cg")
+        b_w = tl.load(p_cols[None, :] + o_k[:, None] * K_STRIDE,
+                      mask=m_cols[None, :] & (o_k < K)[:, None], other=0.0)
+        b_acc = tl.dot(b_a, b_w, b_acc, input_precision=DOT_PRECISION)
+    return b_acc
+
+
+@triton.jit
 def step_rows(step, length, m_b, reverse):
     """Each row's time index at processing step `step`, and whether the row is still running.
 
@@ -208,15 +227,8 @@ def lstm_forward_kernel(
             if RESIDENT:
                 b_acc = split_dot(p_rows, m_rows, o_j, b_w, R, SPLIT_K, DOT_PRECISION, ACC)
             else:
-                b_acc = tl.zeros([BLOCK_B, 4 * BLOCK_H], dtype=ACC)
-                for k0 in range(0, RP, BLOCK_K):
-                    o_k = k0 + tl.arange(0, BLOCK_K)
-                    b_hp = tl.load(p_rows[:, None] + o_k[None, :],
-                                   mask=m_rows[:, None] & (o_k < R)[None, :], other=0.0,
-                                   cache_modifier=".cg")
-                    b_wk = tl.load(w_hh + w_row[None, :] * R + o_k[:, None],
-                                   mask=m_n[None, :] & (o_k < R)[:, None], other=0.0)
-                    b_acc = tl.dot(b_hp, b_wk, b_acc, input_precision=DOT_PRECISION)
+                b_acc = streamed_dot(p_rows, m_rows, w_hh + w_row * R, m_n, R, RP, 1, BLOCK_K,
+                                     DOT_PRECISION, ACC)
             # [B, 4*BLOCK_H] -> four [B, BLOCK_H] gates (column n = 4 * unit + 2 * a + b).
             b_even, b_odd = tl.split(tl.reshape(b_acc, [BLOCK_B, BLOCK_H, 2, 2]))
             b_ai, b_ag = tl.split(b_even)
@@ -254,15 +266,8 @@ def lstm_forward_kernel(
             if RESIDENT:
                 b_y = split_dot(p_rows, running, o_jh, b_whr, H, SPLIT_K, DOT_PRECISION, ACC)
             else:
-                b_y = tl.zeros([BLOCK_B, BLOCK_R], dtype=ACC)
-                for k0 in range(0, HP, BLOCK_K):
-                    o_k = k0 + tl.arange(0, BLOCK_K)
-                    b_rk = tl.load(p_rows[:, None] + o_k[None, :],
-                                   mask=running[:, None] & (o_k < H)[None, :], other=0.0,
-                                   cache_modifier=".cg")
-                    b_wk = tl.load(w_hr + o_r[None, :] * H + o_k[:, None],
-                                   mask=m_r[None, :] & (o_k < H)[:, None], other=0.0)
-                    b_y = tl.dot(b_rk, b_wk, b_y, input_precision=DOT_PRECISION)
+                b_y = streamed_dot(p_rows, running, w_hr + o_r * H, m_r, H, HP, 1, BLOCK_K,
+                                   DOT_PRECISION, ACC)
             b_y = tl.where(running[:, None], b_y, 0.0).to(y.dtype.element_ty)
             m_br = m_b[:, None] & m_r[None, :]
             tl.store(y + (t_row * B + o_b)[:, None] * YS + o_r[None, :], b_y, mask=m_br)
