@@ -19,6 +19,9 @@ s = 0 .. T for step = T - 1 - s:
      writes dG_t (zeros for rows past their length) and meets the others at the
      barrier (one per step);
   3. at s = T, dh is the gradient of h0.
+With a projection (PROJ), step 1 runs over each program's BLOCK_R output units
+(dh of the projected h, saved as dh_all), then a barrier, then step 2 starts
+from dr = dh @ W_hr for its hidden units: two phases, two barriers per step.
 dc_next lives in registers and travels between launches through ``dc_state``
 (in: dc_n, out: the gradient of c0). The weight, input and bias gradients are
 large GEMMs over dG afterwards (autograd.py).

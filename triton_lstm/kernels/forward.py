@@ -1,13 +1,14 @@
 """Persistent LSTM forward: the whole recurrence of a layer in one launch.
 
 Dimensions: T steps, B batch rows, D directions (1, or 2 when bidirectional),
-H hidden units, HP = H rounded up to a power of two (the reduction length of
-the recurrent dot); gates in PyTorch's order i, f, g, o.
+H hidden units, R output units (proj_size, or H without a projection), HP and
+RP = H and R rounded up to powers of two (reduction lengths of the dots); gates
+in PyTorch's order i, f, g, o.
 
 Program (b, p, d) owns batch rows [b*BLOCK_B, (b+1)*BLOCK_B) and hidden units
 [p*BLOCK_H, (p+1)*BLOCK_H) *of all four gates* of direction d, so the cell
 update needs only its own data. Before the time loop it loads its slice of
-W_hh as one [HP, 4*BLOCK_H] tile (columns ordered unit-major, gate-minor) and
+W_hh as one [RP, 4*BLOCK_H] tile (columns ordered unit-major, gate-minor) and
 keeps it on chip. Each step it reads the whole h_{t-1} of its batch rows
 (written by the other programs, so the loads go to L2), does one dot for the
 four gates, adds the precomputed input projection, updates c in registers,
@@ -17,7 +18,11 @@ grid barrier. Both directions of a layer run side by side in one grid.
 Variable lengths (packed sequences) are handled per row: a row whose sequence
 has ended keeps its state and writes zeros; the reverse direction walks each
 row from its own last step back to 0. Outputs land in time order, both
-directions interleaved as torch.nn.LSTM lays them out ([T, B, D*H]).
+directions interleaved as torch.nn.LSTM lays them out ([T, B, D*R]).
+
+With a projection (PROJ) a step has two phases: the cell phase writes
+r = o * tanh(c) of its hidden units, then, after a barrier, each program
+computes h = r W_hr^T for its BLOCK_R output units with its W_hr slice on chip.
 
 With SPLIT_K > 1 the recurrent dot is a 3-D dot over slices of the reduction,
 summed afterwards: the slices go to different warps, which shortens the chains
@@ -26,8 +31,8 @@ projection is loaded before the barrier, so its latency hides behind the wait.
 When the slice is too large to keep (RESIDENT=False), each step streams it from
 L2 in BLOCK_K chunks instead: slower, still correct.
 
-Stepped mode (PERSISTENT=False) runs the same body for steps [t_begin, t_end)
-and ends; the caller launches once per step and the launch boundary is the
+Stepped mode (PERSISTENT=False) runs the same body for phases [q_begin, q_end)
+and ends; the caller launches once per phase and the launch boundary is the
 barrier. c travels between launches through ``c_state``.
 """
 import torch
