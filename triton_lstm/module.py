@@ -113,7 +113,7 @@ class LSTM(nn.LSTM):
         if unbatched:
             input = input.unsqueeze(batch_dim)
         checked_hx = self._check_hx(input, hx, batch_dim, unbatched)
-        if input.shape[batch_dim] == 0:   # nothing to run; nn.LSTM's path keeps autograd's shape
+        if input.shape[batch_dim] == 0:   # nothing to run: nn.LSTM's empty outputs keep autograd
             return super().forward(input.squeeze(batch_dim) if unbatched else input, hx)
         hx = checked_hx
 
@@ -138,11 +138,12 @@ class LSTM(nn.LSTM):
             bidirectional=self.bidirectional, dropout=self.dropout, training=self.training,
             lengths=lengths.to(device=device, dtype=torch.int32))
         # Back to the packed layout: step t holds the first batch_sizes[t] rows in sorted order.
-        sizes = packed.batch_sizes
+        sizes = packed.batch_sizes                     # on the CPU, as PackedSequence keeps it
         steps = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-        ranks = torch.arange(int(sizes.sum())) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
-        rows = ranks if packed.sorted_indices is None else packed.sorted_indices.cpu()[ranks]
-        data = output[steps.to(device), rows.to(device)]
+        starts = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+        ranks = (torch.arange(int(sizes.sum())) - starts).to(device)
+        rows = ranks if packed.sorted_indices is None else packed.sorted_indices[ranks]
+        data = output[steps.to(device), rows]
         return PackedSequence(data, sizes, packed.sorted_indices, packed.unsorted_indices), state
 
     # -- helpers -----------------------------------------------------------------------------
