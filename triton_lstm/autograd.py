@@ -24,13 +24,13 @@ def input_projection(x: torch.Tensor, w_ih: torch.Tensor, b_ih, b_hh) -> torch.T
     return gx.view(T, B, -1)
 
 
-def previous_hidden(y: torch.Tensor, h0, lengths, direction: int, hidden_size: int) -> torch.Tensor:
-    """h_{t-1} as seen by step t of one direction, [T, B, H] (for the W_hh gradient GEMM).
+def previous_hidden(y: torch.Tensor, h0, lengths, direction: int, size: int) -> torch.Tensor:
+    """h_{t-1} as seen by step t of one direction, [T, B, size] (for the W_hh gradient GEMM).
 
     Forward: y_{t-1}, h0 at t = 0. Reverse: y_{t+1}, h0 at each row's last step.
     Past a row's length anything finite will do (dG is zero there).
     """
-    y_d = y[:, :, direction * hidden_size:(direction + 1) * hidden_size]
+    y_d = y[:, :, direction * size:(direction + 1) * size]
     prev = torch.zeros_like(y_d)
     T, B, _ = y_d.shape
     if direction == 0:
