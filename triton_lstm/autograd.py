@@ -128,8 +128,7 @@ class LSTMFunction(torch.autograd.Function):
         D, _, R = w_hh.shape
         H = c_all.shape[3]
         if ctx.single:
-            dh_n = None if dh_n is None else dh_n.unsqueeze(0)
-            dc_n = None if dc_n is None else dc_n.unsqueeze(0)
+            dh_n, dc_n = _add_direction_dim(dh_n, dc_n)
         need_x, need_h0, need_c0, need_wih, need_whh, need_bih, need_bhh = ctx.needs_input_grad[:7]
         dG, dh0, dc0, dh_all = lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr,
                                              config=ctx.config, force_stepped=ctx.force_stepped)

@@ -118,24 +118,21 @@ def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: 
     # Smaller hidden blocks (more programs) keep the weights on chip where a group still fits.
     while not fits(block_h) and block_h > 8 and programs(block_b, block_h // 2) <= num_sms:
         block_h //= 2
-    block_k = min(64, padded(hidden_size))
+    split_k, num_warps = min(4, padded(hidden_size) // 16), 8
     if block_b == 16:
         # Small batch: 4 warps, one unsplit dot per step (H200: bf16 B=8 H=512 forward
         # 2.45 us/step this way, 2.89 with split_k=4 and 4 warps, more with 8 warps).
         # The backward reads its weight slice into registers gate by gate and spills
         # past ~512 bytes of slice per thread: 8 warps and a split reduction there.
         slice_per_thread = padded(hidden_size) * 4 * block_h * dtype.itemsize // (32 * 4)
-        if kernel == "backward" and slice_per_thread > 512:
-            return KernelConfig(block_b=16, block_h=block_h, resident=fits(block_h), block_k=block_k,
-                                split_k=min(4, padded(hidden_size) // 16), num_warps=8)
-        return KernelConfig(block_b=16, block_h=block_h, resident=fits(block_h), block_k=block_k,
-                            split_k=1, num_warps=4)
-    # Larger tiles: warps grow with the tile (the cell state and the prefetched
-    # operands of the next step live in registers), so that nothing spills.
-    tile = block_b * block_h * (dtype.itemsize if dtype.itemsize > 2 else 1)
-    num_warps = 8 if tile <= 1024 else 16
-    return KernelConfig(block_b=block_b, block_h=block_h, resident=fits(block_h), block_k=block_k,
-                        split_k=min(4, padded(hidden_size) // 16), num_warps=num_warps)
+        if not (kernel == "backward" and slice_per_thread > 512):
+            split_k, num_warps = 1, 4
+    elif block_b * block_h * (dtype.itemsize if dtype.itemsize > 2 else 1) > 1024:
+        # Larger tiles: warps grow with the tile (the cell state and the prefetched
+        # operands of the next step live in registers), so that nothing spills.
+        num_warps = 16
+    return KernelConfig(block_b=block_b, block_h=block_h, resident=fits(block_h),
+                        block_k=min(64, padded(hidden_size)), split_k=split_k, num_warps=num_warps)
 
 
 @functools.lru_cache(maxsize=None)
