@@ -147,16 +147,14 @@ def lstm_backward_kernel(
 
     b_dc = tl.load(dc_state + p_bu, mask=m_bu, other=0.0)
     step = T - 1 - q_begin // PHASES
-    t_row, running = step_rows(step, length, m_b & (tl.full([BLOCK_B], step, tl.int32) >= 0),
-                               reverse)
+    t_row, running = step_rows(step, length, m_b, reverse)
     b_i, b_f, b_g, b_o, b_ct, b_cp = _load_saved(step, t_row, running, gates, c_all, c0, B, o_b,
                                                  o_u, m_u, H, HAS_H0, ACC, reverse)
 
     for q in range(q_begin, q_end):
         s = q // PHASES
         step = T - 1 - s
-        t_row, running = step_rows(step, length, m_b & (tl.full([BLOCK_B], step, tl.int32) >= 0),
-                                   reverse)
+        t_row, running = step_rows(step, length, m_b, reverse)
         if PROJ:
             dh_phase = q % 2 == 0
         else:
@@ -231,7 +229,7 @@ def lstm_backward_kernel(
             # The next step's saved values do not depend on the recurrence: their
             # loads are in flight while this program waits at the barrier.
             q_next = tl.full([BLOCK_B], (s + 1) * PHASES, tl.int32)
-            m_next = m_b & (q_next < q_end) & (tl.full([BLOCK_B], step, tl.int32) > 0)
+            m_next = m_b & (q_next < q_end)
             t_prev_row, running_prev = step_rows(step - 1, length, m_next, reverse)
             b_i, b_f, b_g, b_o, b_ct, b_cp = _load_saved(
                 step - 1, t_prev_row, running_prev, gates, c_all, c0, B, o_b, o_u, m_u, H, HAS_H0,

@@ -100,10 +100,10 @@ def step_rows(step, length, m_b, reverse):
     """Each row's time index at processing step `step`, and whether the row is still running.
 
     Forward rows walk t = step; reverse rows walk t = length - 1 - step. A row
-    past its length maps to t = step, a padded slot.
+    past its length maps to t = step, a padded slot; no row runs at a negative step.
     """
     step_b = tl.full(length.shape, step, tl.int32)
-    running = m_b & (step_b < length)
+    running = m_b & (step_b >= 0) & (step_b < length)
     t_row = tl.where(running & reverse, length - 1 - step_b, step_b)
     return tl.cast(t_row, tl.int64), running
 
