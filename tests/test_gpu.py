@@ -6,10 +6,12 @@ the same dtype, plus a small slack of about one rounding step of the dtype.
 Errors are relative to the reference's largest magnitude. Run by `make gpu-check`.
 """
 import contextlib
+import copy
 
 import pytest
 import torch
 
+import triton_lstm
 from triton_lstm import LSTMFunction
 from triton_lstm.dispatch import KernelConfig, launch_counts
 from triton_lstm.kernels.forward import lstm_forward
@@ -84,7 +86,7 @@ def test_two_runs_are_bitwise_equal_and_stepped_matches_persistent(dtype):
     params = list(torch_lstm.parameters())
     runs = []
     for force_stepped in (False, False, True):
-        y, h, c = LSTMFunction.apply(x, None, None, *params, None, None, force_stepped)
+        y, h, c, *_ = LSTMFunction.apply(x, None, None, *params, None, None, force_stepped)
         grads = torch.autograd.grad((y * 1.5).sum() + h.sum() - c.sum(), [x] + params)
         runs.append([y, h, c, *grads])
     for first, second, stepped in zip(*runs):
@@ -169,3 +171,99 @@ def test_cuda_graph_replay():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, eager)
+
+
+# -- integration: AMP, torch.compile, CUDA graphs of a whole training step --------------------
+
+class CharModel(torch.nn.Module):
+    def __init__(self, lstm, vocab=50, width=64):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.lstm = lstm
+        self.head = torch.nn.Linear(lstm.hidden_size, vocab)
+
+    def forward(self, tokens):
+        y, _ = self.lstm(self.embed(tokens))
+        return self.head(y)
+
+
+def _char_model():
+    torch.manual_seed(0)
+    return CharModel(triton_lstm.LSTM(64, 128, num_layers=2, backend="triton")).cuda()
+
+
+def _loss(model, tokens):
+    logits = model(tokens[:-1])
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[1:].flatten())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_matches_nn_lstm_under_the_same_autocast(dtype):
+    control = torch.nn.LSTM(64, 128, num_layers=2, device="cuda")
+    ours = triton_copy(control)
+    x = torch.randn(20, 8, 64, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        y, (h, c) = ours(x)
+        y_control, _ = control(x)
+    assert y.dtype == h.dtype == c.dtype == y_control.dtype == dtype
+    ref = torch.nn.LSTM(64, 128, num_layers=2, dtype=torch.float64)
+    ref.load_state_dict({k: v.double().cpu() for k, v in control.state_dict().items()})
+    want, _ = ref(x.double().cpu())
+    slack = DTYPES["bf16" if dtype == torch.bfloat16 else "fp16"][2]
+    assert relative_error(y, want) <= 2 * relative_error(y_control, want) + slack
+    y.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in ours.parameters())
+
+
+def test_whole_training_step_captured_in_a_cuda_graph_replays_like_eager():
+    model = _char_model()
+    eager = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    eager_optimizer = torch.optim.SGD(eager.parameters(), lr=0.1)
+    static_tokens = torch.randint(0, 50, (33, 8), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                  # warm up: compile, caches, co-residency check
+        for _ in range(2):
+            _loss(copy.deepcopy(model), static_tokens).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = _loss(model, static_tokens)
+        static_loss.backward()
+        optimizer.step()
+    for _ in range(3):
+        tokens = torch.randint(0, 50, (33, 8), device="cuda")
+        static_tokens.copy_(tokens)
+        graph.replay()
+        eager_optimizer.zero_grad()
+        eager_loss = _loss(eager, tokens)
+        eager_loss.backward()
+        eager_optimizer.step()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_compile_reduce_overhead_training_matches_eager():
+    triton_lstm.enable_fullgraph()
+    try:
+        model = _char_model()
+        eager = copy.deepcopy(model)
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for _ in range(4):
+            tokens = torch.randint(0, 50, (33, 8), device="cuda")
+            losses = []
+            for m, fn in ((model, compiled), (eager, eager)):
+                m.zero_grad()
+                loss = _loss(fn, tokens)
+                loss.backward()
+                losses.append(loss.detach().clone())
+            torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-4)
+            for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+    finally:
+        triton_lstm.enable_fullgraph(False)
+        torch._dynamo.reset()

@@ -37,7 +37,7 @@ def run_function(x, hx, ref, config, upstream=None):
     params = [p.detach().clone().requires_grad_() for p in ref.parameters()]
     w_ih, w_hh, b_ih, b_hh = params if len(params) == 4 else params + [None, None]
     h0, c0 = (hx[0][0], hx[1][0]) if hx is not None else (None, None)
-    y, h, c = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, config)
+    y, h, c, *_ = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, config)
     outs = (y, h, c)
     if upstream is None:
         upstream = tuple(torch.randn_like(o) for o in outs)
@@ -83,7 +83,7 @@ def test_only_some_outputs_used():
     """Unused outputs get no gradient (None upstream); the rest must still be right."""
     ref, x, hx = random_problem(4, 2, 3, 9, torch.float64)
     params = [p.detach().clone().requires_grad_() for p in ref.parameters()]
-    y, h, c = LSTMFunction.apply(x, hx[0][0], hx[1][0], *params, None, CONFIGS["resident-bh4"])
+    y, h, c, *_ = LSTMFunction.apply(x, hx[0][0], hx[1][0], *params, None, CONFIGS["resident-bh4"])
     gx, = torch.autograd.grad(c.sum(), [x])
     yr, (hr, cr) = ref(x, hx)
     want, = torch.autograd.grad(cr.sum(), [x])
@@ -118,7 +118,7 @@ def test_projection_and_both_directions_with_lengths(config_name):
     x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(2, B, P, dtype=torch.float64, requires_grad=True)
     c0 = torch.randn(2, B, H, dtype=torch.float64, requires_grad=True)
-    y, h, c = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths.to(torch.int32),
+    y, h, c, *_ = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths.to(torch.int32),
                                  CONFIGS[config_name], False, w_hr)
     valid = (torch.arange(T)[:, None] < lengths[None, :]).double()[..., None]
     upstream = [torch.randn_like(y) * valid, torch.randn_like(h), torch.randn_like(c)]

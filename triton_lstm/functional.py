@@ -16,6 +16,20 @@ import torch.nn.functional as F
 from .autograd import lstm_layer
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype nn.LSTM computes in under an active torch.autocast for this device, else None."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """As autocast casts an op's arguments: floating tensors other than fp64 go to `dtype`."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
 def lstm(
     input: torch.Tensor,
     hx: Optional[tuple[torch.Tensor, torch.Tensor]],
@@ -43,9 +57,18 @@ def lstm(
     Returns:
         output [T, B, num_directions * R] (batch first if asked), (h_n, c_n).
 
+    Under ``torch.autocast`` (cuda or cpu) it computes in the autocast dtype and
+    returns it, as nn.LSTM does: input, state and weights are cast (differentiably,
+    so fp32 parameters get fp32 gradients).
+
     Example:
         >>> out, (h_n, c_n) = lstm(x, None, [(w_ih, w_hh, b_ih, b_hh)])
     """
+    cast_to = autocast_dtype(input.device.type)
+    if cast_to is not None and input.dtype != torch.float64:
+        input = _autocast(input, cast_to)
+        hx = None if hx is None else tuple(_autocast(t, cast_to) for t in hx)
+        weights = [tuple(_autocast(w, cast_to) for w in group) for group in weights]
     x = input.transpose(0, 1) if batch_first else input
     num_directions = 2 if bidirectional else 1
     h_n, c_n = [], []

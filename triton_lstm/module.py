@@ -18,10 +18,20 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .dispatch import interpreting
-from .functional import lstm
+from .functional import autocast_dtype, lstm
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def exporting() -> bool:
+    """torch.export, torch.onnx.export or torch.jit.trace is recording the model.
+
+    They record nn.LSTM's own op (aten.lstm), which every exporter and runtime
+    knows; the kernels are for running, and torch.compile keeps them.
+    """
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_exporting())
 
 
 def _copy_requires_grad(source: nn.Module, target: nn.Module) -> None:
@@ -91,7 +101,7 @@ class LSTM(nn.LSTM):
         return module
 
     def _uses_triton(self, input: torch.Tensor) -> bool:
-        if self.backend == "torch":
+        if self.backend == "torch" or exporting():
             return False
         if self.backend == "auto":
             return input.is_cuda
@@ -160,31 +170,38 @@ class LSTM(nn.LSTM):
         return weights
 
     def _check_input(self, input, packed: bool = False) -> None:
+        """nn.LSTM's checks and messages, each also naming what was expected."""
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor or PackedSequence, got {type(input).__name__}")
         if packed and input.dim() != 2:
             raise LSTMInputError(f"packed input data must be 2-D [sum of lengths, input_size], got "
                                  f"{input.dim()}-D with shape {tuple(input.shape)}")
         if input.dim() not in (2, 3):
-            raise LSTMInputError(f"input must be 2-D (unbatched [T, input_size]) or 3-D, got "
-                                 f"{input.dim()}-D with shape {tuple(input.shape)}")
+            raise LSTMInputError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead "
+                                 f"(input shape {tuple(input.shape)}; 3-D is [T, B, input_size] or "
+                                 "[B, T, input_size] with batch_first, 2-D is unbatched)")
         if input.shape[-1] != self.input_size:
-            raise LSTMInputError(f"input.size(-1) must be input_size={self.input_size}, "
-                                 f"got {input.shape[-1]} (input shape {tuple(input.shape)})")
+            raise LSTMInputError(f"input.size(-1) must be equal to input_size. Expected "
+                                 f"{self.input_size}, got {input.shape[-1]} "
+                                 f"(input shape {tuple(input.shape)})")
         weight = self.weight_ih_l0
-        if input.dtype != weight.dtype:
-            raise LSTMInputError(f"input dtype {input.dtype} does not match the weights' dtype "
-                            f"{weight.dtype}: convert the input (input.to({weight.dtype})) "
-                            f"or the module (module.to({input.dtype}))")
+        compute_dtype = autocast_dtype(input.device.type)
+        if input.dtype != weight.dtype and compute_dtype is None:
+            raise LSTMInputError(f"RNN input dtype ({input.dtype}) does not match weight dtype "
+                                 f"({weight.dtype}). Convert input: input.to({weight.dtype}), "
+                                 f"or convert model: model.to({input.dtype})")
         if input.device != weight.device:
-            raise LSTMInputError(f"input is on {input.device} but the weights are on "
-                                 f"{weight.device}: move one of them")
+            raise LSTMInputError(f"Input and parameter tensors are not at the same device, found "
+                                 f"input tensor at {input.device} and parameter tensor at "
+                                 f"{weight.device}: move the input or the module")
         time_dim = 1 if (self.batch_first and input.dim() == 3) else 0
         if not packed and input.shape[time_dim] == 0:
-            raise LSTMInputError("input has sequence length 0; it must be at least 1")
-        if self._uses_triton(input) and input.dtype not in KERNEL_DTYPES:
+            raise LSTMInputError("Expected sequence length to be larger than 0 in RNN "
+                                 f"(input shape {tuple(input.shape)}, time is dim {time_dim})")
+        dtype = input.dtype if compute_dtype is None else compute_dtype
+        if self._uses_triton(input) and dtype not in KERNEL_DTYPES:
             raise TypeError(f"input dtype must be one of {KERNEL_DTYPES} for the Triton kernels, "
-                            f"got {input.dtype}")
+                            f"got {dtype}")
 
     def _check_hx(self, input, hx, batch_dim, unbatched):
         if hx is None:
@@ -197,28 +214,51 @@ class LSTM(nn.LSTM):
             else:
                 got = type(hx).__name__
             raise TypeError(f"hx must be a tuple (h0, c0) of two tensors, got {got}")
+        if any(state.dim() != (2 if unbatched else 3) for state in hx):
+            kind = "unbatched 2-D" if unbatched else "batched 3-D"
+            want = "2-D" if unbatched else "3-D"
+            raise LSTMInputError(f"For {kind} input, hx and cx should also be {want} but got "
+                                 f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors (h0 and c0)")
         num_directions = 2 if self.bidirectional else 1
         batch = input.shape[batch_dim]
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         expected = {"h0": (self.num_layers * num_directions, batch, out_size),
                     "c0": (self.num_layers * num_directions, batch, self.hidden_size)}
+        sizes = {"h0": "proj_size" if self.proj_size > 0 else "hidden_size", "c0": "hidden_size"}
+        autocasting = autocast_dtype(input.device.type) is not None
         checked = []
-        for name, state in zip(("h0", "c0"), hx):
+        for k, (name, state) in enumerate(zip(("h0", "c0"), hx)):
             if unbatched:
-                if state.dim() != 2:
-                    raise LSTMInputError(f"for unbatched 2-D input, {name} must be 2-D, got "
-                                         f"{state.dim()}-D with shape {tuple(state.shape)}")
                 state = state.unsqueeze(1)
             if tuple(state.shape) != expected[name]:
                 shape = expected[name]
                 want = (shape[0], shape[2]) if unbatched else shape
-                have = tuple(state.shape[::2]) if unbatched else tuple(state.shape)
-                raise LSTMInputError(f"{name} must have shape {want} "
-                                     "(num_layers * num_directions, batch, hidden)"
-                                     f", got {have}")
-            if state.dtype != input.dtype:
-                raise LSTMInputError(f"{name} dtype {state.dtype} does not match input dtype {input.dtype}")
+                have = list(state.shape[::2]) if unbatched else list(state.shape)
+                layout = "num_layers * num_directions" + ("" if unbatched else ", batch")
+                raise LSTMInputError(f"Expected hidden[{k}] size {want}, got {have} ({name} must "
+                                     f"be ({layout}, {sizes[name]}))")
+            if state.dtype != input.dtype and not autocasting:
+                raise LSTMInputError(f"{name} dtype {state.dtype} does not match input dtype "
+                                     f"{input.dtype}")
             if state.device != input.device:
-                raise LSTMInputError(f"{name} is on {state.device} but input is on {input.device}")
+                raise LSTMInputError(f"Input and hidden tensors are not at the same device, found "
+                                     f"input tensor at {input.device} and hidden tensor ({name}) "
+                                     f"at {state.device}")
             checked.append(state)
         return checked[0], checked[1]
+
+
+def enable_fullgraph(enabled: bool = True) -> None:
+    """Let ``torch.compile(..., fullgraph=True)`` trace through triton_lstm.LSTM.
+
+    Dynamo refuses every nn.RNN / nn.GRU / nn.LSTM instance (a graph break, or an
+    error under fullgraph) unless ``torch._dynamo.config.allow_rnn`` is set, and
+    triton_lstm.LSTM is an nn.LSTM. This sets it. Our forward is a custom op that
+    compiles cleanly; plain nn.RNN / GRU / LSTM modules in the same model are then
+    traced too, through Dynamo's own (experimental) support for them.
+
+    Example:
+        >>> triton_lstm.enable_fullgraph()
+        >>> model = torch.compile(model, fullgraph=True)
+    """
+    torch._dynamo.config.allow_rnn = enabled

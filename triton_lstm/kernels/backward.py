@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..dispatch import dot_precision, launch_recurrence, padded, pick_config, state_dtype
 from .barrier import grid_barrier
-from .forward import _tanh, reduction_index, split_dot, step_rows, streamed_dot
+from .forward import _tanh, dot_operands, reduction_index, split_dot, step_rows, streamed_dot
 
 
 @triton.jit
@@ -186,6 +186,7 @@ def lstm_backward_kernel(
                                         cache_modifier=".cg")
                         b_wk = tl.load(w_hh + col_n[:, None] * R + o_r[None, :],
                                        mask=m_n[:, None] & m_r[None, :], other=0.0)
+                        b_dgk, b_wk = dot_operands(b_dgk, b_wk)
                         b_dot = tl.dot(b_dgk, b_wk, b_dot, input_precision=DOT_PRECISION)
                 b_dh = tl.where(running_next[:, None], b_dot, b_dhn)
             if s < T:

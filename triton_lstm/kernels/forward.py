@@ -39,13 +39,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import dot_precision, launch_recurrence, padded, pick_config, state_dtype
+from ..dispatch import (dot_precision, interpreting, launch_recurrence, padded, pick_config,
+                        state_dtype)
 from .barrier import grid_barrier
+
+# The Triton interpreter multiplies the raw bit patterns of bf16 operands in tl.dot
+# (triton-lang/triton#11584). There, and only there, bf16 dots go through fp32.
+BF16_DOT_VIA_FP32 = tl.constexpr(interpreting())
 
 
 @triton.jit
 def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def dot_operands(a, b):
+    """The operands of a tl.dot as given, or as fp32 under the interpreter for bf16."""
+    if BF16_DOT_VIA_FP32 and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
 
 
 @triton.jit
@@ -70,6 +84,7 @@ def split_dot(p_rows, m_rows, o_j, b_w, H: tl.constexpr, SPLIT_K: tl.constexpr,
     b_a = tl.load(p_rows[:, None] + tl.expand_dims(o_j, -2),
                   mask=m_rows[:, None] & tl.expand_dims(o_j < H, -2), other=0.0,
                   cache_modifier=".cg")
+    b_a, b_w = dot_operands(b_a, b_w)
     b_acc = tl.dot(b_a, b_w, input_precision=DOT_PRECISION, out_dtype=ACC)
     if SPLIT_K > 1:
         b_acc = tl.sum(b_acc, axis=0)
@@ -91,6 +106,7 @@ def streamed_dot(p_rows, m_rows, p_cols, m_cols, K: tl.constexpr, KP: tl.constex
                       other=0.0, cache_modifier=".cg")
         b_w = tl.load(p_cols[None, :] + o_k[:, None] * K_STRIDE,
                       mask=m_cols[None, :] & (o_k < K)[:, None], other=0.0)
+        b_a, b_w = dot_operands(b_a, b_w)
         b_acc = tl.dot(b_a, b_w, b_acc, input_precision=DOT_PRECISION)
     return b_acc
 
@@ -130,8 +146,8 @@ def lstm_forward_kernel(
     h_n,       # [D, B, R]      out: h at each row's last step, input dtype
     r_all,     # [D, T, B, H]   out when PROJ: o * tanh(c) before the projection, input dtype
     c_state,   # [D, B, H]      fp32, in: c before the first step when q_begin > 0; out: c after
-    gates,     # [D, T, B, 4H]  fp32 out when SAVE: activated i, f, g, o
-    c_all,     # [D, T, B, H]   fp32 out when SAVE
+    gates,     # [D, T, B, 4H]  fp32 out when SAVE: activated i, f, g, o (zeros past a length)
+    c_all,     # [D, T, B, H]   fp32 out when SAVE (zeros past a length)
     counters,  # [groups]       int32 barrier counters, one per (direction, batch block)
     T, B, q_begin, q_end, batch_start, leader_inc,
     H: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
@@ -253,12 +269,14 @@ def lstm_forward_kernel(
                 tl.store(y + (t_row * B + o_b)[:, None] * YS + o_u[None, :], b_h, mask=m_bu)
                 tl.store(h_n + p_bu, b_h, mask=m_bu & (t == length - 1)[:, None])
             if SAVE:
+                # Zeros past a row's length: the saved tensors are fully defined outputs.
                 p_g = gates + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :]
-                tl.store(p_g, b_i, mask=m_run)
-                tl.store(p_g + H, b_f, mask=m_run)
-                tl.store(p_g + 2 * H, b_g, mask=m_run)
-                tl.store(p_g + 3 * H, b_o, mask=m_run)
-                tl.store(c_all + (t_row * B + o_b)[:, None] * H + o_u[None, :], b_c, mask=m_run)
+                tl.store(p_g, tl.where(m_run, b_i, 0.0), mask=m_bu)
+                tl.store(p_g + H, tl.where(m_run, b_f, 0.0), mask=m_bu)
+                tl.store(p_g + 2 * H, tl.where(m_run, b_g, 0.0), mask=m_bu)
+                tl.store(p_g + 3 * H, tl.where(m_run, b_o, 0.0), mask=m_bu)
+                tl.store(c_all + (t_row * B + o_b)[:, None] * H + o_u[None, :],
+                         tl.where(m_run, b_c, 0.0), mask=m_bu)
             # The next step's input projection does not depend on the recurrence: its
             # load is in flight while this program waits at the barrier.
             m_next = m_b & (tl.full([BLOCK_B], (t + 1) * PHASES, tl.int32) < q_end)

@@ -1,0 +1,129 @@
+"""Compile the kernels for sm_90 on a machine without a GPU and report what ptxas says.
+
+For each (kernel, dtype, shape) the dispatcher's config is compiled to PTX with
+Triton's NVIDIA backend, then assembled with ptxas: registers per thread, spill
+bytes, shared memory, and the MMA instructions used (mma.sync vs wgmma). A GPU
+run says how fast; this says what the compiler made of the code, in seconds.
+
+    python3 perf/sm90_report.py [--shapes 8x512 128x1024] [--dtypes bf16 fp32]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)   # the real compiler, not the interpreter
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from triton_lstm.dispatch import heuristic_config, padded  # noqa: E402
+from triton_lstm.kernels.backward import lstm_backward_kernel  # noqa: E402
+from triton_lstm.kernels.forward import lstm_forward_kernel  # noqa: E402
+
+DTYPES = {"fp32": ("fp32", torch.float32), "bf16": ("bf16", torch.bfloat16),
+          "fp16": ("fp16", torch.float16)}
+NUM_SMS = 132
+
+
+def signature(kernel, tensor_types: dict, constexprs: dict) -> dict:
+    """Triton types for every argument: tensors from tensor_types, sizes i32, the rest constexpr."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in tensor_types:
+            sig[name] = "*" + tensor_types[name]
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_one(kernel, tensor_types, constexprs, num_warps):
+    sig = signature(kernel, tensor_types, constexprs)
+    pointers = [i for i, name in enumerate(kernel.arg_names) if sig[name].startswith("*")]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
+    source = ASTSource(kernel, sig, constexprs, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": 1})
+
+
+def ptxas_report(ptx: str) -> dict:
+    ptxas = shutil.which("ptxas") or str(pathlib.Path(triton.__file__).parent
+                                         / "backends/nvidia/bin/ptxas")
+    ptx = re.sub(r"\.version \d+\.\d+", ".version 8.0", ptx)   # accepted by older ptxas too
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "k.ptx"
+        path.write_text(ptx)
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(path), "-o", str(path) + ".o"],
+                             capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.findall(r"(\d+) bytes spill (stores|loads)", text)
+    return {"regs": int(regs.group(1)) if regs else None,
+            "spill": max((int(n) for n, _ in spill), default=0), "ptxas_ok": out.returncode == 0}
+
+
+def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0):
+    tname, dtype = DTYPES[dtype_name]
+    cfg = heuristic_config(batch, hidden, dtype, max(1, NUM_SMS // directions), kernel_name)
+    R = proj or hidden
+    num_h = cfg.num_h_blocks(hidden)
+    block_r = max(16, triton.next_power_of_2(triton.cdiv(R, num_h)))
+    common = dict(H=hidden, HP=padded(hidden), R=R, RP=padded(R), D=directions, PROJ=bool(proj),
+                  BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_R=block_r, BLOCK_K=cfg.block_k,
+                  SPLIT_K=min(cfg.split_k, padded(min(hidden, R)) // 16), RESIDENT=cfg.resident,
+                  HAS_H0=True, HAS_LENGTHS=False, PERSISTENT=True,
+                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")
+    acc = "fp32"
+    if kernel_name == "forward":
+        kernel = lstm_forward_kernel
+        types = dict(gx=tname, w_hh=tname, w_hr=tname, h0=tname, c0=tname, lengths="i32",
+                     y=tname, h_n=tname, r_all=tname, c_state=acc, gates=acc, c_all=acc,
+                     counters="i32")
+        constexprs = dict(common, SAVE=True)
+    else:
+        kernel = lstm_backward_kernel
+        types = dict(dy=tname, dh_n=tname, dc_state=acc, gates=acc, c_all=acc, c0=tname,
+                     lengths="i32", w_hh=tname, w_hr=tname, dgates=tname, dh_all=tname,
+                     dh0=tname, counters="i32")
+        constexprs = dict(common, HAS_DY=True, HAS_DHN=True)
+    compiled = compile_one(kernel, types, constexprs, cfg.num_warps)
+    ptx = compiled.asm["ptx"]
+    row = ptxas_report(ptx)
+    row.update(kernel=kernel_name, dtype=dtype_name, B=batch, H=hidden, D=directions, proj=proj,
+               tile=f"{cfg.block_b}x{cfg.block_h}", resident=cfg.resident, split_k=cfg.split_k,
+               warps=cfg.num_warps, shared=compiled.metadata.shared,
+               mma="wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma"))
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["8x512", "64x512", "128x1024", "512x1024"],
+                        help="BxH")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    args = parser.parse_args()
+    print("kernel   dtype     B     H  D  tile     res split warps  regs spill  shared  mma")
+    for dtype_name in args.dtypes:
+        for shape in args.shapes:
+            batch, hidden = (int(v) for v in shape.split("x"))
+            for kernel_name in ("forward", "backward"):
+                r = report(kernel_name, dtype_name, batch, hidden)
+                print(f"{r['kernel']:8} {r['dtype']:5} {r['B']:5} {r['H']:5} {r['D']:2}  "
+                      f"{r['tile']:8} {str(r['resident'])[0]:>3} {r['split_k']:5} {r['warps']:5} "
+                      f"{r['regs']!s:>5} {r['spill']:5} {r['shared']:7}  {r['mma']}"
+                      + ("" if r["ptxas_ok"] else "  (ptxas failed)"), flush=True)
+
+
+if __name__ == "__main__":
+    main()
