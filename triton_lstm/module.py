@@ -115,7 +115,7 @@ class LSTM(nn.LSTM):
     def forward(self, input, hx: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx)
-        self._check_input(input)
+        self._check_input(input, hx)
         if not self._uses_triton(input):
             return super().forward(input, hx)
         unbatched = input.dim() == 2
@@ -137,7 +137,7 @@ class LSTM(nn.LSTM):
 
     def _forward_packed(self, packed: PackedSequence, hx):
         """Variable lengths: each row of the padded batch stops at its own length in the kernels."""
-        self._check_input(packed.data, packed=True)
+        self._check_input(packed.data, hx, packed=True)
         if not self._uses_triton(packed.data):
             return super().forward(packed, hx)
         padded, lengths = pad_packed_sequence(packed)   # [T, B, I] in the caller's batch order
@@ -169,7 +169,7 @@ class LSTM(nn.LSTM):
                 weights.append(tuple(getattr(self, name, None) for name in names))
         return weights
 
-    def _check_input(self, input, packed: bool = False) -> None:
+    def _check_input(self, input, hx=None, packed: bool = False) -> None:
         """nn.LSTM's checks and messages, each also naming what was expected."""
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor or PackedSequence, got {type(input).__name__}")
@@ -190,6 +190,13 @@ class LSTM(nn.LSTM):
             raise LSTMInputError(f"RNN input dtype ({input.dtype}) does not match weight dtype "
                                  f"({weight.dtype}). Convert input: input.to({weight.dtype}), "
                                  f"or convert model: model.to({input.dtype})")
+        # nn.LSTM's order: the state's device before the parameters'.
+        if isinstance(hx, (tuple, list)):
+            for name, state in zip(("h0", "c0"), hx):
+                if isinstance(state, torch.Tensor) and state.device != input.device:
+                    raise LSTMInputError(
+                        f"Input and hidden tensors are not at the same device, found input "
+                        f"tensor at {input.device} and hidden tensor ({name}) at {state.device}")
         if input.device != weight.device:
             raise LSTMInputError(f"Input and parameter tensors are not at the same device, found "
                                  f"input tensor at {input.device} and parameter tensor at "
