@@ -22,8 +22,9 @@ perf: install
 perf-quick: install
 	$(PYTHON) perf/bench.py --quick
 
+# One resumable sweep per GPU, at most 8 minutes (TUNE_ARGS: e.g. --fresh, --wide, --plan).
 tune: install
-	$(PYTHON) perf/tune.py
+	$(PYTHON) perf/tune.py $(TUNE_ARGS)
 
 # On a GPU machine with torch and triton already there (no install step, no network):
 # the GPU tests, then a short timing table; logs under $OUT when set.

@@ -7,12 +7,17 @@ Peers, at the same shapes and in one run on one GPU (one layer, input size = H):
     cell_loop           a Python loop over nn.LSTMCell, eager
     cell_loop_compiled  the same loop with its step under torch.compile
     flashrnn            FlashRNN, where installed
-Each (peer, dtype, shape) is first checked against torch.nn.LSTM in float64 on
-the CPU; a peer that fails gets no timing. Results go to perf/results/<gpu>/
-(or --out, and $OUT when set): results.csv, results.json, speedup_{fwd,train}.png.
+Then the memory section (--memory on|off|only, perf/memory_bench.py): training time and
+peak memory at long T, with and without recompute. Then the step section (--step on|off|only): one step per call at T = 1 (LSTM.step,
+nn.LSTM on a length-1 sequence, nn.LSTMCell, each eager and replayed from a CUDA
+graph, perf/step_bench.py), rows with mode "step". Each (peer, dtype, shape) is first checked against
+torch.nn.LSTM in float64 on the CPU; a peer that fails gets no timing. Results go
+to perf/results/<gpu>/ (or --out, and $OUT when set): results.csv, results.json,
+speedup_{fwd,train}.png.
 
     python3 perf/bench.py [--quick] [--shapes 8x512 16x768x1024] [--dtypes fp32 bf16 fp16]
                           [--modes fwd train] [--peers triton cudnn ...] [--out DIR]
+                          [--step on|off|only] [--memory on|off|only]
     python3 perf/bench.py --summarize perf/results/<gpu>/results.json   # Markdown table
 
 Without a GPU it runs the kernels under the Triton interpreter at a tiny shape,
@@ -47,6 +52,7 @@ import triton  # noqa: E402
 
 import triton_lstm  # noqa: E402
 from timing import bench_ms, random_inputs, train_fn  # noqa: E402
+from triton_lstm import tuning  # noqa: E402
 from triton_lstm.dispatch import gpu_slug  # noqa: E402
 
 # torch.nn.LSTM never flattens bf16 weights (cudnn.is_acceptable leaves bf16 out), so every bf16
@@ -62,7 +68,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEERS = ("triton", "cudnn", "cudnn_graph", "cell_loop", "cell_loop_compiled", "flashrnn")
 MODES = ("fwd", "train")
 # The cuDNN numbers triton is measured against: the best of them, per mode.
-CUDNN_PEERS = {"fwd": ("cudnn", "cudnn_graph"), "train": ("cudnn",)}
+CUDNN_PEERS = {"fwd": ("cudnn", "cudnn_graph"), "train": ("cudnn",),
+               "step": ("cudnn", "cudnn_graph")}   # step: one step per call (step section)
 
 GRID = [(B, H, 256) for B in (1, 8, 16, 64, 128, 512) for H in (256, 512, 1024)]
 GRID.append((16, 768, 1024))   # FlashRNN's published shape
@@ -79,7 +86,7 @@ INTERPRETER_SHAPE = dict(T=4, B=2, H=16)
 INTERPRETER_BOUNDS = {"fp32": 1e-5, "fp64": 1e-12}
 
 FIELDS = ["peer", "dtype", "B", "H", "T", "mode", "median_us", "q20_us", "q80_us", "peak_mb",
-          "rel_error", "gpu", "torch", "triton", "cudnn", "date", "commit"]
+          "rel_error", "gpu", "torch", "triton", "cudnn", "date", "commit", "auto_path"]
 
 
 # -- peers -------------------------------------------------------------------------------------
@@ -196,11 +203,22 @@ def time_training(module: nn.Module, x, hx, timing: dict) -> tuple[tuple, float]
     return quantiles, peak_mb
 
 
-def make_row(peer, dtype_name, B, H, T, mode, quantiles_ms, peak_mb, error, env) -> dict:
-    """One result: quantiles in ms for the whole sequence become µs per step."""
+def make_row(peer, dtype_name, B, H, T, mode, quantiles_ms, peak_mb, error, env,
+             auto_path="") -> dict:
+    """One result: quantiles in ms for the whole sequence become µs per step. auto_path: the
+    path backend="auto" takes at this shape and mode ("kernels" or "nn.LSTM")."""
     median, q20, q80 = (ms * 1e3 / T for ms in quantiles_ms)
     return dict(peer=peer, dtype=dtype_name, B=B, H=H, T=T, mode=mode, median_us=median,
-                q20_us=q20, q80_us=q80, peak_mb=peak_mb, rel_error=error, **env)
+                q20_us=q20, q80_us=q80, peak_mb=peak_mb, rel_error=error, **env,
+                auto_path=auto_path)
+
+
+def auto_paths(lstm: nn.LSTM, x, hx) -> dict:
+    """Which path backend="auto" takes for this shape, per mode (triton_lstm.explain)."""
+    module = triton_lstm.LSTM.from_torch(lstm)
+    with torch.no_grad():
+        fwd = triton_lstm.explain(module, x, hx).path
+    return {"fwd": fwd, "train": triton_lstm.explain(module, x, hx).path}
 
 
 def run_config(dtype_name, B, H, T, peers, modes, timing, env, log) -> tuple[list, list]:
@@ -213,6 +231,7 @@ def run_config(dtype_name, B, H, T, peers, modes, timing, env, log) -> tuple[lis
     steps = min(CHECK_STEPS, T)
     reference = float64_reference(lstm, x[:steps], hx)
     bound = ERROR_BOUNDS[dtype_name]
+    auto = auto_paths(lstm, x, hx)
     rows, problems = [], []
     for peer in peers:
         label = f"{peer} {dtype_name} B={B} H={H} T={T}"
@@ -230,7 +249,8 @@ def run_config(dtype_name, B, H, T, peers, modes, timing, env, log) -> tuple[lis
                     quantiles, peak_mb = time_training(module, x, hx, timing)
                 else:
                     continue
-                rows.append(make_row(peer, dtype_name, B, H, T, mode, quantiles, peak_mb, error, env))
+                rows.append(make_row(peer, dtype_name, B, H, T, mode, quantiles, peak_mb, error, env,
+                                     auto[mode]))
         except Exception as exc:   # say why and post nothing: never a number from a broken run
             message = str(exc).strip().split("\n")[0][:200]   # the first line says what failed
             reason = f"{type(exc).__name__}: {message}"
@@ -281,25 +301,43 @@ def format_table(rows: list[dict]) -> str:
 
 
 def summarize(rows: list[dict]) -> str:
-    """The README's Markdown table: triton against the best cuDNN number, forward and training."""
+    """The README's Markdown table: the kernels and backend="auto" against the best cuDNN
+    number, forward and training. An auto cell is the time of the path auto took (recorded
+    by the run); where the run did not record it, the path the auto rule picks from these
+    numbers, marked with *."""
     median = {(row["peer"],) + config_key(row): row["median_us"] for row in rows}
     ratio = speedups(rows)
-    lines = ["| dtype | B | H | T | triton fwd µs | best cuDNN fwd µs | speed-up "
-             "| triton train µs | cuDNN train µs | speed-up |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    recorded = {config_key(row): row["auto_path"] for row in rows if row.get("auto_path")}
+    lines = ["| dtype | B | H | T | kernels fwd µs | auto fwd µs | best cuDNN fwd µs | speed-up "
+             "| kernels train µs | auto train µs | cuDNN train µs | speed-up |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     def table_order(shape):   # dtypes as in DTYPES, then T, H, B
         dtype_name, B, H, T = shape
         return list(DTYPES).index(dtype_name) if dtype_name in DTYPES else len(DTYPES), T, H, B
 
-    for shape in sorted({config_key(row)[:4] for row in rows}, key=table_order):
+    shapes = {config_key(row)[:4] for row in rows if row["mode"] in MODES}   # not the step rows
+    for shape in sorted(shapes, key=table_order):
         cells = []
         for mode in MODES:
             key = shape + (mode,)
             cudnn = [median[(p,) + key] for p in CUDNN_PEERS[mode] if (p,) + key in median]
-            cells += [_fmt(median.get(("triton",) + key)), _fmt(min(cudnn) if cudnn else None),
-                      _fmt(ratio.get(key), "{:.2f}x")]
+            cells += [_fmt(median.get(("triton",) + key)),
+                      auto_cell(recorded.get(key), median.get(("triton",) + key),
+                                median.get(("cudnn",) + key), mode),
+                      _fmt(min(cudnn) if cudnn else None), _fmt(ratio.get(key), "{:.2f}x")]
         lines.append("| " + " | ".join([shape[0], *map(str, shape[1:])] + cells) + " |")
     return "\n".join(lines)
+
+
+def auto_cell(path, kernels_us, cudnn_us, mode) -> str:
+    """'3.48 (kernels)': auto's time, that of the path it takes (nn.LSTM eager for "nn.LSTM");
+    without a recorded path, the auto rule's pick from these numbers, marked '*'."""
+    rule = ""
+    if not path and kernels_us and cudnn_us:
+        entry = {"kernels_us": {mode: kernels_us}, "cudnn_us": {mode: cudnn_us}}
+        path, rule = ("kernels" if tuning.kernels_faster(entry, mode) else "nn.LSTM"), "*"
+    us = kernels_us if path == "kernels" else cudnn_us
+    return "-" if not path or us is None else f"{us:.2f} ({path}{rule})"
 
 
 def write_results(rows: list[dict], out_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -402,7 +440,25 @@ def interpreter_check() -> int:
         failed |= not ok
         print(f"interpreter {dtype_name}: relative error {error:.2e} vs float64 "
               f"(bound {INTERPRETER_BOUNDS[dtype_name]:.0e}) {'ok' if ok else 'WRONG'}")
+    from step_bench import interpreter_step_check
+    failed |= interpreter_step_check()
     return 1 if failed else 0
+
+
+def extra_sections(args) -> list:
+    """The sections after the sequences, as (run, format table, title), per --memory / --step."""
+    sections = []
+    if args.memory != "off" and args.step != "only":
+        from memory_bench import format_memory_table, memory_benchmark
+        sections.append((memory_benchmark, format_memory_table,
+                         "Training at long T, µs per step (median) and peak MB; recompute against "
+                         "triton (time x: slower by, memory /: smaller by)"))
+    if args.step != "off" and args.memory != "only":
+        from step_bench import format_step_table, step_benchmark
+        sections.append((step_benchmark, format_step_table,
+                         "One step per call, µs per step (median), speed-up = cuDNN / triton "
+                         "(eager: nn.LSTM / step, graph: both replayed)"))
+    return sections
 
 
 def benchmark(args) -> int:
@@ -421,6 +477,8 @@ def benchmark(args) -> int:
     copy_dir = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     log = tqdm.write if tqdm else print
     configs = [(d, B, H, T) for d in args.dtypes for B, H, T in shapes]
+    if args.step == "only" or args.memory == "only":
+        configs = []
     bar = tqdm(configs, unit="config") if tqdm else configs
     rows, problems = [], []
     for i, (dtype_name, B, H, T) in enumerate(bar, 1):
@@ -436,6 +494,14 @@ def benchmark(args) -> int:
         if copy_dir:
             copy_flat(files, copy_dir)
 
+    for run_section, format_section, title in extra_sections(args):
+        new_rows, new_problems = run_section(args, env, log)
+        rows += new_rows
+        problems += new_problems
+        files = write_results(rows, out_dir)
+        if copy_dir:
+            copy_flat(files, copy_dir)
+        print(f"\n{title}\n{format_section(rows)}")
     print(f"\nµs per step (median), speed-up = best cuDNN / triton\n{format_table(rows)}")
     try:
         files += plot_speedups(rows, out_dir)
@@ -458,6 +524,14 @@ def main(argv=None) -> int:
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     parser.add_argument("--out", metavar="DIR", help="results folder (default perf/results/<gpu>/)")
     parser.add_argument("--summarize", metavar="JSON", help="print a results.json as a Markdown table")
+    parser.add_argument("--step", choices=("on", "off", "only"), default="on",
+                        help="the one-step latency section (LSTM.step against nn.LSTM at T=1 "
+                             "and nn.LSTMCell, eager and CUDA graph): after the sequences, "
+                             "skipped, or alone")
+    parser.add_argument("--memory", choices=("on", "off", "only"), default="on",
+                        help="the long-sequence training section (time and peak memory with "
+                             "and without recompute, and cuDNN): after the sequences, skipped, "
+                             "or alone")
     args = parser.parse_args(argv)
     if args.shapes:
         try:

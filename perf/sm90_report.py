@@ -29,6 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton_lstm.dispatch import heuristic_config, padded  # noqa: E402
 from triton_lstm.kernels.backward import lstm_backward_kernel  # noqa: E402
 from triton_lstm.kernels.forward import lstm_forward_kernel  # noqa: E402
+from triton_lstm.kernels.step import lstm_step_kernel, step_config  # noqa: E402
 
 DTYPES = {"fp32": ("fp32", torch.float32), "bf16": ("bf16", torch.bfloat16),
           "fp16": ("fp16", torch.float16)}
@@ -73,9 +74,12 @@ def ptxas_report(ptx: str) -> dict:
             "spill": max((int(n) for n, _ in spill), default=0), "ptxas_ok": out.returncode == 0}
 
 
-def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0):
+def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restarts=False,
+           ckpt_every=0, config=None):
+    """One persistent kernel with the dispatcher's config (or `config`), I = H."""
     tname, dtype = DTYPES[dtype_name]
-    cfg = heuristic_config(batch, hidden, dtype, max(1, NUM_SMS // directions), kernel_name)
+    cfg = config or heuristic_config(batch, hidden, dtype, max(1, NUM_SMS // directions),
+                                     kernel_name)
     R = proj or hidden
     num_h = cfg.num_h_blocks(hidden)
     block_r = max(16, triton.next_power_of_2(triton.cdiv(R, num_h)))
@@ -83,19 +87,22 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0):
                   BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_R=block_r, BLOCK_K=cfg.block_k,
                   SPLIT_K=min(cfg.split_k, padded(min(hidden, R)) // 16), RESIDENT=cfg.resident,
                   HAS_H0=True, HAS_LENGTHS=False, PERSISTENT=True,
-                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")
+                  DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", REVERSE=True,
+                  HAS_RESTARTS=restarts, RESTART_FROM_STATE=restarts)
     acc = "fp32"
     if kernel_name == "forward":
         kernel = lstm_forward_kernel
         types = dict(gx=tname, w_hh=tname, w_hr=tname, h0=tname, c0=tname, lengths="i32",
                      y=tname, h_n=tname, r_all=tname, c_state=acc, gates=acc, c_all=acc,
+                     restarts="i8", hw_restart=acc, c_restart=tname, h_ckpt=tname, c_ckpt=acc,
                      counters="i32")
-        constexprs = dict(common, SAVE=True)
+        constexprs = dict(common, SAVE=not ckpt_every, CKPT_EVERY=ckpt_every)
     else:
         kernel = lstm_backward_kernel
         types = dict(dy=tname, dh_n=tname, dc_state=acc, gates=acc, c_all=acc, c0=tname,
                      lengths="i32", w_hh=tname, w_hr=tname, dgates=tname, dh_all=tname,
-                     dh0=tname, counters="i32")
+                     dh0=tname, restarts="i8", c_restart=tname, dh_restart=acc, dc_restart=acc,
+                     counters="i32")
         constexprs = dict(common, HAS_DY=True, HAS_DHN=True)
     compiled = compile_one(kernel, types, constexprs, cfg.num_warps)
     ptx = compiled.asm["ptx"]
@@ -107,18 +114,50 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0):
     return row
 
 
+def report_step(dtype_name, batch, hidden):
+    """The one-step kernel (kernels/step.py) with its heuristic tiles, I = R = H, state and bias."""
+    tname, dtype = DTYPES[dtype_name]
+    cfg = step_config(batch, hidden, hidden, dtype, NUM_SMS)
+    types = dict(x=tname, h=tname, c=tname, w_ih=tname, w_hh=tname, b_ih=tname, b_hh=tname,
+                 r_out=tname, c_out="fp32", gates="fp32")
+    constexprs = dict(I=hidden, H=hidden, R=hidden, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h,
+                      BLOCK_K=cfg.block_k, HAS_STATE=True, HAS_BIAS=True, SAVE=False,
+                      DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")
+    sig = signature(lstm_step_kernel, types, constexprs)
+    pointers = [i for i, name in enumerate(lstm_step_kernel.arg_names) if sig[name].startswith("*")]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
+    compiled = triton.compile(ASTSource(lstm_step_kernel, sig, constexprs, attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = compiled.asm["ptx"]
+    row = ptxas_report(ptx)
+    row.update(kernel="step", dtype=dtype_name, B=batch, H=hidden, D=1, proj=0,
+               tile=f"{cfg.block_b}x{cfg.block_h}", resident=False, split_k=cfg.block_k,
+               warps=cfg.num_warps, shared=compiled.metadata.shared,
+               mma="wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma"))
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["8x512", "64x512", "128x1024", "512x1024"],
                         help="BxH")
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    parser.add_argument("--step", action="store_true",
+                        help="the one-step kernel (its 'split' column is BLOCK_K)")
+    parser.add_argument("--directions", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--proj", type=int, default=0, help="proj_size (0: none)")
+    parser.add_argument("--restarts", action="store_true", help="with reset= (restarts)")
+    parser.add_argument("--ckpt", type=int, default=0, help="recompute interval (forward)")
     args = parser.parse_args()
     print("kernel   dtype     B     H  D  tile     res split warps  regs spill  shared  mma")
     for dtype_name in args.dtypes:
         for shape in args.shapes:
             batch, hidden = (int(v) for v in shape.split("x"))
-            for kernel_name in ("forward", "backward"):
-                r = report(kernel_name, dtype_name, batch, hidden)
+            for kernel_name in (("step",) if args.step else ("forward", "backward")):
+                r = (report_step(dtype_name, batch, hidden) if kernel_name == "step"
+                     else report(kernel_name, dtype_name, batch, hidden, args.directions,
+                                 args.proj, args.restarts, args.ckpt))
                 print(f"{r['kernel']:8} {r['dtype']:5} {r['B']:5} {r['H']:5} {r['D']:2}  "
                       f"{r['tile']:8} {str(r['resident'])[0]:>3} {r['split_k']:5} {r['warps']:5} "
                       f"{r['regs']!s:>5} {r['spill']:5} {r['shared']:7}  {r['mma']}"

@@ -34,3 +34,27 @@ def random_inputs(T, B, I, H, dtype, device="cuda", requires_grad=False):
     hx = tuple(torch.randn(1, B, H, device=device, dtype=dtype, requires_grad=requires_grad)
                for _ in range(2))
     return x, hx
+
+
+def bench_calls_ms(fn, *, calls: int = 100, reps: int = 20,
+                   warmup: int = 10) -> tuple[float, float, float]:
+    """Median, 20% and 80% quantiles of the time per call of fn in ms, in steady state.
+
+    Each sample times `calls` back-to-back calls between two CUDA events (no L2 flush,
+    unlike do_bench): what a stream of one-step requests costs per step, host launch
+    overhead included when the host is slower than the GPU.
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        per_call.append(start.elapsed_time(end) / calls)
+    samples = torch.tensor(per_call, dtype=torch.float64)
+    return tuple(float(torch.quantile(samples, q)) for q in QUANTILES)

@@ -1,103 +1,595 @@
-"""`make tune`: measure tile configs per GPU / dtype / shape and keep the fastest.
+"""`make tune`: one resumable sweep per GPU: tile configs for the kernels, and cuDNN beside them.
 
-For each (dtype, B, H) it times the forward and the backward recurrent kernels
-over a set of candidate ``KernelConfig``s (hidden block, batch block, warps,
-resident or streamed weights) and writes the best of each to
-``triton_lstm/configs/<gpu>.json`` (merged with what is there), where
-``dispatch.pick_config`` finds it at run time. Configs that do not compile or
-fit the chip are reported and skipped.
+For every shape of the grid (dtype x batch x H x directions x projection) it
+  1. checks each candidate config of the forward and of the backward kernel against a
+     float64 reference and times those that pass (T = --steps; triton_lstm/autotune.py:
+     the heuristic's config and its one-step neighbours); a failing candidate is
+     recorded as failed, not timed;
+  2. times the layer (input size = H) on the kernels with the fastest configs, forward
+     and training, and nn.LSTM (cuDNN): eager forward, forward replayed from a CUDA
+     graph, training.
+Each measurement is appended to perf/results/<gpu>/tune.csv as soon as it is made,
+keyed by (kind, dtype, B, H, D, proj, config): a rerun skips what is there and goes on
+(--fresh starts over). After every shape the table triton_lstm/configs/<gpu>.json is
+written again from the CSV (best configs, µs/step of the kernels and of cuDNN,
+provenance); at the end heatmaps go to perf/results/<gpu>/heatmap_<dtype>.png. A run
+stops starting new measurements after --budget-min minutes (8): run it again to go on.
+
+    python3 perf/tune.py [--fresh] [--quick] [--dtypes bf16 fp16] [--shapes 8x512 ...]
+    python3 perf/tune.py --plan          # grid, candidates, time estimate (no GPU needed)
+    python3 perf/tune.py --plot-only [--csv perf/results/<gpu>/tune.csv]   # heatmaps again
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import csv
+import dataclasses
+import datetime
 import json
+import math
 import os
 import pathlib
+import shutil
+import subprocess
 import sys
+import time
+import warnings
 
 import torch
-import triton
+from torch import nn
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from timing import bench_ms  # noqa: E402
+PERF_DIR = pathlib.Path(__file__).resolve().parent
+REPO_DIR = PERF_DIR.parent
+sys.path[:0] = [str(PERF_DIR), str(REPO_DIR)]
+import triton  # noqa: E402
 
-from triton_lstm import dispatch  # noqa: E402
-from triton_lstm.dispatch import KernelConfig, gpu_slug, on_chip_bytes, padded, tuned_key  # noqa: E402
-from triton_lstm.kernels.backward import lstm_backward  # noqa: E402
-from triton_lstm.kernels.forward import lstm_forward  # noqa: E402
+import triton_lstm  # noqa: E402
+from timing import forward_fn, train_fn  # noqa: E402
+from triton_lstm import autotune, tuning  # noqa: E402
+from triton_lstm.dispatch import CONFIG_DIR, gpu_slug, heuristic_config  # noqa: E402
+from triton_lstm.tuning import DTYPES, KERNELS, MODES, config_from_label, config_label  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SHAPES = [(B, H) for B in (1, 8, 16, 64, 128, 512) for H in (256, 512, 1024)]
-QUICK_SHAPES = [(8, 512), (64, 512), (128, 1024)]
-SHARED_MEMORY = 227 * 1024
+# nn.LSTM repacks bf16 weights on every call and warns each time; the cost is part of its numbers.
+warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+
+# -- the grid ----------------------------------------------------------------------------------
+
+SWEEP_DTYPES = ("bf16", "fp16", "fp32")
+BATCHES = (1, 8, 16, 64, 128, 512)            # batch buckets of plain layers: make perf's grid
+HIDDEN = (256, 512, 1024)
+VARIANT_BATCHES = (8, 64, 512)                # bidirectional and projected layers: fewer
+VARIANT_HIDDEN = (512,)
+QUICK = dict(dtypes=("bf16",), batches=(8, 128), hidden=(512,))
+STEPS = 64
+NUM_SMS = 132                                 # H100 / H200, for --plan without a GPU
+
+# Time estimate (--plan), seconds. A compile: one kernel variant built for sm_90, measured
+# 0.5-1.8 s (mean 1.0 s) alone and 1.2-4.7 s two at a time on a 2-core AMD EPYC (perf/NOTES.md;
+# 1-3 s expected on a GPU host the first time, Triton's disk cache makes reruns cheaper). A
+# candidate: the float64 check (8 steps) and do_bench (10 ms warm-up, 40 ms of runs, L2
+# flushed between runs). A layer: its five timings, set-up and a CUDA-graph capture.
+COMPILE_S, CANDIDATE_S, LAYER_S, START_S = 1.5, 0.15, 1.0, 20
+
+LAYER_KINDS = ("kernels_fwd", "kernels_train", "cudnn_fwd", "cudnn_graph_fwd", "cudnn_train")
+FIELDS = ["key", "kind", "dtype", "B", "H", "D", "proj", "config", "status", "us_per_step",
+          "rel_error", "T", "gpu", "torch", "triton", "cuda", "cudnn", "commit", "date", "detail"]
 
 
-def candidates(batch, hidden, dtype, num_sms, quick):
-    block_bs = [b for b in (16, 32, 64, 128) if b <= max(16, triton.next_power_of_2(batch))]
-    block_hs = (4, 8, 16, 32) if quick else (4, 8, 16, 32, 64)
-    warps = (4, 8) if quick else (2, 4, 8)
-    for block_b, block_h, num_warps, resident in itertools.product(block_bs, block_hs, warps, (True, False)):
-        if triton.cdiv(hidden, block_h) > num_sms:
-            continue
-        if resident and on_chip_bytes(hidden, block_b, block_h, dtype) > SHARED_MEMORY:
-            continue
-        if quick and not resident and on_chip_bytes(hidden, block_b, block_h, dtype) <= SHARED_MEMORY:
-            continue   # quick sweeps stream weights only where they cannot stay on chip
-        yield KernelConfig(block_b=block_b, block_h=block_h, resident=resident,
-                           block_k=min(64, padded(hidden)), num_warps=num_warps)
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    dtype: str
+    batch: int
+    hidden: int
+    directions: int = 1
+    proj: int = 0          # proj_size; 0 for none
+
+    def __str__(self) -> str:
+        return (f"{self.dtype} B={self.batch} H={self.hidden} D={self.directions} "
+                f"proj={self.proj}")
 
 
-def tune_shape(batch, hidden, dtype, T, quick):
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    gx = torch.randn(T, batch, 4 * hidden, device="cuda", dtype=dtype)
-    w_hh = torch.randn(1, 4 * hidden, hidden, device="cuda", dtype=dtype) / hidden ** 0.5
-    _, _, _, gates, c_all, _ = lstm_forward(gx, w_hh, None, None, None, save=True)
-    dy = torch.randn(T, batch, hidden, device="cuda", dtype=dtype)
+def default_grid(dtypes=SWEEP_DTYPES, quick: bool = False, shapes=None) -> list[Shape]:
+    """Plain layers (one direction, no projection) at every batch bucket first, then
+    bidirectional and projected (proj_size = H/2) layers at fewer: the order of priority
+    when the budget runs out."""
+    if quick:
+        return [Shape(d, B, H) for d in QUICK["dtypes"] for H in QUICK["hidden"]
+                for B in QUICK["batches"]]
+    if shapes:
+        return [Shape(d, B, H) for d in dtypes for B, H in shapes]
+    plain = [Shape(d, B, H) for d in dtypes for H in HIDDEN for B in BATCHES]
+    variants = [Shape(d, B, H, D, P) for D, P in ((2, 0), (1, -1)) for d in dtypes
+                for H in VARIANT_HIDDEN for B in VARIANT_BATCHES]
+    return plain + [dataclasses.replace(s, proj=s.hidden // 2) if s.proj < 0 else s
+                    for s in variants]
+
+
+def candidates_for(shape: Shape, neighbourhood: str) -> str:
+    """Bidirectional and projected layers get the heuristic's tiles only (unless --wide):
+    the 8 minutes go to tuning the plain layers make perf measures."""
+    plain = (shape.directions, shape.proj) == (1, 0)
+    return neighbourhood if plain or neighbourhood == "wide" else "heuristic"
+
+
+def shape_of(row: dict) -> Shape:
+    return Shape(row["dtype"], row["B"], row["H"], row["D"], row["proj"])
+
+
+def row_key(kind: str, shape: Shape, config_text: str) -> str:
+    key = tuning.shape_key(shape.dtype, shape.batch, shape.hidden, shape.directions, shape.proj)
+    return f"{kind}|{key}|{config_text}"
+
+
+def layer_config_text(best: dict) -> str | None:
+    """The configs a layer timing ran with, 'forward+backward' labels (None without both)."""
+    if not all(kernel in best for kernel in KERNELS):
+        return None
+    return "+".join(config_label(best[kernel][0]) for kernel in KERNELS)
+
+
+# -- tune.csv ----------------------------------------------------------------------------------
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != FIELDS:
+            sys.exit(f"{path} has other columns than this tune.py writes: run with --fresh "
+                     "(it keeps the old file as tune.csv.bak)")
+        rows = list(reader)
+    for row in rows:
+        for name in ("B", "H", "D", "proj", "T"):
+            row[name] = int(row[name])
+        for name in ("us_per_step", "rel_error"):
+            row[name] = float(row[name]) if row[name] not in ("", None) else None
+    return rows
+
+
+def append_row(path: pathlib.Path, row: dict) -> None:
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def best_configs(rows: list[dict], shape: Shape) -> dict:
+    """{kernel: (config, µs/step)}: the fastest candidate that passed, per kernel."""
     best = {}
-    for config in candidates(batch, hidden, dtype, num_sms, quick):
+    for row in rows:
+        if row["kind"] in KERNELS and row["status"] == "ok" and shape_of(row) == shape:
+            if row["kind"] not in best or row["us_per_step"] < best[row["kind"]][1]:
+                best[row["kind"]] = (config_from_label(row["config"]), row["us_per_step"])
+    return best
+
+
+def build_table(rows: list[dict], provenance: dict) -> dict:
+    """The JSON table (format in triton_lstm/tuning.py) from the rows of tune.csv."""
+    by_shape = {}
+    for row in rows:
+        by_shape.setdefault(shape_of(row), []).append(row)
+    shapes = {}
+    for shape, mine in by_shape.items():
+        best = best_configs(mine, shape)
+        entry = dict(dtype=shape.dtype, B=shape.batch, H=shape.hidden, D=shape.directions,
+                     proj=shape.proj)
+        entry.update({kernel: tuning.config_entry(config, us)
+                      for kernel, (config, us) in best.items()})
+        current = layer_config_text(best)
+        layer = {row["kind"]: row["us_per_step"] for row in mine
+                 if row["kind"] in LAYER_KINDS and row["status"] == "ok"
+                 and (row["kind"].startswith("cudnn") or row["config"] == current)}
+        kernels_us = {mode: layer[f"kernels_{mode}"] for mode in MODES if f"kernels_{mode}" in layer}
+        cudnn_us = {name: layer[kind] for name, kind in (("fwd", "cudnn_fwd"),
+                    ("fwd_graph", "cudnn_graph_fwd"), ("train", "cudnn_train")) if kind in layer}
+        if kernels_us:
+            entry["kernels_us"] = {k: round(v, 3) for k, v in kernels_us.items()}
+        if cudnn_us:
+            entry["cudnn_us"] = {k: round(v, 3) for k, v in cudnn_us.items()}
+        shapes[tuning.shape_key(shape.dtype, shape.batch, shape.hidden, shape.directions,
+                                shape.proj)] = entry
+    return {"provenance": provenance, "shapes": shapes}
+
+
+def provenance(rows: list[dict], env: dict, steps: int) -> dict:
+    """Where the numbers come from: this run's GPU and versions, and what the rows cover."""
+    measured = [shape_of(row) for row in rows]
+    return dict(env, commits=sorted({row["commit"] for row in rows}), steps=steps,
+                rows=len(rows), tool="perf/tune.py",
+                csv=f"perf/results/{gpu_slug(env['gpu'])}/tune.csv",
+                candidates="dispatch.heuristic_config and its one-step neighbours "
+                           "(triton_lstm/autotune.py), each checked against float64 first",
+                grid=dict(dtypes=sorted({s.dtype for s in measured}),
+                          batches=sorted({s.batch for s in measured}),
+                          hidden=sorted({s.hidden for s in measured}),
+                          directions=sorted({s.directions for s in measured}),
+                          proj=sorted({s.proj for s in measured}), shapes=len(set(measured))))
+
+
+def env_from_rows(rows: list[dict]) -> dict:
+    """The environment of the newest row (for --plot-only, which measures nothing)."""
+    last = rows[-1] if rows else {}
+    return {k: last.get(k, "") for k in ("gpu", "torch", "triton", "cuda", "cudnn", "commit", "date")}
+
+
+def environment() -> dict:
+    """What a number depends on besides the shape: GPU, versions, date, commit."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, check=True,
+                                capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_DIR, capture_output=True, text=True).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version(),
+                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                commit=commit)
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+def layer_runs(shape: Shape, best: dict, steps: int, device="cuda") -> dict:
+    """kind -> (config text, configs to force, a function building the timed call)."""
+    from bench import GraphedForward   # bench.py's CUDA-graph replay of nn.LSTM's forward
+
+    dtype, H, R = DTYPES[shape.dtype], shape.hidden, shape.proj or shape.hidden
+    torch.manual_seed(0)
+    lstm = nn.LSTM(H, H, bidirectional=shape.directions == 2, proj_size=shape.proj,
+                   device=device, dtype=dtype)
+    ours = triton_lstm.LSTM.from_torch(lstm, backend="triton")
+    x = torch.randn(steps, shape.batch, H, device=device, dtype=dtype)
+    hx = (torch.randn(shape.directions, shape.batch, R, device=device, dtype=dtype),
+          torch.randn(shape.directions, shape.batch, H, device=device, dtype=dtype))
+
+    def trainable():
+        return x.clone().requires_grad_(), tuple(s.clone().requires_grad_() for s in hx)
+
+    runs = {"cudnn_fwd": ("-", {}, lambda: forward_fn(lstm, x, hx)),
+            "cudnn_graph_fwd": ("-", {}, lambda: GraphedForward(lstm, x, hx)),
+            "cudnn_train": ("-", {}, lambda: train_fn(lstm, *trainable()))}
+    text = layer_config_text(best)
+    if text is not None:
+        forced = {kernel: best[kernel][0] for kernel in KERNELS}
+        runs["kernels_fwd"] = (text, forced, lambda: forward_fn(ours, x, hx))
+        runs["kernels_train"] = (text, forced, lambda: train_fn(ours, *trainable()))
+    return runs
+
+
+class Sweep:
+    """tune.csv, and the measurements of a grid still missing from it."""
+
+    def __init__(self, csv_path: pathlib.Path, env: dict, steps: int, budget_s: float,
+                 device="cuda", retry_errors: bool = False, log=print):
+        self.csv_path, self.env, self.steps, self.log = csv_path, env, steps, log
+        self.deadline = time.monotonic() + budget_s
+        self.rows = read_rows(csv_path)
+        self.measured = {row["key"] for row in self.rows
+                         if not (retry_errors and row["status"] == "error")}
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.num_sms = tuning.sm_count(self.device) if self.device.type == "cuda" else 4
+
+    def run(self, grid: list[Shape], neighbourhood: str, json_path: pathlib.Path) -> bool:
+        """First the heuristic's configs and the layer timings of every shape (a complete
+        table for backend="auto" early), then the other candidates shape by shape (the layer
+        timed again where the best config changed). False if the budget ran out first."""
+        for candidates in dict.fromkeys(("heuristic", neighbourhood)):
+            for i, shape in enumerate(grid, 1):
+                if not (self.measure_candidates(shape, candidates) and self.measure_layer(shape)):
+                    return False
+                table = build_table(self.rows, provenance(self.rows, self.env, self.steps))
+                write_json(table, json_path)
+                self.log(f"[{candidates} {i}/{len(grid)}] {summary_line(table, shape)}")
+        return True
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def record(self, kind, shape, config_text, status, us=None, error=None, detail="") -> None:
+        row = dict(key=row_key(kind, shape, config_text), kind=kind, dtype=shape.dtype,
+                   B=shape.batch, H=shape.hidden, D=shape.directions, proj=shape.proj,
+                   config=config_text, status=status, us_per_step=us, rel_error=error,
+                   T=self.steps, detail=detail, **self.env)
+        append_row(self.csv_path, row)
+        self.rows.append(row)
+        self.measured.add(row["key"])
+        if status != "ok":
+            self.log(f"  {shape} {kind} {config_text}: {status}, {detail}")
+
+    def measure_candidates(self, shape: Shape, neighbourhood: str) -> bool:
+        """Check, then time, the kernels' candidates that tune.csv lacks (forward first: the
+        backward reads what the best forward saves)."""
+        problem = None
+        for kernel in KERNELS:
+            for config in autotune.candidate_configs(kernel, shape.batch, shape.hidden,
+                                                     DTYPES[shape.dtype], shape.directions,
+                                                     self.num_sms,
+                                                     candidates_for(shape, neighbourhood)):
+                if row_key(kernel, shape, config_label(config)) in self.measured:
+                    continue
+                if self.out_of_time():
+                    return False
+                problem = problem or autotune.Problem.random(
+                    DTYPES[shape.dtype], shape.batch, shape.hidden, shape.directions, shape.proj,
+                    self.steps, self.device, self.num_sms)
+                best_forward = best_configs(self.rows, shape).get("forward")
+                problem.saved_config = best_forward and best_forward[0]
+                m = autotune.measure(problem, kernel, config)
+                self.record(kernel, shape, config_label(config), m.status, m.us_per_step,
+                            m.rel_error, m.detail)
+                if m.status == "error":
+                    self.check_device(f"{shape} {kernel} {config_label(config)}")
+        return True
+
+    def check_device(self, what: str) -> None:
+        """After a failure: a CUDA context that broke fails everything after it, so stop."""
+        if self.device.type != "cuda":
+            return
         try:
-            fwd = bench_ms(lambda: lstm_forward(gx, w_hh, None, None, None, save=False, config=config),
-                           warmup_ms=10, rep_ms=40)[0]
-            bwd = bench_ms(lambda: lstm_backward(dy, None, None, gates, c_all, None, None, w_hh, config=config),
-                           warmup_ms=10, rep_ms=40)[0]
-        except Exception as error:   # a config that does not compile or fit: skip it, say why
-            print(f"  skip {config}: {type(error).__name__}: {str(error)[:120]}", flush=True)
-            continue
-        print(f"  {config}: fwd {fwd * 1e3 / T:7.2f} µs/step, bwd {bwd * 1e3 / T:7.2f} µs/step", flush=True)
-        for kind, ms in (("forward", fwd), ("backward", bwd)):
-            if kind not in best or ms < best[kind][0]:
-                best[kind] = (ms, config)
-    return {kind: dict(vars(config), us_per_step=round(ms * 1e3 / T, 3)) for kind, (ms, config) in best.items()}
+            torch.cuda.synchronize(self.device)
+            torch.ones(1, device=self.device).add_(1).item()
+        except RuntimeError as error:
+            sys.exit(f"tune: the CUDA context broke at {what} ({error}); that row is recorded: "
+                     "run again to go on from the next measurement")
+
+    def measure_layer(self, shape: Shape) -> bool:
+        """The layer on the kernels (best configs) and on nn.LSTM, where tune.csv lacks it."""
+        best = best_configs(self.rows, shape)
+        for kind, (text, forced, build) in layer_runs(shape, best, self.steps, self.device).items():
+            if row_key(kind, shape, text) in self.measured:
+                continue
+            if self.out_of_time():
+                return False
+            try:
+                with tuning.forced_configs(**forced):
+                    us = autotune.time_ms(build()) * 1e3 / self.steps
+                self.record(kind, shape, text, "ok", us)
+            except Exception as exc:   # say why and keep going: never a number from a broken run
+                self.record(kind, shape, text, "error",
+                            detail=f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+                self.check_device(f"{shape} {kind}")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--shapes", nargs="+", help="BxH pairs, e.g. 8x512 64x1024")
-    parser.add_argument("--quick", action="store_true", help="a few shapes and candidates")
-    parser.add_argument("--steps", type=int, default=128, help="sequence length timed")
-    parser.add_argument("--out", help="JSON file to write (default: triton_lstm/configs/<gpu>.json)")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("tune: no CUDA GPU found; tuning measures real kernels")
-    gpu = torch.cuda.get_device_name()
-    shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes] if args.shapes
-              else QUICK_SHAPES if args.quick else SHAPES)
-    out = pathlib.Path(args.out) if args.out else dispatch.CONFIG_DIR / f"{gpu_slug(gpu)}.json"
-    table = json.loads(out.read_text()) if out.exists() else {}
-    for dtype_name in args.dtypes:
-        for batch, hidden in shapes:
-            print(f"{gpu} {dtype_name} B={batch} H={hidden}", flush=True)
-            best = tune_shape(batch, hidden, DTYPES[dtype_name], args.steps, args.quick)
-            if best:
-                table[tuned_key(DTYPES[dtype_name], batch, hidden)] = best
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {out}")
+def summary_line(table: dict, shape: Shape) -> str:
+    entry = table["shapes"].get(tuning.shape_key(shape.dtype, shape.batch, shape.hidden,
+                                                 shape.directions, shape.proj), {})
+    parts = [str(shape)]
+    for kernel in KERNELS:
+        if kernel in entry:
+            config = tuning.config_from_entry(entry[kernel])
+            parts.append(f"{kernel} {config_label(config)} {entry[kernel]['us_per_step']:.2f}")
+    k, c = entry.get("kernels_us", {}), entry.get("cudnn_us", {})
+    for mode in MODES:
+        if mode in k and mode in c:
+            auto = "kernels" if tuning.kernels_faster(entry, mode) else "nn.LSTM"
+            parts.append(f"{mode} {k[mode]:.2f} vs cuDNN {c[mode]:.2f} -> {auto}")
+    return " | ".join(parts) + "  (µs/step)"
+
+
+def write_json(table: dict, path: pathlib.Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+
+
+# -- plan --------------------------------------------------------------------------------------
+
+def estimate(grid: list[Shape], neighbourhood: str = "sweep", num_sms: int = NUM_SMS) -> dict:
+    """Candidates, distinct kernel compiles and seconds the sweep of ``grid`` should take.
+
+    A compile is one (kernel, dtype, H, D, proj, config) variant: the candidates, and the
+    forward that saves the activations (the backward's inputs, the layer's training) with
+    the best forward tiles, counted as the heuristic's (an assumption).
+    """
+    compiles, candidates = set(), 0
+    for shape in grid:
+        dtype = DTYPES[shape.dtype]
+        group = (shape.dtype, shape.hidden, shape.directions, shape.proj)
+        for kernel in KERNELS:
+            configs = autotune.candidate_configs(kernel, shape.batch, shape.hidden, dtype,
+                                                 shape.directions, num_sms,
+                                                 candidates_for(shape, neighbourhood))
+            candidates += len(configs)
+            compiles.update((kernel, group, c) for c in configs)
+        compiles.add(("forward-save", group, heuristic_config(
+            shape.batch, shape.hidden, dtype, max(1, num_sms // shape.directions), "forward")))
+    seconds = (START_S + len(compiles) * COMPILE_S + candidates * CANDIDATE_S
+               + len(grid) * LAYER_S)
+    return dict(shapes=len(grid), candidates=candidates, compiles=len(compiles), seconds=seconds)
+
+
+def format_plan(grid: list[Shape], plan: dict) -> str:
+    kinds = {}
+    for s in grid:
+        batches, hidden = kinds.setdefault((s.directions, s.proj > 0), (set(), set()))
+        batches.add(s.batch)
+        hidden.add(s.hidden)
+    covered = "; ".join(f"D={d}{' projected' if p else ''}: B {sorted(b)} x H {sorted(h)}"
+                        for (d, p), (b, h) in kinds.items())
+    return "\n".join([
+        f"{plan['shapes']} shapes ({', '.join(sorted({s.dtype for s in grid}))}; {covered})",
+        f"{plan['candidates']} candidate measurements, {plan['compiles']} kernel compiles",
+        f"estimate: {plan['seconds'] / 60:.1f} min = {START_S} s start + {plan['compiles']} "
+        f"compiles x {COMPILE_S} s + {plan['candidates']} candidates x {CANDIDATE_S} s + "
+        f"{plan['shapes']} layers x {LAYER_S} s"])
+
+
+# -- pictures ----------------------------------------------------------------------------------
+
+def plot_heatmaps(table: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """heatmap_<dtype>.png: over B x H, the layer's µs/step on the kernels (forward, training)
+    and the speed-up over the best cuDNN number; a row of panels per kind of layer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib import patheffects, ticker
+    from matplotlib.colors import LogNorm
+
+    entries = list(table["shapes"].values())
+    prov = table.get("provenance", {})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for dtype in [d for d in ("fp32", "bf16", "fp16") if any(e["dtype"] == d for e in entries)]:
+        kinds = sorted({(e["D"], e["proj"] > 0) for e in entries if e["dtype"] == dtype})
+        fig, axes = plt.subplots(len(kinds), 4, figsize=(19, 3.6 * len(kinds) + 1), squeeze=False)
+        for row_axes, (D, projected) in zip(axes, kinds):
+            chosen = [e for e in entries if e["dtype"] == dtype and e["D"] == D
+                      and (e["proj"] > 0) == projected]
+            batches, hidden = sorted({e["B"] for e in chosen}), sorted({e["H"] for e in chosen})
+            panels = {name: np.full((len(batches), len(hidden)), np.nan)
+                      for name in ("fwd", "train", "fwd_x", "train_x")}
+            for e in chosen:
+                at = batches.index(e["B"]), hidden.index(e["H"])
+                k, c = e.get("kernels_us", {}), e.get("cudnn_us", {})
+                best_cudnn = {"fwd": min([c[n] for n in ("fwd", "fwd_graph") if n in c], default=None),
+                              "train": c.get("train")}
+                for mode in MODES:
+                    if mode in k:
+                        panels[mode][at] = k[mode]
+                        if best_cudnn[mode]:
+                            panels[mode + "_x"][at] = best_cudnn[mode] / k[mode]
+            label = f"D={D}{', proj_size=H/2' if projected else ''}"
+            titles = {"fwd": "forward µs/step", "train": "training µs/step",
+                      "fwd_x": "forward speed-up vs best cuDNN",
+                      "train_x": "training speed-up vs cuDNN"}
+            for ax, (name, data) in zip(row_axes, panels.items()):
+                ax.set_title(f"{label}: {titles[name]}", fontsize=10)
+                ax.set_xticks(range(len(hidden)), [str(h) for h in hidden])
+                ax.set_yticks(range(len(batches)), [str(b) for b in batches])
+                ax.set(xlabel="H", ylabel="B")
+                finite = data[np.isfinite(data)]
+                if finite.size == 0:
+                    ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+                    continue
+                if name.endswith("_x"):   # log scale centred on parity: green faster, red slower
+                    span = max(2.0, float(np.max(np.maximum(finite, 1 / finite))))
+                    cmap, norm, fmt = "RdYlGn", LogNorm(1 / span, span), "{:.2f}x"
+                else:
+                    top = max(finite.max(), finite.min() * 1.01)
+                    cmap, norm, fmt = "viridis_r", LogNorm(finite.min(), top), "{:.2f}"
+                cmap = plt.get_cmap(cmap)
+                cmap = cmap.with_extremes(bad="lightgrey")
+                image = ax.imshow(data, cmap=cmap, norm=norm, origin="lower", aspect="auto")
+                bar = fig.colorbar(image, ax=ax, format=ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                bar.ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+                halo = [patheffects.withStroke(linewidth=2.5, foreground="white")]   # readable on dark
+                for (i, j), value in np.ndenumerate(data):
+                    if math.isfinite(value):
+                        ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=8,
+                                path_effects=halo)
+        fig.suptitle(f"triton_lstm {dtype} on {prov.get('gpu', '?')}: one layer, input size = H, "
+                     f"T = {prov.get('steps', '?')}, commit {prov.get('commit', '?')}")
+        fig.tight_layout()
+        paths.append(out_dir / f"heatmap_{dtype}.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+def parse_shapes(texts: list[str]) -> list[tuple[int, int]]:
+    shapes = []
+    for text in texts:
+        parts = text.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"shape {text!r} is not BxH (e.g. 8x512)")
+        shapes.append((int(parts[0]), int(parts[1])))
+    return shapes
+
+
+def copy_to_out(paths) -> None:
+    """Also into $OUT when set (what a GPU session brings back)."""
     if os.environ.get("OUT"):
-        (pathlib.Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
+        dest = pathlib.Path(os.environ["OUT"])
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            if path.exists() and (dest / path.name).resolve() != path.resolve():
+                shutil.copy2(path, dest / path.name)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fresh", action="store_true", help="start over (keeps tune.csv.bak)")
+    parser.add_argument("--quick", action="store_true", help="a few bf16 shapes (smoke test)")
+    parser.add_argument("--wide", action="store_true",
+                        help="every one-step neighbour of the heuristic (longer: resume over runs)")
+    parser.add_argument("--dtypes", nargs="+", choices=SWEEP_DTYPES, default=list(SWEEP_DTYPES))
+    parser.add_argument("--shapes", nargs="+", metavar="BxH", help="plain layers only, e.g. 8x512")
+    parser.add_argument("--steps", type=int, default=STEPS, help="sequence length timed")
+    parser.add_argument("--budget-min", type=float, default=8.0,
+                        help="start no measurement after this many minutes (rerun to go on)")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="measure again what raised last time (a rerun skips it otherwise)")
+    parser.add_argument("--plan", action="store_true", help="print the grid and time estimate")
+    parser.add_argument("--plot-only", action="store_true", help="heatmaps from an existing CSV")
+    parser.add_argument("--csv", help="tune.csv to read/extend (default perf/results/<gpu>/tune.csv)")
+    parser.add_argument("--json", help="table to write (default triton_lstm/configs/<gpu>.json)")
+    args = parser.parse_args(argv)
+    try:
+        grid = default_grid(args.dtypes, args.quick, args.shapes and parse_shapes(args.shapes))
+    except ValueError as error:
+        parser.error(str(error))
+    neighbourhood = "wide" if args.wide else "sweep"
+    if args.plan:
+        print(format_plan(grid, estimate(grid, neighbourhood)))
+        return 0
+    has_gpu = torch.cuda.is_available()
+    if args.plot_only:
+        if not args.csv and not has_gpu:
+            parser.error("--plot-only without a GPU needs --csv PATH")
+        csv_path = pathlib.Path(args.csv or PERF_DIR / "results"
+                                / gpu_slug(torch.cuda.get_device_name()) / "tune.csv")
+        rows = read_rows(csv_path)
+        if not rows:
+            sys.exit(f"{csv_path}: no rows to plot")
+        steps = rows[-1]["T"]
+        paths = plot_heatmaps(build_table(rows, provenance(rows, env_from_rows(rows), steps)),
+                              csv_path.parent)
+        print("wrote " + ", ".join(map(str, paths)))
+        return 0
+    if not has_gpu:
+        sys.exit("tune: no CUDA GPU found; tuning measures real kernels "
+                 "(--plan and --plot-only work without one)")
+
+    env = environment()
+    slug = gpu_slug(env["gpu"])
+    csv_path = pathlib.Path(args.csv or PERF_DIR / "results" / slug / "tune.csv")
+    json_path = pathlib.Path(args.json or CONFIG_DIR / f"{slug}.json")
+    if args.fresh and csv_path.exists():
+        csv_path.replace(csv_path.with_name(csv_path.name + ".bak"))
+    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+          f"cuDNN {env['cudnn']}, commit {env['commit']}\n"
+          f"{format_plan(grid, estimate(grid, neighbourhood))}\n"
+          f"{len(read_rows(csv_path))} rows already in {csv_path}; budget {args.budget_min:g} min",
+          flush=True)
+    sweep = Sweep(csv_path, env, args.steps, args.budget_min * 60,
+                  retry_errors=args.retry_errors, log=lambda line: print(line, flush=True))
+    complete = sweep.run(grid, neighbourhood, json_path)
+    table = build_table(sweep.rows, provenance(sweep.rows, env, args.steps))
+    write_json(table, json_path)
+    paths = [csv_path, json_path]
+    try:
+        paths += plot_heatmaps(table, csv_path.parent)
+    except ImportError:
+        print("matplotlib not installed: no heatmaps")
+    copy_to_out(paths)
+    print("wrote " + ", ".join(map(str, paths)))
+    if not complete:
+        print(f"INCOMPLETE: the {args.budget_min:g} min budget ran out; run `make tune` again to "
+              "go on from where it stopped (measured rows are kept)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -37,3 +37,14 @@ def fresh_seed():
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     yield seed
+
+
+@pytest.fixture
+def fullgraph_enabled():
+    """triton_lstm.enable_fullgraph() for one test, then Dynamo's setting and caches as before."""
+    import triton_lstm
+    before = torch._dynamo.config.allow_rnn
+    triton_lstm.enable_fullgraph()
+    yield
+    triton_lstm.enable_fullgraph(before)
+    torch._dynamo.reset()

@@ -73,24 +73,18 @@ def test_recurrence_ops_pass_opcheck(D, proj, lengths):
         torch.library.opcheck(forward, (gx, w_hh, h0, c0, lens, w_hr, save, None, False))
     torch.library.opcheck(forward, (gx, w_hh, None, None, lens, w_hr, True, [16, 4, 1, 16, 1, 4],
                                     True))
-    y, h_n, c_n, gates, c_all, _ = forward(gx, w_hh, h0, c0, lens, w_hr, True, None, False)
+    restarts = (torch.rand(D, gx.shape[0], gx.shape[1]) < 0.3).to(torch.int8)
+    torch.library.opcheck(forward, (gx, w_hh, h0, c0, lens, w_hr, False, None, False, restarts,
+                                    h0, c0, 2))
+    y, h_n, c_n, gates, c_all, *_ = forward(gx, w_hh, h0, c0, lens, w_hr, True, None, False)
     backward = torch.ops.triton_lstm.recurrence_backward.default
     torch.library.opcheck(backward, (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n),
                                      gates, c_all, c0, lens, w_hh, w_hr, None, False))
     torch.library.opcheck(backward, (torch.randn_like(y), None, None, gates, c_all, None, lens,
-                                     w_hh, w_hr, None, False))
+                                     w_hh, w_hr, None, False, restarts, c0))
 
 
 # -- torch.compile ------------------------------------------------------------------------------
-
-@pytest.fixture
-def fullgraph_enabled():
-    before = torch._dynamo.config.allow_rnn
-    triton_lstm.enable_fullgraph()
-    yield
-    triton_lstm.enable_fullgraph(before)
-    torch._dynamo.reset()
-
 
 def _graph_recorder(backend):
     """A compile backend that records each graph it is given, then hands it to `backend`."""

@@ -267,3 +267,176 @@ def test_compile_reduce_overhead_training_matches_eager():
     finally:
         triton_lstm.enable_fullgraph(False)
         torch._dynamo.reset()
+
+
+# -- one step (streaming inference): LSTM.step -------------------------------------------------
+
+def _stepped(step, x, hx, upstream=None):
+    """Run `step(x_t, state) -> (y_t, state)` over x, backprop random upstream gradients from
+    every y_t and the final (h, c) into x, hx and nothing else; returns (tensors, upstream)."""
+    ys, state = [], hx
+    for x_t in x.unbind(0):
+        y_t, state = step(x_t, state)
+        ys.append(y_t)
+    outs = (torch.stack(ys),) + tuple(state)
+    if upstream is None:
+        upstream = [torch.randn_like(o) for o in outs]
+    loss = sum((o.float() * u.float()).sum() for o, u in zip(outs, upstream))
+    grads = torch.autograd.grad(loss, [x, *hx])
+    return [o.detach() for o in outs] + list(grads), upstream
+
+
+def _length_one_steps(module):
+    """A step function that runs nn.LSTM on a length-1 sequence: y_t [B, H_out], state."""
+    def step(x_t, state):
+        y, state = module(x_t.unsqueeze(0), state)
+        return y[0], state
+    return step
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("num_layers, proj_size", [(1, 0), (2, 0), (2, 64)],
+                         ids=["L1", "L2", "L2-proj"])
+@pytest.mark.parametrize("batch", [1, 8, 70], ids=["B1", "B8", "B70"])   # 70: two batch blocks
+def test_step_loop_matches_float64_within_twice_cudnn_error(dtype_name, num_layers, proj_size,
+                                                            batch):
+    """Stepping with LSTM.step against nn.LSTM stepped the same way (T = 1 per call, c in the
+    input dtype between calls), both measured against a float64 run of the whole sequence."""
+    dtype, allow_tf32, slack = DTYPES[dtype_name]
+    T, I, H = 12, 96, 256
+    torch_lstm = torch.nn.LSTM(I, H, num_layers, proj_size=proj_size, device="cuda", dtype=dtype)
+    ours = triton_copy(torch_lstm)
+    x = torch.randn(T, batch, I, device="cuda", dtype=dtype, requires_grad=True)
+    hx = (torch.randn(num_layers, batch, proj_size or H, device="cuda", dtype=dtype,
+                      requires_grad=True),
+          torch.randn(num_layers, batch, H, device="cuda", dtype=dtype, requires_grad=True))
+    with tf32(allow_tf32):
+        ours_all, upstream = _stepped(ours.step, x, hx)
+        torch_all, _ = _stepped(_length_one_steps(torch_lstm), x, hx, upstream)
+    ref = torch.nn.LSTM(I, H, num_layers, proj_size=proj_size, dtype=torch.float64)
+    ref.load_state_dict({k: v.double().cpu() for k, v in torch_lstm.state_dict().items()})
+    x64 = x.detach().double().cpu().requires_grad_()
+    hx64 = tuple(s.detach().double().cpu().requires_grad_() for s in hx)
+    y64, (h64, c64) = ref(x64, hx64)
+    outs64 = (y64, h64, c64)
+    loss = sum((o * u.double().cpu()).sum() for o, u in zip(outs64, upstream))
+    ref_all = [o.detach() for o in outs64] + list(torch.autograd.grad(loss, [x64, *hx64]))
+    names = ["y", "h_n", "c_n", "grad x", "grad h0", "grad c0"]
+    for name, got, base, want in zip(names, ours_all, torch_all, ref_all):
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        ours_err, torch_err = relative_error(got, want), relative_error(base, want)
+        assert ours_err <= 2 * torch_err + slack, (
+            f"{name}: error {ours_err:.2e} vs nn.LSTM's {torch_err:.2e} (+{slack:.0e})")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("proj_size", [0, 64], ids=["plain", "proj"])
+def test_step_loop_captured_in_a_cuda_graph_replays_like_eager(dtype, proj_size):
+    """The README's recipe: state in buffers passed as hx and out=, one step captured, replayed."""
+    L, B, I, H, T = 2, 4, 64, 256, 6
+    ours = triton_lstm.LSTM(I, H, num_layers=L, proj_size=proj_size, device="cuda",
+                            dtype=dtype).eval()
+    xs = torch.randn(T, B, I, device="cuda", dtype=dtype)
+    x_buf = torch.zeros(B, I, device="cuda", dtype=dtype)
+    h_buf = torch.zeros(L, B, proj_size or H, device="cuda", dtype=dtype)
+    c_buf = torch.zeros(L, B, H, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        eager_ys, state = [], (h_buf.clone(), c_buf.clone())
+        for x_t in xs:
+            y_t, state = ours.step(x_t, state)
+            eager_ys.append(y_t)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            ours.step(x_buf, (h_buf, c_buf))                     # warm-up: compiles, no out=
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_buf, _ = ours.step(x_buf, (h_buf, c_buf), out=(h_buf, c_buf))
+    for _ in range(2):
+        h_buf.zero_()
+        c_buf.zero_()
+        for t in range(T):
+            x_buf.copy_(xs[t])
+            y_buf.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y_buf, eager_ys[t]), f"step {t}"
+        assert torch.equal(h_buf, state[0]) and torch.equal(c_buf, state[1])
+
+
+# -- resets, recompute, long sequences ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_resets_match_the_plain_pytorch_layers_within_twice_their_error(dtype_name):
+    """The kernels with resets against the same math in plain PyTorch (reference.py) in the
+    same dtype, both against float64."""
+    dtype, allow_tf32, slack = DTYPES[dtype_name]
+    T, B, I, H = 48, 6, 64, 128
+    ours = triton_lstm.LSTM(I, H, num_layers=2, bidirectional=True, device="cuda", dtype=dtype,
+                            backend="triton")
+    plain = triton_lstm.LSTM.from_torch(ours, backend="torch")
+    x = torch.randn(T, B, I, device="cuda", dtype=dtype, requires_grad=True)
+    reset = torch.rand(T, B, device="cuda") < 0.1
+    results = []
+    with tf32(allow_tf32):
+        for module, inp in ((ours, x), (plain, x)):
+            out, (h, c) = module(inp, reset=reset)
+            grads = torch.autograd.grad(out.float().square().sum() + h.float().sum(),
+                                        [x, *module.parameters()])
+            results.append([out, h, c, *grads])
+    ref = triton_lstm.LSTM.from_torch(ours.to_torch().double().cpu(), backend="torch")
+    x64 = x.detach().double().cpu().requires_grad_()
+    out, (h, c) = ref(x64, reset=reset.cpu())
+    grads = torch.autograd.grad(out.square().sum() + h.sum(), [x64, *ref.parameters()])
+    for k, (got, base, want) in enumerate(zip(*results, [out, h, c, *grads])):
+        assert torch.isfinite(got).all(), k
+        assert relative_error(got, want) <= 2 * relative_error(base, want) + slack, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_recompute_gradients_match_saving_every_step(dtype):
+    T, B, I, H = 200, 8, 64, 256
+    saving = triton_lstm.LSTM(I, H, bidirectional=True, device="cuda", dtype=dtype,
+                              backend="triton")
+    recomputing = triton_lstm.LSTM.from_torch(saving, backend="triton", recompute=32)
+    x = torch.randn(T, B, I, device="cuda", dtype=dtype, requires_grad=True)
+    runs = []
+    for module in (saving, recomputing):
+        out, (h, c) = module(x)
+        runs.append(torch.autograd.grad(out.float().square().sum() + c.float().sum(),
+                                        [x, *module.parameters()]))
+    for k, (got, want) in enumerate(zip(*runs)):
+        torch.testing.assert_close(got, want, rtol=2e-2 if dtype == torch.bfloat16 else 1e-4,
+                                   atol=2e-2 if dtype == torch.bfloat16 else 1e-4,
+                                   msg=lambda m, k=k: f"grad {k}: {m}")
+
+
+def test_100k_steps_train_with_recompute_like_float64():
+    """cuDNN fails from T = 65,536 (pytorch/pytorch#133751); the kernels take any T."""
+    T, B, I, H = 100_000, 2, 16, 32
+    ours = triton_lstm.LSTM(I, H, device="cuda", backend="triton", recompute=1000)
+    x = torch.randn(T, B, I, device="cuda", requires_grad=True)
+    out, (h, c) = ours(x)
+    grads = torch.autograd.grad(out[-100:].sum() + c.sum(), [x, *ours.parameters()])
+    ref = ours.to_torch().double().cpu()
+    x64 = x.detach().double().cpu().requires_grad_()
+    out64, (h64, c64) = ref(x64)
+    grads64 = torch.autograd.grad(out64[-100:].sum() + c64.sum(), [x64, *ref.parameters()])
+    for k, (got, want) in enumerate(zip([out, h, c, *grads], [out64, h64, c64, *grads64])):
+        assert relative_error(got, want) < 1e-3, k
+
+
+def test_forward_past_2_31_elements_equals_the_same_forward_in_chunks():
+    """T * B * 4H > 2**31: every index into the per-step tensors is 64-bit."""
+    T, B, H, chunk = 70_000, 32, 512, 7_000     # fp32: c carries between chunks unrounded
+    ours = triton_lstm.LSTM(H, H, device="cuda", backend="triton").eval()
+    x = torch.randn(T, B, H, device="cuda")
+    with torch.no_grad(), tf32(False):
+        whole, (h, c) = ours(x)
+        state = None
+        for start in range(0, T, chunk):
+            part, state = ours(x[start:start + chunk], state)
+            torch.testing.assert_close(part, whole[start:start + chunk], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, start=start: f"chunk at {start}: {m}")
+    torch.testing.assert_close(state, (h, c), rtol=1e-4, atol=1e-5)

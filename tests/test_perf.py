@@ -18,6 +18,7 @@ import torch
 REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR / "perf"))
 import bench  # noqa: E402
+import step_bench  # noqa: E402
 
 ENV = dict(gpu="NVIDIA H200", torch="2.11.0", triton="3.6.0", cudnn=91002,
            date="2025-01-01T00:00:00+00:00", commit="abc1234")
@@ -73,12 +74,35 @@ def test_terminal_table_has_every_config_and_the_speedups(rows):
 
 def test_summarize_renders_the_readme_table(rows):
     lines = bench.summarize(rows).splitlines()
-    assert lines[0].startswith("| dtype | B | H | T | triton fwd µs | best cuDNN fwd µs | speed-up |")
+    assert lines[0].startswith("| dtype | B | H | T | kernels fwd µs | auto fwd µs | best cuDNN fwd µs "
+                               "| speed-up | kernels train µs | auto train µs |")
     assert len(lines) == 2 + 2
-    assert all(line.count("|") == 11 for line in lines)
-    # fp32 sorts before fp16; missing numbers are dashes, not zeros.
-    assert lines[2] == "| fp32 | 1 | 256 | 256 | - | 5.00 | - | - | - | - |"
-    assert lines[3] == "| fp16 | 8 | 512 | 256 | 10.00 | 20.00 | 2.00x | 40.00 | 100.00 | 2.50x |"
+    assert all(line.count("|") == 13 for line in lines)
+    # fp32 sorts before fp16; missing numbers are dashes, not zeros. No recorded auto path:
+    # the auto rule's pick from the numbers, marked *.
+    assert lines[2] == "| fp32 | 1 | 256 | 256 | - | - | 5.00 | - | - | - | - | - |"
+    assert lines[3] == ("| fp16 | 8 | 512 | 256 | 10.00 | 10.00 (kernels*) | 20.00 | 2.00x "
+                        "| 40.00 | 40.00 (kernels*) | 100.00 | 2.50x |")
+
+
+def test_summarize_shows_the_recorded_auto_path_with_its_time():
+    # auto took nn.LSTM forward (its eager time, 30, not the graph's 20) and the kernels in training.
+    rows = [bench.make_row(peer, "fp16", 8, 512, 256, mode, (us * 0.256,) * 3, None, 1e-3, ENV,
+                           auto_path=path)
+            for peer, mode, us, path in (("triton", "fwd", 10.0, "nn.LSTM"), ("cudnn", "fwd", 30.0, "nn.LSTM"),
+                                         ("cudnn_graph", "fwd", 20.0, "nn.LSTM"),
+                                         ("triton", "train", 40.0, "kernels"), ("cudnn", "train", 100.0, "kernels"))]
+    cells = bench.summarize(rows).splitlines()[2].split(" | ")
+    assert cells[5] == "30.00 (nn.LSTM)" and cells[9] == "40.00 (kernels)"
+    # The rule itself: kernels only where they take <= 95% of nn.LSTM's time.
+    assert bench.auto_cell("", 9.6, 10.0, "fwd") == "10.00 (nn.LSTM*)"
+    assert bench.auto_cell("", 9.4, 10.0, "train") == "9.40 (kernels*)"
+
+
+def test_auto_paths_on_cpu_say_nn_lstm():
+    lstm = torch.nn.LSTM(4, 8)
+    x, hx = torch.randn(3, 2, 4), None
+    assert bench.auto_paths(lstm, x, hx) == {"fwd": "nn.LSTM", "train": "nn.LSTM"}
 
 
 def test_csv_and_json_hold_one_row_per_peer_dtype_shape_mode(rows, tmp_path):
@@ -153,3 +177,27 @@ def test_script_runs_without_a_gpu():
         assert match, result.stdout
         assert float(match.group(1)) <= bench.INTERPRETER_BOUNDS[dtype_name]
     assert "µs" not in result.stdout   # no timings without a GPU
+
+
+def test_step_rows_get_their_own_table_and_stay_out_of_the_readme_table(rows):
+    """The step section's rows (mode "step", T = 1): ratios eager/eager and graph/graph."""
+    step_us = dict(zip(step_bench.STEP_PEERS, (5.0, 3.0, 20.0, 6.0, 30.0, 9.0)))
+    step_rows = [row(peer, "step", us, dtype="bf16", T=1) for peer, us in step_us.items()]
+    table = step_bench.format_step_table(rows + step_rows)
+    assert table.splitlines()[1].split()[-2:] == ["4.00x", "2.00x"]   # 20/5 eager, 6/3 graphed
+    assert len(table.splitlines()) == 2                                 # the sequence rows left out
+    assert bench.speedups(step_rows)[("bf16", 8, 512, 1, "step")] == pytest.approx(6.0 / 5.0)
+    assert bench.summarize(rows + step_rows) == bench.summarize(rows)
+
+
+def test_memory_rows_get_their_own_table_with_recompute_against_the_default(rows):
+    """The memory section's rows: recompute's time (x slower) and peak memory (/ smaller)."""
+    import memory_bench
+    long_rows = [row("triton", "train", 40.0, T=4096, peak_mb=800.0),
+                 row("triton_recompute", "train", 50.0, T=4096, peak_mb=100.0),
+                 row("cudnn", "train", 60.0, T=4096, peak_mb=300.0)]
+    lines = memory_bench.format_memory_table(rows + long_rows).splitlines()
+    assert len(lines) == 2          # the header and one shape: rows without recompute stay out
+    cells = lines[1].split()
+    assert cells[:4] == ["fp16", "8", "512", "4096"]
+    assert cells[-2:] == ["1.25x", "8.0x"]

@@ -20,9 +20,9 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch._C._functorch import TransformType
 import torch.autograd.forward_ad as forward_ad
 
-from . import ops  # noqa: F401  (registers torch.ops.triton_lstm.*)
 from .ops import config_to_list
-from .reference import lstm_layer_reference
+from .recompute import recompute_backward
+from .reference import lstm_layer_reference, reverse_order
 
 
 def input_projection(x: torch.Tensor, w_ih: torch.Tensor, b_ih, b_hh) -> torch.Tensor:
@@ -36,22 +36,36 @@ def input_projection(x: torch.Tensor, w_ih: torch.Tensor, b_ih, b_hh) -> torch.T
     return gx.view(T, B, -1)
 
 
-def previous_hidden(y: torch.Tensor, h0, lengths, direction: int, size: int) -> torch.Tensor:
+def previous_hidden(y: torch.Tensor, h0, lengths, direction: int, size: int,
+                    restarted=None) -> torch.Tensor:
     """h_{t-1} as seen by step t of one direction, [T, B, size] (for the W_hh gradient GEMM).
 
     Forward: y_{t-1}, h0 at t = 0. Reverse: y_{t+1}, h0 at each row's last step.
+    restarted: [T, B] bool in time order, or None: those steps see h0 (zeros without).
     Past a row's length anything finite will do (dG is zero there).
     """
     y_d = y.unflatten(-1, (-1, size)).select(2, direction)
     first = (h0[direction] if h0 is not None else torch.zeros_like(y_d[0])).unsqueeze(0)
     if direction == 0:
-        return torch.cat([first, y_d[:-1]])
-    prev = torch.cat([y_d[1:], first])
-    if lengths is not None:
-        steps = torch.arange(y_d.shape[0], device=y.device)[:, None]
-        last = (steps == (lengths.to(steps.dtype) - 1)[None, :])[:, :, None]
-        prev = torch.where(last, first, prev)
+        prev = torch.cat([first, y_d[:-1]])
+    else:
+        prev = torch.cat([y_d[1:], first])
+        if lengths is not None:
+            steps = torch.arange(y_d.shape[0], device=y.device)[:, None]
+            last = (steps == (lengths.to(steps.dtype) - 1)[None, :])[:, :, None]
+            prev = torch.where(last, first, prev)
+    if restarted is not None:
+        prev = torch.where(restarted[:, :, None], first, prev)
     return prev
+
+
+def restarted_in_time_order(restarts, lengths, direction: int) -> torch.Tensor:
+    """[T, B] bool: which steps of one direction restarted, by time (restarts is by step)."""
+    per_step = restarts[direction].bool()
+    if direction == 0:
+        return per_step
+    T, B = per_step.shape
+    return per_step.gather(0, reverse_order(lengths, T, B, restarts.device))
 
 
 def _add_direction_dim(*tensors):
@@ -69,7 +83,7 @@ def _forward_ad_active(tensors) -> bool:
 
 
 def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, w_hr=None,
-               config=None, force_stepped=False):
+               config=None, force_stepped=False, restarts=None, recompute=0):
     """One layer, all its directions: y [T, B, D*R], h_n, c_n.
 
     Arguments as ``LSTMFunction``. Runs LSTMFunction when a gradient is needed, the
@@ -77,17 +91,18 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, w_hr=N
     """
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if _forward_ad_active(tensors):
-        return lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr)
+        return lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr, restarts)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         y, h_n, c_n, *_ = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, config,
-                                             force_stepped, w_hr)
+                                             force_stepped, w_hr, restarts, recompute)
         return y, h_n, c_n
     single = w_hh.dim() == 2
     if single:
         w_hh, h0, c0, w_hr = _add_direction_dim(w_hh, h0, c0, w_hr)
     gx = input_projection(x, w_ih, b_ih, b_hh)
     y, h_n, c_n, *_ = torch.ops.triton_lstm.recurrence_forward(
-        gx, w_hh, h0, c0, lengths, w_hr, False, config_to_list(config), force_stepped)
+        gx, w_hh, h0, c0, lengths, w_hr, False, config_to_list(config), force_stepped, restarts,
+        h0, c0)
     c_n = c_n.to(x.dtype)
     return (y, h_n[0], c_n[0]) if single else (y, h_n, c_n)
 
@@ -104,10 +119,16 @@ class LSTMFunction(torch.autograd.Function):
         config: optional ``dispatch.KernelConfig`` forcing the tile shape of both kernels.
         force_stepped: run one launch per step even where a persistent launch fits.
         w_hr: projection weights [R, H] ([D, R, H]), or None: then R = H.
+        restarts: [D, T, B] int8 (``reference.restarts_in_processing_order``) or None:
+            the state goes back to (h0, c0), or zeros, before those steps, and no
+            gradient flows back across them.
+        recompute: 0 saves every step's gates for the backward; k > 0 saves only the
+            state every k steps and recomputes the gates segment by segment (recompute.py).
     Returns:
         y [T, B, D*R] (zeros past each row's length), h_n [B, R], c_n [B, H] (or [D, B, .]),
-        then what the backward needs, marked non-differentiable: gates [D, T, B, 4H],
-        c_all [D, T, B, H] (fp32) and r_all (o * tanh(c) with a projection, else [0]).
+        then what the backward needs, marked non-differentiable and [0]-shaped where
+        absent: gates [D, T, B, 4H], c_all [D, T, B, H] (fp32), r_all (o * tanh(c) with a
+        projection), h_ckpt and c_ckpt (the state every ``recompute`` steps).
         ``lstm_layer`` calls it and returns the first three.
 
     Example:
@@ -118,58 +139,83 @@ class LSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, config=None,
-                force_stepped=False, w_hr=None):
+                force_stepped=False, w_hr=None, restarts=None, recompute=0):
         single = w_hh.dim() == 2
         if single:
             w_hh, h0, c0, w_hr = _add_direction_dim(w_hh, h0, c0, w_hr)
         gx = input_projection(x, w_ih, b_ih, b_hh)
-        y, h_n, c_n, gates, c_all, r_all = torch.ops.triton_lstm.recurrence_forward(
-            gx, w_hh, h0, c0, lengths, w_hr, True, config_to_list(config), force_stepped)
+        y, h_n, c_n, *saved = torch.ops.triton_lstm.recurrence_forward(
+            gx, w_hh, h0, c0, lengths, w_hr, not recompute, config_to_list(config), force_stepped,
+            restarts, h0, c0, recompute)
         c_n = c_n.to(x.dtype)
         if single:
             h_n, c_n = h_n[0], c_n[0]
-        return y, h_n, c_n, gates, c_all, r_all
+        return (y, h_n, c_n, *saved)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, config, force_stepped, w_hr = inputs
-        y, _, _, gates, c_all, r_all = output
-        ctx.mark_non_differentiable(gates, c_all, r_all)
+        (x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, config, force_stepped, w_hr, restarts,
+         recompute) = inputs
+        y, _, _, *saved = output
+        ctx.mark_non_differentiable(*saved)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, gates, c_all,
-                              r_all)
-        ctx.config, ctx.force_stepped = config, force_stepped
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, restarts, y, *saved)
+        ctx.config, ctx.force_stepped, ctx.recompute = config, force_stepped, recompute
 
     @staticmethod
-    def backward(ctx, dy, dh_n, dc_n, _gates, _c_all, _r_all):
+    def backward(ctx, dy, dh_n, dc_n, *_saved_grads):
         needs = ctx.needs_input_grad
         needs = needs[:7] + (needs[10],)    # x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
+        options = (needs, ctx.config, ctx.force_stepped, ctx.recompute)
         if torch.is_grad_enabled():
             # The gradient will itself be differentiated: go through a Function that can.
-            grads = LSTMBackwardFunction.apply(dy, dh_n, dc_n, *ctx.saved_tensors, needs,
-                                               ctx.config, ctx.force_stepped)
+            grads = LSTMBackwardFunction.apply(dy, dh_n, dc_n, *ctx.saved_tensors, *options)
         else:
-            grads = lstm_layer_backward(dy, dh_n, dc_n, *ctx.saved_tensors, needs=needs,
-                                        config=ctx.config, force_stepped=ctx.force_stepped)
+            grads = lstm_layer_backward(dy, dh_n, dc_n, *ctx.saved_tensors, *options)
         dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = grads
-        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, dw_hr
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, dw_hr, None, None
 
 
-def lstm_layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y,
-                        gates, c_all, r_all, *, needs, config=None, force_stepped=False):
+def lstm_layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                        restarts, y, gates, c_all, r_all, h_ckpt, c_ckpt, needs, config=None,
+                        force_stepped=False, recompute=0):
     """Gradients of one layer (kernels, then GEMMs over dG): dx, dh0, dc0, dw_ih, dw_hh,
     db_ih, db_hh, dw_hr, each None where ``needs`` (same order) says it is not wanted."""
     single = w_hh.dim() == 2
     if single:
         w_hh, h0, c0, w_hr, dh_n, dc_n, r_all = _add_direction_dim(w_hh, h0, c0, w_hr, dh_n, dc_n,
                                                                    r_all)
+    if recompute:
+        grads = recompute_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                   lengths, restarts, h_ckpt, c_ckpt, needs=needs, config=config,
+                                   force_stepped=force_stepped, every=recompute)
+    else:
+        grads = _layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths,
+                                restarts, y, gates, c_all, r_all, needs, config, force_stepped)
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = grads
+    need_x, need_h0, need_c0, need_wih, need_whh, need_bih, need_bhh, need_whr = needs
+    if single:
+        dh0, dc0 = dh0[0], dc0[0]
+        dw_hh = None if dw_hh is None else dw_hh[0]
+        dw_hr = None if dw_hr is None else dw_hr[0]
+    return (dx, dh0 if need_h0 else None, dc0 if need_c0 else None, dw_ih, dw_hh,
+            db if need_bih else None, db if need_bhh else None, dw_hr)
+
+
+def _layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths, restarts, y,
+                    gates, c_all, r_all, needs, config, force_stepped):
+    """The backward from every step's saved gates: one reverse-recurrence launch, then GEMMs."""
     T, B, I = x.shape
     D, _, R = w_hh.shape
     H = c_all.shape[3]
-    need_x, need_h0, need_c0, need_wih, need_whh, need_bih, need_bhh, need_whr = needs
-    dG, dh0, dc0, dh_all = torch.ops.triton_lstm.recurrence_backward(
+    need_x, _, _, need_wih, need_whh, need_bih, need_bhh, need_whr = needs
+    dG, dh0, dc0, dh_all, dh_restart, dc_restart = torch.ops.triton_lstm.recurrence_backward(
         dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr, config_to_list(config),
-        force_stepped)
+        force_stepped, restarts, c0)
+    if restarts is not None:
+        # The restarts restored (h0, c0): their gradients add to the initial state's.
+        dh0 = (dh0.to(dh_restart.dtype) + dh_restart).to(dh0.dtype)
+        dc0 = dc0 + dc_restart
     dG2 = dG.reshape(T * B, D * 4 * H)
     dG_by_direction = dG.reshape(T * B, D, 4 * H)
     dx = (dG2 @ w_ih).reshape(T, B, I) if need_x else None
@@ -178,7 +224,8 @@ def lstm_layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
     if need_whh:
         dw_hh = torch.stack([
             dG_by_direction[:, d].t()
-            @ previous_hidden(y, h0, lengths, d, R).reshape(T * B, R)
+            @ previous_hidden(y, h0, lengths, d, R, None if restarts is None else
+                              restarted_in_time_order(restarts, lengths, d)).reshape(T * B, R)
             for d in range(D)])
     dw_hr = None
     if w_hr is not None and need_whr:
@@ -188,13 +235,7 @@ def lstm_layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
     db = None
     if b_ih is not None and (need_bih or need_bhh):
         db = dG2.sum(0, dtype=c_all.dtype).to(dG.dtype)
-    dc0 = dc0.to(x.dtype)
-    if single:
-        dh0, dc0 = dh0[0], dc0[0]
-        dw_hh = None if dw_hh is None else dw_hh[0]
-        dw_hr = None if dw_hr is None else dw_hr[0]
-    return (dx, dh0 if need_h0 else None, dc0 if need_c0 else None, dw_ih, dw_hh,
-            db if need_bih else None, db if need_bhh else None, dw_hr)
+    return dx, dh0, dc0.to(x.dtype), dw_ih, dw_hh, db, dw_hr
 
 
 class LSTMBackwardFunction(torch.autograd.Function):
@@ -207,20 +248,21 @@ class LSTMBackwardFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, y, gates, c_all,
-                r_all, needs, config, force_stepped):
+    def forward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, restarts, y,
+                gates, c_all, r_all, h_ckpt, c_ckpt, needs, config, force_stepped, recompute):
         return lstm_layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                   lengths, y, gates, c_all, r_all, needs=needs, config=config,
-                                   force_stepped=force_stepped)
+                                   lengths, restarts, y, gates, c_all, r_all, h_ckpt, c_ckpt,
+                                   needs, config, force_stepped, recompute)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*inputs[:12])   # dy .. lengths
+        ctx.save_for_backward(*inputs[:13])   # dy .. restarts
 
     @staticmethod
     def backward(ctx, *grad_grads):
-        dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths = ctx.saved_tensors
+        (dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+         restarts) = ctx.saved_tensors
         cotangents = (dy, dh_n, dc_n)
         primals = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
         # Which of the first-order gradients were asked for, and which tensors exist at all.
@@ -228,6 +270,7 @@ class LSTMBackwardFunction(torch.autograd.Function):
                   if g is not None and p is not None]
         inputs = cotangents + primals
         present = [k for k, t in enumerate(inputs) if t is not None]
+        num_inputs = 23
 
         def first_order(*tensors):
             full = list(inputs)
@@ -241,7 +284,8 @@ class LSTMBackwardFunction(torch.autograd.Function):
                 for k, p in zip(differentiable, ps):
                     args[k] = p
                 xx, hh0, cc0, wih, whh, bih, bhh, whr = args
-                return lstm_layer_reference(xx, hh0, cc0, wih, whh, bih, bhh, lengths, whr)
+                return lstm_layer_reference(xx, hh0, cc0, wih, whh, bih, bhh, lengths, whr,
+                                            restarts)
 
             outs, vjp = torch.func.vjp(layer, *(prim[k] for k in differentiable))
             grads = vjp(tuple(torch.zeros_like(o) if c is None else c for o, c in zip(outs, cot)))
@@ -249,10 +293,107 @@ class LSTMBackwardFunction(torch.autograd.Function):
             return tuple(by_input[k] for k in wanted)
 
         if not wanted:
-            return (None,) * 19
+            return (None,) * num_inputs
         _, vjp = torch.func.vjp(first_order, *(inputs[k] for k in present))
         grads = vjp(tuple(grad_grads[k] for k in wanted))
-        result = [None] * 19
+        result = [None] * num_inputs
         for k, g in zip(present, grads):
             result[k] = g
         return tuple(result)
+
+
+# -- one step (streaming inference) ------------------------------------------------------------
+
+from .reference import lstm_step_reference  # noqa: E402  (this section's own import)
+
+
+def lstm_cell_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One step of one layer on the step kernel: r [B, H] (o * tanh(c_t), input dtype), c_t [B, H].
+
+    Arguments as ``StepFunction``; c_t is in the state dtype (fp32, fp64 for fp64).
+    Runs StepFunction when a gradient is needed, the op alone (saving nothing)
+    otherwise, and the plain-PyTorch reference under forward-mode AD.
+
+    Example:
+        >>> r, c = lstm_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    """
+    tensors = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if _forward_ad_active(tensors):
+        r, c_new, _ = lstm_step_reference(*tensors)
+        return r, c_new
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        r, c_new, _ = StepFunction.apply(*tensors)
+        return r, c_new
+    r, c_new, _ = torch.ops.triton_lstm.step_forward(*tensors, False, None)
+    return r, c_new
+
+
+class StepFunction(torch.autograd.Function):
+    """One step of one layer (``triton_lstm::step_forward``) with a plain-PyTorch backward.
+
+    Args: x [B, I]; h [B, R] and c [B, H] (any float dtype), or both None for zeros;
+        w_ih [4H, I], w_hh [4H, R] (x's dtype); b_ih, b_hh [4H] or both None.
+    Returns: r [B, H] (o * tanh(c_t), x's dtype), c_t [B, H] (state dtype) and the
+        activated gates [B, 4H] (state dtype, non-differentiable, saved for the backward).
+
+    The backward of one step is a few small pointwise ops and GEMMs over the saved
+    gates: no kernel. When it is itself differentiated (``create_graph=True``) it
+    recomputes the gates with the reference, so that second derivatives are exact.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        return torch.ops.triton_lstm.step_forward(x, h, c, w_ih, w_hh, b_ih, b_hh, True, None)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, c_new, gates = output
+        ctx.mark_non_differentiable(gates)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs, c_new, gates)
+
+    @staticmethod
+    def backward(ctx, dr, dc_new, _gates):
+        x, h, c, w_ih, w_hh, b_ih, b_hh, c_new, gates = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # The gradient will be differentiated: gates and c_t as functions of the inputs.
+            _, c_new, gates = lstm_step_reference(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        return lstm_step_backward(dr, dc_new, x, h, c, w_ih, w_hh, b_ih, gates, c_new,
+                                  ctx.needs_input_grad)
+
+
+def lstm_step_backward(dr, dc_new, x, h, c, w_ih, w_hh, b_ih, gates, c_new, needs):
+    """Gradients of one step (DESIGN.md §3 for T = 1) from its gates [B, 4H] and c_t [B, H].
+
+    dr [B, H] (gradient of r = o * tanh(c_t)) and dc_new [B, H] (of c_t), either None.
+    Returns dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, each None where ``needs`` (same
+    order) says it is not wanted; dw_hh is zeros without a previous state.
+    """
+    if dr is None and dc_new is None:
+        return (None,) * 7
+    acc = gates.dtype
+    i, f, g, o = gates.chunk(4, dim=1)
+    dc = torch.zeros_like(c_new) if dc_new is None else dc_new.to(acc)
+    if dr is None:
+        dG_o = torch.zeros_like(o)
+    else:
+        dr = dr.to(acc)
+        tanh_c = torch.tanh(c_new)
+        dc = dc + dr * o * (1 - tanh_c * tanh_c)
+        dG_o = dr * tanh_c * o * (1 - o)
+    c_prev = torch.zeros_like(c_new) if c is None else c.to(acc)
+    dG = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), dG_o],
+                   dim=1)
+    dG_w = dG.to(w_ih.dtype)     # the GEMMs run in the weights' dtype, as the layer's backward
+    need_x, need_h, need_c, need_wih, need_whh, need_bih, need_bhh = needs
+    dx = dG_w @ w_ih if need_x else None
+    dh = dG_w @ w_hh if (need_h and h is not None) else None
+    dc_prev = (dc * f).to(c.dtype) if (need_c and c is not None) else None
+    dw_ih = dG_w.t() @ x if need_wih else None
+    dw_hh = None
+    if need_whh:
+        dw_hh = torch.zeros_like(w_hh) if h is None else dG_w.t() @ h
+    db = dG.sum(0).to(b_ih.dtype) if (b_ih is not None and (need_bih or need_bhh)) else None
+    return (dx, dh, dc_prev, dw_ih, dw_hh, db if need_bih else None, db if need_bhh else None)

@@ -10,15 +10,14 @@ independent problems). If not even one group fits, or the kernels run under
 the Triton interpreter (programs run one after another, a spin barrier would
 wait forever), the same kernel runs in stepped mode: one launch per step.
 
-Tile configs come from ``configs/<gpu>.json`` when ``make tune`` measured one
-for the shape, otherwise from a heuristic.
+Tile configs come from what was measured (tuning.py: ``configs/<gpu>.json``
+written by ``make tune``, or first-use autotuning), otherwise from a heuristic.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 
@@ -135,55 +134,28 @@ def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: 
                         block_k=min(64, padded(hidden_size)), split_k=split_k, num_warps=num_warps)
 
 
-@functools.lru_cache(maxsize=None)
-def _tuned_table(gpu_name: str) -> dict:
-    path = CONFIG_DIR / (gpu_slug(gpu_name) + ".json")
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text())
-
-
 def gpu_slug(gpu_name: str) -> str:
     """'NVIDIA H200' -> 'nvidia-h200': the file name of a GPU's tuned configs and results."""
     return "-".join(gpu_name.lower().replace("_", " ").split())
 
 
-def tuned_key(dtype: torch.dtype, batch: int, hidden_size: int) -> str:
-    return f"{str(dtype).removeprefix('torch.')}/B{batch}/H{hidden_size}"
-
-
-def tuned_config(table: dict, kernel: str, batch: int, hidden_size: int,
-                 dtype: torch.dtype) -> KernelConfig | None:
-    """The config measured for the smallest tuned batch >= batch (else the largest), same dtype and H."""
-    prefix = str(dtype).removeprefix("torch.") + "/B"
-    suffix = f"/H{hidden_size}"
-    batches = sorted(int(k[len(prefix):-len(suffix)]) for k in table
-                     if k.startswith(prefix) and k.endswith(suffix))
-    if not batches:
-        return None
-    tuned_batch = next((b for b in batches if b >= batch), batches[-1])
-    entry = table[tuned_key(dtype, tuned_batch, hidden_size)].get(kernel)
-    if entry is None:
-        return None
-    fields = {f.name for f in dataclasses.fields(KernelConfig)}
-    return KernelConfig(**{k: v for k, v in entry.items() if k in fields})
-
-
 def pick_config(batch: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
-                kernel: str = "forward", num_directions: int = 1) -> KernelConfig:
-    """The best config ``make tune`` measured on this GPU for the shape, else the heuristic.
+                kernel: str = "forward", num_directions: int = 1,
+                proj: bool = False) -> KernelConfig:
+    """The tile config of a launch: a measured one (tuning.measured_config: forced by a
+    sweep, tuned on first use with TRITON_LSTM_AUTOTUNE=1, or ``make tune``'s table for this
+    GPU at the nearest shape), else the heuristic.
 
-    kernel: "forward" or "backward" (they are tuned separately); both directions
-    of a bidirectional layer share the device, so each gets half of it.
+    kernel: "forward" or "backward" (they are tuned separately); proj: the layer has a
+    projection (measured apart). Both directions of a bidirectional layer share the
+    device, so each gets half of it.
     """
-    if device.type == "cuda":
-        table = _tuned_table(torch.cuda.get_device_name(device))
-        config = tuned_config(table, kernel, batch, hidden_size, dtype)
-        if config is not None:
-            return config
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        num_sms = 4
+    from . import tuning   # tuning measures through the launchers, which import this module
+    measured = tuning.measured_config(kernel, batch, hidden_size, dtype, device, num_directions,
+                                      proj)
+    if measured is not None:
+        return measured[0]
+    num_sms = tuning.sm_count(device) if device.type == "cuda" else 4
     return heuristic_config(batch, hidden_size, dtype, max(1, num_sms // num_directions), kernel)
 
 

@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .autograd import lstm_layer
+from .autograd import lstm_cell_step, lstm_layer
+from .reference import restarts_in_processing_order
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -41,6 +42,9 @@ def lstm(
     training: bool = False,
     batch_first: bool = False,
     lengths: Optional[torch.Tensor] = None,
+    reset: Optional[torch.Tensor] = None,
+    recompute: int = 0,
+    layer_fn=None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Run a stacked LSTM on the Triton kernels.
 
@@ -54,6 +58,15 @@ def lstm(
         lengths: [B] int32 sequence lengths on the input's device (1..T), or None:
             each row stops at its own length (h_n, c_n are its last valid step) and
             the output is zero past it.
+        reset: [T, B] bool ([B, T] when ``batch_first``), or None: where set, every
+            layer's state restarts from (h0, c0), or zeros, before that step, and no
+            gradient flows across it. The reverse direction restarts where a segment
+            ends (it walks each segment from its end): each segment between resets is
+            its own sequence, as if the rows were split there.
+        recompute: 0, or k > 0 to save the state every k steps instead of every step's
+            gates and recompute them segment by segment in the backward.
+        layer_fn: the one-layer function: ``lstm_layer`` (None, the kernels) or
+            ``reference.lstm_layer_reference``.
     Returns:
         output [T, B, num_directions * R] (batch first if asked), (h_n, c_n).
 
@@ -71,6 +84,13 @@ def lstm(
         weights = [tuple(_autocast(w, cast_to) for w in group) for group in weights]
     x = input.transpose(0, 1) if batch_first else input
     num_directions = 2 if bidirectional else 1
+    restarts = None
+    if reset is not None:
+        reset = reset.transpose(0, 1) if batch_first else reset
+        restarts = restarts_in_processing_order(reset.to(device=x.device, dtype=torch.bool),
+                                                lengths, num_directions)
+    layer_fn = layer_fn or lstm_layer
+    extra = {} if layer_fn is not lstm_layer else dict(recompute=recompute)
     h_n, c_n = [], []
     for layer in range(num_layers):
         first = layer * num_directions
@@ -79,7 +99,8 @@ def lstm(
                                         for k in range(5))
         h0, c0 = (None, None) if hx is None else (hx[0][first:first + num_directions],
                                                   hx[1][first:first + num_directions])
-        x, h, c = lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr)
+        x, h, c = layer_fn(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr, restarts=restarts,
+                           **extra)
         h_n.append(h)
         c_n.append(c)
         if dropout > 0 and training and layer < num_layers - 1:
@@ -95,3 +116,52 @@ def _join(tensors, stack: bool):
     if stack:
         return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def lstm_step(
+    input: torch.Tensor,
+    hx: Optional[tuple[torch.Tensor, torch.Tensor]],
+    weights: Sequence[Sequence[Optional[torch.Tensor]]],
+    *,
+    num_layers: int = 1,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One time step of a stacked unidirectional LSTM: one step-kernel launch per layer.
+
+    Args:
+        input: [B, I].
+        hx: (h, c), [num_layers, B, R] and [num_layers, B, H] (any float dtype for c),
+            or None for zeros.
+        weights: per layer ``(w_ih [4H, I_l], w_hh [4H, R], b_ih [4H] or None,
+            b_hh [4H] or None, w_hr [R, H] or None)``, R = proj_size if there is a
+            projection, else H.
+        num_layers, dropout, training: as torch.nn.LSTM (dropout between layers).
+    Returns:
+        y [B, R] (the last layer's h), (h_n [num_layers, B, R], c_n [num_layers, B, H]),
+        all in the input dtype (the autocast dtype under torch.autocast).
+
+    The projection h = r W_hr^T is a torch matmul after each layer's kernel: it needs
+    the r of every program, which one launch without a grid barrier cannot wait for.
+
+    Example:
+        >>> y, (h, c) = lstm_step(x_t, (h, c), [(w_ih, w_hh, b_ih, b_hh, None)])
+    """
+    cast_to = autocast_dtype(input.device.type)
+    if cast_to is not None and input.dtype != torch.float64:
+        input = _autocast(input, cast_to)
+        hx = None if hx is None else tuple(_autocast(t, cast_to) for t in hx)
+        weights = [tuple(_autocast(w, cast_to) for w in group) for group in weights]
+    x = input
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        w_ih, w_hh, b_ih, b_hh, w_hr = weights[layer]
+        h, c = (None, None) if hx is None else (hx[0][layer], hx[1][layer])
+        r, c = lstm_cell_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        h = r if w_hr is None else r @ w_hr.t()
+        h_n.append(h)
+        c_n.append(c.to(input.dtype))
+        x = h
+        if dropout > 0 and training and layer < num_layers - 1:
+            x = F.dropout(x, p=dropout, training=True)
+    return h_n[-1], (torch.stack(h_n), torch.stack(c_n))

@@ -19,6 +19,8 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .dispatch import interpreting
 from .functional import autocast_dtype, lstm
+from .policy import auto_uses_kernels
+from .reference import lstm_layer_reference
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -50,9 +52,16 @@ class LSTM(nn.LSTM):
         input_size, hidden_size, num_layers, bias, batch_first, dropout,
         bidirectional, proj_size, device, dtype: exactly as torch.nn.LSTM.
         backend: "auto", "triton" or "torch" (keyword only).
+        recompute: None (default) to save every step's gates for the backward, or k >= 1
+            to save the state every k steps and recompute the gates segment by segment
+            in the backward: saved activations ~10x smaller for one more forward pass
+            (keyword only; training memory for long sequences).
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched),
-        optional (h0, c0) each [num_layers * num_directions, B, H] ([.., H] unbatched).
+        optional (h0, c0) each [num_layers * num_directions, B, H] ([.., H] unbatched),
+        keyword ``reset``: optional bool [T, B] ([B, T] if batch_first, [T] unbatched):
+        where True, the row's state restarts from (h0, c0) (zeros if not given) before
+        that step, in every layer, and no gradient crosses it (episode boundaries).
     Outputs: output [T, B, D * H], (h_n, c_n) each [num_layers * D, B, H].
 
     Example:
@@ -61,18 +70,28 @@ class LSTM(nn.LSTM):
         >>> out, (h_n, c_n) = lstm(x)
     """
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
+    def __init__(self, *args, backend: str = "auto", recompute: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if recompute is not None and (isinstance(recompute, bool) or not isinstance(recompute, int)
+                                      or recompute < 1):
+            raise ValueError(f"recompute must be None or a number of steps >= 1 between saved "
+                             f"states, got {recompute!r}")
         self.backend = backend
+        self.recompute = recompute
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
-        return text if self.backend == "auto" else f"{text}, backend={self.backend!r}"
+        if self.backend != "auto":
+            text += f", backend={self.backend!r}"
+        if self.recompute is not None:
+            text += f", recompute={self.recompute}"
+        return text
 
     @classmethod
-    def from_torch(cls, module: nn.LSTM, *, backend: str = "auto") -> "LSTM":
+    def from_torch(cls, module: nn.LSTM, *, backend: str = "auto",
+                   recompute: Optional[int] = None) -> "LSTM":
         """A triton_lstm.LSTM with the same options and parameters as ``module``."""
         weight = module.weight_ih_l0
         with warnings.catch_warnings():   # the source module already warned about its options
@@ -80,7 +99,8 @@ class LSTM(nn.LSTM):
             new = cls(module.input_size, module.hidden_size, num_layers=module.num_layers,
                       bias=module.bias, batch_first=module.batch_first, dropout=module.dropout,
                       bidirectional=module.bidirectional, proj_size=module.proj_size,
-                      device=weight.device, dtype=weight.dtype, backend=backend)
+                      device=weight.device, dtype=weight.dtype, backend=backend,
+                      recompute=recompute)
         new.load_state_dict(module.state_dict())
         _copy_requires_grad(module, new)
         new.train(module.training)
@@ -104,7 +124,8 @@ class LSTM(nn.LSTM):
         if self.backend == "torch" or exporting():
             return False
         if self.backend == "auto":
-            return input.is_cuda
+            # CUDA: the kernels, unless make tune's table measured nn.LSTM faster here (policy.py).
+            return auto_uses_kernels(self, input)
         if not input.is_cuda and not interpreting():
             raise RuntimeError(
                 "backend='triton' needs CUDA tensors; on CPU the kernels only run under the "
@@ -112,17 +133,29 @@ class LSTM(nn.LSTM):
                 "or use backend='torch' / 'auto'")
         return True
 
-    def forward(self, input, hx: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+    def _runs_kernels(self, input: torch.Tensor, reset) -> bool:
+        """_uses_triton, except that "auto" keeps the kernels on CUDA for what only they do
+        there (resets, recompute), whatever the table says of nn.LSTM's speed."""
+        if self._uses_triton(input):
+            return True
+        wants_kernels = reset is not None or self.recompute is not None
+        return (self.backend == "auto" and input.is_cuda and wants_kernels and not exporting())
+
+    def forward(self, input, hx: Optional[tuple[torch.Tensor, torch.Tensor]] = None, *,
+                reset: Optional[torch.Tensor] = None):
         if isinstance(input, PackedSequence):
-            return self._forward_packed(input, hx)
+            return self._forward_packed(input, hx, reset)
         self._check_input(input, hx)
-        if not self._uses_triton(input):
+        kernels = self._runs_kernels(input, reset)
+        if not kernels and reset is None:
             return super().forward(input, hx)
         unbatched = input.dim() == 2
         batch_dim = 0 if self.batch_first else 1
         if unbatched:
             input = input.unsqueeze(batch_dim)
         checked_hx = self._check_hx(input, hx, batch_dim, unbatched)
+        if reset is not None:
+            reset = self._check_reset(reset, input, unbatched)
         if input.shape[batch_dim] == 0:   # nothing to run: nn.LSTM's empty outputs keep autograd
             return super().forward(input.squeeze(batch_dim) if unbatched else input, hx)
         hx = checked_hx
@@ -130,23 +163,30 @@ class LSTM(nn.LSTM):
         output, (h_n, c_n) = lstm(
             input, hx, self._layer_weights(), num_layers=self.num_layers,
             bidirectional=self.bidirectional, dropout=self.dropout, training=self.training,
-            batch_first=self.batch_first)
+            batch_first=self.batch_first, reset=reset, **self._layer_options(kernels))
         if unbatched:
             output, h_n, c_n = output.squeeze(batch_dim), h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
-    def _forward_packed(self, packed: PackedSequence, hx):
+    def _forward_packed(self, packed: PackedSequence, hx, reset):
         """Variable lengths: each row of the padded batch stops at its own length in the kernels."""
         self._check_input(packed.data, hx, packed=True)
-        if not self._uses_triton(packed.data):
+        kernels = self._runs_kernels(packed.data, reset)
+        if not kernels and reset is None:
             return super().forward(packed, hx)
         padded, lengths = pad_packed_sequence(packed)   # [T, B, I] in the caller's batch order
         hx = self._check_hx(padded, hx, 1, False)
+        if reset is not None:
+            # In the padded layout of the module's batch_first, like a padded input's.
+            reset = self._check_reset(reset, padded.transpose(0, 1) if self.batch_first else padded,
+                                      False)
+            reset = reset.transpose(0, 1) if self.batch_first else reset
         device = packed.data.device
         output, state = lstm(
             padded, hx, self._layer_weights(), num_layers=self.num_layers,
             bidirectional=self.bidirectional, dropout=self.dropout, training=self.training,
-            lengths=lengths.to(device=device, dtype=torch.int32))
+            lengths=lengths.to(device=device, dtype=torch.int32), reset=reset,
+            **self._layer_options(kernels))
         # Back to the packed layout: step t holds the first batch_sizes[t] rows in sorted order.
         sizes = packed.batch_sizes                     # on the CPU, as PackedSequence keeps it
         steps = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
@@ -157,6 +197,33 @@ class LSTM(nn.LSTM):
         return PackedSequence(data, sizes, packed.sorted_indices, packed.unsorted_indices), state
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _layer_options(self, kernels: bool) -> dict:
+        """The kernels (with this module's recompute), or, where nn.LSTM cannot do what was
+        asked (resets), the same layers in plain PyTorch (reference.py)."""
+        if kernels:
+            return dict(recompute=self.recompute or 0)
+        return dict(layer_fn=lstm_layer_reference)
+
+    def _check_reset(self, reset, input, unbatched: bool) -> torch.Tensor:
+        """reset as [T, B] ([B, T] with batch_first) bool on input's device (input 3-D here)."""
+        time_dim, batch_dim = (1, 0) if self.batch_first else (0, 1)
+        T, B = input.shape[time_dim], input.shape[batch_dim]
+        if unbatched:
+            want, layout = (T,), "[T] for unbatched input"
+        else:
+            want = (B, T) if self.batch_first else (T, B)
+            layout = "[B, T] with batch_first" if self.batch_first else "[T, B]"
+        if not isinstance(reset, torch.Tensor) or reset.dtype != torch.bool:
+            got = reset.dtype if isinstance(reset, torch.Tensor) else type(reset).__name__
+            raise TypeError(f"reset must be a bool tensor {layout}, True where a row's state "
+                            f"restarts before that step; got {got}")
+        if tuple(reset.shape) != want:
+            raise LSTMInputError(f"reset must have shape {want} ({layout}, as the input), got "
+                                 f"{tuple(reset.shape)}")
+        if reset.device != input.device:
+            raise LSTMInputError(f"reset is on {reset.device} but input is on {input.device}")
+        return reset.unsqueeze(batch_dim) if unbatched else reset
 
     def _layer_weights(self):
         """Per layer and direction: (w_ih, w_hh, b_ih, b_hh, w_hr), absent ones None."""
@@ -253,6 +320,102 @@ class LSTM(nn.LSTM):
                                      f"at {state.device}")
             checked.append(state)
         return checked[0], checked[1]
+
+    # -- one step (streaming inference) ------------------------------------------------------
+
+    def step(self, input: torch.Tensor, hx: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+             *, out: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """One time step, for streaming inference: ``forward`` on a sequence of length 1.
+
+        Args:
+            input: [B, input_size], or [input_size] unbatched (``batch_first`` does not
+                apply to one step). Chunks of several steps go to ``forward``, which
+                takes the carried state as its hx just the same.
+            hx: (h, c) exactly as forward's (h_n, c_n): [num_layers, B, H_out] and
+                [num_layers, B, hidden_size] ([num_layers, .] unbatched), H_out =
+                proj_size if set, else hidden_size; or None for zeros.
+            out: optional (h_buf, c_buf) shaped like the new state: it is copied into
+                them, and they are returned as (h_n, c_n). They may be hx itself.
+        Returns:
+            y_t [B, H_out] ([H_out] unbatched), (h_n, c_n) as forward's.
+
+        On the Triton path each layer is one launch of the step kernel (input
+        projection, recurrent dot and cell update fused; kernels/step.py), the
+        projection a matmul after it. ``backend="torch"``, or CPU tensors with
+        "auto", run nn.LSTM on the length-1 sequence. Unidirectional stacks only;
+        dropout between layers in training mode, as forward. Gradients flow through
+        any number of steps. c is handed back in the input dtype, as forward's c_n.
+
+        CUDA graphs: a step has no host sync and keeps no Python state between calls,
+        so it can be captured. Keep the state in buffers and pass them as both hx and
+        ``out``: the kernels read hx and write fresh tensors, then the new state is
+        copied into the buffers (device copies, ordered after every read), so no
+        kernel reads a state that another is writing. Warm up once (compiles the
+        kernels), capture one step, then fill the input buffer and replay::
+
+            x_buf = torch.zeros(B, input_size, device="cuda", dtype=dtype)
+            h_buf = torch.zeros(num_layers, B, hidden_size, device="cuda", dtype=dtype)
+            c_buf = torch.zeros_like(h_buf)
+            with torch.no_grad():
+                lstm.step(x_buf, (h_buf, c_buf))                # warm-up, outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    y_buf, _ = lstm.step(x_buf, (h_buf, c_buf), out=(h_buf, c_buf))
+            for x_t in requests:
+                x_buf.copy_(x_t)
+                graph.replay()                                  # y_buf, h_buf, c_buf updated
+
+        Example:
+            >>> y, state = lstm.step(x_0)                       # x_0 [B, input_size]
+            >>> y, state = lstm.step(x_1, state)
+        """
+        from .functional import lstm_step   # here, so that this method stays one block
+
+        if self.bidirectional:
+            raise ValueError("LSTM.step runs unidirectional LSTMs only, and this one has "
+                             "bidirectional=True: the reverse direction needs the whole sequence "
+                             "(run forward on it instead)")
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise LSTMInputError(f"LSTM.step: Expected input to be 1D [input_size] or 2D "
+                                 f"[batch, input_size] (one time step), got {input.dim()}D with "
+                                 f"shape {tuple(input.shape)}; sequences go to forward")
+        if input.shape[-1] != self.input_size:
+            raise LSTMInputError(f"input.size(-1) must be equal to input_size. Expected "
+                                 f"{self.input_size}, got {input.shape[-1]} (step input shape "
+                                 f"{tuple(input.shape)})")
+        batched = input.dim() == 2
+        time_dim = 1 if (batched and self.batch_first) else 0
+        sequence = input.unsqueeze(time_dim)             # a sequence of one step, for nn.LSTM
+        self._check_input(sequence)                      # dtype, device: forward's checks
+        if not self._uses_triton(input) or (batched and input.shape[0] == 0):
+            output, (h_n, c_n) = super().forward(sequence, hx)
+            y = output.squeeze(time_dim)
+        else:
+            x = input if batched else input.unsqueeze(0)
+            checked = self._check_hx(x.unsqueeze(0), hx, 1, not batched)
+            y, (h_n, c_n) = lstm_step(x, checked, self._layer_weights(),
+                                      num_layers=self.num_layers, dropout=self.dropout,
+                                      training=self.training)
+            if not batched:
+                y, h_n, c_n = y.squeeze(0), h_n.squeeze(1), c_n.squeeze(1)
+        if out is not None:
+            h_n, c_n = self._copy_state(out, h_n, c_n)
+        return y, (h_n, c_n)
+
+    @staticmethod
+    def _copy_state(out, h_n, c_n):
+        """Copy the new state into the caller's buffers (step's ``out``) and return them."""
+        if not (isinstance(out, (tuple, list)) and len(out) == 2
+                and all(isinstance(t, torch.Tensor) for t in out)):
+            raise TypeError("out must be a tuple (h_buf, c_buf) of two tensors")
+        for name, buf, new in (("h_buf", out[0], h_n), ("c_buf", out[1], c_n)):
+            if buf.shape != new.shape:
+                raise LSTMInputError(f"out {name} must have the shape of the new state "
+                                     f"{tuple(new.shape)}, got {tuple(buf.shape)}")
+            buf.copy_(new)
+        return out[0], out[1]
 
 
 def enable_fullgraph(enabled: bool = True) -> None:

@@ -27,6 +27,7 @@ from torch.library import custom_op, register_fake, register_vmap
 from .dispatch import KernelConfig, state_dtype
 from .kernels.backward import lstm_backward
 from .kernels.forward import lstm_forward
+from .kernels.step import StepConfig, lstm_step
 
 
 def config_to_list(config: Optional[KernelConfig]) -> Optional[list[int]]:
@@ -53,38 +54,52 @@ def _or_empty(t: Optional[torch.Tensor], like: torch.Tensor, dtype=None) -> torc
 def recurrence_forward(
     gx: torch.Tensor, w_hh: torch.Tensor, h0: Optional[torch.Tensor], c0: Optional[torch.Tensor],
     lengths: Optional[torch.Tensor], w_hr: Optional[torch.Tensor], save: bool,
-    config: Optional[list[int]], force_stepped: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    config: Optional[list[int]], force_stepped: bool, restarts: Optional[torch.Tensor] = None,
+    h_restart: Optional[torch.Tensor] = None, c_restart: Optional[torch.Tensor] = None,
+    ckpt_every: int = 0, reverse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
     """The forward recurrence of one layer: ``kernels.forward.lstm_forward``.
 
     gx [T, B, D*4H], w_hh [D, 4H, R], h0 [D, B, R] / c0 [D, B, H] or None,
-    lengths [B] int32 or None, w_hr [D, R, H] or None. Returns y [T, B, D*R],
-    h_n [D, B, R], c_n [D, B, H] (state dtype), and when ``save``: gates
-    [D, T, B, 4H], c_all [D, T, B, H] (state dtype), r_all [D, T, B, H] with a
-    projection; [0]-shaped otherwise.
+    lengths [B] int32 or None, w_hr [D, R, H] or None, restarts [D, T, B] int8 or
+    None with the state they restore, h_restart [D, B, R] / c_restart [D, B, H] or
+    None (zeros). Returns y [T, B, D*R], h_n [D, B, R], c_n [D, B, H] (state dtype),
+    when ``save`` gates [D, T, B, 4H], c_all [D, T, B, H] (state dtype) and r_all
+    [D, T, B, H] with a projection, and with ``ckpt_every`` the checkpoints h_ckpt
+    [D, NC, B, R] and c_ckpt [D, NC, B, H]; [0]-shaped where absent.
     """
-    h0 = None if h0 is None else h0.contiguous()
-    c0 = None if c0 is None else c0.contiguous()
-    w_hr = None if w_hr is None else w_hr.contiguous()
-    y, h_n, c_n, gates, c_all, r_all = lstm_forward(
+    h0, c0, w_hr, h_restart, c_restart = (None if t is None else t.contiguous()
+                                          for t in (h0, c0, w_hr, h_restart, c_restart))
+    y, h_n, c_n, gates, c_all, r_all, h_ckpt, c_ckpt = lstm_forward(
         gx.contiguous(), w_hh.contiguous(), h0, c0, lengths, w_hr, save=save,
-        config=config_from_list(config), force_stepped=force_stepped)
+        config=config_from_list(config), force_stepped=force_stepped,
+        restarts=None if restarts is None else restarts.contiguous(), h_restart=h_restart,
+        c_restart=c_restart, ckpt_every=ckpt_every, reverse=reverse)
     acc = c_n.dtype
     return (y, h_n, c_n, _or_empty(gates, gx, acc), _or_empty(c_all, gx, acc),
-            _or_empty(r_all if save else None, gx))
+            _or_empty(r_all if save else None, gx), _or_empty(h_ckpt, gx),
+            _or_empty(c_ckpt, gx, acc))
 
 
 @register_fake("triton_lstm::recurrence_forward")
-def _recurrence_forward_fake(gx, w_hh, h0, c0, lengths, w_hr, save, config, force_stepped):
+def _recurrence_forward_fake(gx, w_hh, h0, c0, lengths, w_hr, save, config, force_stepped,
+                             restarts=None, h_restart=None, c_restart=None, ckpt_every=0,
+                             reverse=True):
     T, B, G = gx.shape
     D, _, R = w_hh.shape
     H = G // (4 * D)
     acc = state_dtype(gx.dtype)
-    saved = (lambda *shape: gx.new_empty(shape, dtype=acc)) if save else (
-        lambda *shape: gx.new_empty(0, dtype=acc))
-    r_all = gx.new_empty(D, T, B, H) if (save and w_hr is not None) else gx.new_empty(0)
+
+    def maybe(present, *shape, dtype=None):
+        return gx.new_empty(shape if present else (0,), dtype=dtype)
+
+    num_ckpt = (T + ckpt_every - 1) // ckpt_every if ckpt_every > 0 else 0
     return (gx.new_empty(T, B, D * R), gx.new_empty(D, B, R), gx.new_empty((D, B, H), dtype=acc),
-            saved(D, T, B, 4 * H), saved(D, T, B, H), r_all)
+            maybe(save, D, T, B, 4 * H, dtype=acc), maybe(save, D, T, B, H, dtype=acc),
+            maybe(save and w_hr is not None, D, T, B, H),
+            maybe(ckpt_every > 0, D, num_ckpt, B, R), maybe(ckpt_every > 0, D, num_ckpt, B, H,
+                                                            dtype=acc))
 
 
 @custom_op("triton_lstm::recurrence_backward", mutates_args=())
@@ -92,31 +107,39 @@ def recurrence_backward(
     dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], dc_n: Optional[torch.Tensor],
     gates: torch.Tensor, c_all: torch.Tensor, c0: Optional[torch.Tensor],
     lengths: Optional[torch.Tensor], w_hh: torch.Tensor, w_hr: Optional[torch.Tensor],
-    config: Optional[list[int]], force_stepped: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    config: Optional[list[int]], force_stepped: bool, restarts: Optional[torch.Tensor] = None,
+    c_restart: Optional[torch.Tensor] = None, reverse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reverse recurrence of one layer: ``kernels.backward.lstm_backward``.
 
     Returns dG [T, B, D*4H] (w_hh's dtype), dh0 [D, B, R], dc0 [D, B, H] (state
-    dtype) and with a projection dh_all [D, T, B, R] (the total gradient of each
-    h_t), [0]-shaped otherwise.
+    dtype), with a projection dh_all [D, T, B, R] (the total gradient of each h_t),
+    and with restarts the gradients of the restart state, dh_restart [D, B, R] and
+    dc_restart [D, B, H] (state dtype); [0]-shaped where absent.
     """
-    c0 = None if c0 is None else c0.contiguous()
-    w_hr = None if w_hr is None else w_hr.contiguous()
-    dG, dh0, dc0, dh_all = lstm_backward(
+    c0, w_hr, c_restart = (None if t is None else t.contiguous() for t in (c0, w_hr, c_restart))
+    dG, dh0, dc0, dh_all, dh_restart, dc_restart = lstm_backward(
         dy, dh_n, dc_n, gates.contiguous(), c_all.contiguous(), c0, lengths, w_hh.contiguous(),
-        w_hr, config=config_from_list(config), force_stepped=force_stepped)
-    return dG, dh0, dc0, _or_empty(dh_all, dG)
+        w_hr, config=config_from_list(config), force_stepped=force_stepped,
+        restarts=None if restarts is None else restarts.contiguous(), c_restart=c_restart,
+        reverse=reverse)
+    return (dG, dh0, dc0, _or_empty(dh_all, dG), _or_empty(dh_restart, dG, dc0.dtype),
+            _or_empty(dc_restart, dG, dc0.dtype))
 
 
 @register_fake("triton_lstm::recurrence_backward")
 def _recurrence_backward_fake(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr, config,
-                              force_stepped):
+                              force_stepped, restarts=None, c_restart=None, reverse=True):
     D, T, B, G = gates.shape
     H = G // 4
     R = w_hh.shape[2]
+    acc = state_dtype(w_hh.dtype)
     dh_all = w_hh.new_empty(D, T, B, R) if w_hr is not None else w_hh.new_empty(0)
+    has_restarts = restarts is not None
     return (w_hh.new_empty(T, B, D * 4 * H), w_hh.new_empty(D, B, R),
-            w_hh.new_empty((D, B, H), dtype=state_dtype(w_hh.dtype)), dh_all)
+            w_hh.new_empty((D, B, H), dtype=acc), dh_all,
+            w_hh.new_empty((D, B, R) if has_restarts else (0,), dtype=acc),
+            w_hh.new_empty((D, B, H) if has_restarts else (0,), dtype=acc))
 
 
 # -- torch.vmap ------------------------------------------------------------------------------
@@ -167,12 +190,55 @@ def _vmap_rule(op, batch_axes: tuple, out_batch_axes: tuple, weights: tuple):
 # Argument order as in the op signatures; None marks weights and non-tensor arguments.
 register_vmap("triton_lstm::recurrence_forward", _vmap_rule(
     recurrence_forward,
-    batch_axes=(1, None, 1, 1, 0, None, None, None, None),   # gx, w_hh, h0, c0, lengths, w_hr
-    out_batch_axes=(1, 1, 1, 2, 2, 2),                       # y, h_n, c_n, gates, c_all, r_all
+    # gx, w_hh, h0, c0, lengths, w_hr, save, config, force_stepped, restarts, h_restart,
+    # c_restart, ckpt_every, reverse
+    batch_axes=(1, None, 1, 1, 0, None, None, None, None, 2, 1, 1, None, None),
+    # y, h_n, c_n, gates, c_all, r_all, h_ckpt, c_ckpt
+    out_batch_axes=(1, 1, 1, 2, 2, 2, 2, 2),
     weights=(1, 5)))
 register_vmap("triton_lstm::recurrence_backward", _vmap_rule(
     recurrence_backward,
-    # dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr
-    batch_axes=(1, 1, 1, 2, 2, 1, 0, None, None, None, None),
-    out_batch_axes=(1, 1, 1, 2),                             # dG, dh0, dc0, dh_all
+    # dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr, config, force_stepped, restarts,
+    # c_restart, reverse
+    batch_axes=(1, 1, 1, 2, 2, 1, 0, None, None, None, None, 2, 1, None),
+    out_batch_axes=(1, 1, 1, 2, 1, 1),      # dG, dh0, dc0, dh_all, dh_restart, dc_restart
     weights=(7, 8)))
+
+
+# -- one step (streaming inference) -----------------------------------------------------------
+
+@custom_op("triton_lstm::step_forward", mutates_args=())
+def step_forward(
+    x: torch.Tensor, h: Optional[torch.Tensor], c: Optional[torch.Tensor], w_ih: torch.Tensor,
+    w_hh: torch.Tensor, b_ih: Optional[torch.Tensor], b_hh: Optional[torch.Tensor], save: bool,
+    config: Optional[list[int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of one layer in one launch: ``kernels.step.lstm_step``.
+
+    x [B, I], h [B, R] and c [B, H] (or both None: zeros), w_ih [4H, I], w_hh [4H, R],
+    b_ih / b_hh [4H] or None; config a ``StepConfig.as_list()`` or None (heuristic).
+    Returns r [B, H] (o * tanh(c_t), input dtype), c_t [B, H] (state dtype) and, when
+    ``save``, the activated gates [B, 4H] (state dtype); [0]-shaped otherwise.
+    """
+    r, c_new, gates = lstm_step(
+        x.contiguous(), None if h is None else h.contiguous(),
+        None if c is None else c.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
+        None if b_ih is None else b_ih.contiguous(), None if b_hh is None else b_hh.contiguous(),
+        save=save, config=None if config is None else StepConfig.from_list(config))
+    return r, c_new, _or_empty(gates, x, c_new.dtype)
+
+
+@register_fake("triton_lstm::step_forward")
+def _step_forward_fake(x, h, c, w_ih, w_hh, b_ih, b_hh, save, config):
+    B = x.shape[0]
+    H = w_hh.shape[0] // 4
+    acc = state_dtype(x.dtype)
+    gates = x.new_empty((B, 4 * H), dtype=acc) if save else x.new_empty(0, dtype=acc)
+    return x.new_empty(B, H), x.new_empty((B, H), dtype=acc), gates
+
+
+register_vmap("triton_lstm::step_forward", _vmap_rule(
+    step_forward,
+    batch_axes=(0, 0, 0, None, None, None, None, None, None),   # x, h, c, w_ih, w_hh, b_ih, b_hh
+    out_batch_axes=(0, 0, 0),                                   # r, c_t, gates
+    weights=(3, 4, 5, 6)))

@@ -32,13 +32,16 @@ import triton.language as tl
 
 from ..dispatch import dot_precision, launch_recurrence, padded, pick_config, state_dtype
 from .barrier import grid_barrier
-from .forward import _tanh, dot_operands, reduction_index, split_dot, step_rows, streamed_dot
+from .forward import (_tanh, dot_operands, load_restarts, reduction_index, split_dot, step_rows,
+                      streamed_dot)
 
 
 @triton.jit
-def _load_saved(step, t_row, running, gates, c_all, c0, B, o_b, o_u, m_u, H: tl.constexpr,
-                HAS_H0: tl.constexpr, ACC: tl.constexpr, REVERSE):
-    """What the cell phase of a step needs: gates i, f, g, o, c_t, c_{t-1} (zeros for stopped rows)."""
+def _load_saved(step, t_row, running, gates, c_all, c0, restarts, c_restart, T, B, o_b, o_u, m_u,
+                p_bu, m_bu, H: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESTARTS: tl.constexpr,
+                RESTART_FROM_STATE: tl.constexpr, ACC: tl.constexpr, REVERSE):
+    """What the cell phase of a step needs: gates i, f, g, o, c_t, c_{t-1} (zeros for stopped
+    rows), and which rows restarted at this step (their c_{t-1} is the restart state)."""
     m = running[:, None] & m_u[None, :]
     p_g = gates + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :]
     b_i = tl.load(p_g, mask=m, other=0.0)
@@ -54,7 +57,13 @@ def _load_saved(step, t_row, running, gates, c_all, c0, B, o_b, o_u, m_u, H: tl.
             b_cp = tl.load(c0 + o_b[:, None] * H + o_u[None, :], mask=m, other=0.0).to(ACC)
         else:
             b_cp = tl.zeros(m.shape, dtype=ACC)
-    return b_i, b_f, b_g, b_o, b_ct, b_cp
+    if HAS_RESTARTS:
+        b_restart, b_c_restart = load_restarts(restarts, c_restart, step, T, B, o_b, running, p_bu,
+                                               m_bu, RESTART_FROM_STATE, ACC)
+        b_cp = tl.where(b_restart[:, None], b_c_restart, b_cp)
+    else:
+        b_restart = running & (o_b < 0)
+    return b_i, b_f, b_g, b_o, b_ct, b_cp, b_restart
 
 
 @triton.jit(do_not_specialize=["T", "B", "q_begin", "q_end", "batch_start", "leader_inc"])
@@ -71,13 +80,18 @@ def lstm_backward_kernel(
     dgates,    # [T, B, D, 4H]  out: dG_t, input dtype
     dh_all,    # [D, T, B, R]   out when PROJ: total grad of h_t, input dtype (zeros past length)
     dh0,       # [D, B, R]      out: grad of h0, input dtype
+    restarts,  # [D, T, B]      int8, 1: the row restarted before that processing step
+    c_restart, # [D, B, H]      the c a restart restored (RESTART_FROM_STATE, else zeros)
+    dh_restart,  # [D, B, R]    fp32, zeroed by the caller; out: grad of the restart h
+    dc_restart,  # [D, B, H]    fp32, zeroed by the caller; out: grad of the restart c
     counters,  # [groups]       int32 barrier counters, one per (direction, batch block)
     T, B, q_begin, q_end, batch_start, leader_inc,
     H: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, RESIDENT: tl.constexpr, PROJ: tl.constexpr, HAS_DY: tl.constexpr,
     HAS_DHN: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_RESTARTS: tl.constexpr, RESTART_FROM_STATE: tl.constexpr,
 ):
     # Stage s = 0 .. T walks the forward's steps backwards (step = T - 1 - s). Its dh
     # phase gives dh of own output units; its cell phase (s < T) gives dG of own hidden
@@ -96,20 +110,27 @@ def lstm_backward_kernel(
     counter = counters + i_d * (tl.num_programs(0) // NUM_H_BLOCKS) + i_b
     if D == 1:
         reverse = False
-    else:
+    elif REVERSE:
         reverse = i_d == 1
-    # Per-direction bases.
-    dy += i_d * R
-    dh_n += i_d * B * R
-    dc_state += i_d * B * H
-    gates += i_d * T * B * 4 * H
-    c_all += i_d * T * B * H
-    c0 += i_d * B * H
-    w_hh += i_d * 4 * H * R
-    w_hr += i_d * R * H
-    dgates += i_d * 4 * H
-    dh_all += i_d * T * B * R
-    dh0 += i_d * B * R
+    else:
+        reverse = False     # inputs already in processing order (recompute segments)
+    # Per-direction bases (64-bit: T * B * 4H can pass 2**31).
+    i_d64 = tl.cast(i_d, tl.int64)
+    dy += i_d64 * R
+    dh_n += i_d64 * B * R
+    dc_state += i_d64 * B * H
+    gates += i_d64 * T * B * 4 * H
+    c_all += i_d64 * T * B * H
+    c0 += i_d64 * B * H
+    w_hh += i_d64 * 4 * H * R
+    w_hr += i_d64 * R * H
+    dgates += i_d64 * 4 * H
+    dh_all += i_d64 * T * B * R
+    dh0 += i_d64 * B * R
+    restarts += i_d64 * T * B
+    c_restart += i_d64 * B * H
+    dh_restart += i_d64 * B * R
+    dc_restart += i_d64 * B * H
 
     o_b = batch_start + i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     o_u = i_h * BLOCK_H + tl.arange(0, BLOCK_H)     # own hidden units (cell phase)
@@ -148,8 +169,14 @@ def lstm_backward_kernel(
     b_dc = tl.load(dc_state + p_bu, mask=m_bu, other=0.0)
     step = T - 1 - q_begin // PHASES
     t_row, running = step_rows(step, length, m_b, reverse)
-    b_i, b_f, b_g, b_o, b_ct, b_cp = _load_saved(step, t_row, running, gates, c_all, c0, B, o_b,
-                                                 o_u, m_u, H, HAS_H0, ACC, reverse)
+    b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
+        step, t_row, running, gates, c_all, c0, restarts, c_restart, T, B, o_b, o_u, m_u, p_bu,
+        m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC, reverse)
+    # Whether each row restarted at the step after this one (read by the dh phase).
+    _, running_after = step_rows(step + 1, length, m_b, reverse)
+    if HAS_RESTARTS:
+        b_restarted_after, _ = load_restarts(restarts, c_restart, step + 1, T, B, o_b,
+                                             running_after, p_bu, m_bu, False, ACC)
 
     for q in range(q_begin, q_end):
         s = q // PHASES
@@ -188,6 +215,13 @@ def lstm_backward_kernel(
                                        mask=m_n[:, None] & m_r[None, :], other=0.0)
                         b_dgk, b_wk = dot_operands(b_dgk, b_wk)
                         b_dot = tl.dot(b_dgk, b_wk, b_dot, input_precision=DOT_PRECISION)
+                if HAS_RESTARTS:
+                    # Rows that restarted at step + 1 read the restart state there, not this
+                    # step's h: that part of the gradient belongs to the restart state.
+                    m_acc = (running_next & b_restarted_after)[:, None] & m_r[None, :]
+                    p_acc = dh_restart + p_br
+                    tl.store(p_acc, tl.load(p_acc, mask=m_acc, other=0.0) + b_dot, mask=m_acc)
+                    b_dot = tl.where(b_restarted_after[:, None], 0.0, b_dot)
                 b_dh = tl.where(running_next[:, None], b_dot, b_dhn)
             if s < T:
                 if HAS_DY:
@@ -227,14 +261,22 @@ def lstm_backward_kernel(
             tl.store(p_out + 3 * H, tl.where(m_run, b_dr * b_tc * b_o * (1.0 - b_o), 0.0).to(dtype),
                      mask=m_bu)
             b_dc = tl.where(m_run, b_dc_t * b_f, b_dc)       # stopped rows carry dc_n through
+            if HAS_RESTARTS:
+                # This step started from the restart state: dc_next is that state's gradient.
+                m_acc = b_restarted[:, None] & m_bu
+                p_acc = dc_restart + p_bu
+                tl.store(p_acc, tl.load(p_acc, mask=m_acc, other=0.0) + b_dc, mask=m_acc)
+                b_dc = tl.where(m_acc, 0.0, b_dc)
+                b_restarted_after = b_restarted
             # The next step's saved values do not depend on the recurrence: their
             # loads are in flight while this program waits at the barrier.
             q_next = tl.full([BLOCK_B], (s + 1) * PHASES, tl.int32)
             m_next = m_b & (q_next < q_end)
             t_prev_row, running_prev = step_rows(step - 1, length, m_next, reverse)
-            b_i, b_f, b_g, b_o, b_ct, b_cp = _load_saved(
-                step - 1, t_prev_row, running_prev, gates, c_all, c0, B, o_b, o_u, m_u, H, HAS_H0,
-                ACC, reverse)
+            b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
+                step - 1, t_prev_row, running_prev, gates, c_all, c0, restarts, c_restart, T, B,
+                o_b, o_u, m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC,
+                reverse)
         if PERSISTENT:
             if q < q_end - 1:
                 grid_barrier(counter, leader_inc, i_h == 0)
@@ -243,7 +285,8 @@ def lstm_backward_kernel(
 
 
 def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *, config=None,
-                  force_stepped: bool = False):
+                  force_stepped: bool = False, restarts=None, c_restart=None,
+                  reverse: bool = True):
     """Run the reverse recurrence of one layer (all its directions).
 
     Args:
@@ -252,32 +295,44 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
         c0: [D, B, H] initial cell state, or None for zeros.
         lengths: [B] int32 sequence lengths, or None.
         w_hh: [D, 4H, R]; w_hr: [D, R, H] projection weights, or None (then R = H).
+        restarts, c_restart, reverse: as given to ``lstm_forward``.
     Returns:
         dgates [T, B, D*4H] (w_hh's dtype; zeros past each row's length), dh0 [D, B, R],
-        dc0 [D, B, H] in the state dtype, and with a projection dh_all [D, T, B, R] (the
-        total gradient of each h_t, w_hh's dtype), else None.
+        dc0 [D, B, H] in the state dtype, with a projection dh_all [D, T, B, R] (the
+        total gradient of each h_t, w_hh's dtype) else None, and with restarts the
+        gradients of the restart state, dh_restart [D, B, R] and dc_restart [D, B, H]
+        (state dtype), else None.
     """
     D, T, B, _ = gates.shape
     H = gates.shape[3] // 4
     R = w_hh.shape[2]
     device, dtype = w_hh.device, w_hh.dtype
-    config = config or pick_config(B, H, dtype, device, "backward", D)
+    acc = state_dtype(dtype)
+    config = config or pick_config(B, H, dtype, device, "backward", D, proj=w_hr is not None)
     proj = w_hr is not None
     dgates = torch.empty(T, B, D * 4 * H, dtype=dtype, device=device)
     dh0 = torch.empty(D, B, R, dtype=dtype, device=device)
     dh_all = torch.empty(D, T, B, R, dtype=dtype, device=device) if proj else None
     if dc_n is None:
-        dc_state = torch.zeros(D, B, H, dtype=state_dtype(dtype), device=device)
+        dc_state = torch.zeros(D, B, H, dtype=acc, device=device)
     else:
-        dc_state = dc_n.to(state_dtype(dtype), copy=True).contiguous()
+        dc_state = dc_n.to(acc, copy=True).contiguous()
+    has_restarts = restarts is not None
+    dh_restart = torch.zeros(D, B, R, dtype=acc, device=device) if has_restarts else None
+    dc_restart = torch.zeros(D, B, H, dtype=acc, device=device) if has_restarts else None
     args = (dgates if dy is None else dy.contiguous(), dh0 if dh_n is None else dh_n.contiguous(),
             dc_state, gates, c_all, dh0 if c0 is None else c0,
             lengths if lengths is not None else dc_state, w_hh, w_hr if proj else w_hh, dgates,
-            dh_all if proj else dc_state, dh0, T, B)
+            dh_all if proj else dc_state, dh0, restarts if has_restarts else dc_state,
+            c_restart if c_restart is not None else dc_state,
+            dh_restart if has_restarts else dc_state, dc_restart if has_restarts else dc_state,
+            T, B)
     constexprs = dict(H=H, HP=padded(H), R=R, RP=padded(R), D=D, PROJ=proj,
                       HAS_DY=dy is not None, HAS_DHN=dh_n is not None, HAS_H0=c0 is not None,
-                      HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(dtype, device))
+                      HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(dtype, device),
+                      REVERSE=reverse, HAS_RESTARTS=has_restarts,
+                      RESTART_FROM_STATE=c_restart is not None)
     launch_recurrence(lstm_backward_kernel, args, constexprs, num_steps=T * (2 if proj else 1) + 1,
                       batch=B, hidden_size=H, output_size=R, num_directions=D, config=config,
                       device=device, force_stepped=force_stepped)
-    return dgates, dh0, dc_state, dh_all
+    return dgates, dh0, dc_state, dh_all, dh_restart, dc_restart

@@ -134,6 +134,28 @@ def _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H: tl.constexpr, GS: tl.const
             tl.load(p + 2 * H, mask=m, other=0.0).to(ACC), tl.load(p + 3 * H, mask=m, other=0.0).to(ACC))
 
 
+@triton.jit
+def load_restarts(restarts, state, step, T, B, o_b, running, p_bu, m_bu,
+                  HAS_STATE: tl.constexpr, ACC: tl.constexpr):
+    """Rows restarting before processing step `step`, and the c they restart from (or zeros)."""
+    # A running row is inside the sequence (step < length <= T): nothing else is read.
+    b_restart = tl.load(restarts + tl.cast(step, tl.int64) * B + o_b, mask=running, other=0) != 0
+    if HAS_STATE:
+        b_state = tl.load(state + p_bu, mask=b_restart[:, None] & m_bu, other=0.0).to(ACC)
+    else:
+        b_state = tl.zeros(m_bu.shape, dtype=ACC)
+    return b_restart, b_state
+
+
+@triton.jit
+def _add_restart_term(b_gxi, b_gxf, b_gxg, b_gxo, hw_restart, restarting, B, o_b, o_u, m_u,
+                      H: tl.constexpr, GS: tl.constexpr, ACC: tl.constexpr):
+    """The input projection plus h_restart W_hh^T, per gate, for the rows that restart."""
+    r_i, r_f, r_g, r_o = _load_gx(hw_restart, tl.zeros_like(o_b).to(tl.int64), restarting, B,
+                                  o_b, o_u, m_u, H, GS, ACC)
+    return b_gxi + r_i, b_gxf + r_f, b_gxg + r_g, b_gxo + r_o
+
+
 @triton.jit(do_not_specialize=["T", "B", "q_begin", "q_end", "batch_start", "leader_inc"])
 def lstm_forward_kernel(
     gx,        # [T, B, D, 4H]  x_t W_ih^T + b_ih + b_hh per direction, input dtype
@@ -148,13 +170,19 @@ def lstm_forward_kernel(
     c_state,   # [D, B, H]      fp32, in: c before the first step when q_begin > 0; out: c after
     gates,     # [D, T, B, 4H]  fp32 out when SAVE: activated i, f, g, o (zeros past a length)
     c_all,     # [D, T, B, H]   fp32 out when SAVE (zeros past a length)
+    restarts,  # [D, T, B]      int8, 1: the row's state restarts before that processing step
+    hw_restart,  # [B, D, 4H]   fp32 h_restart W_hh^T: a restart's recurrent term (RESTART_FROM_STATE)
+    c_restart, # [D, B, H]      the c a restart restores (RESTART_FROM_STATE, else zeros)
+    h_ckpt,    # [D, NC, B, R]  out when CKPT_EVERY: h before processing steps k * CKPT_EVERY
+    c_ckpt,    # [D, NC, B, H]  fp32, the same for c (slot 0, the initial state, is the caller's)
     counters,  # [groups]       int32 barrier counters, one per (direction, batch block)
     T, B, q_begin, q_end, batch_start, leader_inc,
     H: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, RESIDENT: tl.constexpr, PROJ: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, PERSISTENT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr, HAS_RESTARTS: tl.constexpr,
+    RESTART_FROM_STATE: tl.constexpr, CKPT_EVERY: tl.constexpr,
 ):
     # Each step is one phase (cell update), or two with a projection (PROJ): the cell
     # phase over own hidden units, a barrier, then h = r W_hr^T over own output units.
@@ -171,20 +199,30 @@ def lstm_forward_kernel(
     counter = counters + i_d * (tl.num_programs(0) // NUM_H_BLOCKS) + i_b
     if D == 1:
         reverse = False
-    else:
+    elif REVERSE:
         reverse = i_d == 1
-    # Per-direction bases.
-    gx += i_d * 4 * H
-    w_hh += i_d * 4 * H * R
-    w_hr += i_d * R * H
-    h0 += i_d * B * R
-    c0 += i_d * B * H
-    y += i_d * R
-    h_n += i_d * B * R
-    r_all += i_d * T * B * H
-    c_state += i_d * B * H
-    gates += i_d * T * B * 4 * H
-    c_all += i_d * T * B * H
+    else:
+        reverse = False     # inputs already in processing order (recompute segments)
+    # Per-direction bases (64-bit: T * B * 4H can pass 2**31).
+    i_d64 = tl.cast(i_d, tl.int64)
+    gx += i_d64 * 4 * H
+    w_hh += i_d64 * 4 * H * R
+    w_hr += i_d64 * R * H
+    h0 += i_d64 * B * R
+    c0 += i_d64 * B * H
+    y += i_d64 * R
+    h_n += i_d64 * B * R
+    r_all += i_d64 * T * B * H
+    c_state += i_d64 * B * H
+    gates += i_d64 * T * B * 4 * H
+    c_all += i_d64 * T * B * H
+    restarts += i_d64 * T * B
+    hw_restart += i_d64 * 4 * H
+    c_restart += i_d64 * B * H
+    if CKPT_EVERY > 0:
+        num_ckpt = (T + CKPT_EVERY - 1) // CKPT_EVERY
+        h_ckpt += i_d64 * num_ckpt * B * R
+        c_ckpt += i_d64 * num_ckpt * B * H
 
     o_b = batch_start + i_b * BLOCK_B + tl.arange(0, BLOCK_B)   # batch rows
     o_u = i_h * BLOCK_H + tl.arange(0, BLOCK_H)                 # own hidden units
@@ -225,6 +263,13 @@ def lstm_forward_kernel(
         b_c = tl.load(c_state + p_bu, mask=m_bu, other=0.0)
     t_row, running = step_rows(t_begin, length, m_b, reverse)
     b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H, GS, ACC)
+    if HAS_RESTARTS:
+        b_restart, b_c_restart = load_restarts(restarts, c_restart, t_begin, T, B, o_b, running,
+                                               p_bu, m_bu, RESTART_FROM_STATE, ACC)
+        if RESTART_FROM_STATE:
+            b_gxi, b_gxf, b_gxg, b_gxo = _add_restart_term(b_gxi, b_gxf, b_gxg, b_gxo, hw_restart,
+                                                           b_restart, B, o_b, o_u, m_u, H, GS,
+                                                           ACC)
 
     for q in range(q_begin, q_end):
         t = q // PHASES
@@ -245,6 +290,11 @@ def lstm_forward_kernel(
                 t_prev = tl.where(reverse, t_row + 1, t_row - 1)
                 p_rows = y + (t_prev * B + o_b) * YS
                 m_rows = running
+            if HAS_RESTARTS:
+                # A restarting row does not read its previous h: the restart state's
+                # recurrent term came with its input projection (_add_restart_term).
+                m_rows = m_rows & (b_restart == 0)
+                b_c = tl.where(b_restart[:, None], b_c_restart, b_c)
             if RESIDENT:
                 b_acc = split_dot(p_rows, m_rows, o_j, b_w, R, SPLIT_K, DOT_PRECISION, ACC)
             else:
@@ -277,12 +327,28 @@ def lstm_forward_kernel(
                 tl.store(p_g + 3 * H, tl.where(m_run, b_o, 0.0), mask=m_bu)
                 tl.store(c_all + (t_row * B + o_b)[:, None] * H + o_u[None, :],
                          tl.where(m_run, b_c, 0.0), mask=m_bu)
+            if CKPT_EVERY > 0:
+                if ((t + 1) % CKPT_EVERY == 0) & (t + 1 < T):
+                    # The state before processing step t + 1, for the recompute in the backward.
+                    slot = tl.cast((t + 1) // CKPT_EVERY, tl.int64) * B
+                    tl.store(c_ckpt + (slot + o_b)[:, None] * H + o_u[None, :], b_c, mask=m_bu)
+                    if not PROJ:
+                        tl.store(h_ckpt + (slot + o_b)[:, None] * R + o_u[None, :], b_h,
+                                 mask=m_bu)
             # The next step's input projection does not depend on the recurrence: its
             # load is in flight while this program waits at the barrier.
             m_next = m_b & (tl.full([BLOCK_B], (t + 1) * PHASES, tl.int32) < q_end)
             t_next, running_next = step_rows(t + 1, length, m_next, reverse)
             b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_next, running_next, B, o_b, o_u, m_u, H,
                                                   GS, ACC)
+            if HAS_RESTARTS:
+                b_restart, b_c_restart = load_restarts(restarts, c_restart, t + 1, T, B, o_b,
+                                                       running_next, p_bu, m_bu,
+                                                       RESTART_FROM_STATE, ACC)
+                if RESTART_FROM_STATE:
+                    b_gxi, b_gxf, b_gxg, b_gxo = _add_restart_term(
+                        b_gxi, b_gxf, b_gxg, b_gxo, hw_restart, b_restart, B, o_b, o_u, m_u, H,
+                        GS, ACC)
         else:
             # Projection: h_t[:, own output units] = r_t (all hidden units) @ W_hr^T.
             p_rows = r_all + (t_row * B + o_b) * H
@@ -296,6 +362,10 @@ def lstm_forward_kernel(
             tl.store(y + (t_row * B + o_b)[:, None] * YS + o_r[None, :], b_y, mask=m_br)
             tl.store(h_n + o_b[:, None] * R + o_r[None, :], b_y,
                      mask=m_br & (t == length - 1)[:, None])
+            if CKPT_EVERY > 0:
+                if ((t + 1) % CKPT_EVERY == 0) & (t + 1 < T):
+                    slot = tl.cast((t + 1) // CKPT_EVERY, tl.int64) * B
+                    tl.store(h_ckpt + (slot + o_b)[:, None] * R + o_r[None, :], b_y, mask=m_br)
         if PERSISTENT:
             if q < q_end - 1:
                 grid_barrier(counter, leader_inc, i_h == 0)
@@ -304,7 +374,8 @@ def lstm_forward_kernel(
 
 
 def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=None,
-                 force_stepped: bool = False):
+                 force_stepped: bool = False, restarts=None, h_restart=None, c_restart=None,
+                 ckpt_every: int = 0, reverse: bool = True):
     """Run the recurrence of one layer (all its directions) over a precomputed input projection.
 
     Args:
@@ -316,16 +387,25 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
         save: also return what the backward needs (gates and c per step, in the state dtype).
         config: a ``KernelConfig``; picked by ``dispatch.pick_config`` when None.
         force_stepped: one launch per step even where a persistent launch fits.
+        restarts: [D, T, B] int8 or None: 1 where a row's state restarts, before that
+            processing step (in each direction's own order), from (h_restart, c_restart),
+            [D, B, R] and [D, B, H], or from zeros when those are None. A restarting row
+            does not read h: its recurrent term h_restart W_hh^T is one GEMM up front.
+        ckpt_every: > 0: also return the state before every ckpt_every-th processing step.
+        reverse: direction 1 walks each row backwards; False when gx is already in
+            processing order (the recompute segments of the backward).
     Returns:
         y [T, B, D*R] (zeros past each row's length), h_n [D, B, R], c_n [D, B, H],
         gates [D, T, B, 4H] or None, c_all [D, T, B, H] or None (these three in the state
-        dtype: fp32, fp64 for fp64 inputs), r_all [D, T, B, H] (o * tanh(c)) or None.
+        dtype: fp32, fp64 for fp64 inputs), r_all [D, T, B, H] (o * tanh(c)) or None,
+        and with ckpt_every: h_ckpt [D, NC, B, R], c_ckpt [D, NC, B, H] (state dtype),
+        NC = ceil(T / ckpt_every), slot k the state before processing step k * ckpt_every.
     """
     T, B, G = gx.shape
     D, _, R = w_hh.shape
     H = G // (4 * D)
     device, dtype = gx.device, gx.dtype
-    config = config or pick_config(B, H, dtype, device, "forward", D)
+    config = config or pick_config(B, H, dtype, device, "forward", D, proj=w_hr is not None)
     acc = state_dtype(dtype)
     proj = w_hr is not None
     y = torch.empty(T, B, D * R, dtype=dtype, device=device)
@@ -334,14 +414,32 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
     c_state = torch.empty(D, B, H, dtype=acc, device=device)
     gates = torch.empty(D, T, B, 4 * H, dtype=acc, device=device) if save else None
     c_all = torch.empty(D, T, B, H, dtype=acc, device=device) if save else None
+    h_ckpt = c_ckpt = None
+    if ckpt_every > 0:
+        num_ckpt = triton.cdiv(T, ckpt_every)
+        h_ckpt = torch.empty(D, num_ckpt, B, R, dtype=dtype, device=device)
+        c_ckpt = torch.empty(D, num_ckpt, B, H, dtype=acc, device=device)
+        h_ckpt[:, 0] = 0 if h0 is None else h0      # slot 0: the initial state
+        c_ckpt[:, 0] = 0 if c0 is None else c0
     has_h0 = h0 is not None
+    restart_from_state = h_restart is not None
+    # [B, D, 4H]: the recurrent term every restart adds instead of h_{t-1} W_hh^T, in fp32.
+    hw_restart = (torch.einsum("dbr,dgr->bdg", h_restart.to(acc), w_hh.to(acc)).contiguous()
+                  if restart_from_state and restarts is not None else None)
     args = (gx, w_hh, w_hr if proj else w_hh, h0 if has_h0 else y, c0 if has_h0 else y,
             lengths if lengths is not None else c_state, y, h_n, r_all if proj else y, c_state,
-            gates if save else c_state, c_all if save else c_state, T, B)
+            gates if save else c_state, c_all if save else c_state,
+            restarts if restarts is not None else c_state,
+            hw_restart if hw_restart is not None else c_state,
+            c_restart if restart_from_state else y,
+            h_ckpt if ckpt_every > 0 else y, c_ckpt if ckpt_every > 0 else c_state, T, B)
     constexprs = dict(H=H, HP=padded(H), R=R, RP=padded(R), D=D, PROJ=proj, HAS_H0=has_h0,
                       HAS_LENGTHS=lengths is not None, SAVE=save,
-                      DOT_PRECISION=dot_precision(dtype, device))
+                      DOT_PRECISION=dot_precision(dtype, device), REVERSE=reverse,
+                      HAS_RESTARTS=restarts is not None,
+                      RESTART_FROM_STATE=hw_restart is not None,
+                      CKPT_EVERY=ckpt_every)
     launch_recurrence(lstm_forward_kernel, args, constexprs, num_steps=T * (2 if proj else 1),
                       batch=B, hidden_size=H, output_size=R, num_directions=D, config=config,
                       device=device, force_stepped=force_stepped)
-    return y, h_n, c_state, gates, c_all, r_all
+    return y, h_n, c_state, gates, c_all, r_all, h_ckpt, c_ckpt

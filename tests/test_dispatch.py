@@ -1,0 +1,554 @@
+"""Tuned tables on CPU: the sweep's bookkeeping, the lookup, first-use autotuning, the auto policy.
+
+No GPU: a GPU is stood in by monkeypatching torch.cuda.get_device_name / properties and
+policy._on_cuda, tables are hand-made, and timings are monkeypatched; candidates that
+really run (float64 checks, first-use tuning) run under the Triton interpreter at tiny shapes.
+"""
+import csv
+import json
+import math
+import pathlib
+import sys
+import types
+
+import pytest
+import torch
+
+import triton_lstm
+from triton_lstm import autotune, policy, tuning
+from triton_lstm.dispatch import KernelConfig, heuristic_config, pick_config
+
+from .conftest import requires_interpreter
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "perf"))
+import tune  # noqa: E402
+
+GPU = "NVIDIA H200"
+ENV = dict(gpu=GPU, torch="2.11.0", triton="3.6.0", cuda="13.0", cudnn=91900, commit="abc1234",
+           date="2025-01-01T00:00:00+00:00")
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture(autouse=True)
+def clean_tables(monkeypatch):
+    """No table, no autotune cache in memory, autotuning off, before and after each test."""
+    monkeypatch.delenv(autotune.ENV, raising=False)
+    for caches in (tuning._tables, autotune._cache_files):
+        caches.clear()
+    tuning.clear_caches()
+    yield
+    for caches in (tuning._tables, autotune._cache_files):
+        caches.clear()
+    tuning.clear_caches()
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """CUDA as far as the lookup and the policy can tell: a name, an SM count, 'is_cuda'."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: GPU)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(policy, "_on_cuda", lambda input: True)
+
+
+def config(block_b=16, block_h=8, split_k=1, num_warps=4, resident=True):
+    return KernelConfig(block_b=block_b, block_h=block_h, resident=resident, block_k=64,
+                        split_k=split_k, num_warps=num_warps)
+
+
+def entry(dtype, B, H, D=1, proj=0, fwd=None, train=None, forward=None, backward=None):
+    """A table entry; fwd / train: (kernels µs, nn.LSTM µs)."""
+    e = dict(dtype=dtype, B=B, H=H, D=D, proj=proj)
+    if forward:
+        e["forward"] = tuning.config_entry(forward, 1.0)
+    if backward:
+        e["backward"] = tuning.config_entry(backward, 2.0)
+    e["kernels_us"] = {m: v[0] for m, v in (("fwd", fwd), ("train", train)) if v}
+    e["cudnn_us"] = {m: v[1] for m, v in (("fwd", fwd), ("train", train)) if v}
+    return e
+
+
+def table(*entries):
+    return {"provenance": dict(ENV, steps=64),
+            "shapes": {tuning.shape_key(e["dtype"], e["B"], e["H"], e["D"], e["proj"]): e
+                       for e in entries}}
+
+
+# -- lookup ------------------------------------------------------------------------------------
+
+def test_config_labels_round_trip():
+    c = config(block_b=64, block_h=16, split_k=4, num_warps=16, resident=False)
+    assert tuning.config_label(c) == "bb64-bh16-str-bk64-sk4-w16"
+    assert tuning.config_from_label(tuning.config_label(c)) == c
+    assert tuning.config_from_entry(tuning.config_entry(c, 3.14159)) == c
+    assert tuning.config_entry(c, 3.14159)["us_per_step"] == 3.142
+    with pytest.raises(ValueError, match="label"):
+        tuning.config_from_label("bb64-bh16")
+
+
+def test_nearest_shape_batch_bucket_and_hidden():
+    t = table(*(entry("bf16", B, H, fwd=(B, H)) for B in (8, 64, 512) for H in (256, 1024)))
+
+    def nearest(B, H):
+        e = tuning.nearest_entry(t, "bf16", B, H, 1, False)
+        return e and (e["B"], e["H"])
+
+    assert nearest(8, 256) == (8, 256)                      # exact
+    assert nearest(1, 256) == (8, 256)                      # smallest measured batch >= B
+    assert nearest(9, 256) == (64, 256) and nearest(100, 1024) == (512, 1024)
+    assert nearest(4096, 1024) == (512, 1024)               # past the largest: the largest
+    assert nearest(8, 300) == (8, 256) and nearest(8, 700) == (8, 1024)   # nearest on a log scale
+    assert nearest(8, 512) == (8, 1024)                     # a tie goes to the larger H
+    assert nearest(8, 2048) == (8, 1024) and nearest(8, 128) == (8, 256)  # a factor 2 away
+    assert nearest(8, 4096) is None and nearest(8, 100) is None           # further: none
+    assert tuning.nearest_entry(t, "fp16", 8, 256, 1, False) is None      # same dtype only
+
+
+def test_lookup_keeps_directions_and_projections_apart():
+    one, two, projected = config(block_h=8), config(block_h=16), config(block_h=4)
+    t = table(entry("bf16", 8, 512, D=1, forward=one), entry("bf16", 8, 512, D=2, forward=two),
+              entry("bf16", 8, 512, D=1, proj=256, forward=projected))
+    look = lambda D, proj: tuning.table_config(GPU, "forward", torch.bfloat16, 8, 512, D, proj, 132)  # noqa: E731
+    tuning.set_table(GPU, t)
+    assert look(1, False) == one and look(2, False) == two and look(1, True) == projected
+    assert look(2, True) is None                             # never measured: the heuristic's
+    assert tuning.table_config(GPU, "backward", torch.bfloat16, 8, 512, 1, False, 132) is None
+
+
+def test_pick_config_uses_the_table_else_the_heuristic(fake_gpu):
+    tuned = config(block_b=16, block_h=4, split_k=4, num_warps=8)
+    tuning.set_table(GPU, table(entry("bf16", 8, 512, forward=tuned, backward=tuned),
+                                entry("bf16", 8, 512, D=2, forward=config(block_h=16))))
+    assert pick_config(8, 512, torch.bfloat16, CUDA, "forward") == tuned
+    assert pick_config(3, 500, torch.bfloat16, CUDA, "backward") == tuned      # nearest shape
+    assert pick_config(8, 512, torch.bfloat16, CUDA, "forward", 2) == config(block_h=16)
+    # Not measured (fp16, a projection), or a config that would not form a persistent group
+    # at this H (4096 / 4 = 1024 programs): the heuristic.
+    for args in ((8, 512, torch.float16, CUDA, "forward"),
+                 (8, 512, torch.bfloat16, CUDA, "forward", 1, True),
+                 (8, 1024, torch.bfloat16, CUDA, "forward")):
+        assert pick_config(*args) == heuristic_config(args[0], args[1], args[2], 132, "forward")
+    tuning.set_table(GPU, table(entry("bf16", 8, 2048, forward=tuned)))
+    assert pick_config(8, 4096, torch.bfloat16, CUDA, "forward") == heuristic_config(
+        8, 4096, torch.bfloat16, 132, "forward")
+
+
+def test_unknown_gpu_falls_back_to_the_heuristic(fake_gpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU 9000")
+    assert tuning.load_table("Some Future GPU 9000") == {}
+    for kernel in ("forward", "backward"):
+        for D in (1, 2):
+            assert pick_config(64, 512, torch.float32, CUDA, kernel, D) == heuristic_config(
+                64, 512, torch.float32, 132 // D, kernel)
+
+
+def test_forced_configs_win_and_end_with_the_block():
+    forced = config(block_h=4)
+    with tuning.forced_configs(forward=forced):
+        assert pick_config(8, 32, torch.float32, torch.device("cpu"), "forward") == forced
+        assert pick_config(8, 32, torch.float32, torch.device("cpu"), "backward") == heuristic_config(
+            8, 32, torch.float32, 4, "backward")
+    assert pick_config(8, 32, torch.float32, torch.device("cpu"), "forward") != forced
+
+
+# -- candidates and the float64 check -----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, H, D", [(1, 256, 1), (8, 512, 2), (64, 1024, 1), (512, 512, 1), (128, 1024, 2)])
+def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
+    for kernel in ("forward", "backward"):
+        base = heuristic_config(B, H, dtype, 132 // D, kernel)
+        sizes = {}
+        for neighbourhood, most in (("heuristic", 1), ("sweep", 2), ("autotune", 5), ("wide", 8)):
+            configs = autotune.candidate_configs(kernel, B, H, dtype, D, 132, neighbourhood)
+            assert configs[0] == base and len(set(configs)) == len(configs) <= most
+            assert all(autotune.runs_well(c, kernel, B, H, dtype, D, 132) for c in configs[1:])
+            sizes[neighbourhood] = len(configs)
+        assert sizes["heuristic"] <= sizes["sweep"] <= sizes["autotune"] <= sizes["wide"]
+
+
+def test_runs_well_rejects_what_cannot_run_well():
+    ok = config(block_b=16, block_h=8)
+    assert autotune.runs_well(ok, "forward", 8, 512, torch.bfloat16, 1, 132)
+    assert not autotune.runs_well(config(block_b=8), "forward", 8, 512, torch.bfloat16, 1, 132)
+    assert not autotune.runs_well(config(block_b=32), "forward", 8, 512, torch.bfloat16, 1, 132)
+    assert not autotune.runs_well(config(block_h=4), "forward", 8, 1024, torch.bfloat16, 1, 132)  # 256 programs
+    assert not autotune.runs_well(config(block_h=8), "forward", 8, 1024, torch.bfloat16, 2, 132)  # 2 x 128
+    assert not autotune.runs_well(config(block_b=128, block_h=32, num_warps=16), "forward", 512,
+                                  256, torch.bfloat16, 1, 132)                # 4096-cell tile
+    assert not autotune.runs_well(config(block_h=64), "forward", 8, 1024, torch.float32, 1, 132)  # 1 MB on chip
+    # The unsplit backward spills past 512 bytes of weight slice per thread; 8 warps, split, do not.
+    assert not autotune.runs_well(config(block_h=16), "backward", 8, 1024, torch.bfloat16, 1, 132)
+    assert autotune.runs_well(config(block_h=16, split_k=4, num_warps=8), "backward", 8, 1024,
+                              torch.bfloat16, 1, 132)
+
+
+@requires_interpreter
+def test_measure_checks_against_float64_before_timing(monkeypatch):
+    timed = []
+    monkeypatch.setattr(autotune.Problem, "time_us", lambda self, kernel, c: timed.append(c) or 7.0)
+    problem = autotune.Problem.random(torch.float32, 3, 20, 2, 8, steps=4, device="cpu")
+    good = heuristic_config(3, 20, torch.float32, 2, "forward")
+    for kernel in ("forward", "backward"):
+        m = autotune.measure(problem, kernel, good)
+        assert (m.status, m.us_per_step) == ("ok", 7.0) and m.rel_error < 1e-5
+    # A wrong result is recorded as wrong and never timed; a config that cannot compile as an error.
+    run = autotune.Problem.run
+    monkeypatch.setattr(autotune.Problem, "run", lambda self, kernel, c, steps=None: tuple(
+        t + 1 for t in run(self, kernel, c, steps)))
+    wrong = autotune.measure(problem, "forward", good)
+    assert wrong.status == "wrong" and wrong.us_per_step is None and "relative error" in wrong.detail
+    monkeypatch.setattr(autotune.Problem, "run", run)
+    broken = autotune.measure(problem, "backward", config(block_h=3))
+    assert broken.status == "error" and broken.detail and broken.us_per_step is None
+    assert timed == [good, good]
+
+
+# -- first-use autotuning ----------------------------------------------------------------------
+
+@pytest.fixture
+def autotuning(monkeypatch, tmp_path, fake_gpu):
+    """TRITON_LSTM_AUTOTUNE=1 with the cache in tmp_path; timings by hidden block (8 fastest)."""
+    monkeypatch.setenv(autotune.ENV, "1")
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(autotune.Problem, "time_us",
+                        lambda self, kernel, c: {8: 1.0, 16: 2.0}.get(c.block_h, 3.0) * c.num_warps)
+    return tmp_path
+
+
+@requires_interpreter
+def test_autotune_tunes_on_first_use_caches_and_reuses(autotuning, monkeypatch):
+    cpu = torch.device("cpu")
+    got = autotune.autotuned_config("forward", 3, 20, torch.float32, cpu, 1, False)
+    candidates = autotune.candidate_configs("forward", 3, 20, torch.float32, 1, 4, "autotune")
+    want = min(candidates, key=lambda c: {8: 1.0, 16: 2.0}.get(c.block_h, 3.0) * c.num_warps)
+    assert got == want
+    files = list((autotuning / "autotune").glob("nvidia-h200-*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["gpu"] == GPU and data["versions"] == autotune.versions()
+    assert data["versions"]["torch"] == torch.__version__ and data["versions"]["kernels"]
+    key = autotune.cache_key("forward", torch.float32, 3, 20, 1, False)
+    assert key == "forward/fp32/B4/H20/D1/P0"
+    assert tuning.config_from_entry(data["configs"][key]) == want
+    # The next run (a fresh process: nothing in memory) reads the file and tunes nothing.
+    autotune._cache_files.clear()
+    monkeypatch.setattr(autotune, "tune", lambda *a: pytest.fail("tuned again"))
+    assert autotune.autotuned_config("forward", 4, 20, torch.float32, cpu, 1, False) == want
+    # pick_config on the (stand-in) GPU takes it, before the shipped table.
+    tuning.set_table(GPU, table(entry("fp32", 4, 20, forward=config(block_h=4))))
+    autotune._cache_files.clear()
+    monkeypatch.setattr(autotune, "cache_path", lambda gpu: files[0])
+    assert tuning.measured_config("forward", 3, 20, torch.float32, CUDA) == (want, "autotune")
+    assert pick_config(3, 20, torch.float32, CUDA, "forward") == want
+
+
+def test_autotune_cache_is_keyed_by_gpu_and_versions(autotuning, monkeypatch):
+    tuned = []
+
+    def fake_tune(kernel, batch, hidden, dtype, device, directions, proj):
+        tuned.append(autotune.versions()["torch"])
+        return autotune.Measurement(config(block_h=4), "ok", 0.0, 1.0)
+
+    monkeypatch.setattr(autotune, "tune", fake_tune)
+    args = ("backward", 8, 64, torch.bfloat16, CUDA, 2, True)
+    assert autotune.autotuned_config(*args) == config(block_h=4)
+    assert autotune.autotuned_config(*args) == config(block_h=4)
+    assert tuned == [torch.__version__]
+    first = autotune.cache_path(GPU)
+    newer = dict(autotune.versions(), torch="9.9")
+    monkeypatch.setattr(autotune, "versions", lambda: newer)
+    assert autotune.cache_path(GPU) != first and autotune.cache_path("NVIDIA H100 80GB HBM3") != first
+    autotune.autotuned_config(*args)
+    assert tuned == [torch.__version__, "9.9"]
+    assert autotune.cache_path(GPU).name.startswith("nvidia-h200-")
+    # Off (the default), or asked not to tune (explain): nothing is tuned.
+    monkeypatch.delenv(autotune.ENV)
+    assert tuning.measured_config("forward", 8, 64, torch.bfloat16, CUDA) is None
+    monkeypatch.setenv(autotune.ENV, "1")
+    assert autotune.autotuned_config("forward", 8, 64, torch.bfloat16, CUDA,
+                                     tune_if_missing=False) is None
+    assert len(tuned) == 2
+
+
+def test_autotune_with_no_passing_candidate_uses_the_heuristic_and_remembers(autotuning, monkeypatch):
+    calls = []
+    monkeypatch.setattr(autotune, "tune", lambda *a: calls.append(a) and None)
+    assert autotune.autotuned_config("forward", 8, 64, torch.float16, CUDA) is None
+    assert autotune.autotuned_config("forward", 8, 64, torch.float16, CUDA) is None
+    assert len(calls) == 1
+    assert pick_config(8, 64, torch.float16, CUDA) == heuristic_config(8, 64, torch.float16, 132)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "mine"))
+    assert autotune.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv(autotune.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert autotune.cache_dir() == tmp_path / "xdg" / "triton_lstm"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert autotune.cache_dir() == tmp_path / ".cache" / "triton_lstm"
+
+
+# -- the auto policy and explain ---------------------------------------------------------------
+
+POLICY_TABLE = table(
+    # bf16, H=512: kernels faster everywhere but B=512 (and B=64 training, within the margin).
+    entry("bf16", 8, 512, fwd=(3.0, 6.0), train=(9.0, 40.0)),
+    entry("bf16", 64, 512, fwd=(5.0, 7.0), train=(18.0, 18.5)),
+    entry("bf16", 512, 512, fwd=(30.0, 20.0), train=(130.0, 70.0)),
+    # fp16, H=1024: cuDNN's persistent kernel wins at B=8, the kernels at 128.
+    entry("fp16", 8, 1024, fwd=(5.6, 2.7), train=(14.6, 8.0)),
+    entry("fp16", 128, 1024, fwd=(10.9, 15.9), train=(48.0, 60.0)),
+    # bidirectional bf16: nn.LSTM faster.
+    entry("bf16", 8, 512, D=2, fwd=(8.0, 6.0), train=(30.0, 20.0)))
+
+
+def auto_module(H=512, dtype=torch.bfloat16, **options):
+    return triton_lstm.LSTM(16, H, dtype=dtype, **options)
+
+
+@pytest.mark.parametrize("dtype, B, H, options, want_fwd, want_train", [
+    (torch.bfloat16, 1, 512, {}, True, True),
+    (torch.bfloat16, 64, 512, {}, True, False),       # training: 18.0 > 95% of 18.5
+    (torch.bfloat16, 600, 512, {}, False, False),     # past the largest bucket: the largest
+    (torch.bfloat16, 100, 400, {}, False, False),     # nearest: H=512, bucket 512
+    (torch.float16, 8, 1024, {}, False, False),
+    (torch.float16, 16, 1024, {"batch_first": True}, True, True),
+    (torch.bfloat16, 8, 512, {"bidirectional": True}, False, False),
+    (torch.bfloat16, 8, 512, {"proj_size": 128}, True, True),      # never measured: kernels
+    (torch.float32, 512, 512, {}, True, True),                      # no fp32 entries: kernels
+    (torch.bfloat16, 8, 4096, {}, True, True),                      # H too far: kernels
+])
+def test_auto_picks_what_the_table_says_is_faster(fake_gpu, dtype, B, H, options, want_fwd,
+                                                  want_train):
+    tuning.set_table(GPU, POLICY_TABLE)
+    module = auto_module(H, dtype, **options)
+    x = torch.randn(B, 4, 16, dtype=dtype) if options.get("batch_first") else torch.randn(4, B, 16, dtype=dtype)
+    with torch.no_grad():
+        assert module._uses_triton(x) is want_fwd
+        assert triton_lstm.explain(module, x).path == ("kernels" if want_fwd else "nn.LSTM")
+    assert module._uses_triton(x) is want_train                    # parameters want gradients
+    assert triton_lstm.explain(module, x).path == ("kernels" if want_train else "nn.LSTM")
+    module.requires_grad_(False)
+    assert module._uses_triton(x) is want_fwd                      # nothing wants a gradient
+    assert module._uses_triton(x.requires_grad_()) is want_train   # the input does
+
+
+def test_auto_without_a_table_or_on_cpu_keeps_todays_rule(fake_gpu, monkeypatch):
+    module, x = auto_module(), torch.randn(4, 512, 16, dtype=torch.bfloat16)
+    assert module._uses_triton(x)                                   # no table for this GPU
+    tuning.set_table(GPU, POLICY_TABLE)
+    assert not module._uses_triton(x)
+    assert module._uses_triton(x[:, 0])                             # 2-D input: the kernels
+    assert not triton_lstm.LSTM.from_torch(module, backend="torch")._uses_triton(x)
+    assert triton_lstm.LSTM.from_torch(module, backend="triton")._uses_triton(x)
+    monkeypatch.setattr(policy, "_on_cuda", lambda input: False)
+    assert not module._uses_triton(x)                               # CPU: nn.LSTM
+    assert "CPU" in triton_lstm.explain(module, x).why
+
+
+def test_explain_says_what_and_why(fake_gpu):
+    tuning.set_table(GPU, POLICY_TABLE)
+    module = auto_module(1024, torch.float16)
+    with torch.no_grad():
+        slower = triton_lstm.explain(module, torch.randn(4, 8, 16, dtype=torch.float16))
+        faster = triton_lstm.explain(module, torch.randn(4, 100, 16, dtype=torch.float16))
+    assert slower.path == "nn.LSTM" and faster.path == "kernels"
+    assert slower.entry["B"] == 8 and faster.entry["B"] == 128
+    assert slower.provenance["commit"] == "abc1234"
+    text = str(slower)
+    assert text.splitlines()[0] == "triton_lstm: nn.LSTM runs this call"
+    for part in ("fp16 B=8 H=1024", "inference", GPU, "5.60 µs/step", "2.70 µs/step", "abc1234",
+                 "torch 2.11.0", "95%"):
+        assert part in text, (part, text)
+    assert "forward tiles" in str(faster) and faster.tiles["backward"][1] == "heuristic"
+    assert "training" in str(triton_lstm.explain(module, torch.randn(4, 8, 16, dtype=torch.float16)))
+    # No table, forced backends.
+    tuning.set_table(GPU, {})
+    assert "no table measured for NVIDIA H200" in triton_lstm.explain(module, torch.randn(2, 8, 16)).why
+    assert triton_lstm.explain(triton_lstm.LSTM(16, 8, backend="torch"), torch.randn(2, 3, 16)).path == "nn.LSTM"
+
+
+def test_explain_reports_a_refused_call(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    e = triton_lstm.explain(triton_lstm.LSTM(4, 8, backend="triton"), torch.randn(2, 3, 4))
+    assert e.path == "error" and "CUDA" in e.why and "raises" in str(e)
+
+
+def test_the_auto_decision_compiles_without_graph_breaks(fake_gpu, monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)   # enable_fullgraph()
+    tuning.set_table(GPU, POLICY_TABLE)
+    module = auto_module()
+
+    def run(x):   # what the module's forward does with the decision
+        return x * 2 if module._uses_triton(x) else x * 3
+
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="eager")
+    with torch.no_grad():
+        for B, want in ((8, 2.0), (64, 2.0), (600, 3.0), (3, 2.0)):
+            x = torch.ones(4, B, 16, dtype=torch.bfloat16)
+            assert compiled(x)[0, 0, 0].item() == want
+    torch._dynamo.reset()
+
+
+# -- make tune: bookkeeping ----------------------------------------------------------------------
+
+def test_default_grid_covers_make_perf_and_fits_the_budget():
+    grid = tune.default_grid()
+    plain = {(s.dtype, s.batch, s.hidden) for s in grid if (s.directions, s.proj) == (1, 0)}
+    assert plain == {(d, B, H) for d in ("fp32", "bf16", "fp16") for B in (1, 8, 16, 64, 128, 512)
+                     for H in (256, 512, 1024)}
+    assert {(s.directions, s.proj > 0) for s in grid} == {(1, False), (2, False), (1, True)}
+    assert all(s.proj in (0, s.hidden // 2) for s in grid)
+    assert len({tune.row_key("forward", s, "-") for s in grid}) == len(grid)
+    plan = tune.estimate(grid)
+    assert plan["seconds"] <= 8 * 60 and plan["compiles"] > 100
+    assert tune.estimate(grid, "wide")["seconds"] > plan["seconds"]
+
+
+def test_plan_prints_the_estimate_without_a_gpu(capsys):
+    assert tune.main(["--plan"]) == 0
+    out = capsys.readouterr().out
+    minutes = float(out.split("estimate: ")[1].split(" min")[0])
+    assert 1 < minutes <= 8 and "kernel compiles" in out
+
+
+def test_row_keys_name_kind_shape_and_config():
+    shape = tune.Shape("bf16", 8, 512, 2, 256)
+    assert tune.row_key("forward", shape, "bb16-bh8-res-bk64-sk1-w4") == \
+        "forward|bf16/B8/H512/D2/P256|bb16-bh8-res-bk64-sk1-w4"
+    assert tune.row_key("cudnn_train", shape, "-") != tune.row_key("cudnn_train", tune.Shape("bf16", 8, 512), "-")
+
+
+def csv_row(kind, shape, config_text, status="ok", us=None, commit="abc1234"):
+    return dict(key=tune.row_key(kind, shape, config_text), kind=kind, dtype=shape.dtype,
+                B=shape.batch, H=shape.hidden, D=shape.directions, proj=shape.proj,
+                config=config_text, status=status, us_per_step=us, rel_error=1e-3 if us else None,
+                T=64, detail="", **dict(ENV, commit=commit))
+
+
+def sweep_rows(shape, fast, slow, layer_configs, kernels=(3.0, 9.0), cudnn=(12.0, 5.0, 30.0)):
+    """tune.csv rows of one shape: fast/slow candidates, a failed one, layer timings."""
+    label = tuning.config_label
+    rows = [csv_row(kernel, shape, label(c), us=us) for kernel in ("forward", "backward")
+            for c, us in ((slow, 4.0), (fast, 2.0))]
+    rows += [csv_row("forward", shape, label(config(block_h=4)), status="wrong"),
+             csv_row("backward", shape, label(config(block_h=32)), status="error")]
+    rows += [csv_row("kernels_fwd", shape, layer_configs, us=kernels[0]),
+             csv_row("kernels_train", shape, layer_configs, us=kernels[1]),
+             csv_row("cudnn_fwd", shape, "-", us=cudnn[0]),
+             csv_row("cudnn_graph_fwd", shape, "-", us=cudnn[1]),
+             csv_row("cudnn_train", shape, "-", us=cudnn[2], commit="def5678")]
+    return rows
+
+
+def test_best_configs_and_the_table_with_provenance():
+    shape, fast, slow = tune.Shape("bf16", 8, 512), config(block_h=8), config(block_h=16)
+    both = f"{tuning.config_label(fast)}+{tuning.config_label(fast)}"
+    rows = sweep_rows(shape, fast, slow, both)
+    # A layer timing with configs that are no longer the best is stale: not in the table.
+    rows.append(csv_row("kernels_fwd", shape, "old+old", us=1.0))
+    assert tune.best_configs(rows, shape) == {"forward": (fast, 2.0), "backward": (fast, 2.0)}
+    t = tune.build_table(rows, tune.provenance(rows, ENV, 64))
+    e = t["shapes"]["bf16/B8/H512/D1/P0"]
+    assert tuning.config_from_entry(e["forward"]) == fast and e["backward"]["us_per_step"] == 2.0
+    assert e["kernels_us"] == {"fwd": 3.0, "train": 9.0}
+    assert e["cudnn_us"] == {"fwd": 12.0, "fwd_graph": 5.0, "train": 30.0}
+    p = t["provenance"]
+    for name in ("gpu", "commit", "torch", "triton", "cuda", "cudnn", "date"):
+        assert p[name] == ENV[name]
+    assert p["commits"] == ["abc1234", "def5678"] and p["steps"] == 64 and p["rows"] == len(rows)
+    assert p["grid"] == dict(dtypes=["bf16"], batches=[8], hidden=[512], directions=[1], proj=[0],
+                             shapes=1)
+    # The table feeds the lookup and the policy as it is.
+    tuning.set_table(GPU, json.loads(json.dumps(t)))
+    assert tuning.table_config(GPU, "forward", torch.bfloat16, 8, 512, 1, False, 132) == fast
+    assert tuning.bucket_decisions(GPU, "bf16", 512, 1, False) == ((8, True, True),)
+
+
+@requires_interpreter
+def test_sweep_records_every_measurement_and_resumes(tmp_path, monkeypatch):
+    timings = {"kernels_fwd": 2.0, "kernels_train": 6.0, "cudnn_fwd": 10.0, "cudnn_graph_fwd": 5.0,
+               "cudnn_train": 30.0}
+
+    def fake_layer_runs(shape, best, steps, device):
+        text = tune.layer_config_text(best)
+        return {kind: ("-" if kind.startswith("cudnn") else text, {}, lambda kind=kind: kind)
+                for kind in timings}
+
+    monkeypatch.setattr(tune, "layer_runs", fake_layer_runs)
+    monkeypatch.setattr(autotune, "time_ms", lambda kind: timings[kind] * 4 / 1e3)   # 4 steps
+    monkeypatch.setattr(autotune.Problem, "time_us", lambda self, kernel, c: 1.0 * c.block_h)
+    broken = config(block_h=3)
+    candidates = autotune.candidate_configs
+    monkeypatch.setattr(autotune, "candidate_configs", lambda *a: candidates(*a) + [broken])
+    grid = [tune.Shape("fp32", 2, 16), tune.Shape("fp32", 2, 16, 2, 8)]
+    csv_path, json_path = tmp_path / "tune.csv", tmp_path / "cpu.json"
+    lines = []
+    sweep = tune.Sweep(csv_path, ENV, 4, 600, device="cpu", log=lines.append)
+    assert sweep.run(grid, "sweep", json_path)
+    rows = tune.read_rows(csv_path)
+    assert [r["key"] for r in rows] == [r["key"] for r in sweep.rows]
+    assert len({r["key"] for r in rows}) == len(rows)
+    with open(csv_path, newline="") as f:
+        assert next(csv.reader(f)) == tune.FIELDS
+    for shape in grid:
+        mine = [r for r in rows if tune.shape_of(r) == shape]
+        failed = [r for r in mine if r["config"] == tuning.config_label(broken)]
+        assert {r["kind"] for r in failed} == {"forward", "backward"}
+        assert all(r["status"] == "error" and r["us_per_step"] is None and r["detail"] for r in failed)
+        assert {r["kind"] for r in mine} == set(tune.KERNELS) | set(tune.LAYER_KINDS)
+    table = json.loads(json_path.read_text())
+    e = table["shapes"]["fp32/B2/H16/D2/P8"]
+    assert e["kernels_us"] == {"fwd": 2.0, "train": 6.0} and e["cudnn_us"]["fwd_graph"] == 5.0
+    assert tuning.config_from_entry(e["forward"]).block_h != 3
+    assert any("error" in line for line in lines) and "[sweep 2/2]" in lines[-1]
+    # A second run measures nothing, a run out of budget stops before measuring anything.
+    monkeypatch.setattr(autotune, "measure", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(autotune, "time_ms", lambda fn: pytest.fail("timed again"))
+    assert tune.Sweep(csv_path, ENV, 4, 600, device="cpu", log=lines.append).run(grid, "sweep", json_path)
+    assert [r["key"] for r in tune.read_rows(csv_path)] == [r["key"] for r in rows]
+    # --retry-errors measures again what raised, and only that.
+    again = []
+    monkeypatch.setattr(autotune, "measure", lambda problem, kernel, c: again.append(c) or
+                        autotune.Measurement(c, "error", detail="raised again"))
+    assert tune.Sweep(csv_path, ENV, 4, 600, device="cpu", retry_errors=True).run(grid, "sweep",
+                                                                                  json_path)
+    assert again == [broken] * 4
+    assert not tune.Sweep(tmp_path / "new.csv", ENV, 4, -1, device="cpu").run(grid, "sweep", json_path)
+    assert not (tmp_path / "new.csv").exists()
+
+
+def test_a_csv_of_another_format_is_refused(tmp_path):
+    path = tmp_path / "tune.csv"
+    path.write_text("kind,dtype\nforward,bf16\n")
+    with pytest.raises(SystemExit, match="--fresh"):
+        tune.read_rows(path)
+
+
+def test_heatmaps_from_a_synthetic_csv(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rows = []
+    for dtype in ("bf16", "fp32"):
+        for B in (8, 64):
+            for H in (256, 512):
+                for shape in (tune.Shape(dtype, B, H), tune.Shape(dtype, B, H, 2)):
+                    fast = config(block_h=8)
+                    both = f"{tuning.config_label(fast)}+{tuning.config_label(fast)}"
+                    rows += sweep_rows(shape, fast, config(block_h=16), both,
+                                       kernels=(B / 8, B / 2), cudnn=(6.0, 5.0, 30.0 / H * 256))
+    path = tmp_path / "nvidia-h200" / "tune.csv"
+    for row in rows:
+        tune.append_row(path, row)
+    assert tune.main(["--plot-only", "--csv", str(path)]) == 0
+    pngs = sorted(p.name for p in path.parent.glob("heatmap_*.png"))
+    assert pngs == ["heatmap_bf16.png", "heatmap_fp32.png"]
+    for name in pngs:
+        data = (path.parent / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    assert "heatmap_bf16.png" in capsys.readouterr().out
+    assert not math.isnan(tune.build_table(tune.read_rows(path), {})["shapes"]["bf16/B64/H512/D2/P0"]
+                          ["kernels_us"]["train"])

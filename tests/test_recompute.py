@@ -1,0 +1,117 @@
+"""`LSTM(..., recompute=k)`: the state every k steps instead of every step's gates, and the
+gates recomputed segment by segment in the backward. Gradients must equal those without,
+with segment boundaries at awkward places; the saved memory must shrink."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import triton_lstm
+from triton_lstm import dispatch
+
+from .conftest import requires_interpreter
+
+pytestmark = requires_interpreter
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def outputs_and_grads(module, x, hx, reset, lengths, upstream):
+    inp = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
+    out, (h, c) = module(inp, hx, reset=reset)
+    data = out if lengths is None else out.data
+    outs = (data, h, c)
+    leaves = [x] + (list(hx) if hx is not None else []) + list(module.parameters())
+    loss = sum((t * u).sum() for t, u in zip(outs, upstream(outs)))
+    return [t.detach() for t in outs] + list(torch.autograd.grad(loss, leaves))
+
+
+CASES = [  # options, T, every, hx, lengths, resets
+    pytest.param(dict(), 7, 3, True, None, False, id="T7-k3"),
+    pytest.param(dict(), 5, 1, False, None, False, id="k1"),
+    pytest.param(dict(), 4, 9, True, None, False, id="k-beyond-T"),
+    pytest.param(dict(num_layers=2, bidirectional=True), 7, 2, True, [7, 3, 5], False,
+                 id="L2-bidir-packed-k2"),
+    pytest.param(dict(bidirectional=True, proj_size=3), 8, 3, True, [8, 2, 6], True,
+                 id="bidir-proj-packed-resets-k3"),
+    pytest.param(dict(num_layers=2), 6, 4, False, None, True, id="L2-resets-k4"),
+]
+
+
+@pytest.mark.parametrize("options, T, every, with_hx, lengths, resets", CASES)
+def test_gradients_with_recompute_equal_those_without(options, T, every, with_hx, lengths,
+                                                      resets):
+    B, I, H = 3, 4, 5
+    ref = nn.LSTM(I, H, dtype=torch.float64, **options)
+    saving = triton_lstm.LSTM.from_torch(ref, backend="triton")
+    recomputing = triton_lstm.LSTM.from_torch(ref, backend="triton", recompute=every)
+    D = 2 if ref.bidirectional else 1
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    hx = None
+    if with_hx:
+        hx = tuple(torch.randn(ref.num_layers * D, B, size, dtype=torch.float64,
+                               requires_grad=True) for size in (ref.proj_size or H, H))
+    lengths = None if lengths is None else torch.tensor(lengths)
+    reset = (torch.rand(T, B) < 0.3) if resets else None
+    upstreams = {}
+
+    def upstream(outs):       # the same random upstream gradients for both
+        if not upstreams:
+            upstreams["u"] = [torch.randn_like(t) for t in outs]
+        return upstreams["u"]
+
+    want = outputs_and_grads(saving, x, hx, reset, lengths, upstream)
+    got = outputs_and_grads(recomputing, x, hx, reset, lengths, upstream)
+    for k, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, **TOL, msg=lambda m, k=k: f"tensor {k}: {m}")
+
+
+def _saved_bytes(module, x):
+    """Bytes the autograd graph keeps for the backward, beyond the layer's inputs and outputs."""
+    owned = {p.data_ptr() for p in module.parameters()} | {x.data_ptr()}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = module(x)
+    owned.add(out.data_ptr())
+    return sum(t.numel() * t.element_size() for t in saved
+               if t.numel() and t.data_ptr() not in owned and t.untyped_storage().data_ptr()
+               != out.untyped_storage().data_ptr())
+
+
+def test_recompute_saves_at_least_4x_less():
+    T, B, H, every = 64, 2, 8, 8
+    ref = nn.LSTM(H, H, dtype=torch.float32)
+    x = torch.randn(T, B, H, requires_grad=True)
+    full = _saved_bytes(triton_lstm.LSTM.from_torch(ref, backend="triton"), x)
+    small = _saved_bytes(triton_lstm.LSTM.from_torch(ref, backend="triton", recompute=every), x)
+    assert small > 0
+    assert full >= 4 * small, f"saved {full} bytes without recompute, {small} with"
+
+
+def test_recompute_runs_more_kernel_launches_only_in_the_backward():
+    ref = nn.LSTM(3, 4, dtype=torch.float64)
+    x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    module = triton_lstm.LSTM.from_torch(ref, backend="triton", recompute=2)
+    before = dict(dispatch.launch_counts)
+    out, _ = module(x)
+    forward_launches = sum(dispatch.launch_counts.values()) - sum(before.values())
+    assert forward_launches == 6          # one per step under the interpreter, as without
+    out.sum().backward()
+    assert sum(dispatch.launch_counts.values()) - sum(before.values()) > 2 * forward_launches
+
+
+@pytest.mark.parametrize("recompute", [0, -1, 2.5, True, "4"])
+def test_bad_recompute_is_refused(recompute):
+    with pytest.raises(ValueError, match="recompute must be None or a number of steps >= 1"):
+        triton_lstm.LSTM(3, 4, recompute=recompute)
+
+
+def test_recompute_shows_in_repr_and_survives_from_torch():
+    module = triton_lstm.LSTM.from_torch(nn.LSTM(3, 4), recompute=16)
+    assert module.recompute == 16
+    assert "recompute=16" in repr(module)
+    assert "recompute" not in repr(triton_lstm.LSTM(3, 4))

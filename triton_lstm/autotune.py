@@ -1,0 +1,391 @@
+"""Measuring tile configs (candidates, a float64 check, timing) and first-use autotuning.
+
+``make tune`` (perf/tune.py) and TRITON_LSTM_AUTOTUNE=1 measure the same way: for one
+kernel and shape, each candidate ``KernelConfig`` runs on a random problem and is checked
+against a float64 reference (reference.py) over CHECK_STEPS steps; only a candidate that
+passes is timed (median, CUDA events, L2 flushed between runs; triton.testing.do_bench).
+
+Candidates: the heuristic's config, then some of its one-step neighbours (half or double
+the hidden block or the batch block, the next lighter or heavier warp layout, the weights
+streamed instead of resident; NEIGHBOURHOODS says which), without those that cannot run
+well: no persistent group on the device, a tile past the register bound, resident weights
+past the on-chip budget, an unsplit backward whose weight slice spills (the rules
+dispatch.heuristic_config follows, from ptxas reports; perf/NOTES.md).
+
+First-use autotuning, TRITON_LSTM_AUTOTUNE=1: the first launch of a (kernel, dtype, batch
+rounded up to a power of two, H, directions, projection) tunes the "autotune" candidates
+(up to five) plus the shipped table's config, inside the op body (never at trace time, never inside
+a CUDA-graph capture: the table or the heuristic then). The winner is cached as JSON in
+$TRITON_LSTM_CACHE_DIR, else $XDG_CACHE_HOME/triton_lstm, else ~/.cache/triton_lstm, one
+file per GPU and versions (triton_lstm, torch, triton, CUDA, the kernel sources), and
+read back by the next run, as Triton's autotuner caches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import warnings
+from typing import Optional
+
+import torch
+import triton
+
+from . import tuning
+from .dispatch import (ON_CHIP_BUDGET, KernelConfig, gpu_slug, heuristic_config, on_chip_bytes,
+                       padded)
+from .kernels.backward import lstm_backward
+from .kernels.forward import lstm_forward
+from .reference import lstm_layer_reference
+from .tuning import DTYPE_NAMES, config_entry, config_from_entry, shape_key
+
+log = logging.getLogger("triton_lstm")
+
+ENV = "TRITON_LSTM_AUTOTUNE"
+CACHE_ENV = "TRITON_LSTM_CACHE_DIR"
+CHECK_STEPS = 8             # steps checked against float64: enough to catch a wrong tile
+AUTOTUNE_STEPS = 32         # steps timed on first use (make tune times --steps, 64)
+TIMING_MS = dict(warmup=10, rep=40)
+# max|got - want| / max|want| over every output; fp32 leaves room for tf32 (nn.LSTM's default).
+CHECK_BOUNDS = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 1e-2, "fp64": 1e-9}
+
+WARP_LAYOUTS = ((1, 4), (4, 8), (4, 16))   # (split_k, num_warps), light tiles to heavy ones
+# Register bounds, from ptxas on sm_90 (perf/NOTES.md, "Which tiles spill"):
+REGISTER_TILE = 2048        # batch rows x hidden units per program: larger tiles spill
+BACKWARD_SLICE_BYTES = 512  # unsplit backward: weight slice per thread past which it spills
+STAGED_BYTES = 256          # [BLOCK_B, HP] operand per thread that spills with 16 warps
+
+
+# -- candidates --------------------------------------------------------------------------------
+
+def runs_well(config: KernelConfig, kernel: str, batch: int, hidden: int, dtype: torch.dtype,
+              directions: int, num_sms: int) -> bool:
+    """Statically plausible: a persistent group fits the device, nothing spills, resident
+    weights fit on chip, no tile wider than the problem."""
+    if config.block_b < 16 or config.block_h < 4:            # tl.dot wants 16 rows, 16 columns
+        return False
+    if config.block_b > max(16, triton.next_power_of_2(batch)):
+        return False
+    if config.block_h > triton.next_power_of_2(hidden):
+        return False
+    if triton.cdiv(hidden, config.block_h) * directions > num_sms:
+        return False
+    if config.block_b * config.block_h > REGISTER_TILE:
+        return False
+    if config.resident and on_chip_bytes(hidden, config.block_b, config.block_h,
+                                         dtype) > ON_CHIP_BUDGET:
+        return False
+    # 16 warps leave a thread 128 registers: tiles of under 64 rows, or resident ones that
+    # stage a large operand row block per thread, spill there.
+    staged = config.block_b * padded(hidden) * dtype.itemsize // (32 * config.num_warps)
+    if config.num_warps >= 16 and (config.block_b < 64
+                                   or (config.resident and staged >= STAGED_BYTES)):
+        return False
+    if kernel == "backward" and config.split_k == 1:
+        slice_per_thread = padded(hidden) * 4 * config.block_h * dtype.itemsize
+        if slice_per_thread // (32 * config.num_warps) > BACKWARD_SLICE_BYTES:
+            return False
+        if dtype.itemsize == 4 and config.block_h < 8 and staged >= STAGED_BYTES:
+            return False    # fp32, 4-unit blocks: the per-gate dots are too narrow for MMA
+    return True
+
+
+# Which one-step neighbours of the heuristic's config are candidates, in order, and how
+# many at most. "sweep" is make tune's default (its grid fits 8 minutes, perf/tune.py);
+# "autotune" runs on first use; "wide" is the whole neighbourhood (make tune --wide).
+NEIGHBOURHOODS = {
+    "heuristic": ((), 0),
+    "sweep": (("finer", "fewer_rows", "coarser", "lighter", "heavier"), 1),   # the first good one
+    "autotune": (("finer", "coarser", "lighter", "heavier"), 4),
+    "wide": (("finer", "coarser", "lighter", "heavier", "fewer_rows", "more_rows", "streamed"), 7),
+}
+
+
+def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, directions: int,
+                      num_sms: int, neighbourhood: str = "sweep") -> list[KernelConfig]:
+    """The heuristic's config first, then those of its one-step neighbours that run well:
+    finer / coarser (half / double the hidden block), lighter / heavier (the next warp
+    layout), fewer / more rows (half / double the batch block), streamed weights."""
+    base = heuristic_config(batch, hidden, dtype, max(1, num_sms // directions), kernel)
+    layout = min(range(len(WARP_LAYOUTS)), key=lambda i: abs(WARP_LAYOUTS[i][1] - base.num_warps))
+
+    def with_layout(i):
+        if not 0 <= i < len(WARP_LAYOUTS):
+            return base
+        split_k, num_warps = WARP_LAYOUTS[i]
+        return dataclasses.replace(base, split_k=min(split_k, max(1, padded(hidden) // 16)),
+                                   num_warps=num_warps)
+
+    moves = {"finer": dataclasses.replace(base, block_h=base.block_h // 2),
+             "coarser": dataclasses.replace(base, block_h=base.block_h * 2),
+             "lighter": with_layout(layout - 1), "heavier": with_layout(layout + 1),
+             "fewer_rows": dataclasses.replace(base, block_b=base.block_b // 2),
+             "more_rows": dataclasses.replace(base, block_b=base.block_b * 2),
+             "streamed": dataclasses.replace(base, resident=False)}
+    names, most = NEIGHBOURHOODS[neighbourhood]
+    configs = [base]
+    for name in names:
+        config = moves[name]
+        if len(configs) > most:
+            break
+        if config not in configs and runs_well(config, kernel, batch, hidden, dtype, directions,
+                                               num_sms):
+            configs.append(config)
+    return configs
+
+
+# -- one problem: check and time ---------------------------------------------------------------
+
+def time_ms(fn) -> float:
+    """Median run time of fn in ms (CUDA events, L2 flushed between runs)."""
+    return triton.testing.do_bench(fn, quantiles=[0.5], **TIMING_MS)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max|got - want| / max|want|; NaN when got has a NaN."""
+    want = want.double()
+    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+@dataclasses.dataclass
+class Problem:
+    """A random recurrence of one shape on a device: the launchers' inputs, and what the
+    float64 reference makes of them.
+
+    gx [T, B, D*4H], w_hh [D, 4H, R], h0 [D, B, R], c0 [D, B, H], w_hr [D, R, H] or None,
+    dy [T, B, D*R]; R = proj or H.
+    """
+    dtype: torch.dtype
+    batch: int
+    hidden: int
+    directions: int
+    proj: int
+    steps: int
+    device: torch.device
+    num_sms: int
+    gx: torch.Tensor
+    w_hh: torch.Tensor
+    h0: torch.Tensor
+    c0: torch.Tensor
+    w_hr: Optional[torch.Tensor]
+    dy: torch.Tensor
+    saved_config: Optional[KernelConfig] = None   # the forward's tiles that feed the backward
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @classmethod
+    def random(cls, dtype, batch, hidden, directions=1, proj=0, steps=64, device="cuda",
+               num_sms=None, seed=0) -> "Problem":
+        """Random inputs from a generator of its own: the caller's random stream is untouched."""
+        device = torch.device(device)
+        if num_sms is None:
+            num_sms = tuning.sm_count(device) if device.type == "cuda" else 4
+        generator = torch.Generator(device=device).manual_seed(seed)
+        R = proj or hidden
+
+        def randn(*shape, scale=1.0):
+            t = torch.randn(*shape, generator=generator, device=device, dtype=torch.float32)
+            return (t * scale).to(dtype)
+
+        return cls(dtype, batch, hidden, directions, proj, steps, device, num_sms,
+                   gx=randn(steps, batch, directions * 4 * hidden),
+                   w_hh=randn(directions, 4 * hidden, R, scale=R ** -0.5),
+                   h0=randn(directions, batch, R), c0=randn(directions, batch, hidden),
+                   w_hr=randn(directions, R, hidden, scale=hidden ** -0.5) if proj else None,
+                   dy=randn(steps, batch, directions * R))
+
+    def run(self, kernel: str, config: KernelConfig, steps: Optional[int] = None) -> tuple:
+        """forward: (y, h_n, c_n); backward: (dG, dh0, dc0) of loss = sum(y * dy)."""
+        T = steps or self.steps
+        if kernel == "forward":
+            return lstm_forward(self.gx[:T], self.w_hh, self.h0, self.c0, None, self.w_hr,
+                                save=False, config=config)[:3]
+        gates, c_all = self._saved(T)
+        return lstm_backward(self.dy[:T], None, None, gates, c_all, self.c0, None, self.w_hh,
+                             self.w_hr, config=config)[:3]
+
+    def _saved(self, T: int):
+        """What the backward reads, from a forward with saved_config (else the heuristic's)."""
+        if ("saved", T) not in self._cache:
+            config = self.saved_config or heuristic_config(
+                self.batch, self.hidden, self.dtype, max(1, self.num_sms // self.directions),
+                "forward")
+            out = lstm_forward(self.gx[:T], self.w_hh, self.h0, self.c0, None, self.w_hr,
+                               save=True, config=config)
+            self._cache["saved", T] = (out[3], out[4])
+        return self._cache["saved", T]
+
+    def reference(self, T: int) -> dict:
+        """{"forward": (y, h_n, c_n), "backward": (dG, dh0, dc0)} in float64, from the
+        rounded inputs: one direction at a time (the reverse one on the flipped sequence)
+        through reference.py with an identity input weight, so that dG is gx's gradient."""
+        if ("reference", T) not in self._cache:
+            H, f64 = self.hidden, torch.float64
+            with torch.enable_grad():
+                gx = self.gx[:T].to(f64).requires_grad_()
+                h0, c0 = (s.to(f64).requires_grad_() for s in (self.h0, self.c0))
+                eye = torch.eye(4 * H, dtype=f64, device=self.device)
+                ys, hs, cs = [], [], []
+                for d in range(self.directions):
+                    g = gx[..., d * 4 * H:(d + 1) * 4 * H]
+                    w_hr = None if self.w_hr is None else self.w_hr[d].to(f64)
+                    y, h, c = lstm_layer_reference(g.flip(0) if d else g, h0[d], c0[d], eye,
+                                                   self.w_hh[d].to(f64), w_hr=w_hr)
+                    ys.append(y.flip(0) if d else y)
+                    hs.append(h)
+                    cs.append(c)
+                y = torch.cat(ys, dim=-1)
+                grads = torch.autograd.grad((y * self.dy[:T].to(f64)).sum(), (gx, h0, c0))
+            self._cache["reference", T] = {
+                "forward": (y.detach(), torch.stack(hs).detach(), torch.stack(cs).detach()),
+                "backward": grads}
+        return self._cache["reference", T]
+
+    def error(self, kernel: str, config: KernelConfig) -> float:
+        """The largest relative error of the candidate's outputs over CHECK_STEPS steps."""
+        T = min(CHECK_STEPS, self.steps)
+        got = self.run(kernel, config, T)
+        return max(relative_error(g, w) for g, w in zip(got, self.reference(T)[kernel]))
+
+    def time_us(self, kernel: str, config: KernelConfig) -> float:
+        """Median µs per step over self.steps steps."""
+        if kernel == "backward":
+            self._saved(self.steps)      # outside the timed calls
+        return time_ms(lambda: self.run(kernel, config)) * 1e3 / self.steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    config: KernelConfig
+    status: str                      # "ok"; "wrong": failed the float64 check; "error": raised
+    rel_error: Optional[float] = None
+    us_per_step: Optional[float] = None
+    detail: str = ""
+
+
+def measure(problem: Problem, kernel: str, config: KernelConfig) -> Measurement:
+    """Check the candidate against float64; time it only if it passed."""
+    bound = CHECK_BOUNDS[DTYPE_NAMES[problem.dtype]]
+    try:
+        error = problem.error(kernel, config)
+        if not error <= bound:     # NaN fails too
+            return Measurement(config, "wrong", error,
+                               detail=f"relative error {error:.2e} > {bound:.0e}")
+        return Measurement(config, "ok", error, problem.time_us(kernel, config))
+    except Exception as exc:   # does not compile, fit or launch: recorded with its reason, not timed
+        message = (str(exc).strip().splitlines() or [""])[0][:200]
+        return Measurement(config, "error", detail=f"{type(exc).__name__}: {message}")
+
+
+# -- first use ---------------------------------------------------------------------------------
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "0") not in ("", "0")
+
+
+def cache_dir() -> pathlib.Path:
+    """$TRITON_LSTM_CACHE_DIR, else $XDG_CACHE_HOME/triton_lstm, else ~/.cache/triton_lstm."""
+    if os.environ.get(CACHE_ENV):
+        return pathlib.Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "triton_lstm"
+
+
+@functools.lru_cache(maxsize=None)
+def versions() -> dict:
+    """What a tuned config depends on besides the GPU."""
+    from . import __version__
+    sources = hashlib.sha256()
+    for path in sorted((pathlib.Path(__file__).parent / "kernels").glob("*.py")):
+        sources.update(path.read_bytes())
+    return {"triton_lstm": __version__, "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda or "none", "kernels": sources.hexdigest()[:16]}
+
+
+def cache_path(gpu_name: str) -> pathlib.Path:
+    digest = hashlib.sha256(json.dumps(versions(), sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "autotune" / f"{gpu_slug(gpu_name)}-{digest}.json"
+
+
+def cache_key(kernel: str, dtype: torch.dtype, batch: int, hidden: int, directions: int,
+              proj: bool) -> str:
+    """'forward/bf16/B8/H512/D1/P0'; the batch rounded up to a power of two, P1: projected."""
+    return f"{kernel}/" + shape_key(DTYPE_NAMES[dtype], triton.next_power_of_2(batch), hidden,
+                                    directions, int(proj))
+
+
+_cache_files: dict[pathlib.Path, dict] = {}
+
+
+def _read(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):   # absent, or half-written by a crashed run: tune again
+        return {}
+
+
+def _write(path: pathlib.Path, gpu_name: str, key: str, entry: dict) -> None:
+    """Merge one entry into the file (read again first: other processes add theirs too)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read(path) or {"gpu": gpu_name, "versions": versions(), "configs": {}}
+        data.setdefault("configs", {})[key] = entry
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)     # readers see the old file or the new one, never half
+    except OSError as error:
+        warnings.warn(f"triton_lstm: could not write the autotune cache {path}: {error}")
+
+
+def autotuned_config(kernel: str, batch: int, hidden: int, dtype: torch.dtype,
+                     device: torch.device, directions: int = 1, proj: bool = False,
+                     tune_if_missing: bool = True) -> Optional[KernelConfig]:
+    """The config tuned on this machine for the shape: from the cache, or tuned now."""
+    if dtype not in DTYPE_NAMES:
+        return None
+    gpu = tuning.device_name(device)
+    path = cache_path(gpu)
+    if path not in _cache_files:
+        _cache_files[path] = _read(path).get("configs", {})
+    entries = _cache_files[path]
+    key = cache_key(kernel, dtype, batch, hidden, directions, proj)
+    if key not in entries:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not tune_if_missing or capturing:   # a capture must not see timing syncs
+            return None
+        best = tune(kernel, batch, hidden, dtype, device, directions, proj)
+        entries[key] = (config_entry(best.config, best.us_per_step) if best
+                        else {"failed": "no candidate passed the float64 check"})
+        _write(path, gpu, key, entries[key])
+    entry = entries[key]
+    return config_from_entry(entry) if "block_b" in entry else None
+
+
+def tune(kernel: str, batch: int, hidden: int, dtype: torch.dtype, device: torch.device,
+         directions: int = 1, proj: bool = False) -> Optional[Measurement]:
+    """Check and time the "autotune" candidates (and the shipped table's config) for one
+    kernel and shape; the fastest that passed, or None."""
+    num_sms = tuning.sm_count(device) if device.type == "cuda" else 4
+    candidates = candidate_configs(kernel, batch, hidden, dtype, directions, num_sms,
+                                   "autotune")
+    if device.type == "cuda":
+        shipped = tuning.table_config(tuning.device_name(device), kernel, dtype, batch, hidden,
+                                      directions, proj, num_sms)
+        if shipped is not None and shipped not in candidates:
+            candidates.append(shipped)
+    # Whatever the caller's modes (inference, no grad in a backward, autocast), measure plainly.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type,
+                                                                          enabled=False):
+        problem = Problem.random(dtype, batch, hidden, directions,
+                                 max(1, hidden // 2) if proj else 0, AUTOTUNE_STEPS, device,
+                                 num_sms)
+        results = [measure(problem, kernel, config) for config in candidates]
+    passed = [r for r in results if r.status == "ok"]
+    best = min(passed, key=lambda r: r.us_per_step) if passed else None
+    log.info("triton_lstm autotune %s: %d candidates, %d passed, best %s", cache_key(
+        kernel, dtype, batch, hidden, directions, proj), len(results), len(passed),
+        best and f"{tuning.config_label(best.config)} {best.us_per_step:.2f} us/step")
+    return best

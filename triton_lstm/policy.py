@@ -1,0 +1,198 @@
+"""backend="auto": the kernels or nn.LSTM for each call, and ``explain`` saying which and why.
+
+On CUDA, "auto" runs the kernels unless the table ``make tune`` measured on this GPU
+(tuning.py) says nn.LSTM (cuDNN) is faster at the nearest measured shape, in this call's
+mode: inference (no gradient needed) compares forward calls, training compares forward
+plus backward. The kernels must take at most KERNEL_ADVANTAGE (95%) of nn.LSTM's time.
+Without a measurement (an unknown GPU, a kind of shape never measured, fp64) the kernels
+run, as before tables existed; CPU tensors run nn.LSTM. Only batched sequences (3-D
+input) consult the table, which measures them; 2-D input (unbatched, the data of a
+PackedSequence, one step) keeps the kernels.
+
+The decision is a pure function of the GPU's name, the dtype, shapes and mode, read from
+a table cached in memory: a few comparisons per call, no host sync, and torch.compile
+traces it (the name and the table's rows are constants of the graph, the batch size a
+guard).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+from . import tuning
+from .dispatch import heuristic_config, interpreting
+from .functional import autocast_dtype
+from .tuning import DTYPE_NAMES, KERNEL_ADVANTAGE
+
+
+def _on_cuda(input: torch.Tensor) -> bool:
+    """Whether the call runs on a GPU (the one place that asks; tests stand a GPU in here)."""
+    return input.is_cuda
+
+
+def _compute_dtype(input: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in: autocast's, as functional.lstm casts, else the input's."""
+    cast_to = autocast_dtype(input.device.type)
+    return cast_to if cast_to is not None and input.dtype != torch.float64 else input.dtype
+
+
+def _mode(module, input: torch.Tensor) -> str:
+    """The call's mode: "train" when autograd will need the layer's backward, else "fwd"."""
+    if not torch.is_grad_enabled():
+        return "fwd"
+    if input.requires_grad:
+        return "train"
+    for p in module.parameters():
+        if p.requires_grad:
+            return "train"
+    return "fwd"
+
+
+def auto_uses_kernels(module, input: torch.Tensor) -> bool:
+    """backend="auto": whether this call runs the kernels (rule in the module docstring)."""
+    if not _on_cuda(input):
+        return False
+    dtype_name = DTYPE_NAMES.get(_compute_dtype(input))
+    if input.dim() != 3 or dtype_name is None:
+        return True
+    decisions = tuning.bucket_decisions(
+        tuning.device_name(input.device), dtype_name, module.hidden_size,
+        2 if module.bidirectional else 1, module.proj_size > 0)
+    if not decisions:
+        return True
+    batch = input.shape[0 if module.batch_first else 1]
+    bucket = tuning.batch_bucket([b for b, _, _ in decisions], batch)
+    for measured, inference, training in decisions:
+        if measured == bucket:
+            return training if _mode(module, input) == "train" else inference
+    return True
+
+
+# -- explain -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """Which path a call of a triton_lstm.LSTM runs, and why. ``print`` it to read it."""
+    path: str                            # "kernels", "nn.LSTM", or "error" (the call raises)
+    why: str
+    call: str                            # the call as the decision saw it
+    entry: Optional[dict] = None         # the table entry the decision came from
+    provenance: Optional[dict] = None    # that table's provenance
+    tiles: Optional[dict] = None         # {"forward": (config, source), "backward": ...}
+
+    def __str__(self) -> str:
+        headline = {"kernels": "the Triton kernels run this call",
+                    "nn.LSTM": "nn.LSTM runs this call", "error": "this call raises"}[self.path]
+        lines = [f"triton_lstm: {headline}", f"  call:  {self.call}", f"  why:   {self.why}"]
+        if self.provenance:
+            p = self.provenance
+            facts = [f"{name} {p[key]}" for name, key in (
+                ("measured on", "gpu"), ("at commit", "commit"), ("on", "date"), ("torch", "torch"),
+                ("triton", "triton"), ("CUDA", "cuda"), ("T =", "steps")) if p.get(key)]
+            lines.append("  table: " + ", ".join(facts))
+        for kernel, (config, source) in (self.tiles or {}).items():
+            lines.append(f"  {kernel} tiles: {tuning.config_label(config)} ({source})")
+        return "\n".join(lines)
+
+
+def _batch_of(module, input) -> int:
+    if isinstance(input, PackedSequence):
+        return int(input.batch_sizes[0])
+    if input.dim() == 2:
+        return 1
+    return input.shape[0 if module.batch_first else 1]
+
+
+def _tiles(module, data: torch.Tensor, batch: int, dtype: torch.dtype) -> dict:
+    """The configs the launches would take, without tuning anything."""
+    directions, proj = 2 if module.bidirectional else 1, module.proj_size > 0
+    tiles = {}
+    for kernel in tuning.KERNELS:
+        found = tuning.measured_config(kernel, batch, module.hidden_size, dtype, data.device,
+                                       directions, proj, tune_if_missing=False)
+        if found is None:
+            num_sms = tuning.sm_count(data.device) if data.device.type == "cuda" else 4
+            found = (heuristic_config(batch, module.hidden_size, dtype,
+                                      max(1, num_sms // directions), kernel), "heuristic")
+        tiles[kernel] = found
+    return tiles
+
+
+def explain(module, input, hx=None) -> Explanation:
+    """Which path ``module(input, hx)`` runs (the kernels or nn.LSTM) and why.
+
+    Args:
+        module: a triton_lstm.LSTM. input: what you would call it with ([T, B, I],
+            [B, T, I] with batch_first, [T, I] unbatched, or a PackedSequence).
+        hx: the state you would pass; it does not change the path.
+    Returns:
+        an Explanation: ``.path`` ("kernels", "nn.LSTM" or "error"), ``.why``, the table entry and
+        its provenance when one decided, the tile configs; ``print`` shows all of it.
+
+    The mode is the one of the call: training when gradients are enabled and the input
+    or a parameter requires them, inference otherwise.
+
+    Example:
+        >>> print(triton_lstm.explain(lstm, x))
+        triton_lstm: the Triton kernels run this call
+          call:  bf16 B=8 H=512, 1 direction, no projection, inference
+          why:   table for NVIDIA H200, nearest measured shape bf16 B=8 H=512: ...
+    """
+    from .module import exporting   # module.py imports this file
+
+    data = input.data if isinstance(input, PackedSequence) else input
+    dtype = _compute_dtype(data)
+    dtype_name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    batch, hidden = _batch_of(module, input), module.hidden_size
+    directions, proj = 2 if module.bidirectional else 1, module.proj_size > 0
+    mode = _mode(module, data)
+    call = (f"{dtype_name} B={batch} H={hidden}, {directions} direction{'s' * (directions - 1)}, "
+            f"{'proj_size=%d' % module.proj_size if proj else 'no projection'}, "
+            f"{'training' if mode == 'train' else 'inference'}, {data.device.type}")
+
+    def kernels(why, **found):
+        return Explanation("kernels", why, call, tiles=_tiles(module, data, batch, dtype), **found)
+
+    if module.backend == "torch":
+        return Explanation("nn.LSTM", "backend='torch' always runs nn.LSTM", call)
+    if exporting():
+        return Explanation("nn.LSTM", "an exporter is recording the model: exported programs "
+                           "hold nn.LSTM's op (aten.lstm)", call)
+    if module.backend == "triton":
+        if not _on_cuda(data) and not interpreting():
+            return Explanation("error", "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
+                               "on CPU: the call raises RuntimeError", call)
+        return kernels("backend='triton' always runs the kernels")
+    if not _on_cuda(data):
+        return Explanation("nn.LSTM", "CPU tensors: backend='auto' runs nn.LSTM's CPU "
+                           "implementation", call)
+    if data.dim() != 3:
+        return kernels("2-D input (unbatched, packed data or one step): backend='auto' keeps "
+                       "the kernels; the table measures batched sequences")
+    gpu = tuning.device_name(data.device)
+    table = tuning.load_table(gpu)
+    if not table:
+        return kernels(f"no table measured for {gpu} ({tuning.table_path(gpu).name} is not in "
+                       "triton_lstm/configs): the kernels, as without measurements")
+    entry = tuning.nearest_entry(table, dtype_name, batch, hidden, directions, proj)
+    found = dict(entry=entry, provenance=table.get("provenance"))
+    if entry is None:
+        return kernels(f"the table for {gpu} has no {dtype_name} shape with {directions} "
+                       f"direction(s), {'a' if proj else 'no'} projection and H within a factor "
+                       f"{tuning.MAX_H_RATIO:g} of {hidden}: the kernels",
+                       provenance=found["provenance"])
+    near = f"nearest measured shape {dtype_name} B={entry['B']} H={entry['H']}"
+    faster = tuning.kernels_faster(entry, mode)
+    if faster is None:
+        return kernels(f"table for {gpu}, {near}: no kernel and nn.LSTM numbers for "
+                       f"{mode} there: the kernels", **found)
+    timed = "forward + backward" if mode == "train" else "forward"
+    numbers = (f"kernels {entry['kernels_us'][mode]:.2f} µs/step, nn.LSTM "
+               f"{entry['cudnn_us'][mode]:.2f} µs/step ({timed}); "
+               f"the kernels run where they take <= {KERNEL_ADVANTAGE:.0%} of nn.LSTM's time")
+    if faster:
+        return kernels(f"table for {gpu}, {near}: {numbers}", **found)
+    return Explanation("nn.LSTM", f"table for {gpu}, {near}: {numbers}", call, **found)
