@@ -26,6 +26,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from triton_lstm import tuning  # noqa: E402
 from triton_lstm.dispatch import heuristic_config, padded  # noqa: E402
 from triton_lstm.kernels.backward import lstm_backward_kernel  # noqa: E402
 from triton_lstm.kernels.forward import lstm_forward_kernel  # noqa: E402
@@ -88,7 +89,9 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
                   SPLIT_K=min(cfg.split_k, padded(min(hidden, R)) // 16), RESIDENT=cfg.resident,
                   HAS_H0=True, HAS_LENGTHS=False, PERSISTENT=True,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", REVERSE=True,
-                  HAS_RESTARTS=restarts, RESTART_FROM_STATE=restarts)
+                  HAS_RESTARTS=restarts, RESTART_FROM_STATE=restarts,
+                  INNER_STAGES=cfg.inner_stages if cfg.inner_stages > 1 else None,
+                  PREFETCH_AFTER_ARRIVE=cfg.prefetch_after_arrive)
     acc = "fp32"
     if kernel_name == "forward":
         kernel = lstm_forward_kernel
@@ -149,7 +152,10 @@ def main():
     parser.add_argument("--proj", type=int, default=0, help="proj_size (0: none)")
     parser.add_argument("--restarts", action="store_true", help="with reset= (restarts)")
     parser.add_argument("--ckpt", type=int, default=0, help="recompute interval (forward)")
+    parser.add_argument("--config", help="a config label instead of the heuristic's, e.g. "
+                                         "bb128-bh32-str-bk64-sk1-w16-st3 (tuning.config_label)")
     args = parser.parse_args()
+    config = tuning.config_from_label(args.config) if args.config else None
     print("kernel   dtype     B     H  D  tile     res split warps  regs spill  shared  mma")
     for dtype_name in args.dtypes:
         for shape in args.shapes:
@@ -157,7 +163,7 @@ def main():
             for kernel_name in (("step",) if args.step else ("forward", "backward")):
                 r = (report_step(dtype_name, batch, hidden) if kernel_name == "step"
                      else report(kernel_name, dtype_name, batch, hidden, args.directions,
-                                 args.proj, args.restarts, args.ckpt))
+                                 args.proj, args.restarts, args.ckpt, config))
                 print(f"{r['kernel']:8} {r['dtype']:5} {r['B']:5} {r['H']:5} {r['D']:2}  "
                       f"{r['tile']:8} {str(r['resident'])[0]:>3} {r['split_k']:5} {r['warps']:5} "
                       f"{r['regs']!s:>5} {r['spill']:5} {r['shared']:7}  {r['mma']}"

@@ -15,6 +15,8 @@ from torch.func import functional_call
 import triton_lstm
 from triton_lstm import dispatch
 from triton_lstm.autograd import input_projection
+from triton_lstm.dispatch import KernelConfig
+from triton_lstm.ops import config_to_list
 
 from .conftest import requires_interpreter
 from .helpers import triton_copy
@@ -71,7 +73,7 @@ def test_recurrence_ops_pass_opcheck(D, proj, lengths):
     forward = torch.ops.triton_lstm.recurrence_forward.default
     for save in (False, True):
         torch.library.opcheck(forward, (gx, w_hh, h0, c0, lens, w_hr, save, None, False))
-    torch.library.opcheck(forward, (gx, w_hh, None, None, lens, w_hr, True, [16, 4, 1, 16, 1, 4],
+    torch.library.opcheck(forward, (gx, w_hh, None, None, lens, w_hr, True, config_to_list(KernelConfig(16, 4, block_k=16, split_k=1)),
                                     True))
     restarts = (torch.rand(D, gx.shape[0], gx.shape[1]) < 0.3).to(torch.int8)
     torch.library.opcheck(forward, (gx, w_hh, h0, c0, lens, w_hr, False, None, False, restarts,

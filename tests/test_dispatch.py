@@ -378,8 +378,7 @@ def test_explain_reports_a_refused_call(monkeypatch):
     assert e.path == "error" and "CUDA" in e.why and "raises" in str(e)
 
 
-def test_the_auto_decision_compiles_without_graph_breaks(fake_gpu, monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)   # enable_fullgraph()
+def test_the_auto_decision_compiles_without_graph_breaks(fake_gpu, fullgraph_enabled):
     tuning.set_table(GPU, POLICY_TABLE)
     module = auto_module()
 

@@ -440,3 +440,22 @@ def test_forward_past_2_31_elements_equals_the_same_forward_in_chunks():
             torch.testing.assert_close(part, whole[start:start + chunk], rtol=1e-4, atol=1e-5,
                                        msg=lambda m, start=start: f"chunk at {start}: {m}")
     torch.testing.assert_close(state, (h, c), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("label", ["bb16-bh8-res-bk64-sk4-w4", "bb16-bh8-res-bk64-sk1-w4-pa",
+                                   "bb64-bh16-str-bk64-sk4-w8-st3", "bb64-bh16-str-bk64-sk4-w8-st3-pa",
+                                   "bb64-bh32-str-bk64-sk4-w8-st3"])
+def test_schedule_variants_compute_what_the_default_computes(label):
+    """Split reductions, pipelined K loops and loads after the arrival (perf/variants.py)."""
+    from triton_lstm.tuning import config_from_label
+    T, B, I, H = 24, 40, 64, 512
+    torch_lstm = torch.nn.LSTM(I, H, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    params = list(torch_lstm.parameters())
+    runs = []
+    for config in (None, config_from_label(label)):
+        y, h, c, *_ = LSTMFunction.apply(x, None, None, *params, None, config)
+        grads = torch.autograd.grad(y.float().square().sum() + c.float().sum(), [x] + params)
+        runs.append([y, h, c, *grads])
+    for k, (got, want) in enumerate(zip(*runs)):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2, msg=lambda m, k=k: f"{k}: {m}")

@@ -20,6 +20,9 @@ CONFIGS = {
     "resident-bh4": KernelConfig(block_b=16, block_h=4, resident=True, split_k=1),
     "resident-bh8-split2": KernelConfig(block_b=16, block_h=8, resident=True, split_k=2),
     "streamed-bh8-bk16": KernelConfig(block_b=16, block_h=8, resident=False, block_k=16),
+    # Pipelined K loops and loads after the barrier arrival change the schedule, not the math.
+    "streamed-bh8-bk16-st3-pa": KernelConfig(block_b=16, block_h=8, resident=False, block_k=16,
+                                             inner_stages=3, prefetch_after_arrive=True),
 }
 
 SHAPES = [  # T, B, I, H

@@ -47,7 +47,10 @@ class KernelConfig:
     gates); resident: keep the weight slice on chip for the whole sequence,
     else stream it in block_k chunks every step; split_k: slices of the
     recurrent reduction given to different warps (resident only); num_warps:
-    warps per program.
+    warps per program; inner_stages: software-pipeline stages of the streamed
+    K loops (1: none; the persistent time loop itself is never pipelined);
+    prefetch_after_arrive: issue the next step's independent loads after this
+    program's barrier arrival instead of before it.
     """
     block_b: int
     block_h: int
@@ -55,6 +58,8 @@ class KernelConfig:
     block_k: int = 64
     split_k: int = 4
     num_warps: int = 4
+    inner_stages: int = 1
+    prefetch_after_arrive: bool = False
 
     def num_h_blocks(self, hidden_size: int) -> int:
         return triton.cdiv(hidden_size, self.block_h)
@@ -228,7 +233,9 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     block_r = max(16, triton.next_power_of_2(triton.cdiv(output_size, num_h)))
     constexprs = dict(constexprs, BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_R=block_r,
                       BLOCK_K=config.block_k, RESIDENT=config.resident,
-                      SPLIT_K=min(config.split_k, padded(min(hidden_size, output_size)) // 16))
+                      SPLIT_K=min(config.split_k, padded(min(hidden_size, output_size)) // 16),
+                      INNER_STAGES=config.inner_stages if config.inner_stages > 1 else None,
+                      PREFETCH_AFTER_ARRIVE=config.prefetch_after_arrive)
     common = dict(num_warps=config.num_warps, num_stages=1, **constexprs)
 
     groups_at_once = 0

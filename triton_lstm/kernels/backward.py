@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import dot_precision, launch_recurrence, padded, pick_config, state_dtype
-from .barrier import grid_barrier
+from .barrier import barrier_arrive, barrier_wait
 from .forward import (_tanh, dot_operands, load_restarts, reduction_index, split_dot, step_rows,
                       streamed_dot)
 
@@ -91,7 +91,8 @@ def lstm_backward_kernel(
     SPLIT_K: tl.constexpr, RESIDENT: tl.constexpr, PROJ: tl.constexpr, HAS_DY: tl.constexpr,
     HAS_DHN: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_RESTARTS: tl.constexpr, RESTART_FROM_STATE: tl.constexpr,
+    HAS_RESTARTS: tl.constexpr, RESTART_FROM_STATE: tl.constexpr, INNER_STAGES: tl.constexpr,
+    PREFETCH_AFTER_ARRIVE: tl.constexpr,
 ):
     # Stage s = 0 .. T walks the forward's steps backwards (step = T - 1 - s). Its dh
     # phase gives dh of own output units; its cell phase (s < T) gives dG of own hidden
@@ -204,7 +205,7 @@ def lstm_backward_kernel(
                                        DOT_PRECISION, ACC)
                 else:
                     b_dot = tl.zeros([BLOCK_B, BLOCK_O], dtype=ACC)
-                    for k0 in range(0, 4 * HP, BLOCK_K):
+                    for k0 in tl.range(0, 4 * HP, BLOCK_K, num_stages=INNER_STAGES):
                         o_n = k0 + tl.arange(0, BLOCK_K)     # gate o_n // HP, unit o_n % HP
                         m_n = (o_n % HP) < H
                         col_n = (o_n // HP) * H + o_n % HP
@@ -245,7 +246,7 @@ def lstm_backward_kernel(
                     b_dr = split_dot(p_rows, running, o_jr, b_whr, R, SPLIT_K, DOT_PRECISION, ACC)
                 else:
                     b_dr = streamed_dot(p_rows, running, w_hr + o_u, m_u, R, RP, H, BLOCK_K,
-                                        DOT_PRECISION, ACC)
+                                        DOT_PRECISION, ACC, INNER_STAGES)
             else:
                 b_dr = b_dh
             m_run = running[:, None] & m_u[None, :]
@@ -268,18 +269,27 @@ def lstm_backward_kernel(
                 tl.store(p_acc, tl.load(p_acc, mask=m_acc, other=0.0) + b_dc, mask=m_acc)
                 b_dc = tl.where(m_acc, 0.0, b_dc)
                 b_restarted_after = b_restarted
-            # The next step's saved values do not depend on the recurrence: their
-            # loads are in flight while this program waits at the barrier.
-            q_next = tl.full([BLOCK_B], (s + 1) * PHASES, tl.int32)
-            m_next = m_b & (q_next < q_end)
-            t_prev_row, running_prev = step_rows(step - 1, length, m_next, reverse)
-            b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
-                step - 1, t_prev_row, running_prev, gates, c_all, c0, restarts, c_restart, T, B,
-                o_b, o_u, m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC,
-                reverse)
+            if not PREFETCH_AFTER_ARRIVE:
+                # The next step's saved values do not depend on the recurrence: their
+                # loads are in flight while this program waits at the barrier.
+                q_next = tl.full([BLOCK_B], (s + 1) * PHASES, tl.int32)
+                m_next = m_b & (q_next < q_end)
+                t_prev_row, running_prev = step_rows(step - 1, length, m_next, reverse)
+                b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
+                    step - 1, t_prev_row, running_prev, gates, c_all, c0, restarts, c_restart, T,
+                    B, o_b, o_u, m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE,
+                    ACC, reverse)
         if PERSISTENT:
             if q < q_end - 1:
-                grid_barrier(counter, leader_inc, i_h == 0)
+                arrived = barrier_arrive(counter, leader_inc, i_h == 0)
+                if PREFETCH_AFTER_ARRIVE and cell_phase:
+                    # After the release: the loads do not hold up this program's arrival.
+                    t_prev_row, running_prev = step_rows(step - 1, length, m_b, reverse)
+                    b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
+                        step - 1, t_prev_row, running_prev, gates, c_all, c0, restarts,
+                        c_restart, T, B, o_b, o_u, m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS,
+                        RESTART_FROM_STATE, ACC, reverse)
+                barrier_wait(counter, arrived)
 
     tl.store(dc_state + p_bu, b_dc, mask=m_bu)
 

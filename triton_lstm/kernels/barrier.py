@@ -23,13 +23,23 @@ def leader_increment(num_programs: int) -> int:
 
 
 @triton.jit
-def grid_barrier(counter, leader_inc, is_leader):
+def barrier_arrive(counter, leader_inc, is_leader):
+    """Publish this program's stores and count it in; returns what the wait compares against."""
     # Every warp of this program has issued its stores before the release.
     tl.debug_barrier()
     increment = tl.where(is_leader, leader_inc, 1)
-    arrived = tl.atomic_add(counter, increment, sem="release", scope="gpu")
+    return tl.atomic_add(counter, increment, sem="release", scope="gpu")
+
+
+@triton.jit
+def barrier_wait(counter, arrived):
+    """Spin until the whole group has arrived: the top bit differs from the one seen on arrival."""
     now = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-    # Same sign as on arrival: the top bit has not flipped, someone is missing.
     while (arrived ^ now) >= 0:
         now = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
+
+
+@triton.jit
+def grid_barrier(counter, leader_inc, is_leader):
+    barrier_wait(counter, barrier_arrive(counter, leader_inc, is_leader))

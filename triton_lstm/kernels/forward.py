@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ..dispatch import (dot_precision, interpreting, launch_recurrence, padded, pick_config,
                         state_dtype)
-from .barrier import grid_barrier
+from .barrier import barrier_arrive, barrier_wait
 
 # The Triton interpreter multiplies the raw bit patterns of bf16 operands in tl.dot
 # (triton-lang/triton#11584). There, and only there, bf16 dots go through fp32.
@@ -94,13 +94,15 @@ def split_dot(p_rows, m_rows, o_j, b_w, H: tl.constexpr, SPLIT_K: tl.constexpr,
 @triton.jit
 def streamed_dot(p_rows, m_rows, p_cols, m_cols, K: tl.constexpr, KP: tl.constexpr,
                  K_STRIDE: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 ACC: tl.constexpr):
+                 ACC: tl.constexpr, STAGES: tl.constexpr = None):
     """A @ W with both read from L2 in BLOCK_K chunks of the reduction (weights not kept on chip).
 
     A[r, k] = *(p_rows[r] + k), W[k, n] = *(p_cols[n] + k * K_STRIDE), for k < K.
     """
     b_acc = tl.zeros([p_rows.shape[0], p_cols.shape[0]], dtype=ACC)
-    for k0 in range(0, KP, BLOCK_K):
+    # STAGES > 1 pipelines this loop alone (a persistent kernel runs with num_stages=1,
+    # so that nothing is hoisted across its barriers); None: the kernel's own setting.
+    for k0 in tl.range(0, KP, BLOCK_K, num_stages=STAGES):
         o_k = k0 + tl.arange(0, BLOCK_K)
         b_a = tl.load(p_rows[:, None] + o_k[None, :], mask=m_rows[:, None] & (o_k < K)[None, :],
                       other=0.0, cache_modifier=".cg")
@@ -156,6 +158,27 @@ def _add_restart_term(b_gxi, b_gxf, b_gxg, b_gxo, hw_restart, restarting, B, o_b
     return b_gxi + r_i, b_gxf + r_f, b_gxg + r_g, b_gxo + r_o
 
 
+@triton.jit
+def _step_inputs(gx, restarts, c_restart, hw_restart, step, T, B, length, m_b, reverse, o_b, o_u,
+                 m_u, p_bu, m_bu, H: tl.constexpr, GS: tl.constexpr, HAS_RESTARTS: tl.constexpr,
+                 RESTART_FROM_STATE: tl.constexpr, ACC: tl.constexpr):
+    """What a step reads that does not depend on the recurrence: its input projection per gate,
+    and which rows restart there with the c they restart from (with their h_restart term)."""
+    t_row, running = step_rows(step, length, m_b, reverse)
+    b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H, GS, ACC)
+    if HAS_RESTARTS:
+        b_restart, b_c_restart = load_restarts(restarts, c_restart, step, T, B, o_b, running,
+                                               p_bu, m_bu, RESTART_FROM_STATE, ACC)
+        if RESTART_FROM_STATE:
+            b_gxi, b_gxf, b_gxg, b_gxo = _add_restart_term(b_gxi, b_gxf, b_gxg, b_gxo, hw_restart,
+                                                           b_restart, B, o_b, o_u, m_u, H, GS,
+                                                           ACC)
+    else:
+        b_restart = running & (o_b < 0)
+        b_c_restart = b_gxi
+    return b_gxi, b_gxf, b_gxg, b_gxo, b_restart, b_c_restart
+
+
 @triton.jit(do_not_specialize=["T", "B", "q_begin", "q_end", "batch_start", "leader_inc"])
 def lstm_forward_kernel(
     gx,        # [T, B, D, 4H]  x_t W_ih^T + b_ih + b_hh per direction, input dtype
@@ -182,7 +205,8 @@ def lstm_forward_kernel(
     SPLIT_K: tl.constexpr, RESIDENT: tl.constexpr, PROJ: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr, HAS_RESTARTS: tl.constexpr,
-    RESTART_FROM_STATE: tl.constexpr, CKPT_EVERY: tl.constexpr,
+    RESTART_FROM_STATE: tl.constexpr, CKPT_EVERY: tl.constexpr, INNER_STAGES: tl.constexpr,
+    PREFETCH_AFTER_ARRIVE: tl.constexpr,
 ):
     # Each step is one phase (cell update), or two with a projection (PROJ): the cell
     # phase over own hidden units, a barrier, then h = r W_hr^T over own output units.
@@ -261,15 +285,9 @@ def lstm_forward_kernel(
             b_c = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
     else:
         b_c = tl.load(c_state + p_bu, mask=m_bu, other=0.0)
-    t_row, running = step_rows(t_begin, length, m_b, reverse)
-    b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H, GS, ACC)
-    if HAS_RESTARTS:
-        b_restart, b_c_restart = load_restarts(restarts, c_restart, t_begin, T, B, o_b, running,
-                                               p_bu, m_bu, RESTART_FROM_STATE, ACC)
-        if RESTART_FROM_STATE:
-            b_gxi, b_gxf, b_gxg, b_gxo = _add_restart_term(b_gxi, b_gxf, b_gxg, b_gxo, hw_restart,
-                                                           b_restart, B, o_b, o_u, m_u, H, GS,
-                                                           ACC)
+    b_gxi, b_gxf, b_gxg, b_gxo, b_restart, b_c_restart = _step_inputs(
+        gx, restarts, c_restart, hw_restart, t_begin, T, B, length, m_b, reverse, o_b, o_u, m_u,
+        p_bu, m_bu, H, GS, HAS_RESTARTS, RESTART_FROM_STATE, ACC)
 
     for q in range(q_begin, q_end):
         t = q // PHASES
@@ -299,7 +317,7 @@ def lstm_forward_kernel(
                 b_acc = split_dot(p_rows, m_rows, o_j, b_w, R, SPLIT_K, DOT_PRECISION, ACC)
             else:
                 b_acc = streamed_dot(p_rows, m_rows, w_hh + w_row * R, m_n, R, RP, 1, BLOCK_K,
-                                     DOT_PRECISION, ACC)
+                                     DOT_PRECISION, ACC, INNER_STAGES)
             # [B, 4*BLOCK_H] -> four [B, BLOCK_H] gates (column n = 4 * unit + 2 * a + b).
             b_even, b_odd = tl.split(tl.reshape(b_acc, [BLOCK_B, BLOCK_H, 2, 2]))
             b_ai, b_ag = tl.split(b_even)
@@ -335,20 +353,13 @@ def lstm_forward_kernel(
                     if not PROJ:
                         tl.store(h_ckpt + (slot + o_b)[:, None] * R + o_u[None, :], b_h,
                                  mask=m_bu)
-            # The next step's input projection does not depend on the recurrence: its
-            # load is in flight while this program waits at the barrier.
-            m_next = m_b & (tl.full([BLOCK_B], (t + 1) * PHASES, tl.int32) < q_end)
-            t_next, running_next = step_rows(t + 1, length, m_next, reverse)
-            b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_next, running_next, B, o_b, o_u, m_u, H,
-                                                  GS, ACC)
-            if HAS_RESTARTS:
-                b_restart, b_c_restart = load_restarts(restarts, c_restart, t + 1, T, B, o_b,
-                                                       running_next, p_bu, m_bu,
-                                                       RESTART_FROM_STATE, ACC)
-                if RESTART_FROM_STATE:
-                    b_gxi, b_gxf, b_gxg, b_gxo = _add_restart_term(
-                        b_gxi, b_gxf, b_gxg, b_gxo, hw_restart, b_restart, B, o_b, o_u, m_u, H,
-                        GS, ACC)
+            if not PREFETCH_AFTER_ARRIVE:
+                # The next step's inputs do not depend on the recurrence: their loads are
+                # in flight while this program waits at the barrier.
+                m_next = m_b & (tl.full([BLOCK_B], (t + 1) * PHASES, tl.int32) < q_end)
+                b_gxi, b_gxf, b_gxg, b_gxo, b_restart, b_c_restart = _step_inputs(
+                    gx, restarts, c_restart, hw_restart, t + 1, T, B, length, m_next, reverse,
+                    o_b, o_u, m_u, p_bu, m_bu, H, GS, HAS_RESTARTS, RESTART_FROM_STATE, ACC)
         else:
             # Projection: h_t[:, own output units] = r_t (all hidden units) @ W_hr^T.
             p_rows = r_all + (t_row * B + o_b) * H
@@ -356,7 +367,7 @@ def lstm_forward_kernel(
                 b_y = split_dot(p_rows, running, o_jh, b_whr, H, SPLIT_K, DOT_PRECISION, ACC)
             else:
                 b_y = streamed_dot(p_rows, running, w_hr + o_r * H, m_r, H, HP, 1, BLOCK_K,
-                                   DOT_PRECISION, ACC)
+                                   DOT_PRECISION, ACC, INNER_STAGES)
             b_y = tl.where(running[:, None], b_y, 0.0).to(y.dtype.element_ty)
             m_br = m_b[:, None] & m_r[None, :]
             tl.store(y + (t_row * B + o_b)[:, None] * YS + o_r[None, :], b_y, mask=m_br)
@@ -368,7 +379,13 @@ def lstm_forward_kernel(
                     tl.store(h_ckpt + (slot + o_b)[:, None] * R + o_r[None, :], b_y, mask=m_br)
         if PERSISTENT:
             if q < q_end - 1:
-                grid_barrier(counter, leader_inc, i_h == 0)
+                arrived = barrier_arrive(counter, leader_inc, i_h == 0)
+                if PREFETCH_AFTER_ARRIVE and cell_phase:
+                    # After the release: the loads do not hold up this program's arrival.
+                    b_gxi, b_gxf, b_gxg, b_gxo, b_restart, b_c_restart = _step_inputs(
+                        gx, restarts, c_restart, hw_restart, t + 1, T, B, length, m_b, reverse,
+                        o_b, o_u, m_u, p_bu, m_bu, H, GS, HAS_RESTARTS, RESTART_FROM_STATE, ACC)
+                barrier_wait(counter, arrived)
 
     tl.store(c_state + p_bu, b_c, mask=m_bu)
 

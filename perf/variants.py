@@ -1,0 +1,141 @@
+"""A/B of kernel variants on a GPU: each checked against the heuristic config, then timed.
+
+For the experiments of perf/NOTES.md: split_k of the small-batch backward, pipelined
+inner K loops (inner_stages), the next step's loads after the barrier arrival
+(prefetch_after_arrive) and wider large-batch tiles. Each row runs one kernel
+(forward: lstm_forward with save as in training; backward: lstm_backward on that
+forward's saved values) at T steps, D = 1, I = H, and compares its outputs with the
+heuristic config's (a variant must compute the same function). Writes variants.csv
+to $OUT (or --out) and prints a table: µs per step, median and the 20-80% spread.
+
+    python3 perf/variants.py [--steps 256] [--only small|large] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from timing import bench_ms  # noqa: E402
+from triton_lstm.dispatch import heuristic_config  # noqa: E402
+from triton_lstm.kernels.backward import lstm_backward  # noqa: E402
+from triton_lstm.kernels.forward import lstm_forward  # noqa: E402
+from triton_lstm.tuning import config_from_label, config_label  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (group, kernel, dtype, B, H, variant labels besides the heuristic's)
+EXPERIMENTS = [
+    # Small batch: the backward's split_k (PERF-MODEL.md 2.4), loads after the arrival.
+    ("small", "backward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk4-w4", "bb16-bh8-res-bk64-sk4-w8",
+                                           "bb16-bh8-res-bk64-sk1-w4-pa"]),
+    ("small", "backward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk4-w4"]),
+    ("small", "backward", "fp16", 8, 1024, ["bb16-bh16-res-bk64-sk4-w8"]),
+    ("small", "forward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-pa",
+                                          "bb16-bh8-res-bk64-sk4-w4"]),
+    ("small", "forward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-pa"]),
+    ("small", "forward", "fp16", 8, 1024, ["bb16-bh16-res-bk64-sk1-w4-pa"]),
+    # Large batch: pipelined K loops, wider tiles (PERF-MODEL.md 2.2).
+    ("large", "forward", "bf16", 128, 1024, ["bb64-bh16-str-bk64-sk4-w8-st3",
+                                             "bb64-bh16-str-bk64-sk4-w8-st3-pa",
+                                             "bb128-bh16-str-bk64-sk4-w16-st3"]),
+    ("large", "backward", "bf16", 128, 1024, ["bb64-bh16-str-bk64-sk4-w8-st3",
+                                              "bb64-bh32-str-bk64-sk4-w8-st3"]),
+    ("large", "forward", "bf16", 512, 1024, ["bb128-bh16-str-bk64-sk4-w16-st3",
+                                             "bb128-bh32-str-bk64-sk4-w16-st3"]),
+    ("large", "backward", "bf16", 512, 1024, ["bb128-bh16-str-bk64-sk4-w16-st3",
+                                              "bb128-bh32-str-bk64-sk4-w16-st3"]),
+    ("large", "forward", "fp32", 512, 1024, ["bb128-bh16-str-bk64-sk4-w16-st3",
+                                             "bb128-bh16-str-bk32-sk4-w16-st3"]),
+]
+FIELDS = ["group", "kernel", "dtype", "B", "H", "T", "config", "heuristic", "median_us", "q20_us",
+          "q80_us", "max_rel_diff", "status", "gpu", "torch", "triton"]
+
+
+def problem(dtype, B, H, T):
+    torch.manual_seed(0)
+    gx = torch.randn(T, B, 4 * H, device="cuda", dtype=dtype)
+    w_hh = (torch.randn(1, 4 * H, H, device="cuda") / H ** 0.5).to(dtype)
+    h0 = torch.randn(1, B, H, device="cuda", dtype=dtype)
+    c0 = torch.randn(1, B, H, device="cuda", dtype=dtype)
+    return gx, w_hh, h0, c0
+
+
+def runner(kernel, gx, w_hh, h0, c0, config):
+    """A no-argument call of the kernel with this config, and what it returns for the check."""
+    if kernel == "forward":
+        def run():
+            return lstm_forward(gx, w_hh, h0, c0, None, save=True, config=config)[:5]
+        return run
+    _, _, _, gates, c_all, *_ = lstm_forward(gx, w_hh, h0, c0, None, save=True)
+    dy = torch.randn(gx.shape[0], gx.shape[1], w_hh.shape[2], device="cuda", dtype=gx.dtype)
+
+    def run():
+        return lstm_backward(dy, None, None, gates, c_all, c0, None, w_hh, config=config)[:3]
+    return run
+
+
+def max_rel_diff(got, want) -> float:
+    worst = 0.0
+    for g, w in zip(got, want):
+        if g is None:
+            continue
+        scale = w.double().abs().max().clamp_min(1e-30)
+        worst = max(worst, float((g.double() - w.double()).abs().max() / scale))
+    return worst
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--only", choices=("small", "large"))
+    parser.add_argument("--out", default=os.environ.get("OUT") or "perf/results")
+    args = parser.parse_args()
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+               triton=__import__("triton").__version__)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "variants.csv"
+    rows = []
+    for group, kernel, dtype_name, B, H, labels in EXPERIMENTS:
+        if args.only and group != args.only:
+            continue
+        dtype, T = DTYPES[dtype_name], args.steps
+        gx, w_hh, h0, c0 = problem(dtype, B, H, T)
+        heuristic = heuristic_config(B, H, dtype, torch.cuda.get_device_properties(0)
+                                     .multi_processor_count, kernel)
+        want = runner(kernel, gx, w_hh, h0, c0, heuristic)()
+        bound = 1e-2 if dtype != torch.float32 else 2e-3
+        for config in [heuristic] + [config_from_label(label) for label in labels]:
+            row = dict(group=group, kernel=kernel, dtype=dtype_name, B=B, H=H, T=T,
+                       config=config_label(config), heuristic=config == heuristic, **env)
+            try:
+                run = runner(kernel, gx, w_hh, h0, c0, config)
+                row["max_rel_diff"] = max_rel_diff(run(), want)
+                if not row["max_rel_diff"] <= bound:
+                    row["status"] = "wrong"
+                else:
+                    ms = bench_ms(run, warmup_ms=25, rep_ms=100)
+                    row.update(median_us=ms[0] * 1e3 / T, q20_us=ms[1] * 1e3 / T,
+                               q80_us=ms[2] * 1e3 / T, status="ok")
+            except Exception as exc:   # recorded, never timed
+                row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            rows.append(row)
+            print(f"{kernel:8} {dtype_name:4} B={B:<4} H={H:<5} {row['config']:34} "
+                  f"{row.get('median_us', float('nan')):8.2f} us/step  "
+                  f"diff {row.get('max_rel_diff', float('nan')):.1e}  {row['status']}", flush=True)
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
