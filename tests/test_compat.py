@@ -73,8 +73,8 @@ def test_recurrence_ops_pass_opcheck(D, proj, lengths):
     forward = torch.ops.triton_lstm.recurrence_forward.default
     for save in (False, True):
         torch.library.opcheck(forward, (gx, w_hh, h0, c0, lens, w_hr, save, None, False))
-    torch.library.opcheck(forward, (gx, w_hh, None, None, lens, w_hr, True, config_to_list(KernelConfig(16, 4, block_k=16, split_k=1)),
-                                    True))
+    config = config_to_list(KernelConfig(16, 4, block_k=16, split_k=1))
+    torch.library.opcheck(forward, (gx, w_hh, None, None, lens, w_hr, True, config, True))
     restarts = (torch.rand(D, gx.shape[0], gx.shape[1]) < 0.3).to(torch.int8)
     torch.library.opcheck(forward, (gx, w_hh, h0, c0, lens, w_hr, False, None, False, restarts,
                                     h0, c0, 2))
