@@ -133,17 +133,24 @@ def test_compile_fullgraph_dynamic_shapes_trains_like_eager(backend, fullgraph_e
     assert any("embedding" in t for t in targets) and any("linear" in t for t in targets)
 
 
-def test_compile_default_mode_runs_the_kernels_and_trains_like_eager():
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_compile_default_mode_runs_the_kernels_and_trains_like_eager(backend):
     """Without enable_fullgraph, dynamo runs the parent eagerly and compiles the LSTM on its own."""
     torch._dynamo.reset()
     eager_model, _ = char_models()
     model = copy.deepcopy(eager_model)
-    record, graphs = _graph_recorder("aot_eager")
+    record, graphs = _graph_recorder(backend)
     compiled = torch.compile(model, backend=record)
     before = kernel_launches()
     _train_and_compare(compiled, eager_model, model, [(4, 3), (5, 2)])
     assert kernel_launches() > before
     assert graphs, "nothing was compiled"
+    for graph in graphs:
+        targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+        # The LSTM's layers are in the graph; the embedding around them ran eagerly: Dynamo
+        # refused the parent frame at the nn.LSTM, the break enable_fullgraph() removes.
+        assert "autograd_function_apply" in targets
+        assert not any("embedding" in t for t in targets)
     torch._dynamo.reset()
 
 
