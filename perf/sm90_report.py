@@ -91,7 +91,8 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", REVERSE=True,
                   HAS_RESTARTS=restarts, RESTART_FROM_STATE=restarts,
                   INNER_STAGES=cfg.inner_stages if cfg.inner_stages > 1 else None,
-                  PREFETCH_AFTER_ARRIVE=cfg.prefetch_after_arrive)
+                  PREFETCH_AFTER_ARRIVE=cfg.prefetch_after_arrive,
+                  CHUNKED=cfg.resident and cfg.chunked)
     acc = "fp32"
     if kernel_name == "forward":
         kernel = lstm_forward_kernel

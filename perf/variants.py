@@ -2,7 +2,8 @@
 
 For the experiments of perf/NOTES.md: split_k of the small-batch backward, pipelined
 inner K loops (inner_stages), the next step's loads after the barrier arrival
-(prefetch_after_arrive) and wider large-batch tiles. Each row runs one kernel
+(prefetch_after_arrive), resident weights in chunks at large H (chunked) and wider
+large-batch tiles. Each row runs one kernel
 (forward: lstm_forward with save as in training; backward: lstm_backward on that
 forward's saved values) at T steps, D = 1, I = H, and compares its outputs with the
 heuristic config's (a variant must compute the same function). Writes variants.csv
@@ -43,9 +44,14 @@ EXPERIMENTS = [
     # Large batch: pipelined K loops, wider tiles (PERF-MODEL.md 2.2).
     ("large", "forward", "bf16", 128, 1024, ["bb64-bh16-str-bk64-sk4-w8-st3",
                                              "bb64-bh16-str-bk64-sk4-w8-st3-pa",
-                                             "bb128-bh16-str-bk64-sk4-w16-st3"]),
+                                             "bb128-bh16-str-bk64-sk4-w16-st3",
+                                             "bb64-bh16-chk-bk64-sk1-w4",
+                                             "bb64-bh16-chk-bk64-sk1-w4-pa"]),
+    ("large", "forward", "fp16", 64, 512, ["bb64-bh8-chk-bk64-sk1-w4",
+                                           "bb32-bh8-str-bk64-sk4-w8-st3"]),
     ("large", "backward", "bf16", 128, 1024, ["bb64-bh16-str-bk64-sk4-w8-st3",
-                                              "bb64-bh32-str-bk64-sk4-w8-st3"]),
+                                              "bb64-bh32-str-bk64-sk4-w8-st3",
+                                              "bb32-bh16-chk-bk64-sk1-w4"]),
     ("large", "forward", "bf16", 512, 1024, ["bb128-bh16-str-bk64-sk4-w16-st3",
                                              "bb128-bh32-str-bk64-sk4-w16-st3"]),
     ("large", "backward", "bf16", 512, 1024, ["bb128-bh16-str-bk64-sk4-w16-st3",

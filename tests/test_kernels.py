@@ -23,6 +23,9 @@ CONFIGS = {
     # Pipelined K loops and loads after the barrier arrival change the schedule, not the math.
     "streamed-bh8-bk16-st3-pa": KernelConfig(block_b=16, block_h=8, resident=False, block_k=16,
                                              inner_stages=3, prefetch_after_arrive=True),
+    # Weights on chip as chunks of the reduction, the broadcast operand staged chunk by chunk.
+    "chunked-bh8-bk16": KernelConfig(block_b=16, block_h=8, resident=True, block_k=16,
+                                     chunked=True),
 }
 
 SHAPES = [  # T, B, I, H

@@ -50,7 +50,9 @@ class KernelConfig:
     warps per program; inner_stages: software-pipeline stages of the streamed
     K loops (1: none; the persistent time loop itself is never pipelined);
     prefetch_after_arrive: issue the next step's independent loads after this
-    program's barrier arrival instead of before it.
+    program's barrier arrival instead of before it; chunked (with resident):
+    keep the weight slice on chip as block_k chunks of the reduction and stage
+    the broadcast operand (h, or dG) one chunk at a time, for large H.
     """
     block_b: int
     block_h: int
@@ -60,6 +62,7 @@ class KernelConfig:
     num_warps: int = 4
     inner_stages: int = 1
     prefetch_after_arrive: bool = False
+    chunked: bool = False
 
     def num_h_blocks(self, hidden_size: int) -> int:
         return triton.cdiv(hidden_size, self.block_h)
@@ -232,10 +235,14 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     # With a projection every hidden block also owns BLOCK_R of the output units.
     block_r = max(16, triton.next_power_of_2(triton.cdiv(output_size, num_h)))
     constexprs = dict(constexprs, BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_R=block_r,
-                      BLOCK_K=config.block_k, RESIDENT=config.resident,
+                      # Resident chunks of the reduction divide its padded length.
+                      BLOCK_K=(min(config.block_k, padded(min(hidden_size, output_size)))
+                               if config.chunked else config.block_k),
+                      RESIDENT=config.resident,
                       SPLIT_K=min(config.split_k, padded(min(hidden_size, output_size)) // 16),
                       INNER_STAGES=config.inner_stages if config.inner_stages > 1 else None,
-                      PREFETCH_AFTER_ARRIVE=config.prefetch_after_arrive)
+                      PREFETCH_AFTER_ARRIVE=config.prefetch_after_arrive,
+                      CHUNKED=config.resident and config.chunked)
     common = dict(num_warps=config.num_warps, num_stages=1, **constexprs)
 
     groups_at_once = 0

@@ -32,8 +32,8 @@ import triton.language as tl
 
 from ..dispatch import dot_precision, launch_recurrence, padded, pick_config, state_dtype
 from .barrier import barrier_arrive, barrier_wait
-from .forward import (_tanh, dot_operands, load_restarts, reduction_index, split_dot, step_rows,
-                      streamed_dot)
+from .forward import (_tanh, chunked_dot, dot_operands, load_restarts, reduction_index,
+                      resident_chunks, split_dot, step_rows, streamed_dot)
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def lstm_backward_kernel(
     HAS_DHN: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr,
     HAS_RESTARTS: tl.constexpr, RESTART_FROM_STATE: tl.constexpr, INNER_STAGES: tl.constexpr,
-    PREFETCH_AFTER_ARRIVE: tl.constexpr,
+    PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr,
 ):
     # Stage s = 0 .. T walks the forward's steps backwards (step = T - 1 - s). Its dh
     # phase gives dh of own output units; its cell phase (s < T) gives dG of own hidden
@@ -149,14 +149,20 @@ def lstm_backward_kernel(
         length = tl.full([BLOCK_B], T, tl.int32)
 
     if RESIDENT:
-        # Per gate, W_hh[gate*H + j, own output units] as [HP, BLOCK_R] (or slices) for split_dot.
-        o_j = reduction_index(HP, SPLIT_K)
-        p_w = w_hh + tl.expand_dims(o_j, -1) * R + o_r
-        m_w = tl.expand_dims(o_j < H, -1) & m_r
-        b_wi = tl.load(p_w, mask=m_w, other=0.0)
-        b_wf = tl.load(p_w + H * R, mask=m_w, other=0.0)
-        b_wg = tl.load(p_w + 2 * H * R, mask=m_w, other=0.0)
-        b_wo = tl.load(p_w + 3 * H * R, mask=m_w, other=0.0)
+        if CHUNKED:
+            # Large H: the four gates' columns as one reduction over 4*HP in [BLOCK_K, BLOCK_R]
+            # chunks; dG is staged one chunk at a time.
+            NUM_CHUNKS: tl.constexpr = 4 * HP // BLOCK_K
+            w_chunks = resident_chunks(w_hh + o_r, m_r, H, R, BLOCK_K, NUM_CHUNKS, HP)
+        else:
+            # Per gate, W_hh[gate*H + j, own output units] as [HP, BLOCK_R] (or slices).
+            o_j = reduction_index(HP, SPLIT_K)
+            p_w = w_hh + tl.expand_dims(o_j, -1) * R + o_r
+            m_w = tl.expand_dims(o_j < H, -1) & m_r
+            b_wi = tl.load(p_w, mask=m_w, other=0.0)
+            b_wf = tl.load(p_w + H * R, mask=m_w, other=0.0)
+            b_wg = tl.load(p_w + 2 * H * R, mask=m_w, other=0.0)
+            b_wo = tl.load(p_w + 3 * H * R, mask=m_w, other=0.0)
     if PROJ and RESIDENT:
         # W_hr[:, own hidden units] as [RP, BLOCK_H]: dr = dh @ W_hr.
         o_jr = reduction_index(RP, SPLIT_K)
@@ -194,7 +200,10 @@ def lstm_backward_kernel(
                 # Rows whose sequence ended after this step pass dh_n through unchanged.
                 t_next, running_next = step_rows(step + 1, length, m_b, reverse)
                 p_rows = dgates + (t_next * B + o_b) * GS
-                if RESIDENT:
+                if RESIDENT and CHUNKED:
+                    b_dot = chunked_dot(p_rows, running_next, w_chunks, H, BLOCK_K, NUM_CHUNKS,
+                                        HP, DOT_PRECISION, ACC)
+                elif RESIDENT:
                     # One gate at a time, so only a [BLOCK_B, HP] slice of dG is staged.
                     b_dot = split_dot(p_rows, running_next, o_j, b_wi, H, SPLIT_K, DOT_PRECISION, ACC)
                     b_dot += split_dot(p_rows + H, running_next, o_j, b_wf, H, SPLIT_K,

@@ -114,6 +114,58 @@ def streamed_dot(p_rows, m_rows, p_cols, m_cols, K: tl.constexpr, KP: tl.constex
 
 
 @triton.jit
+def chunk_columns(k0: tl.constexpr, o_k, K: tl.constexpr, GATE_STRIDE: tl.constexpr):
+    """Where the reduction chunk starting at k0 lives, and which positions are real: columns
+    k0 + o_k (< K), or with GATE_STRIDE > 0 (four gates of K units side by side, each padded
+    to GATE_STRIDE, which the chunk size divides) units from k0 % GATE_STRIDE of gate
+    k0 // GATE_STRIDE, at column gate * K + unit. The chunk's start is a constant: every
+    chunk's addresses are one offset from o_k, nothing per chunk to keep in registers."""
+    if GATE_STRIDE > 0:
+        unit0: tl.constexpr = k0 % GATE_STRIDE
+        col0: tl.constexpr = (k0 // GATE_STRIDE) * K + unit0
+        return col0 + o_k, (unit0 + o_k) < K
+    else:
+        return k0 + o_k, (k0 + o_k) < K
+
+
+@triton.jit
+def resident_chunks(p_cols, m_cols, K: tl.constexpr, K_STRIDE: tl.constexpr,
+                    BLOCK_K: tl.constexpr, NUM_CHUNKS: tl.constexpr, GATE_STRIDE: tl.constexpr):
+    """W[k, n] = *(p_cols[n] + col(k) * K_STRIDE) as a tuple of [BLOCK_K, N] chunks of the
+    reduction (chunk_columns), loaded once: the compiler keeps them in shared memory."""
+    o_k = tl.arange(0, BLOCK_K)
+    chunks = ()
+    for kc in tl.static_range(NUM_CHUNKS):
+        col, real = chunk_columns(kc * BLOCK_K, o_k, K, GATE_STRIDE)
+        chunks = chunks + (tl.load(p_cols[None, :] + col[:, None] * K_STRIDE,
+                                   mask=m_cols[None, :] & real[:, None], other=0.0),)
+    return chunks
+
+
+@triton.jit
+def chunked_dot(p_rows, m_rows, w_chunks, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                NUM_CHUNKS: tl.constexpr, GATE_STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                ACC: tl.constexpr):
+    """A @ W, W resident as chunks (resident_chunks), A[r, k] = *(p_rows[r] + col(k)) read
+    from L2 one chunk ahead of the dot that uses it."""
+    o_k = tl.arange(0, BLOCK_K)
+    b_acc = tl.zeros([p_rows.shape[0], w_chunks[0].shape[1]], dtype=ACC)
+    col, real = chunk_columns(0, o_k, K, GATE_STRIDE)
+    b_a = tl.load(p_rows[:, None] + col[None, :], mask=m_rows[:, None] & real[None, :],
+                  other=0.0, cache_modifier=".cg")
+    for kc in tl.static_range(NUM_CHUNKS):
+        b_next = b_a
+        if kc + 1 < NUM_CHUNKS:
+            col, real = chunk_columns((kc + 1) * BLOCK_K, o_k, K, GATE_STRIDE)
+            b_next = tl.load(p_rows[:, None] + col[None, :], mask=m_rows[:, None] & real[None, :],
+                             other=0.0, cache_modifier=".cg")
+        b_x, b_w = dot_operands(b_a, w_chunks[kc])
+        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
+        b_a = b_next
+    return b_acc
+
+
+@triton.jit
 def step_rows(step, length, m_b, reverse):
     """Each row's time index at processing step `step`, and whether the row is still running.
 
@@ -206,7 +258,7 @@ def lstm_forward_kernel(
     HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr, HAS_RESTARTS: tl.constexpr,
     RESTART_FROM_STATE: tl.constexpr, CKPT_EVERY: tl.constexpr, INNER_STAGES: tl.constexpr,
-    PREFETCH_AFTER_ARRIVE: tl.constexpr,
+    PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr,
 ):
     # Each step is one phase (cell update), or two with a projection (PROJ): the cell
     # phase over own hidden units, a barrier, then h = r W_hr^T over own output units.
@@ -267,10 +319,14 @@ def lstm_forward_kernel(
     m_n = o_nu < H
 
     if RESIDENT:
-        # [RP, 4*BLOCK_H], or [SPLIT_K, RP // SPLIT_K, 4*BLOCK_H] slices for split_dot.
-        o_j = reduction_index(RP, SPLIT_K)
-        b_w = tl.load(w_hh + w_row * R + tl.expand_dims(o_j, -1),
-                      mask=m_n & tl.expand_dims(o_j < R, -1), other=0.0)
+        if CHUNKED:
+            # Large H: [BLOCK_K, 4*BLOCK_H] chunks, so that h is staged one chunk at a time.
+            w_chunks = resident_chunks(w_hh + w_row * R, m_n, R, 1, BLOCK_K, RP // BLOCK_K, 0)
+        else:
+            # [RP, 4*BLOCK_H], or [SPLIT_K, RP // SPLIT_K, 4*BLOCK_H] slices for split_dot.
+            o_j = reduction_index(RP, SPLIT_K)
+            b_w = tl.load(w_hh + w_row * R + tl.expand_dims(o_j, -1),
+                          mask=m_n & tl.expand_dims(o_j < R, -1), other=0.0)
     if PROJ and RESIDENT:
         # W_hr[own output units, :] as a [HP, BLOCK_R] tile, kept on chip.
         o_jh = reduction_index(HP, SPLIT_K)
@@ -314,7 +370,11 @@ def lstm_forward_kernel(
                 m_rows = m_rows & (b_restart == 0)
                 b_c = tl.where(b_restart[:, None], b_c_restart, b_c)
             if RESIDENT:
-                b_acc = split_dot(p_rows, m_rows, o_j, b_w, R, SPLIT_K, DOT_PRECISION, ACC)
+                if CHUNKED:
+                    b_acc = chunked_dot(p_rows, m_rows, w_chunks, R, BLOCK_K, RP // BLOCK_K, 0,
+                                        DOT_PRECISION, ACC)
+                else:
+                    b_acc = split_dot(p_rows, m_rows, o_j, b_w, R, SPLIT_K, DOT_PRECISION, ACC)
             else:
                 b_acc = streamed_dot(p_rows, m_rows, w_hh + w_row * R, m_n, R, RP, 1, BLOCK_K,
                                      DOT_PRECISION, ACC, INNER_STAGES)
