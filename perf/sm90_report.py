@@ -92,7 +92,7 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
                   HAS_RESTARTS=restarts, RESTART_FROM_STATE=restarts,
                   INNER_STAGES=cfg.inner_stages if cfg.inner_stages > 1 else None,
                   PREFETCH_AFTER_ARRIVE=cfg.prefetch_after_arrive,
-                  CHUNKED=cfg.resident and cfg.chunked)
+                  CHUNKED=cfg.resident and cfg.chunked, DATAFLOW=cfg.dataflow)
     acc = "fp32"
     if kernel_name == "forward":
         kernel = lstm_forward_kernel

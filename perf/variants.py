@@ -2,8 +2,8 @@
 
 For the experiments of perf/NOTES.md: split_k of the small-batch backward, pipelined
 inner K loops (inner_stages), the next step's loads after the barrier arrival
-(prefetch_after_arrive), resident weights in chunks at large H (chunked) and wider
-large-batch tiles. Each row runs one kernel
+(prefetch_after_arrive), dataflow waits instead of the grid barrier (dataflow),
+resident weights in chunks at large H (chunked) and wider large-batch tiles. Each row runs one kernel
 (forward: lstm_forward with save as in training; backward: lstm_backward on that
 forward's saved values) at T steps, D = 1, I = H, and compares its outputs with the
 heuristic config's (a variant must compute the same function). Writes variants.csv
@@ -34,13 +34,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXPERIMENTS = [
     # Small batch: the backward's split_k (PERF-MODEL.md 2.4), loads after the arrival.
     ("small", "backward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk4-w4", "bb16-bh8-res-bk64-sk4-w8",
-                                           "bb16-bh8-res-bk64-sk1-w4-pa"]),
-    ("small", "backward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk4-w4"]),
+                                           "bb16-bh8-res-bk64-sk1-w4-pa",
+                                           "bb16-bh8-res-bk64-sk4-w4-df"]),
+    ("small", "backward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk4-w4",
+                                           "bb16-bh8-res-bk64-sk4-w4-df"]),
     ("small", "backward", "fp16", 8, 1024, ["bb16-bh16-res-bk64-sk4-w8"]),
     ("small", "forward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-pa",
-                                          "bb16-bh8-res-bk64-sk4-w4"]),
-    ("small", "forward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-pa"]),
-    ("small", "forward", "fp16", 8, 1024, ["bb16-bh16-res-bk64-sk1-w4-pa"]),
+                                          "bb16-bh8-res-bk64-sk4-w4",
+                                          "bb16-bh8-res-bk64-sk1-w4-df"]),
+    ("small", "forward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-pa",
+                                          "bb16-bh8-res-bk64-sk1-w4-df"]),
+    ("small", "forward", "fp16", 8, 1024, ["bb16-bh16-res-bk64-sk1-w4-pa",
+                                           "bb16-bh16-res-bk64-sk1-w4-df"]),
     # Large batch: pipelined K loops, wider tiles (PERF-MODEL.md 2.2).
     ("large", "forward", "bf16", 128, 1024, ["bb64-bh16-str-bk64-sk4-w8-st3",
                                              "bb64-bh16-str-bk64-sk4-w8-st3-pa",

@@ -7,6 +7,7 @@ Errors are relative to the reference's largest magnitude. Run by `make gpu-check
 """
 import contextlib
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -459,3 +460,33 @@ def test_schedule_variants_compute_what_the_default_computes(label):
         runs.append([y, h, c, *grads])
     for k, (got, want) in enumerate(zip(*runs)):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.timeout(120)     # a dataflow wait that never ends fails here instead of hanging
+@pytest.mark.parametrize("label", ["bb16-bh8-res-bk64-sk1-w4-df", "bb16-bh8-res-bk64-sk4-w4-df",
+                                   "bb64-bh16-str-bk64-sk4-w8-df"])
+def test_dataflow_waits_compute_what_the_barrier_computes_nan_and_inf_included(label):
+    from triton_lstm.tuning import config_from_label
+    config = config_from_label(label)
+    T, B, I, H = 64, 8 if config.block_b == 16 else 64, 64, 512
+    torch_lstm = torch.nn.LSTM(I, H, bidirectional=True, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16)
+    x[10, 0, :4] = float("nan")
+    x[20, 1, :4] = float("inf")
+    x.requires_grad_()
+    params = list(torch_lstm.parameters())
+    w_ih = torch.cat([params[0], params[4]])
+    w_hh = torch.stack([params[1], params[5]])
+    b_ih, b_hh = torch.cat([params[2], params[6]]), torch.cat([params[3], params[7]])
+    runs = []
+    for run_config in (dataclasses.replace(config, dataflow=False), config):
+        before = launch_counts["persistent"]
+        y, h, c, *_ = LSTMFunction.apply(x, None, None, w_ih, w_hh, b_ih, b_hh, None, run_config)
+        grads = torch.autograd.grad(y.float().nan_to_num().sum() + c.float().nan_to_num().sum(),
+                                    [x, w_hh])
+        assert launch_counts["persistent"] >= before + 2
+        runs.append([y, h, c, *grads])
+    for k, (barrier, dataflow) in enumerate(zip(*runs)):
+        assert torch.equal(barrier.isnan(), dataflow.isnan()), k
+        torch.testing.assert_close(dataflow.nan_to_num(), barrier.nan_to_num(), rtol=0, atol=0,
+                                   msg=lambda m, k=k: f"{k}: {m}")

@@ -26,6 +26,10 @@ CONFIGS = {
     # Weights on chip as chunks of the reduction, the broadcast operand staged chunk by chunk.
     "chunked-bh8-bk16": KernelConfig(block_b=16, block_h=8, resident=True, block_k=16,
                                      chunked=True),
+    # Dataflow waits: slots filled with the unwritten mark, tiles polled until written.
+    "dataflow-bh4": KernelConfig(block_b=16, block_h=4, resident=True, split_k=1, dataflow=True),
+    "dataflow-streamed-bh8-bk16": KernelConfig(block_b=16, block_h=8, resident=False, block_k=16,
+                                               dataflow=True),
 }
 
 SHAPES = [  # T, B, I, H
@@ -145,3 +149,23 @@ def test_interpreter_runs_the_stepped_mode():
     ref, x, hx = random_problem(3, 2, 4, 8, torch.float32)
     LSTMFunction.apply(x, None, None, *ref.parameters())
     assert launch_counts["stepped"] == before + 3
+
+
+@pytest.mark.parametrize("config_name", ["resident-bh4", "dataflow-bh4", "dataflow-streamed-bh8-bk16"])
+def test_nan_and_inf_flow_through_like_nn_lstm(config_name):
+    """NaN and inf are values: they propagate as in nn.LSTM and are never taken for the
+    dataflow kernels' unwritten mark (an all-ones NaN), not even when h0 holds that mark."""
+    ref, x, hx = random_problem(4, 3, 3, 8, torch.float64)
+    x = x.detach().clone()
+    x[1, 0, 0] = float("nan")
+    x[2, 1, 1] = float("inf")
+    h0, c0 = (s.detach().clone() for s in hx)
+    h0[0, 2].view(torch.int64).fill_(-1)          # the mark itself, as a caller's value
+    params = [p.detach() for p in ref.parameters()]
+    with torch.no_grad():
+        y, h, c, *_ = LSTMFunction.apply(x, h0[0], c0[0], *params, None, CONFIGS[config_name])
+        yr, (hr, cr) = ref(x, (h0, c0))
+    for got, want in ((y, yr), (h, hr[0]), (c, cr[0])):
+        torch.testing.assert_close(got, want, **TOL[torch.float64], equal_nan=True)
+        if CONFIGS[config_name].dataflow:   # stores are canonical: the mark never leaks out
+            assert not (got.view(torch.int64) == -1).any(), "an output holds the unwritten mark"

@@ -52,7 +52,9 @@ class KernelConfig:
     prefetch_after_arrive: issue the next step's independent loads after this
     program's barrier arrival instead of before it; chunked (with resident):
     keep the weight slice on chip as block_k chunks of the reduction and stage
-    the broadcast operand (h, or dG) one chunk at a time, for large H.
+    the broadcast operand (h, or dG) one chunk at a time, for large H;
+    dataflow: no grid barrier, each program polls the tile it reads until it
+    is written (kernels/barrier.py).
     """
     block_b: int
     block_h: int
@@ -63,6 +65,7 @@ class KernelConfig:
     inner_stages: int = 1
     prefetch_after_arrive: bool = False
     chunked: bool = False
+    dataflow: bool = False
 
     def num_h_blocks(self, hidden_size: int) -> int:
         return triton.cdiv(hidden_size, self.block_h)
@@ -242,7 +245,7 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
                       SPLIT_K=min(config.split_k, padded(min(hidden_size, output_size)) // 16),
                       INNER_STAGES=config.inner_stages if config.inner_stages > 1 else None,
                       PREFETCH_AFTER_ARRIVE=config.prefetch_after_arrive,
-                      CHUNKED=config.resident and config.chunked)
+                      CHUNKED=config.resident and config.chunked, DATAFLOW=config.dataflow)
     common = dict(num_warps=config.num_warps, num_stages=1, **constexprs)
 
     groups_at_once = 0

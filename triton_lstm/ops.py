@@ -36,18 +36,18 @@ def config_to_list(config: Optional[KernelConfig]) -> Optional[list[int]]:
         return None
     return [config.block_b, config.block_h, int(config.resident), config.block_k,
             config.split_k, config.num_warps, config.inner_stages,
-            int(config.prefetch_after_arrive), int(config.chunked)]
+            int(config.prefetch_after_arrive), int(config.chunked), int(config.dataflow)]
 
 
 def config_from_list(values: Optional[list[int]]) -> Optional[KernelConfig]:
     if values is None:
         return None
     (block_b, block_h, resident, block_k, split_k, num_warps, inner_stages,
-     prefetch_after_arrive, chunked) = values
+     prefetch_after_arrive, chunked, dataflow) = values
     return KernelConfig(block_b=block_b, block_h=block_h, resident=bool(resident),
                         block_k=block_k, split_k=split_k, num_warps=num_warps,
                         inner_stages=inner_stages, prefetch_after_arrive=bool(prefetch_after_arrive),
-                        chunked=bool(chunked))
+                        chunked=bool(chunked), dataflow=bool(dataflow))
 
 
 def _or_empty(t: Optional[torch.Tensor], like: torch.Tensor, dtype=None) -> torch.Tensor:

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import dot_precision, launch_recurrence, padded, pick_config, state_dtype
-from .barrier import barrier_arrive, barrier_wait
+from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
 from .forward import (_tanh, chunked_dot, dot_operands, load_restarts, reduction_index,
                       resident_chunks, split_dot, step_rows, streamed_dot)
 
@@ -77,8 +77,9 @@ def lstm_backward_kernel(
     lengths,   # [B]            int32 sequence lengths, read when HAS_LENGTHS
     w_hh,      # [D, 4H, R]     input dtype
     w_hr,      # [D, R, H]      projection weights, input dtype (read when PROJ)
-    dgates,    # [T, B, D, 4H]  out: dG_t, input dtype
-    dh_all,    # [D, T, B, R]   out when PROJ: total grad of h_t, input dtype (zeros past length)
+    dgates,    # [T, B, D, 4H]  out: dG_t, input dtype (all-ones bits first with DATAFLOW)
+    dh_all,    # [D, T, B, R]   out when PROJ: total grad of h_t, input dtype (zeros past length;
+               #                all-ones bits first with DATAFLOW)
     dh0,       # [D, B, R]      out: grad of h0, input dtype
     restarts,  # [D, T, B]      int8, 1: the row restarted before that processing step
     c_restart, # [D, B, H]      the c a restart restored (RESTART_FROM_STATE, else zeros)
@@ -92,7 +93,7 @@ def lstm_backward_kernel(
     HAS_DHN: tl.constexpr, HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr,
     HAS_RESTARTS: tl.constexpr, RESTART_FROM_STATE: tl.constexpr, INNER_STAGES: tl.constexpr,
-    PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr,
+    PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
 ):
     # Stage s = 0 .. T walks the forward's steps backwards (step = T - 1 - s). Its dh
     # phase gives dh of own output units; its cell phase (s < T) gives dG of own hidden
@@ -202,25 +203,25 @@ def lstm_backward_kernel(
                 p_rows = dgates + (t_next * B + o_b) * GS
                 if RESIDENT and CHUNKED:
                     b_dot = chunked_dot(p_rows, running_next, w_chunks, H, BLOCK_K, NUM_CHUNKS,
-                                        HP, DOT_PRECISION, ACC)
+                                        HP, DOT_PRECISION, ACC, DATAFLOW, True)
                 elif RESIDENT:
                     # One gate at a time, so only a [BLOCK_B, HP] slice of dG is staged.
-                    b_dot = split_dot(p_rows, running_next, o_j, b_wi, H, SPLIT_K, DOT_PRECISION, ACC)
+                    b_dot = split_dot(p_rows, running_next, o_j, b_wi, H, SPLIT_K, DOT_PRECISION,
+                                      ACC, DATAFLOW, True)
                     b_dot += split_dot(p_rows + H, running_next, o_j, b_wf, H, SPLIT_K,
-                                       DOT_PRECISION, ACC)
+                                       DOT_PRECISION, ACC, DATAFLOW, True)
                     b_dot += split_dot(p_rows + 2 * H, running_next, o_j, b_wg, H, SPLIT_K,
-                                       DOT_PRECISION, ACC)
+                                       DOT_PRECISION, ACC, DATAFLOW, True)
                     b_dot += split_dot(p_rows + 3 * H, running_next, o_j, b_wo, H, SPLIT_K,
-                                       DOT_PRECISION, ACC)
+                                       DOT_PRECISION, ACC, DATAFLOW, True)
                 else:
                     b_dot = tl.zeros([BLOCK_B, BLOCK_O], dtype=ACC)
                     for k0 in tl.range(0, 4 * HP, BLOCK_K, num_stages=INNER_STAGES):
                         o_n = k0 + tl.arange(0, BLOCK_K)     # gate o_n // HP, unit o_n % HP
                         m_n = (o_n % HP) < H
                         col_n = (o_n // HP) * H + o_n % HP
-                        b_dgk = tl.load(p_rows[:, None] + col_n[None, :],
-                                        mask=running_next[:, None] & m_n[None, :], other=0.0,
-                                        cache_modifier=".cg")
+                        b_dgk = load_written(p_rows[:, None] + col_n[None, :],
+                                             running_next[:, None] & m_n[None, :], DATAFLOW, True)
                         b_wk = tl.load(w_hh + col_n[:, None] * R + o_r[None, :],
                                        mask=m_n[:, None] & m_r[None, :], other=0.0)
                         b_dgk, b_wk = dot_operands(b_dgk, b_wk)
@@ -238,9 +239,9 @@ def lstm_backward_kernel(
                     b_dh += tl.load(dy + (t_row * B + o_b)[:, None] * YS + o_r[None, :],
                                     mask=running[:, None] & m_r[None, :], other=0.0).to(ACC)
                 if PROJ:
+                    b_dh_out = published(tl.where(running[:, None], b_dh, 0.0), DATAFLOW)
                     tl.store(dh_all + (t_row * B + o_b)[:, None] * R + o_r[None, :],
-                             tl.where(running[:, None], b_dh, 0.0).to(dh_all.dtype.element_ty),
-                             mask=m_br)
+                             b_dh_out.to(dh_all.dtype.element_ty), mask=m_br)
             else:
                 tl.store(dh0 + p_br, b_dh.to(dh0.dtype.element_ty), mask=m_br)
         if PROJ:
@@ -252,10 +253,11 @@ def lstm_backward_kernel(
                 # dr = dh_t @ W_hr over all output units, written by every program last phase.
                 p_rows = dh_all + (t_row * B + o_b) * R
                 if RESIDENT:
-                    b_dr = split_dot(p_rows, running, o_jr, b_whr, R, SPLIT_K, DOT_PRECISION, ACC)
+                    b_dr = split_dot(p_rows, running, o_jr, b_whr, R, SPLIT_K, DOT_PRECISION, ACC,
+                                     DATAFLOW, True)
                 else:
                     b_dr = streamed_dot(p_rows, running, w_hr + o_u, m_u, R, RP, H, BLOCK_K,
-                                        DOT_PRECISION, ACC, INNER_STAGES)
+                                        DOT_PRECISION, ACC, INNER_STAGES, DATAFLOW, True)
             else:
                 b_dr = b_dh
             m_run = running[:, None] & m_u[None, :]
@@ -263,13 +265,14 @@ def lstm_backward_kernel(
             b_dc_t = b_dc + b_dr * b_o * (1.0 - b_tc * b_tc)
             p_out = dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :]
             dtype = dgates.dtype.element_ty
-            tl.store(p_out, tl.where(m_run, b_dc_t * b_g * b_i * (1.0 - b_i), 0.0).to(dtype), mask=m_bu)
-            tl.store(p_out + H, tl.where(m_run, b_dc_t * b_cp * b_f * (1.0 - b_f), 0.0).to(dtype),
-                     mask=m_bu)
-            tl.store(p_out + 2 * H, tl.where(m_run, b_dc_t * b_i * (1.0 - b_g * b_g), 0.0).to(dtype),
-                     mask=m_bu)
-            tl.store(p_out + 3 * H, tl.where(m_run, b_dr * b_tc * b_o * (1.0 - b_o), 0.0).to(dtype),
-                     mask=m_bu)
+            b_dgi = published(tl.where(m_run, b_dc_t * b_g * b_i * (1.0 - b_i), 0.0), DATAFLOW)
+            b_dgf = published(tl.where(m_run, b_dc_t * b_cp * b_f * (1.0 - b_f), 0.0), DATAFLOW)
+            b_dgg = published(tl.where(m_run, b_dc_t * b_i * (1.0 - b_g * b_g), 0.0), DATAFLOW)
+            b_dgo = published(tl.where(m_run, b_dr * b_tc * b_o * (1.0 - b_o), 0.0), DATAFLOW)
+            tl.store(p_out, b_dgi.to(dtype), mask=m_bu)
+            tl.store(p_out + H, b_dgf.to(dtype), mask=m_bu)
+            tl.store(p_out + 2 * H, b_dgg.to(dtype), mask=m_bu)
+            tl.store(p_out + 3 * H, b_dgo.to(dtype), mask=m_bu)
             b_dc = tl.where(m_run, b_dc_t * b_f, b_dc)       # stopped rows carry dc_n through
             if HAS_RESTARTS:
                 # This step started from the restart state: dc_next is that state's gradient.
@@ -278,9 +281,9 @@ def lstm_backward_kernel(
                 tl.store(p_acc, tl.load(p_acc, mask=m_acc, other=0.0) + b_dc, mask=m_acc)
                 b_dc = tl.where(m_acc, 0.0, b_dc)
                 b_restarted_after = b_restarted
-            if not PREFETCH_AFTER_ARRIVE:
+            if DATAFLOW or not PREFETCH_AFTER_ARRIVE:
                 # The next step's saved values do not depend on the recurrence: their
-                # loads are in flight while this program waits at the barrier.
+                # loads are in flight while this program waits (barrier, or the data).
                 q_next = tl.full([BLOCK_B], (s + 1) * PHASES, tl.int32)
                 m_next = m_b & (q_next < q_end)
                 t_prev_row, running_prev = step_rows(step - 1, length, m_next, reverse)
@@ -288,7 +291,7 @@ def lstm_backward_kernel(
                     step - 1, t_prev_row, running_prev, gates, c_all, c0, restarts, c_restart, T,
                     B, o_b, o_u, m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE,
                     ACC, reverse)
-        if PERSISTENT:
+        if PERSISTENT and not DATAFLOW:
             if q < q_end - 1:
                 arrived = barrier_arrive(counter, leader_inc, i_h == 0)
                 if PREFETCH_AFTER_ARRIVE and cell_phase:
@@ -332,6 +335,10 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
     dgates = torch.empty(T, B, D * 4 * H, dtype=dtype, device=device)
     dh0 = torch.empty(D, B, R, dtype=dtype, device=device)
     dh_all = torch.empty(D, T, B, R, dtype=dtype, device=device) if proj else None
+    if config.dataflow:          # the slots other programs poll
+        fill_unwritten(dgates)
+        if proj:
+            fill_unwritten(dh_all)
     if dc_n is None:
         dc_state = torch.zeros(D, B, H, dtype=acc, device=device)
     else:

@@ -1,4 +1,6 @@
-"""Grid-wide barrier for the persistent kernels.
+"""How the programs of a persistent kernel wait for each other: a grid barrier, or the data.
+
+Grid barrier:
 
 A group of programs (the hidden-unit blocks that share one batch block) meets at
 a 32-bit counter. Every arrival adds to it; the group leader adds
@@ -11,9 +13,26 @@ replays (sense reversal, as in CUDA cooperative groups).
 The barrier only works if every program of the group is resident at once;
 ``dispatch.py`` checks that before a persistent launch and asks for a
 cooperative launch so that an oversized grid is an error, not a hang.
+
+Dataflow (config ``dataflow``): every step writes a slot of its own (y[t], dG[t]),
+which the launcher fills with an all-ones bit pattern first: a NaN no arithmetic
+produces. A consumer reloads the tile it needs until none of it is that pattern,
+so it waits on the data it reads, not on a counter and then a separate read.
+Producers store ``canonical(x)``, which turns any NaN into the standard quiet NaN:
+a NaN or inf in the data is a value like any other and never reads as "unwritten".
+Each element is stored whole, so a tile seen complete is the values written.
 """
+import torch
 import triton
 import triton.language as tl
+
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fill_unwritten(t: torch.Tensor) -> torch.Tensor:
+    """Fill t with all-ones bits, the mark of a dataflow slot not written yet."""
+    t.view(_SAME_WIDTH_INT[t.element_size()]).fill_(-1)
+    return t
 
 
 def leader_increment(num_programs: int) -> int:
@@ -43,3 +62,43 @@ def barrier_wait(counter, arrived):
 @triton.jit
 def grid_barrier(counter, leader_inc, is_leader):
     barrier_wait(counter, barrier_arrive(counter, leader_inc, is_leader))
+
+
+@triton.jit
+def _unwritten(x):
+    """Elements still holding the all-ones fill (bitwise -1 at their width)."""
+    if x.dtype.primitive_bitwidth == 16:
+        bits = x.to(tl.int16, bitcast=True)
+    elif x.dtype.primitive_bitwidth == 32:
+        bits = x.to(tl.int32, bitcast=True)
+    else:
+        bits = x.to(tl.int64, bitcast=True)
+    return bits == -1
+
+
+@triton.jit
+def canonical(x):
+    """x with every NaN as the standard quiet NaN, never the all-ones fill."""
+    return tl.where(x != x, float("nan"), x)
+
+
+@triton.jit
+def published(x, DATAFLOW: tl.constexpr):
+    """x as a producer stores it for others to poll: canonical with DATAFLOW, else as it is."""
+    if DATAFLOW:
+        x = canonical(x)
+    return x
+
+
+@triton.jit
+def load_written(ptrs, mask, WAIT: tl.constexpr, poll):
+    """A tile other programs write: with WAIT (and poll, for tiles of such a slot rather
+    than the caller's own inputs), reloaded until all of it is written."""
+    if WAIT:
+        # Volatile: each poll reads memory again (L2); masked elements read as 0.
+        b = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
+        while poll & (tl.max(tl.reshape(_unwritten(b).to(tl.int32), [b.numel])) > 0):
+            b = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
+    else:
+        b = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    return b

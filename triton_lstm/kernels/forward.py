@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ..dispatch import (dot_precision, interpreting, launch_recurrence, padded, pick_config,
                         state_dtype)
-from .barrier import barrier_arrive, barrier_wait
+from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
 
 # The Triton interpreter multiplies the raw bit patterns of bf16 operands in tl.dot
 # (triton-lang/triton#11584). There, and only there, bf16 dots go through fp32.
@@ -74,16 +74,17 @@ def reduction_index(HP: tl.constexpr, SPLIT_K: tl.constexpr):
 
 @triton.jit
 def split_dot(p_rows, m_rows, o_j, b_w, H: tl.constexpr, SPLIT_K: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, WAIT: tl.constexpr = False,
+              poll=True):
     """A @ W over the reduction positions o_j, with A[r, j] = *(p_rows[r] + j) read through L2.
 
     With SPLIT_K > 1 the reduction comes in slices (o_j [SPLIT_K, KS], W
     [SPLIT_K, KS, N]): one batch of a 3-D dot each, spread over the warps so the
-    chains of MMAs are shorter, then summed.
+    chains of MMAs are shorter, then summed. WAIT: A's rows are polled until written
+    (barrier.load_written).
     """
-    b_a = tl.load(p_rows[:, None] + tl.expand_dims(o_j, -2),
-                  mask=m_rows[:, None] & tl.expand_dims(o_j < H, -2), other=0.0,
-                  cache_modifier=".cg")
+    b_a = load_written(p_rows[:, None] + tl.expand_dims(o_j, -2),
+                       m_rows[:, None] & tl.expand_dims(o_j < H, -2), WAIT, poll)
     b_a, b_w = dot_operands(b_a, b_w)
     b_acc = tl.dot(b_a, b_w, input_precision=DOT_PRECISION, out_dtype=ACC)
     if SPLIT_K > 1:
@@ -94,7 +95,8 @@ def split_dot(p_rows, m_rows, o_j, b_w, H: tl.constexpr, SPLIT_K: tl.constexpr,
 @triton.jit
 def streamed_dot(p_rows, m_rows, p_cols, m_cols, K: tl.constexpr, KP: tl.constexpr,
                  K_STRIDE: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 ACC: tl.constexpr, STAGES: tl.constexpr = None):
+                 ACC: tl.constexpr, STAGES: tl.constexpr = None, WAIT: tl.constexpr = False,
+                 poll=True):
     """A @ W with both read from L2 in BLOCK_K chunks of the reduction (weights not kept on chip).
 
     A[r, k] = *(p_rows[r] + k), W[k, n] = *(p_cols[n] + k * K_STRIDE), for k < K.
@@ -104,8 +106,8 @@ def streamed_dot(p_rows, m_rows, p_cols, m_cols, K: tl.constexpr, KP: tl.constex
     # so that nothing is hoisted across its barriers); None: the kernel's own setting.
     for k0 in tl.range(0, KP, BLOCK_K, num_stages=STAGES):
         o_k = k0 + tl.arange(0, BLOCK_K)
-        b_a = tl.load(p_rows[:, None] + o_k[None, :], mask=m_rows[:, None] & (o_k < K)[None, :],
-                      other=0.0, cache_modifier=".cg")
+        b_a = load_written(p_rows[:, None] + o_k[None, :], m_rows[:, None] & (o_k < K)[None, :],
+                           WAIT, poll)
         b_w = tl.load(p_cols[None, :] + o_k[:, None] * K_STRIDE,
                       mask=m_cols[None, :] & (o_k < K)[:, None], other=0.0)
         b_a, b_w = dot_operands(b_a, b_w)
@@ -145,20 +147,20 @@ def resident_chunks(p_cols, m_cols, K: tl.constexpr, K_STRIDE: tl.constexpr,
 @triton.jit
 def chunked_dot(p_rows, m_rows, w_chunks, K: tl.constexpr, BLOCK_K: tl.constexpr,
                 NUM_CHUNKS: tl.constexpr, GATE_STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                ACC: tl.constexpr):
+                ACC: tl.constexpr, WAIT: tl.constexpr = False, poll=True):
     """A @ W, W resident as chunks (resident_chunks), A[r, k] = *(p_rows[r] + col(k)) read
     from L2 one chunk ahead of the dot that uses it."""
     o_k = tl.arange(0, BLOCK_K)
     b_acc = tl.zeros([p_rows.shape[0], w_chunks[0].shape[1]], dtype=ACC)
     col, real = chunk_columns(0, o_k, K, GATE_STRIDE)
-    b_a = tl.load(p_rows[:, None] + col[None, :], mask=m_rows[:, None] & real[None, :],
-                  other=0.0, cache_modifier=".cg")
+    b_a = load_written(p_rows[:, None] + col[None, :], m_rows[:, None] & real[None, :], WAIT,
+                       poll)
     for kc in tl.static_range(NUM_CHUNKS):
         b_next = b_a
         if kc + 1 < NUM_CHUNKS:
             col, real = chunk_columns((kc + 1) * BLOCK_K, o_k, K, GATE_STRIDE)
-            b_next = tl.load(p_rows[:, None] + col[None, :], mask=m_rows[:, None] & real[None, :],
-                             other=0.0, cache_modifier=".cg")
+            b_next = load_written(p_rows[:, None] + col[None, :],
+                                  m_rows[:, None] & real[None, :], WAIT, poll)
         b_x, b_w = dot_operands(b_a, w_chunks[kc])
         b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
         b_a = b_next
@@ -239,9 +241,11 @@ def lstm_forward_kernel(
     h0,        # [D, B, R]      input dtype, read when HAS_H0
     c0,        # [D, B, H]      input dtype, read when HAS_H0
     lengths,   # [B]            int32 sequence lengths, read when HAS_LENGTHS
-    y,         # [T, B, D, R]   out: h_t (zeros past a row's length), input dtype
+    y,         # [T, B, D, R]   out: h_t (zeros past a row's length), input dtype; with DATAFLOW
+               #                filled with all-ones bits by the caller (barrier.py)
     h_n,       # [D, B, R]      out: h at each row's last step, input dtype
     r_all,     # [D, T, B, H]   out when PROJ: o * tanh(c) before the projection, input dtype
+               #                (filled like y with DATAFLOW)
     c_state,   # [D, B, H]      fp32, in: c before the first step when q_begin > 0; out: c after
     gates,     # [D, T, B, 4H]  fp32 out when SAVE: activated i, f, g, o (zeros past a length)
     c_all,     # [D, T, B, H]   fp32 out when SAVE (zeros past a length)
@@ -258,7 +262,7 @@ def lstm_forward_kernel(
     HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr, HAS_RESTARTS: tl.constexpr,
     RESTART_FROM_STATE: tl.constexpr, CKPT_EVERY: tl.constexpr, INNER_STAGES: tl.constexpr,
-    PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr,
+    PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
 ):
     # Each step is one phase (cell update), or two with a projection (PROJ): the cell
     # phase over own hidden units, a barrier, then h = r W_hr^T over own output units.
@@ -369,15 +373,17 @@ def lstm_forward_kernel(
                 # recurrent term came with its input projection (_add_restart_term).
                 m_rows = m_rows & (b_restart == 0)
                 b_c = tl.where(b_restart[:, None], b_c_restart, b_c)
+            # With DATAFLOW the h of steps t > 0 is polled until written (h0 is the caller's).
             if RESIDENT:
                 if CHUNKED:
                     b_acc = chunked_dot(p_rows, m_rows, w_chunks, R, BLOCK_K, RP // BLOCK_K, 0,
-                                        DOT_PRECISION, ACC)
+                                        DOT_PRECISION, ACC, DATAFLOW, t > 0)
                 else:
-                    b_acc = split_dot(p_rows, m_rows, o_j, b_w, R, SPLIT_K, DOT_PRECISION, ACC)
+                    b_acc = split_dot(p_rows, m_rows, o_j, b_w, R, SPLIT_K, DOT_PRECISION, ACC,
+                                      DATAFLOW, t > 0)
             else:
                 b_acc = streamed_dot(p_rows, m_rows, w_hh + w_row * R, m_n, R, RP, 1, BLOCK_K,
-                                     DOT_PRECISION, ACC, INNER_STAGES)
+                                     DOT_PRECISION, ACC, INNER_STAGES, DATAFLOW, t > 0)
             # [B, 4*BLOCK_H] -> four [B, BLOCK_H] gates (column n = 4 * unit + 2 * a + b).
             b_even, b_odd = tl.split(tl.reshape(b_acc, [BLOCK_B, BLOCK_H, 2, 2]))
             b_ai, b_ag = tl.split(b_even)
@@ -389,7 +395,8 @@ def lstm_forward_kernel(
             b_o = tl.sigmoid(b_ao + b_gxo)
             m_run = running[:, None] & m_u[None, :]
             b_c = tl.where(m_run, b_f * b_c + b_i * b_g, b_c)      # stopped rows keep their state
-            b_h = tl.where(m_run, b_o * _tanh(b_c), 0.0).to(y.dtype.element_ty)
+            b_h = published(tl.where(m_run, b_o * _tanh(b_c), 0.0), DATAFLOW)
+            b_h = b_h.to(y.dtype.element_ty)
 
             if PROJ:
                 tl.store(r_all + (t_row * B + o_b)[:, None] * H + o_u[None, :], b_h, mask=m_bu)
@@ -413,9 +420,9 @@ def lstm_forward_kernel(
                     if not PROJ:
                         tl.store(h_ckpt + (slot + o_b)[:, None] * R + o_u[None, :], b_h,
                                  mask=m_bu)
-            if not PREFETCH_AFTER_ARRIVE:
+            if DATAFLOW or not PREFETCH_AFTER_ARRIVE:
                 # The next step's inputs do not depend on the recurrence: their loads are
-                # in flight while this program waits at the barrier.
+                # in flight while this program waits (at the barrier, or for the data).
                 m_next = m_b & (tl.full([BLOCK_B], (t + 1) * PHASES, tl.int32) < q_end)
                 b_gxi, b_gxf, b_gxg, b_gxo, b_restart, b_c_restart = _step_inputs(
                     gx, restarts, c_restart, hw_restart, t + 1, T, B, length, m_next, reverse,
@@ -424,11 +431,12 @@ def lstm_forward_kernel(
             # Projection: h_t[:, own output units] = r_t (all hidden units) @ W_hr^T.
             p_rows = r_all + (t_row * B + o_b) * H
             if RESIDENT:
-                b_y = split_dot(p_rows, running, o_jh, b_whr, H, SPLIT_K, DOT_PRECISION, ACC)
+                b_y = split_dot(p_rows, running, o_jh, b_whr, H, SPLIT_K, DOT_PRECISION, ACC,
+                                DATAFLOW, True)
             else:
                 b_y = streamed_dot(p_rows, running, w_hr + o_r * H, m_r, H, HP, 1, BLOCK_K,
-                                   DOT_PRECISION, ACC, INNER_STAGES)
-            b_y = tl.where(running[:, None], b_y, 0.0).to(y.dtype.element_ty)
+                                   DOT_PRECISION, ACC, INNER_STAGES, DATAFLOW, True)
+            b_y = published(tl.where(running[:, None], b_y, 0.0), DATAFLOW).to(y.dtype.element_ty)
             m_br = m_b[:, None] & m_r[None, :]
             tl.store(y + (t_row * B + o_b)[:, None] * YS + o_r[None, :], b_y, mask=m_br)
             tl.store(h_n + o_b[:, None] * R + o_r[None, :], b_y,
@@ -437,7 +445,7 @@ def lstm_forward_kernel(
                 if ((t + 1) % CKPT_EVERY == 0) & (t + 1 < T):
                     slot = tl.cast((t + 1) // CKPT_EVERY, tl.int64) * B
                     tl.store(h_ckpt + (slot + o_b)[:, None] * R + o_r[None, :], b_y, mask=m_br)
-        if PERSISTENT:
+        if PERSISTENT and not DATAFLOW:
             if q < q_end - 1:
                 arrived = barrier_arrive(counter, leader_inc, i_h == 0)
                 if PREFETCH_AFTER_ARRIVE and cell_phase:
@@ -491,6 +499,10 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
     c_state = torch.empty(D, B, H, dtype=acc, device=device)
     gates = torch.empty(D, T, B, 4 * H, dtype=acc, device=device) if save else None
     c_all = torch.empty(D, T, B, H, dtype=acc, device=device) if save else None
+    if config.dataflow:          # the slots other programs poll
+        fill_unwritten(y)
+        if proj:
+            fill_unwritten(r_all)
     h_ckpt = c_ckpt = None
     if ckpt_every > 0:
         num_ckpt = triton.cdiv(T, ckpt_every)
