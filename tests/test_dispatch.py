@@ -551,3 +551,12 @@ def test_heatmaps_from_a_synthetic_csv(tmp_path, capsys):
     assert "heatmap_bf16.png" in capsys.readouterr().out
     assert not math.isnan(tune.build_table(tune.read_rows(path), {})["shapes"]["bf16/B64/H512/D2/P0"]
                           ["kernels_us"]["train"])
+
+
+def test_explain_says_recompute_keeps_the_kernels(fake_gpu):
+    """Where the table would pick nn.LSTM, recompute= still runs (and explains) the kernels."""
+    tuning.set_table(GPU, POLICY_TABLE)
+    x = torch.randn(4, 600, 16, dtype=torch.bfloat16)
+    assert triton_lstm.explain(auto_module(), x).path == "nn.LSTM"
+    e = triton_lstm.explain(auto_module(recompute=4), x)
+    assert e.path == "kernels" and "recompute=4" in e.why

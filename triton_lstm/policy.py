@@ -127,7 +127,8 @@ def explain(module, input, hx=None) -> Explanation:
     Args:
         module: a triton_lstm.LSTM. input: what you would call it with ([T, B, I],
             [B, T, I] with batch_first, [T, I] unbatched, or a PackedSequence).
-        hx: the state you would pass; it does not change the path.
+        hx: the state you would pass; it does not change the path. (A call with reset=
+            runs the kernels on CUDA whatever the table says: nn.LSTM has no resets.)
     Returns:
         an Explanation: ``.path`` ("kernels", "nn.LSTM" or "error"), ``.why``, the table entry and
         its provenance when one decided, the tile configs; ``print`` shows all of it.
@@ -172,6 +173,10 @@ def explain(module, input, hx=None) -> Explanation:
     if data.dim() != 3:
         return kernels("2-D input (unbatched, packed data or one step): backend='auto' keeps "
                        "the kernels; the table measures batched sequences")
+    if module.recompute is not None:
+        return kernels(f"recompute={module.recompute}: only the kernels keep the state every "
+                       "few steps instead of every step's gates (a call with reset= also keeps "
+                       "the kernels: nn.LSTM has no resets)")
     gpu = tuning.device_name(data.device)
     table = tuning.load_table(gpu)
     if not table:
