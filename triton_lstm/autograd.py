@@ -270,7 +270,7 @@ class LSTMBackwardFunction(torch.autograd.Function):
                   if g is not None and p is not None]
         inputs = cotangents + primals
         present = [k for k, t in enumerate(inputs) if t is not None]
-        num_inputs = 23
+        num_inputs = len(ctx.needs_input_grad)   # forward's arguments, one gradient each
 
         def first_order(*tensors):
             full = list(inputs)

@@ -24,11 +24,27 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+def compute_dtype(input: torch.Tensor) -> torch.dtype:
+    """The dtype a layer computes in: autocast's (as nn.LSTM under autocast), else input's."""
+    cast_to = autocast_dtype(input.device.type)
+    return cast_to if cast_to is not None and input.dtype != torch.float64 else input.dtype
+
+
 def _autocast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """As autocast casts an op's arguments: floating tensors other than fp64 go to `dtype`."""
     if t is None or not t.is_floating_point() or t.dtype == torch.float64:
         return t
     return t.to(dtype)
+
+
+def _autocast_arguments(input, hx, weights):
+    """input, hx and the weights in compute_dtype (differentiable casts), as autocast would."""
+    cast_to = autocast_dtype(input.device.type)
+    if cast_to is None or input.dtype == torch.float64:
+        return input, hx, weights
+    return (_autocast(input, cast_to),
+            None if hx is None else tuple(_autocast(t, cast_to) for t in hx),
+            [tuple(_autocast(w, cast_to) for w in group) for group in weights])
 
 
 def lstm(
@@ -77,11 +93,7 @@ def lstm(
     Example:
         >>> out, (h_n, c_n) = lstm(x, None, [(w_ih, w_hh, b_ih, b_hh)])
     """
-    cast_to = autocast_dtype(input.device.type)
-    if cast_to is not None and input.dtype != torch.float64:
-        input = _autocast(input, cast_to)
-        hx = None if hx is None else tuple(_autocast(t, cast_to) for t in hx)
-        weights = [tuple(_autocast(w, cast_to) for w in group) for group in weights]
+    input, hx, weights = _autocast_arguments(input, hx, weights)
     x = input.transpose(0, 1) if batch_first else input
     num_directions = 2 if bidirectional else 1
     restarts = None
@@ -147,11 +159,7 @@ def lstm_step(
     Example:
         >>> y, (h, c) = lstm_step(x_t, (h, c), [(w_ih, w_hh, b_ih, b_hh, None)])
     """
-    cast_to = autocast_dtype(input.device.type)
-    if cast_to is not None and input.dtype != torch.float64:
-        input = _autocast(input, cast_to)
-        hx = None if hx is None else tuple(_autocast(t, cast_to) for t in hx)
-        weights = [tuple(_autocast(w, cast_to) for w in group) for group in weights]
+    input, hx, weights = _autocast_arguments(input, hx, weights)
     x = input
     h_n, c_n = [], []
     for layer in range(num_layers):

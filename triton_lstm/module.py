@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .dispatch import interpreting
-from .functional import autocast_dtype, lstm
+from .functional import autocast_dtype, compute_dtype, lstm
 from .policy import auto_uses_kernels
 from .reference import lstm_layer_reference
 
@@ -252,8 +252,7 @@ class LSTM(nn.LSTM):
                                  f"{self.input_size}, got {input.shape[-1]} "
                                  f"(input shape {tuple(input.shape)})")
         weight = self.weight_ih_l0
-        compute_dtype = autocast_dtype(input.device.type)
-        if input.dtype != weight.dtype and compute_dtype is None:
+        if input.dtype != weight.dtype and autocast_dtype(input.device.type) is None:
             raise LSTMInputError(f"RNN input dtype ({input.dtype}) does not match weight dtype "
                                  f"({weight.dtype}). Convert input: input.to({weight.dtype}), "
                                  f"or convert model: model.to({input.dtype})")
@@ -272,7 +271,7 @@ class LSTM(nn.LSTM):
         if not packed and input.shape[time_dim] == 0:
             raise LSTMInputError("Expected sequence length to be larger than 0 in RNN "
                                  f"(input shape {tuple(input.shape)}, time is dim {time_dim})")
-        dtype = input.dtype if compute_dtype is None else compute_dtype
+        dtype = compute_dtype(input)
         if self._uses_triton(input) and dtype not in KERNEL_DTYPES:
             raise TypeError(f"input dtype must be one of {KERNEL_DTYPES} for the Triton kernels, "
                             f"got {dtype}")
@@ -314,11 +313,7 @@ class LSTM(nn.LSTM):
             if state.dtype != input.dtype and not autocasting:
                 raise LSTMInputError(f"{name} dtype {state.dtype} does not match input dtype "
                                      f"{input.dtype}")
-            if state.device != input.device:
-                raise LSTMInputError(f"Input and hidden tensors are not at the same device, found "
-                                     f"input tensor at {input.device} and hidden tensor ({name}) "
-                                     f"at {state.device}")
-            checked.append(state)
+            checked.append(state)   # its device: _check_input, in nn.LSTM's order
         return checked[0], checked[1]
 
     # -- one step (streaming inference) ------------------------------------------------------
@@ -388,7 +383,7 @@ class LSTM(nn.LSTM):
         batched = input.dim() == 2
         time_dim = 1 if (batched and self.batch_first) else 0
         sequence = input.unsqueeze(time_dim)             # a sequence of one step, for nn.LSTM
-        self._check_input(sequence)                      # dtype, device: forward's checks
+        self._check_input(sequence, hx)                  # dtype, device: forward's checks
         if not self._uses_triton(input) or (batched and input.shape[0] == 0):
             output, (h_n, c_n) = super().forward(sequence, hx)
             y = output.squeeze(time_dim)

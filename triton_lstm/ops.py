@@ -19,6 +19,7 @@ op once per slice.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -32,22 +33,15 @@ from .kernels.step import StepConfig, lstm_step
 
 def config_to_list(config: Optional[KernelConfig]) -> Optional[list[int]]:
     """A KernelConfig as the int list a custom op takes (None: let the dispatcher pick)."""
-    if config is None:
-        return None
-    return [config.block_b, config.block_h, int(config.resident), config.block_k,
-            config.split_k, config.num_warps, config.inner_stages,
-            int(config.prefetch_after_arrive), int(config.chunked), int(config.dataflow)]
+    return None if config is None else [int(v) for v in dataclasses.astuple(config)]
 
 
 def config_from_list(values: Optional[list[int]]) -> Optional[KernelConfig]:
     if values is None:
         return None
-    (block_b, block_h, resident, block_k, split_k, num_warps, inner_stages,
-     prefetch_after_arrive, chunked, dataflow) = values
-    return KernelConfig(block_b=block_b, block_h=block_h, resident=bool(resident),
-                        block_k=block_k, split_k=split_k, num_warps=num_warps,
-                        inner_stages=inner_stages, prefetch_after_arrive=bool(prefetch_after_arrive),
-                        chunked=bool(chunked), dataflow=bool(dataflow))
+    fields = dataclasses.fields(KernelConfig)
+    return KernelConfig(*(bool(v) if isinstance(f.default, bool) else v
+                          for f, v in zip(fields, values, strict=True)))
 
 
 def _or_empty(t: Optional[torch.Tensor], like: torch.Tensor, dtype=None) -> torch.Tensor:

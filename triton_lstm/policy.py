@@ -24,19 +24,13 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import tuning
 from .dispatch import heuristic_config, interpreting
-from .functional import autocast_dtype
+from .functional import compute_dtype
 from .tuning import DTYPE_NAMES, KERNEL_ADVANTAGE
 
 
 def _on_cuda(input: torch.Tensor) -> bool:
     """Whether the call runs on a GPU (the one place that asks; tests stand a GPU in here)."""
     return input.is_cuda
-
-
-def _compute_dtype(input: torch.Tensor) -> torch.dtype:
-    """The dtype the layer computes in: autocast's, as functional.lstm casts, else the input's."""
-    cast_to = autocast_dtype(input.device.type)
-    return cast_to if cast_to is not None and input.dtype != torch.float64 else input.dtype
 
 
 def _mode(module, input: torch.Tensor) -> str:
@@ -55,7 +49,7 @@ def auto_uses_kernels(module, input: torch.Tensor) -> bool:
     """backend="auto": whether this call runs the kernels (rule in the module docstring)."""
     if not _on_cuda(input):
         return False
-    dtype_name = DTYPE_NAMES.get(_compute_dtype(input))
+    dtype_name = DTYPE_NAMES.get(compute_dtype(input))
     if input.dim() != 3 or dtype_name is None:
         return True
     decisions = tuning.bucket_decisions(
@@ -145,7 +139,7 @@ def explain(module, input, hx=None) -> Explanation:
     from .module import exporting   # module.py imports this file
 
     data = input.data if isinstance(input, PackedSequence) else input
-    dtype = _compute_dtype(data)
+    dtype = compute_dtype(data)
     dtype_name = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     batch, hidden = _batch_of(module, input), module.hidden_size
     directions, proj = 2 if module.bidirectional else 1, module.proj_size > 0

@@ -20,7 +20,7 @@ import torch
 
 from .dispatch import state_dtype
 from .ops import config_to_list
-from .reference import reverse_order
+from .reference import reverse_order, row_lengths
 
 
 def _processing_order_times(lengths, T: int, B: int, D: int, device) -> list:
@@ -49,8 +49,7 @@ def recompute_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
     acc = state_dtype(dtype)
     need_x, _, _, need_wih, need_whh, need_bih, need_bhh, need_whr = needs
     need_b = b_ih is not None and (need_bih or need_bhh)
-    length = (torch.full((B,), T, device=device) if lengths is None
-              else lengths.to(device=device, dtype=torch.long))
+    length = row_lengths(lengths, T, B, device)
     times = _processing_order_times(lengths, T, B, D, device)
     w_ih_by_direction = w_ih.view(D, four_h, I)
     bias = None if b_ih is None else (b_ih + b_hh).view(D, four_h)

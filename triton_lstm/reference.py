@@ -13,12 +13,18 @@ import torch
 from .dispatch import state_dtype
 
 
+def row_lengths(lengths, T: int, B: int, device) -> torch.Tensor:
+    """[B] int64: each row's sequence length (T for every row when lengths is None)."""
+    if lengths is None:
+        return torch.full((B,), T, device=device)
+    return lengths.to(device=device, dtype=torch.long)
+
+
 def reverse_order(lengths, T: int, B: int, device) -> torch.Tensor:
     """[T, B]: the time a reverse row processes at each step, t = length - 1 - step (the
     step itself past the row's length). The map is its own inverse: time <-> step."""
     steps = torch.arange(T, device=device)[:, None]
-    length = (torch.full((B,), T, device=device) if lengths is None
-              else lengths.to(device=device, dtype=torch.long))
+    length = row_lengths(lengths, T, B, device)
     return torch.where(steps < length[None, :], length[None, :] - 1 - steps, steps)
 
 
@@ -35,8 +41,7 @@ def restarts_in_processing_order(reset, lengths, num_directions: int) -> torch.T
     per_direction = [reset]
     if num_directions == 2:
         steps = torch.arange(T, device=reset.device)[:, None]
-        length = (torch.full((B,), T, device=reset.device) if lengths is None
-                  else lengths.to(device=reset.device, dtype=torch.long))[None, :]
+        length = row_lengths(lengths, T, B, reset.device)[None, :]
         # Step s processes time length - 1 - s; the time just after it is length - s.
         inside = (steps >= 1) & (steps < length)
         per_direction.append(inside & reset.gather(0, (length - steps).clamp(0, T - 1)))
@@ -65,9 +70,7 @@ def lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=No
     if b_ih is not None:
         gx = gx + (b_ih + b_hh).to(acc)
     steps = torch.arange(T, device=x.device)[:, None]
-    length = (torch.full((B,), T, device=x.device) if lengths is None
-              else lengths.to(device=x.device, dtype=torch.long))
-    running = steps < length[None, :]                                       # [T, B]
+    running = steps < row_lengths(lengths, T, B, x.device)[None, :]                                       # [T, B]
     order = reverse_order(lengths, T, B, x.device)
     ys, h_n, c_n = [], [], []
     for d in range(D):

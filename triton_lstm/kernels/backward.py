@@ -37,11 +37,13 @@ from .forward import (_tanh, chunked_dot, dot_operands, load_restarts, reduction
 
 
 @triton.jit
-def _load_saved(step, t_row, running, gates, c_all, c0, restarts, c_restart, T, B, o_b, o_u, m_u,
+def _load_saved(step, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b, o_u, m_u,
                 p_bu, m_bu, H: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESTARTS: tl.constexpr,
                 RESTART_FROM_STATE: tl.constexpr, ACC: tl.constexpr, REVERSE):
     """What the cell phase of a step needs: gates i, f, g, o, c_t, c_{t-1} (zeros for stopped
-    rows), and which rows restarted at this step (their c_{t-1} is the restart state)."""
+    rows, and rows outside m_b), and which rows restarted at this step (their c_{t-1} is the
+    restart state)."""
+    t_row, running = step_rows(step, length, m_b, REVERSE)
     m = running[:, None] & m_u[None, :]
     p_g = gates + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :]
     b_i = tl.load(p_g, mask=m, other=0.0)
@@ -58,7 +60,7 @@ def _load_saved(step, t_row, running, gates, c_all, c0, restarts, c_restart, T, 
         else:
             b_cp = tl.zeros(m.shape, dtype=ACC)
     if HAS_RESTARTS:
-        b_restart, b_c_restart = load_restarts(restarts, c_restart, step, T, B, o_b, running, p_bu,
+        b_restart, b_c_restart = load_restarts(restarts, c_restart, step, B, o_b, running, p_bu,
                                                m_bu, RESTART_FROM_STATE, ACC)
         b_cp = tl.where(b_restart[:, None], b_c_restart, b_cp)
     else:
@@ -176,14 +178,13 @@ def lstm_backward_kernel(
 
     b_dc = tl.load(dc_state + p_bu, mask=m_bu, other=0.0)
     step = T - 1 - q_begin // PHASES
-    t_row, running = step_rows(step, length, m_b, reverse)
     b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
-        step, t_row, running, gates, c_all, c0, restarts, c_restart, T, B, o_b, o_u, m_u, p_bu,
-        m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC, reverse)
+        step, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b, o_u, m_u, p_bu, m_bu, H,
+        HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC, reverse)
     # Whether each row restarted at the step after this one (read by the dh phase).
     _, running_after = step_rows(step + 1, length, m_b, reverse)
     if HAS_RESTARTS:
-        b_restarted_after, _ = load_restarts(restarts, c_restart, step + 1, T, B, o_b,
+        b_restarted_after, _ = load_restarts(restarts, c_restart, step + 1, B, o_b,
                                              running_after, p_bu, m_bu, False, ACC)
 
     for q in range(q_begin, q_end):
@@ -286,21 +287,18 @@ def lstm_backward_kernel(
                 # loads are in flight while this program waits (barrier, or the data).
                 q_next = tl.full([BLOCK_B], (s + 1) * PHASES, tl.int32)
                 m_next = m_b & (q_next < q_end)
-                t_prev_row, running_prev = step_rows(step - 1, length, m_next, reverse)
                 b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
-                    step - 1, t_prev_row, running_prev, gates, c_all, c0, restarts, c_restart, T,
-                    B, o_b, o_u, m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE,
-                    ACC, reverse)
+                    step - 1, length, m_next, gates, c_all, c0, restarts, c_restart, B, o_b, o_u,
+                    m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC, reverse)
         if PERSISTENT and not DATAFLOW:
             if q < q_end - 1:
                 arrived = barrier_arrive(counter, leader_inc, i_h == 0)
                 if PREFETCH_AFTER_ARRIVE and cell_phase:
                     # After the release: the loads do not hold up this program's arrival.
-                    t_prev_row, running_prev = step_rows(step - 1, length, m_b, reverse)
                     b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
-                        step - 1, t_prev_row, running_prev, gates, c_all, c0, restarts,
-                        c_restart, T, B, o_b, o_u, m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS,
-                        RESTART_FROM_STATE, ACC, reverse)
+                        step - 1, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b,
+                        o_u, m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC,
+                        reverse)
                 barrier_wait(counter, arrived)
 
     tl.store(dc_state + p_bu, b_dc, mask=m_bu)

@@ -191,7 +191,7 @@ def _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H: tl.constexpr, GS: tl.const
 
 
 @triton.jit
-def load_restarts(restarts, state, step, T, B, o_b, running, p_bu, m_bu,
+def load_restarts(restarts, state, step, B, o_b, running, p_bu, m_bu,
                   HAS_STATE: tl.constexpr, ACC: tl.constexpr):
     """Rows restarting before processing step `step`, and the c they restart from (or zeros)."""
     # A running row is inside the sequence (step < length <= T): nothing else is read.
@@ -213,7 +213,7 @@ def _add_restart_term(b_gxi, b_gxf, b_gxg, b_gxo, hw_restart, restarting, B, o_b
 
 
 @triton.jit
-def _step_inputs(gx, restarts, c_restart, hw_restart, step, T, B, length, m_b, reverse, o_b, o_u,
+def _step_inputs(gx, restarts, c_restart, hw_restart, step, B, length, m_b, reverse, o_b, o_u,
                  m_u, p_bu, m_bu, H: tl.constexpr, GS: tl.constexpr, HAS_RESTARTS: tl.constexpr,
                  RESTART_FROM_STATE: tl.constexpr, ACC: tl.constexpr):
     """What a step reads that does not depend on the recurrence: its input projection per gate,
@@ -221,7 +221,7 @@ def _step_inputs(gx, restarts, c_restart, hw_restart, step, T, B, length, m_b, r
     t_row, running = step_rows(step, length, m_b, reverse)
     b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H, GS, ACC)
     if HAS_RESTARTS:
-        b_restart, b_c_restart = load_restarts(restarts, c_restart, step, T, B, o_b, running,
+        b_restart, b_c_restart = load_restarts(restarts, c_restart, step, B, o_b, running,
                                                p_bu, m_bu, RESTART_FROM_STATE, ACC)
         if RESTART_FROM_STATE:
             b_gxi, b_gxf, b_gxg, b_gxo = _add_restart_term(b_gxi, b_gxf, b_gxg, b_gxo, hw_restart,
@@ -346,7 +346,7 @@ def lstm_forward_kernel(
     else:
         b_c = tl.load(c_state + p_bu, mask=m_bu, other=0.0)
     b_gxi, b_gxf, b_gxg, b_gxo, b_restart, b_c_restart = _step_inputs(
-        gx, restarts, c_restart, hw_restart, t_begin, T, B, length, m_b, reverse, o_b, o_u, m_u,
+        gx, restarts, c_restart, hw_restart, t_begin, B, length, m_b, reverse, o_b, o_u, m_u,
         p_bu, m_bu, H, GS, HAS_RESTARTS, RESTART_FROM_STATE, ACC)
 
     for q in range(q_begin, q_end):
@@ -425,7 +425,7 @@ def lstm_forward_kernel(
                 # in flight while this program waits (at the barrier, or for the data).
                 m_next = m_b & (tl.full([BLOCK_B], (t + 1) * PHASES, tl.int32) < q_end)
                 b_gxi, b_gxf, b_gxg, b_gxo, b_restart, b_c_restart = _step_inputs(
-                    gx, restarts, c_restart, hw_restart, t + 1, T, B, length, m_next, reverse,
+                    gx, restarts, c_restart, hw_restart, t + 1, B, length, m_next, reverse,
                     o_b, o_u, m_u, p_bu, m_bu, H, GS, HAS_RESTARTS, RESTART_FROM_STATE, ACC)
         else:
             # Projection: h_t[:, own output units] = r_t (all hidden units) @ W_hr^T.
@@ -451,7 +451,7 @@ def lstm_forward_kernel(
                 if PREFETCH_AFTER_ARRIVE and cell_phase:
                     # After the release: the loads do not hold up this program's arrival.
                     b_gxi, b_gxf, b_gxg, b_gxo, b_restart, b_c_restart = _step_inputs(
-                        gx, restarts, c_restart, hw_restart, t + 1, T, B, length, m_b, reverse,
+                        gx, restarts, c_restart, hw_restart, t + 1, B, length, m_b, reverse,
                         o_b, o_u, m_u, p_bu, m_bu, H, GS, HAS_RESTARTS, RESTART_FROM_STATE, ACC)
                 barrier_wait(counter, arrived)
 
