@@ -203,6 +203,14 @@ def time_training(module: nn.Module, x, hx, timing: dict) -> tuple[tuple, float]
     return quantiles, peak_mb
 
 
+def skipped(label: str, exc: Exception, log) -> str:
+    """Log why a peer was not timed (the error's first line); returns the problem to report."""
+    message = str(exc).strip().split("\n")[0][:200]
+    reason = f"{type(exc).__name__}: {message}"
+    log(f"{label}: skipped, {reason}")
+    return f"ERROR {label}: {reason}"
+
+
 def make_row(peer, dtype_name, B, H, T, mode, quantiles_ms, peak_mb, error, env,
              auto_path="") -> dict:
     """One result: quantiles in ms for the whole sequence become µs per step. auto_path: the
@@ -221,12 +229,17 @@ def auto_paths(lstm: nn.LSTM, x, hx) -> dict:
     return {"fwd": fwd, "train": triton_lstm.explain(module, x, hx).path}
 
 
-def run_config(dtype_name, B, H, T, peers, modes, timing, env, log) -> tuple[list, list]:
-    """Check, then time, every peer at one dtype and shape; returns (rows, problems)."""
+def seeded_problem(dtype_name: str, T: int, B: int, H: int):
+    """The same layer and inputs for every peer of a shape: nn.LSTM(H, H), x [T, B, H], hx."""
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
     lstm = nn.LSTM(H, H, device="cuda", dtype=dtype)
-    x, hx = random_inputs(T, B, H, H, dtype)
+    return lstm, *random_inputs(T, B, H, H, dtype)
+
+
+def run_config(dtype_name, B, H, T, peers, modes, timing, env, log) -> tuple[list, list]:
+    """Check, then time, every peer at one dtype and shape; returns (rows, problems)."""
+    lstm, x, hx = seeded_problem(dtype_name, T, B, H)
     # The recurrence is causal: the first steps of the full output are the short run's output.
     steps = min(CHECK_STEPS, T)
     reference = float64_reference(lstm, x[:steps], hx)
@@ -252,11 +265,9 @@ def run_config(dtype_name, B, H, T, peers, modes, timing, env, log) -> tuple[lis
                 rows.append(make_row(peer, dtype_name, B, H, T, mode, quantiles, peak_mb, error, env,
                                      auto[mode]))
         except Exception as exc:   # say why and post nothing: never a number from a broken run
-            message = str(exc).strip().split("\n")[0][:200]   # the first line says what failed
-            reason = f"{type(exc).__name__}: {message}"
-            log(f"{label}: skipped, {reason}")
+            problem = skipped(label, exc, log)
             if peer != "cell_loop_compiled":   # torch.compile failing is a finding, not our bug
-                problems.append(f"ERROR {label}: {reason}")
+                problems.append(problem)
         finally:
             forward = module = None   # free this peer (CUDA graph pool, copies) before the next
     return rows, problems
@@ -428,20 +439,21 @@ def interpreter_check() -> int:
     T, B, H = INTERPRETER_SHAPE["T"], INTERPRETER_SHAPE["B"], INTERPRETER_SHAPE["H"]
     print(f"No CUDA GPU found: no GPU timings. Checking the Triton kernels under the interpreter "
           f"(TRITON_INTERPRET=1) at T={T}, B={B}, H={H} against float64.")
+    from step_bench import run_steps
     failed = False
-    for dtype_name, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
-        torch.manual_seed(0)
-        lstm = nn.LSTM(H, H, dtype=dtype)
-        ours = triton_lstm.LSTM.from_torch(lstm, backend="triton")
-        x, hx = random_inputs(T, B, H, H, dtype, device="cpu")
-        with torch.no_grad():
-            error = relative_error(ours(x, hx)[0], float64_reference(lstm, x, hx))
-        ok = within_bound(error, INTERPRETER_BOUNDS[dtype_name])
-        failed |= not ok
-        print(f"interpreter {dtype_name}: relative error {error:.2e} vs float64 "
-              f"(bound {INTERPRETER_BOUNDS[dtype_name]:.0e}) {'ok' if ok else 'WRONG'}")
-    from step_bench import interpreter_step_check
-    failed |= interpreter_step_check()
+    for label, run in (("interpreter", lambda module, x, hx: module(x, hx)[0]),
+                       ("interpreter step", run_steps)):
+        for dtype_name, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
+            torch.manual_seed(0)
+            lstm = nn.LSTM(H, H, dtype=dtype)
+            ours = triton_lstm.LSTM.from_torch(lstm, backend="triton")
+            x, hx = random_inputs(T, B, H, H, dtype, device="cpu")
+            with torch.no_grad():
+                error = relative_error(run(ours, x, hx), float64_reference(lstm, x, hx))
+            ok = within_bound(error, INTERPRETER_BOUNDS[dtype_name])
+            failed |= not ok
+            print(f"{label} {dtype_name}: relative error {error:.2e} vs float64 "
+                  f"(bound {INTERPRETER_BOUNDS[dtype_name]:.0e}) {'ok' if ok else 'WRONG'}")
     return 1 if failed else 0
 
 
@@ -480,27 +492,24 @@ def benchmark(args) -> int:
     if args.step == "only" or args.memory == "only":
         configs = []
     bar = tqdm(configs, unit="config") if tqdm else configs
-    rows, problems = [], []
+    rows, problems, files = [], [], []
+
+    def record(measured: tuple[list, list]) -> None:
+        # Saved after every config: a run cut short still leaves what it measured.
+        rows.extend(measured[0])
+        problems.extend(measured[1])
+        files[:] = write_results(rows, out_dir)
+        if copy_dir:
+            copy_flat(files, copy_dir)
+
     for i, (dtype_name, B, H, T) in enumerate(bar, 1):
         if tqdm:
             bar.set_description(f"{dtype_name} B={B} H={H} T={T}")
         else:
             print(f"[{i}/{len(configs)}] {dtype_name} B={B} H={H} T={T}", flush=True)
-        new_rows, new_problems = run_config(dtype_name, B, H, T, peers, args.modes, timing, env, log)
-        rows += new_rows
-        problems += new_problems
-        # Saved after every config: a run cut short still leaves what it measured.
-        files = write_results(rows, out_dir)
-        if copy_dir:
-            copy_flat(files, copy_dir)
-
+        record(run_config(dtype_name, B, H, T, peers, args.modes, timing, env, log))
     for run_section, format_section, title in extra_sections(args):
-        new_rows, new_problems = run_section(args, env, log)
-        rows += new_rows
-        problems += new_problems
-        files = write_results(rows, out_dir)
-        if copy_dir:
-            copy_flat(files, copy_dir)
+        record(run_section(args, env, log))
         print(f"\n{title}\n{format_section(rows)}")
     print(f"\nµs per step (median), speed-up = best cuDNN / triton\n{format_table(rows)}")
     try:

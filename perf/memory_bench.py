@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 import triton_lstm
-from bench import (CHECK_STEPS, DTYPES, ERROR_BOUNDS, _fmt, float64_reference, make_row,
-                   relative_error, time_training, within_bound)
-from timing import random_inputs
+from bench import (CHECK_STEPS, ERROR_BOUNDS, _fmt, float64_reference, make_row, relative_error,
+                   seeded_problem, skipped, time_training, within_bound)
 
 MEMORY_PEERS = ("triton", "triton_recompute", "cudnn")
 MEMORY_GRID = [(8, 512, 4096), (64, 1024, 1024)]        # B, H, T
@@ -35,10 +34,7 @@ def build_memory_peer(peer: str, lstm: nn.LSTM) -> nn.Module:
 
 def run_memory_config(dtype_name, B, H, T, timing, env, log) -> tuple[list, list]:
     """Check the forward, then time training and take its peak memory, for every peer."""
-    dtype = DTYPES[dtype_name]
-    torch.manual_seed(0)
-    lstm = nn.LSTM(H, H, device="cuda", dtype=dtype)
-    x, hx = random_inputs(T, B, H, H, dtype)
+    lstm, x, hx = seeded_problem(dtype_name, T, B, H)
     steps = min(CHECK_STEPS, T)
     reference = float64_reference(lstm, x[:steps], hx)
     bound = ERROR_BOUNDS[dtype_name]
@@ -59,10 +55,7 @@ def run_memory_config(dtype_name, B, H, T, timing, env, log) -> tuple[list, list
             rows.append(make_row(peer, dtype_name, B, H, T, "train", quantiles, peak_mb, error,
                                  env))
         except Exception as exc:   # say why and post nothing, as bench.run_config
-            message = str(exc).strip().split("\n")[0][:200]
-            reason = f"{type(exc).__name__}: {message}"
-            log(f"{label}: skipped, {reason}")
-            problems.append(f"ERROR {label}: {reason}")
+            problems.append(skipped(label, exc, log))
         finally:
             module = None
             torch.cuda.empty_cache()

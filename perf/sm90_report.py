@@ -50,13 +50,22 @@ def signature(kernel, tensor_types: dict, constexprs: dict) -> dict:
     return sig
 
 
-def compile_one(kernel, tensor_types, constexprs, num_warps):
+def compile_one(kernel, tensor_types, constexprs, num_warps, num_stages=1):
     sig = signature(kernel, tensor_types, constexprs)
     pointers = [i for i, name in enumerate(kernel.arg_names) if sig[name].startswith("*")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
     source = ASTSource(kernel, sig, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": 1})
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compiled_row(compiled, **fields) -> dict:
+    """ptxas's registers and spills, shared memory and the MMA kind of a compiled kernel."""
+    ptx = compiled.asm["ptx"]
+    row = ptxas_report(ptx)
+    row.update(fields, shared=compiled.metadata.shared,
+               mma="wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma"))
+    return row
 
 
 def ptxas_report(ptx: str) -> dict:
@@ -109,13 +118,9 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
                      counters="i32")
         constexprs = dict(common, HAS_DY=True, HAS_DHN=True)
     compiled = compile_one(kernel, types, constexprs, cfg.num_warps)
-    ptx = compiled.asm["ptx"]
-    row = ptxas_report(ptx)
-    row.update(kernel=kernel_name, dtype=dtype_name, B=batch, H=hidden, D=directions, proj=proj,
-               tile=f"{cfg.block_b}x{cfg.block_h}", resident=cfg.resident, split_k=cfg.split_k,
-               warps=cfg.num_warps, shared=compiled.metadata.shared,
-               mma="wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma"))
-    return row
+    return compiled_row(compiled, kernel=kernel_name, dtype=dtype_name, B=batch, H=hidden,
+                        D=directions, proj=proj, tile=f"{cfg.block_b}x{cfg.block_h}",
+                        resident=cfg.resident, split_k=cfg.split_k, warps=cfg.num_warps)
 
 
 def report_step(dtype_name, batch, hidden):
@@ -127,19 +132,10 @@ def report_step(dtype_name, batch, hidden):
     constexprs = dict(I=hidden, H=hidden, R=hidden, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h,
                       BLOCK_K=cfg.block_k, HAS_STATE=True, HAS_BIAS=True, SAVE=False,
                       DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")
-    sig = signature(lstm_step_kernel, types, constexprs)
-    pointers = [i for i, name in enumerate(lstm_step_kernel.arg_names) if sig[name].startswith("*")]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
-    compiled = triton.compile(ASTSource(lstm_step_kernel, sig, constexprs, attrs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    ptx = compiled.asm["ptx"]
-    row = ptxas_report(ptx)
-    row.update(kernel="step", dtype=dtype_name, B=batch, H=hidden, D=1, proj=0,
-               tile=f"{cfg.block_b}x{cfg.block_h}", resident=False, split_k=cfg.block_k,
-               warps=cfg.num_warps, shared=compiled.metadata.shared,
-               mma="wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma"))
-    return row
+    compiled = compile_one(lstm_step_kernel, types, constexprs, cfg.num_warps, cfg.num_stages)
+    return compiled_row(compiled, kernel="step", dtype=dtype_name, B=batch, H=hidden, D=1, proj=0,
+                        tile=f"{cfg.block_b}x{cfg.block_h}", resident=False, split_k=cfg.block_k,
+                        warps=cfg.num_warps)
 
 
 def main():

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import triton_lstm
-from bench import (DTYPES, ERROR_BOUNDS, INTERPRETER_BOUNDS, INTERPRETER_SHAPE, CellLoop, _fmt,
-                   float64_reference, make_row, parse_shapes, relative_error, within_bound)
-from timing import bench_calls_ms, random_inputs
+from bench import (ERROR_BOUNDS, CellLoop, _fmt, float64_reference, make_row, parse_shapes,
+                   relative_error, seeded_problem, skipped, within_bound)
+from timing import bench_calls_ms
 
 STEP_PEERS = ("triton", "triton_graph", "cudnn", "cudnn_graph", "cell", "cell_graph")
 STEP_GRID = [(B, H) for B in (1, 8, 64) for H in (256, 512, 1024)]
@@ -95,10 +95,7 @@ def build_step_peer(peer: str, lstm: nn.LSTM, x, hx):
 
 def run_step_config(dtype_name, B, H, timing, env, log) -> tuple[list, list]:
     """Check, then time, every step peer at one dtype and shape (rows: mode "step", T = 1)."""
-    dtype = DTYPES[dtype_name]
-    torch.manual_seed(0)
-    lstm = nn.LSTM(H, H, device="cuda", dtype=dtype)
-    x, hx = random_inputs(1, B, H, H, dtype)
+    lstm, x, hx = seeded_problem(dtype_name, 1, B, H)
     reference = float64_reference(lstm, x, hx)[0]
     bound = ERROR_BOUNDS[dtype_name]
     rows, problems = [], []
@@ -116,10 +113,7 @@ def run_step_config(dtype_name, B, H, timing, env, log) -> tuple[list, list]:
             quantiles = bench_calls_ms(step, **timing)
             rows.append(make_row(peer, dtype_name, B, H, 1, "step", quantiles, None, error, env))
         except Exception as exc:   # say why and post nothing, as run_config
-            message = str(exc).strip().split("\n")[0][:200]   # the first line says what failed
-            reason = f"{type(exc).__name__}: {message}"
-            log(f"{label}: skipped, {reason}")
-            problems.append(f"ERROR {label}: {reason}")
+            problems.append(skipped(label, exc, log))
         finally:
             step = None   # free this peer (CUDA graph pool, copies) before the next
     return rows, problems
@@ -158,24 +152,10 @@ def step_benchmark(args, env, log) -> tuple[list, list]:
     return rows, problems
 
 
-def interpreter_step_check() -> bool:
-    """No GPU: LSTM.step through a tiny sequence under the interpreter, against float64.
-    Returns True when it is wrong."""
-    T, B, H = INTERPRETER_SHAPE["T"], INTERPRETER_SHAPE["B"], INTERPRETER_SHAPE["H"]
-    failed = False
-    for dtype_name, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
-        torch.manual_seed(0)
-        lstm = nn.LSTM(H, H, dtype=dtype)
-        ours = triton_lstm.LSTM.from_torch(lstm, backend="triton")
-        x, hx = random_inputs(T, B, H, H, dtype, device="cpu")
-        state, ys = hx, []
-        with torch.no_grad():
-            for x_t in x.unbind(0):
-                y_t, state = ours.step(x_t, state)
-                ys.append(y_t)
-        error = relative_error(torch.stack(ys), float64_reference(lstm, x, hx))
-        ok = within_bound(error, INTERPRETER_BOUNDS[dtype_name])
-        failed |= not ok
-        print(f"interpreter step {dtype_name}: relative error {error:.2e} vs float64 "
-              f"(bound {INTERPRETER_BOUNDS[dtype_name]:.0e}) {'ok' if ok else 'WRONG'}")
-    return failed
+def run_steps(module, x, hx) -> torch.Tensor:
+    """module.step through x [T, B, I] from hx, one call per step: the outputs [T, B, H]."""
+    state, ys = hx, []
+    for x_t in x.unbind(0):
+        y_t, state = module.step(x_t, state)
+        ys.append(y_t)
+    return torch.stack(ys)
