@@ -6,8 +6,11 @@ PIP = $(PYTHON) -m pip
 # would pull a multi-GB CUDA build onto a machine without a GPU).
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= perf/results
+# The Triton the lent GPU machines run: the sm_90 code checks run under it too.
+DEVICE_TRITON ?= 3.6.0
+DEVICE_VENV = .venv-triton-$(DEVICE_TRITON)
 
-.PHONY: install test perf perf-quick tune gpu-check demo lint
+.PHONY: install test codegen-check perf perf-quick tune gpu-check demo lint
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -15,6 +18,12 @@ install:
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+# The sm_90 code checks (tests/test_codegen.py) again, compiled by the GPU machines' Triton.
+codegen-check: install
+	test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q --no-deps "triton==$(DEVICE_TRITON)"
+	$(DEVICE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_codegen.py
 
 perf: install
 	$(PYTHON) perf/bench.py

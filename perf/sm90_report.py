@@ -10,10 +10,10 @@ run says how fast; this says what the compiler made of the code, in seconds.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from triton_lstm import tuning  # noqa: E402
@@ -35,6 +36,7 @@ from triton_lstm.kernels.step import lstm_step_kernel, step_config  # noqa: E402
 DTYPES = {"fp32": ("fp32", torch.float32), "bf16": ("bf16", torch.bfloat16),
           "fp16": ("fp16", torch.float16)}
 NUM_SMS = 132
+ELEMENT_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8}
 
 
 def signature(kernel, tensor_types: dict, constexprs: dict) -> dict:
@@ -60,17 +62,32 @@ def compile_one(kernel, tensor_types, constexprs, num_warps, num_stages=1):
 
 
 def compiled_row(compiled, **fields) -> dict:
-    """ptxas's registers and spills, shared memory and the MMA kind of a compiled kernel."""
+    """ptxas's registers and spills, shared memory, the MMA kind and the width of the
+    shared-state loads of a compiled kernel."""
     ptx = compiled.asm["ptx"]
     row = ptxas_report(ptx)
     row.update(fields, shared=compiled.metadata.shared,
+               state_load=state_load_bytes(ptx, compiled.asm["ttgir"]),
                mma="wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma"))
     return row
 
 
+def state_load_bytes(ptx: str, ttgir: str):
+    """Bytes per instruction of the narrowest load of state other programs write (h, dG: the
+    .cg or volatile loads of barrier.load_written; in a pipelined loop, their asynchronous
+    copies), or None if there is none. 16 is a vectorised load; 2 or 4 means the tile is
+    read one element at a time."""
+    widths = [int(vec or 1) * int(bits) // 8 for vec, bits in
+              re.findall(r"ld(?:\.volatile\.global|\.global\.cg)[.a-z]*?(?:\.v(\d))?\.[bfsu](\d+)", ptx)]
+    widths += [int(contiguity) * ELEMENT_BYTES[elem] for contiguity, elem in re.findall(
+        r"async_copy_global_to_local .*cache_?[mM]odifier = cg.*contiguity = (\d+).*"
+        r"x!tt\.ptr<(\w+)>", ttgir)]
+    return min(widths, default=None)
+
+
 def ptxas_report(ptx: str) -> dict:
-    ptxas = shutil.which("ptxas") or str(pathlib.Path(triton.__file__).parent
-                                         / "backends/nvidia/bin/ptxas")
+    # The ptxas Triton itself runs for sm_90, so the numbers are the ones a GPU run gets.
+    ptxas = get_ptxas(90).path
     ptx = re.sub(r"\.version \d+\.\d+", ".version 8.0", ptx)   # accepted by older ptxas too
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "k.ptx"
@@ -151,19 +168,29 @@ def main():
     parser.add_argument("--ckpt", type=int, default=0, help="recompute interval (forward)")
     parser.add_argument("--config", help="a config label instead of the heuristic's, e.g. "
                                          "bb128-bh32-str-bk64-sk1-w16-st3 (tuning.config_label)")
+    parser.add_argument("--kernels", nargs="+", default=["forward", "backward"],
+                        choices=["forward", "backward"])
+    parser.add_argument("--json", action="store_true", help="one JSON object per kernel")
     args = parser.parse_args()
     config = tuning.config_from_label(args.config) if args.config else None
-    print("kernel   dtype     B     H  D  tile     res split warps  regs spill  shared  mma")
+    if not args.json:
+        print(f"triton {triton.__version__}, {get_ptxas(90).path}")
+        print("kernel   dtype     B     H  D  tile     res split warps  regs spill  shared  hload"
+              "  mma")
     for dtype_name in args.dtypes:
         for shape in args.shapes:
             batch, hidden = (int(v) for v in shape.split("x"))
-            for kernel_name in (("step",) if args.step else ("forward", "backward")):
+            for kernel_name in (("step",) if args.step else args.kernels):
                 r = (report_step(dtype_name, batch, hidden) if kernel_name == "step"
                      else report(kernel_name, dtype_name, batch, hidden, args.directions,
                                  args.proj, args.restarts, args.ckpt, config))
+                if args.json:
+                    print(json.dumps(dict(r, triton=triton.__version__)), flush=True)
+                    continue
                 print(f"{r['kernel']:8} {r['dtype']:5} {r['B']:5} {r['H']:5} {r['D']:2}  "
                       f"{r['tile']:8} {str(r['resident'])[0]:>3} {r['split_k']:5} {r['warps']:5} "
-                      f"{r['regs']!s:>5} {r['spill']:5} {r['shared']:7}  {r['mma']}"
+                      f"{r['regs']!s:>5} {r['spill']:5} {r['shared']:7}  {r['state_load']!s:>5}  "
+                      f"{r['mma']}"
                       + ("" if r["ptxas_ok"] else "  (ptxas failed)"), flush=True)
 
 

@@ -37,6 +37,8 @@ SHAPES = [  # T, B, I, H
     pytest.param((7, 3, 5, 33), id="T7-B3-I5-H33"),
     pytest.param((4, 2, 6, 16), id="T4-B2-I6-H16"),
     pytest.param((3, 17, 3, 12), id="T3-B17-I3-H12"),   # two batch blocks of 16
+    # One hidden block per group: the interpreter launches these persistently.
+    pytest.param((5, 3, 4, 4), id="T5-B3-I4-H4-persistent"),
 ]
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
@@ -144,11 +146,15 @@ def test_projection_and_both_directions_with_lengths(config_name):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
-def test_interpreter_runs_the_stepped_mode():
-    before = launch_counts["stepped"]
+def test_interpreter_runs_one_program_groups_persistently_and_larger_ones_stepped():
     ref, x, hx = random_problem(3, 2, 4, 8, torch.float32)
-    LSTMFunction.apply(x, None, None, *ref.parameters())
-    assert launch_counts["stepped"] == before + 3
+    before = dict(launch_counts)
+    LSTMFunction.apply(x, None, None, *ref.parameters(), None, CONFIGS["resident-bh4"])
+    assert launch_counts["stepped"] == before.get("stepped", 0) + 3     # two hidden blocks
+    assert launch_counts["persistent"] == before.get("persistent", 0)
+    LSTMFunction.apply(x, None, None, *ref.parameters(), None, CONFIGS["resident-bh8-split2"])
+    assert launch_counts["persistent"] == before.get("persistent", 0) + 1   # one hidden block
+    assert launch_counts["stepped"] == before.get("stepped", 0) + 3
 
 
 @pytest.mark.parametrize("config_name", ["resident-bh4", "dataflow-bh4", "dataflow-streamed-bh8-bk16"])

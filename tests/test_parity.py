@@ -63,9 +63,9 @@ def test_matches_torch_lstm(layers, bidir, form, with_hx, proj):
     if with_hx:
         hx = tuple(torch.randn(layers * D, B, size, dtype=torch.float64, requires_grad=True)
                    for size in (proj or H, H))
-    before = launch_counts["stepped"]
+    before = sum(launch_counts.values())
     outs, grads, upstream = run(ours, x, hx)
-    assert launch_counts["stepped"] > before, "the Triton kernels did not run"
+    assert sum(launch_counts.values()) > before, "the Triton kernels did not run"
     ref_outs, ref_grads, _ = run(ref, x, hx, upstream)
     for name, got, want in zip(("output", "h_n", "c_n"), outs, ref_outs):
         torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{name}: {m}")

@@ -6,9 +6,11 @@ the device (registers, shared memory, threads per SM), and launch persistently
 only if a whole group fits; the launch is also cooperative where Triton offers
 it, so a misjudged grid fails loudly instead of hanging. Batch blocks beyond
 what fits run as further persistent launches, one after another (they are
-independent problems). If not even one group fits, or the kernels run under
-the Triton interpreter (programs run one after another, a spin barrier would
-wait forever), the same kernel runs in stepped mode: one launch per step.
+independent problems). If not even one group fits, the same kernel runs in
+stepped mode: one launch per step. Under the Triton interpreter programs run one
+after another, so a group of several programs would wait at the barrier forever:
+there only groups of one program (one hidden block) launch persistently, which
+keeps the persistent path under the CPU tests.
 
 Tile configs come from what was measured (tuning.py: ``configs/<gpu>.json``
 written by ``make tune``, or first-use autotuning), otherwise from a heuristic.
@@ -249,7 +251,10 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     common = dict(num_warps=config.num_warps, num_stages=1, **constexprs)
 
     groups_at_once = 0
-    if not (force_stepped or interpreting()):
+    if interpreting():
+        if num_h == 1 and not force_stepped:
+            groups_at_once = min(num_b, _COUNTER_SLOTS // num_directions)
+    elif not force_stepped:
         try:
             capacity = co_resident_programs(kernel, args + (0, num_steps, 0, leader_inc),
                                             dict(constexprs, PERSISTENT=True), config, device)

@@ -348,6 +348,18 @@ def lstm_forward_kernel(
     b_gxi, b_gxf, b_gxg, b_gxo, b_restart, b_c_restart = _step_inputs(
         gx, restarts, c_restart, hw_restart, t_begin, B, length, m_b, reverse, o_b, o_u, m_u,
         p_bu, m_bu, H, GS, HAS_RESTARTS, RESTART_FROM_STATE, ACC)
+    # Rows of h_{t-1}, carried through the loop: each cell phase points it at the rows it
+    # wrote. Not chosen per step by a branch between h0 and y: through a branch the
+    # compiler loses the rows' alignment and loads h one element at a time (Triton 3.6).
+    if HAS_H0:
+        m_first = m_b
+    else:
+        m_first = m_b & (o_b < 0)
+    if PERSISTENT:
+        p_prev_h = h0 + o_b * R             # a persistent launch starts at step 0
+    else:
+        t_row_prev, _ = step_rows(t_begin - 1, length, m_b, reverse)
+        p_prev_h = tl.where(t_begin == 0, h0 + o_b * R, y + (t_row_prev * B + o_b) * YS)
 
     for q in range(q_begin, q_end):
         t = q // PHASES
@@ -358,16 +370,8 @@ def lstm_forward_kernel(
             cell_phase: tl.constexpr = True
         if cell_phase:
             # h of the previous step of every unit, written by all programs of this group.
-            if t == 0:
-                p_rows = h0 + o_b * R
-                if HAS_H0:
-                    m_rows = m_b
-                else:
-                    m_rows = m_b & (o_b < 0)
-            else:
-                t_prev = tl.where(reverse, t_row + 1, t_row - 1)
-                p_rows = y + (t_prev * B + o_b) * YS
-                m_rows = running
+            p_rows = p_prev_h
+            m_rows = tl.where(t == 0, m_first, running)
             if HAS_RESTARTS:
                 # A restarting row does not read its previous h: the restart state's
                 # recurrent term came with its input projection (_add_restart_term).
@@ -397,6 +401,7 @@ def lstm_forward_kernel(
             b_c = tl.where(m_run, b_f * b_c + b_i * b_g, b_c)      # stopped rows keep their state
             b_h = published(tl.where(m_run, b_o * _tanh(b_c), 0.0), DATAFLOW)
             b_h = b_h.to(y.dtype.element_ty)
+            p_prev_h = y + (t_row * B + o_b) * YS      # h_t's rows, read by step t + 1
 
             if PROJ:
                 tl.store(r_all + (t_row * B + o_b)[:, None] * H + o_u[None, :], b_h, mask=m_bu)

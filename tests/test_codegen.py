@@ -1,0 +1,57 @@
+"""What the compiler makes of the persistent kernels for sm_90 (H100/H200), checked on a CPU.
+
+perf/sm90_report.py compiles each kernel with Triton's NVIDIA backend and assembles it
+with ptxas; no GPU is involved. Two properties the kernels' speed rests on:
+- every load of state other programs write (h_{t-1} in the forward, dG_{t+1} in the
+  backward) is vectorised, 16 bytes per instruction: read one element at a time, a step
+  issues 8x the load instructions and holds every element in its own register;
+- the dispatcher's default tiles do not spill.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
+VECTOR_BYTES = 16
+
+# (arguments of sm90_report.py, whether the tiles are the dispatcher's defaults)
+CASES = {
+    "defaults": (["--shapes", "8x256", "8x1024", "64x512", "128x1024", "512x1024",
+                  "--dtypes", "bf16", "fp32"], True),
+    "bidirectional-projection": (["--shapes", "8x512", "128x1024", "--dtypes", "fp16",
+                                  "--directions", "2", "--proj", "256"], True),
+    "restarts-recompute": (["--shapes", "8x512", "--dtypes", "bf16", "--restarts",
+                            "--ckpt", "16"], True),
+    "dataflow": (["--shapes", "8x512", "--dtypes", "bf16",
+                  "--config", "bb16-bh8-res-bk64-sk4-w4-df"], False),
+    "chunked": (["--shapes", "128x1024", "--dtypes", "bf16", "--kernels", "forward",
+                 "--config", "bb64-bh16-chk-bk64-sk1-w4"], False),
+    "pipelined": (["--shapes", "512x1024", "--dtypes", "bf16",
+                   "--config", "bb128-bh16-str-bk64-sk4-w16-st3"], False),
+}
+
+
+def compile_report(args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run([sys.executable, "perf/sm90_report.py", "--json", *args],
+                            cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sm90_state_loads_are_vectorised(case):
+    args, defaults = CASES[case]
+    rows = compile_report(args)
+    assert rows, "no kernel was compiled"
+    for row in rows:
+        where = {k: row[k] for k in ("kernel", "dtype", "B", "H", "D", "proj", "tile", "triton")}
+        assert row["ptxas_ok"], where
+        assert row["state_load"] == VECTOR_BYTES, where | {"state_load": row["state_load"]}
+        if defaults:
+            assert row["spill"] == 0, where | {"spill": row["spill"]}
