@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 OUT ?= perf/results
 # The Triton the lent GPU machines run: the sm_90 code checks run under it too.
 DEVICE_TRITON ?= 3.6.0
-DEVICE_VENV = .venv-triton-$(DEVICE_TRITON)
+DEVICE_TRITON_DIR = .triton-$(DEVICE_TRITON)
 
 .PHONY: install test codegen-check perf perf-quick tune gpu-check demo lint
 
@@ -19,11 +19,11 @@ install:
 test: install
 	$(PYTHON) -m pytest -q tests
 
-# The sm_90 code checks (tests/test_codegen.py) again, compiled by the GPU machines' Triton.
+# The sm_90 code checks (tests/test_codegen.py) again, compiled by the GPU machines' Triton
+# (installed into a folder of its own that shadows the usual one on PYTHONPATH).
 codegen-check: install
-	test -x $(DEVICE_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(DEVICE_VENV)
-	$(DEVICE_VENV)/bin/python -m pip install -q --no-deps "triton==$(DEVICE_TRITON)"
-	$(DEVICE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_codegen.py
+	test -d $(DEVICE_TRITON_DIR)/triton || $(PIP) install -q --no-deps --target $(DEVICE_TRITON_DIR) "triton==$(DEVICE_TRITON)"
+	PYTHONPATH=$(CURDIR)/$(DEVICE_TRITON_DIR) $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_codegen.py
 
 perf: install
 	$(PYTHON) perf/bench.py
