@@ -60,9 +60,11 @@ EXPERIMENTS = [
     ("large", "forward", "bf16", 512, 1024, ["bb128-bh16-str-bk64-sk4-w16-st3",
                                              "bb128-bh32-str-bk64-sk4-w16-st3"]),
     ("large", "backward", "bf16", 512, 1024, ["bb128-bh16-str-bk64-sk4-w16-st3",
-                                              "bb128-bh32-str-bk64-sk4-w16-st3"]),
+                                              "bb128-bh32-str-bk64-sk4-w16-st3",
+                                              "bb64-bh32-str-bk64-sk4-w8-st3"]),
     ("large", "forward", "fp32", 512, 1024, ["bb128-bh16-str-bk64-sk4-w16-st3",
-                                             "bb128-bh16-str-bk32-sk4-w16-st3"]),
+                                             "bb128-bh16-str-bk32-sk4-w16-st3",
+                                             "bb128-bh32-str-bk32-sk4-w16-st3"]),
 ]
 FIELDS = ["group", "kernel", "dtype", "B", "H", "T", "config", "heuristic", "median_us", "q20_us",
           "q80_us", "max_rel_diff", "status", "gpu", "torch", "triton"]
