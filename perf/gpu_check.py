@@ -2,6 +2,9 @@
 
 T = 256, input size = hidden size, one layer; forward (no grad) and forward+backward.
 Prints the table and writes it as CSV to $OUT (or perf/results/) with the GPU's name.
+Then the cost of a whole call at T = 1 and 16 (B=8 H=512 bf16), calls back to back, and
+the host's share of it (time to issue a call): where the per-call overhead of the custom
+ops and the Function shows. Written to gpu_check_calls.csv.
 """
 from __future__ import annotations
 
@@ -9,12 +12,13 @@ import csv
 import os
 import pathlib
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import triton_lstm  # noqa: E402
-from timing import bench_ms, forward_fn, random_inputs, train_fn  # noqa: E402
+from timing import bench_calls_ms, bench_ms, forward_fn, random_inputs, train_fn  # noqa: E402
 
 SHAPES = [(1, 512), (8, 256), (8, 512), (8, 1024), (64, 512), (128, 1024), (512, 1024)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,7 +50,42 @@ def main() -> None:
                   flush=True)
     out_dir = pathlib.Path(os.environ.get("OUT") or pathlib.Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "gpu_check.csv", "w", newline="") as f:
+    write_csv(out_dir / "gpu_check.csv", rows)
+    write_csv(out_dir / "gpu_check_calls.csv", per_call_rows(gpu))
+
+
+def host_us_per_call(fn, calls: int = 200) -> float:
+    """Microseconds the host spends issuing one call (the GPU queue absorbs the work)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    issued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return issued * 1e6 / calls
+
+
+def per_call_rows(gpu: str) -> list[dict]:
+    B, H, dtype = 8, 512, torch.bfloat16
+    torch_lstm = torch.nn.LSTM(H, H, device="cuda", dtype=dtype)
+    ours = triton_lstm.LSTM.from_torch(torch_lstm, backend="triton")
+    rows = []
+    print(f"\nwhole calls, B={B} H={H} bf16, µs per call (back to back) / host µs to issue one")
+    for steps in (1, 16):
+        x, hx = random_inputs(steps, B, H, H, dtype)
+        xg, hxg = random_inputs(steps, B, H, H, dtype, requires_grad=True)
+        for name, module in (("ours", ours), ("cudnn", torch_lstm)):
+            for mode, fn in (("fwd", forward_fn(module, x, hx)), ("train", train_fn(module, xg, hxg))):
+                row = dict(gpu=gpu, impl=name, mode=mode, B=B, H=H, T=steps,
+                           call_us=bench_calls_ms(fn)[0] * 1e3, host_us=host_us_per_call(fn))
+                rows.append(row)
+                print(f"T={steps:<3} {name:5} {mode:5} {row['call_us']:9.1f} {row['host_us']:9.1f}",
+                      flush=True)
+    return rows
+
+
+def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
