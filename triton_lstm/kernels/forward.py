@@ -348,8 +348,9 @@ def lstm_forward_kernel(
     b_gxi, b_gxf, b_gxg, b_gxo, b_restart, b_c_restart = _step_inputs(
         gx, restarts, c_restart, hw_restart, t_begin, B, length, m_b, reverse, o_b, o_u, m_u,
         p_bu, m_bu, H, GS, HAS_RESTARTS, RESTART_FROM_STATE, ACC)
-    # Rows of h_{t-1}, carried through the loop: each cell phase points it at the rows it
-    # wrote. Not chosen per step by a branch between h0 and y: through a branch the
+    # Rows of h_{t-1} and which of them to read, carried through the loop: each cell phase
+    # sets them for the next step before the barrier, so that after it only the loads
+    # remain. Not chosen per step by a branch between h0 and y: through a branch the
     # compiler loses the rows' alignment and loads h one element at a time (Triton 3.6).
     if HAS_H0:
         m_first = m_b
@@ -357,9 +358,12 @@ def lstm_forward_kernel(
         m_first = m_b & (o_b < 0)
     if PERSISTENT:
         p_prev_h = h0 + o_b * R             # a persistent launch starts at step 0
+        m_prev_h = m_first
     else:
         t_row_prev, _ = step_rows(t_begin - 1, length, m_b, reverse)
         p_prev_h = tl.where(t_begin == 0, h0 + o_b * R, y + (t_row_prev * B + o_b) * YS)
+        _, running_begin = step_rows(t_begin, length, m_b, reverse)
+        m_prev_h = tl.where(t_begin == 0, m_first, running_begin)
 
     for q in range(q_begin, q_end):
         t = q // PHASES
@@ -371,7 +375,7 @@ def lstm_forward_kernel(
         if cell_phase:
             # h of the previous step of every unit, written by all programs of this group.
             p_rows = p_prev_h
-            m_rows = tl.where(t == 0, m_first, running)
+            m_rows = m_prev_h
             if HAS_RESTARTS:
                 # A restarting row does not read its previous h: the restart state's
                 # recurrent term came with its input projection (_add_restart_term).
@@ -402,6 +406,7 @@ def lstm_forward_kernel(
             b_h = published(tl.where(m_run, b_o * _tanh(b_c), 0.0), DATAFLOW)
             b_h = b_h.to(y.dtype.element_ty)
             p_prev_h = y + (t_row * B + o_b) * YS      # h_t's rows, read by step t + 1
+            _, m_prev_h = step_rows(t + 1, length, m_b, reverse)
 
             if PROJ:
                 tl.store(r_all + (t_row * B + o_b)[:, None] * H + o_u[None, :], b_h, mask=m_bu)
