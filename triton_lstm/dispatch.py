@@ -250,11 +250,13 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
                       CHUNKED=config.resident and config.chunked, DATAFLOW=config.dataflow)
     common = dict(num_warps=config.num_warps, num_stages=1, **constexprs)
 
-    groups_at_once = 0
-    if interpreting():
-        if num_h == 1 and not force_stepped:
-            groups_at_once = min(num_b, _COUNTER_SLOTS // num_directions)
-    elif not force_stepped:
+    groups_resident = 0     # barrier groups whose programs can all run at once
+    if force_stepped:
+        pass
+    elif interpreting():
+        # Programs run one after another: only a group of one program gets past its barrier.
+        groups_resident = num_b if num_h == 1 else 0
+    else:
         try:
             capacity = co_resident_programs(kernel, args + (0, num_steps, 0, leader_inc),
                                             dict(constexprs, PERSISTENT=True), config, device)
@@ -266,7 +268,8 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
                                      batch=batch, hidden_size=hidden_size, output_size=output_size,
                                      num_directions=num_directions, config=streamed,
                                      device=device, force_stepped=force_stepped)
-        groups_at_once = min(capacity // group, num_b, _COUNTER_SLOTS // num_directions)
+        groups_resident = capacity // group
+    groups_at_once = min(groups_resident, num_b, _COUNTER_SLOTS // num_directions)
 
     if groups_at_once >= 1:
         for b0 in range(0, num_b, groups_at_once):
