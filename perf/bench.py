@@ -8,16 +8,19 @@ Peers, at the same shapes and in one run on one GPU (one layer, input size = H):
     cell_loop_compiled  the same loop with its step under torch.compile
     flashrnn            FlashRNN, where installed
 Then the memory section (--memory on|off|only, perf/memory_bench.py): training time and
-peak memory at long T, with and without recompute. Then the step section (--step on|off|only): one step per call at T = 1 (LSTM.step,
-nn.LSTM on a length-1 sequence, nn.LSTMCell, each eager and replayed from a CUDA
-graph, perf/step_bench.py), rows with mode "step". Each (peer, dtype, shape) is first checked against
+peak memory at long T, with and without recompute. Then the step section (--step
+on|off|only): one step per call at T = 1 (LSTM.step, nn.LSTM on a length-1 sequence,
+nn.LSTMCell, each eager and replayed from a CUDA graph, perf/step_bench.py), rows with
+mode "step". Then the stack section (--stack on|off|only, perf/stack_bench.py): stacks
+of 2-3 layers as one wavefront, layer by layer and in cuDNN, rows with their layers.
+Each (peer, dtype, shape) is first checked against
 torch.nn.LSTM in float64 on the CPU; a peer that fails gets no timing. Results go
 to perf/results/<gpu>/ (or --out, and $OUT when set): results.csv, results.json,
 speedup_{fwd,train}.png.
 
     python3 perf/bench.py [--quick] [--shapes 8x512 16x768x1024] [--dtypes fp32 bf16 fp16]
                           [--modes fwd train] [--peers triton cudnn ...] [--out DIR]
-                          [--step on|off|only] [--memory on|off|only]
+                          [--step on|off|only] [--memory on|off|only] [--stack on|off|only]
     python3 perf/bench.py --summarize perf/results/<gpu>/results.json   # Markdown table
 
 Without a GPU it runs the kernels under the Triton interpreter at a tiny shape,
@@ -86,7 +89,7 @@ INTERPRETER_SHAPE = dict(T=4, B=2, H=16)
 INTERPRETER_BOUNDS = {"fp32": 1e-5, "fp64": 1e-12}
 
 FIELDS = ["peer", "dtype", "B", "H", "T", "mode", "median_us", "q20_us", "q80_us", "peak_mb",
-          "rel_error", "gpu", "torch", "triton", "cudnn", "date", "commit", "auto_path"]
+          "rel_error", "gpu", "torch", "triton", "cudnn", "date", "commit", "auto_path", "layers"]
 
 
 # -- peers -------------------------------------------------------------------------------------
@@ -171,8 +174,9 @@ def flashrnn_status() -> str:
 # -- checks and timing -------------------------------------------------------------------------
 
 def float64_reference(lstm: nn.LSTM, x, hx) -> torch.Tensor:
-    """torch.nn.LSTM's output in float64 on the CPU, with lstm's weights."""
-    ref = nn.LSTM(lstm.input_size, lstm.hidden_size, dtype=torch.float64)
+    """torch.nn.LSTM's output in float64 on the CPU, with lstm's weights (and layers)."""
+    ref = nn.LSTM(lstm.input_size, lstm.hidden_size, num_layers=lstm.num_layers,
+                  dtype=torch.float64)
     ref.load_state_dict({k: v.detach().cpu().double() for k, v in lstm.state_dict().items()})
     with torch.no_grad():
         return ref(x.cpu().double(), tuple(s.cpu().double() for s in hx))[0]
@@ -212,13 +216,14 @@ def skipped(label: str, exc: Exception, log) -> str:
 
 
 def make_row(peer, dtype_name, B, H, T, mode, quantiles_ms, peak_mb, error, env,
-             auto_path="") -> dict:
+             auto_path="", layers=1) -> dict:
     """One result: quantiles in ms for the whole sequence become µs per step. auto_path: the
-    path backend="auto" takes at this shape and mode ("kernels" or "nn.LSTM")."""
+    path backend="auto" takes at this shape and mode ("kernels" or "nn.LSTM"); layers: of
+    the stack timed (the stack section), 1 elsewhere."""
     median, q20, q80 = (ms * 1e3 / T for ms in quantiles_ms)
     return dict(peer=peer, dtype=dtype_name, B=B, H=H, T=T, mode=mode, median_us=median,
                 q20_us=q20, q80_us=q80, peak_mb=peak_mb, rel_error=error, **env,
-                auto_path=auto_path)
+                auto_path=auto_path, layers=layers)
 
 
 def auto_paths(lstm: nn.LSTM, x, hx) -> dict:
@@ -297,6 +302,7 @@ def _fmt(value, fmt="{:.2f}") -> str:
 
 def format_table(rows: list[dict]) -> str:
     """µs per step (median) of every peer, and triton's speed-up over the best cuDNN number."""
+    rows = [row for row in rows if row["peer"] in PEERS]     # not the stack section's
     peers = [peer for peer in PEERS if any(row["peer"] == peer for row in rows)]
     median = {(row["peer"],) + config_key(row): row["median_us"] for row in rows}
     ratio = speedups(rows)
@@ -326,7 +332,8 @@ def summarize(rows: list[dict]) -> str:
         dtype_name, B, H, T = shape
         return list(DTYPES).index(dtype_name) if dtype_name in DTYPES else len(DTYPES), T, H, B
 
-    shapes = {config_key(row)[:4] for row in rows if row["mode"] in MODES}   # not the step rows
+    # Not the step rows, nor the stack section's.
+    shapes = {config_key(row)[:4] for row in rows if row["mode"] in MODES and row["peer"] in PEERS}
     for shape in sorted(shapes, key=table_order):
         cells = []
         for mode in MODES:
@@ -441,13 +448,17 @@ def interpreter_check() -> int:
           f"(TRITON_INTERPRET=1) at T={T}, B={B}, H={H} against float64.")
     from step_bench import run_steps
     failed = False
-    for label, run in (("interpreter", lambda module, x, hx: module(x, hx)[0]),
-                       ("interpreter step", run_steps)):
+    # (label, layers, wavefront, how to run the module over x from hx)
+    for label, layers, wavefront, run in (
+            ("interpreter", 1, False, lambda module, x, hx: module(x, hx)[0]),
+            ("interpreter step", 1, False, run_steps),
+            ("interpreter wavefront", 2, True, lambda module, x, hx: module(x, hx)[0])):
         for dtype_name, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
             torch.manual_seed(0)
-            lstm = nn.LSTM(H, H, dtype=dtype)
-            ours = triton_lstm.LSTM.from_torch(lstm, backend="triton")
-            x, hx = random_inputs(T, B, H, H, dtype, device="cpu")
+            lstm = nn.LSTM(H, H, num_layers=layers, dtype=dtype)
+            ours = triton_lstm.LSTM.from_torch(lstm, backend="triton", wavefront=wavefront)
+            x, _ = random_inputs(T, B, H, H, dtype, device="cpu")
+            hx = tuple(torch.randn(layers, B, H, dtype=dtype) for _ in range(2))
             with torch.no_grad():
                 error = relative_error(run(ours, x, hx), float64_reference(lstm, x, hx))
             ok = within_bound(error, INTERPRETER_BOUNDS[dtype_name])
@@ -458,18 +469,29 @@ def interpreter_check() -> int:
 
 
 def extra_sections(args) -> list:
-    """The sections after the sequences, as (run, format table, title), per --memory / --step."""
+    """The sections after the sequences, as (run, format table, title), per --memory / --step
+    / --stack ("only" for one of them runs that one alone)."""
+    alone = [name for name in ("memory", "step", "stack") if getattr(args, name) == "only"]
+
+    def wanted(name):
+        return getattr(args, name) != "off" and (not alone or name in alone)
+
     sections = []
-    if args.memory != "off" and args.step != "only":
+    if wanted("memory"):
         from memory_bench import format_memory_table, memory_benchmark
         sections.append((memory_benchmark, format_memory_table,
                          "Training at long T, µs per step (median) and peak MB; recompute against "
                          "triton (time x: slower by, memory /: smaller by)"))
-    if args.step != "off" and args.memory != "only":
+    if wanted("step"):
         from step_bench import format_step_table, step_benchmark
         sections.append((step_benchmark, format_step_table,
                          "One step per call, µs per step (median), speed-up = cuDNN / triton "
                          "(eager: nn.LSTM / step, graph: both replayed)"))
+    if wanted("stack"):
+        from stack_bench import format_stack_table, stack_benchmark
+        sections.append((stack_benchmark, format_stack_table,
+                         "Stacked layers, µs per time step of the whole stack (median): the "
+                         "wavefront against the same layers one after another and cuDNN"))
     return sections
 
 
@@ -489,7 +511,7 @@ def benchmark(args) -> int:
     copy_dir = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     log = tqdm.write if tqdm else print
     configs = [(d, B, H, T) for d in args.dtypes for B, H, T in shapes]
-    if args.step == "only" or args.memory == "only":
+    if "only" in (args.step, args.memory, args.stack):
         configs = []
     bar = tqdm(configs, unit="config") if tqdm else configs
     rows, problems, files = [], [], []
@@ -536,6 +558,10 @@ def main(argv=None) -> int:
     parser.add_argument("--step", choices=("on", "off", "only"), default="on",
                         help="the one-step latency section (LSTM.step against nn.LSTM at T=1 "
                              "and nn.LSTMCell, eager and CUDA graph): after the sequences, "
+                             "skipped, or alone")
+    parser.add_argument("--stack", choices=("on", "off", "only"), default="on",
+                        help="the stacked-layer section (LSTM(wavefront=True) against the same "
+                             "layers one after another and cuDNN): after the sequences, "
                              "skipped, or alone")
     parser.add_argument("--memory", choices=("on", "off", "only"), default="on",
                         help="the long-sequence training section (time and peak memory with "

@@ -32,6 +32,7 @@ from triton_lstm.dispatch import heuristic_config, padded  # noqa: E402
 from triton_lstm.kernels.backward import lstm_backward_kernel  # noqa: E402
 from triton_lstm.kernels.forward import lstm_forward_kernel  # noqa: E402
 from triton_lstm.kernels.step import lstm_step_kernel, step_config  # noqa: E402
+from triton_lstm.kernels.wavefront import lstm_wavefront_kernel, wavefront_config  # noqa: E402
 
 DTYPES = {"fp32": ("fp32", torch.float32), "bf16": ("bf16", torch.bfloat16),
           "fp16": ("fp16", torch.float16)}
@@ -140,6 +141,26 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
                         resident=cfg.resident, split_k=cfg.split_k, warps=cfg.num_warps)
 
 
+def report_wavefront(dtype_name, batch, hidden, layers, config=None):
+    """The stacked-layer wavefront (kernels/wavefront.py) with its heuristic tiles (or `config`)."""
+    tname, dtype = DTYPES[dtype_name]
+    cfg = config or wavefront_config(batch, hidden, layers, dtype, NUM_SMS)
+    types = dict(gx=tname, w_ih=tname, bias="fp32", w_hh=tname, h_all=tname, h_n=tname,
+                 c_state="fp32", lengths="i32", gates="fp32", c_all="fp32", counters="i32")
+    constexprs = dict(H=hidden, HP=padded(hidden), BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h,
+                      BLOCK_R=16, BLOCK_K=cfg.block_k,
+                      SPLIT_K=min(cfg.split_k, padded(hidden) // 16), RESIDENT=cfg.resident,
+                      HAS_LENGTHS=False, SAVE=True, PERSISTENT=True,
+                      DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
+                      INNER_STAGES=cfg.inner_stages if cfg.inner_stages > 1 else None,
+                      PREFETCH_AFTER_ARRIVE=cfg.prefetch_after_arrive, CHUNKED=False,
+                      DATAFLOW=False)
+    compiled = compile_one(lstm_wavefront_kernel, types, constexprs, cfg.num_warps)
+    return compiled_row(compiled, kernel="wavefront", dtype=dtype_name, B=batch, H=hidden,
+                        D=layers, proj=0, tile=f"{cfg.block_b}x{cfg.block_h}",
+                        resident=cfg.resident, split_k=cfg.split_k, warps=cfg.num_warps)
+
+
 def report_step(dtype_name, batch, hidden):
     """The one-step kernel (kernels/step.py) with its heuristic tiles, I = R = H, state and bias."""
     tname, dtype = DTYPES[dtype_name]
@@ -169,7 +190,9 @@ def main():
     parser.add_argument("--config", help="a config label instead of the heuristic's, e.g. "
                                          "bb128-bh32-str-bk64-sk1-w16-st3 (tuning.config_label)")
     parser.add_argument("--kernels", nargs="+", default=["forward", "backward"],
-                        choices=["forward", "backward"])
+                        choices=["forward", "backward", "wavefront"])
+    parser.add_argument("--layers", type=int, default=2,
+                        help="layers of the wavefront kernel (reported in column D)")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel")
     args = parser.parse_args()
     config = tuning.config_from_label(args.config) if args.config else None
@@ -181,9 +204,13 @@ def main():
         for shape in args.shapes:
             batch, hidden = (int(v) for v in shape.split("x"))
             for kernel_name in (("step",) if args.step else args.kernels):
-                r = (report_step(dtype_name, batch, hidden) if kernel_name == "step"
-                     else report(kernel_name, dtype_name, batch, hidden, args.directions,
-                                 args.proj, args.restarts, args.ckpt, config))
+                if kernel_name == "step":
+                    r = report_step(dtype_name, batch, hidden)
+                elif kernel_name == "wavefront":
+                    r = report_wavefront(dtype_name, batch, hidden, args.layers, config)
+                else:
+                    r = report(kernel_name, dtype_name, batch, hidden, args.directions,
+                               args.proj, args.restarts, args.ckpt, config)
                 if args.json:
                     print(json.dumps(dict(r, triton=triton.__version__)), flush=True)
                     continue

@@ -32,6 +32,9 @@ CASES = {
                  "--config", "bb64-bh16-chk-bk64-sk1-w4"], False),
     "pipelined": (["--shapes", "512x1024", "--dtypes", "bf16",
                    "--config", "bb128-bh16-str-bk64-sk4-w16-st3"], False),
+    # Stacked layers as one wavefront: h of its own layer and of the layer below.
+    "wavefront": (["--kernels", "wavefront", "--layers", "3", "--shapes", "1x256", "8x512",
+                   "64x512", "128x1024", "--dtypes", "bf16", "fp32"], True),
 }
 
 

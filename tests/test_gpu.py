@@ -490,3 +490,85 @@ def test_dataflow_waits_compute_what_the_barrier_computes_nan_and_inf_included(l
         assert torch.equal(barrier.isnan(), dataflow.isnan()), k
         torch.testing.assert_close(dataflow.nan_to_num(), barrier.nan_to_num(), rtol=0, atol=0,
                                    msg=lambda m, k=k: f"{k}: {m}")
+
+
+# -- stacked layers as one wavefront (kernels/wavefront.py) ------------------------------------
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("batch, hidden, packed", [(1, 512, False), (8, 256, True),
+                                                   (70, 256, False)],
+                         ids=["B1-H512", "B8-H256-packed", "B70-H256"])   # 70: batch blocks
+def test_wavefront_matches_float64_within_twice_cudnn_error(dtype_name, batch, hidden, packed):
+    dtype, allow_tf32, slack = DTYPES[dtype_name]
+    T, I, L = 32, 96, 3
+    torch_lstm = torch.nn.LSTM(I, hidden, num_layers=L, device="cuda", dtype=dtype)
+    ours = triton_copy(torch_lstm, wavefront=True)
+    x = torch.randn(T, batch, I, device="cuda", dtype=dtype)
+    lengths = torch.randint(1, T + 1, (batch,)) if packed else None
+
+    def run(module, x, upstream=None):
+        x = x.detach().requires_grad_()
+        inp = (torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+               if packed else x)
+        out, (h, c) = module(inp)
+        data = out.data if packed else out
+        if upstream is None:
+            upstream = [torch.randn_like(t) for t in (data, h, c)]
+        loss = sum((t * u.to(t.device, t.dtype)).sum() for t, u in zip((data, h, c), upstream))
+        grads = torch.autograd.grad(loss, [x, *module.parameters()])
+        return [t.detach() for t in (data, h, c)] + list(grads), upstream
+
+    before = launch_counts["persistent"]
+    with tf32(allow_tf32):
+        ours_all, upstream = run(ours, x)
+        torch_all, _ = run(torch_lstm, x, upstream)
+    assert launch_counts["persistent"] >= before + 1 + L, "the persistent path did not run"
+    ref = torch.nn.LSTM(I, hidden, num_layers=L, dtype=torch.float64)
+    ref.load_state_dict({k: v.double().cpu() for k, v in torch_lstm.state_dict().items()})
+    ref_all, _ = run(ref, x.double().cpu(), [u.double().cpu() for u in upstream])
+    for k, (got, base, want) in enumerate(zip(ours_all, torch_all, ref_all)):
+        assert torch.isfinite(got).all(), f"tensor {k}: non-finite values"
+        ours_err, torch_err = relative_error(got, want), relative_error(base, want)
+        assert ours_err <= 2 * torch_err + slack, (
+            f"tensor {k}: error {ours_err:.2e} vs nn.LSTM's {torch_err:.2e} (+{slack:.0e})")
+
+
+@pytest.mark.timeout(120)     # a barrier that never opens fails here instead of hanging
+def test_wavefront_is_deterministic_stepped_equals_persistent_and_nan_input_ends():
+    from triton_lstm.autograd import lstm_stack_wavefront
+    T, B, I, H, L = 40, 8, 64, 512, 3
+    torch_lstm = torch.nn.LSTM(I, H, num_layers=L, device="cuda", dtype=torch.bfloat16)
+    weights = [tuple(getattr(torch_lstm, f"{n}_l{k}") for n in
+                     ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for k in range(L)]
+    x = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16)
+    x[5, 0, :3] = float("nan")
+    x[9, 1, :3] = float("inf")
+    runs = []
+    for force_stepped in (False, False, True):
+        xg = x.clone().requires_grad_()
+        y, h, c = lstm_stack_wavefront(xg, None, None, weights, force_stepped=force_stepped)
+        grads = torch.autograd.grad(y.float().nan_to_num().sum() + c.float().nan_to_num().sum(),
+                                    [xg, weights[1][1]])
+        runs.append([y, h, c, *grads])
+    for k, (first, second, stepped) in enumerate(zip(*runs)):
+        assert torch.equal(first.isnan(), stepped.isnan()), k
+        assert torch.equal(first.nan_to_num(), second.nan_to_num()), k
+        assert torch.equal(first.nan_to_num(), stepped.nan_to_num()), k
+    assert runs[0][0][:, 2:].isfinite().all()      # rows without NaN input stay finite
+
+
+def test_wavefront_cuda_graph_replay():
+    """Inference captured in a CUDA graph: each replay runs the whole stack on the new input."""
+    T, B, I, H, L = 16, 4, 64, 256, 2
+    torch_lstm = torch.nn.LSTM(I, H, num_layers=L, device="cuda", dtype=torch.bfloat16)
+    ours = triton_copy(torch_lstm, wavefront=True)
+    x_buf = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ours(x_buf)                                   # compiles, outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_buf, _ = ours(x_buf)
+        for _ in range(3):
+            x_buf.copy_(torch.randn_like(x_buf))
+            graph.replay()
+            torch.testing.assert_close(y_buf, ours(x_buf)[0], rtol=0, atol=0)

@@ -172,10 +172,12 @@ def test_script_runs_without_a_gpu():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "No CUDA GPU found" in result.stdout
-    for dtype_name in ("fp32", "fp64"):
-        match = re.search(rf"interpreter {dtype_name}: relative error (\S+) vs float64 .* ok", result.stdout)
-        assert match, result.stdout
-        assert float(match.group(1)) <= bench.INTERPRETER_BOUNDS[dtype_name]
+    for label in ("interpreter", "interpreter step", "interpreter wavefront"):
+        for dtype_name in ("fp32", "fp64"):
+            match = re.search(rf"{label} {dtype_name}: relative error (\S+) vs float64 .* ok",
+                              result.stdout)
+            assert match, result.stdout
+            assert float(match.group(1)) <= bench.INTERPRETER_BOUNDS[dtype_name]
     assert "µs" not in result.stdout   # no timings without a GPU
 
 
@@ -201,3 +203,29 @@ def test_memory_rows_get_their_own_table_with_recompute_against_the_default(rows
     cells = lines[1].split()
     assert cells[:4] == ["fp16", "8", "512", "4096"]
     assert cells[-2:] == ["1.25x", "8.0x"]
+
+
+def test_stack_rows_get_their_own_table_and_stay_out_of_the_others(rows):
+    """The stack section's rows (their layers, stack_* peers): the wavefront against the layers
+    one after another and the best cuDNN number of the mode."""
+    import stack_bench
+
+    def stack_row(peer, mode, us, layers):
+        r = row(peer, mode, us)
+        r["layers"] = layers
+        return r
+
+    stack_rows = [stack_row("stack_wavefront", "fwd", 4.0, 2), stack_row("stack_layers", "fwd", 6.0, 2),
+                  stack_row("stack_cudnn", "fwd", 10.0, 2), stack_row("stack_cudnn_graph", "fwd", 8.0, 2),
+                  stack_row("stack_wavefront", "train", 20.0, 2),
+                  stack_row("stack_cudnn", "train", 30.0, 2),
+                  stack_row("stack_wavefront", "fwd", 5.0, 3), stack_row("stack_layers", "fwd", 9.0, 3)]
+    lines = stack_bench.format_stack_table(rows + stack_rows).splitlines()
+    assert len(lines) == 4          # the header, L = 2 fwd and train, L = 3 fwd
+    assert lines[1].split()[:5] == ["fp16", "8", "512", "2", "fwd"]
+    assert lines[1].split()[-2:] == ["1.50x", "2.00x"]      # 6/4 layers, min(10, 8)/4 cuDNN
+    assert lines[2].split()[-2:] == ["-", "1.50x"]          # training: cuDNN eager only
+    assert lines[3].split()[-2:] == ["1.80x", "-"]
+    assert bench.summarize(rows + stack_rows) == bench.summarize(rows)
+    assert bench.format_table(rows + stack_rows) == bench.format_table(rows)
+    assert bench.speedups(rows + stack_rows) == bench.speedups(rows)

@@ -302,6 +302,144 @@ class LSTMBackwardFunction(torch.autograd.Function):
         return tuple(result)
 
 
+# -- stacked layers as one wavefront ---------------------------------------------------------
+
+from .dispatch import state_dtype  # noqa: E402  (this section's own import)
+
+
+def lstm_stack_wavefront(x, h0, c0, weights, lengths=None, config=None, force_stepped=False):
+    """A unidirectional stack of L >= 2 layers without projection in one wavefront launch
+    (kernels/wavefront.py): y [T, B, H] (the top layer's output), h_n, c_n [L, B, H].
+
+    x [T, B, I]; h0, c0 [L, B, H] or both None; weights: per layer (w_ih, w_hh, b_ih, b_hh),
+    the biases None without bias; lengths, config (the forward's tile; the backward picks
+    its own per layer), force_stepped as ``LSTMFunction``. Runs WavefrontFunction when a
+    gradient is needed, the op alone otherwise, the reference under forward-mode AD.
+    """
+    flat = tuple(t for layer in weights for t in layer)
+    tensors = (x, h0, c0, *flat)
+    if _forward_ad_active(tensors):
+        return _stack_reference(x, h0, c0, flat, lengths)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        y, h_n, c_n, *_ = WavefrontFunction.apply(x, h0, c0, lengths, config, force_stepped,
+                                                  *flat)
+        return y, h_n, c_n
+    h_all, h_n, c_n, _, _ = torch.ops.triton_lstm.wavefront_forward(
+        *_wavefront_operands(x, flat), h0, c0, lengths, False, config_to_list(config),
+        force_stepped)
+    return h_all[-1, 1:], h_n, c_n.to(x.dtype)
+
+
+def _wavefront_operands(x, flat):
+    """gx (layer 0's input projection), the upper layers' W_ih and biases, every W_hh."""
+    num_layers = len(flat) // 4
+    w_ih0, _, b_ih0, b_hh0 = flat[:4]
+    acc = state_dtype(x.dtype)
+    gx = input_projection(x, w_ih0, b_ih0, b_hh0)
+    w_ih = torch.stack([flat[4 * k] for k in range(1, num_layers)])
+    w_hh = torch.stack([flat[4 * k + 1] for k in range(num_layers)])
+    if b_ih0 is None:
+        bias = x.new_zeros((num_layers - 1, gx.shape[-1]), dtype=acc)
+    else:
+        bias = torch.stack([flat[4 * k + 2].to(acc) + flat[4 * k + 3].to(acc)
+                            for k in range(1, num_layers)])
+    return gx, w_ih, bias, w_hh
+
+
+def _stack_reference(x, h0, c0, flat, lengths):
+    """The same stack layer by layer in plain PyTorch (reference.py): y, h_n, c_n."""
+    h_n, c_n = [], []
+    for k in range(len(flat) // 4):
+        x, h, c = lstm_layer_reference(x, None if h0 is None else h0[k],
+                                       None if c0 is None else c0[k], *flat[4 * k:4 * k + 4],
+                                       lengths)
+        h_n.append(h)
+        c_n.append(c)
+    return x, torch.stack(h_n), torch.stack(c_n)
+
+
+class WavefrontFunction(torch.autograd.Function):
+    """A unidirectional stack without projection: forward as one wavefront, backward layer by
+    layer from the top (each layer's reverse-recurrence kernel, then its GEMMs over dG).
+
+    Args: x, h0, c0, lengths, config, force_stepped as ``lstm_stack_wavefront``, then per
+        layer w_ih, w_hh, b_ih, b_hh (the biases None without bias).
+    Returns: y [T, B, H], h_n, c_n [L, B, H], then what the backward needs, marked
+        non-differentiable: h_all [L, T+1, B, H], gates [L, T, B, 4H], c_all [L, T, B, H].
+
+    When the backward is itself differentiated it differentiates the reference stack.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, h0, c0, lengths, config, force_stepped, *weights):
+        h_all, h_n, c_n, gates, c_all = torch.ops.triton_lstm.wavefront_forward(
+            *_wavefront_operands(x, weights), h0, c0, lengths, True, config_to_list(config),
+            force_stepped)
+        # y is its own tensor, not a view of the saved h_all.
+        return h_all[-1, 1:].clone(), h_n, c_n.to(x.dtype), h_all, gates, c_all
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, h0, c0, lengths, config, force_stepped, *weights = inputs
+        _, _, _, h_all, gates, c_all = output
+        ctx.mark_non_differentiable(h_all, gates, c_all)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, h0, c0, lengths, h_all, gates, c_all, *weights)
+        ctx.force_stepped = force_stepped
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n, *_saved_grads):
+        x, h0, c0, lengths, h_all, gates, c_all, *weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            grads = _stack_grads_by_reference(dy, dh_n, dc_n, x, h0, c0, lengths, weights, needs)
+        else:
+            grads = _stack_backward(dy, dh_n, dc_n, x, h0, c0, lengths, h_all, gates, c_all,
+                                    weights, needs, ctx.force_stepped)
+        dx, dh0, dc0, *dweights = grads
+        return (dx, dh0, dc0, None, None, None, *dweights)
+
+
+def _stack_backward(dy, dh_n, dc_n, x, h0, c0, lengths, h_all, gates, c_all, weights, needs,
+                    force_stepped):
+    """dx, dh0, dc0, then per layer dw_ih, dw_hh, db_ih, db_hh: each layer's backward
+    (lstm_layer_backward) from the top, the dx of one the dy of the layer below."""
+    num_layers = len(weights) // 4
+    need_x, need_h0, need_c0 = needs[:3]
+    dweights = [None] * len(weights)
+    dh0, dc0 = [None] * num_layers, [None] * num_layers
+    d_out = dy
+    for k in reversed(range(num_layers)):
+        layer_needs = (k > 0 or need_x, need_h0, need_c0, *needs[6 + 4 * k:10 + 4 * k], False)
+        grads = lstm_layer_backward(
+            d_out, None if dh_n is None else dh_n[k], None if dc_n is None else dc_n[k],
+            x if k == 0 else h_all[k - 1, 1:], None if h0 is None else h0[k],
+            None if c0 is None else c0[k], *weights[4 * k:4 * k + 4], None, lengths, None,
+            h_all[k, 1:], gates[k:k + 1], c_all[k:k + 1], None, None, None, layer_needs,
+            None, force_stepped)
+        d_out, dh0[k], dc0[k] = grads[:3]
+        dweights[4 * k:4 * k + 4] = grads[3:7]
+    return (d_out if need_x else None, torch.stack(dh0) if need_h0 else None,
+            torch.stack(dc0) if need_c0 else None, *dweights)
+
+
+def _stack_grads_by_reference(dy, dh_n, dc_n, x, h0, c0, lengths, weights, needs):
+    """The same gradients through the reference stack, themselves differentiable."""
+    primals = (x, h0, c0, *weights)
+    wanted = [k for k, t in enumerate(primals) if t is not None and needs[k if k < 3 else k + 3]]
+    with torch.enable_grad():
+        outputs = _stack_reference(x, h0, c0, weights, lengths)
+        pairs = [(o, g) for o, g in zip(outputs, (dy, dh_n, dc_n)) if g is not None]
+        grads = torch.autograd.grad([o for o, _ in pairs], [primals[k] for k in wanted],
+                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
+    result = [None] * len(primals)
+    for k, g in zip(wanted, grads):
+        result[k] = g if g is not None else torch.zeros_like(primals[k])
+    return result
+
+
 # -- one step (streaming inference) ------------------------------------------------------------
 
 from .reference import lstm_step_reference  # noqa: E402  (this section's own import)

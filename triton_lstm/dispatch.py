@@ -222,21 +222,25 @@ def _launch_options(persistent: bool = True) -> dict:
 def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, batch: int,
                       hidden_size: int, output_size: int, num_directions: int,
                       config: KernelConfig, device: torch.device,
-                      force_stepped: bool = False) -> None:
+                      force_stepped: bool = False, shared_barrier: bool = False) -> None:
     """Run ``kernel`` over ``num_steps`` recurrent phases, persistently where it is safe.
 
     ``args`` are the kernel's tensors and sizes up to (and without) the barrier
     counters; ``constexprs`` its shape-independent compile-time flags (the tile
     flags come from ``config``). The grid is (hidden blocks x batch blocks,
-    directions); every (direction, batch block) is one barrier group. A resident
-    config whose tiles do not fit the chip falls back to streamed weights.
+    directions); every (direction, batch block) is one barrier group, or with
+    ``shared_barrier`` every batch block across grid axis 1 (the wavefront's
+    layers, passed as ``num_directions``). A resident config whose tiles do not
+    fit the chip falls back to streamed weights.
     """
     num_h = config.num_h_blocks(hidden_size)
     group = num_h * num_directions          # programs per batch block
+    barrier_group = group if shared_barrier else num_h
+    counters_per_block = 1 if shared_barrier else num_directions
     num_b = triton.cdiv(batch, config.block_b)
     counters = barrier_counters(device)
     args = args[:-2] + (counters,) + args[-2:]   # the counters come just before T, B
-    leader_inc = leader_increment(num_h)
+    leader_inc = leader_increment(barrier_group)
     # With a projection every hidden block also owns BLOCK_R of the output units.
     block_r = max(16, triton.next_power_of_2(triton.cdiv(output_size, num_h)))
     constexprs = dict(constexprs, BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_R=block_r,
@@ -255,7 +259,7 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
         pass
     elif interpreting():
         # Programs run one after another: only a group of one program gets past its barrier.
-        groups_resident = num_b if num_h == 1 else 0
+        groups_resident = num_b if barrier_group == 1 else 0
     else:
         try:
             capacity = co_resident_programs(kernel, args + (0, num_steps, 0, leader_inc),
@@ -267,9 +271,10 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
             return launch_recurrence(kernel, args[:-3] + args[-2:], constexprs, num_steps=num_steps,
                                      batch=batch, hidden_size=hidden_size, output_size=output_size,
                                      num_directions=num_directions, config=streamed,
-                                     device=device, force_stepped=force_stepped)
+                                     device=device, force_stepped=force_stepped,
+                                     shared_barrier=shared_barrier)
         groups_resident = capacity // group
-    groups_at_once = min(groups_resident, num_b, _COUNTER_SLOTS // num_directions)
+    groups_at_once = min(groups_resident, num_b, _COUNTER_SLOTS // counters_per_block)
 
     if groups_at_once >= 1:
         for b0 in range(0, num_b, groups_at_once):

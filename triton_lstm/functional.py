@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .autograd import lstm_cell_step, lstm_layer
+from .autograd import lstm_cell_step, lstm_layer, lstm_stack_wavefront
 from .reference import restarts_in_processing_order
 
 
@@ -61,6 +61,7 @@ def lstm(
     reset: Optional[torch.Tensor] = None,
     recompute: int = 0,
     layer_fn=None,
+    wavefront: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Run a stacked LSTM on the Triton kernels.
 
@@ -83,6 +84,10 @@ def lstm(
             gates and recompute them segment by segment in the backward.
         layer_fn: the one-layer function: ``lstm_layer`` (None, the kernels) or
             ``reference.lstm_layer_reference``.
+        wavefront: run a stack of 2+ layers on the kernels as one wavefront launch (layer l
+            at time t while layer l + 1 runs t - 1: T + L - 1 steps instead of L * T), where
+            it applies: unidirectional, no projection, no resets or recompute, no dropout
+            while training. Elsewhere the layers run one after another.
     Returns:
         output [T, B, num_directions * R] (batch first if asked), (h_n, c_n).
 
@@ -102,6 +107,12 @@ def lstm(
         restarts = restarts_in_processing_order(reset.to(device=x.device, dtype=torch.bool),
                                                 lengths, num_directions)
     layer_fn = layer_fn or lstm_layer
+    if (wavefront and layer_fn is lstm_layer and num_layers > 1 and not bidirectional
+            and restarts is None and not recompute and not (dropout > 0 and training)
+            and all(w[4] is None for w in weights)):
+        h0, c0 = (None, None) if hx is None else hx
+        y, h_n, c_n = lstm_stack_wavefront(x, h0, c0, [w[:4] for w in weights], lengths)
+        return (y.transpose(0, 1) if batch_first else y), (h_n, c_n)
     extra = {} if layer_fn is not lstm_layer else dict(recompute=recompute)
     h_n, c_n = [], []
     for layer in range(num_layers):

@@ -56,6 +56,11 @@ class LSTM(nn.LSTM):
             to save the state every k steps and recompute the gates segment by segment
             in the backward: saved activations ~10x smaller for one more forward pass
             (keyword only; training memory for long sequences).
+        wavefront: False (default), or True to run a stack of 2+ layers on the kernels
+            as one wavefront launch: layer l runs step t while layer l + 1 runs step
+            t - 1, so the stack takes T + L - 1 steps instead of L * T (keyword only;
+            unidirectional, without proj_size or recompute). Calls with resets, and
+            training with dropout > 0, run the layers one after another.
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched),
         optional (h0, c0) each [num_layers * num_directions, B, H] ([.., H] unbatched),
@@ -70,7 +75,8 @@ class LSTM(nn.LSTM):
         >>> out, (h_n, c_n) = lstm(x)
     """
 
-    def __init__(self, *args, backend: str = "auto", recompute: Optional[int] = None, **kwargs):
+    def __init__(self, *args, backend: str = "auto", recompute: Optional[int] = None,
+                 wavefront: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -78,8 +84,16 @@ class LSTM(nn.LSTM):
                                       or recompute < 1):
             raise ValueError(f"recompute must be None or a number of steps >= 1 between saved "
                              f"states, got {recompute!r}")
+        if not isinstance(wavefront, bool):
+            raise TypeError(f"wavefront must be True or False, got {wavefront!r}")
+        if wavefront and (self.bidirectional or self.proj_size > 0 or recompute is not None):
+            raise ValueError(
+                "wavefront=True runs unidirectional stacks without proj_size or recompute; got "
+                f"bidirectional={self.bidirectional}, proj_size={self.proj_size}, "
+                f"recompute={recompute}")
         self.backend = backend
         self.recompute = recompute
+        self.wavefront = wavefront
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -87,11 +101,13 @@ class LSTM(nn.LSTM):
             text += f", backend={self.backend!r}"
         if self.recompute is not None:
             text += f", recompute={self.recompute}"
+        if self.wavefront:
+            text += ", wavefront=True"
         return text
 
     @classmethod
     def from_torch(cls, module: nn.LSTM, *, backend: str = "auto",
-                   recompute: Optional[int] = None) -> "LSTM":
+                   recompute: Optional[int] = None, wavefront: bool = False) -> "LSTM":
         """A triton_lstm.LSTM with the same options and parameters as ``module``."""
         weight = module.weight_ih_l0
         with warnings.catch_warnings():   # the source module already warned about its options
@@ -100,7 +116,7 @@ class LSTM(nn.LSTM):
                       bias=module.bias, batch_first=module.batch_first, dropout=module.dropout,
                       bidirectional=module.bidirectional, proj_size=module.proj_size,
                       device=weight.device, dtype=weight.dtype, backend=backend,
-                      recompute=recompute)
+                      recompute=recompute, wavefront=wavefront)
         new.load_state_dict(module.state_dict())
         _copy_requires_grad(module, new)
         new.train(module.training)
@@ -135,10 +151,10 @@ class LSTM(nn.LSTM):
 
     def _runs_kernels(self, input: torch.Tensor, reset) -> bool:
         """_uses_triton, except that "auto" keeps the kernels on CUDA for what only they do
-        there (resets, recompute), whatever the table says of nn.LSTM's speed."""
+        there (resets, recompute, the wavefront), whatever the table says of nn.LSTM's speed."""
         if self._uses_triton(input):
             return True
-        wants_kernels = reset is not None or self.recompute is not None
+        wants_kernels = reset is not None or self.recompute is not None or self.wavefront
         return (self.backend == "auto" and input.is_cuda and wants_kernels and not exporting())
 
     def forward(self, input, hx: Optional[tuple[torch.Tensor, torch.Tensor]] = None, *,
@@ -199,10 +215,10 @@ class LSTM(nn.LSTM):
     # -- helpers -----------------------------------------------------------------------------
 
     def _layer_options(self, kernels: bool) -> dict:
-        """The kernels (with this module's recompute), or, where nn.LSTM cannot do what was
-        asked (resets), the same layers in plain PyTorch (reference.py)."""
+        """The kernels (with this module's recompute and wavefront), or, where nn.LSTM cannot
+        do what was asked (resets), the same layers in plain PyTorch (reference.py)."""
         if kernels:
-            return dict(recompute=self.recompute or 0)
+            return dict(recompute=self.recompute or 0, wavefront=self.wavefront)
         return dict(layer_fn=lstm_layer_reference)
 
     def _check_reset(self, reset, input, unbatched: bool) -> torch.Tensor:

@@ -29,6 +29,7 @@ from .dispatch import KernelConfig, state_dtype
 from .kernels.backward import lstm_backward
 from .kernels.forward import lstm_forward
 from .kernels.step import StepConfig, lstm_step
+from .kernels.wavefront import lstm_wavefront
 
 
 def config_to_list(config: Optional[KernelConfig]) -> Optional[list[int]]:
@@ -140,6 +141,37 @@ def _recurrence_backward_fake(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w
             w_hh.new_empty((D, B, H) if has_restarts else (0,), dtype=acc))
 
 
+@custom_op("triton_lstm::wavefront_forward", mutates_args=())
+def wavefront_forward(
+    gx: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor, w_hh: torch.Tensor,
+    h0: Optional[torch.Tensor], c0: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
+    save: bool, config: Optional[list[int]], force_stepped: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The recurrence of a unidirectional stack as one wavefront: ``kernels.wavefront``.
+
+    gx [T, B, 4H] (layer 0's input projection), w_ih [L-1, 4H, H], bias [L-1, 4H] (state
+    dtype), w_hh [L, 4H, H], h0 / c0 [L, B, H] or None, lengths [B] int32 or None.
+    Returns h_all [L, T+1, B, H] (slot 0 h0, slot t+1 each layer's h_t), h_n [L, B, H],
+    c_n [L, B, H] (state dtype), when ``save`` gates [L, T, B, 4H] and c_all [L, T, B, H]
+    (state dtype); [0]-shaped where absent.
+    """
+    h_all, h_n, c_n, gates, c_all = lstm_wavefront(
+        gx.contiguous(), w_ih.contiguous(), bias.contiguous(), w_hh.contiguous(), h0, c0,
+        lengths, save=save, config=config_from_list(config), force_stepped=force_stepped)
+    return h_all, h_n, c_n, _or_empty(gates, gx, c_n.dtype), _or_empty(c_all, gx, c_n.dtype)
+
+
+@register_fake("triton_lstm::wavefront_forward")
+def _wavefront_forward_fake(gx, w_ih, bias, w_hh, h0, c0, lengths, save, config, force_stepped):
+    T, B, G = gx.shape
+    L, H = w_hh.shape[0], G // 4
+    acc = state_dtype(gx.dtype)
+    saved = (L, T, B) if save else (0,)
+    return (gx.new_empty(L, T + 1, B, H), gx.new_empty(L, B, H), gx.new_empty((L, B, H), dtype=acc),
+            gx.new_empty(saved + ((4 * H,) if save else ()), dtype=acc),
+            gx.new_empty(saved + ((H,) if save else ()), dtype=acc))
+
+
 # -- torch.vmap ------------------------------------------------------------------------------
 
 def _fold_into_batch(t, in_dim, batch_axis: int, size: int):
@@ -202,6 +234,12 @@ register_vmap("triton_lstm::recurrence_backward", _vmap_rule(
     out_batch_axes=(1, 1, 1, 2, 1, 1),      # dG, dh0, dc0, dh_all, dh_restart, dc_restart
     weights=(7, 8)))
 
+register_vmap("triton_lstm::wavefront_forward", _vmap_rule(
+    wavefront_forward,
+    # gx, w_ih, bias, w_hh, h0, c0, lengths, save, config, force_stepped
+    batch_axes=(1, None, None, None, 1, 1, 0, None, None, None),
+    out_batch_axes=(2, 1, 1, 2, 2),         # h_all, h_n, c_n, gates, c_all
+    weights=(1, 2, 3)))
 
 # -- one step (streaming inference) -----------------------------------------------------------
 

@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import tuning
 from .dispatch import heuristic_config, interpreting
 from .functional import compute_dtype
+from .kernels.wavefront import wavefront_config
 from .tuning import DTYPE_NAMES, KERNEL_ADVANTAGE
 
 
@@ -112,6 +113,10 @@ def _tiles(module, data: torch.Tensor, batch: int, dtype: torch.dtype) -> dict:
             found = (heuristic_config(batch, module.hidden_size, dtype,
                                       max(1, num_sms // directions), kernel), "heuristic")
         tiles[kernel] = found
+    if module.wavefront and module.num_layers > 1:
+        num_sms = tuning.sm_count(data.device) if data.device.type == "cuda" else 4
+        tiles["forward"] = (wavefront_config(batch, module.hidden_size, module.num_layers, dtype,
+                                             num_sms), "wavefront heuristic")
     return tiles
 
 
@@ -171,6 +176,9 @@ def explain(module, input, hx=None) -> Explanation:
         return kernels(f"recompute={module.recompute}: only the kernels keep the state every "
                        "few steps instead of every step's gates (a call with reset= also keeps "
                        "the kernels: nn.LSTM has no resets)")
+    if module.wavefront:
+        return kernels("wavefront=True: only the kernels run a stack of layers as one "
+                       "wavefront (the table measures layers one at a time)")
     gpu = tuning.device_name(data.device)
     table = tuning.load_table(gpu)
     if not table:

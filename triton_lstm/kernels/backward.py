@@ -32,8 +32,8 @@ import triton.language as tl
 
 from ..dispatch import dot_precision, launch_recurrence, padded, pick_config, state_dtype
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
-from .forward import (_tanh, chunked_dot, dot_operands, load_restarts, reduction_index,
-                      resident_chunks, split_dot, step_rows, streamed_dot)
+from .forward import (_tanh, chunked_dot, dot_operands, load_restarts, own_block,
+                      reduction_index, resident_chunks, split_dot, step_rows, streamed_dot)
 
 
 @triton.jit
@@ -136,20 +136,13 @@ def lstm_backward_kernel(
     dh_restart += i_d64 * B * R
     dc_restart += i_d64 * B * H
 
-    o_b = batch_start + i_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    o_u = i_h * BLOCK_H + tl.arange(0, BLOCK_H)     # own hidden units (cell phase)
-    m_b = o_b < B
-    m_u = o_u < H
-    m_bu = m_b[:, None] & m_u[None, :]
-    p_bu = o_b[:, None] * H + o_u[None, :]
+    # Own batch rows, and own hidden units (cell phase).
+    o_b, o_u, m_b, m_u, m_bu, p_bu, length = own_block(batch_start, i_b, i_h, B, T, lengths, H,
+                                                       BLOCK_B, BLOCK_H, HAS_LENGTHS)
     o_r = i_h * BLOCK_O + tl.arange(0, BLOCK_O)         # own output units (dh phase)
     m_r = o_r < R
     m_br = m_b[:, None] & m_r[None, :]
     p_br = o_b[:, None] * R + o_r[None, :]
-    if HAS_LENGTHS:
-        length = tl.load(lengths + o_b, mask=m_b, other=0)
-    else:
-        length = tl.full([BLOCK_B], T, tl.int32)
 
     if RESIDENT:
         if CHUNKED:

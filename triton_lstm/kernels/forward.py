@@ -181,6 +181,36 @@ def step_rows(step, length, m_b, reverse):
 
 
 @triton.jit
+def own_block(batch_start, i_b, i_h, B, T, lengths, H: tl.constexpr, BLOCK_B: tl.constexpr,
+              BLOCK_H: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """A program's batch rows o_b and hidden units o_u, their masks, its [rows, units] offsets
+    into a [B, H] tensor, and each row's sequence length (T without lengths)."""
+    o_b = batch_start + i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    o_u = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_b = o_b < B
+    m_u = o_u < H
+    if HAS_LENGTHS:
+        length = tl.load(lengths + o_b, mask=m_b, other=0)
+    else:
+        length = tl.full([BLOCK_B], T, tl.int32)
+    return o_b, o_u, m_b, m_u, m_b[:, None] & m_u[None, :], o_b[:, None] * H + o_u[None, :], length
+
+
+@triton.jit
+def save_step(gates, c_all, t_row, B, o_b, o_u, H: tl.constexpr, b_i, b_f, b_g, b_o, b_c, m_run,
+              mask):
+    """What the backward needs of a step: the activated gates and c of own units, zeros where
+    a row is not running (the saved tensors are fully defined outputs)."""
+    p_g = gates + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :]
+    tl.store(p_g, tl.where(m_run, b_i, 0.0), mask=mask)
+    tl.store(p_g + H, tl.where(m_run, b_f, 0.0), mask=mask)
+    tl.store(p_g + 2 * H, tl.where(m_run, b_g, 0.0), mask=mask)
+    tl.store(p_g + 3 * H, tl.where(m_run, b_o, 0.0), mask=mask)
+    tl.store(c_all + (t_row * B + o_b)[:, None] * H + o_u[None, :], tl.where(m_run, b_c, 0.0),
+             mask=mask)
+
+
+@triton.jit
 def _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H: tl.constexpr, GS: tl.constexpr,
              ACC: tl.constexpr):
     """Input projection of own units at each row's time index, per gate (nothing read for stopped rows)."""
@@ -304,18 +334,10 @@ def lstm_forward_kernel(
         h_ckpt += i_d64 * num_ckpt * B * R
         c_ckpt += i_d64 * num_ckpt * B * H
 
-    o_b = batch_start + i_b * BLOCK_B + tl.arange(0, BLOCK_B)   # batch rows
-    o_u = i_h * BLOCK_H + tl.arange(0, BLOCK_H)                 # own hidden units
-    m_b = o_b < B
-    m_u = o_u < H
-    m_bu = m_b[:, None] & m_u[None, :]
-    p_bu = o_b[:, None] * H + o_u[None, :]                      # into [B, H]
+    o_b, o_u, m_b, m_u, m_bu, p_bu, length = own_block(batch_start, i_b, i_h, B, T, lengths, H,
+                                                       BLOCK_B, BLOCK_H, HAS_LENGTHS)
     o_r = i_h * BLOCK_R + tl.arange(0, BLOCK_R)                 # own output units (PROJ)
     m_r = o_r < R
-    if HAS_LENGTHS:
-        length = tl.load(lengths + o_b, mask=m_b, other=0)
-    else:
-        length = tl.full([BLOCK_B], T, tl.int32)
     # Weight-tile columns: n = 4 * unit + gate.
     o_n = tl.arange(0, 4 * BLOCK_H)
     o_nu = i_h * BLOCK_H + o_n // 4
@@ -414,14 +436,8 @@ def lstm_forward_kernel(
                 tl.store(y + (t_row * B + o_b)[:, None] * YS + o_u[None, :], b_h, mask=m_bu)
                 tl.store(h_n + p_bu, b_h, mask=m_bu & (t == length - 1)[:, None])
             if SAVE:
-                # Zeros past a row's length: the saved tensors are fully defined outputs.
-                p_g = gates + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :]
-                tl.store(p_g, tl.where(m_run, b_i, 0.0), mask=m_bu)
-                tl.store(p_g + H, tl.where(m_run, b_f, 0.0), mask=m_bu)
-                tl.store(p_g + 2 * H, tl.where(m_run, b_g, 0.0), mask=m_bu)
-                tl.store(p_g + 3 * H, tl.where(m_run, b_o, 0.0), mask=m_bu)
-                tl.store(c_all + (t_row * B + o_b)[:, None] * H + o_u[None, :],
-                         tl.where(m_run, b_c, 0.0), mask=m_bu)
+                save_step(gates, c_all, t_row, B, o_b, o_u, H, b_i, b_f, b_g, b_o, b_c, m_run,
+                          m_bu)
             if CKPT_EVERY > 0:
                 if ((t + 1) % CKPT_EVERY == 0) & (t + 1 < T):
                     # The state before processing step t + 1, for the recompute in the backward.

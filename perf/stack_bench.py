@@ -1,0 +1,127 @@
+"""The stack section of `make perf`: stacked unidirectional layers, µs per time step of the stack.
+
+A stack of L layers, I = H, T steps, for
+    stack_wavefront     triton_lstm.LSTM(wavefront=True): every layer in one persistent
+                        launch, layer l at time t while layer l + 1 runs t - 1 (T + L - 1
+                        steps)
+    stack_layers        triton_lstm.LSTM: the same layers one after another (L * T steps)
+    stack_cudnn         torch.nn.LSTM
+    stack_cudnn_graph   torch.nn.LSTM's forward replayed from a CUDA graph (forward only)
+Forward (no grad) and training (forward + backward; the wavefront's backward runs layer by
+layer). Rows carry their number of layers; µs are per time step of the whole stack.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import triton_lstm
+from bench import (CHECK_STEPS, CUDNN_PEERS, DTYPES, ERROR_BOUNDS, GraphedForward, _fmt,
+                   float64_reference, make_row, relative_error, skipped, time_training,
+                   within_bound)
+from timing import bench_ms
+
+STACK_PEERS = ("stack_wavefront", "stack_layers", "stack_cudnn", "stack_cudnn_graph")
+STACK_GRID = [(B, H, L) for B in (1, 8) for H in (256, 512) for L in (2, 3)]
+STACK_GRID += [(8, 1024, 2), (64, 512, 2)]
+QUICK_STACK_GRID = [(8, 512, 2), (8, 512, 3)]
+STACK_STEPS = 256
+
+
+def seeded_stack(dtype_name: str, T: int, B: int, H: int, L: int):
+    """nn.LSTM(H, H, num_layers=L) on the GPU, x [T, B, H] and hx [L, B, H] each, seeded."""
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    lstm = nn.LSTM(H, H, num_layers=L, device="cuda", dtype=dtype)
+    x = torch.randn(T, B, H, device="cuda", dtype=dtype)
+    hx = tuple(torch.randn(L, B, H, device="cuda", dtype=dtype) for _ in range(2))
+    return lstm, x, hx
+
+
+def build_stack_peer(peer: str, lstm: nn.LSTM, x, hx):
+    """(forward, module): peer's no-grad forward returning its output, and the module to
+    train (None for the graph replay)."""
+    if peer == "stack_cudnn_graph":
+        return GraphedForward(lstm, x, hx), None
+    if peer == "stack_cudnn":
+        module = lstm
+    elif peer in ("stack_wavefront", "stack_layers"):
+        module = triton_lstm.LSTM.from_torch(lstm, backend="triton",
+                                             wavefront=peer == "stack_wavefront")
+    else:
+        raise ValueError(f"unknown stack peer {peer!r}")
+
+    def forward():
+        with torch.no_grad():
+            return module(x, hx)[0]
+    return forward, module
+
+
+def run_stack_config(dtype_name, B, H, L, T, modes, timing, env, log) -> tuple[list, list]:
+    """Check every peer's output against float64, then time it in each mode."""
+    lstm, x, hx = seeded_stack(dtype_name, T, B, H, L)
+    steps = min(CHECK_STEPS, T)
+    reference = float64_reference(lstm, x[:steps], hx)
+    bound = ERROR_BOUNDS[dtype_name]
+    rows, problems = [], []
+    for peer in STACK_PEERS:
+        label = f"{peer} {dtype_name} B={B} H={H} L={L} T={T}"
+        forward = module = None
+        try:
+            forward, module = build_stack_peer(peer, lstm, x, hx)
+            error = relative_error(forward()[:steps], reference)
+            if not within_bound(error, bound):
+                problems.append(f"WRONG {label}: relative error {error:.2e} > {bound:.0e}, "
+                                "not timed")
+                log(problems[-1])
+                continue
+            for mode in modes:
+                if mode == "fwd":
+                    quantiles, peak_mb = bench_ms(forward, **timing), None
+                elif module is not None:
+                    quantiles, peak_mb = time_training(module, x, hx, timing)
+                else:
+                    continue
+                rows.append(make_row(peer, dtype_name, B, H, T, mode, quantiles, peak_mb, error,
+                                     env, layers=L))
+        except Exception as exc:   # say why and post nothing, as bench.run_config
+            problems.append(skipped(label, exc, log))
+        finally:
+            forward = module = None
+    return rows, problems
+
+
+def format_stack_table(rows: list[dict]) -> str:
+    """µs per time step (median) of every stack peer; the wavefront's speed-up over the
+    layers one after another, and over the best cuDNN number of the mode."""
+    median = {(row["peer"], row["dtype"], row["B"], row["H"], row["layers"], row["mode"]):
+              row["median_us"] for row in rows if row["peer"] in STACK_PEERS}
+    lines = [f"{'dtype':5} {'B':>4} {'H':>5} {'L':>2} {'mode':5} "
+             + " ".join(f"{p:>17}" for p in STACK_PEERS) + f" {'vs layers':>9} {'vs cuDNN':>8}"]
+    for key in dict.fromkeys(k[1:] for k in median):
+        cells = " ".join(f"{_fmt(median.get((p,) + key)):>17}" for p in STACK_PEERS)
+        ours = median.get(("stack_wavefront",) + key)
+        layers = median.get(("stack_layers",) + key)
+        cudnn = [median[(f"stack_{p}",) + key] for p in CUDNN_PEERS[key[-1]]
+                 if (f"stack_{p}",) + key in median]
+        vs_layers = layers / ours if ours and layers else None
+        vs_cudnn = min(cudnn) / ours if ours and cudnn else None
+        lines.append(f"{key[0]:5} {key[1]:4} {key[2]:5} {key[3]:2} {key[4]:5} {cells} "
+                     f"{_fmt(vs_layers, '{:.2f}x'):>9} {_fmt(vs_cudnn, '{:.2f}x'):>8}")
+    return "\n".join(lines)
+
+
+def stack_benchmark(args, env, log) -> tuple[list, list]:
+    """The stack section of `make perf`: STACK_GRID at T = 256 in the run's dtypes."""
+    from bench import QUICK_TIMING, TIMING
+    grid = QUICK_STACK_GRID if args.quick else STACK_GRID
+    timing = QUICK_TIMING if args.quick else TIMING
+    rows, problems = [], []
+    for dtype_name in args.dtypes:
+        for B, H, L in grid:
+            print(f"stack {dtype_name} B={B} H={H} L={L}", flush=True)
+            new_rows, new_problems = run_stack_config(dtype_name, B, H, L, STACK_STEPS,
+                                                      args.modes, timing, env, log)
+            rows += new_rows
+            problems += new_problems
+    return rows, problems
