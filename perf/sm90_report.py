@@ -154,7 +154,7 @@ def report_wavefront(dtype_name, batch, hidden, layers, config=None):
                       DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                       INNER_STAGES=cfg.inner_stages if cfg.inner_stages > 1 else None,
                       PREFETCH_AFTER_ARRIVE=cfg.prefetch_after_arrive, CHUNKED=False,
-                      DATAFLOW=False)
+                      DATAFLOW=cfg.dataflow)
     compiled = compile_one(lstm_wavefront_kernel, types, constexprs, cfg.num_warps)
     return compiled_row(compiled, kernel="wavefront", dtype=dtype_name, B=batch, H=hidden,
                         D=layers, proj=0, tile=f"{cfg.block_b}x{cfg.block_h}",

@@ -4,6 +4,8 @@ A stack of L layers, I = H, T steps, for
     stack_wavefront     triton_lstm.LSTM(wavefront=True): every layer in one persistent
                         launch, layer l at time t while layer l + 1 runs t - 1 (T + L - 1
                         steps)
+    stack_dataflow      the same wavefront with dataflow waits instead of its barrier (its
+                        config with ``dataflow``): each program polls the tiles it reads
     stack_layers        triton_lstm.LSTM: the same layers one after another (L * T steps)
     stack_cudnn         torch.nn.LSTM
     stack_cudnn_graph   torch.nn.LSTM's forward replayed from a CUDA graph (forward only)
@@ -12,16 +14,22 @@ layer). Rows carry their number of layers; µs are per time step of the whole st
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 import triton_lstm
+from triton_lstm import tuning
+from triton_lstm.autograd import lstm_stack_wavefront
+from triton_lstm.kernels.wavefront import wavefront_config
 from bench import (CHECK_STEPS, CUDNN_PEERS, DTYPES, ERROR_BOUNDS, GraphedForward, _fmt,
                    float64_reference, make_row, relative_error, skipped, time_training,
                    within_bound)
 from timing import bench_ms
 
-STACK_PEERS = ("stack_wavefront", "stack_layers", "stack_cudnn", "stack_cudnn_graph")
+STACK_PEERS = ("stack_wavefront", "stack_dataflow", "stack_layers", "stack_cudnn",
+               "stack_cudnn_graph")
 STACK_GRID = [(B, H, L) for B in (1, 8) for H in (256, 512) for L in (2, 3)]
 STACK_GRID += [(8, 1024, 2), (64, 512, 2)]
 QUICK_STACK_GRID = [(8, 512, 2), (8, 512, 3)]
@@ -38,6 +46,25 @@ def seeded_stack(dtype_name: str, T: int, B: int, H: int, L: int):
     return lstm, x, hx
 
 
+class DataflowWavefront(nn.Module):
+    """lstm's stack as the wavefront with dataflow waits (wavefront_config, dataflow=True)."""
+
+    def __init__(self, lstm: nn.LSTM):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x, hx):
+        lstm = self.lstm
+        weights = [tuple(getattr(lstm, f"{name}_l{k}") for name in
+                         ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                   for k in range(lstm.num_layers)]
+        config = dataclasses.replace(
+            wavefront_config(x.shape[1], lstm.hidden_size, lstm.num_layers, x.dtype,
+                             tuning.sm_count(x.device)), dataflow=True)
+        y, h_n, c_n = lstm_stack_wavefront(x, hx[0], hx[1], weights, config=config)
+        return y, (h_n, c_n)
+
+
 def build_stack_peer(peer: str, lstm: nn.LSTM, x, hx):
     """(forward, module): peer's no-grad forward returning its output, and the module to
     train (None for the graph replay)."""
@@ -45,6 +72,8 @@ def build_stack_peer(peer: str, lstm: nn.LSTM, x, hx):
         return GraphedForward(lstm, x, hx), None
     if peer == "stack_cudnn":
         module = lstm
+    elif peer == "stack_dataflow":
+        module = DataflowWavefront(lstm)
     elif peer in ("stack_wavefront", "stack_layers"):
         module = triton_lstm.LSTM.from_torch(lstm, backend="triton",
                                              wavefront=peer == "stack_wavefront")

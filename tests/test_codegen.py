@@ -35,6 +35,8 @@ CASES = {
     # Stacked layers as one wavefront: h of its own layer and of the layer below.
     "wavefront": (["--kernels", "wavefront", "--layers", "3", "--shapes", "1x256", "8x512",
                    "64x512", "128x1024", "--dtypes", "bf16", "fp32"], True),
+    "wavefront-dataflow": (["--kernels", "wavefront", "--shapes", "8x512", "--dtypes", "bf16",
+                            "--config", "bb16-bh8-res-bk64-sk1-w4-df"], False),
 }
 
 

@@ -533,10 +533,13 @@ def test_wavefront_matches_float64_within_twice_cudnn_error(dtype_name, batch, h
             f"tensor {k}: error {ours_err:.2e} vs nn.LSTM's {torch_err:.2e} (+{slack:.0e})")
 
 
-@pytest.mark.timeout(120)     # a barrier that never opens fails here instead of hanging
-def test_wavefront_is_deterministic_stepped_equals_persistent_and_nan_input_ends():
+@pytest.mark.timeout(120)     # a barrier or a wait that never ends fails instead of hanging
+def test_wavefront_is_deterministic_stepped_dataflow_equal_persistent_and_nan_input_ends():
+    from triton_lstm import tuning
     from triton_lstm.autograd import lstm_stack_wavefront
+    from triton_lstm.kernels.wavefront import wavefront_config
     T, B, I, H, L = 40, 8, 64, 512, 3
+    config = wavefront_config(B, H, L, torch.bfloat16, tuning.sm_count(torch.device("cuda")))
     torch_lstm = torch.nn.LSTM(I, H, num_layers=L, device="cuda", dtype=torch.bfloat16)
     weights = [tuple(getattr(torch_lstm, f"{n}_l{k}") for n in
                      ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for k in range(L)]
@@ -544,16 +547,20 @@ def test_wavefront_is_deterministic_stepped_equals_persistent_and_nan_input_ends
     x[5, 0, :3] = float("nan")
     x[9, 1, :3] = float("inf")
     runs = []
-    for force_stepped in (False, False, True):
+    for run_config, force_stepped in ((config, False), (config, False), (config, True),
+                                      (dataclasses.replace(config, dataflow=True), False)):
         xg = x.clone().requires_grad_()
-        y, h, c = lstm_stack_wavefront(xg, None, None, weights, force_stepped=force_stepped)
+        before = launch_counts["persistent"]
+        y, h, c = lstm_stack_wavefront(xg, None, None, weights, config=run_config,
+                                       force_stepped=force_stepped)
+        assert launch_counts["persistent"] == before + (not force_stepped)
         grads = torch.autograd.grad(y.float().nan_to_num().sum() + c.float().nan_to_num().sum(),
                                     [xg, weights[1][1]])
         runs.append([y, h, c, *grads])
-    for k, (first, second, stepped) in enumerate(zip(*runs)):
-        assert torch.equal(first.isnan(), stepped.isnan()), k
-        assert torch.equal(first.nan_to_num(), second.nan_to_num()), k
-        assert torch.equal(first.nan_to_num(), stepped.nan_to_num()), k
+    for k, (first, *others) in enumerate(zip(*runs)):
+        for other in others:      # again, stepped, dataflow
+            assert torch.equal(first.isnan(), other.isnan()), k
+            assert torch.equal(first.nan_to_num(), other.nan_to_num()), k
     assert runs[0][0][:, 2:].isfinite().all()      # rows without NaN input stay finite
 
 

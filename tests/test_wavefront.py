@@ -26,6 +26,10 @@ CONFIGS = {
     "resident-bh8-split2": KernelConfig(block_b=16, block_h=8, resident=True, split_k=2),
     "streamed-bh8-bk16-st3-pa": KernelConfig(block_b=16, block_h=8, resident=False, block_k=16,
                                              inner_stages=3, prefetch_after_arrive=True),
+    # Dataflow waits: the slots past h0 start as the unwritten mark, tiles polled until written.
+    "dataflow-bh4": KernelConfig(block_b=16, block_h=4, resident=True, split_k=1, dataflow=True),
+    "dataflow-streamed-bh8-bk16": KernelConfig(block_b=16, block_h=8, resident=False, block_k=16,
+                                               dataflow=True),
 }
 
 SHAPES = [  # T, B, I, H, L
@@ -192,14 +196,38 @@ def test_wavefront_must_be_a_bool():
         triton_lstm.LSTM(3, 4, num_layers=2, wavefront="yes")
 
 
-def test_chunked_or_dataflow_configs_are_refused():
+def test_chunked_configs_are_refused():
     control = nn.LSTM(3, 4, num_layers=2, dtype=torch.float64)
     x = torch.randn(2, 2, 3, dtype=torch.float64)
-    for config in (KernelConfig(16, 4, chunked=True), KernelConfig(16, 4, dataflow=True)):
-        with pytest.raises(ValueError, match="config: the wavefront runs resident or streamed"):
-            lstm_stack_wavefront(x, None, None, [tuple(w.detach() for w in layer)
-                                                 for layer in _stack_weights(control)],
-                                 config=config)
+    with pytest.raises(ValueError, match="config: the wavefront runs resident or streamed"):
+        lstm_stack_wavefront(x, None, None, [tuple(w.detach() for w in layer)
+                                             for layer in _stack_weights(control)],
+                             config=KernelConfig(16, 4, chunked=True))
+
+
+@pytest.mark.timeout(300)     # a wait that never ends fails here instead of hanging
+@pytest.mark.parametrize("mark_in_h0", [False, True], ids=["h0", "h0-holding-the-mark"])
+def test_dataflow_with_nan_inf_input_computes_what_the_barrier_computes(mark_in_h0):
+    """A NaN or inf in the input is a value like any other, never "not yet written"; an h0
+    holding the unwritten mark itself is read, not waited for."""
+    T, B, I, H, L = 4, 3, 4, 8, 3
+    control = nn.LSTM(I, H, num_layers=L)
+    weights = [tuple(w.detach() for w in layer) for layer in _stack_weights(control)]
+    x = torch.randn(T, B, I)
+    x[1, 0, :2] = float("nan")
+    x[2, 1, :2] = float("inf")
+    h0, c0 = torch.randn(L, B, H), torch.randn(L, B, H)
+    if mark_in_h0:
+        h0[1, 2, :3] = torch.tensor(-1, dtype=torch.int32).view(torch.float32)
+    runs = []
+    for dataflow in (False, True):
+        config = KernelConfig(block_b=16, block_h=4, split_k=1, dataflow=dataflow)
+        runs.append(lstm_stack_wavefront(x, h0, c0, weights, config=config))
+    for k, (barrier, dataflow) in enumerate(zip(*runs)):
+        assert torch.equal(barrier.isnan(), dataflow.isnan()), k
+        assert torch.equal(barrier.nan_to_num(), dataflow.nan_to_num()), k
+    # Row 2's output is NaN exactly where its h0 holds the mark (a NaN pattern).
+    assert runs[0][0][:, 2].isfinite().all() != mark_in_h0
 
 
 def test_state_dict_round_trip_and_repr():

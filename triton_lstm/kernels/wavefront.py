@@ -21,8 +21,13 @@ which would cost the loads their vector width (forward.py). c starts from
 
 Per-row lengths (packed sequences) work as in forward.py: a row past its length
 keeps its state and writes zeros, and so reads zeros in the layer above, where it
-has stopped too. Not here: both directions, projections, dropout between layers,
-resets and dataflow waits (the caller runs those layer by layer).
+has stopped too. Not here: both directions, projections, dropout between layers and
+resets (the caller runs those layer by layer).
+
+With DATAFLOW (config ``dataflow``, barrier.py) there is no barrier: the slots of
+h_all past h0 start as the unwritten mark and each program polls the two tiles it
+reads until they are written. Nothing holds a layer back but its own inputs, so
+the lower layers may run ahead; no slot is written twice, so that is safe.
 
 Stepped mode (PERSISTENT=False) runs wavefront steps [q_begin, q_end); the launch
 boundary is the barrier, c travels through ``c_state``.
@@ -33,7 +38,7 @@ import triton.language as tl
 
 from ..dispatch import (ON_CHIP_BUDGET, KernelConfig, dot_precision, heuristic_config,
                         launch_recurrence, on_chip_bytes, padded, state_dtype)
-from .barrier import barrier_arrive, barrier_wait
+from .barrier import barrier_arrive, barrier_wait, fill_unwritten, published
 from .forward import (_load_gx, _tanh, own_block, reduction_index, save_step, split_dot,
                       step_rows, streamed_dot)
 
@@ -44,17 +49,20 @@ def _input_and_recurrent_dot(p_h, p_x, running, upper, b_w, b_wx, w_hh, w_ih, w_
                              H: tl.constexpr, HP: tl.constexpr, BLOCK_K: tl.constexpr,
                              SPLIT_K: tl.constexpr, RESIDENT: tl.constexpr,
                              DOT_PRECISION: tl.constexpr, INNER_STAGES: tl.constexpr,
-                             ACC: tl.constexpr):
+                             ACC: tl.constexpr, DATAFLOW: tl.constexpr, poll_h):
     """h_{t-1} W_hh^T + x_t W_ih^T for the four gates of own units, [BLOCK_B, 4*BLOCK_H]
-    (the input term only for layers above the first: ``upper``, per row and per column)."""
+    (the input term only for layers above the first: ``upper``, per row and per column).
+    With DATAFLOW both tiles are polled until written; h_{t-1} only past h0 (poll_h)."""
     if RESIDENT:
-        b_acc = split_dot(p_h, running, o_j, b_w, H, SPLIT_K, DOT_PRECISION, ACC)
-        b_acc += split_dot(p_x, running & upper, o_j, b_wx, H, SPLIT_K, DOT_PRECISION, ACC)
+        b_acc = split_dot(p_h, running, o_j, b_w, H, SPLIT_K, DOT_PRECISION, ACC, DATAFLOW,
+                          poll_h)
+        b_acc += split_dot(p_x, running & upper, o_j, b_wx, H, SPLIT_K, DOT_PRECISION, ACC,
+                           DATAFLOW, True)
     else:
         b_acc = streamed_dot(p_h, running, w_hh + w_row * H, m_n, H, HP, 1, BLOCK_K,
-                             DOT_PRECISION, ACC, INNER_STAGES)
+                             DOT_PRECISION, ACC, INNER_STAGES, DATAFLOW, poll_h)
         b_acc += streamed_dot(p_x, running & upper, w_ih + w_row * H, m_n & upper_n, H, HP, 1,
-                              BLOCK_K, DOT_PRECISION, ACC, INNER_STAGES)
+                              BLOCK_K, DOT_PRECISION, ACC, INNER_STAGES, DATAFLOW, True)
     return b_acc
 
 
@@ -78,7 +86,7 @@ def lstm_wavefront_kernel(
     DOT_PRECISION: tl.constexpr, INNER_STAGES: tl.constexpr, PREFETCH_AFTER_ARRIVE: tl.constexpr,
     CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
 ):
-    tl.static_assert(not CHUNKED and not DATAFLOW, "the wavefront has no chunked or dataflow mode")
+    tl.static_assert(not CHUNKED, "the wavefront has no chunked mode")
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
     ACC: tl.constexpr = c_state.dtype.element_ty    # fp32 (fp64 for fp64 inputs)
     i_p = tl.program_id(0)
@@ -140,7 +148,7 @@ def lstm_wavefront_kernel(
         p_x = h_below + ((t_row + 1) * B + o_b) * H
         b_acc = _input_and_recurrent_dot(p_h, p_x, running, upper, b_w, b_wx, w_hh, w_ih, w_row,
                                          m_n, upper_n, o_j, H, HP, BLOCK_K, SPLIT_K, RESIDENT,
-                                         DOT_PRECISION, INNER_STAGES, ACC)
+                                         DOT_PRECISION, INNER_STAGES, ACC, DATAFLOW, t > 0)
         # [B, 4*BLOCK_H] -> four [B, BLOCK_H] gates (column n = 4 * unit + 2 * a + b).
         b_even, b_odd = tl.split(tl.reshape(b_acc, [BLOCK_B, BLOCK_H, 2, 2]))
         b_ai, b_ag = tl.split(b_even)
@@ -151,7 +159,8 @@ def lstm_wavefront_kernel(
         b_o = tl.sigmoid(b_ao + b_gxo + b_bo)
         m_run = running[:, None] & m_u[None, :]
         b_c = tl.where(m_run, b_f * b_c + b_i * b_g, b_c)      # stopped rows keep their state
-        b_h = tl.where(m_run, b_o * _tanh(b_c), 0.0).to(h_all.dtype.element_ty)
+        b_h = published(tl.where(m_run, b_o * _tanh(b_c), 0.0), DATAFLOW)
+        b_h = b_h.to(h_all.dtype.element_ty)
 
         t_b = tl.full([BLOCK_B], t, tl.int32)
         m_step = m_bu & ((t_b >= 0) & (t_b < T))[:, None]   # an idle layer writes nothing
@@ -166,7 +175,7 @@ def lstm_wavefront_kernel(
         if not PREFETCH_AFTER_ARRIVE:
             b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_next, running_next & bottom, B, o_b, o_u,
                                                   m_u, H, 4 * H, ACC)
-        if PERSISTENT:
+        if PERSISTENT and not DATAFLOW:
             if s < q_end - 1:
                 arrived = barrier_arrive(counter, leader_inc, (i_h == 0) & (i_l == 0))
                 if PREFETCH_AFTER_ARRIVE:
@@ -209,7 +218,8 @@ def lstm_wavefront(gx, w_ih, bias, w_hh, h0, c0, lengths, *, save: bool, config=
         h0, c0: [L, B, H] initial state, or both None for zeros.
         lengths: [B] int32 sequence lengths on gx's device (1..T), or None for all T.
         save: also return every layer's activated gates and c per step (for the backward).
-        config: a ``KernelConfig`` (no chunked or dataflow), else ``wavefront_config``.
+        config: a ``KernelConfig`` (not chunked), else ``wavefront_config``. With
+            ``dataflow`` there is no barrier: each program polls the two tiles it reads.
         force_stepped: one launch per wavefront step even where a persistent launch fits.
     Returns:
         h_all [L, T+1, B, H] (slot 0 is h0, slot t+1 layer l's h_t, zeros past each row's
@@ -224,12 +234,14 @@ def lstm_wavefront(gx, w_ih, bias, w_hh, h0, c0, lengths, *, save: bool, config=
         from .. import tuning
         num_sms = tuning.sm_count(device) if device.type == "cuda" else 4
         config = wavefront_config(B, H, L, dtype, num_sms)
-    elif config.chunked or config.dataflow:
-        raise ValueError(f"config: the wavefront runs resident or streamed tiles, not chunked or "
-                         f"dataflow ones; got {config}")
+    elif config.chunked:
+        raise ValueError(f"config: the wavefront runs resident or streamed tiles, not chunked "
+                         f"ones; got {config}")
     acc = state_dtype(dtype)
     h_all = torch.empty(L, T + 1, B, H, dtype=dtype, device=device)
     h_all[:, 0] = 0 if h0 is None else h0
+    if config.dataflow:          # the slots other programs poll
+        fill_unwritten(h_all[:, 1:])
     c_state = torch.zeros(L, B, H, dtype=acc, device=device)
     if c0 is not None:
         c_state.copy_(c0)
