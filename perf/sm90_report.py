@@ -32,7 +32,8 @@ from triton_lstm.dispatch import heuristic_config, padded  # noqa: E402
 from triton_lstm.kernels.backward import lstm_backward_kernel  # noqa: E402
 from triton_lstm.kernels.forward import lstm_forward_kernel  # noqa: E402
 from triton_lstm.kernels.step import lstm_step_kernel, step_config  # noqa: E402
-from triton_lstm.kernels.wavefront import lstm_wavefront_kernel, wavefront_config  # noqa: E402
+from triton_lstm.kernels.wavefront import (lstm_wavefront_backward_kernel,  # noqa: E402
+                                           lstm_wavefront_kernel, wavefront_config)
 
 DTYPES = {"fp32": ("fp32", torch.float32), "bf16": ("bf16", torch.bfloat16),
           "fp16": ("fp16", torch.float16)}
@@ -141,22 +142,34 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
                         resident=cfg.resident, split_k=cfg.split_k, warps=cfg.num_warps)
 
 
-def report_wavefront(dtype_name, batch, hidden, layers, config=None):
-    """The stacked-layer wavefront (kernels/wavefront.py) with its heuristic tiles (or `config`)."""
+def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name="wavefront"):
+    """A stacked-layer wavefront (kernels/wavefront.py), the forward ("wavefront") or the
+    backward ("wavefront-backward"), with its heuristic tiles (or `config`)."""
     tname, dtype = DTYPES[dtype_name]
-    cfg = config or wavefront_config(batch, hidden, layers, dtype, NUM_SMS)
-    types = dict(gx=tname, w_ih=tname, bias="fp32", w_hh=tname, h_all=tname, h_n=tname,
-                 c_state="fp32", lengths="i32", gates="fp32", c_all="fp32", counters="i32")
+    backward = kernel_name == "wavefront-backward"
+    cfg = config or wavefront_config(batch, hidden, layers, dtype, NUM_SMS,
+                                     "backward" if backward else "forward")
     constexprs = dict(H=hidden, HP=padded(hidden), BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h,
                       BLOCK_R=16, BLOCK_K=cfg.block_k,
                       SPLIT_K=min(cfg.split_k, padded(hidden) // 16), RESIDENT=cfg.resident,
-                      HAS_LENGTHS=False, SAVE=True, PERSISTENT=True,
+                      HAS_LENGTHS=False, PERSISTENT=True,
                       DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                       INNER_STAGES=cfg.inner_stages if cfg.inner_stages > 1 else None,
                       PREFETCH_AFTER_ARRIVE=cfg.prefetch_after_arrive, CHUNKED=False,
                       DATAFLOW=cfg.dataflow)
-    compiled = compile_one(lstm_wavefront_kernel, types, constexprs, cfg.num_warps)
-    return compiled_row(compiled, kernel="wavefront", dtype=dtype_name, B=batch, H=hidden,
+    if backward:
+        kernel = lstm_wavefront_backward_kernel
+        types = dict(dy=tname, dh_n=tname, dc_state="fp32", gates="fp32", c_all="fp32",
+                     c0=tname, lengths="i32", w_ih=tname, w_hh=tname, dgates=tname, dh0=tname,
+                     counters="i32")
+        constexprs.update(HAS_DY=True, HAS_DHN=True, HAS_H0=True)
+    else:
+        kernel = lstm_wavefront_kernel
+        types = dict(gx=tname, w_ih=tname, bias="fp32", w_hh=tname, h_all=tname, h_n=tname,
+                     c_state="fp32", lengths="i32", gates="fp32", c_all="fp32", counters="i32")
+        constexprs.update(SAVE=True)
+    compiled = compile_one(kernel, types, constexprs, cfg.num_warps)
+    return compiled_row(compiled, kernel=kernel_name, dtype=dtype_name, B=batch, H=hidden,
                         D=layers, proj=0, tile=f"{cfg.block_b}x{cfg.block_h}",
                         resident=cfg.resident, split_k=cfg.split_k, warps=cfg.num_warps)
 
@@ -190,9 +203,9 @@ def main():
     parser.add_argument("--config", help="a config label instead of the heuristic's, e.g. "
                                          "bb128-bh32-str-bk64-sk1-w16-st3 (tuning.config_label)")
     parser.add_argument("--kernels", nargs="+", default=["forward", "backward"],
-                        choices=["forward", "backward", "wavefront"])
+                        choices=["forward", "backward", "wavefront", "wavefront-backward"])
     parser.add_argument("--layers", type=int, default=2,
-                        help="layers of the wavefront kernel (reported in column D)")
+                        help="layers of the wavefront kernels (reported in column D)")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel")
     args = parser.parse_args()
     config = tuning.config_from_label(args.config) if args.config else None
@@ -206,8 +219,9 @@ def main():
             for kernel_name in (("step",) if args.step else args.kernels):
                 if kernel_name == "step":
                     r = report_step(dtype_name, batch, hidden)
-                elif kernel_name == "wavefront":
-                    r = report_wavefront(dtype_name, batch, hidden, args.layers, config)
+                elif kernel_name.startswith("wavefront"):
+                    r = report_wavefront(dtype_name, batch, hidden, args.layers, config,
+                                         kernel_name)
                 else:
                     r = report(kernel_name, dtype_name, batch, hidden, args.directions,
                                args.proj, args.restarts, args.ckpt, config)

@@ -9,8 +9,8 @@ A stack of L layers, I = H, T steps, for
     stack_layers        triton_lstm.LSTM: the same layers one after another (L * T steps)
     stack_cudnn         torch.nn.LSTM
     stack_cudnn_graph   torch.nn.LSTM's forward replayed from a CUDA graph (forward only)
-Forward (no grad) and training (forward + backward; the wavefront's backward runs layer by
-layer). Rows carry their number of layers; µs are per time step of the whole stack.
+Forward (no grad) and training (forward + backward, each a wavefront for the wavefront
+peers). Rows carry their number of layers; µs are per time step of the whole stack.
 """
 from __future__ import annotations
 

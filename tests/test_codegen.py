@@ -32,11 +32,13 @@ CASES = {
                  "--config", "bb64-bh16-chk-bk64-sk1-w4"], False),
     "pipelined": (["--shapes", "512x1024", "--dtypes", "bf16",
                    "--config", "bb128-bh16-str-bk64-sk4-w16-st3"], False),
-    # Stacked layers as one wavefront: h of its own layer and of the layer below.
-    "wavefront": (["--kernels", "wavefront", "--layers", "3", "--shapes", "1x256", "8x512",
-                   "64x512", "128x1024", "--dtypes", "bf16", "fp32"], True),
-    "wavefront-dataflow": (["--kernels", "wavefront", "--shapes", "8x512", "--dtypes", "bf16",
-                            "--config", "bb16-bh8-res-bk64-sk1-w4-df"], False),
+    # Stacked layers as one wavefront: h (dG) of its own layer and of the layer below (above).
+    "wavefront": (["--kernels", "wavefront", "wavefront-backward", "--layers", "3", "--shapes",
+                   "1x256", "8x512", "8x1024", "64x512", "128x1024", "--dtypes", "bf16",
+                   "fp32"], True),
+    "wavefront-dataflow": (["--kernels", "wavefront", "wavefront-backward", "--shapes", "8x512",
+                            "--dtypes", "bf16", "--config", "bb16-bh8-res-bk64-sk1-w4-df"],
+                           False),
 }
 
 

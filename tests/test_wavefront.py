@@ -1,9 +1,10 @@
 """Stacked layers as one wavefront (kernels/wavefront.py), on CPU under the interpreter.
 
-Every output and gradient against torch.nn.LSTM in float64: the kernel directly with
-tile configs that split the hidden units over several programs (on-chip and streamed
-weights), and through triton_lstm.LSTM(wavefront=True) with the options a stack has.
-The interpreter runs the wavefront stepped: one launch per wavefront step.
+Every output and gradient (the forward and the backward wavefront) against torch.nn.LSTM
+in float64: the kernels directly with tile configs that split the hidden units over
+several programs (on-chip and streamed weights), and through
+triton_lstm.LSTM(wavefront=True) with the options a stack has. The interpreter runs the
+wavefronts stepped: one launch per wavefront step.
 """
 import pytest
 import torch
@@ -92,10 +93,8 @@ def test_module_matches_nn_lstm_in_float64(options, with_state):
                    for _ in range(2))
     launch_counts.clear()
     outs, grads, upstream = outputs_and_grads(ours, x, hx)
-    # The forward: one wavefront, T + L - 1 stepped launches. The backward: layer by layer, and
-    # at H = 7 one hidden block, so each layer's is one persistent launch under the interpreter.
-    assert launch_counts == {"stepped": T + control.num_layers - 1,
-                             "persistent": control.num_layers}
+    # The forward and the backward each one wavefront: T + L - 1 and T + L stepped launches.
+    assert launch_counts == {"stepped": 2 * (T + control.num_layers) - 1}
     want_outs, want_grads = float64_reference(ours, x, hx, upstream)
     for got, want in zip(outs + grads, want_outs + want_grads):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
@@ -240,7 +239,7 @@ def test_state_dict_round_trip_and_repr():
     assert "wavefront" not in repr(triton_lstm.LSTM(3, 4, num_layers=2))
 
 
-def test_wavefront_op_passes_opcheck():
+def test_wavefront_ops_pass_opcheck():
     T, B, H, L = 3, 2, 5, 3
     dtype = torch.float64
     gx = torch.randn(T, B, 4 * H, dtype=dtype)
@@ -253,6 +252,32 @@ def test_wavefront_op_passes_opcheck():
     for save in (False, True):
         torch.library.opcheck(op, (gx, w_ih, bias, w_hh, h0, c0, lengths, save, None, False))
     torch.library.opcheck(op, (gx, w_ih, bias, w_hh, None, None, None, True, None, True))
+    h_all, h_n, c_n, gates, c_all = op(gx, w_ih, bias, w_hh, h0, c0, lengths, True, None, False)
+    backward = torch.ops.triton_lstm.wavefront_backward.default
+    dy = torch.randn(T, B, H, dtype=dtype)
+    torch.library.opcheck(backward, (dy, torch.randn_like(h_n), torch.randn_like(c_n), gates,
+                                     c_all, c0, lengths, w_ih, w_hh, None, False))
+    torch.library.opcheck(backward, (None, torch.randn_like(h_n), None, gates, c_all, None, None,
+                                     w_ih, w_hh, None, True))
+
+
+def test_per_sample_gradients_match_nn_lstm():
+    """torch.func.vmap over grad: the ops' vmap rules fold the mapped dim into the batch."""
+    from torch.func import functional_call
+    control = nn.LSTM(3, 4, num_layers=2, dtype=torch.float64)
+    ours = triton_copy(control, wavefront=True)
+    params = {k: v.detach() for k, v in control.named_parameters()}
+    xs = torch.randn(3, 4, 2, 3, dtype=torch.float64)
+
+    def loss(module, p, x):
+        return functional_call(module, p, (x,))[0].sin().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, x: loss(ours, p, x)),
+                                 in_dims=(None, 0))(params, xs)
+    for k, x in enumerate(xs):
+        want = torch.func.grad(lambda p: loss(control, p, x))(params)
+        torch.testing.assert_close({n: g[k] for n, g in per_sample.items()}, want,
+                                   **TOL[torch.float64])
 
 
 def test_vmap_over_the_batch_matches_a_loop_of_nn_lstm():
@@ -281,7 +306,7 @@ def test_compile_fullgraph_dynamic_shapes_trains_like_eager(fullgraph_enabled):
         x = torch.randn(T, B, 3, dtype=torch.float64, requires_grad=True)
         launch_counts.clear()
         got = torch.autograd.grad(compiled(x), [x, *ours.parameters()])
-        assert launch_counts["stepped"] == T + 1            # the wavefront ran, compiled
+        assert launch_counts == {"stepped": 2 * (T + 2) - 1}     # both wavefronts, compiled
         want = torch.autograd.grad(loss(x), [x, *ours.parameters()])
         torch.testing.assert_close(got, want, **TOL[torch.float64])
 

@@ -20,6 +20,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch._C._functorch import TransformType
 import torch.autograd.forward_ad as forward_ad
 
+from .dispatch import state_dtype
 from .ops import config_to_list
 from .recompute import recompute_backward
 from .reference import lstm_layer_reference, reverse_order
@@ -205,10 +206,10 @@ def lstm_layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
 def _layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths, restarts, y,
                     gates, c_all, r_all, needs, config, force_stepped):
     """The backward from every step's saved gates: one reverse-recurrence launch, then GEMMs."""
-    T, B, I = x.shape
+    T, B, _ = x.shape
     D, _, R = w_hh.shape
     H = c_all.shape[3]
-    need_x, _, _, need_wih, need_whh, need_bih, need_bhh, need_whr = needs
+    need_whr = needs[7]
     dG, dh0, dc0, dh_all, dh_restart, dc_restart = torch.ops.triton_lstm.recurrence_backward(
         dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr, config_to_list(config),
         force_stepped, restarts, c0)
@@ -216,8 +217,27 @@ def _layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths, 
         # The restarts restored (h0, c0): their gradients add to the initial state's.
         dh0 = (dh0.to(dh_restart.dtype) + dh_restart).to(dh0.dtype)
         dc0 = dc0 + dc_restart
-    dG2 = dG.reshape(T * B, D * 4 * H)
-    dG_by_direction = dG.reshape(T * B, D, 4 * H)
+    dx, dw_ih, dw_hh, db = gradients_over_dG(dG, x, h0, w_ih, b_ih, y, lengths, restarts, R,
+                                             needs)
+    dw_hr = None
+    if w_hr is not None and need_whr:
+        # h_t = r_t W_hr^T: dW_hr = sum_t dh_t^T r_t, with dh_t the total gradient of h_t.
+        dw_hr = torch.stack([dh_all[d].reshape(T * B, R).t() @ r_all[d].reshape(T * B, H)
+                             for d in range(D)])
+    return dx, dh0, dc0.to(x.dtype), dw_ih, dw_hh, db, dw_hr
+
+
+def gradients_over_dG(dG, x, h0, w_ih, b_ih, y, lengths, restarts, R: int, needs):
+    """The non-recurrent gradients of a layer, GEMMs and a sum over its dG [T, B, D*4H]:
+    dx, dw_ih, dw_hh ([D, 4H, R]) and db (both biases'), each None where ``needs`` (as
+    lstm_layer_backward's) says it is not wanted. h0 [D, B, R] or None, y the layer's
+    output [T, B, D*R]."""
+    T, B, I = x.shape
+    need_x, _, _, need_wih, need_whh, need_bih, need_bhh, _ = needs
+    G = dG.shape[2]
+    D = y.shape[2] // R
+    dG2 = dG.reshape(T * B, G)
+    dG_by_direction = dG.reshape(T * B, D, G // D)
     dx = (dG2 @ w_ih).reshape(T, B, I) if need_x else None
     dw_ih = dG2.t() @ x.reshape(T * B, I) if need_wih else None
     dw_hh = None
@@ -227,15 +247,10 @@ def _layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths, 
             @ previous_hidden(y, h0, lengths, d, R, None if restarts is None else
                               restarted_in_time_order(restarts, lengths, d)).reshape(T * B, R)
             for d in range(D)])
-    dw_hr = None
-    if w_hr is not None and need_whr:
-        # h_t = r_t W_hr^T: dW_hr = sum_t dh_t^T r_t, with dh_t the total gradient of h_t.
-        dw_hr = torch.stack([dh_all[d].reshape(T * B, R).t() @ r_all[d].reshape(T * B, H)
-                             for d in range(D)])
     db = None
     if b_ih is not None and (need_bih or need_bhh):
-        db = dG2.sum(0, dtype=c_all.dtype).to(dG.dtype)
-    return dx, dh0, dc0.to(x.dtype), dw_ih, dw_hh, db, dw_hr
+        db = dG2.sum(0, dtype=state_dtype(dG.dtype)).to(dG.dtype)
+    return dx, dw_ih, dw_hh, db
 
 
 class LSTMBackwardFunction(torch.autograd.Function):
@@ -304,16 +319,13 @@ class LSTMBackwardFunction(torch.autograd.Function):
 
 # -- stacked layers as one wavefront ---------------------------------------------------------
 
-from .dispatch import state_dtype  # noqa: E402  (this section's own import)
-
-
 def lstm_stack_wavefront(x, h0, c0, weights, lengths=None, config=None, force_stepped=False):
     """A unidirectional stack of L >= 2 layers without projection in one wavefront launch
     (kernels/wavefront.py): y [T, B, H] (the top layer's output), h_n, c_n [L, B, H].
 
     x [T, B, I]; h0, c0 [L, B, H] or both None; weights: per layer (w_ih, w_hh, b_ih, b_hh),
-    the biases None without bias; lengths, config (the forward's tile; the backward picks
-    its own per layer), force_stepped as ``LSTMFunction``. Runs WavefrontFunction when a
+    the biases None without bias; lengths, config (the tile of both wavefronts; None: the
+    heuristic's), force_stepped as ``LSTMFunction``. Runs WavefrontFunction when a
     gradient is needed, the op alone otherwise, the reference under forward-mode AD.
     """
     flat = tuple(t for layer in weights for t in layer)
@@ -332,18 +344,23 @@ def lstm_stack_wavefront(x, h0, c0, weights, lengths=None, config=None, force_st
 
 def _wavefront_operands(x, flat):
     """gx (layer 0's input projection), the upper layers' W_ih and biases, every W_hh."""
-    num_layers = len(flat) // 4
     w_ih0, _, b_ih0, b_hh0 = flat[:4]
-    acc = state_dtype(x.dtype)
-    gx = input_projection(x, w_ih0, b_ih0, b_hh0)
+    w_ih, w_hh, bias = _stacked_weights(flat, state_dtype(x.dtype))
+    return input_projection(x, w_ih0, b_ih0, b_hh0), w_ih, bias, w_hh
+
+
+def _stacked_weights(flat, acc):
+    """W_ih of layers 1 .. L-1 [L-1, 4H, H], every W_hh [L, 4H, H], and the biases
+    b_ih + b_hh of layers 1 .. L-1 [L-1, 4H] in the state dtype (zeros without bias)."""
+    num_layers = len(flat) // 4
     w_ih = torch.stack([flat[4 * k] for k in range(1, num_layers)])
     w_hh = torch.stack([flat[4 * k + 1] for k in range(num_layers)])
-    if b_ih0 is None:
-        bias = x.new_zeros((num_layers - 1, gx.shape[-1]), dtype=acc)
+    if flat[2] is None:
+        bias = w_hh.new_zeros((num_layers - 1, w_hh.shape[1]), dtype=acc)
     else:
         bias = torch.stack([flat[4 * k + 2].to(acc) + flat[4 * k + 3].to(acc)
                             for k in range(1, num_layers)])
-    return gx, w_ih, bias, w_hh
+    return w_ih, w_hh, bias
 
 
 def _stack_reference(x, h0, c0, flat, lengths):
@@ -359,8 +376,8 @@ def _stack_reference(x, h0, c0, flat, lengths):
 
 
 class WavefrontFunction(torch.autograd.Function):
-    """A unidirectional stack without projection: forward as one wavefront, backward layer by
-    layer from the top (each layer's reverse-recurrence kernel, then its GEMMs over dG).
+    """A unidirectional stack without projection, forward and backward each as one wavefront
+    (the backward's reverse recurrence gives every layer's dG; then each layer's GEMMs).
 
     Args: x, h0, c0, lengths, config, force_stepped as ``lstm_stack_wavefront``, then per
         layer w_ih, w_hh, b_ih, b_hh (the biases None without bias).
@@ -387,7 +404,7 @@ class WavefrontFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(h_all, gates, c_all)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, h0, c0, lengths, h_all, gates, c_all, *weights)
-        ctx.force_stepped = force_stepped
+        ctx.config, ctx.force_stepped = config, force_stepped
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n, *_saved_grads):
@@ -397,32 +414,35 @@ class WavefrontFunction(torch.autograd.Function):
             grads = _stack_grads_by_reference(dy, dh_n, dc_n, x, h0, c0, lengths, weights, needs)
         else:
             grads = _stack_backward(dy, dh_n, dc_n, x, h0, c0, lengths, h_all, gates, c_all,
-                                    weights, needs, ctx.force_stepped)
+                                    weights, needs, ctx.config, ctx.force_stepped)
         dx, dh0, dc0, *dweights = grads
         return (dx, dh0, dc0, None, None, None, *dweights)
 
 
 def _stack_backward(dy, dh_n, dc_n, x, h0, c0, lengths, h_all, gates, c_all, weights, needs,
-                    force_stepped):
-    """dx, dh0, dc0, then per layer dw_ih, dw_hh, db_ih, db_hh: each layer's backward
-    (lstm_layer_backward) from the top, the dx of one the dy of the layer below."""
+                    config, force_stepped):
+    """dx, dh0, dc0, then per layer dw_ih, dw_hh, db_ih, db_hh: the reverse recurrence of all
+    layers as one wavefront (every layer's dG), then each layer's GEMMs over its dG."""
     num_layers = len(weights) // 4
     need_x, need_h0, need_c0 = needs[:3]
-    dweights = [None] * len(weights)
-    dh0, dc0 = [None] * num_layers, [None] * num_layers
-    d_out = dy
-    for k in reversed(range(num_layers)):
-        layer_needs = (k > 0 or need_x, need_h0, need_c0, *needs[6 + 4 * k:10 + 4 * k], False)
-        grads = lstm_layer_backward(
-            d_out, None if dh_n is None else dh_n[k], None if dc_n is None else dc_n[k],
-            x if k == 0 else h_all[k - 1, 1:], None if h0 is None else h0[k],
-            None if c0 is None else c0[k], *weights[4 * k:4 * k + 4], None, lengths, None,
-            h_all[k, 1:], gates[k:k + 1], c_all[k:k + 1], None, None, None, layer_needs,
-            None, force_stepped)
-        d_out, dh0[k], dc0[k] = grads[:3]
-        dweights[4 * k:4 * k + 4] = grads[3:7]
-    return (d_out if need_x else None, torch.stack(dh0) if need_h0 else None,
-            torch.stack(dc0) if need_c0 else None, *dweights)
+    w_ih, w_hh, _ = _stacked_weights(weights, c_all.dtype)
+    dgates, dh0, dc0 = torch.ops.triton_lstm.wavefront_backward(
+        dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_hh, config_to_list(config),
+        force_stepped)
+    dweights = []
+    for k in range(num_layers):
+        w_ih_k, _, b_ih_k, _ = weights[4 * k:4 * k + 4]
+        need_wih, need_whh, need_bih, need_bhh = needs[6 + 4 * k:10 + 4 * k]
+        layer_needs = (k == 0 and need_x, False, False, need_wih, need_whh, need_bih, need_bhh,
+                       False)
+        dx_k, dw_ih, dw_hh, db = gradients_over_dG(
+            dgates[k], x if k == 0 else h_all[k - 1, 1:], None if h0 is None else h0[k:k + 1],
+            w_ih_k, b_ih_k, h_all[k, 1:], lengths, None, w_hh.shape[2], layer_needs)
+        if k == 0:
+            dx = dx_k
+        dweights += [dw_ih, None if dw_hh is None else dw_hh[0], db if need_bih else None,
+                     db if need_bhh else None]
+    return (dx, dh0 if need_h0 else None, dc0.to(x.dtype) if need_c0 else None, *dweights)
 
 
 def _stack_grads_by_reference(dy, dh_n, dc_n, x, h0, c0, lengths, weights, needs):

@@ -29,7 +29,7 @@ from .dispatch import KernelConfig, state_dtype
 from .kernels.backward import lstm_backward
 from .kernels.forward import lstm_forward
 from .kernels.step import StepConfig, lstm_step
-from .kernels.wavefront import lstm_wavefront
+from .kernels.wavefront import lstm_wavefront, lstm_wavefront_backward
 
 
 def config_to_list(config: Optional[KernelConfig]) -> Optional[list[int]]:
@@ -172,6 +172,34 @@ def _wavefront_forward_fake(gx, w_ih, bias, w_hh, h0, c0, lengths, save, config,
             gx.new_empty(saved + ((H,) if save else ()), dtype=acc))
 
 
+@custom_op("triton_lstm::wavefront_backward", mutates_args=())
+def wavefront_backward(
+    dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], dc_n: Optional[torch.Tensor],
+    gates: torch.Tensor, c_all: torch.Tensor, c0: Optional[torch.Tensor],
+    lengths: Optional[torch.Tensor], w_ih: torch.Tensor, w_hh: torch.Tensor,
+    config: Optional[list[int]], force_stepped: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reverse recurrence of a wavefront stack: ``kernels.wavefront.lstm_wavefront_backward``.
+
+    dy [T, B, H] or None, dh_n / dc_n [L, B, H] or None, gates / c_all as
+    ``wavefront_forward`` saved them, c0 [L, B, H] or None, lengths [B] int32 or None,
+    w_ih [L-1, 4H, H], w_hh [L, 4H, H]. Returns every layer's dG [L, T, B, 4H] (w_hh's
+    dtype), dh0 [L, B, H] and dc0 [L, B, H] (state dtype).
+    """
+    return lstm_wavefront_backward(
+        dy, dh_n, dc_n, gates.contiguous(), c_all.contiguous(), c0, lengths, w_ih.contiguous(),
+        w_hh.contiguous(), config=config_from_list(config), force_stepped=force_stepped)
+
+
+@register_fake("triton_lstm::wavefront_backward")
+def _wavefront_backward_fake(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_hh, config,
+                             force_stepped):
+    L, T, B, G = gates.shape
+    H = G // 4
+    return (w_hh.new_empty(L, T, B, G), w_hh.new_empty(L, B, H),
+            w_hh.new_empty((L, B, H), dtype=state_dtype(w_hh.dtype)))
+
+
 # -- torch.vmap ------------------------------------------------------------------------------
 
 def _fold_into_batch(t, in_dim, batch_axis: int, size: int):
@@ -240,6 +268,12 @@ register_vmap("triton_lstm::wavefront_forward", _vmap_rule(
     batch_axes=(1, None, None, None, 1, 1, 0, None, None, None),
     out_batch_axes=(2, 1, 1, 2, 2),         # h_all, h_n, c_n, gates, c_all
     weights=(1, 2, 3)))
+register_vmap("triton_lstm::wavefront_backward", _vmap_rule(
+    wavefront_backward,
+    # dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_hh, config, force_stepped
+    batch_axes=(1, 1, 1, 2, 2, 1, 0, None, None, None, None),
+    out_batch_axes=(2, 1, 1),               # dgates, dh0, dc0
+    weights=(7, 8)))
 
 # -- one step (streaming inference) -----------------------------------------------------------
 

@@ -37,6 +37,57 @@ from .forward import (_tanh, chunked_dot, dot_operands, load_restarts, own_block
 
 
 @triton.jit
+def gate_rows_dot_resident(p_rows, m_rows, o_j, b_wi, b_wf, b_wg, b_wo, H: tl.constexpr,
+                           SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+                           WAIT: tl.constexpr):
+    """dG @ W[:, own units] with dG[r, :] = the four gates' 4H gradients at p_rows[r] and W's
+    column slice on chip per gate (split_dot's [HP, N] tiles). One gate at a time, so only a
+    [BLOCK_B, HP] slice of dG is staged."""
+    b_dot = split_dot(p_rows, m_rows, o_j, b_wi, H, SPLIT_K, DOT_PRECISION, ACC, WAIT, True)
+    b_dot += split_dot(p_rows + H, m_rows, o_j, b_wf, H, SPLIT_K, DOT_PRECISION, ACC, WAIT, True)
+    b_dot += split_dot(p_rows + 2 * H, m_rows, o_j, b_wg, H, SPLIT_K, DOT_PRECISION, ACC, WAIT,
+                       True)
+    b_dot += split_dot(p_rows + 3 * H, m_rows, o_j, b_wo, H, SPLIT_K, DOT_PRECISION, ACC, WAIT,
+                       True)
+    return b_dot
+
+
+@triton.jit
+def gate_rows_dot_streamed(p_rows, m_rows, w, o_r, m_r, H: tl.constexpr, HP: tl.constexpr,
+                           R: tl.constexpr, BLOCK_K: tl.constexpr, N: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, INNER_STAGES: tl.constexpr,
+                           WAIT: tl.constexpr):
+    """The same with W [4H, R] read from L2 in BLOCK_K chunks of the four gates' reduction."""
+    b_dot = tl.zeros([p_rows.shape[0], N], dtype=ACC)
+    for k0 in tl.range(0, 4 * HP, BLOCK_K, num_stages=INNER_STAGES):
+        o_n = k0 + tl.arange(0, BLOCK_K)     # gate o_n // HP, unit o_n % HP
+        m_n = (o_n % HP) < H
+        col_n = (o_n // HP) * H + o_n % HP
+        b_dgk = load_written(p_rows[:, None] + col_n[None, :], m_rows[:, None] & m_n[None, :],
+                             WAIT, True)
+        b_wk = tl.load(w + col_n[:, None] * R + o_r[None, :], mask=m_n[:, None] & m_r[None, :],
+                       other=0.0)
+        b_dgk, b_wk = dot_operands(b_dgk, b_wk)
+        b_dot = tl.dot(b_dgk, b_wk, b_dot, input_precision=DOT_PRECISION)
+    return b_dot
+
+
+@triton.jit
+def cell_gradients(b_dr, b_dc, b_i, b_f, b_g, b_o, b_ct, b_cp, m_run, DATAFLOW: tl.constexpr):
+    """A step's gradients of the gate pre-activations, i, f, g, o (zeros where a row is not
+    running; published for polling with DATAFLOW), and of c_t, from the gradient of
+    r = o * tanh(c_t) (b_dr), the gradient of c_t from the step after (b_dc) and what the
+    forward saved: the activated gates, c_t and c_{t-1}."""
+    b_tc = _tanh(b_ct)
+    b_dc_t = b_dc + b_dr * b_o * (1.0 - b_tc * b_tc)
+    b_dgi = published(tl.where(m_run, b_dc_t * b_g * b_i * (1.0 - b_i), 0.0), DATAFLOW)
+    b_dgf = published(tl.where(m_run, b_dc_t * b_cp * b_f * (1.0 - b_f), 0.0), DATAFLOW)
+    b_dgg = published(tl.where(m_run, b_dc_t * b_i * (1.0 - b_g * b_g), 0.0), DATAFLOW)
+    b_dgo = published(tl.where(m_run, b_dr * b_tc * b_o * (1.0 - b_o), 0.0), DATAFLOW)
+    return b_dgi, b_dgf, b_dgg, b_dgo, b_dc_t
+
+
+@triton.jit
 def _load_saved(step, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b, o_u, m_u,
                 p_bu, m_bu, H: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESTARTS: tl.constexpr,
                 RESTART_FROM_STATE: tl.constexpr, ACC: tl.constexpr, REVERSE):
@@ -199,27 +250,12 @@ def lstm_backward_kernel(
                     b_dot = chunked_dot(p_rows, running_next, w_chunks, H, BLOCK_K, NUM_CHUNKS,
                                         HP, DOT_PRECISION, ACC, DATAFLOW, True)
                 elif RESIDENT:
-                    # One gate at a time, so only a [BLOCK_B, HP] slice of dG is staged.
-                    b_dot = split_dot(p_rows, running_next, o_j, b_wi, H, SPLIT_K, DOT_PRECISION,
-                                      ACC, DATAFLOW, True)
-                    b_dot += split_dot(p_rows + H, running_next, o_j, b_wf, H, SPLIT_K,
-                                       DOT_PRECISION, ACC, DATAFLOW, True)
-                    b_dot += split_dot(p_rows + 2 * H, running_next, o_j, b_wg, H, SPLIT_K,
-                                       DOT_PRECISION, ACC, DATAFLOW, True)
-                    b_dot += split_dot(p_rows + 3 * H, running_next, o_j, b_wo, H, SPLIT_K,
-                                       DOT_PRECISION, ACC, DATAFLOW, True)
+                    b_dot = gate_rows_dot_resident(p_rows, running_next, o_j, b_wi, b_wf, b_wg,
+                                                   b_wo, H, SPLIT_K, DOT_PRECISION, ACC, DATAFLOW)
                 else:
-                    b_dot = tl.zeros([BLOCK_B, BLOCK_O], dtype=ACC)
-                    for k0 in tl.range(0, 4 * HP, BLOCK_K, num_stages=INNER_STAGES):
-                        o_n = k0 + tl.arange(0, BLOCK_K)     # gate o_n // HP, unit o_n % HP
-                        m_n = (o_n % HP) < H
-                        col_n = (o_n // HP) * H + o_n % HP
-                        b_dgk = load_written(p_rows[:, None] + col_n[None, :],
-                                             running_next[:, None] & m_n[None, :], DATAFLOW, True)
-                        b_wk = tl.load(w_hh + col_n[:, None] * R + o_r[None, :],
-                                       mask=m_n[:, None] & m_r[None, :], other=0.0)
-                        b_dgk, b_wk = dot_operands(b_dgk, b_wk)
-                        b_dot = tl.dot(b_dgk, b_wk, b_dot, input_precision=DOT_PRECISION)
+                    b_dot = gate_rows_dot_streamed(p_rows, running_next, w_hh, o_r, m_r, H, HP, R,
+                                                   BLOCK_K, BLOCK_O, DOT_PRECISION, ACC,
+                                                   INNER_STAGES, DATAFLOW)
                 if HAS_RESTARTS:
                     # Rows that restarted at step + 1 read the restart state there, not this
                     # step's h: that part of the gradient belongs to the restart state.
@@ -255,14 +291,10 @@ def lstm_backward_kernel(
             else:
                 b_dr = b_dh
             m_run = running[:, None] & m_u[None, :]
-            b_tc = _tanh(b_ct)
-            b_dc_t = b_dc + b_dr * b_o * (1.0 - b_tc * b_tc)
+            b_dgi, b_dgf, b_dgg, b_dgo, b_dc_t = cell_gradients(b_dr, b_dc, b_i, b_f, b_g, b_o,
+                                                                b_ct, b_cp, m_run, DATAFLOW)
             p_out = dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :]
             dtype = dgates.dtype.element_ty
-            b_dgi = published(tl.where(m_run, b_dc_t * b_g * b_i * (1.0 - b_i), 0.0), DATAFLOW)
-            b_dgf = published(tl.where(m_run, b_dc_t * b_cp * b_f * (1.0 - b_f), 0.0), DATAFLOW)
-            b_dgg = published(tl.where(m_run, b_dc_t * b_i * (1.0 - b_g * b_g), 0.0), DATAFLOW)
-            b_dgo = published(tl.where(m_run, b_dr * b_tc * b_o * (1.0 - b_o), 0.0), DATAFLOW)
             tl.store(p_out, b_dgi.to(dtype), mask=m_bu)
             tl.store(p_out + H, b_dgf.to(dtype), mask=m_bu)
             tl.store(p_out + 2 * H, b_dgg.to(dtype), mask=m_bu)

@@ -1,4 +1,5 @@
-"""Stacked layers as a wavefront: every layer of a unidirectional stack in one persistent launch.
+"""Stacked layers as a wavefront: every layer of a unidirectional stack in one persistent launch
+each way.
 
 Layer by layer, an L-layer stack costs about L * T steps: each layer's whole
 recurrence waits for the layer below to finish. Here wavefront step s runs layer
@@ -31,6 +32,13 @@ the lower layers may run ahead; no slot is written twice, so that is safe.
 
 Stepped mode (PERSISTENT=False) runs wavefront steps [q_begin, q_end); the launch
 boundary is the barrier, c travels through ``c_state``.
+
+The backward (``lstm_wavefront_backward_kernel``) is the mirror image: the top layer
+first, layer l at reverse stage s in wavefront step s + (L - 1 - l). A layer's
+gradient of its output at a step is the layer above's dG there times that layer's
+W_ih, written one wavefront step earlier, so each program keeps two column slices,
+of its own W_hh and of the W_ih above, per gate (backward.py has the one-layer
+form). It writes every layer's dG; the weight gradients are GEMMs over them.
 """
 import torch
 import triton
@@ -38,6 +46,8 @@ import triton.language as tl
 
 from ..dispatch import (ON_CHIP_BUDGET, KernelConfig, dot_precision, heuristic_config,
                         launch_recurrence, on_chip_bytes, padded, state_dtype)
+from .backward import (_load_saved, cell_gradients, gate_rows_dot_resident,
+                       gate_rows_dot_streamed)
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, published
 from .forward import (_load_gx, _tanh, own_block, reduction_index, save_step, split_dot,
                       step_rows, streamed_dot)
@@ -189,21 +199,192 @@ def lstm_wavefront_kernel(
     tl.store(c_state + p_bu, b_c, mask=m_bu)
 
 
+@triton.jit
+def _load_layer_saved(step, length, m_b, gates, c_all, c0, B, o_b, o_u, m_u, p_bu, m_bu,
+                      H: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr):
+    """backward._load_saved without restarts: gates i, f, g, o, c_t and c_{t-1} of a step."""
+    b_i, b_f, b_g, b_o, b_ct, b_cp, _ = _load_saved(step, length, m_b, gates, c_all, c0, c_all,
+                                                    c_all, B, o_b, o_u, m_u, p_bu, m_bu, H,
+                                                    HAS_H0, False, False, ACC, False)
+    return b_i, b_f, b_g, b_o, b_ct, b_cp
+
+
+@triton.jit(do_not_specialize=["T", "B", "q_begin", "q_end", "batch_start", "leader_inc"])
+def lstm_wavefront_backward_kernel(
+    dy,        # [T, B, H]        grad of the top layer's output, input dtype (read when HAS_DY)
+    dh_n,      # [L, B, H]        grad of h_n, input dtype (read when HAS_DHN)
+    dc_state,  # [L, B, H]        state dtype; in: dc_n (zeros without); out: grad of c0
+    gates,     # [L, T, B, 4H]    state dtype, activated i, f, g, o saved by the wavefront
+    c_all,     # [L, T, B, H]     state dtype, c_t saved by the wavefront
+    c0,        # [L, B, H]        input dtype, read when HAS_H0
+    lengths,   # [B]              int32 sequence lengths, read when HAS_LENGTHS
+    w_ih,      # [L-1, 4H, H]     input weights of layers 1 .. L-1, input dtype
+    w_hh,      # [L, 4H, H]       input dtype
+    dgates,    # [L, T, B, 4H]    out: dG_t of every layer, input dtype (zeros past a length;
+               #                  all-ones bits first with DATAFLOW)
+    dh0,       # [L, B, H]        out: grad of h0, input dtype
+    counters,  # [batch blocks]   int32 barrier counters, one per batch block (all layers)
+    T, B, q_begin, q_end, batch_start, leader_inc,
+    H: tl.constexpr, HP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, RESIDENT: tl.constexpr,
+    HAS_DY: tl.constexpr, HAS_DHN: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INNER_STAGES: tl.constexpr, PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr,
+    DATAFLOW: tl.constexpr,
+):
+    # Each layer walks stages s = 0 .. T (backward.py: step = T - 1 - s; at s = T its dh is
+    # the gradient of h0); layer l runs stage s at wavefront step w = s + (L - 1 - l), the
+    # top layer first. Its dh at a step is its own dG of the step after times W_hh, plus the
+    # gradient of its output there: dy (top layer), or the layer above's dG of the same step
+    # times that layer's W_ih (written one wavefront step earlier).
+    tl.static_assert(not CHUNKED, "the wavefront has no chunked mode")
+    NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
+    ACC: tl.constexpr = dc_state.dtype.element_ty
+    i_p = tl.program_id(0)
+    i_l = tl.program_id(1)                          # layer
+    num_layers = tl.num_programs(1)
+    i_h = i_p % NUM_H_BLOCKS
+    i_b = i_p // NUM_H_BLOCKS
+    counter = counters + i_b
+    depth = num_layers - 1 - i_l                    # wavefront steps behind the top layer
+    # Flags as vectors (the interpreter cannot mask a tile with a scalar flag).
+    below_top = tl.full([BLOCK_B], i_l, tl.int32) < num_layers - 1     # per batch row
+    below_top_u = tl.full([BLOCK_H], i_l, tl.int32) < num_layers - 1   # per own unit
+    i_l64 = tl.cast(i_l, tl.int64)
+    i_above64 = tl.cast(tl.minimum(i_l, num_layers - 2), tl.int64)     # the top reads none
+    dh_n += i_l64 * B * H
+    dc_state += i_l64 * B * H
+    gates += i_l64 * T * B * 4 * H
+    c_all += i_l64 * T * B * H
+    c0 += i_l64 * B * H
+    w_hh += i_l64 * 4 * H * H
+    w_ih += i_above64 * 4 * H * H                   # W_ih of layer l + 1
+    dg_own = dgates + i_l64 * T * B * 4 * H
+    dg_above = dgates + (i_above64 + 1) * T * B * 4 * H
+    dh0 += i_l64 * B * H
+
+    o_b, o_u, m_b, m_u, m_bu, p_bu, length = own_block(batch_start, i_b, i_h, B, T, lengths, H,
+                                                       BLOCK_B, BLOCK_H, HAS_LENGTHS)
+    m_above = m_u & below_top_u
+    if RESIDENT:
+        # Per gate, W_hh[gate*H + j, own units] and W_ih of the layer above the same way.
+        o_j = reduction_index(HP, SPLIT_K)
+        p_w = tl.expand_dims(o_j, -1) * H + o_u
+        m_w = tl.expand_dims(o_j < H, -1) & m_u
+        m_x = tl.expand_dims(o_j < H, -1) & m_above
+        b_wi = tl.load(w_hh + p_w, mask=m_w, other=0.0)
+        b_wf = tl.load(w_hh + H * H + p_w, mask=m_w, other=0.0)
+        b_wg = tl.load(w_hh + 2 * H * H + p_w, mask=m_w, other=0.0)
+        b_wo = tl.load(w_hh + 3 * H * H + p_w, mask=m_w, other=0.0)
+        b_xi = tl.load(w_ih + p_w, mask=m_x, other=0.0)
+        b_xf = tl.load(w_ih + H * H + p_w, mask=m_x, other=0.0)
+        b_xg = tl.load(w_ih + 2 * H * H + p_w, mask=m_x, other=0.0)
+        b_xo = tl.load(w_ih + 3 * H * H + p_w, mask=m_x, other=0.0)
+    if HAS_DHN:
+        b_dhn = tl.load(dh_n + p_bu, mask=m_bu, other=0.0).to(ACC)
+    else:
+        b_dhn = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+
+    b_dc = tl.load(dc_state + p_bu, mask=m_bu, other=0.0)
+    b_i, b_f, b_g, b_o, b_ct, b_cp = _load_layer_saved(
+        T - 1 - (q_begin - depth), length, m_b, gates, c_all, c0, B, o_b, o_u, m_u, p_bu, m_bu,
+        H, HAS_H0, ACC)
+    for w in range(q_begin, q_end):
+        s = w - depth                   # this layer's stage; idle outside [0, T]
+        step = T - 1 - s
+        t_row, running = step_rows(step, length, m_b, False)
+        # dh: dh_n at s = 0 (and for rows whose sequence ended after this step), else own dG
+        # of the next step @ W_hh[:, own units].
+        t_next, running_next = step_rows(step + 1, length,
+                                         m_b & (tl.full([BLOCK_B], s, tl.int32) > 0), False)
+        p_next = dg_own + (t_next * B + o_b) * (4 * H)
+        if RESIDENT:
+            b_dot = gate_rows_dot_resident(p_next, running_next, o_j, b_wi, b_wf, b_wg, b_wo, H,
+                                           SPLIT_K, DOT_PRECISION, ACC, DATAFLOW)
+        else:
+            b_dot = gate_rows_dot_streamed(p_next, running_next, w_hh, o_u, m_u, H, HP, H,
+                                           BLOCK_K, BLOCK_H, DOT_PRECISION, ACC, INNER_STAGES,
+                                           DATAFLOW)
+        b_dh = tl.where(running_next[:, None], b_dot, b_dhn)
+        # The gradient of this layer's output at the step: dy, or the layer above's dG there
+        # @ W_ih of that layer [:, own units].
+        if HAS_DY:
+            b_dh += tl.load(dy + (t_row * B + o_b)[:, None] * H + o_u[None, :],
+                            mask=(running & ~below_top)[:, None] & m_u[None, :],
+                            other=0.0).to(ACC)
+        p_above = dg_above + (t_row * B + o_b) * (4 * H)
+        if RESIDENT:
+            b_dh += gate_rows_dot_resident(p_above, running & below_top, o_j, b_xi, b_xf, b_xg,
+                                           b_xo, H, SPLIT_K, DOT_PRECISION, ACC, DATAFLOW)
+        else:
+            b_dh += gate_rows_dot_streamed(p_above, running & below_top, w_ih, o_u, m_above, H,
+                                           HP, H, BLOCK_K, BLOCK_H, DOT_PRECISION, ACC,
+                                           INNER_STAGES, DATAFLOW)
+        tl.store(dh0 + p_bu, b_dh.to(dh0.dtype.element_ty),
+                 mask=m_bu & (tl.full([BLOCK_B], s, tl.int32) == T)[:, None])
+        # dG of own units at this step, from the saved gates (backward.py).
+        m_run = running[:, None] & m_u[None, :]
+        b_dgi, b_dgf, b_dgg, b_dgo, b_dc_t = cell_gradients(b_dh, b_dc, b_i, b_f, b_g, b_o, b_ct,
+                                                            b_cp, m_run, DATAFLOW)
+        s_b = tl.full([BLOCK_B], s, tl.int32)
+        m_stage = m_bu & ((s_b >= 0) & (s_b < T))[:, None]   # an idle layer writes nothing
+        p_out = dg_own + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :]
+        dtype = dgates.dtype.element_ty
+        tl.store(p_out, b_dgi.to(dtype), mask=m_stage)
+        tl.store(p_out + H, b_dgf.to(dtype), mask=m_stage)
+        tl.store(p_out + 2 * H, b_dgg.to(dtype), mask=m_stage)
+        tl.store(p_out + 3 * H, b_dgo.to(dtype), mask=m_stage)
+        b_dc = tl.where(m_run, b_dc_t * b_f, b_dc)       # stopped rows carry dc_n through
+        if not PREFETCH_AFTER_ARRIVE:
+            m_next = m_b & (tl.full([BLOCK_B], w + 1, tl.int32) < q_end)
+            b_i, b_f, b_g, b_o, b_ct, b_cp = _load_layer_saved(
+                step - 1, length, m_next, gates, c_all, c0, B, o_b, o_u, m_u, p_bu, m_bu, H,
+                HAS_H0, ACC)
+        if PERSISTENT and not DATAFLOW:
+            if w < q_end - 1:
+                arrived = barrier_arrive(counter, leader_inc, (i_h == 0) & (i_l == 0))
+                if PREFETCH_AFTER_ARRIVE:
+                    b_i, b_f, b_g, b_o, b_ct, b_cp = _load_layer_saved(
+                        step - 1, length, m_b, gates, c_all, c0, B, o_b, o_u, m_u, p_bu, m_bu, H,
+                        HAS_H0, ACC)
+                barrier_wait(counter, arrived)
+        elif PREFETCH_AFTER_ARRIVE:
+            b_i, b_f, b_g, b_o, b_ct, b_cp = _load_layer_saved(
+                step - 1, length, m_b, gates, c_all, c0, B, o_b, o_u, m_u, p_bu, m_bu, H,
+                HAS_H0, ACC)
+
+    tl.store(dc_state + p_bu, b_dc, mask=m_bu)
+
+
 def wavefront_config(batch: int, hidden_size: int, num_layers: int, dtype: torch.dtype,
-                     num_sms: int) -> KernelConfig:
+                     num_sms: int, kernel: str = "forward") -> KernelConfig:
     """The heuristic tile (dispatch.heuristic_config) with the SMs shared by the layers.
 
     Both weight slices stay on chip only in small-batch tiles (16 rows) where they and
     both staged operands fit: beside a 64-row tile two resident slices spill hundreds of
     bytes (ptxas, Triton 3.6), and the wavefront is for small batches, where a step is
-    latency. Streamed fp32 tiles take K chunks of 32 (64 spills at 128 rows).
+    latency. The backward takes its two column slices gate by gate into registers, so
+    past ~512 bytes of them per thread it splits the reduction over 8 warps, as the
+    one-layer backward does past ~512 bytes of one slice. Streamed 16-row tiles keep 4
+    warps (a [16, 64] chunk over more threads is read 8 bytes at a time) and fp32
+    streams K chunks of 32 in larger tiles (64 spills at 128 rows).
     """
-    config = heuristic_config(batch, hidden_size, dtype, max(1, num_sms // num_layers), "forward")
-    resident = (config.block_b == 16 and 2 * on_chip_bytes(hidden_size, config.block_b,
-                                                           config.block_h, dtype) <= ON_CHIP_BUDGET)
-    block_k = config.block_k if resident or dtype.itemsize < 4 else min(32, config.block_k)
-    return KernelConfig(block_b=config.block_b, block_h=config.block_h, resident=resident,
-                        block_k=block_k, split_k=config.split_k, num_warps=config.num_warps)
+    config = heuristic_config(batch, hidden_size, dtype, max(1, num_sms // num_layers), kernel)
+    block_b, block_h = config.block_b, config.block_h
+    resident = (block_b == 16 and 2 * on_chip_bytes(hidden_size, block_b, block_h, dtype)
+                <= ON_CHIP_BUDGET)
+    split_k, num_warps, block_k = config.split_k, config.num_warps, config.block_k
+    if resident and kernel == "backward":
+        slices_per_thread = 2 * padded(hidden_size) * 4 * block_h * dtype.itemsize // (32 * 4)
+        if slices_per_thread > 512:
+            split_k, num_warps = min(4, padded(hidden_size) // 16), 8
+    if not resident:
+        if block_b == 16:
+            num_warps = 4
+        elif dtype.itemsize == 4:
+            block_k = min(32, block_k)
+    return KernelConfig(block_b=block_b, block_h=block_h, resident=resident, block_k=block_k,
+                        split_k=split_k, num_warps=num_warps)
 
 
 def lstm_wavefront(gx, w_ih, bias, w_hh, h0, c0, lengths, *, save: bool, config=None,
@@ -257,3 +438,50 @@ def lstm_wavefront(gx, w_ih, bias, w_hh, h0, c0, lengths, *, save: bool, config=
                       hidden_size=H, output_size=H, num_directions=L, config=config,
                       device=device, force_stepped=force_stepped, shared_barrier=True)
     return h_all, h_n, c_state, gates, c_all
+
+
+def lstm_wavefront_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_hh, *,
+                            config=None, force_stepped: bool = False):
+    """Run the reverse recurrence of a stack saved by ``lstm_wavefront`` as one wavefront.
+
+    Args:
+        dy: [T, B, H] gradient of the top layer's output, or None.
+        dh_n, dc_n: [L, B, H] gradients of h_n and c_n, or None.
+        gates, c_all: what ``lstm_wavefront(save=True)`` returned.
+        c0: [L, B, H] initial cell state, or None for zeros.
+        lengths: [B] int32 sequence lengths, or None.
+        w_ih: [L-1, 4H, H] input weights of layers 1 .. L-1; w_hh: [L, 4H, H].
+        config: a ``KernelConfig`` (not chunked), else ``wavefront_config`` for the backward.
+        force_stepped: one launch per wavefront step even where a persistent launch fits.
+    Returns:
+        dgates [L, T, B, 4H] (w_hh's dtype; every layer's dG, zeros past each row's
+        length), dh0 [L, B, H] (w_hh's dtype), dc0 [L, B, H] (state dtype).
+    """
+    L, T, B, G = gates.shape
+    H = G // 4
+    device, dtype = w_hh.device, w_hh.dtype
+    if config is None:
+        from .. import tuning
+        num_sms = tuning.sm_count(device) if device.type == "cuda" else 4
+        config = wavefront_config(B, H, L, dtype, num_sms, "backward")
+    elif config.chunked:
+        raise ValueError(f"config: the wavefront runs resident or streamed tiles, not chunked "
+                         f"ones; got {config}")
+    acc = state_dtype(dtype)
+    dgates = torch.empty(L, T, B, 4 * H, dtype=dtype, device=device)
+    if config.dataflow:          # the slots other programs poll
+        fill_unwritten(dgates)
+    dh0 = torch.empty(L, B, H, dtype=dtype, device=device)
+    dc_state = torch.zeros(L, B, H, dtype=acc, device=device)
+    if dc_n is not None:
+        dc_state.copy_(dc_n)
+    args = (dgates if dy is None else dy.contiguous(), dh0 if dh_n is None else dh_n.contiguous(),
+            dc_state, gates, c_all, dh0 if c0 is None else c0.contiguous(),
+            lengths if lengths is not None else dc_state, w_ih, w_hh, dgates, dh0, T, B)
+    constexprs = dict(H=H, HP=padded(H), HAS_DY=dy is not None, HAS_DHN=dh_n is not None,
+                      HAS_H0=c0 is not None, HAS_LENGTHS=lengths is not None,
+                      DOT_PRECISION=dot_precision(dtype, device))
+    launch_recurrence(lstm_wavefront_backward_kernel, args, constexprs, num_steps=T + L,
+                      batch=B, hidden_size=H, output_size=H, num_directions=L, config=config,
+                      device=device, force_stepped=force_stepped, shared_barrier=True)
+    return dgates, dh0, dc_state
