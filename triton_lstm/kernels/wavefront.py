@@ -178,11 +178,12 @@ def lstm_wavefront_kernel(
         tl.store(h_n + p_bu, b_h, mask=m_bu & (t == length - 1)[:, None])
         if SAVE:
             save_step(gates, c_all, t_row, B, o_b, o_u, H, b_i, b_f, b_g, b_o, b_c, m_run, m_step)
-        # Layer 0's next input projection: in flight while this program waits at the barrier.
+        # Layer 0's next input projection: in flight while this program waits (at the
+        # barrier, or for the data), or with PREFETCH_AFTER_ARRIVE issued after its arrival.
         t_next, running_next = step_rows(t + 1, length,
                                          m_b & (tl.full([BLOCK_B], s + 1, tl.int32) < q_end),
                                          False)
-        if not PREFETCH_AFTER_ARRIVE:
+        if DATAFLOW or not PREFETCH_AFTER_ARRIVE:
             b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_next, running_next & bottom, B, o_b, o_u,
                                                   m_u, H, 4 * H, ACC)
         if PERSISTENT and not DATAFLOW:
@@ -192,9 +193,6 @@ def lstm_wavefront_kernel(
                     b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_next, running_next & bottom, B,
                                                           o_b, o_u, m_u, H, 4 * H, ACC)
                 barrier_wait(counter, arrived)
-        elif PREFETCH_AFTER_ARRIVE:
-            b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_next, running_next & bottom, B, o_b, o_u,
-                                                  m_u, H, 4 * H, ACC)
 
     tl.store(c_state + p_bu, b_c, mask=m_bu)
 
@@ -335,8 +333,10 @@ def lstm_wavefront_backward_kernel(
         tl.store(p_out + 2 * H, b_dgg.to(dtype), mask=m_stage)
         tl.store(p_out + 3 * H, b_dgo.to(dtype), mask=m_stage)
         b_dc = tl.where(m_run, b_dc_t * b_f, b_dc)       # stopped rows carry dc_n through
-        if not PREFETCH_AFTER_ARRIVE:
-            m_next = m_b & (tl.full([BLOCK_B], w + 1, tl.int32) < q_end)
+        # The next stage's saved values: in flight while this program waits (at the barrier,
+        # or for the data), or with PREFETCH_AFTER_ARRIVE issued after its arrival.
+        m_next = m_b & (tl.full([BLOCK_B], w + 1, tl.int32) < q_end)
+        if DATAFLOW or not PREFETCH_AFTER_ARRIVE:
             b_i, b_f, b_g, b_o, b_ct, b_cp = _load_layer_saved(
                 step - 1, length, m_next, gates, c_all, c0, B, o_b, o_u, m_u, p_bu, m_bu, H,
                 HAS_H0, ACC)
@@ -345,13 +345,9 @@ def lstm_wavefront_backward_kernel(
                 arrived = barrier_arrive(counter, leader_inc, (i_h == 0) & (i_l == 0))
                 if PREFETCH_AFTER_ARRIVE:
                     b_i, b_f, b_g, b_o, b_ct, b_cp = _load_layer_saved(
-                        step - 1, length, m_b, gates, c_all, c0, B, o_b, o_u, m_u, p_bu, m_bu, H,
-                        HAS_H0, ACC)
+                        step - 1, length, m_next, gates, c_all, c0, B, o_b, o_u, m_u, p_bu,
+                        m_bu, H, HAS_H0, ACC)
                 barrier_wait(counter, arrived)
-        elif PREFETCH_AFTER_ARRIVE:
-            b_i, b_f, b_g, b_o, b_ct, b_cp = _load_layer_saved(
-                step - 1, length, m_b, gates, c_all, c0, B, o_b, o_u, m_u, p_bu, m_bu, H,
-                HAS_H0, ACC)
 
     tl.store(dc_state + p_bu, b_dc, mask=m_bu)
 
