@@ -142,9 +142,11 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
                         resident=cfg.resident, split_k=cfg.split_k, warps=cfg.num_warps)
 
 
-def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name="wavefront"):
+def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name="wavefront",
+                     dropout=False):
     """A stacked-layer wavefront (kernels/wavefront.py), the forward ("wavefront") or the
-    backward ("wavefront-backward"), with its heuristic tiles (or `config`)."""
+    backward ("wavefront-backward"), with its heuristic tiles (or `config`), with or
+    without dropout between layers."""
     tname, dtype = DTYPES[dtype_name]
     backward = kernel_name == "wavefront-backward"
     cfg = config or wavefront_config(batch, hidden, layers, dtype, NUM_SMS,
@@ -152,7 +154,7 @@ def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name
     constexprs = dict(H=hidden, HP=padded(hidden), BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h,
                       BLOCK_R=16, BLOCK_K=cfg.block_k,
                       SPLIT_K=min(cfg.split_k, padded(hidden) // 16), RESIDENT=cfg.resident,
-                      HAS_LENGTHS=False, PERSISTENT=True,
+                      HAS_LENGTHS=False, HAS_DROPOUT=dropout, PERSISTENT=True,
                       DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                       INNER_STAGES=cfg.inner_stages if cfg.inner_stages > 1 else None,
                       PREFETCH_AFTER_ARRIVE=cfg.prefetch_after_arrive, CHUNKED=False,
@@ -160,13 +162,14 @@ def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name
     if backward:
         kernel = lstm_wavefront_backward_kernel
         types = dict(dy=tname, dh_n=tname, dc_state="fp32", gates="fp32", c_all="fp32",
-                     c0=tname, lengths="i32", w_ih=tname, w_hh=tname, dgates=tname, dh0=tname,
-                     counters="i32")
+                     c0=tname, lengths="i32", w_ih=tname, w_hh=tname, keep=tname, dgates=tname,
+                     dh0=tname, counters="i32")
         constexprs.update(HAS_DY=True, HAS_DHN=True, HAS_H0=True)
     else:
         kernel = lstm_wavefront_kernel
-        types = dict(gx=tname, w_ih=tname, bias="fp32", w_hh=tname, h_all=tname, h_n=tname,
-                     c_state="fp32", lengths="i32", gates="fp32", c_all="fp32", counters="i32")
+        types = dict(gx=tname, w_ih=tname, bias="fp32", w_hh=tname, h_all=tname, keep=tname,
+                     x_all=tname, h_n=tname, c_state="fp32", lengths="i32", gates="fp32",
+                     c_all="fp32", counters="i32")
         constexprs.update(SAVE=True)
     compiled = compile_one(kernel, types, constexprs, cfg.num_warps)
     return compiled_row(compiled, kernel=kernel_name, dtype=dtype_name, B=batch, H=hidden,
@@ -206,6 +209,8 @@ def main():
                         choices=["forward", "backward", "wavefront", "wavefront-backward"])
     parser.add_argument("--layers", type=int, default=2,
                         help="layers of the wavefront kernels (reported in column D)")
+    parser.add_argument("--dropout", action="store_true",
+                        help="the wavefront kernels with dropout between layers")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel")
     args = parser.parse_args()
     config = tuning.config_from_label(args.config) if args.config else None
@@ -221,7 +226,7 @@ def main():
                     r = report_step(dtype_name, batch, hidden)
                 elif kernel_name.startswith("wavefront"):
                     r = report_wavefront(dtype_name, batch, hidden, args.layers, config,
-                                         kernel_name)
+                                         kernel_name, args.dropout)
                 else:
                     r = report(kernel_name, dtype_name, batch, hidden, args.directions,
                                args.proj, args.restarts, args.ckpt, config)

@@ -147,7 +147,6 @@ def test_inference_without_gradients_runs_one_wavefront():
 
 
 @pytest.mark.parametrize("why, module_options, call", [
-    ("dropout while training", dict(dropout=0.5), dict(train=True)),
     ("a reset", dict(), dict(reset=True)),
     ("one layer", dict(num_layers=1), dict()),
 ])
@@ -167,6 +166,65 @@ def test_where_the_wavefront_does_not_apply_the_layers_run_one_after_another(why
     assert launch_counts == {"persistent": ours.num_layers}, why
     if not call.get("train"):
         torch.testing.assert_close(out, control(x)[0], **TOL[torch.float64])
+
+
+def _chained_layers(control, x, hx, keep):
+    """control's layers as separate one-layer nn.LSTMs, x * keep between them: the float64
+    control for dropout between layers with given masks. Returns y, h_n, c_n."""
+    y, h_n, c_n = x, [], []
+    for k in range(control.num_layers):
+        layer = nn.LSTM(control.input_size if k == 0 else control.hidden_size,
+                        control.hidden_size, bias=control.bias, dtype=x.dtype)
+        for name in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if control.bias else ()):
+            setattr(layer, name + "_l0", getattr(control, f"{name}_l{k}"))
+        if k > 0:
+            y = y * keep[k - 1]
+        y, (h, c) = layer(y, None if hx is None else (hx[0][k:k + 1], hx[1][k:k + 1]))
+        h_n.append(h[0])
+        c_n.append(c[0])
+    return y, torch.stack(h_n), torch.stack(c_n)
+
+
+@pytest.mark.parametrize("config_name", ["heuristic", "streamed-bh8-bk16-st3-pa", "dataflow-bh4"])
+def test_dropout_masks_between_layers_match_nn_lstm_layers_with_the_same_masks(config_name):
+    T, B, I, H, L = 4, 3, 5, 6, 3
+    control = nn.LSTM(I, H, num_layers=L, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    hx = tuple(torch.randn(L, B, H, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    keep = (torch.rand(L - 1, T, B, H, dtype=torch.float64) > 0.4).double() / 0.6
+    launch_counts.clear()
+    got = lstm_stack_wavefront(x, *hx, _stack_weights(control), config=CONFIGS[config_name],
+                               keep=keep)
+    want = _chained_layers(control, x, hx, keep)
+    upstream = [torch.randn_like(t) for t in got]
+    inputs = [x, *hx, *control.parameters()]
+    grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(got, upstream)), inputs)
+    assert launch_counts == {"stepped": 2 * (T + L) - 1}
+    want_grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(want, upstream)), inputs)
+    for k, (g, w) in enumerate(zip(list(got) + list(grads), list(want) + list(want_grads))):
+        torch.testing.assert_close(g, w, **TOL[torch.float64], msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_training_with_dropout_runs_the_wavefront_with_masks_drawn_up_front():
+    """The module draws the masks (dropout_masks, torch's RNG) and runs both wavefronts."""
+    from triton_lstm.autograd import dropout_masks
+    control = nn.LSTM(3, 5, num_layers=3, dropout=0.5, dtype=torch.float64)
+    ours = triton_copy(control, wavefront=True).train()
+    T, B = 4, 2
+    x = torch.randn(T, B, 3, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1234)
+    launch_counts.clear()
+    out, (h, c) = ours(x)
+    grads = torch.autograd.grad(out.sum() + c.sum(), [x, *ours.parameters()])
+    assert launch_counts == {"stepped": 2 * (T + 3) - 1}
+    torch.manual_seed(1234)
+    keep = dropout_masks(3, x, 5, 0.5)
+    assert set(keep.unique().tolist()) == {0.0, 2.0}
+    want, _, want_c = _chained_layers(control, x, None, keep)
+    want_grads = torch.autograd.grad(want.sum() + want_c.sum(), [x, *control.parameters()])
+    torch.testing.assert_close(out, want, **TOL[torch.float64])
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, **TOL[torch.float64])
 
 
 def test_eval_mode_with_dropout_runs_the_wavefront():
@@ -252,13 +310,18 @@ def test_wavefront_ops_pass_opcheck():
     for save in (False, True):
         torch.library.opcheck(op, (gx, w_ih, bias, w_hh, h0, c0, lengths, save, None, False))
     torch.library.opcheck(op, (gx, w_ih, bias, w_hh, None, None, None, True, None, True))
-    h_all, h_n, c_n, gates, c_all = op(gx, w_ih, bias, w_hh, h0, c0, lengths, True, None, False)
+    keep = (torch.rand(L - 1, T, B, H, dtype=dtype) > 0.5).double() * 2
+    torch.library.opcheck(op, (gx, w_ih, bias, w_hh, h0, c0, lengths, True, None, False, keep))
+    h_all, h_n, c_n, gates, c_all, _ = op(gx, w_ih, bias, w_hh, h0, c0, lengths, True, None,
+                                          False)
     backward = torch.ops.triton_lstm.wavefront_backward.default
     dy = torch.randn(T, B, H, dtype=dtype)
     torch.library.opcheck(backward, (dy, torch.randn_like(h_n), torch.randn_like(c_n), gates,
                                      c_all, c0, lengths, w_ih, w_hh, None, False))
     torch.library.opcheck(backward, (None, torch.randn_like(h_n), None, gates, c_all, None, None,
                                      w_ih, w_hh, None, True))
+    torch.library.opcheck(backward, (dy, None, None, gates, c_all, c0, lengths, w_ih, w_hh, None,
+                                     False, keep))
 
 
 def test_per_sample_gradients_match_nn_lstm():

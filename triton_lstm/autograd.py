@@ -319,27 +319,39 @@ class LSTMBackwardFunction(torch.autograd.Function):
 
 # -- stacked layers as one wavefront ---------------------------------------------------------
 
-def lstm_stack_wavefront(x, h0, c0, weights, lengths=None, config=None, force_stepped=False):
+def lstm_stack_wavefront(x, h0, c0, weights, lengths=None, config=None, force_stepped=False,
+                         keep=None):
     """A unidirectional stack of L >= 2 layers without projection in one wavefront launch
     (kernels/wavefront.py): y [T, B, H] (the top layer's output), h_n, c_n [L, B, H].
 
     x [T, B, I]; h0, c0 [L, B, H] or both None; weights: per layer (w_ih, w_hh, b_ih, b_hh),
     the biases None without bias; lengths, config (the tile of both wavefronts; None: the
-    heuristic's), force_stepped as ``LSTMFunction``. Runs WavefrontFunction when a
-    gradient is needed, the op alone otherwise, the reference under forward-mode AD.
+    heuristic's), force_stepped as ``LSTMFunction``; keep: dropout between layers as masks
+    [L-1, T, B, H] in x's dtype (``dropout_masks``), or None. Runs WavefrontFunction when
+    a gradient is needed, the op alone otherwise, the reference under forward-mode AD.
     """
     flat = tuple(t for layer in weights for t in layer)
     tensors = (x, h0, c0, *flat)
     if _forward_ad_active(tensors):
-        return _stack_reference(x, h0, c0, flat, lengths)
+        return _stack_reference(x, h0, c0, flat, lengths, keep)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         y, h_n, c_n, *_ = WavefrontFunction.apply(x, h0, c0, lengths, config, force_stepped,
-                                                  *flat)
+                                                  keep, *flat)
         return y, h_n, c_n
-    h_all, h_n, c_n, _, _ = torch.ops.triton_lstm.wavefront_forward(
+    h_all, h_n, c_n, *_ = torch.ops.triton_lstm.wavefront_forward(
         *_wavefront_operands(x, flat), h0, c0, lengths, False, config_to_list(config),
-        force_stepped)
+        force_stepped, keep)
     return h_all[-1, 1:], h_n, c_n.to(x.dtype)
+
+
+def dropout_masks(num_layers: int, x: torch.Tensor, hidden_size: int, p: float) -> torch.Tensor:
+    """Dropout between the layers of a stack over x [T, B, I], drawn up front as F.dropout
+    draws it: [L-1, T, B, H] in x's dtype, 0 where dropped (probability p), else 1 / (1 - p)."""
+    T, B, _ = x.shape
+    keep = torch.empty(num_layers - 1, T, B, hidden_size, dtype=x.dtype, device=x.device)
+    if p >= 1:
+        return keep.zero_()
+    return keep.bernoulli_(1 - p).div_(1 - p)
 
 
 def _wavefront_operands(x, flat):
@@ -363,10 +375,13 @@ def _stacked_weights(flat, acc):
     return w_ih, w_hh, bias
 
 
-def _stack_reference(x, h0, c0, flat, lengths):
+def _stack_reference(x, h0, c0, flat, lengths, keep=None):
     """The same stack layer by layer in plain PyTorch (reference.py): y, h_n, c_n."""
     h_n, c_n = [], []
-    for k in range(len(flat) // 4):
+    num_layers = len(flat) // 4
+    for k in range(num_layers):
+        if k > 0 and keep is not None:
+            x = x * keep[k - 1]
         x, h, c = lstm_layer_reference(x, None if h0 is None else h0[k],
                                        None if c0 is None else c0[k], *flat[4 * k:4 * k + 4],
                                        lengths)
@@ -379,10 +394,11 @@ class WavefrontFunction(torch.autograd.Function):
     """A unidirectional stack without projection, forward and backward each as one wavefront
     (the backward's reverse recurrence gives every layer's dG; then each layer's GEMMs).
 
-    Args: x, h0, c0, lengths, config, force_stepped as ``lstm_stack_wavefront``, then per
-        layer w_ih, w_hh, b_ih, b_hh (the biases None without bias).
+    Args: x, h0, c0, lengths, config, force_stepped, keep as ``lstm_stack_wavefront``, then
+        per layer w_ih, w_hh, b_ih, b_hh (the biases None without bias).
     Returns: y [T, B, H], h_n, c_n [L, B, H], then what the backward needs, marked
-        non-differentiable: h_all [L, T+1, B, H], gates [L, T, B, 4H], c_all [L, T, B, H].
+        non-differentiable: h_all [L, T+1, B, H], gates [L, T, B, 4H], c_all [L, T, B, H],
+        x_all [L-1, T, B, H] (the upper layers' dropped inputs; [0]-shaped without keep).
 
     When the backward is itself differentiated it differentiates the reference stack.
     """
@@ -390,37 +406,38 @@ class WavefrontFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, h0, c0, lengths, config, force_stepped, *weights):
-        h_all, h_n, c_n, gates, c_all = torch.ops.triton_lstm.wavefront_forward(
+    def forward(x, h0, c0, lengths, config, force_stepped, keep, *weights):
+        h_all, h_n, c_n, gates, c_all, x_all = torch.ops.triton_lstm.wavefront_forward(
             *_wavefront_operands(x, weights), h0, c0, lengths, True, config_to_list(config),
-            force_stepped)
+            force_stepped, keep)
         # y is its own tensor, not a view of the saved h_all.
-        return h_all[-1, 1:].clone(), h_n, c_n.to(x.dtype), h_all, gates, c_all
+        return h_all[-1, 1:].clone(), h_n, c_n.to(x.dtype), h_all, gates, c_all, x_all
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, h0, c0, lengths, config, force_stepped, *weights = inputs
-        _, _, _, h_all, gates, c_all = output
-        ctx.mark_non_differentiable(h_all, gates, c_all)
+        x, h0, c0, lengths, config, force_stepped, keep, *weights = inputs
+        _, _, _, h_all, gates, c_all, x_all = output
+        ctx.mark_non_differentiable(h_all, gates, c_all, x_all)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, h0, c0, lengths, h_all, gates, c_all, *weights)
+        ctx.save_for_backward(x, h0, c0, lengths, keep, h_all, gates, c_all, x_all, *weights)
         ctx.config, ctx.force_stepped = config, force_stepped
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n, *_saved_grads):
-        x, h0, c0, lengths, h_all, gates, c_all, *weights = ctx.saved_tensors
+        x, h0, c0, lengths, keep, h_all, gates, c_all, x_all, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():
-            grads = _stack_grads_by_reference(dy, dh_n, dc_n, x, h0, c0, lengths, weights, needs)
+            grads = _stack_grads_by_reference(dy, dh_n, dc_n, x, h0, c0, lengths, keep, weights,
+                                              needs)
         else:
-            grads = _stack_backward(dy, dh_n, dc_n, x, h0, c0, lengths, h_all, gates, c_all,
-                                    weights, needs, ctx.config, ctx.force_stepped)
+            grads = _stack_backward(dy, dh_n, dc_n, x, h0, c0, lengths, keep, h_all, gates,
+                                    c_all, x_all, weights, needs, ctx.config, ctx.force_stepped)
         dx, dh0, dc0, *dweights = grads
-        return (dx, dh0, dc0, None, None, None, *dweights)
+        return (dx, dh0, dc0, None, None, None, None, *dweights)
 
 
-def _stack_backward(dy, dh_n, dc_n, x, h0, c0, lengths, h_all, gates, c_all, weights, needs,
-                    config, force_stepped):
+def _stack_backward(dy, dh_n, dc_n, x, h0, c0, lengths, keep, h_all, gates, c_all, x_all,
+                    weights, needs, config, force_stepped):
     """dx, dh0, dc0, then per layer dw_ih, dw_hh, db_ih, db_hh: the reverse recurrence of all
     layers as one wavefront (every layer's dG), then each layer's GEMMs over its dG."""
     num_layers = len(weights) // 4
@@ -428,16 +445,18 @@ def _stack_backward(dy, dh_n, dc_n, x, h0, c0, lengths, h_all, gates, c_all, wei
     w_ih, w_hh, _ = _stacked_weights(weights, c_all.dtype)
     dgates, dh0, dc0 = torch.ops.triton_lstm.wavefront_backward(
         dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_hh, config_to_list(config),
-        force_stepped)
+        force_stepped, keep)
+    # Each layer's input: x, then the output of the layer below (dropped, with keep).
+    inputs = [x] + [h_all[k, 1:] if keep is None else x_all[k] for k in range(num_layers - 1)]
     dweights = []
     for k in range(num_layers):
         w_ih_k, _, b_ih_k, _ = weights[4 * k:4 * k + 4]
-        need_wih, need_whh, need_bih, need_bhh = needs[6 + 4 * k:10 + 4 * k]
+        need_wih, need_whh, need_bih, need_bhh = needs[7 + 4 * k:11 + 4 * k]
         layer_needs = (k == 0 and need_x, False, False, need_wih, need_whh, need_bih, need_bhh,
                        False)
         dx_k, dw_ih, dw_hh, db = gradients_over_dG(
-            dgates[k], x if k == 0 else h_all[k - 1, 1:], None if h0 is None else h0[k:k + 1],
-            w_ih_k, b_ih_k, h_all[k, 1:], lengths, None, w_hh.shape[2], layer_needs)
+            dgates[k], inputs[k], None if h0 is None else h0[k:k + 1], w_ih_k, b_ih_k,
+            h_all[k, 1:], lengths, None, w_hh.shape[2], layer_needs)
         if k == 0:
             dx = dx_k
         dweights += [dw_ih, None if dw_hh is None else dw_hh[0], db if need_bih else None,
@@ -445,12 +464,13 @@ def _stack_backward(dy, dh_n, dc_n, x, h0, c0, lengths, h_all, gates, c_all, wei
     return (dx, dh0 if need_h0 else None, dc0.to(x.dtype) if need_c0 else None, *dweights)
 
 
-def _stack_grads_by_reference(dy, dh_n, dc_n, x, h0, c0, lengths, weights, needs):
+def _stack_grads_by_reference(dy, dh_n, dc_n, x, h0, c0, lengths, keep, weights, needs):
     """The same gradients through the reference stack, themselves differentiable."""
     primals = (x, h0, c0, *weights)
-    wanted = [k for k, t in enumerate(primals) if t is not None and needs[k if k < 3 else k + 3]]
+    # needs: x, h0, c0, lengths, config, force_stepped, keep, then the weights.
+    wanted = [k for k, t in enumerate(primals) if t is not None and needs[k if k < 3 else k + 4]]
     with torch.enable_grad():
-        outputs = _stack_reference(x, h0, c0, weights, lengths)
+        outputs = _stack_reference(x, h0, c0, weights, lengths, keep)
         pairs = [(o, g) for o, g in zip(outputs, (dy, dh_n, dc_n)) if g is not None]
         grads = torch.autograd.grad([o for o, _ in pairs], [primals[k] for k in wanted],
                                     [g for _, g in pairs], create_graph=True, allow_unused=True)

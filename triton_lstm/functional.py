@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .autograd import lstm_cell_step, lstm_layer, lstm_stack_wavefront
+from .autograd import dropout_masks, lstm_cell_step, lstm_layer, lstm_stack_wavefront
 from .reference import restarts_in_processing_order
 
 
@@ -86,8 +86,8 @@ def lstm(
             ``reference.lstm_layer_reference``.
         wavefront: run a stack of 2+ layers on the kernels as one wavefront launch (layer l
             at time t while layer l + 1 runs t - 1: T + L - 1 steps instead of L * T), where
-            it applies: unidirectional, no projection, no resets or recompute, no dropout
-            while training. Elsewhere the layers run one after another.
+            it applies: unidirectional, no projection, no resets or recompute (dropout
+            between layers is drawn up front). Elsewhere the layers run one after another.
     Returns:
         output [T, B, num_directions * R] (batch first if asked), (h_n, c_n).
 
@@ -108,10 +108,13 @@ def lstm(
                                                 lengths, num_directions)
     layer_fn = layer_fn or lstm_layer
     if (wavefront and layer_fn is lstm_layer and num_layers > 1 and not bidirectional
-            and restarts is None and not recompute and not (dropout > 0 and training)
-            and all(w[4] is None for w in weights)):
+            and restarts is None and not recompute and all(w[4] is None for w in weights)):
         h0, c0 = (None, None) if hx is None else hx
-        y, h_n, c_n = lstm_stack_wavefront(x, h0, c0, [w[:4] for w in weights], lengths)
+        keep = None
+        if dropout > 0 and training:
+            keep = dropout_masks(num_layers, x, weights[0][1].shape[1], dropout)
+        y, h_n, c_n = lstm_stack_wavefront(x, h0, c0, [w[:4] for w in weights], lengths,
+                                           keep=keep)
         return (y.transpose(0, 1) if batch_first else y), (h_n, c_n)
     extra = {} if layer_fn is not lstm_layer else dict(recompute=recompute)
     h_n, c_n = [], []

@@ -59,8 +59,8 @@ class LSTM(nn.LSTM):
         wavefront: False (default), or True to run a stack of 2+ layers on the kernels
             as one wavefront launch: layer l runs step t while layer l + 1 runs step
             t - 1, so the stack takes T + L - 1 steps instead of L * T (keyword only;
-            unidirectional, without proj_size or recompute). Calls with resets, and
-            training with dropout > 0, run the layers one after another.
+            unidirectional, without proj_size or recompute; dropout between layers is
+            drawn up front). Calls with resets run the layers one after another.
 
     Inputs: input [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched),
         optional (h0, c0) each [num_layers * num_directions, B, H] ([.., H] unbatched),

@@ -146,30 +146,36 @@ def wavefront_forward(
     gx: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor, w_hh: torch.Tensor,
     h0: Optional[torch.Tensor], c0: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
     save: bool, config: Optional[list[int]], force_stepped: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    keep: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The recurrence of a unidirectional stack as one wavefront: ``kernels.wavefront``.
 
     gx [T, B, 4H] (layer 0's input projection), w_ih [L-1, 4H, H], bias [L-1, 4H] (state
-    dtype), w_hh [L, 4H, H], h0 / c0 [L, B, H] or None, lengths [B] int32 or None.
-    Returns h_all [L, T+1, B, H] (slot 0 h0, slot t+1 each layer's h_t), h_n [L, B, H],
-    c_n [L, B, H] (state dtype), when ``save`` gates [L, T, B, 4H] and c_all [L, T, B, H]
-    (state dtype); [0]-shaped where absent.
+    dtype), w_hh [L, 4H, H], h0 / c0 [L, B, H] or None, lengths [B] int32 or None, keep
+    [L-1, T, B, H] (dropout between layers) or None. Returns h_all [L, T+1, B, H] (slot
+    0 h0, slot t+1 each layer's h_t), h_n [L, B, H], c_n [L, B, H] (state dtype), when
+    ``save`` gates [L, T, B, 4H] and c_all [L, T, B, H] (state dtype), with keep x_all
+    [L-1, T, B, H] (the dropped outputs); [0]-shaped where absent.
     """
-    h_all, h_n, c_n, gates, c_all = lstm_wavefront(
+    h_all, h_n, c_n, gates, c_all, x_all = lstm_wavefront(
         gx.contiguous(), w_ih.contiguous(), bias.contiguous(), w_hh.contiguous(), h0, c0,
-        lengths, save=save, config=config_from_list(config), force_stepped=force_stepped)
-    return h_all, h_n, c_n, _or_empty(gates, gx, c_n.dtype), _or_empty(c_all, gx, c_n.dtype)
+        lengths, None if keep is None else keep.contiguous(), save=save,
+        config=config_from_list(config), force_stepped=force_stepped)
+    return (h_all, h_n, c_n, _or_empty(gates, gx, c_n.dtype), _or_empty(c_all, gx, c_n.dtype),
+            _or_empty(x_all, gx))
 
 
 @register_fake("triton_lstm::wavefront_forward")
-def _wavefront_forward_fake(gx, w_ih, bias, w_hh, h0, c0, lengths, save, config, force_stepped):
+def _wavefront_forward_fake(gx, w_ih, bias, w_hh, h0, c0, lengths, save, config, force_stepped,
+                            keep=None):
     T, B, G = gx.shape
     L, H = w_hh.shape[0], G // 4
     acc = state_dtype(gx.dtype)
     saved = (L, T, B) if save else (0,)
     return (gx.new_empty(L, T + 1, B, H), gx.new_empty(L, B, H), gx.new_empty((L, B, H), dtype=acc),
             gx.new_empty(saved + ((4 * H,) if save else ()), dtype=acc),
-            gx.new_empty(saved + ((H,) if save else ()), dtype=acc))
+            gx.new_empty(saved + ((H,) if save else ()), dtype=acc),
+            gx.new_empty((L - 1, T, B, H) if keep is not None else (0,)))
 
 
 @custom_op("triton_lstm::wavefront_backward", mutates_args=())
@@ -177,23 +183,25 @@ def wavefront_backward(
     dy: Optional[torch.Tensor], dh_n: Optional[torch.Tensor], dc_n: Optional[torch.Tensor],
     gates: torch.Tensor, c_all: torch.Tensor, c0: Optional[torch.Tensor],
     lengths: Optional[torch.Tensor], w_ih: torch.Tensor, w_hh: torch.Tensor,
-    config: Optional[list[int]], force_stepped: bool,
+    config: Optional[list[int]], force_stepped: bool, keep: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reverse recurrence of a wavefront stack: ``kernels.wavefront.lstm_wavefront_backward``.
 
     dy [T, B, H] or None, dh_n / dc_n [L, B, H] or None, gates / c_all as
     ``wavefront_forward`` saved them, c0 [L, B, H] or None, lengths [B] int32 or None,
-    w_ih [L-1, 4H, H], w_hh [L, 4H, H]. Returns every layer's dG [L, T, B, 4H] (w_hh's
-    dtype), dh0 [L, B, H] and dc0 [L, B, H] (state dtype).
+    w_ih [L-1, 4H, H], w_hh [L, 4H, H], keep as given to the forward or None. Returns
+    every layer's dG [L, T, B, 4H] (w_hh's dtype), dh0 [L, B, H] and dc0 [L, B, H]
+    (state dtype).
     """
     return lstm_wavefront_backward(
         dy, dh_n, dc_n, gates.contiguous(), c_all.contiguous(), c0, lengths, w_ih.contiguous(),
-        w_hh.contiguous(), config=config_from_list(config), force_stepped=force_stepped)
+        w_hh.contiguous(), None if keep is None else keep.contiguous(),
+        config=config_from_list(config), force_stepped=force_stepped)
 
 
 @register_fake("triton_lstm::wavefront_backward")
 def _wavefront_backward_fake(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_hh, config,
-                             force_stepped):
+                             force_stepped, keep=None):
     L, T, B, G = gates.shape
     H = G // 4
     return (w_hh.new_empty(L, T, B, G), w_hh.new_empty(L, B, H),
@@ -264,14 +272,14 @@ register_vmap("triton_lstm::recurrence_backward", _vmap_rule(
 
 register_vmap("triton_lstm::wavefront_forward", _vmap_rule(
     wavefront_forward,
-    # gx, w_ih, bias, w_hh, h0, c0, lengths, save, config, force_stepped
-    batch_axes=(1, None, None, None, 1, 1, 0, None, None, None),
-    out_batch_axes=(2, 1, 1, 2, 2),         # h_all, h_n, c_n, gates, c_all
+    # gx, w_ih, bias, w_hh, h0, c0, lengths, save, config, force_stepped, keep
+    batch_axes=(1, None, None, None, 1, 1, 0, None, None, None, 2),
+    out_batch_axes=(2, 1, 1, 2, 2, 2),      # h_all, h_n, c_n, gates, c_all, x_all
     weights=(1, 2, 3)))
 register_vmap("triton_lstm::wavefront_backward", _vmap_rule(
     wavefront_backward,
-    # dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_hh, config, force_stepped
-    batch_axes=(1, 1, 1, 2, 2, 1, 0, None, None, None, None),
+    # dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_hh, config, force_stepped, keep
+    batch_axes=(1, 1, 1, 2, 2, 1, 0, None, None, None, None, 2),
     out_batch_axes=(2, 1, 1),               # dgates, dh0, dc0
     weights=(7, 8)))
 

@@ -22,8 +22,10 @@ which would cost the loads their vector width (forward.py). c starts from
 
 Per-row lengths (packed sequences) work as in forward.py: a row past its length
 keeps its state and writes zeros, and so reads zeros in the layer above, where it
-has stopped too. Not here: both directions, projections, dropout between layers and
-resets (the caller runs those layer by layer).
+has stopped too. Dropout between layers (HAS_DROPOUT) comes as masks drawn up front:
+a layer below the top also writes h_t * keep to ``x_all``, which the layer above reads
+instead of its h. Not here: both directions, projections and resets (the caller runs
+those layer by layer).
 
 With DATAFLOW (config ``dataflow``, barrier.py) there is no barrier: the slots of
 h_all past h0 start as the unwritten mark and each program polls the two tiles it
@@ -83,6 +85,8 @@ def lstm_wavefront_kernel(
     bias,      # [L-1, 4H]        b_ih + b_hh of layers 1 .. L-1, state dtype
     w_hh,      # [L, 4H, H]       input dtype
     h_all,     # [L, T+1, B, H]   in: slot 0 = h0; out: slot t+1 = h_t (zeros past a row's length)
+    keep,      # [L-1, T, B, H]   dropout between layers (HAS_DROPOUT): 0 or 1 / (1 - p), input dtype
+    x_all,     # [L-1, T, B, H]   out with HAS_DROPOUT: h_t * keep, the input of the layer above
     h_n,       # [L, B, H]        out: h at each row's last step
     c_state,   # [L, B, H]        state dtype; in: c0 (c before the first launched step); out: c
     lengths,   # [B]              int32 sequence lengths, read when HAS_LENGTHS
@@ -92,9 +96,9 @@ def lstm_wavefront_kernel(
     T, B, q_begin, q_end, batch_start, leader_inc,
     H: tl.constexpr, HP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, RESIDENT: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, PERSISTENT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INNER_STAGES: tl.constexpr, PREFETCH_AFTER_ARRIVE: tl.constexpr,
-    CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr, INNER_STAGES: tl.constexpr,
+    PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
 ):
     tl.static_assert(not CHUNKED, "the wavefront has no chunked mode")
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
@@ -109,6 +113,7 @@ def lstm_wavefront_kernel(
     upper = tl.full([BLOCK_B], i_l, tl.int32) > 0
     upper_n = tl.full([4 * BLOCK_H], i_l, tl.int32) > 0     # per weight column
     upper_u = tl.full([BLOCK_H], i_l, tl.int32) > 0         # per hidden unit
+    below_top = tl.full([BLOCK_B], i_l, tl.int32) < tl.num_programs(1) - 1
     # Per-layer bases (64-bit: L * T * B * H can pass 2**31). Layer 0 has no W_ih or bias
     # here (its input projection is gx): it points at layer 1's and never reads them.
     i_l64 = tl.cast(i_l, tl.int64)
@@ -118,6 +123,12 @@ def lstm_wavefront_kernel(
     bias += i_below64 * 4 * H
     h_own = h_all + i_l64 * (T + 1) * B * H
     h_below = h_all + i_below64 * (T + 1) * B * H
+    # This layer's dropout mask and dropped output (the top layer has none), and the dropped
+    # output of the layer below.
+    i_own64 = tl.cast(tl.minimum(i_l, tl.num_programs(1) - 2), tl.int64)
+    keep += i_own64 * T * B * H
+    x_own = x_all + i_own64 * T * B * H
+    x_below = x_all + i_below64 * T * B * H
     h_n += i_l64 * B * H
     c_state += i_l64 * B * H
     gates += i_l64 * T * B * 4 * H
@@ -153,9 +164,13 @@ def lstm_wavefront_kernel(
     for s in range(q_begin, q_end):
         t = s - i_l                     # this layer's time step; idle outside [0, T)
         t_row, running = step_rows(t, length, m_b, False)
-        # h_{t-1}: slot t of this layer; x_t = h_t of the layer below: its slot t + 1.
+        # h_{t-1}: slot t of this layer; x_t = h_t of the layer below: its slot t + 1 (or,
+        # with dropout between layers, its dropped h_t).
         p_h = h_own + (t_row * B + o_b) * H
-        p_x = h_below + ((t_row + 1) * B + o_b) * H
+        if HAS_DROPOUT:
+            p_x = x_below + (t_row * B + o_b) * H
+        else:
+            p_x = h_below + ((t_row + 1) * B + o_b) * H
         b_acc = _input_and_recurrent_dot(p_h, p_x, running, upper, b_w, b_wx, w_hh, w_ih, w_row,
                                          m_n, upper_n, o_j, H, HP, BLOCK_K, SPLIT_K, RESIDENT,
                                          DOT_PRECISION, INNER_STAGES, ACC, DATAFLOW, t > 0)
@@ -175,6 +190,11 @@ def lstm_wavefront_kernel(
         t_b = tl.full([BLOCK_B], t, tl.int32)
         m_step = m_bu & ((t_b >= 0) & (t_b < T))[:, None]   # an idle layer writes nothing
         tl.store(h_own + ((t_row + 1) * B + o_b)[:, None] * H + o_u[None, :], b_h, mask=m_step)
+        if HAS_DROPOUT:
+            p_bt = (t_row * B + o_b)[:, None] * H + o_u[None, :]
+            m_drop = m_step & below_top[:, None]
+            b_keep = tl.load(keep + p_bt, mask=m_drop, other=0.0)
+            tl.store(x_own + p_bt, published(b_h * b_keep, DATAFLOW), mask=m_drop)
         tl.store(h_n + p_bu, b_h, mask=m_bu & (t == length - 1)[:, None])
         if SAVE:
             save_step(gates, c_all, t_row, B, o_b, o_u, H, b_i, b_f, b_g, b_o, b_c, m_run, m_step)
@@ -218,6 +238,7 @@ def lstm_wavefront_backward_kernel(
     lengths,   # [B]              int32 sequence lengths, read when HAS_LENGTHS
     w_ih,      # [L-1, 4H, H]     input weights of layers 1 .. L-1, input dtype
     w_hh,      # [L, 4H, H]       input dtype
+    keep,      # [L-1, T, B, H]   the forward's dropout masks (HAS_DROPOUT), input dtype
     dgates,    # [L, T, B, 4H]    out: dG_t of every layer, input dtype (zeros past a length;
                #                  all-ones bits first with DATAFLOW)
     dh0,       # [L, B, H]        out: grad of h0, input dtype
@@ -226,7 +247,8 @@ def lstm_wavefront_backward_kernel(
     H: tl.constexpr, HP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, RESIDENT: tl.constexpr,
     HAS_DY: tl.constexpr, HAS_DHN: tl.constexpr, HAS_H0: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PERSISTENT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     INNER_STAGES: tl.constexpr, PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr,
     DATAFLOW: tl.constexpr,
 ):
@@ -257,6 +279,7 @@ def lstm_wavefront_backward_kernel(
     c0 += i_l64 * B * H
     w_hh += i_l64 * 4 * H * H
     w_ih += i_above64 * 4 * H * H                   # W_ih of layer l + 1
+    keep += i_above64 * T * B * H                   # the dropout mask of this layer's output
     dg_own = dgates + i_l64 * T * B * 4 * H
     dg_above = dgates + (i_above64 + 1) * T * B * 4 * H
     dh0 += i_l64 * B * H
@@ -312,12 +335,18 @@ def lstm_wavefront_backward_kernel(
                             other=0.0).to(ACC)
         p_above = dg_above + (t_row * B + o_b) * (4 * H)
         if RESIDENT:
-            b_dh += gate_rows_dot_resident(p_above, running & below_top, o_j, b_xi, b_xf, b_xg,
-                                           b_xo, H, SPLIT_K, DOT_PRECISION, ACC, DATAFLOW)
+            b_up = gate_rows_dot_resident(p_above, running & below_top, o_j, b_xi, b_xf, b_xg,
+                                          b_xo, H, SPLIT_K, DOT_PRECISION, ACC, DATAFLOW)
         else:
-            b_dh += gate_rows_dot_streamed(p_above, running & below_top, w_ih, o_u, m_above, H,
-                                           HP, H, BLOCK_K, BLOCK_H, DOT_PRECISION, ACC,
-                                           INNER_STAGES, DATAFLOW)
+            b_up = gate_rows_dot_streamed(p_above, running & below_top, w_ih, o_u, m_above, H,
+                                          HP, H, BLOCK_K, BLOCK_H, DOT_PRECISION, ACC,
+                                          INNER_STAGES, DATAFLOW)
+        if HAS_DROPOUT:
+            # The layer above read this layer's h_t * keep: the gradient goes through keep.
+            b_up *= tl.load(keep + (t_row * B + o_b)[:, None] * H + o_u[None, :],
+                            mask=(running & below_top)[:, None] & m_u[None, :],
+                            other=0.0).to(ACC)
+        b_dh += b_up
         tl.store(dh0 + p_bu, b_dh.to(dh0.dtype.element_ty),
                  mask=m_bu & (tl.full([BLOCK_B], s, tl.int32) == T)[:, None])
         # dG of own units at this step, from the saved gates (backward.py).
@@ -383,8 +412,8 @@ def wavefront_config(batch: int, hidden_size: int, num_layers: int, dtype: torch
                         split_k=split_k, num_warps=num_warps)
 
 
-def lstm_wavefront(gx, w_ih, bias, w_hh, h0, c0, lengths, *, save: bool, config=None,
-                   force_stepped: bool = False):
+def lstm_wavefront(gx, w_ih, bias, w_hh, h0, c0, lengths, keep=None, *, save: bool,
+                   config=None, force_stepped: bool = False):
     """Run the recurrence of a unidirectional stack of L >= 2 layers as one wavefront.
 
     Args:
@@ -394,6 +423,8 @@ def lstm_wavefront(gx, w_ih, bias, w_hh, h0, c0, lengths, *, save: bool, config=
         w_hh: [L, 4H, H] recurrent weights, gx's dtype, contiguous.
         h0, c0: [L, B, H] initial state, or both None for zeros.
         lengths: [B] int32 sequence lengths on gx's device (1..T), or None for all T.
+        keep: [L-1, T, B, H] dropout between layers, gx's dtype (0 where dropped, else
+            1 / (1 - p)): layer l + 1 reads h_t * keep[l] of layer l; or None.
         save: also return every layer's activated gates and c per step (for the backward).
         config: a ``KernelConfig`` (not chunked), else ``wavefront_config``. With
             ``dataflow`` there is no barrier: each program polls the two tiles it reads.
@@ -401,7 +432,8 @@ def lstm_wavefront(gx, w_ih, bias, w_hh, h0, c0, lengths, *, save: bool, config=
     Returns:
         h_all [L, T+1, B, H] (slot 0 is h0, slot t+1 layer l's h_t, zeros past each row's
         length; the stack's output is h_all[-1, 1:]), h_n [L, B, H], c_n [L, B, H] (state
-        dtype), gates [L, T, B, 4H] and c_all [L, T, B, H] (state dtype) or None.
+        dtype), gates [L, T, B, 4H] and c_all [L, T, B, H] (state dtype) or None, and with
+        keep x_all [L-1, T, B, H]: the dropped outputs h_t * keep, the upper layers' inputs.
     """
     T, B, G = gx.shape
     L = w_hh.shape[0]
@@ -417,27 +449,31 @@ def lstm_wavefront(gx, w_ih, bias, w_hh, h0, c0, lengths, *, save: bool, config=
     acc = state_dtype(dtype)
     h_all = torch.empty(L, T + 1, B, H, dtype=dtype, device=device)
     h_all[:, 0] = 0 if h0 is None else h0
+    x_all = torch.empty(L - 1, T, B, H, dtype=dtype, device=device) if keep is not None else None
     if config.dataflow:          # the slots other programs poll
         fill_unwritten(h_all[:, 1:])
+        if x_all is not None:
+            fill_unwritten(x_all)
     c_state = torch.zeros(L, B, H, dtype=acc, device=device)
     if c0 is not None:
         c_state.copy_(c0)
     h_n = torch.empty(L, B, H, dtype=dtype, device=device)
     gates = torch.empty(L, T, B, 4 * H, dtype=acc, device=device) if save else None
     c_all = torch.empty(L, T, B, H, dtype=acc, device=device) if save else None
-    args = (gx, w_ih, bias, w_hh, h_all, h_n, c_state,
+    args = (gx, w_ih, bias, w_hh, h_all, h_all if keep is None else keep,
+            h_all if x_all is None else x_all, h_n, c_state,
             lengths if lengths is not None else c_state,
             gates if save else c_state, c_all if save else c_state, T, B)
     constexprs = dict(H=H, HP=padded(H), HAS_LENGTHS=lengths is not None, SAVE=save,
-                      DOT_PRECISION=dot_precision(dtype, device))
+                      HAS_DROPOUT=keep is not None, DOT_PRECISION=dot_precision(dtype, device))
     launch_recurrence(lstm_wavefront_kernel, args, constexprs, num_steps=T + L - 1, batch=B,
                       hidden_size=H, output_size=H, num_directions=L, config=config,
                       device=device, force_stepped=force_stepped, shared_barrier=True)
-    return h_all, h_n, c_state, gates, c_all
+    return h_all, h_n, c_state, gates, c_all, x_all
 
 
-def lstm_wavefront_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_hh, *,
-                            config=None, force_stepped: bool = False):
+def lstm_wavefront_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_hh, keep=None,
+                            *, config=None, force_stepped: bool = False):
     """Run the reverse recurrence of a stack saved by ``lstm_wavefront`` as one wavefront.
 
     Args:
@@ -447,6 +483,7 @@ def lstm_wavefront_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_h
         c0: [L, B, H] initial cell state, or None for zeros.
         lengths: [B] int32 sequence lengths, or None.
         w_ih: [L-1, 4H, H] input weights of layers 1 .. L-1; w_hh: [L, 4H, H].
+        keep: the forward's dropout masks [L-1, T, B, H], or None.
         config: a ``KernelConfig`` (not chunked), else ``wavefront_config`` for the backward.
         force_stepped: one launch per wavefront step even where a persistent launch fits.
     Returns:
@@ -473,10 +510,11 @@ def lstm_wavefront_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_h
         dc_state.copy_(dc_n)
     args = (dgates if dy is None else dy.contiguous(), dh0 if dh_n is None else dh_n.contiguous(),
             dc_state, gates, c_all, dh0 if c0 is None else c0.contiguous(),
-            lengths if lengths is not None else dc_state, w_ih, w_hh, dgates, dh0, T, B)
+            lengths if lengths is not None else dc_state, w_ih, w_hh,
+            dgates if keep is None else keep, dgates, dh0, T, B)
     constexprs = dict(H=H, HP=padded(H), HAS_DY=dy is not None, HAS_DHN=dh_n is not None,
                       HAS_H0=c0 is not None, HAS_LENGTHS=lengths is not None,
-                      DOT_PRECISION=dot_precision(dtype, device))
+                      HAS_DROPOUT=keep is not None, DOT_PRECISION=dot_precision(dtype, device))
     launch_recurrence(lstm_wavefront_backward_kernel, args, constexprs, num_steps=T + L,
                       batch=B, hidden_size=H, output_size=H, num_directions=L, config=config,
                       device=device, force_stepped=force_stepped, shared_barrier=True)
