@@ -580,3 +580,50 @@ def test_wavefront_cuda_graph_replay():
             x_buf.copy_(torch.randn_like(x_buf))
             graph.replay()
             torch.testing.assert_close(y_buf, ours(x_buf)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_wavefront_dropout_matches_float64_within_twice_chained_cudnn_layers_error(dtype_name):
+    """Given dropout masks: the wavefront against one-layer nn.LSTMs chained with the same
+    masks, each error measured against the same chain in float64."""
+    from triton_lstm.autograd import lstm_stack_wavefront
+    dtype, allow_tf32, slack = DTYPES[dtype_name]
+    T, B, I, H, L = 32, 8, 64, 256, 3
+    torch_lstm = torch.nn.LSTM(I, H, num_layers=L, device="cuda", dtype=dtype)
+    keep = ((torch.rand(L - 1, T, B, H, device="cuda") > 0.3) / 0.7).to(dtype)
+    x = torch.randn(T, B, I, device="cuda", dtype=dtype)
+
+    def chained(lstm, x, keep):
+        y, c_n = x, []
+        for k in range(L):
+            layer = torch.nn.LSTM(I if k == 0 else H, H, device=x.device, dtype=x.dtype)
+            layer.load_state_dict({f"{name}_l0": getattr(lstm, f"{name}_l{k}").to(x.dtype)
+                                   for name in ("weight_ih", "weight_hh", "bias_ih",
+                                                "bias_hh")})
+            y, (_, c) = layer(y if k == 0 else y * keep[k - 1])
+            c_n.append(c[0])
+        return y, torch.stack(c_n)
+
+    def run(fn, x, upstream=None):
+        x = x.detach().requires_grad_()
+        y, c = fn(x)
+        if upstream is None:
+            upstream = [torch.randn_like(y), torch.randn_like(c)]
+        loss = (y * upstream[0].to(y)).sum() + (c * upstream[1].to(c)).sum()
+        return [y.detach(), c.detach(), *torch.autograd.grad(loss, [x])], upstream
+
+    weights = [tuple(getattr(torch_lstm, f"{n}_l{k}") for n in
+                     ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for k in range(L)]
+    with tf32(allow_tf32):
+        ours_all, upstream = run(
+            lambda x: lstm_stack_wavefront(x, None, None, weights, keep=keep)[::2], x)
+        torch_all, _ = run(lambda x: chained(torch_lstm, x, keep), x, upstream)
+    ref = torch.nn.LSTM(I, H, num_layers=L, dtype=torch.float64)
+    ref.load_state_dict({k: v.double().cpu() for k, v in torch_lstm.state_dict().items()})
+    ref_all, _ = run(lambda x: chained(ref, x, keep.double().cpu()), x.double().cpu(),
+                     [u.double().cpu() for u in upstream])
+    for k, (got, base, want) in enumerate(zip(ours_all, torch_all, ref_all)):
+        assert torch.isfinite(got).all(), f"tensor {k}: non-finite values"
+        ours_err, torch_err = relative_error(got, want), relative_error(base, want)
+        assert ours_err <= 2 * torch_err + slack, (
+            f"tensor {k}: error {ours_err:.2e} vs chained nn.LSTM's {torch_err:.2e} (+{slack:.0e})")

@@ -205,6 +205,36 @@ def test_dropout_masks_between_layers_match_nn_lstm_layers_with_the_same_masks(c
         torch.testing.assert_close(g, w, **TOL[torch.float64], msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("with_dropout", [False, True], ids=["plain", "dropout"])
+def test_bf16_within_twice_the_error_of_chained_nn_lstm_layers(with_dropout):
+    """bf16 through both wavefronts (the interpreter's bf16 arithmetic goes through fp32),
+    against the same chain of one-layer nn.LSTMs in bf16, both measured in float64."""
+    T, B, I, H, L = 5, 3, 8, 16, 3
+    control = nn.LSTM(I, H, num_layers=L).to(torch.bfloat16)
+    x = torch.randn(T, B, I).to(torch.bfloat16)
+    keep = ((torch.rand(L - 1, T, B, H) > 0.3) / 0.7).to(torch.bfloat16) if with_dropout else None
+    chain_keep = keep if with_dropout else torch.ones(L - 1, T, B, H, dtype=torch.bfloat16)
+    upstream = [torch.randn(T, B, H), torch.randn(L, B, H)]
+    reference = nn.LSTM(I, H, num_layers=L, dtype=torch.float64)
+    reference.load_state_dict({k: v.double() for k, v in control.state_dict().items()})
+
+    def run(fn, x, module):
+        x = x.detach().requires_grad_()
+        y, c = fn(x)
+        loss = (y.double() * upstream[0].double()).sum() + (c.double() * upstream[1].double()).sum()
+        return [y, c, *torch.autograd.grad(loss, [x, *module.parameters()])]
+
+    ours = run(lambda x: lstm_stack_wavefront(x, None, None, _stack_weights(control),
+                                              keep=keep)[::2], x, control)
+    base = run(lambda x: _chained_layers(control, x, None, chain_keep)[::2], x, control)
+    want = run(lambda x: _chained_layers(reference, x, None, chain_keep.double())[::2],
+               x.double(), reference)
+    for k, (got, b, w) in enumerate(zip(ours, base, want)):
+        error = float((got.double() - w.double()).abs().max() / w.double().abs().max())
+        base_error = float((b.double() - w.double()).abs().max() / w.double().abs().max())
+        assert error <= 2 * base_error + 8e-3, (k, error, base_error)
+
+
 def test_training_with_dropout_runs_the_wavefront_with_masks_drawn_up_front():
     """The module draws the masks (dropout_masks, torch's RNG) and runs both wavefronts."""
     from triton_lstm.autograd import dropout_masks
@@ -379,6 +409,8 @@ def test_explain_names_the_wavefront_and_its_tiles():
     ours = triton_copy(control, wavefront=True)
     explanation = triton_lstm.explain(ours, torch.randn(5, 2, 3, dtype=torch.float64))
     assert explanation.path == "kernels"
-    config, source = explanation.tiles["forward"]
-    assert source == "wavefront heuristic" and config.block_b == 16
-    assert "forward tiles" in str(explanation) and "(wavefront heuristic)" in str(explanation)
+    for kernel in ("forward", "backward"):
+        config, source = explanation.tiles[kernel]
+        assert source == "wavefront heuristic" and config.block_b == 16
+        assert f"{kernel} tiles" in str(explanation)
+    assert "(wavefront heuristic)" in str(explanation)

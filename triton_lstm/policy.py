@@ -115,8 +115,9 @@ def _tiles(module, data: torch.Tensor, batch: int, dtype: torch.dtype) -> dict:
         tiles[kernel] = found
     if module.wavefront and module.num_layers > 1:
         num_sms = tuning.sm_count(data.device) if data.device.type == "cuda" else 4
-        tiles["forward"] = (wavefront_config(batch, module.hidden_size, module.num_layers, dtype,
-                                             num_sms), "wavefront heuristic")
+        for kernel in tuning.KERNELS:
+            tiles[kernel] = (wavefront_config(batch, module.hidden_size, module.num_layers,
+                                              dtype, num_sms, kernel), "wavefront heuristic")
     return tiles
 
 

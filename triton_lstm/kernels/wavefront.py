@@ -193,8 +193,11 @@ def lstm_wavefront_kernel(
         if HAS_DROPOUT:
             p_bt = (t_row * B + o_b)[:, None] * H + o_u[None, :]
             m_drop = m_step & below_top[:, None]
-            b_keep = tl.load(keep + p_bt, mask=m_drop, other=0.0)
-            tl.store(x_own + p_bt, published(b_h * b_keep, DATAFLOW), mask=m_drop)
+            b_keep = tl.load(keep + p_bt, mask=m_drop, other=0.0).to(ACC)
+            # The product of the stored (rounded) h and the mask, rounded once, in fp32: the
+            # interpreter multiplies raw bf16 bits, as in tl.dot (triton-lang/triton#11584).
+            b_x = published(b_h.to(ACC) * b_keep, DATAFLOW)
+            tl.store(x_own + p_bt, b_x.to(x_all.dtype.element_ty), mask=m_drop)
         tl.store(h_n + p_bu, b_h, mask=m_bu & (t == length - 1)[:, None])
         if SAVE:
             save_step(gates, c_all, t_row, B, o_b, o_u, H, b_i, b_f, b_g, b_o, b_c, m_run, m_step)
