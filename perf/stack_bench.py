@@ -22,6 +22,7 @@ from torch import nn
 import triton_lstm
 from triton_lstm import tuning
 from triton_lstm.autograd import lstm_stack_wavefront
+from triton_lstm.dispatch import launch_counts
 from triton_lstm.kernels.wavefront import wavefront_config
 from bench import (CHECK_STEPS, CUDNN_PEERS, DTYPES, ERROR_BOUNDS, GraphedForward, _fmt,
                    float64_reference, make_row, relative_error, skipped, time_training,
@@ -98,7 +99,10 @@ def run_stack_config(dtype_name, B, H, L, T, modes, timing, env, log) -> tuple[l
         forward = module = None
         try:
             forward, module = build_stack_peer(peer, lstm, x, hx)
+            stepped_before = launch_counts["stepped"]
             error = relative_error(forward()[:steps], reference)
+            if launch_counts["stepped"] > stepped_before:   # timed all the same, and said
+                log(f"{label}: ran stepped (one launch per step): a barrier group did not fit")
             if not within_bound(error, bound):
                 problems.append(f"WRONG {label}: relative error {error:.2e} > {bound:.0e}, "
                                 "not timed")
