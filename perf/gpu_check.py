@@ -4,7 +4,9 @@ T = 256, input size = hidden size, one layer; forward (no grad) and forward+back
 Prints the table and writes it as CSV to $OUT (or perf/results/) with the GPU's name.
 Then the cost of a whole call at T = 1 and 16 (B=8 H=512 bf16), calls back to back, and
 the host's share of it (time to issue a call): where the per-call overhead of the custom
-ops and the Function shows. Written to gpu_check_calls.csv.
+ops and the Function shows. Written to gpu_check_calls.csv. Then stacks of 2-3 layers:
+the wavefront against the same layers one after another and cuDNN, µs per time step of
+the stack (gpu_check_stack.csv; `make perf --stack only` has the full grid).
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "gpu_check.csv", rows)
     write_csv(out_dir / "gpu_check_calls.csv", per_call_rows(gpu))
+    write_csv(out_dir / "gpu_check_stack.csv", stack_rows(gpu))
 
 
 def host_us_per_call(fn, calls: int = 200) -> float:
@@ -81,6 +84,37 @@ def per_call_rows(gpu: str) -> list[dict]:
                 rows.append(row)
                 print(f"T={steps:<3} {name:5} {mode:5} {row['call_us']:9.1f} {row['host_us']:9.1f}",
                       flush=True)
+    return rows
+
+
+STACKS = [("bf16", 8, 512, 2), ("bf16", 8, 512, 3), ("fp16", 8, 256, 2), ("fp32", 8, 512, 2),
+          ("bf16", 1, 256, 3)]   # dtype, B, H, layers
+
+
+def stack_rows(gpu: str) -> list[dict]:
+    rows = []
+    print(f"\nstacks, T={T}, µs per time step of the stack: wavefront, layers one after another, "
+          "cuDNN (x: cuDNN / wavefront)")
+    for dtype_name, B, H, L in STACKS:
+        dtype = DTYPES[dtype_name]
+        torch_lstm = torch.nn.LSTM(H, H, num_layers=L, device="cuda", dtype=dtype)
+        x = torch.randn(T, B, H, device="cuda", dtype=dtype)
+        xg = x.clone().requires_grad_()
+        hx = tuple(torch.zeros(L, B, H, device="cuda", dtype=dtype) for _ in range(2))
+        row = dict(gpu=gpu, dtype=dtype_name, B=B, H=H, L=L, T=T)
+        for name, module in (
+                ("wavefront", triton_lstm.LSTM.from_torch(torch_lstm, backend="triton",
+                                                          wavefront=True)),
+                ("layers", triton_lstm.LSTM.from_torch(torch_lstm, backend="triton")),
+                ("cudnn", torch_lstm)):
+            row[f"{name}_fwd_us"] = bench_ms(forward_fn(module, x, hx))[0] * 1e3 / T
+            row[f"{name}_train_us"] = bench_ms(train_fn(module, xg, hx))[0] * 1e3 / T
+        rows.append(row)
+        print(f"{dtype_name:5} B={B:<3} H={H:<5} L={L} fwd " + " ".join(
+            f"{row[f'{n}_fwd_us']:8.2f}" for n in ("wavefront", "layers", "cudnn"))
+            + f" {row['cudnn_fwd_us'] / row['wavefront_fwd_us']:5.1f}x | train " + " ".join(
+            f"{row[f'{n}_train_us']:8.2f}" for n in ("wavefront", "layers", "cudnn"))
+            + f" {row['cudnn_train_us'] / row['wavefront_train_us']:5.1f}x", flush=True)
     return rows
 
 
