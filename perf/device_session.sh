@@ -2,15 +2,18 @@
 # The GPU session of perf/NOTES.md ("The next GPU session"), one call at a time; everything
 # it measures goes under $OUT, each part bounded so that a slow part leaves the rest room.
 #
-#   OUT=... bash perf/device_session.sh 1   GPU tests, short timings and stacks, variants (< 10 min)
-#   OUT=... bash perf/device_session.sh 2   make tune's sweep (about 7.6 min, resumable)
-#   OUT=... bash perf/device_session.sh 3   make perf's stack and step sections
+#   COMMIT=<hash> bash perf/device_session.sh 1   GPU tests, short timings and stacks, variants
+#                                                  (< 10 min)
+#   COMMIT=<hash> bash perf/device_session.sh 2   make tune's sweep (about 7.6 min, resumable)
+#   COMMIT=<hash> bash perf/device_session.sh 3   make perf's stack and step sections
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD"
-git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null || echo "not a git checkout" > "$OUT/commit.txt"
+# The device's copy of the tree may have no .git: pass COMMIT=<hash> with the command.
+echo "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo 'unknown (pass COMMIT=)')}" \
+    > "$OUT/commit.txt"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
 case "${1:-}" in
