@@ -274,7 +274,7 @@ class Sweep:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.num_sms = tuning.sm_count(self.device) if self.device.type == "cuda" else 4
+        self.num_sms = tuning.sm_count(self.device)
 
     def run(self, grid: list[Shape], neighbourhood: str, json_path: pathlib.Path) -> bool:
         """First the heuristic's configs and the layer timings of every shape (a complete

@@ -182,7 +182,7 @@ class Problem:
         """Random inputs from a generator of its own: the caller's random stream is untouched."""
         device = torch.device(device)
         if num_sms is None:
-            num_sms = tuning.sm_count(device) if device.type == "cuda" else 4
+            num_sms = tuning.sm_count(device)
         generator = torch.Generator(device=device).manual_seed(seed)
         R = proj or hidden
 
@@ -368,7 +368,7 @@ def tune(kernel: str, batch: int, hidden: int, dtype: torch.dtype, device: torch
          directions: int = 1, proj: bool = False) -> Optional[Measurement]:
     """Check and time the "autotune" candidates (and the shipped table's config) for one
     kernel and shape; the fastest that passed, or None."""
-    num_sms = tuning.sm_count(device) if device.type == "cuda" else 4
+    num_sms = tuning.sm_count(device)
     candidates = candidate_configs(kernel, batch, hidden, dtype, directions, num_sms,
                                    "autotune")
     if device.type == "cuda":

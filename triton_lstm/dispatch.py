@@ -168,7 +168,7 @@ def pick_config(batch: int, hidden_size: int, dtype: torch.dtype, device: torch.
                                       proj)
     if measured is not None:
         return measured[0]
-    num_sms = tuning.sm_count(device) if device.type == "cuda" else 4
+    num_sms = tuning.sm_count(device)
     return heuristic_config(batch, hidden_size, dtype, max(1, num_sms // num_directions), kernel)
 
 
@@ -210,8 +210,8 @@ def co_resident_programs(kernel, args: tuple, constexprs: dict, config: KernelCo
     if key not in _capacity_cache:
         compiled = kernel.warmup(*args, grid=(1,), num_warps=config.num_warps, num_stages=1,
                                  **_launch_options(), **constexprs)
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-        _capacity_cache[key] = programs_per_sm(compiled, device) * num_sms
+        from . import tuning   # tuning imports this module
+        _capacity_cache[key] = programs_per_sm(compiled, device) * tuning.sm_count(device)
     return _capacity_cache[key]
 
 

@@ -104,20 +104,19 @@ def _batch_of(module, input) -> int:
 def _tiles(module, data: torch.Tensor, batch: int, dtype: torch.dtype) -> dict:
     """The configs the launches would take, without tuning anything."""
     directions, proj = 2 if module.bidirectional else 1, module.proj_size > 0
+    num_sms = tuning.sm_count(data.device)
+    if module.wavefront and module.num_layers > 1:
+        return {kernel: (wavefront_config(batch, module.hidden_size, module.num_layers, dtype,
+                                          num_sms, kernel), "wavefront heuristic")
+                for kernel in tuning.KERNELS}
     tiles = {}
     for kernel in tuning.KERNELS:
         found = tuning.measured_config(kernel, batch, module.hidden_size, dtype, data.device,
                                        directions, proj, tune_if_missing=False)
         if found is None:
-            num_sms = tuning.sm_count(data.device) if data.device.type == "cuda" else 4
             found = (heuristic_config(batch, module.hidden_size, dtype,
                                       max(1, num_sms // directions), kernel), "heuristic")
         tiles[kernel] = found
-    if module.wavefront and module.num_layers > 1:
-        num_sms = tuning.sm_count(data.device) if data.device.type == "cuda" else 4
-        for kernel in tuning.KERNELS:
-            tiles[kernel] = (wavefront_config(batch, module.hidden_size, module.num_layers,
-                                              dtype, num_sms, kernel), "wavefront heuristic")
     return tiles
 
 

@@ -141,7 +141,14 @@ def device_name(device: torch.device) -> str:
     return _device_names[device]
 
 
+# What tiles are sized for off a GPU (the interpreter): a few SMs, so grids still split.
+INTERPRETER_SMS = 4
+
+
 def sm_count(device: torch.device) -> int:
+    """The device's SM count (asked once per device), or INTERPRETER_SMS off CUDA."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
     if device not in _sm_counts:
         _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
     return _sm_counts[device]

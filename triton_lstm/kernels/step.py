@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
 from ..dispatch import dot_precision, state_dtype
 from .forward import _tanh, streamed_dot
 
@@ -154,9 +155,7 @@ def step_config(batch: int, hidden_size: int, reduction: int, dtype: torch.dtype
 
 def pick_step_config(batch: int, hidden_size: int, reduction: int, dtype: torch.dtype,
                      device: torch.device) -> StepConfig:
-    num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
-               if device.type == "cuda" else 4)
-    return step_config(batch, hidden_size, reduction, dtype, num_sms)
+    return step_config(batch, hidden_size, reduction, dtype, tuning.sm_count(device))
 
 
 def lstm_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, *, save: bool,
