@@ -355,24 +355,26 @@ def dropout_masks(num_layers: int, x: torch.Tensor, hidden_size: int, p: float) 
 
 
 def _wavefront_operands(x, flat):
-    """gx (layer 0's input projection), the upper layers' W_ih and biases, every W_hh."""
-    w_ih0, _, b_ih0, b_hh0 = flat[:4]
-    w_ih, w_hh, bias = _stacked_weights(flat, state_dtype(x.dtype))
-    return input_projection(x, w_ih0, b_ih0, b_hh0), w_ih, bias, w_hh
-
-
-def _stacked_weights(flat, acc):
-    """W_ih of layers 1 .. L-1 [L-1, 4H, H], every W_hh [L, 4H, H], and the biases
-    b_ih + b_hh of layers 1 .. L-1 [L-1, 4H] in the state dtype (zeros without bias)."""
+    """gx (layer 0's input projection), the upper layers' W_ih, their biases b_ih + b_hh
+    [L-1, 4H] in the state dtype (zeros without bias), and every W_hh."""
     num_layers = len(flat) // 4
-    w_ih = torch.stack([flat[4 * k] for k in range(1, num_layers)])
-    w_hh = torch.stack([flat[4 * k + 1] for k in range(num_layers)])
-    if flat[2] is None:
+    w_ih0, _, b_ih0, b_hh0 = flat[:4]
+    w_ih, w_hh = _stacked_weights(flat)
+    acc = state_dtype(x.dtype)
+    if b_ih0 is None:
         bias = w_hh.new_zeros((num_layers - 1, w_hh.shape[1]), dtype=acc)
     else:
         bias = torch.stack([flat[4 * k + 2].to(acc) + flat[4 * k + 3].to(acc)
                             for k in range(1, num_layers)])
-    return w_ih, w_hh, bias
+    return input_projection(x, w_ih0, b_ih0, b_hh0), w_ih, bias, w_hh
+
+
+def _stacked_weights(flat):
+    """W_ih of layers 1 .. L-1 [L-1, 4H, H] and every W_hh [L, 4H, H], as the kernels take
+    them."""
+    num_layers = len(flat) // 4
+    return (torch.stack([flat[4 * k] for k in range(1, num_layers)]),
+            torch.stack([flat[4 * k + 1] for k in range(num_layers)]))
 
 
 def _stack_reference(x, h0, c0, flat, lengths, keep=None):
@@ -442,7 +444,7 @@ def _stack_backward(dy, dh_n, dc_n, x, h0, c0, lengths, keep, h_all, gates, c_al
     layers as one wavefront (every layer's dG), then each layer's GEMMs over its dG."""
     num_layers = len(weights) // 4
     need_x, need_h0, need_c0 = needs[:3]
-    w_ih, w_hh, _ = _stacked_weights(weights, c_all.dtype)
+    w_ih, w_hh = _stacked_weights(weights)
     dgates, dh0, dc0 = torch.ops.triton_lstm.wavefront_backward(
         dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_hh, config_to_list(config),
         force_stepped, keep)

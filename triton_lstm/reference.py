@@ -70,7 +70,7 @@ def lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=No
     if b_ih is not None:
         gx = gx + (b_ih + b_hh).to(acc)
     steps = torch.arange(T, device=x.device)[:, None]
-    running = steps < row_lengths(lengths, T, B, x.device)[None, :]                                       # [T, B]
+    running = steps < row_lengths(lengths, T, B, x.device)[None, :]          # [T, B]
     order = reverse_order(lengths, T, B, x.device)
     ys, h_n, c_n = [], [], []
     for d in range(D):
