@@ -33,7 +33,8 @@ import triton.language as tl
 from ..dispatch import dot_precision, launch_recurrence, padded, pick_config, state_dtype
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
 from .forward import (_tanh, chunked_dot, dot_operands, load_restarts, own_block,
-                      reduction_index, resident_chunks, split_dot, step_rows, streamed_dot)
+                      reduction_index, resident_chunks, split_dot, step_rows, store_gates,
+                      streamed_dot)
 
 
 @triton.jit
@@ -55,8 +56,8 @@ def gate_rows_dot_resident(p_rows, m_rows, o_j, b_wi, b_wf, b_wg, b_wo, H: tl.co
 @triton.jit
 def gate_rows_dot_streamed(p_rows, m_rows, w, o_r, m_r, H: tl.constexpr, HP: tl.constexpr,
                            R: tl.constexpr, BLOCK_K: tl.constexpr, N: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, INNER_STAGES: tl.constexpr,
-                           WAIT: tl.constexpr):
+                           DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+                           INNER_STAGES: tl.constexpr, WAIT: tl.constexpr):
     """The same with W [4H, R] read from L2 in BLOCK_K chunks of the four gates' reduction."""
     b_dot = tl.zeros([p_rows.shape[0], N], dtype=ACC)
     for k0 in tl.range(0, 4 * HP, BLOCK_K, num_stages=INNER_STAGES):
@@ -293,12 +294,8 @@ def lstm_backward_kernel(
             m_run = running[:, None] & m_u[None, :]
             b_dgi, b_dgf, b_dgg, b_dgo, b_dc_t = cell_gradients(b_dr, b_dc, b_i, b_f, b_g, b_o,
                                                                 b_ct, b_cp, m_run, DATAFLOW)
-            p_out = dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :]
-            dtype = dgates.dtype.element_ty
-            tl.store(p_out, b_dgi.to(dtype), mask=m_bu)
-            tl.store(p_out + H, b_dgf.to(dtype), mask=m_bu)
-            tl.store(p_out + 2 * H, b_dgg.to(dtype), mask=m_bu)
-            tl.store(p_out + 3 * H, b_dgo.to(dtype), mask=m_bu)
+            store_gates(dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :], b_dgi, b_dgf,
+                        b_dgg, b_dgo, H, m_bu)
             b_dc = tl.where(m_run, b_dc_t * b_f, b_dc)       # stopped rows carry dc_n through
             if HAS_RESTARTS:
                 # This step started from the restart state: dc_next is that state's gradient.

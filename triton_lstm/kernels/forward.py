@@ -197,15 +197,24 @@ def own_block(batch_start, i_b, i_h, B, T, lengths, H: tl.constexpr, BLOCK_B: tl
 
 
 @triton.jit
+def store_gates(p, b_i, b_f, b_g, b_o, H: tl.constexpr, mask):
+    """Four [rows, units] tiles of the gates i, f, g, o at p, p + H, p + 2H, p + 3H (a row of
+    4H gate values), in p's dtype."""
+    dtype = p.dtype.element_ty
+    tl.store(p, b_i.to(dtype), mask=mask)
+    tl.store(p + H, b_f.to(dtype), mask=mask)
+    tl.store(p + 2 * H, b_g.to(dtype), mask=mask)
+    tl.store(p + 3 * H, b_o.to(dtype), mask=mask)
+
+
+@triton.jit
 def save_step(gates, c_all, t_row, B, o_b, o_u, H: tl.constexpr, b_i, b_f, b_g, b_o, b_c, m_run,
               mask):
     """What the backward needs of a step: the activated gates and c of own units, zeros where
     a row is not running (the saved tensors are fully defined outputs)."""
-    p_g = gates + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :]
-    tl.store(p_g, tl.where(m_run, b_i, 0.0), mask=mask)
-    tl.store(p_g + H, tl.where(m_run, b_f, 0.0), mask=mask)
-    tl.store(p_g + 2 * H, tl.where(m_run, b_g, 0.0), mask=mask)
-    tl.store(p_g + 3 * H, tl.where(m_run, b_o, 0.0), mask=mask)
+    store_gates(gates + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :],
+                tl.where(m_run, b_i, 0.0), tl.where(m_run, b_f, 0.0), tl.where(m_run, b_g, 0.0),
+                tl.where(m_run, b_o, 0.0), H, mask)
     tl.store(c_all + (t_row * B + o_b)[:, None] * H + o_u[None, :], tl.where(m_run, b_c, 0.0),
              mask=mask)
 

@@ -46,13 +46,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
 from ..dispatch import (ON_CHIP_BUDGET, KernelConfig, dot_precision, heuristic_config,
                         launch_recurrence, on_chip_bytes, padded, state_dtype)
 from .backward import (_load_saved, cell_gradients, gate_rows_dot_resident,
                        gate_rows_dot_streamed)
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, published
 from .forward import (_load_gx, _tanh, own_block, reduction_index, save_step, split_dot,
-                      step_rows, streamed_dot)
+                      step_rows, store_gates, streamed_dot)
 
 
 @triton.jit
@@ -85,7 +86,8 @@ def lstm_wavefront_kernel(
     bias,      # [L-1, 4H]        b_ih + b_hh of layers 1 .. L-1, state dtype
     w_hh,      # [L, 4H, H]       input dtype
     h_all,     # [L, T+1, B, H]   in: slot 0 = h0; out: slot t+1 = h_t (zeros past a row's length)
-    keep,      # [L-1, T, B, H]   dropout between layers (HAS_DROPOUT): 0 or 1 / (1 - p), input dtype
+    keep,      # [L-1, T, B, H]   dropout between layers (HAS_DROPOUT): 0 or 1 / (1 - p),
+               #                  input dtype
     x_all,     # [L-1, T, B, H]   out with HAS_DROPOUT: h_t * keep, the input of the layer above
     h_n,       # [L, B, H]        out: h at each row's last step
     c_state,   # [L, B, H]        state dtype; in: c0 (c before the first launched step); out: c
@@ -358,12 +360,8 @@ def lstm_wavefront_backward_kernel(
                                                             b_cp, m_run, DATAFLOW)
         s_b = tl.full([BLOCK_B], s, tl.int32)
         m_stage = m_bu & ((s_b >= 0) & (s_b < T))[:, None]   # an idle layer writes nothing
-        p_out = dg_own + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :]
-        dtype = dgates.dtype.element_ty
-        tl.store(p_out, b_dgi.to(dtype), mask=m_stage)
-        tl.store(p_out + H, b_dgf.to(dtype), mask=m_stage)
-        tl.store(p_out + 2 * H, b_dgg.to(dtype), mask=m_stage)
-        tl.store(p_out + 3 * H, b_dgo.to(dtype), mask=m_stage)
+        store_gates(dg_own + (t_row * B + o_b)[:, None] * (4 * H) + o_u[None, :], b_dgi, b_dgf,
+                    b_dgg, b_dgo, H, m_stage)
         b_dc = tl.where(m_run, b_dc_t * b_f, b_dc)       # stopped rows carry dc_n through
         # The next stage's saved values: in flight while this program waits (at the barrier,
         # or for the data), or with PREFETCH_AFTER_ARRIVE issued after its arrival.
@@ -443,9 +441,7 @@ def lstm_wavefront(gx, w_ih, bias, w_hh, h0, c0, lengths, keep=None, *, save: bo
     H = G // 4
     device, dtype = gx.device, gx.dtype
     if config is None:
-        from .. import tuning
-        num_sms = tuning.sm_count(device) if device.type == "cuda" else 4
-        config = wavefront_config(B, H, L, dtype, num_sms)
+        config = wavefront_config(B, H, L, dtype, tuning.sm_count(device))
     elif config.chunked:
         raise ValueError(f"config: the wavefront runs resident or streamed tiles, not chunked "
                          f"ones; got {config}")
@@ -497,9 +493,7 @@ def lstm_wavefront_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_ih, w_h
     H = G // 4
     device, dtype = w_hh.device, w_hh.dtype
     if config is None:
-        from .. import tuning
-        num_sms = tuning.sm_count(device) if device.type == "cuda" else 4
-        config = wavefront_config(B, H, L, dtype, num_sms, "backward")
+        config = wavefront_config(B, H, L, dtype, tuning.sm_count(device), "backward")
     elif config.chunked:
         raise ValueError(f"config: the wavefront runs resident or streamed tiles, not chunked "
                          f"ones; got {config}")
