@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -207,6 +208,26 @@ def time_training(module: nn.Module, x, hx, timing: dict) -> tuple[tuple, float]
     return quantiles, peak_mb
 
 
+def check_then_time(forward, module, x, hx, reference, bound, modes, timing, label, log,
+                    problems) -> Optional[tuple[float, list]]:
+    """Check forward()'s first steps against reference; within bound, time each mode:
+    forward alone ("fwd"), or training `module` ("train", skipped without one). Returns
+    (error, [(mode, quantiles_ms, peak_mb)]), or None for a wrong output (logged and
+    added to problems, never timed)."""
+    error = relative_error(forward()[:reference.shape[0]], reference)
+    if not within_bound(error, bound):
+        problems.append(f"WRONG {label}: relative error {error:.2e} > {bound:.0e}, not timed")
+        log(problems[-1])
+        return None
+    timings = []
+    for mode in modes:
+        if mode == "fwd":
+            timings.append((mode, bench_ms(forward, **timing), None))
+        elif module is not None:
+            timings.append((mode, *time_training(module, x, hx, timing)))
+    return error, timings
+
+
 def skipped(label: str, exc: Exception, log) -> str:
     """Log why a peer was not timed (the error's first line); returns the problem to report."""
     message = str(exc).strip().split("\n")[0][:200]
@@ -255,20 +276,13 @@ def run_config(dtype_name, B, H, T, peers, modes, timing, env, log) -> tuple[lis
         label = f"{peer} {dtype_name} B={B} H={H} T={T}"
         try:
             forward, module = build_peer(peer, lstm, x, hx)
-            error = relative_error(forward()[:steps], reference)
-            if not within_bound(error, bound):
-                problems.append(f"WRONG {label}: relative error {error:.2e} > {bound:.0e}, not timed")
-                log(problems[-1])
+            measured = check_then_time(forward, module, x, hx, reference, bound, modes, timing,
+                                       label, log, problems)
+            if measured is None:
                 continue
-            for mode in modes:
-                if mode == "fwd":
-                    quantiles, peak_mb = bench_ms(forward, **timing), None
-                elif module is not None:
-                    quantiles, peak_mb = time_training(module, x, hx, timing)
-                else:
-                    continue
-                rows.append(make_row(peer, dtype_name, B, H, T, mode, quantiles, peak_mb, error, env,
-                                     auto[mode]))
+            error, timings = measured
+            rows += [make_row(peer, dtype_name, B, H, T, mode, quantiles, peak_mb, error, env,
+                              auto[mode]) for mode, quantiles, peak_mb in timings]
         except Exception as exc:   # say why and post nothing: never a number from a broken run
             problem = skipped(label, exc, log)
             if peer != "cell_loop_compiled":   # torch.compile failing is a finding, not our bug

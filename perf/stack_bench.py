@@ -25,9 +25,7 @@ from triton_lstm.autograd import lstm_stack_wavefront
 from triton_lstm.dispatch import launch_counts
 from triton_lstm.kernels.wavefront import wavefront_config
 from bench import (CHECK_STEPS, CUDNN_PEERS, DTYPES, ERROR_BOUNDS, GraphedForward, _fmt,
-                   float64_reference, make_row, relative_error, skipped, time_training,
-                   within_bound)
-from timing import bench_ms
+                   check_then_time, float64_reference, make_row, skipped)
 
 STACK_PEERS = ("stack_wavefront", "stack_dataflow", "stack_layers", "stack_cudnn",
                "stack_cudnn_graph")
@@ -100,23 +98,15 @@ def run_stack_config(dtype_name, B, H, L, T, modes, timing, env, log) -> tuple[l
         try:
             forward, module = build_stack_peer(peer, lstm, x, hx)
             stepped_before = launch_counts["stepped"]
-            error = relative_error(forward()[:steps], reference)
+            measured = check_then_time(forward, module, x, hx, reference, bound, modes, timing,
+                                       label, log, problems)
             if launch_counts["stepped"] > stepped_before:   # timed all the same, and said
                 log(f"{label}: ran stepped (one launch per step): a barrier group did not fit")
-            if not within_bound(error, bound):
-                problems.append(f"WRONG {label}: relative error {error:.2e} > {bound:.0e}, "
-                                "not timed")
-                log(problems[-1])
+            if measured is None:
                 continue
-            for mode in modes:
-                if mode == "fwd":
-                    quantiles, peak_mb = bench_ms(forward, **timing), None
-                elif module is not None:
-                    quantiles, peak_mb = time_training(module, x, hx, timing)
-                else:
-                    continue
-                rows.append(make_row(peer, dtype_name, B, H, T, mode, quantiles, peak_mb, error,
-                                     env, layers=L))
+            error, timings = measured
+            rows += [make_row(peer, dtype_name, B, H, T, mode, quantiles, peak_mb, error, env,
+                              layers=L) for mode, quantiles, peak_mb in timings]
         except Exception as exc:   # say why and post nothing, as bench.run_config
             problems.append(skipped(label, exc, log))
         finally:
