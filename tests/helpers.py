@@ -45,3 +45,28 @@ def float64_reference(module, x, hx, upstream):
 
 def triton_copy(ref, **kwargs):
     return triton_lstm.LSTM.from_torch(ref, backend="triton", **kwargs)
+
+
+def stack_weights(module):
+    """Per layer (w_ih, w_hh, b_ih, b_hh) of a unidirectional nn.LSTM (the wavefront's form)."""
+    return [tuple(getattr(module, f"{name}_l{k}") for name in
+                  ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            for k in range(module.num_layers)]
+
+
+def chained_layers(control, x, hx, keep):
+    """control's layers as separate one-layer nn.LSTMs sharing its parameters, x * keep
+    between them (dropout with given masks [L-1, T, B, H]). Returns y, h_n, c_n."""
+    y, h_n, c_n = x, [], []
+    for k in range(control.num_layers):
+        layer = torch.nn.LSTM(control.input_size if k == 0 else control.hidden_size,
+                              control.hidden_size, bias=control.bias, device=x.device,
+                              dtype=x.dtype)
+        for name in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if control.bias else ()):
+            setattr(layer, name + "_l0", getattr(control, f"{name}_l{k}"))
+        if k > 0:
+            y = y * keep[k - 1]
+        y, (h, c) = layer(y, None if hx is None else (hx[0][k:k + 1], hx[1][k:k + 1]))
+        h_n.append(h[0])
+        c_n.append(c[0])
+    return y, torch.stack(h_n), torch.stack(c_n)

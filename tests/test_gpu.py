@@ -18,7 +18,8 @@ from triton_lstm.dispatch import KernelConfig, launch_counts
 from triton_lstm.kernels.forward import lstm_forward
 
 from .conftest import requires_cuda
-from .helpers import float64_reference, outputs_and_grads, triton_copy
+from .helpers import (chained_layers, float64_reference, outputs_and_grads, stack_weights,
+                      triton_copy)
 
 pytestmark = requires_cuda
 
@@ -542,8 +543,7 @@ def test_wavefront_is_deterministic_stepped_dataflow_equal_persistent_and_nan_in
     T, B, I, H, L = 40, 8, 64, 512, 3
     config = wavefront_config(B, H, L, torch.bfloat16, tuning.sm_count(torch.device("cuda")))
     torch_lstm = torch.nn.LSTM(I, H, num_layers=L, device="cuda", dtype=torch.bfloat16)
-    weights = [tuple(getattr(torch_lstm, f"{n}_l{k}") for n in
-                     ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for k in range(L)]
+    weights = stack_weights(torch_lstm)
     x = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16)
     x[5, 0, :3] = float("nan")
     x[9, 1, :3] = float("inf")
@@ -593,17 +593,6 @@ def test_wavefront_dropout_matches_float64_within_twice_chained_cudnn_layers_err
     keep = ((torch.rand(L - 1, T, B, H, device="cuda") > 0.3) / 0.7).to(dtype)
     x = torch.randn(T, B, I, device="cuda", dtype=dtype)
 
-    def chained(lstm, x, keep):
-        y, c_n = x, []
-        for k in range(L):
-            layer = torch.nn.LSTM(I if k == 0 else H, H, device=x.device, dtype=x.dtype)
-            layer.load_state_dict({f"{name}_l0": getattr(lstm, f"{name}_l{k}").to(x.dtype)
-                                   for name in ("weight_ih", "weight_hh", "bias_ih",
-                                                "bias_hh")})
-            y, (_, c) = layer(y if k == 0 else y * keep[k - 1])
-            c_n.append(c[0])
-        return y, torch.stack(c_n)
-
     def run(fn, x, upstream=None):
         x = x.detach().requires_grad_()
         y, c = fn(x)
@@ -612,16 +601,15 @@ def test_wavefront_dropout_matches_float64_within_twice_chained_cudnn_layers_err
         loss = (y * upstream[0].to(y)).sum() + (c * upstream[1].to(c)).sum()
         return [y.detach(), c.detach(), *torch.autograd.grad(loss, [x])], upstream
 
-    weights = [tuple(getattr(torch_lstm, f"{n}_l{k}") for n in
-                     ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for k in range(L)]
+    weights = stack_weights(torch_lstm)
     with tf32(allow_tf32):
         ours_all, upstream = run(
             lambda x: lstm_stack_wavefront(x, None, None, weights, keep=keep)[::2], x)
-        torch_all, _ = run(lambda x: chained(torch_lstm, x, keep), x, upstream)
+        torch_all, _ = run(lambda x: chained_layers(torch_lstm, x, None, keep)[::2], x, upstream)
     ref = torch.nn.LSTM(I, H, num_layers=L, dtype=torch.float64)
     ref.load_state_dict({k: v.double().cpu() for k, v in torch_lstm.state_dict().items()})
-    ref_all, _ = run(lambda x: chained(ref, x, keep.double().cpu()), x.double().cpu(),
-                     [u.double().cpu() for u in upstream])
+    ref_all, _ = run(lambda x: chained_layers(ref, x, None, keep.double().cpu())[::2],
+                     x.double().cpu(), [u.double().cpu() for u in upstream])
     for k, (got, base, want) in enumerate(zip(ours_all, torch_all, ref_all)):
         assert torch.isfinite(got).all(), f"tensor {k}: non-finite values"
         ours_err, torch_err = relative_error(got, want), relative_error(base, want)

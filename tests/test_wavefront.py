@@ -15,7 +15,8 @@ from triton_lstm.autograd import lstm_stack_wavefront
 from triton_lstm.dispatch import KernelConfig, launch_counts
 
 from .conftest import requires_interpreter
-from .helpers import float64_reference, outputs_and_grads, triton_copy
+from .helpers import (chained_layers, float64_reference, outputs_and_grads, stack_weights,
+                      triton_copy)
 
 pytestmark = requires_interpreter
 
@@ -40,12 +41,6 @@ SHAPES = [  # T, B, I, H, L
 ]
 
 
-def _stack_weights(module):
-    return [tuple(getattr(module, f"{name}_l{k}") for name in
-                  ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-            for k in range(module.num_layers)]
-
-
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -55,7 +50,7 @@ def test_kernel_outputs_and_all_gradients(shape, dtype, config_name):
     x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
     h0, c0 = (torch.randn(L, B, H, dtype=dtype, requires_grad=True) for _ in range(2))
     launch_counts.clear()
-    y, h_n, c_n = lstm_stack_wavefront(x, h0, c0, _stack_weights(control),
+    y, h_n, c_n = lstm_stack_wavefront(x, h0, c0, stack_weights(control),
                                        config=CONFIGS[config_name])
     # One launch per wavefront step: T + L - 1, not L * T.
     assert launch_counts == {"stepped": T + L - 1}
@@ -168,23 +163,6 @@ def test_where_the_wavefront_does_not_apply_the_layers_run_one_after_another(why
         torch.testing.assert_close(out, control(x)[0], **TOL[torch.float64])
 
 
-def _chained_layers(control, x, hx, keep):
-    """control's layers as separate one-layer nn.LSTMs, x * keep between them: the float64
-    control for dropout between layers with given masks. Returns y, h_n, c_n."""
-    y, h_n, c_n = x, [], []
-    for k in range(control.num_layers):
-        layer = nn.LSTM(control.input_size if k == 0 else control.hidden_size,
-                        control.hidden_size, bias=control.bias, dtype=x.dtype)
-        for name in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if control.bias else ()):
-            setattr(layer, name + "_l0", getattr(control, f"{name}_l{k}"))
-        if k > 0:
-            y = y * keep[k - 1]
-        y, (h, c) = layer(y, None if hx is None else (hx[0][k:k + 1], hx[1][k:k + 1]))
-        h_n.append(h[0])
-        c_n.append(c[0])
-    return y, torch.stack(h_n), torch.stack(c_n)
-
-
 @pytest.mark.parametrize("config_name", ["heuristic", "streamed-bh8-bk16-st3-pa", "dataflow-bh4"])
 def test_dropout_masks_between_layers_match_nn_lstm_layers_with_the_same_masks(config_name):
     T, B, I, H, L = 4, 3, 5, 6, 3
@@ -193,9 +171,9 @@ def test_dropout_masks_between_layers_match_nn_lstm_layers_with_the_same_masks(c
     hx = tuple(torch.randn(L, B, H, dtype=torch.float64, requires_grad=True) for _ in range(2))
     keep = (torch.rand(L - 1, T, B, H, dtype=torch.float64) > 0.4).double() / 0.6
     launch_counts.clear()
-    got = lstm_stack_wavefront(x, *hx, _stack_weights(control), config=CONFIGS[config_name],
+    got = lstm_stack_wavefront(x, *hx, stack_weights(control), config=CONFIGS[config_name],
                                keep=keep)
-    want = _chained_layers(control, x, hx, keep)
+    want = chained_layers(control, x, hx, keep)
     upstream = [torch.randn_like(t) for t in got]
     inputs = [x, *hx, *control.parameters()]
     grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(got, upstream)), inputs)
@@ -224,10 +202,10 @@ def test_bf16_within_twice_the_error_of_chained_nn_lstm_layers(with_dropout):
         loss = (y.double() * upstream[0].double()).sum() + (c.double() * upstream[1].double()).sum()
         return [y, c, *torch.autograd.grad(loss, [x, *module.parameters()])]
 
-    ours = run(lambda x: lstm_stack_wavefront(x, None, None, _stack_weights(control),
+    ours = run(lambda x: lstm_stack_wavefront(x, None, None, stack_weights(control),
                                               keep=keep)[::2], x, control)
-    base = run(lambda x: _chained_layers(control, x, None, chain_keep)[::2], x, control)
-    want = run(lambda x: _chained_layers(reference, x, None, chain_keep.double())[::2],
+    base = run(lambda x: chained_layers(control, x, None, chain_keep)[::2], x, control)
+    want = run(lambda x: chained_layers(reference, x, None, chain_keep.double())[::2],
                x.double(), reference)
     for k, (got, b, w) in enumerate(zip(ours, base, want)):
         error = float((got.double() - w.double()).abs().max() / w.double().abs().max())
@@ -250,7 +228,7 @@ def test_training_with_dropout_runs_the_wavefront_with_masks_drawn_up_front():
     torch.manual_seed(1234)
     keep = dropout_masks(3, x, 5, 0.5)
     assert set(keep.unique().tolist()) == {0.0, 2.0}
-    want, _, want_c = _chained_layers(control, x, None, keep)
+    want, _, want_c = chained_layers(control, x, None, keep)
     want_grads = torch.autograd.grad(want.sum() + want_c.sum(), [x, *control.parameters()])
     torch.testing.assert_close(out, want, **TOL[torch.float64])
     for g, w in zip(grads, want_grads):
@@ -288,7 +266,7 @@ def test_chunked_configs_are_refused():
     x = torch.randn(2, 2, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="config: the wavefront runs resident or streamed"):
         lstm_stack_wavefront(x, None, None, [tuple(w.detach() for w in layer)
-                                             for layer in _stack_weights(control)],
+                                             for layer in stack_weights(control)],
                              config=KernelConfig(16, 4, chunked=True))
 
 
@@ -299,7 +277,7 @@ def test_dataflow_with_nan_inf_input_computes_what_the_barrier_computes(mark_in_
     holding the unwritten mark itself is read, not waited for."""
     T, B, I, H, L = 4, 3, 4, 8, 3
     control = nn.LSTM(I, H, num_layers=L)
-    weights = [tuple(w.detach() for w in layer) for layer in _stack_weights(control)]
+    weights = [tuple(w.detach() for w in layer) for layer in stack_weights(control)]
     x = torch.randn(T, B, I)
     x[1, 0, :2] = float("nan")
     x[2, 1, :2] = float("inf")
