@@ -1,37 +1,52 @@
 #!/usr/bin/env bash
-# The GPU session of perf/NOTES.md ("The next GPU session"), one call at a time; everything
-# it measures goes under $OUT, each part bounded so that a slow part leaves the rest room.
+# A GPU session (perf/NOTES.md, "The next GPU session"), one call at a time. Each part runs
+# under a `timeout`, so a slow part leaves the rest room. The tools write into a staging
+# folder and the tree (tune.csv, heatmaps, configs); at the end all of it is packed into
+# $OUT/results.tgz, with the logs beside it (a call brings back at most 8 files).
 #
-#   COMMIT=<hash> bash perf/device_session.sh 1   GPU tests, short timings and stacks, variants
-#                                                  (< 10 min)
-#   COMMIT=<hash> bash perf/device_session.sh 2   make tune's sweep (about 7.6 min, resumable)
-#   COMMIT=<hash> bash perf/device_session.sh 3   make perf's stack and step sections
+#   COMMIT=<hash> bash perf/device_session.sh 1   GPU tests, make tune (compiles ahead on every
+#                                                  core, then at most 3.3 min), short timings
+#                                                  and stacks (about 8.5 min)
+#   COMMIT=<hash> bash perf/device_session.sh 2   make tune again: resumes where 1 stopped
+#   COMMIT=<hash> bash perf/device_session.sh 3   make perf's main table with backend="auto",
+#                                                  then its stack and step sections
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD"
+BACK="$OUT"
+export OUT=/tmp/device-session
+rm -rf "$OUT" && mkdir -p "$OUT" "$BACK"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 # The device's copy of the tree may have no .git: pass COMMIT=<hash> with the command.
-echo "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo 'unknown (pass COMMIT=)')}" \
-    > "$OUT/commit.txt"
+export COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+echo "$COMMIT" > "$OUT/commit.txt"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+# GPU tests on every core where pytest-xdist is there: the time goes to compiling kernels.
+# Other processes' kernels only time-slice with a persistent kernel, never share its SMs.
+parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
 
 case "${1:-}" in
 1)
-    timeout 330 python3 -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
-    timeout 150 python3 perf/gpu_check.py 2>&1 | tee "$OUT/gpu-timing.log"
-    timeout 110 python3 perf/variants.py --out "$OUT" 2>&1 | tee "$OUT/variants.log"
+    timeout 150 python3 -m pytest -q -rs $parallel -p no:cacheprovider tests/test_gpu.py 2>&1 \
+        | tee "$OUT/gpu-tests.log"
+    timeout 240 python3 perf/tune.py --budget-min 3.3 2>&1 | tee "$OUT/tune.log"
+    timeout 100 python3 perf/gpu_check.py 2>&1 | tee "$OUT/gpu-timing.log"
     ;;
 2)
-    timeout 570 python3 perf/tune.py 2>&1 | tee "$OUT/tune.log"
+    timeout 570 python3 perf/tune.py --budget-min 8 2>&1 | tee "$OUT/tune.log"
     ;;
 3)
-    timeout 240 python3 perf/bench.py --stack only --dtypes bf16 fp16 --out "$OUT/stack" 2>&1 \
+    timeout 330 python3 perf/bench.py --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
+    timeout 120 python3 perf/bench.py --stack only --dtypes bf16 fp16 --out "$OUT/stack" 2>&1 \
         | tee "$OUT/stack.log"
-    timeout 240 python3 perf/bench.py --step only --out "$OUT/step" 2>&1 | tee "$OUT/step.log"
+    timeout 100 python3 perf/bench.py --step only --out "$OUT/step" 2>&1 | tee "$OUT/step.log"
     ;;
 *)
     echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3" >&2
     exit 2
     ;;
 esac
+tar czf "$BACK/results.tgz" -C "$OUT" . -C "$PWD" perf/results $(ls -d triton_lstm/configs 2>/dev/null)
+cp "$OUT"/*.log "$BACK"/
+ls -la "$BACK"

@@ -22,11 +22,13 @@ stops starting new measurements after --budget-min minutes (8): run it again to 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import datetime
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import shutil
@@ -224,7 +226,7 @@ def environment() -> dict:
                                cwd=REPO_DIR, capture_output=True, text=True).stdout.strip()
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit = os.environ.get("COMMIT", "unknown")   # a copy of the tree without .git
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version(),
@@ -360,6 +362,52 @@ class Sweep:
         return True
 
 
+def compile_jobs(grid: list[Shape], neighbourhood: str, measured: set, num_sms: int,
+                 device: str = "cuda") -> list:
+    """(shape, kernel, config label) of every candidate the sweep has yet to measure."""
+    jobs = []
+    for shape in grid:
+        for kernel in KERNELS:
+            for config in autotune.candidate_configs(kernel, shape.batch, shape.hidden,
+                                                     DTYPES[shape.dtype], shape.directions,
+                                                     num_sms, candidates_for(shape, neighbourhood)):
+                if row_key(kernel, shape, config_label(config)) not in measured:
+                    jobs.append((shape, kernel, config_label(config), num_sms, device))
+    return jobs
+
+
+def compile_one(job) -> str:
+    """Run one candidate once on a tiny problem (T is not specialised on), so that Triton's
+    disk cache holds its kernel; a failure is left for the sweep to record."""
+    shape, kernel, label, num_sms, device = job
+    try:
+        problem = autotune.Problem.random(DTYPES[shape.dtype], shape.batch, shape.hidden,
+                                          shape.directions, shape.proj, 2, device, num_sms)
+        outputs = problem.run(kernel, config_from_label(label))
+        outputs[0].cpu()    # waits for the kernel
+        return ""
+    except Exception as exc:   # the sweep checks this candidate again and records why
+        return f"{shape} {kernel} {label}: {type(exc).__name__}"
+
+
+def compile_ahead(jobs: list, processes: int, log=print) -> None:
+    """Build the candidates' kernels in parallel processes before the sweep times them one by
+    one: a compile is ~1.5 s of CPU work, and the GPU host's cores would sit idle. Nothing
+    is measured here; the workers' GPU work overlaps, which only the sweep's timings may not."""
+    if not jobs or processes < 2:
+        return
+    start = time.monotonic()
+    try:   # an executor, not a Pool: a worker that dies breaks it instead of being respawned
+        with concurrent.futures.ProcessPoolExecutor(
+                processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            failed = [msg for msg in pool.map(compile_one, jobs) if msg]
+    except concurrent.futures.process.BrokenProcessPool as error:
+        log(f"compiling ahead stopped ({error}); the sweep compiles as it goes")
+        return
+    log(f"compiled {len(jobs)} candidates in {processes} processes in "
+        f"{time.monotonic() - start:.0f} s ({len(failed)} failed; the sweep records them)")
+
+
 def summary_line(table: dict, shape: Shape) -> str:
     entry = table["shapes"].get(tuning.shape_key(shape.dtype, shape.batch, shape.hidden,
                                                  shape.directions, shape.proj), {})
@@ -383,12 +431,14 @@ def write_json(table: dict, path: pathlib.Path) -> None:
 
 # -- plan --------------------------------------------------------------------------------------
 
-def estimate(grid: list[Shape], neighbourhood: str = "sweep", num_sms: int = NUM_SMS) -> dict:
+def estimate(grid: list[Shape], neighbourhood: str = "sweep", num_sms: int = NUM_SMS,
+             jobs: int = 1) -> dict:
     """Candidates, distinct kernel compiles and seconds the sweep of ``grid`` should take.
 
     A compile is one (kernel, dtype, H, D, proj, config) variant: the candidates, and the
     forward that saves the activations (the backward's inputs, the layer's training) with
-    the best forward tiles, counted as the heuristic's (an assumption).
+    the best forward tiles, counted as the heuristic's (an assumption). ``jobs`` processes
+    compile the candidates ahead of the sweep (compile_ahead), each at the serial rate.
     """
     compiles, candidates = set(), 0
     for shape in grid:
@@ -402,9 +452,10 @@ def estimate(grid: list[Shape], neighbourhood: str = "sweep", num_sms: int = NUM
             compiles.update((kernel, group, c) for c in configs)
         compiles.add(("forward-save", group, heuristic_config(
             shape.batch, shape.hidden, dtype, max(1, num_sms // shape.directions), "forward")))
-    seconds = (START_S + len(compiles) * COMPILE_S + candidates * CANDIDATE_S
+    seconds = (START_S + len(compiles) * COMPILE_S / max(1, jobs) + candidates * CANDIDATE_S
                + len(grid) * LAYER_S)
-    return dict(shapes=len(grid), candidates=candidates, compiles=len(compiles), seconds=seconds)
+    return dict(shapes=len(grid), candidates=candidates, compiles=len(compiles), seconds=seconds,
+                jobs=max(1, jobs))
 
 
 def format_plan(grid: list[Shape], plan: dict) -> str:
@@ -419,7 +470,7 @@ def format_plan(grid: list[Shape], plan: dict) -> str:
         f"{plan['shapes']} shapes ({', '.join(sorted({s.dtype for s in grid}))}; {covered})",
         f"{plan['candidates']} candidate measurements, {plan['compiles']} kernel compiles",
         f"estimate: {plan['seconds'] / 60:.1f} min = {START_S} s start + {plan['compiles']} "
-        f"compiles x {COMPILE_S} s + {plan['candidates']} candidates x {CANDIDATE_S} s + "
+        f"compiles x {COMPILE_S} s / {plan['jobs']} processes + {plan['candidates']} candidates x {CANDIDATE_S} s + "
         f"{plan['shapes']} layers x {LAYER_S} s"])
 
 
@@ -531,6 +582,8 @@ def main(argv=None) -> int:
                         help="start no measurement after this many minutes (rerun to go on)")
     parser.add_argument("--retry-errors", action="store_true",
                         help="measure again what raised last time (a rerun skips it otherwise)")
+    parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
+                        help="processes that compile the candidates ahead of the sweep (1: none)")
     parser.add_argument("--plan", action="store_true", help="print the grid and time estimate")
     parser.add_argument("--plot-only", action="store_true", help="heatmaps from an existing CSV")
     parser.add_argument("--csv", help="tune.csv to read/extend (default perf/results/<gpu>/tune.csv)")
@@ -542,7 +595,7 @@ def main(argv=None) -> int:
         parser.error(str(error))
     neighbourhood = "wide" if args.wide else "sweep"
     if args.plan:
-        print(format_plan(grid, estimate(grid, neighbourhood)))
+        print(format_plan(grid, estimate(grid, neighbourhood, jobs=args.jobs)))
         return 0
     has_gpu = torch.cuda.is_available()
     if args.plot_only:
@@ -570,11 +623,14 @@ def main(argv=None) -> int:
         csv_path.replace(csv_path.with_name(csv_path.name + ".bak"))
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
           f"cuDNN {env['cudnn']}, commit {env['commit']}\n"
-          f"{format_plan(grid, estimate(grid, neighbourhood))}\n"
+          f"{format_plan(grid, estimate(grid, neighbourhood, jobs=args.jobs))}\n"
           f"{len(read_rows(csv_path))} rows already in {csv_path}; budget {args.budget_min:g} min",
           flush=True)
     sweep = Sweep(csv_path, env, args.steps, args.budget_min * 60,
                   retry_errors=args.retry_errors, log=lambda line: print(line, flush=True))
+    compile_ahead(compile_jobs(grid, neighbourhood, sweep.measured, sweep.num_sms,
+                               str(sweep.device)), args.jobs,
+                  log=sweep.log)
     complete = sweep.run(grid, neighbourhood, json_path)
     table = build_table(sweep.rows, provenance(sweep.rows, env, args.steps))
     write_json(table, json_path)

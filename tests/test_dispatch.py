@@ -408,6 +408,24 @@ def test_default_grid_covers_make_perf_and_fits_the_budget():
     assert tune.estimate(grid, "wide")["seconds"] > plan["seconds"]
 
 
+def test_compile_ahead_lists_each_candidate_the_sweep_still_lacks_and_builds_it():
+    grid = [tune.Shape("fp32", 2, 16), tune.Shape("fp16", 2, 16)]
+    jobs = tune.compile_jobs(grid, "sweep", set(), 4, "cpu")
+    expected = [(s, k, tuning.config_label(c)) for s in grid for k in tuning.KERNELS
+                for c in autotune.candidate_configs(k, s.batch, s.hidden, tune.DTYPES[s.dtype],
+                                                    1, 4, "sweep")]
+    assert [job[:3] for job in jobs] == expected and len(jobs) > 2
+    measured = {tune.row_key(kernel, shape, label) for shape, kernel, label, *_ in jobs[:2]}
+    assert [job[:3] for job in tune.compile_jobs(grid, "sweep", measured, 4, "cpu")] == expected[2:]
+    assert tune.compile_one(jobs[0]) == ""           # runs (compiles) the candidate once
+    shape, kernel, _, sms, device = jobs[0]
+    assert "ValueError" in tune.compile_one((shape, kernel, "not-a-label", sms, device))
+    # twice the processes, half the compile time in the estimate
+    serial, parallel = (tune.estimate(tune.default_grid(), jobs=n) for n in (1, 2))
+    assert serial["seconds"] - parallel["seconds"] == pytest.approx(
+        serial["compiles"] * tune.COMPILE_S / 2)
+
+
 def test_plan_prints_the_estimate_without_a_gpu(capsys):
     assert tune.main(["--plan"]) == 0
     out = capsys.readouterr().out
