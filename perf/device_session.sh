@@ -10,6 +10,10 @@
 #   COMMIT=<hash> bash perf/device_session.sh 2   make tune again: resumes where 1 stopped
 #   COMMIT=<hash> bash perf/device_session.sh 3   make perf's main table with backend="auto",
 #                                                  then its stack and step sections
+#   COMMIT=<hash> SHAPES="512x512 ..." bash perf/device_session.sh 4
+#                                                  GPU tests, the host's cost per call
+#                                                  (perf/host_cost.py), make tune at SHAPES
+#                                                  (about 5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -25,11 +29,16 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 # GPU tests on every core where pytest-xdist is there: the time goes to compiling kernels.
 # Other processes' kernels only time-slice with a persistent kernel, never share its SMs.
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
+# -v names each test as it ends; SIGINT at the limit still prints the failures' summary.
+gpu_tests() {
+    timeout -s INT -k 20 "$1" python3 -m pytest -v -rfs --tb=short $parallel -p no:cacheprovider \
+        tests/test_gpu.py 2>&1 | grep -v "PASSED\|^SKIPPED\|PytestBenchmarkWarning\|warner(" \
+        | tee "$OUT/gpu-tests.log"
+}
 
 case "${1:-}" in
 1)
-    timeout 150 python3 -m pytest -q -rs $parallel -p no:cacheprovider tests/test_gpu.py 2>&1 \
-        | tee "$OUT/gpu-tests.log"
+    gpu_tests 150
     timeout 240 python3 perf/tune.py --budget-min 3.3 2>&1 | tee "$OUT/tune.log"
     timeout 100 python3 perf/gpu_check.py 2>&1 | tee "$OUT/gpu-timing.log"
     ;;
@@ -42,8 +51,14 @@ case "${1:-}" in
         | tee "$OUT/stack.log"
     timeout 100 python3 perf/bench.py --step only --out "$OUT/step" 2>&1 | tee "$OUT/step.log"
     ;;
+4)
+    gpu_tests 150
+    timeout 30 python3 perf/host_cost.py 2>&1 | tee "$OUT/host-cost.log"
+    timeout 90 python3 perf/tune.py --budget-min 1.1 --shapes ${SHAPES:?} 2>&1 \
+        | tee "$OUT/tune.log"
+    ;;
 *)
-    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3" >&2
+    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4" >&2
     exit 2
     ;;
 esac

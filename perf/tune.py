@@ -219,14 +219,17 @@ def env_from_rows(rows: list[dict]) -> dict:
 
 def environment() -> dict:
     """What a number depends on besides the shape: GPU, versions, date, commit."""
+    # COMMIT names the tree where it is a copy whose .git (if any) lags behind it.
+    commit = os.environ.get("COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, check=True,
-                                capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO_DIR, capture_output=True, text=True).stdout.strip()
-        commit += "+dirty" if dirty else ""
+        if not commit:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR,
+                                    check=True, capture_output=True, text=True).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=REPO_DIR, capture_output=True, text=True).stdout.strip()
+            commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("COMMIT", "unknown")   # a copy of the tree without .git
+        commit = "unknown"
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version(),

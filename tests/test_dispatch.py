@@ -16,7 +16,7 @@ import torch
 
 import triton_lstm
 from triton_lstm import autotune, policy, tuning
-from triton_lstm.dispatch import KernelConfig, heuristic_config, pick_config
+from triton_lstm.dispatch import KernelConfig, gpu_slug, heuristic_config, pick_config
 
 from .conftest import requires_interpreter
 
@@ -30,9 +30,11 @@ CUDA = torch.device("cuda", 0)
 
 
 @pytest.fixture(autouse=True)
-def clean_tables(monkeypatch):
-    """No table, no autotune cache in memory, autotuning off, before and after each test."""
+def clean_tables(monkeypatch, tmp_path):
+    """No table (the shipped ones hidden), no autotune cache in memory, autotuning off,
+    before and after each test."""
     monkeypatch.delenv(autotune.ENV, raising=False)
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path / "no-configs")
     for caches in (tuning._tables, autotune._cache_files):
         caches.clear()
     tuning.clear_caches()
@@ -578,3 +580,23 @@ def test_explain_says_recompute_keeps_the_kernels(fake_gpu):
     assert triton_lstm.explain(auto_module(), x).path == "nn.LSTM"
     e = triton_lstm.explain(auto_module(recompute=4), x)
     assert e.path == "kernels" and "recompute=4" in e.why
+
+
+def test_the_shipped_tables_parse_and_name_their_provenance():
+    paths = sorted(pathlib.Path(triton_lstm.__file__).parent.joinpath("configs").glob("*.json"))
+    assert paths, "no tuned table ships"
+    for path in paths:
+        table = json.loads(path.read_text())
+        provenance = table["provenance"]
+        assert gpu_slug(provenance["gpu"]) == path.stem
+        assert provenance["commits"] and provenance["torch"] and provenance["triton"]
+        assert table["shapes"]
+        for key, entry in table["shapes"].items():
+            assert key == tuning.shape_key(entry["dtype"], entry["B"], entry["H"], entry["D"],
+                                           entry["proj"])
+            for kernel in tuning.KERNELS:
+                if kernel in entry:
+                    assert isinstance(tuning.config_from_entry(entry[kernel]), KernelConfig)
+                    assert entry[kernel]["us_per_step"] > 0
+            for times in (entry.get("kernels_us", {}), entry.get("cudnn_us", {})):
+                assert all(us > 0 for us in times.values())

@@ -36,7 +36,7 @@ import torch
 import triton
 
 from . import tuning
-from .dispatch import (ON_CHIP_BUDGET, KernelConfig, gpu_slug, heuristic_config, on_chip_bytes,
+from .dispatch import (ON_CHIP_BUDGET, STAGED_BYTES, KernelConfig, gpu_slug, heuristic_config, on_chip_bytes,
                        padded)
 from .kernels.backward import lstm_backward
 from .kernels.forward import lstm_forward
@@ -57,7 +57,6 @@ WARP_LAYOUTS = ((1, 4), (4, 8), (4, 16))   # (split_k, num_warps), light tiles t
 # Register bounds, from ptxas on sm_90 (perf/NOTES.md, "Which tiles spill"):
 REGISTER_TILE = 2048        # batch rows x hidden units per program: larger tiles spill
 BACKWARD_SLICE_BYTES = 512  # unsplit backward: weight slice per thread past which it spills
-STAGED_BYTES = 256          # [BLOCK_B, HP] operand per thread that spills with 16 warps
 
 
 # -- candidates --------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 # Shared memory a resident program may use: its weight slice plus one staged
 # [BLOCK_B, HP] operand tile (Hopper has ~227 KB per SM; leave room for shuffles).
 ON_CHIP_BUDGET = 200 * 1024
+STAGED_BYTES = 256          # [BLOCK_B, HP] operand per thread that spills with 16 warps
 _COUNTER_SLOTS = 4096
 
 try:
@@ -143,7 +144,13 @@ def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: 
         # Larger tiles: warps grow with the tile (the cell state and the prefetched
         # operands of the next step live in registers), so that nothing spills.
         num_warps = 16
-    return KernelConfig(block_b=block_b, block_h=block_h, resident=fits(block_h),
+    # With 16 warps a resident program that stages 256+ bytes of the [BLOCK_B, HP] operand
+    # per thread spills it every step (H200: bf16 B=512 H=512 on 128x16 resident tiles ran
+    # 420-1240 us/step, fp32 B=512 H=256 275): streaming the weights instead keeps it in
+    # registers (streamed 128x16 tiles at bf16 B=512 H=1024: 24 us/step).
+    staged = block_b * padded(hidden_size) * dtype.itemsize // (32 * num_warps)
+    resident = fits(block_h) and not (num_warps >= 16 and staged >= STAGED_BYTES)
+    return KernelConfig(block_b=block_b, block_h=block_h, resident=resident,
                         block_k=min(64, padded(hidden_size)), split_k=split_k, num_warps=num_warps)
 
 

@@ -1,0 +1,88 @@
+"""Where the host's time per call goes: triton_lstm.LSTM and nn.LSTM, one call at T = 1.
+
+A layer call at small T costs what the host spends issuing it (gpu_check_calls.csv): the
+Python of the module, the custom ops and the Function, and each CUDA runtime call, whose
+price depends on the machine (a sandboxed GPU host pays far more per call than bare metal).
+This prints, per implementation and mode, the CUDA runtime calls one call makes (from
+torch.profiler) and the Python functions that take the host's time (cProfile).
+
+    python3 perf/host_cost.py [--B 8] [--H 512] [--dtype bf16] [--top 25]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import collections
+import io
+import pathlib
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import triton_lstm  # noqa: E402
+from timing import forward_fn, random_inputs, train_fn  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CALLS = 50
+
+
+def runtime_calls(fn) -> collections.Counter:
+    """CUDA runtime / driver calls per call of fn (cudaLaunchKernel, cuLaunchKernelEx, ...)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+    counts = collections.Counter()
+    for event in prof.events():
+        if event.name.startswith(("cuda", "cu")) and event.device_type == torch.autograd.DeviceType.CPU:
+            counts[event.name] += 1
+    return collections.Counter({name: n / 10 for name, n in counts.items()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--B", type=int, default=8)
+    parser.add_argument("--H", type=int, default=512)
+    parser.add_argument("--T", type=int, default=1)
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("host_cost: no CUDA GPU found")
+    dtype = DTYPES[args.dtype]
+    torch_lstm = torch.nn.LSTM(args.H, args.H, device="cuda", dtype=dtype)
+    ours = triton_lstm.LSTM.from_torch(torch_lstm, backend="triton")
+    x, hx = random_inputs(args.T, args.B, args.H, args.H, dtype)
+    xg, hxg = random_inputs(args.T, args.B, args.H, args.H, dtype, requires_grad=True)
+    for name, module in (("ours", ours), ("cudnn", torch_lstm)):
+        for mode, fn in (("fwd", forward_fn(module, x, hx)), ("train", train_fn(module, xg, hxg))):
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(CALLS):
+                fn()
+            host_us = (time.perf_counter() - start) * 1e6 / CALLS
+            torch.cuda.synchronize()
+            calls = runtime_calls(fn)
+            print(f"\n== {name} {mode}, {args.dtype} B={args.B} H={args.H} T={args.T}: "
+                  f"{host_us:.0f} host µs per call, {sum(calls.values()):.0f} CUDA API calls")
+            for api, n in calls.most_common():
+                print(f"  {n:6.1f}  {api}")
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(CALLS):
+                fn()
+            profiler.disable()
+            torch.cuda.synchronize()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
+            print("\n".join(line for line in text.getvalue().splitlines()[6:] if line.strip()))
+
+
+if __name__ == "__main__":
+    main()
