@@ -4,16 +4,17 @@
 # folder and the tree (tune.csv, heatmaps, configs); at the end all of it is packed into
 # $OUT/results.tgz, with the logs beside it (a call brings back at most 8 files).
 #
-#   COMMIT=<hash> bash perf/device_session.sh 1   GPU tests, make tune (compiles ahead on every
-#                                                  core, then at most 3.3 min), short timings
-#                                                  and stacks (about 8.5 min)
-#   COMMIT=<hash> bash perf/device_session.sh 2   make tune again: resumes where 1 stopped
-#   COMMIT=<hash> bash perf/device_session.sh 3   make perf's main table with backend="auto",
-#                                                  then its stack and step sections
+#   COMMIT=<hash> bash perf/device_session.sh 1   GPU tests alone (up to 5 min), the host's
+#                                                  cost per call, make gpu-check's timings
+#                                                  (about 8 min)
+#   COMMIT=<hash> bash perf/device_session.sh 2   make perf's main table (the path backend=
+#                                                  "auto" takes per row), then its stack
+#                                                  section (about 9 min)
+#   COMMIT=<hash> bash perf/device_session.sh 3   make tune: resumes the committed tune.csv
+#                                                  (new candidates, --wide) for up to 8 min
 #   COMMIT=<hash> SHAPES="512x512 ..." bash perf/device_session.sh 4
-#                                                  GPU tests, the host's cost per call
-#                                                  (perf/host_cost.py), make tune at SHAPES
-#                                                  (about 5 min)
+#                                                  GPU tests, the host's cost per call,
+#                                                  make tune at SHAPES (about 5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -29,27 +30,29 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 # GPU tests on every core where pytest-xdist is there: the time goes to compiling kernels.
 # Other processes' kernels only time-slice with a persistent kernel, never share its SMs.
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
-# -v names each test as it ends; SIGINT at the limit still prints the failures' summary.
+# -v names each test as it ends; SIGINT at the limit still prints the failures' summary
+# and the slowest tests.
 gpu_tests() {
-    timeout -s INT -k 20 "$1" python3 -m pytest -v -rfs --tb=short $parallel -p no:cacheprovider \
-        tests/test_gpu.py 2>&1 | grep -v "PASSED\|^SKIPPED\|PytestBenchmarkWarning\|warner(" \
+    timeout -s INT -k 20 "$1" python3 -m pytest -v -rfs --tb=short --durations=25 $parallel \
+        -p no:cacheprovider tests/test_gpu.py 2>&1 | grep -v "PytestBenchmarkWarning\|warner(" \
         | tee "$OUT/gpu-tests.log"
 }
 
 case "${1:-}" in
 1)
-    gpu_tests 150
-    timeout 240 python3 perf/tune.py --budget-min 3.3 2>&1 | tee "$OUT/tune.log"
-    timeout 100 python3 perf/gpu_check.py 2>&1 | tee "$OUT/gpu-timing.log"
+    gpu_tests 300
+    timeout 40 python3 perf/host_cost.py 2>&1 | tee "$OUT/host-cost.log"
+    timeout 110 python3 perf/gpu_check.py 2>&1 | tee "$OUT/gpu-timing.log"
     ;;
 2)
-    timeout 570 python3 perf/tune.py --budget-min 8 2>&1 | tee "$OUT/tune.log"
+    timeout 360 python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
+        --memory off --out "$OUT/perf" \
+        2>&1 | tee "$OUT/perf.log"
+    timeout 150 python3 perf/bench.py --stack only --dtypes bf16 fp16 --out "$OUT/stack" 2>&1 \
+        | tee "$OUT/stack.log"
     ;;
 3)
-    timeout 330 python3 perf/bench.py --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
-    timeout 120 python3 perf/bench.py --stack only --dtypes bf16 fp16 --out "$OUT/stack" 2>&1 \
-        | tee "$OUT/stack.log"
-    timeout 100 python3 perf/bench.py --step only --out "$OUT/step" 2>&1 | tee "$OUT/step.log"
+    timeout 570 python3 perf/tune.py --wide --budget-min 8 2>&1 | tee "$OUT/tune.log"
     ;;
 4)
     gpu_tests 150

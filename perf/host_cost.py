@@ -30,7 +30,8 @@ CALLS = 50
 
 
 def runtime_calls(fn) -> collections.Counter:
-    """CUDA runtime / driver calls per call of fn (cudaLaunchKernel, cuLaunchKernelEx, ...)."""
+    """CUDA runtime / driver calls per call of fn, each with the ops it ran under (the
+    innermost three, e.g. 'cudaMemcpyAsync <- aten::copy_ <- aten::to')."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
@@ -39,7 +40,11 @@ def runtime_calls(fn) -> collections.Counter:
     counts = collections.Counter()
     for event in prof.events():
         if event.name.startswith(("cuda", "cu")) and event.device_type == torch.autograd.DeviceType.CPU:
-            counts[event.name] += 1
+            parents, parent = [], event.cpu_parent
+            while parent is not None and len(parents) < 3:
+                parents.append(parent.name)
+                parent = parent.cpu_parent
+            counts[" <- ".join([event.name] + parents)] += 1
     return collections.Counter({name: n / 10 for name, n in counts.items()})
 
 
