@@ -4,9 +4,9 @@
 # folder and the tree (tune.csv, heatmaps, configs); at the end all of it is packed into
 # $OUT/results.tgz, with the logs beside it (a call brings back at most 8 files).
 #
-#   COMMIT=<hash> bash perf/device_session.sh 1   GPU tests alone (up to 5 min), the host's
-#                                                  cost per call, make gpu-check's timings
-#                                                  (about 8 min)
+#   COMMIT=<hash> bash perf/device_session.sh 1   GPU tests alone (up to 4.7 min), the host's
+#                                                  cost per call, make gpu-check's timings,
+#                                                  the schedule variants (about 9 min)
 #   COMMIT=<hash> bash perf/device_session.sh 2   make perf's main table (the path backend=
 #                                                  "auto" takes per row), then its stack
 #                                                  section (about 9 min)
@@ -40,9 +40,10 @@ gpu_tests() {
 
 case "${1:-}" in
 1)
-    gpu_tests 300
-    timeout 40 python3 perf/host_cost.py 2>&1 | tee "$OUT/host-cost.log"
+    gpu_tests 280
+    timeout 30 python3 perf/host_cost.py 2>&1 | tee "$OUT/host-cost.log"
     timeout 110 python3 perf/gpu_check.py 2>&1 | tee "$OUT/gpu-timing.log"
+    timeout 100 python3 perf/variants.py --out "$OUT" 2>&1 | tee "$OUT/variants.log"
     ;;
 2)
     timeout 360 python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \

@@ -69,8 +69,13 @@ NUM_SMS = 132                                 # H100 / H200, for --plan without 
 # 0.5-1.8 s (mean 1.0 s) alone and 1.2-4.7 s two at a time on a 2-core AMD EPYC (perf/NOTES.md;
 # 1-3 s expected on a GPU host the first time, Triton's disk cache makes reruns cheaper). A
 # candidate: the float64 check (8 steps) and do_bench (10 ms warm-up, 40 ms of runs, L2
-# flushed between runs). A layer: its five timings, set-up and a CUDA-graph capture.
-COMPILE_S, CANDIDATE_S, LAYER_S, START_S = 1.5, 0.15, 1.0, 20
+# flushed between runs). A layer: its five timings, set-up and a CUDA-graph capture, and its
+# timing again where a neighbour beat the heuristic (H200, 40a8b15: the grid's 249
+# candidates and 72 layers took ~4.3 min, 47 s of it compiling ahead in 16 processes, half
+# of linear speed-up).
+COMPILE_S, CANDIDATE_S, LAYER_S, START_S = 1.5, 0.15, 2.0, 20
+PARALLEL_EFFICIENCY = 0.5
+GPU_HOST_CORES = 16                           # the H100 / H200 machines, for --plan elsewhere
 
 LAYER_KINDS = ("kernels_fwd", "kernels_train", "cudnn_fwd", "cudnn_graph_fwd", "cudnn_train")
 FIELDS = ["key", "kind", "dtype", "B", "H", "D", "proj", "config", "status", "us_per_step",
@@ -455,10 +460,11 @@ def estimate(grid: list[Shape], neighbourhood: str = "sweep", num_sms: int = NUM
             compiles.update((kernel, group, c) for c in configs)
         compiles.add(("forward-save", group, heuristic_config(
             shape.batch, shape.hidden, dtype, max(1, num_sms // shape.directions), "forward")))
-    seconds = (START_S + len(compiles) * COMPILE_S / max(1, jobs) + candidates * CANDIDATE_S
+    parallel = max(1.0, jobs * PARALLEL_EFFICIENCY)
+    seconds = (START_S + len(compiles) * COMPILE_S / parallel + candidates * CANDIDATE_S
                + len(grid) * LAYER_S)
     return dict(shapes=len(grid), candidates=candidates, compiles=len(compiles), seconds=seconds,
-                jobs=max(1, jobs))
+                jobs=max(1, jobs), parallel=parallel)
 
 
 def format_plan(grid: list[Shape], plan: dict) -> str:
@@ -473,7 +479,7 @@ def format_plan(grid: list[Shape], plan: dict) -> str:
         f"{plan['shapes']} shapes ({', '.join(sorted({s.dtype for s in grid}))}; {covered})",
         f"{plan['candidates']} candidate measurements, {plan['compiles']} kernel compiles",
         f"estimate: {plan['seconds'] / 60:.1f} min = {START_S} s start + {plan['compiles']} "
-        f"compiles x {COMPILE_S} s / {plan['jobs']} processes + {plan['candidates']} candidates x {CANDIDATE_S} s + "
+        f"compiles x {COMPILE_S} s / {plan['parallel']:g} ({plan['jobs']} processes) + {plan['candidates']} candidates x {CANDIDATE_S} s + "
         f"{plan['shapes']} layers x {LAYER_S} s"])
 
 
@@ -585,8 +591,9 @@ def main(argv=None) -> int:
                         help="start no measurement after this many minutes (rerun to go on)")
     parser.add_argument("--retry-errors", action="store_true",
                         help="measure again what raised last time (a rerun skips it otherwise)")
-    parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
-                        help="processes that compile the candidates ahead of the sweep (1: none)")
+    parser.add_argument("--jobs", type=int,
+                        help="processes that compile the candidates ahead of the sweep (1: none; "
+                             f"default: the cores, at most 16; --plan assumes {GPU_HOST_CORES})")
     parser.add_argument("--plan", action="store_true", help="print the grid and time estimate")
     parser.add_argument("--plot-only", action="store_true", help="heatmaps from an existing CSV")
     parser.add_argument("--csv", help="tune.csv to read/extend (default perf/results/<gpu>/tune.csv)")
@@ -598,7 +605,7 @@ def main(argv=None) -> int:
         parser.error(str(error))
     neighbourhood = "wide" if args.wide else "sweep"
     if args.plan:
-        print(format_plan(grid, estimate(grid, neighbourhood, jobs=args.jobs)))
+        print(format_plan(grid, estimate(grid, neighbourhood, jobs=args.jobs or GPU_HOST_CORES)))
         return 0
     has_gpu = torch.cuda.is_available()
     if args.plot_only:
@@ -618,6 +625,7 @@ def main(argv=None) -> int:
         sys.exit("tune: no CUDA GPU found; tuning measures real kernels "
                  "(--plan and --plot-only work without one)")
 
+    args.jobs = args.jobs or min(16, os.cpu_count() or 1)
     env = environment()
     slug = gpu_slug(env["gpu"])
     csv_path = pathlib.Path(args.csv or PERF_DIR / "results" / slug / "tune.csv")

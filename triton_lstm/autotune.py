@@ -102,13 +102,17 @@ NEIGHBOURHOODS = {
     "autotune": (("finer", "coarser", "lighter", "heavier"), 4),
     "wide": (("finer", "coarser", "lighter", "heavier", "fewer_rows", "more_rows", "streamed"), 7),
 }
+# make tune also times 16-row tiles with dataflow waits: there the grid barrier is ~0.9 µs of
+# a ~2.2 µs step (perf/NOTES.md, issue 8). First-use autotuning leaves them out.
+DATAFLOW_NEIGHBOURHOODS = ("sweep", "wide")
 
 
 def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, directions: int,
                       num_sms: int, neighbourhood: str = "sweep") -> list[KernelConfig]:
     """The heuristic's config first, then those of its one-step neighbours that run well:
     finer / coarser (half / double the hidden block), lighter / heavier (the next warp
-    layout), fewer / more rows (half / double the batch block), streamed weights."""
+    layout), fewer / more rows (half / double the batch block), streamed weights; for
+    make tune's neighbourhoods at 16-row tiles, the heuristic's tiles with dataflow waits."""
     base = heuristic_config(batch, hidden, dtype, max(1, num_sms // directions), kernel)
     layout = min(range(len(WARP_LAYOUTS)), key=lambda i: abs(WARP_LAYOUTS[i][1] - base.num_warps))
 
@@ -134,6 +138,8 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
         if config not in configs and runs_well(config, kernel, batch, hidden, dtype, directions,
                                                num_sms):
             configs.append(config)
+    if neighbourhood in DATAFLOW_NEIGHBOURHOODS and base.block_b == 16 and not base.dataflow:
+        configs.append(dataclasses.replace(base, dataflow=True))
     return configs
 
 
