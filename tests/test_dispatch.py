@@ -14,9 +14,10 @@ import types
 
 import pytest
 import torch
+import triton
 
 import triton_lstm
-from triton_lstm import autotune, policy, tuning
+from triton_lstm import autotune, dispatch, policy, tuning
 from triton_lstm.dispatch import KernelConfig, gpu_slug, heuristic_config, pick_config
 
 from .conftest import requires_interpreter
@@ -607,3 +608,10 @@ def test_the_shipped_tables_parse_and_name_their_provenance():
                     assert entry[kernel]["us_per_step"] > 0
             for times in (entry.get("kernels_us", {}), entry.get("cudnn_us", {})):
                 assert all(us > 0 for us in times.values())
+
+
+def test_host_cdiv_and_next_power_of_2_agree_with_tritons():
+    for n in range(1, 5000):
+        assert dispatch.next_power_of_2(n) == triton.next_power_of_2(n)
+        for d in (1, 3, 16, 128):
+            assert dispatch.cdiv(n, d) == triton.cdiv(n, d)

@@ -36,8 +36,8 @@ import torch
 import triton
 
 from . import tuning
-from .dispatch import (ON_CHIP_BUDGET, STAGED_BYTES, KernelConfig, gpu_slug, heuristic_config, on_chip_bytes,
-                       padded)
+from .dispatch import (ON_CHIP_BUDGET, STAGED_BYTES, KernelConfig, cdiv, gpu_slug,
+                       heuristic_config, next_power_of_2, on_chip_bytes, padded)
 from .kernels.backward import lstm_backward
 from .kernels.forward import lstm_forward
 from .reference import lstm_layer_reference
@@ -67,11 +67,11 @@ def runs_well(config: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
     weights fit on chip, no tile wider than the problem."""
     if config.block_b < 16 or config.block_h < 4:            # tl.dot wants 16 rows, 16 columns
         return False
-    if config.block_b > max(16, triton.next_power_of_2(batch)):
+    if config.block_b > max(16, next_power_of_2(batch)):
         return False
-    if config.block_h > triton.next_power_of_2(hidden):
+    if config.block_h > next_power_of_2(hidden):
         return False
-    if triton.cdiv(hidden, config.block_h) * directions > num_sms:
+    if cdiv(hidden, config.block_h) * directions > num_sms:
         return False
     if config.block_b * config.block_h > REGISTER_TILE:
         return False
@@ -318,7 +318,7 @@ def cache_path(gpu_name: str) -> pathlib.Path:
 def cache_key(kernel: str, dtype: torch.dtype, batch: int, hidden: int, directions: int,
               proj: bool) -> str:
     """'forward/bf16/B8/H512/D1/P0'; the batch rounded up to a power of two, P1: projected."""
-    return f"{kernel}/" + shape_key(DTYPE_NAMES[dtype], triton.next_power_of_2(batch), hidden,
+    return f"{kernel}/" + shape_key(DTYPE_NAMES[dtype], next_power_of_2(batch), hidden,
                                     directions, int(proj))
 
 

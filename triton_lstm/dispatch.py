@@ -71,7 +71,7 @@ class KernelConfig:
     dataflow: bool = False
 
     def num_h_blocks(self, hidden_size: int) -> int:
-        return triton.cdiv(hidden_size, self.block_h)
+        return cdiv(hidden_size, self.block_h)
 
 
 def interpreting() -> bool:
@@ -79,9 +79,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# triton.cdiv and triton.next_power_of_2 are ConstexprFunctions: ~1.5 µs a call from host
+# code (Triton 3.6 and 3.9), and the launchers size every launch with them. Host code uses
+# these instead; kernels keep triton's.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def padded(hidden_size: int) -> int:
     """Reduction length of the recurrent dot: H rounded up to a power of two (>= 16)."""
-    return max(16, triton.next_power_of_2(hidden_size))
+    return max(16, next_power_of_2(hidden_size))
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -110,15 +121,15 @@ def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: 
     else streamed.
     """
     block_h = 8
-    while triton.cdiv(hidden_size, block_h) > 64 and block_h < 64:
+    while cdiv(hidden_size, block_h) > 64 and block_h < 64:
         block_h *= 2
 
     def programs(bb, bh):
-        return triton.cdiv(hidden_size, bh) * triton.cdiv(batch, bb)
+        return cdiv(hidden_size, bh) * cdiv(batch, bb)
 
     # Spread the batch over blocks of 16+ rows while the grid fits one launch ...
     block_b = 16
-    while programs(block_b, block_h) > num_sms and block_b < min(128, triton.next_power_of_2(batch)):
+    while programs(block_b, block_h) > num_sms and block_b < min(128, next_power_of_2(batch)):
         block_b *= 2
     # ... then wider hidden blocks, up to a tile of 2048 cells (more would spill registers);
     # what still does not fit one launch runs as several launches over the batch.
@@ -197,7 +208,7 @@ def programs_per_sm(compiled, device: torch.device) -> int:
     props = triton.runtime.driver.active.utils.get_device_properties(device.index)
     num_warps = compiled.metadata.num_warps
     by_threads = 2048 // (32 * num_warps)
-    regs_per_warp = triton.cdiv(max(compiled.n_regs, 1) * 32, 256) * 256
+    regs_per_warp = cdiv(max(compiled.n_regs, 1) * 32, 256) * 256
     by_regs = (props["max_num_regs"] // regs_per_warp) // num_warps
     shared = compiled.metadata.shared
     by_shared = (props["max_shared_mem"] + 1024) // (shared + 1024) if shared else 32
@@ -244,12 +255,12 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     group = num_h * num_directions          # programs per batch block
     barrier_group = group if shared_barrier else num_h
     counters_per_block = 1 if shared_barrier else num_directions
-    num_b = triton.cdiv(batch, config.block_b)
+    num_b = cdiv(batch, config.block_b)
     counters = barrier_counters(device)
     args = args[:-2] + (counters,) + args[-2:]   # the counters come just before T, B
     leader_inc = leader_increment(barrier_group)
     # With a projection every hidden block also owns BLOCK_R of the output units.
-    block_r = max(16, triton.next_power_of_2(triton.cdiv(output_size, num_h)))
+    block_r = max(16, next_power_of_2(cdiv(output_size, num_h)))
     constexprs = dict(constexprs, BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_R=block_r,
                       # Resident chunks of the reduction divide its padded length.
                       BLOCK_K=(min(config.block_k, padded(min(hidden_size, output_size)))

@@ -33,9 +33,8 @@ import warnings
 from typing import Optional
 
 import torch
-import triton
 
-from .dispatch import CONFIG_DIR, ON_CHIP_BUDGET, KernelConfig, gpu_slug, on_chip_bytes
+from .dispatch import CONFIG_DIR, ON_CHIP_BUDGET, KernelConfig, cdiv, gpu_slug, on_chip_bytes
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                torch.float64: "fp64"}
@@ -193,7 +192,7 @@ def usable(config: KernelConfig, hidden: int, directions: int, dtype: torch.dtyp
            num_sms: int) -> bool:
     """A config measured at another H still forms a persistent group here, and its resident
     weights still fit on chip."""
-    if triton.cdiv(hidden, config.block_h) * directions > num_sms:
+    if cdiv(hidden, config.block_h) * directions > num_sms:
         return False
     return not config.resident or (
         on_chip_bytes(hidden, config.block_b, config.block_h, dtype) <= ON_CHIP_BUDGET)

@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import (dot_precision, interpreting, launch_recurrence, padded, pick_config,
-                        state_dtype)
+from ..dispatch import (cdiv, dot_precision, interpreting, launch_recurrence, padded,
+                        pick_config, state_dtype)
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
 
 # The Triton interpreter multiplies the raw bit patterns of bf16 operands in tl.dot
@@ -540,7 +540,7 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
             fill_unwritten(r_all)
     h_ckpt = c_ckpt = None
     if ckpt_every > 0:
-        num_ckpt = triton.cdiv(T, ckpt_every)
+        num_ckpt = cdiv(T, ckpt_every)
         h_ckpt = torch.empty(D, num_ckpt, B, R, dtype=dtype, device=device)
         c_ckpt = torch.empty(D, num_ckpt, B, H, dtype=acc, device=device)
         h_ckpt[:, 0] = 0 if h0 is None else h0      # slot 0: the initial state

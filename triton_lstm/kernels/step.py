@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import tuning
-from ..dispatch import dot_precision, state_dtype
+from ..dispatch import cdiv, dot_precision, next_power_of_2, state_dtype
 from .forward import _tanh, streamed_dot
 
 
@@ -140,15 +140,15 @@ def step_config(batch: int, hidden_size: int, reduction: int, dtype: torch.dtype
       travel through registers), never past the longest reduction (I or R).
     - num_warps: 4, 8 for accumulators of more than 4K cells.
     """
-    block_b = min(64, max(16, triton.next_power_of_2(batch)))
-    num_b = triton.cdiv(batch, block_b)
+    block_b = min(64, max(16, next_power_of_2(batch)))
+    num_b = cdiv(batch, block_b)
     block_h = 4
-    while triton.cdiv(hidden_size, block_h) * num_b > num_sms and block_h < 32:
+    while cdiv(hidden_size, block_h) * num_b > num_sms and block_h < 32:
         block_h *= 2
     block_k = min(128, 256 // dtype.itemsize)
     while (4 * block_h + block_b) * block_k > 8192 and block_k > 16:
         block_k //= 2
-    block_k = min(block_k, max(16, triton.next_power_of_2(reduction)))
+    block_k = min(block_k, max(16, next_power_of_2(reduction)))
     num_warps = 8 if block_b * 4 * block_h > 4096 else 4
     return StepConfig(block_b=block_b, block_h=block_h, block_k=block_k, num_warps=num_warps)
 
@@ -187,7 +187,7 @@ def lstm_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, *, save: bool,
     c_new = torch.empty(B, H, dtype=acc, device=device)
     gates = torch.empty(B, 4 * H, dtype=acc, device=device) if save else None
     has_state, has_bias = h is not None, b_ih is not None
-    grid = (triton.cdiv(H, config.block_h), triton.cdiv(B, config.block_b))
+    grid = (cdiv(H, config.block_h), cdiv(B, config.block_b))
     lstm_step_kernel[grid](
         x, h if has_state else x, c if has_state else x, w_ih, w_hh,
         b_ih if has_bias else w_ih, b_hh if has_bias else w_ih, r, c_new,
