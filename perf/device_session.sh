@@ -11,7 +11,7 @@
 #                                                  "auto" takes per row), then its stack
 #                                                  section (about 9 min)
 #   COMMIT=<hash> bash perf/device_session.sh 3   make tune: resumes the committed tune.csv
-#                                                  (new candidates, --wide) for up to 8 min
+#                                                  (its new candidates), then --wide (9 min)
 #   COMMIT=<hash> SHAPES="512x512 ..." bash perf/device_session.sh 4
 #                                                  GPU tests, the host's cost per call,
 #                                                  make tune at SHAPES (about 5 min)
@@ -53,7 +53,8 @@ case "${1:-}" in
         | tee "$OUT/stack.log"
     ;;
 3)
-    timeout 570 python3 perf/tune.py --wide --budget-min 8 2>&1 | tee "$OUT/tune.log"
+    timeout 240 python3 perf/tune.py --budget-min 3.5 2>&1 | tee "$OUT/tune.log"
+    timeout 320 python3 perf/tune.py --wide --budget-min 4.5 2>&1 | tee "$OUT/tune-wide.log"
     ;;
 4)
     gpu_tests 150

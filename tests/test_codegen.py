@@ -18,7 +18,8 @@ import pytest
 REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
 VECTOR_BYTES = 16
 
-# (arguments of sm90_report.py, whether the tiles are the dispatcher's defaults)
+# (arguments of sm90_report.py, whether the tiles must not spill: the dispatcher's defaults,
+# and the large tiles autotune.runs_well admits on this evidence)
 CASES = {
     "defaults": (["--shapes", "8x256", "8x1024", "64x512", "128x1024", "512x1024",
                   "--dtypes", "bf16", "fp32"], True),
@@ -32,6 +33,11 @@ CASES = {
                  "--config", "bb64-bh16-chk-bk64-sk1-w4"], False),
     "pipelined": (["--shapes", "512x1024", "--dtypes", "bf16",
                    "--config", "bb128-bh16-str-bk64-sk4-w16-st3"], False),
+    "wide-streamed-forward": (["--shapes", "512x1024", "--dtypes", "bf16", "--kernels", "forward",
+                               "--config", "bb128-bh32-str-bk64-sk4-w16"], True),
+    "square-streamed-backward": (["--shapes", "512x1024", "--dtypes", "bf16", "fp32",
+                                  "--kernels", "backward",
+                                  "--config", "bb64-bh32-str-bk64-sk4-w16"], True),
     # Stacked layers as one wavefront: h (dG) of its own layer and of the layer below (above).
     "wavefront": (["--kernels", "wavefront", "wavefront-backward", "--layers", "3", "--shapes",
                    "1x256", "8x512", "8x1024", "64x512", "128x1024", "--dtypes", "bf16",

@@ -165,8 +165,9 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
         base = heuristic_config(B, H, dtype, 132 // D, kernel)
         sizes = {}
         small = base.block_b == 16     # make tune also times the dataflow waits there
-        for neighbourhood, most in (("heuristic", 1), ("sweep", 2 + small), ("autotune", 5),
-                                    ("wide", 8 + small)):
+        large = base.block_b >= 64 and not base.resident   # and a tile moving fewer bytes
+        for neighbourhood, most in (("heuristic", 1), ("sweep", 2 + small + large),
+                                    ("autotune", 5), ("wide", 8 + small + large)):
             configs = autotune.candidate_configs(kernel, B, H, dtype, D, 132, neighbourhood)
             assert configs[0] == base and len(set(configs)) == len(configs) <= most
             assert all(autotune.runs_well(c, kernel, B, H, dtype, D, 132) for c in configs[1:])
@@ -178,6 +179,15 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
         assert sizes["heuristic"] <= sizes["autotune"] <= sizes["wide"]
 
 
+def test_make_tune_also_times_large_streamed_tiles_in_shapes_that_move_fewer_bytes():
+    """Forward: the hidden block doubled; backward: half the rows, twice the units."""
+    for kernel, want in (("forward", (128, 32)), ("backward", (64, 32))):
+        base = heuristic_config(512, 1024, torch.bfloat16, 132, kernel)
+        assert (base.block_b, base.block_h, base.resident) == (128, 16, False)
+        sweep = autotune.candidate_configs(kernel, 512, 1024, torch.bfloat16, 1, 132, "sweep")
+        assert dataclasses.replace(base, block_b=want[0], block_h=want[1]) in sweep
+
+
 def test_runs_well_rejects_what_cannot_run_well():
     ok = config(block_b=16, block_h=8)
     assert autotune.runs_well(ok, "forward", 8, 512, torch.bfloat16, 1, 132)
@@ -187,6 +197,10 @@ def test_runs_well_rejects_what_cannot_run_well():
     assert not autotune.runs_well(config(block_h=8), "forward", 8, 1024, torch.bfloat16, 2, 132)  # 2 x 128
     assert not autotune.runs_well(config(block_b=128, block_h=32, num_warps=16), "forward", 512,
                                   256, torch.bfloat16, 1, 132)                # 4096-cell tile
+    streamed_128x32 = config(block_b=128, block_h=32, num_warps=16, resident=False, split_k=4)
+    assert autotune.runs_well(streamed_128x32, "forward", 512, 1024, torch.bfloat16, 1, 132)
+    assert not autotune.runs_well(streamed_128x32, "forward", 512, 1024, torch.float32, 1, 132)
+    assert not autotune.runs_well(streamed_128x32, "backward", 512, 1024, torch.bfloat16, 1, 132)
     assert not autotune.runs_well(config(block_h=64), "forward", 8, 1024, torch.float32, 1, 132)  # 1 MB on chip
     # The unsplit backward spills past 512 bytes of weight slice per thread; 8 warps, split, do not.
     assert not autotune.runs_well(config(block_h=16), "backward", 8, 1024, torch.bfloat16, 1, 132)

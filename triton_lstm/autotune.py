@@ -55,7 +55,8 @@ CHECK_BOUNDS = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 1e-2, "fp64": 1e-9}
 
 WARP_LAYOUTS = ((1, 4), (4, 8), (4, 16))   # (split_k, num_warps), light tiles to heavy ones
 # Register bounds, from ptxas on sm_90 (perf/NOTES.md, "Which tiles spill"):
-REGISTER_TILE = 2048        # batch rows x hidden units per program: larger tiles spill
+REGISTER_TILE = 2048        # batch rows x hidden units per program: larger tiles spill,
+STREAMED_FORWARD_TILE = 4096  # but not a streamed 2-byte forward at 16 warps (ptxas, 3.6: 106 regs)
 BACKWARD_SLICE_BYTES = 512  # unsplit backward: weight slice per thread past which it spills
 
 
@@ -73,7 +74,9 @@ def runs_well(config: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
         return False
     if cdiv(hidden, config.block_h) * directions > num_sms:
         return False
-    if config.block_b * config.block_h > REGISTER_TILE:
+    wide_ok = (kernel == "forward" and not config.resident and config.num_warps >= 16
+               and dtype.itemsize == 2)
+    if config.block_b * config.block_h > (STREAMED_FORWARD_TILE if wide_ok else REGISTER_TILE):
         return False
     if config.resident and on_chip_bytes(hidden, config.block_b, config.block_h,
                                          dtype) > ON_CHIP_BUDGET:
@@ -103,8 +106,11 @@ NEIGHBOURHOODS = {
     "wide": (("finer", "coarser", "lighter", "heavier", "fewer_rows", "more_rows", "streamed"), 7),
 }
 # make tune also times 16-row tiles with dataflow waits: there the grid barrier is ~0.9 µs of
-# a ~2.2 µs step (perf/NOTES.md, issue 8). First-use autotuning leaves them out.
-DATAFLOW_NEIGHBOURHOODS = ("sweep", "wide")
+# a ~2.2 µs step (perf/NOTES.md, issue 8). And streamed tiles of 64+ rows in a shape that
+# moves fewer bytes a step: the forward's hidden block doubled, the backward's made squarer
+# (half the rows, twice the units), since those steps are L2-bandwidth bound (issue 7).
+# First-use autotuning does not add them.
+MAKE_TUNE_NEIGHBOURHOODS = ("sweep", "wide")
 
 
 def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, directions: int,
@@ -112,7 +118,8 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
     """The heuristic's config first, then those of its one-step neighbours that run well:
     finer / coarser (half / double the hidden block), lighter / heavier (the next warp
     layout), fewer / more rows (half / double the batch block), streamed weights; for
-    make tune's neighbourhoods at 16-row tiles, the heuristic's tiles with dataflow waits."""
+    make tune's neighbourhoods, the heuristic's tiles with dataflow waits at 16 rows, and
+    streamed tiles of 64+ rows reshaped to move fewer bytes a step."""
     base = heuristic_config(batch, hidden, dtype, max(1, num_sms // directions), kernel)
     layout = min(range(len(WARP_LAYOUTS)), key=lambda i: abs(WARP_LAYOUTS[i][1] - base.num_warps))
 
@@ -138,8 +145,16 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
         if config not in configs and runs_well(config, kernel, batch, hidden, dtype, directions,
                                                num_sms):
             configs.append(config)
-    if neighbourhood in DATAFLOW_NEIGHBOURHOODS and base.block_b == 16 and not base.dataflow:
-        configs.append(dataclasses.replace(base, dataflow=True))
+    if neighbourhood in MAKE_TUNE_NEIGHBOURHOODS:
+        if base.block_b == 16 and not base.dataflow:
+            configs.append(dataclasses.replace(base, dataflow=True))
+        if base.block_b >= 64 and not base.resident:
+            fewer_bytes = dataclasses.replace(
+                base, block_h=base.block_h * 2,
+                block_b=base.block_b // 2 if kernel == "backward" else base.block_b)
+            if fewer_bytes not in configs and runs_well(fewer_bytes, kernel, batch, hidden, dtype,
+                                                        directions, num_sms):
+                configs.append(fewer_bytes)
     return configs
 
 
