@@ -14,13 +14,13 @@ import csv
 import os
 import pathlib
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import triton_lstm  # noqa: E402
-from timing import bench_calls_ms, bench_ms, forward_fn, random_inputs, train_fn  # noqa: E402
+from timing import (bench_calls_ms, bench_ms, forward_fn, host_us_per_call,  # noqa: E402
+                    random_inputs, train_fn)
 
 SHAPES = [(1, 512), (8, 256), (8, 512), (8, 1024), (64, 512), (128, 1024), (512, 1024)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,17 +55,6 @@ def main() -> None:
     write_csv(out_dir / "gpu_check.csv", rows)
     write_csv(out_dir / "gpu_check_calls.csv", per_call_rows(gpu))
     write_csv(out_dir / "gpu_check_stack.csv", stack_rows(gpu))
-
-
-def host_us_per_call(fn, calls: int = 200) -> float:
-    """Microseconds the host spends issuing one call (the GPU queue absorbs the work)."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    issued = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return issued * 1e6 / calls
 
 
 def per_call_rows(gpu: str) -> list[dict]:

@@ -17,13 +17,12 @@ import io
 import pathlib
 import pstats
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import triton_lstm  # noqa: E402
-from timing import forward_fn, random_inputs, train_fn  # noqa: E402
+from timing import forward_fn, host_us_per_call, random_inputs, train_fn  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CALLS = 50
@@ -67,12 +66,7 @@ def main() -> None:
         for mode, fn in (("fwd", forward_fn(module, x, hx)), ("train", train_fn(module, xg, hxg))):
             for _ in range(5):
                 fn()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(CALLS):
-                fn()
-            host_us = (time.perf_counter() - start) * 1e6 / CALLS
-            torch.cuda.synchronize()
+            host_us = host_us_per_call(fn, CALLS)
             calls = runtime_calls(fn)
             print(f"\n== {name} {mode}, {args.dtype} B={args.B} H={args.H} T={args.T}: "
                   f"{host_us:.0f} host µs per call, {sum(calls.values()):.0f} CUDA API calls")

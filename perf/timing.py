@@ -1,6 +1,8 @@
 """Timing helpers shared by the benchmarks: CUDA-event timing through triton.testing.do_bench."""
 from __future__ import annotations
 
+import time
+
 import torch
 import triton
 
@@ -58,3 +60,14 @@ def bench_calls_ms(fn, *, calls: int = 100, reps: int = 20,
         per_call.append(start.elapsed_time(end) / calls)
     samples = torch.tensor(per_call, dtype=torch.float64)
     return tuple(float(torch.quantile(samples, q)) for q in QUANTILES)
+
+
+def host_us_per_call(fn, calls: int = 200) -> float:
+    """Microseconds the host spends issuing one call (the GPU queue absorbs the work)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    issued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return issued * 1e6 / calls

@@ -118,6 +118,13 @@ def candidates_for(shape: Shape, neighbourhood: str) -> str:
     return neighbourhood if plain or neighbourhood == "wide" else "heuristic"
 
 
+def shape_candidates(shape: Shape, kernel: str, neighbourhood: str, num_sms: int) -> list:
+    """The kernel's candidate configs at this shape (autotune.candidate_configs)."""
+    return autotune.candidate_configs(kernel, shape.batch, shape.hidden, DTYPES[shape.dtype],
+                                      shape.directions, num_sms,
+                                      candidates_for(shape, neighbourhood))
+
+
 def shape_of(row: dict) -> Shape:
     return Shape(row["dtype"], row["B"], row["H"], row["D"], row["proj"])
 
@@ -318,10 +325,7 @@ class Sweep:
         backward reads what the best forward saves)."""
         problem = None
         for kernel in KERNELS:
-            for config in autotune.candidate_configs(kernel, shape.batch, shape.hidden,
-                                                     DTYPES[shape.dtype], shape.directions,
-                                                     self.num_sms,
-                                                     candidates_for(shape, neighbourhood)):
+            for config in shape_candidates(shape, kernel, neighbourhood, self.num_sms):
                 if row_key(kernel, shape, config_label(config)) in self.measured:
                     continue
                 if self.out_of_time():
@@ -376,9 +380,7 @@ def compile_jobs(grid: list[Shape], neighbourhood: str, measured: set, num_sms: 
     jobs = []
     for shape in grid:
         for kernel in KERNELS:
-            for config in autotune.candidate_configs(kernel, shape.batch, shape.hidden,
-                                                     DTYPES[shape.dtype], shape.directions,
-                                                     num_sms, candidates_for(shape, neighbourhood)):
+            for config in shape_candidates(shape, kernel, neighbourhood, num_sms):
                 if row_key(kernel, shape, config_label(config)) not in measured:
                     jobs.append((shape, kernel, config_label(config), num_sms, device))
     return jobs
@@ -453,9 +455,7 @@ def estimate(grid: list[Shape], neighbourhood: str = "sweep", num_sms: int = NUM
         dtype = DTYPES[shape.dtype]
         group = (shape.dtype, shape.hidden, shape.directions, shape.proj)
         for kernel in KERNELS:
-            configs = autotune.candidate_configs(kernel, shape.batch, shape.hidden, dtype,
-                                                 shape.directions, num_sms,
-                                                 candidates_for(shape, neighbourhood))
+            configs = shape_candidates(shape, kernel, neighbourhood, num_sms)
             candidates += len(configs)
             compiles.update((kernel, group, c) for c in configs)
         compiles.add(("forward-save", group, heuristic_config(

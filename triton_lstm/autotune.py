@@ -37,7 +37,7 @@ import triton
 
 from . import tuning
 from .dispatch import (ON_CHIP_BUDGET, STAGED_BYTES, KernelConfig, cdiv, gpu_slug,
-                       heuristic_config, next_power_of_2, on_chip_bytes, padded)
+                       heuristic_config, next_power_of_2, on_chip_bytes, padded, staged_bytes)
 from .kernels.backward import lstm_backward
 from .kernels.forward import lstm_forward
 from .reference import lstm_layer_reference
@@ -83,7 +83,7 @@ def runs_well(config: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
         return False
     # 16 warps leave a thread 128 registers: tiles of under 64 rows, or resident ones that
     # stage a large operand row block per thread, spill there.
-    staged = config.block_b * padded(hidden) * dtype.itemsize // (32 * config.num_warps)
+    staged = staged_bytes(hidden, config.block_b, dtype, config.num_warps)
     if config.num_warps >= 16 and (config.block_b < 64
                                    or (config.resident and staged >= STAGED_BYTES)):
         return False

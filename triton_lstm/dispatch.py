@@ -107,6 +107,11 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def staged_bytes(hidden_size: int, block_b: int, dtype: torch.dtype, num_warps: int) -> int:
+    """Bytes per thread of a [BLOCK_B, HP] operand staged for the recurrent dot."""
+    return block_b * padded(hidden_size) * dtype.itemsize // (32 * num_warps)
+
+
 def on_chip_bytes(hidden_size: int, block_b: int, block_h: int, dtype: torch.dtype) -> int:
     """Shared memory of a resident program: the [HP, 4*BLOCK_H] weight slice and a [BLOCK_B, HP] tile."""
     return padded(hidden_size) * (4 * block_h + block_b) * dtype.itemsize
@@ -159,8 +164,8 @@ def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: 
     # per thread spills it every step (H200: bf16 B=512 H=512 on 128x16 resident tiles ran
     # 420-1240 us/step, fp32 B=512 H=256 275): streaming the weights instead keeps it in
     # registers (streamed 128x16 tiles at bf16 B=512 H=1024: 24 us/step).
-    staged = block_b * padded(hidden_size) * dtype.itemsize // (32 * num_warps)
-    resident = fits(block_h) and not (num_warps >= 16 and staged >= STAGED_BYTES)
+    resident = fits(block_h) and not (
+        num_warps >= 16 and staged_bytes(hidden_size, block_b, dtype, num_warps) >= STAGED_BYTES)
     return KernelConfig(block_b=block_b, block_h=block_h, resident=resident,
                         block_k=min(64, padded(hidden_size)), split_k=split_k, num_warps=num_warps)
 
