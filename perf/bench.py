@@ -36,7 +36,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import warnings
 from typing import Optional
@@ -55,7 +54,7 @@ sys.path[:0] = [str(PERF_DIR), str(REPO_DIR)]
 import triton  # noqa: E402
 
 import triton_lstm  # noqa: E402
-from timing import bench_ms, random_inputs, train_fn  # noqa: E402
+from timing import bench_ms, compile_ahead, random_inputs, train_fn, tree_commit  # noqa: E402
 from triton_lstm import tuning  # noqa: E402
 from triton_lstm.dispatch import gpu_slug  # noqa: E402
 
@@ -255,12 +254,31 @@ def auto_paths(lstm: nn.LSTM, x, hx) -> dict:
     return {"fwd": fwd, "train": triton_lstm.explain(module, x, hx).path}
 
 
-def seeded_problem(dtype_name: str, T: int, B: int, H: int):
+def seeded_problem(dtype_name: str, T: int, B: int, H: int, device="cuda"):
     """The same layer and inputs for every peer of a shape: nn.LSTM(H, H), x [T, B, H], hx."""
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
-    lstm = nn.LSTM(H, H, device="cuda", dtype=dtype)
-    return lstm, *random_inputs(T, B, H, H, dtype)
+    lstm = nn.LSTM(H, H, device=device, dtype=dtype)
+    return lstm, *random_inputs(T, B, H, H, dtype, device)
+
+
+def compile_layer(job) -> str:
+    """Run the triton peer once at a shape, forward and training, at T = 2 (the kernels do
+    not specialise on T or B), so that Triton's disk cache holds every kernel its timings
+    will run; returns "" or why it failed (the run proper checks, and reports, that shape)."""
+    dtype_name, B, H, device = job
+    try:
+        lstm, x, hx = seeded_problem(dtype_name, 2, B, H, device)
+        module = triton_lstm.LSTM.from_torch(lstm, backend="triton")
+        with torch.no_grad():
+            module(x, hx)
+        x = x.detach().requires_grad_()                     # as time_training has them
+        hx = tuple(s.detach().requires_grad_() for s in hx)
+        train_fn(module, x, hx)()
+        x.grad.cpu()   # waits for the kernels
+        return ""
+    except Exception as exc:
+        return f"{dtype_name} B={B} H={H}: {type(exc).__name__}"
 
 
 def run_config(dtype_name, B, H, T, peers, modes, timing, env, log) -> tuple[list, list]:
@@ -431,11 +449,7 @@ def copy_flat(paths: list[pathlib.Path], dest: pathlib.Path) -> None:
 
 def environment() -> dict:
     """What a number depends on besides the shape: GPU, versions, date, commit."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, check=True,
-                                capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = tree_commit()
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 cudnn=torch.backends.cudnn.version(),
                 date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=commit)
@@ -527,6 +541,9 @@ def benchmark(args) -> int:
     configs = [(d, B, H, T) for d in args.dtypes for B, H, T in shapes]
     if "only" in (args.step, args.memory, args.stack):
         configs = []
+    if "triton" in peers:
+        compile_ahead(compile_layer, [(d, B, H, "cuda") for d, B, H, _ in configs],
+                      min(16, os.cpu_count() or 1), log=print)
     bar = tqdm(configs, unit="config") if tqdm else configs
     rows, problems, files = [], [], []
 

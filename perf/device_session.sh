@@ -4,12 +4,11 @@
 # folder and the tree (tune.csv, heatmaps, configs); at the end all of it is packed into
 # $OUT/results.tgz, with the logs beside it (a call brings back at most 8 files).
 #
-#   COMMIT=<hash> bash perf/device_session.sh 1   GPU tests alone (up to 4.7 min), the host's
-#                                                  cost per call, make gpu-check's timings,
-#                                                  the schedule variants (about 9 min)
-#   COMMIT=<hash> bash perf/device_session.sh 2   make perf's main table (the path backend=
-#                                                  "auto" takes per row), then its stack
-#                                                  section (about 9 min)
+#   COMMIT=<hash> bash perf/device_session.sh 1   GPU tests alone (up to 3.7 min), then make
+#                                                  perf's main table with the path backend=
+#                                                  "auto" takes per row (about 9 min)
+#   COMMIT=<hash> bash perf/device_session.sh 2   the schedule variants, make perf's stack
+#                                                  section, the host's cost per call (4 min)
 #   COMMIT=<hash> bash perf/device_session.sh 3   make tune: resumes the committed tune.csv
 #                                                  (its new candidates), then --wide (9 min)
 #   COMMIT=<hash> SHAPES="512x512 ..." bash perf/device_session.sh 4
@@ -29,7 +28,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
 # GPU tests on every core where pytest-xdist is there: the time goes to compiling kernels.
 # Other processes' kernels only time-slice with a persistent kernel, never share its SMs.
-parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12")
+parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 16")
 # -v names each test as it ends; SIGINT at the limit still prints the failures' summary
 # and the slowest tests.
 gpu_tests() {
@@ -40,17 +39,15 @@ gpu_tests() {
 
 case "${1:-}" in
 1)
-    gpu_tests 280
-    timeout 30 python3 perf/host_cost.py 2>&1 | tee "$OUT/host-cost.log"
-    timeout 110 python3 perf/gpu_check.py 2>&1 | tee "$OUT/gpu-timing.log"
-    timeout 100 python3 perf/variants.py --out "$OUT" 2>&1 | tee "$OUT/variants.log"
+    gpu_tests 220
+    timeout 330 python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
+        --memory off --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
     ;;
 2)
-    timeout 360 python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
-        --memory off --out "$OUT/perf" \
-        2>&1 | tee "$OUT/perf.log"
-    timeout 150 python3 perf/bench.py --stack only --dtypes bf16 fp16 --out "$OUT/stack" 2>&1 \
+    timeout 100 python3 perf/variants.py --out "$OUT" 2>&1 | tee "$OUT/variants.log"
+    timeout 100 python3 perf/bench.py --stack only --dtypes bf16 fp16 --out "$OUT/stack" 2>&1 \
         | tee "$OUT/stack.log"
+    timeout 30 python3 perf/host_cost.py 2>&1 | tee "$OUT/host-cost.log"
     ;;
 3)
     timeout 240 python3 perf/tune.py --budget-min 3.5 2>&1 | tee "$OUT/tune.log"

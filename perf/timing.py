@@ -1,6 +1,11 @@
 """Timing helpers shared by the benchmarks: CUDA-event timing through triton.testing.do_bench."""
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
+import os
+import pathlib
+import subprocess
 import time
 
 import torch
@@ -71,3 +76,39 @@ def host_us_per_call(fn, calls: int = 200) -> float:
     issued = time.perf_counter() - start
     torch.cuda.synchronize()
     return issued * 1e6 / calls
+
+
+def compile_ahead(compile_fn, jobs: list, processes: int, log=print) -> None:
+    """Run compile_fn(job) for every job in parallel processes, so that Triton's disk cache
+    holds each kernel before anything is timed: a compile is ~1.5 s of CPU work, and the GPU
+    host's cores would sit idle while the timings run one by one. compile_fn returns "" or
+    why it failed; nothing is measured here (the workers' GPU work overlaps)."""
+    if not jobs or processes < 2:
+        return
+    start = time.monotonic()
+    try:   # an executor, not a Pool: a worker that dies breaks it instead of being respawned
+        with concurrent.futures.ProcessPoolExecutor(
+                processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            failed = [msg for msg in pool.map(compile_fn, jobs) if msg]
+    except concurrent.futures.process.BrokenProcessPool as error:
+        log(f"compiling ahead stopped ({error}); the kernels compile as they are first run")
+        return
+    log(f"compiled {len(jobs)} jobs in {processes} processes in "
+        f"{time.monotonic() - start:.0f} s ({len(failed)} failed; they are run, and reported, "
+        "where they are measured)")
+
+
+def tree_commit() -> str:
+    """The commit the numbers are measured at: COMMIT where the tree is a copy whose .git (if
+    any) lags behind it, else git's HEAD, "+dirty" with uncommitted changes to tracked files."""
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, check=True,
+                                capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")

@@ -22,17 +22,14 @@ stops starting new measurements after --budget-min minutes (8): run it again to 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import csv
 import dataclasses
 import datetime
 import json
 import math
-import multiprocessing
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import time
 import warnings
@@ -46,7 +43,7 @@ sys.path[:0] = [str(PERF_DIR), str(REPO_DIR)]
 import triton  # noqa: E402
 
 import triton_lstm  # noqa: E402
-from timing import forward_fn, train_fn  # noqa: E402
+from timing import compile_ahead, forward_fn, train_fn, tree_commit  # noqa: E402
 from triton_lstm import autotune, tuning  # noqa: E402
 from triton_lstm.dispatch import CONFIG_DIR, gpu_slug, heuristic_config  # noqa: E402
 from triton_lstm.tuning import DTYPES, KERNELS, MODES, config_from_label, config_label  # noqa: E402
@@ -231,17 +228,7 @@ def env_from_rows(rows: list[dict]) -> dict:
 
 def environment() -> dict:
     """What a number depends on besides the shape: GPU, versions, date, commit."""
-    # COMMIT names the tree where it is a copy whose .git (if any) lags behind it.
-    commit = os.environ.get("COMMIT")
-    try:
-        if not commit:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR,
-                                    check=True, capture_output=True, text=True).stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   cwd=REPO_DIR, capture_output=True, text=True).stdout.strip()
-            commit += "+dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = tree_commit()
     return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version(),
@@ -398,24 +385,6 @@ def compile_one(job) -> str:
         return ""
     except Exception as exc:   # the sweep checks this candidate again and records why
         return f"{shape} {kernel} {label}: {type(exc).__name__}"
-
-
-def compile_ahead(jobs: list, processes: int, log=print) -> None:
-    """Build the candidates' kernels in parallel processes before the sweep times them one by
-    one: a compile is ~1.5 s of CPU work, and the GPU host's cores would sit idle. Nothing
-    is measured here; the workers' GPU work overlaps, which only the sweep's timings may not."""
-    if not jobs or processes < 2:
-        return
-    start = time.monotonic()
-    try:   # an executor, not a Pool: a worker that dies breaks it instead of being respawned
-        with concurrent.futures.ProcessPoolExecutor(
-                processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-            failed = [msg for msg in pool.map(compile_one, jobs) if msg]
-    except concurrent.futures.process.BrokenProcessPool as error:
-        log(f"compiling ahead stopped ({error}); the sweep compiles as it goes")
-        return
-    log(f"compiled {len(jobs)} candidates in {processes} processes in "
-        f"{time.monotonic() - start:.0f} s ({len(failed)} failed; the sweep records them)")
 
 
 def summary_line(table: dict, shape: Shape) -> str:
@@ -639,9 +608,8 @@ def main(argv=None) -> int:
           flush=True)
     sweep = Sweep(csv_path, env, args.steps, args.budget_min * 60,
                   retry_errors=args.retry_errors, log=lambda line: print(line, flush=True))
-    compile_ahead(compile_jobs(grid, neighbourhood, sweep.measured, sweep.num_sms,
-                               str(sweep.device)), args.jobs,
-                  log=sweep.log)
+    compile_ahead(compile_one, compile_jobs(grid, neighbourhood, sweep.measured, sweep.num_sms,
+                                            str(sweep.device)), args.jobs, log=sweep.log)
     complete = sweep.run(grid, neighbourhood, json_path)
     table = build_table(sweep.rows, provenance(sweep.rows, env, args.steps))
     write_json(table, json_path)

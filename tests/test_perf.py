@@ -105,6 +105,22 @@ def test_auto_paths_on_cpu_say_nn_lstm():
     assert bench.auto_paths(lstm, x, hx) == {"fwd": "nn.LSTM", "train": "nn.LSTM"}
 
 
+def test_compile_layer_runs_the_triton_peer_forward_and_training_and_says_why_it_failed():
+    # On the CPU the kernels run under the interpreter: the same calls as on a GPU.
+    assert bench.compile_layer(("fp32", 2, 8, "cpu")) == ""
+    assert bench.compile_layer(("fp32", 2, 0, "cpu")).startswith("fp32 B=2 H=0: ")
+
+
+def test_numbers_name_the_commit_given_for_a_copied_tree_else_git_head(monkeypatch):
+    import timing
+    monkeypatch.setenv("COMMIT", "1234abc")
+    assert timing.tree_commit() == "1234abc"
+    monkeypatch.delenv("COMMIT")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR,
+                          capture_output=True, text=True).stdout.strip()
+    assert timing.tree_commit() in (head, head + "+dirty")
+
+
 def test_csv_and_json_hold_one_row_per_peer_dtype_shape_mode(rows, tmp_path):
     paths = bench.write_results(rows, tmp_path / "nvidia-h200")
     assert [p.name for p in paths] == ["results.csv", "results.json"]
