@@ -15,6 +15,7 @@ peers). Rows carry their number of layers; µs are per time step of the whole st
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from triton_lstm.dispatch import launch_counts
 from triton_lstm.kernels.wavefront import wavefront_config
 from bench import (CHECK_STEPS, CUDNN_PEERS, DTYPES, ERROR_BOUNDS, GraphedForward, _fmt,
                    check_then_time, float64_reference, make_row, skipped)
+from timing import compile_ahead, train_fn
 
 STACK_PEERS = ("stack_wavefront", "stack_dataflow", "stack_layers", "stack_cudnn",
                "stack_cudnn_graph")
@@ -35,13 +37,13 @@ QUICK_STACK_GRID = [(8, 512, 2), (8, 512, 3)]
 STACK_STEPS = 256
 
 
-def seeded_stack(dtype_name: str, T: int, B: int, H: int, L: int):
+def seeded_stack(dtype_name: str, T: int, B: int, H: int, L: int, device="cuda"):
     """nn.LSTM(H, H, num_layers=L) on the GPU, x [T, B, H] and hx [L, B, H] each, seeded."""
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
-    lstm = nn.LSTM(H, H, num_layers=L, device="cuda", dtype=dtype)
-    x = torch.randn(T, B, H, device="cuda", dtype=dtype)
-    hx = tuple(torch.randn(L, B, H, device="cuda", dtype=dtype) for _ in range(2))
+    lstm = nn.LSTM(H, H, num_layers=L, device=device, dtype=dtype)
+    x = torch.randn(T, B, H, device=device, dtype=dtype)
+    hx = tuple(torch.randn(L, B, H, device=device, dtype=dtype) for _ in range(2))
     return lstm, x, hx
 
 
@@ -83,6 +85,24 @@ def build_stack_peer(peer: str, lstm: nn.LSTM, x, hx):
         with torch.no_grad():
             return module(x, hx)[0]
     return forward, module
+
+
+def compile_stack(job) -> str:
+    """Run the kernel peers of a stack once, forward and training, at T = 2 (the kernels do
+    not specialise on T or B), so that Triton's disk cache holds what their timings run;
+    returns "" or why it failed (the run proper checks, and reports, that stack)."""
+    dtype_name, B, H, L, device = job
+    try:
+        lstm, x, hx = seeded_stack(dtype_name, 2, B, H, L, device)
+        for peer in ("stack_wavefront", "stack_dataflow", "stack_layers"):
+            forward, module = build_stack_peer(peer, lstm, x, hx)
+            forward()
+            x_grad = x.detach().requires_grad_()              # as time_training has them
+            train_fn(module, x_grad, tuple(s.detach().requires_grad_() for s in hx))()
+            x_grad.grad.cpu()   # waits for the kernels
+        return ""
+    except Exception as exc:
+        return f"stack {dtype_name} B={B} H={H} L={L}: {type(exc).__name__}"
 
 
 def run_stack_config(dtype_name, B, H, L, T, modes, timing, env, log) -> tuple[list, list]:
@@ -140,6 +160,8 @@ def stack_benchmark(args, env, log) -> tuple[list, list]:
     grid = QUICK_STACK_GRID if args.quick else STACK_GRID
     timing = QUICK_TIMING if args.quick else TIMING
     rows, problems = [], []
+    compile_ahead(compile_stack, [(d, B, H, L, "cuda") for d in args.dtypes for B, H, L in grid],
+                  min(16, os.cpu_count() or 1), log=print)
     for dtype_name in args.dtypes:
         for B, H, L in grid:
             print(f"stack {dtype_name} B={B} H={H} L={L}", flush=True)

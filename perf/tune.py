@@ -7,13 +7,14 @@ For every shape of the grid (dtype x batch x H x directions x projection) it
      recorded as failed, not timed;
   2. times the layer (input size = H) on the kernels with the fastest configs, forward
      and training, and nn.LSTM (cuDNN): eager forward, forward replayed from a CUDA
-     graph, training.
+     graph, training (T = --layer-steps, 256: make perf's T; these decide backend="auto").
 Each measurement is appended to perf/results/<gpu>/tune.csv as soon as it is made,
-keyed by (kind, dtype, B, H, D, proj, config): a rerun skips what is there and goes on
-(--fresh starts over). After every shape the table triton_lstm/configs/<gpu>.json is
-written again from the CSV (best configs, µs/step of the kernels and of cuDNN,
-provenance); at the end heatmaps go to perf/results/<gpu>/heatmap_<dtype>.png. A run
-stops starting new measurements after --budget-min minutes (8): run it again to go on.
+keyed by (kind, dtype, B, H, D, proj, config), and T for a layer timing: a rerun skips
+what is there and goes on (--fresh starts over). After every shape the table
+triton_lstm/configs/<gpu>.json is written again from the CSV (best configs, µs/step of
+the kernels and of cuDNN at T = --layer-steps, provenance); at the end heatmaps go to
+perf/results/<gpu>/heatmap_<dtype>.png. A run stops starting new measurements after
+--budget-min minutes (8): run it again to go on.
 
     python3 perf/tune.py [--fresh] [--quick] [--dtypes bf16 fp16] [--shapes 8x512 ...]
     python3 perf/tune.py --plan          # grid, candidates, time estimate (no GPU needed)
@@ -59,7 +60,10 @@ HIDDEN = (256, 512, 1024)
 VARIANT_BATCHES = (8, 64, 512)                # bidirectional and projected layers: fewer
 VARIANT_HIDDEN = (512,)
 QUICK = dict(dtypes=("bf16",), batches=(8, 128), hidden=(512,))
-STEPS = 64
+STEPS = 64                                    # the candidates' T
+# The layer timings decide backend="auto", so they are taken at make perf's T: a call's host
+# time (~0.6 ms on the GPU machines) weighs a quarter of what it does at 64 steps.
+LAYER_STEPS = 256
 NUM_SMS = 132                                 # H100 / H200, for --plan without a GPU
 
 # Time estimate (--plan), seconds. A compile: one kernel variant built for sm_90, measured
@@ -69,7 +73,8 @@ NUM_SMS = 132                                 # H100 / H200, for --plan without 
 # flushed between runs). A layer: its five timings, set-up and a CUDA-graph capture, and its
 # timing again where a neighbour beat the heuristic (H200, 40a8b15: the grid's 249
 # candidates and 72 layers took ~4.3 min, 47 s of it compiling ahead in 16 processes, half
-# of linear speed-up).
+# of linear speed-up; the layers then at T = 64: at LAYER_STEPS the slowest calls take
+# longer, not measured yet).
 COMPILE_S, CANDIDATE_S, LAYER_S, START_S = 1.5, 0.15, 2.0, 20
 PARALLEL_EFFICIENCY = 0.5
 GPU_HOST_CORES = 16                           # the H100 / H200 machines, for --plan elsewhere
@@ -126,9 +131,11 @@ def shape_of(row: dict) -> Shape:
     return Shape(row["dtype"], row["B"], row["H"], row["D"], row["proj"])
 
 
-def row_key(kind: str, shape: Shape, config_text: str) -> str:
+def row_key(kind: str, shape: Shape, config_text: str, steps: int | None = None) -> str:
+    """A row's identity in tune.csv. Layer timings name their T (``steps``), so that a sweep
+    at another --layer-steps times them again; candidate keys name none."""
     key = tuning.shape_key(shape.dtype, shape.batch, shape.hidden, shape.directions, shape.proj)
-    return f"{kind}|{key}|{config_text}"
+    return f"{kind}|{key}|{config_text}" + (f"|T{steps}" if steps is not None else "")
 
 
 def layer_config_text(best: dict) -> str | None:
@@ -177,8 +184,16 @@ def best_configs(rows: list[dict], shape: Shape) -> dict:
     return best
 
 
+def layer_steps_of(rows: list[dict]) -> int:
+    """The T of the newest layer timing in ``rows`` (LAYER_STEPS without one)."""
+    return next((row["T"] for row in reversed(rows) if row["kind"] in LAYER_KINDS), LAYER_STEPS)
+
+
 def build_table(rows: list[dict], provenance: dict) -> dict:
-    """The JSON table (format in triton_lstm/tuning.py) from the rows of tune.csv."""
+    """The JSON table (format in triton_lstm/tuning.py) from the rows of tune.csv. Layer
+    timings count at the table's layer T only (provenance["layer_steps"], else the newest
+    layer row's): a sweep at another T leaves its rows in tune.csv."""
+    layer_steps = provenance.get("layer_steps") or layer_steps_of(rows)
     by_shape = {}
     for row in rows:
         by_shape.setdefault(shape_of(row), []).append(row)
@@ -192,6 +207,7 @@ def build_table(rows: list[dict], provenance: dict) -> dict:
         current = layer_config_text(best)
         layer = {row["kind"]: row["us_per_step"] for row in mine
                  if row["kind"] in LAYER_KINDS and row["status"] == "ok"
+                 and row["T"] == layer_steps
                  and (row["kind"].startswith("cudnn") or row["config"] == current)}
         kernels_us = {mode: layer[f"kernels_{mode}"] for mode in MODES if f"kernels_{mode}" in layer}
         cudnn_us = {name: layer[kind] for name, kind in (("fwd", "cudnn_fwd"),
@@ -205,11 +221,12 @@ def build_table(rows: list[dict], provenance: dict) -> dict:
     return {"provenance": provenance, "shapes": shapes}
 
 
-def provenance(rows: list[dict], env: dict, steps: int) -> dict:
-    """Where the numbers come from: this run's GPU and versions, and what the rows cover."""
+def provenance(rows: list[dict], env: dict, steps: int, layer_steps: int) -> dict:
+    """Where the numbers come from: this run's GPU and versions, and what the rows cover
+    (steps: the candidates' T; layer_steps: the layer timings' T)."""
     measured = [shape_of(row) for row in rows]
     return dict(env, commits=sorted({row["commit"] for row in rows}), steps=steps,
-                rows=len(rows), tool="perf/tune.py",
+                layer_steps=layer_steps, rows=len(rows), tool="perf/tune.py",
                 csv=f"perf/results/{gpu_slug(env['gpu'])}/tune.csv",
                 candidates="dispatch.heuristic_config and its one-step neighbours "
                            "(triton_lstm/autotune.py), each checked against float64 first",
@@ -269,8 +286,10 @@ class Sweep:
     """tune.csv, and the measurements of a grid still missing from it."""
 
     def __init__(self, csv_path: pathlib.Path, env: dict, steps: int, budget_s: float,
-                 device="cuda", retry_errors: bool = False, log=print):
+                 device="cuda", retry_errors: bool = False, log=print,
+                 layer_steps: int = LAYER_STEPS):
         self.csv_path, self.env, self.steps, self.log = csv_path, env, steps, log
+        self.layer_steps = layer_steps
         self.deadline = time.monotonic() + budget_s
         self.rows = read_rows(csv_path)
         self.measured = {row["key"] for row in self.rows
@@ -288,7 +307,8 @@ class Sweep:
             for i, shape in enumerate(grid, 1):
                 if not (self.measure_candidates(shape, candidates) and self.measure_layer(shape)):
                     return False
-                table = build_table(self.rows, provenance(self.rows, self.env, self.steps))
+                table = build_table(self.rows, provenance(self.rows, self.env, self.steps,
+                                                          self.layer_steps))
                 write_json(table, json_path)
                 self.log(f"[{candidates} {i}/{len(grid)}] {summary_line(table, shape)}")
         return True
@@ -296,11 +316,13 @@ class Sweep:
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
 
-    def record(self, kind, shape, config_text, status, us=None, error=None, detail="") -> None:
-        row = dict(key=row_key(kind, shape, config_text), kind=kind, dtype=shape.dtype,
-                   B=shape.batch, H=shape.hidden, D=shape.directions, proj=shape.proj,
-                   config=config_text, status=status, us_per_step=us, rel_error=error,
-                   T=self.steps, detail=detail, **self.env)
+    def record(self, kind, shape, config_text, status, us=None, error=None, detail="",
+               layer_steps=None) -> None:
+        """One row; a layer timing passes its T (layer_steps), which its key names too."""
+        row = dict(key=row_key(kind, shape, config_text, layer_steps), kind=kind,
+                   dtype=shape.dtype, B=shape.batch, H=shape.hidden, D=shape.directions,
+                   proj=shape.proj, config=config_text, status=status, us_per_step=us,
+                   rel_error=error, T=layer_steps or self.steps, detail=detail, **self.env)
         append_row(self.csv_path, row)
         self.rows.append(row)
         self.measured.add(row["key"])
@@ -341,19 +363,21 @@ class Sweep:
                      "run again to go on from the next measurement")
 
     def measure_layer(self, shape: Shape) -> bool:
-        """The layer on the kernels (best configs) and on nn.LSTM, where tune.csv lacks it."""
+        """The layer on the kernels (best configs) and on nn.LSTM at T = layer_steps, where
+        tune.csv lacks it."""
         best = best_configs(self.rows, shape)
-        for kind, (text, forced, build) in layer_runs(shape, best, self.steps, self.device).items():
-            if row_key(kind, shape, text) in self.measured:
+        steps = self.layer_steps
+        for kind, (text, forced, build) in layer_runs(shape, best, steps, self.device).items():
+            if row_key(kind, shape, text, steps) in self.measured:
                 continue
             if self.out_of_time():
                 return False
             try:
                 with tuning.forced_configs(**forced):
-                    us = autotune.time_ms(build()) * 1e3 / self.steps
-                self.record(kind, shape, text, "ok", us)
+                    us = autotune.time_ms(build()) * 1e3 / steps
+                self.record(kind, shape, text, "ok", us, layer_steps=steps)
             except Exception as exc:   # say why and keep going: never a number from a broken run
-                self.record(kind, shape, text, "error",
+                self.record(kind, shape, text, "error", layer_steps=steps,
                             detail=f"{type(exc).__name__}: {str(exc).strip()[:200]}")
                 self.check_device(f"{shape} {kind}")
         if self.device.type == "cuda":
@@ -517,7 +541,8 @@ def plot_heatmaps(table: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
                         ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=8,
                                 path_effects=halo)
         fig.suptitle(f"triton_lstm {dtype} on {prov.get('gpu', '?')}: one layer, input size = H, "
-                     f"T = {prov.get('steps', '?')}, commit {prov.get('commit', '?')}")
+                     f"T = {prov.get('layer_steps', prov.get('steps', '?'))}, "
+                     f"commit {prov.get('commit', '?')}")
         fig.tight_layout()
         paths.append(out_dir / f"heatmap_{dtype}.png")
         fig.savefig(paths[-1], dpi=100)
@@ -555,7 +580,11 @@ def main(argv=None) -> int:
                         help="every one-step neighbour of the heuristic (longer: resume over runs)")
     parser.add_argument("--dtypes", nargs="+", choices=SWEEP_DTYPES, default=list(SWEEP_DTYPES))
     parser.add_argument("--shapes", nargs="+", metavar="BxH", help="plain layers only, e.g. 8x512")
-    parser.add_argument("--steps", type=int, default=STEPS, help="sequence length timed")
+    parser.add_argument("--steps", type=int, default=STEPS,
+                        help="sequence length the kernel candidates are timed at")
+    parser.add_argument("--layer-steps", type=int, default=LAYER_STEPS,
+                        help="sequence length the layer (kernels vs nn.LSTM) is timed at: "
+                             "what backend='auto' decides on (default: make perf's T)")
     parser.add_argument("--budget-min", type=float, default=8.0,
                         help="start no measurement after this many minutes (rerun to go on)")
     parser.add_argument("--retry-errors", action="store_true",
@@ -585,9 +614,9 @@ def main(argv=None) -> int:
         rows = read_rows(csv_path)
         if not rows:
             sys.exit(f"{csv_path}: no rows to plot")
-        steps = rows[-1]["T"]
-        paths = plot_heatmaps(build_table(rows, provenance(rows, env_from_rows(rows), steps)),
-                              csv_path.parent)
+        steps = next((row["T"] for row in reversed(rows) if row["kind"] in KERNELS), STEPS)
+        prov = provenance(rows, env_from_rows(rows), steps, layer_steps_of(rows))
+        paths = plot_heatmaps(build_table(rows, prov), csv_path.parent)
         print("wrote " + ", ".join(map(str, paths)))
         return 0
     if not has_gpu:
@@ -607,11 +636,12 @@ def main(argv=None) -> int:
           f"{len(read_rows(csv_path))} rows already in {csv_path}; budget {args.budget_min:g} min",
           flush=True)
     sweep = Sweep(csv_path, env, args.steps, args.budget_min * 60,
-                  retry_errors=args.retry_errors, log=lambda line: print(line, flush=True))
+                  retry_errors=args.retry_errors, log=lambda line: print(line, flush=True),
+                  layer_steps=args.layer_steps)
     compile_ahead(compile_one, compile_jobs(grid, neighbourhood, sweep.measured, sweep.num_sms,
                                             str(sweep.device)), args.jobs, log=sweep.log)
     complete = sweep.run(grid, neighbourhood, json_path)
-    table = build_table(sweep.rows, provenance(sweep.rows, env, args.steps))
+    table = build_table(sweep.rows, provenance(sweep.rows, env, args.steps, args.layer_steps))
     write_json(table, json_path)
     paths = [csv_path, json_path]
     try:

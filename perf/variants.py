@@ -70,27 +70,35 @@ FIELDS = ["group", "kernel", "dtype", "B", "H", "T", "config", "heuristic", "med
           "q80_us", "max_rel_diff", "status", "gpu", "torch", "triton"]
 
 
-def problem(dtype, B, H, T):
+def problem(dtype, B, H, T, device="cuda"):
     torch.manual_seed(0)
-    gx = torch.randn(T, B, 4 * H, device="cuda", dtype=dtype)
-    w_hh = (torch.randn(1, 4 * H, H, device="cuda") / H ** 0.5).to(dtype)
-    h0 = torch.randn(1, B, H, device="cuda", dtype=dtype)
-    c0 = torch.randn(1, B, H, device="cuda", dtype=dtype)
-    return gx, w_hh, h0, c0
+    gx = torch.randn(T, B, 4 * H, device=device, dtype=dtype)
+    w_hh = (torch.randn(1, 4 * H, H, device=device) / H ** 0.5).to(dtype)
+    h0 = torch.randn(1, B, H, device=device, dtype=dtype)
+    c0 = torch.randn(1, B, H, device=device, dtype=dtype)
+    dy = torch.randn(T, B, H, device=device, dtype=dtype)   # the backward's upstream gradient
+    return gx, w_hh, h0, c0, dy
 
 
-def runner(kernel, gx, w_hh, h0, c0, config):
-    """A no-argument call of the kernel with this config, and what it returns for the check."""
+def runner(kernel, gx, w_hh, h0, c0, dy, config):
+    """A no-argument call of the kernel with this config, and what it returns for the check.
+    Every config of a problem gets the same inputs (dy included): the check compares them."""
     if kernel == "forward":
         def run():
             return lstm_forward(gx, w_hh, h0, c0, None, save=True, config=config)[:5]
         return run
     _, _, _, gates, c_all, *_ = lstm_forward(gx, w_hh, h0, c0, None, save=True)
-    dy = torch.randn(gx.shape[0], gx.shape[1], w_hh.shape[2], device="cuda", dtype=gx.dtype)
 
     def run():
         return lstm_backward(dy, None, None, gates, c_all, c0, None, w_hh, config=config)[:3]
     return run
+
+
+def write_csv(path: pathlib.Path, fields: list, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def max_rel_diff(got, want) -> float:
@@ -119,16 +127,16 @@ def main() -> int:
         if args.only and group != args.only:
             continue
         dtype, T = DTYPES[dtype_name], args.steps
-        gx, w_hh, h0, c0 = problem(dtype, B, H, T)
+        inputs = problem(dtype, B, H, T)
         heuristic = heuristic_config(B, H, dtype, torch.cuda.get_device_properties(0)
                                      .multi_processor_count, kernel)
-        want = runner(kernel, gx, w_hh, h0, c0, heuristic)()
+        want = runner(kernel, *inputs, heuristic)()
         bound = 1e-2 if dtype != torch.float32 else 2e-3
         for config in [heuristic] + [config_from_label(label) for label in labels]:
             row = dict(group=group, kernel=kernel, dtype=dtype_name, B=B, H=H, T=T,
                        config=config_label(config), heuristic=config == heuristic, **env)
             try:
-                run = runner(kernel, gx, w_hh, h0, c0, config)
+                run = runner(kernel, *inputs, config)
                 row["max_rel_diff"] = max_rel_diff(run(), want)
                 if not row["max_rel_diff"] <= bound:
                     row["status"] = "wrong"
@@ -142,10 +150,7 @@ def main() -> int:
             print(f"{kernel:8} {dtype_name:4} B={B:<4} H={H:<5} {row['config']:34} "
                   f"{row.get('median_us', float('nan')):8.2f} us/step  "
                   f"diff {row.get('max_rel_diff', float('nan')):.1e}  {row['status']}", flush=True)
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=FIELDS)
-                writer.writeheader()
-                writer.writerows(rows)
+            write_csv(path, FIELDS, rows)   # after every row: a run cut short keeps them
     print(f"wrote {path}")
     return 0
 

@@ -21,7 +21,7 @@ VECTOR_BYTES = 16
 # (arguments of sm90_report.py, whether the tiles must not spill: the dispatcher's defaults,
 # and the large tiles autotune.runs_well admits on this evidence)
 CASES = {
-    "defaults": (["--shapes", "8x256", "8x1024", "64x512", "128x1024", "512x1024",
+    "defaults": (["--shapes", "8x256", "8x1024", "64x512", "128x1024", "512x256", "512x1024",
                   "--dtypes", "bf16", "fp32"], True),
     "bidirectional-projection": (["--shapes", "8x512", "128x1024", "--dtypes", "fp16",
                                   "--directions", "2", "--proj", "256"], True),

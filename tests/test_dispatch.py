@@ -165,15 +165,21 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
         base = heuristic_config(B, H, dtype, 132 // D, kernel)
         sizes = {}
         small = base.block_b == 16     # make tune also times the dataflow waits there
-        large = base.block_b >= 64 and not base.resident   # and a tile moving fewer bytes
-        for neighbourhood, most in (("heuristic", 1), ("sweep", 2 + small + large),
-                                    ("autotune", 5), ("wide", 8 + small + large)):
+        streamed = not base.resident   # the K loop pipelined the other way
+        large = base.block_b >= 64 and streamed   # and a tile moving fewer bytes
+        extra = small + streamed + large
+        for neighbourhood, most in (("heuristic", 1), ("sweep", 2 + extra),
+                                    ("autotune", 5), ("wide", 8 + extra)):
             configs = autotune.candidate_configs(kernel, B, H, dtype, D, 132, neighbourhood)
             assert configs[0] == base and len(set(configs)) == len(configs) <= most
             assert all(autotune.runs_well(c, kernel, B, H, dtype, D, 132) for c in configs[1:])
             with_dataflow = [c for c in configs if c.dataflow]
             assert with_dataflow == ([dataclasses.replace(base, dataflow=True)]
                                      if small and neighbourhood in ("sweep", "wide") else [])
+            flipped = dataclasses.replace(base, inner_stages=3 if base.inner_stages == 1 else 1)
+            assert (flipped in configs) == (streamed and neighbourhood in ("sweep", "wide")
+                                            and autotune.runs_well(flipped, kernel, B, H, dtype,
+                                                                   D, 132))
             sizes[neighbourhood] = len(configs)
         assert sizes["heuristic"] <= sizes["sweep"] <= sizes["wide"]
         assert sizes["heuristic"] <= sizes["autotune"] <= sizes["wide"]
@@ -186,6 +192,36 @@ def test_make_tune_also_times_large_streamed_tiles_in_shapes_that_move_fewer_byt
         assert (base.block_b, base.block_h, base.resident) == (128, 16, False)
         sweep = autotune.candidate_configs(kernel, 512, 1024, torch.bfloat16, 1, 132, "sweep")
         assert dataclasses.replace(base, block_b=want[0], block_h=want[1]) in sweep
+
+
+def test_the_heuristic_streams_the_weights_where_a_resident_operand_would_spill():
+    # 128 rows at 8 warps (bf16 B=512 H=256: 688 bytes of spill on sm_90), any 16-warp tile
+    # that stages 256+ bytes a thread; 64 rows at 8 warps and small H stay resident.
+    for B, H, dtype, resident in ((512, 256, torch.bfloat16, False),
+                                  (512, 512, torch.bfloat16, False),
+                                  (512, 256, torch.float32, False),
+                                  (1024, 128, torch.bfloat16, True),
+                                  (128, 512, torch.bfloat16, True),
+                                  (8, 512, torch.bfloat16, True)):
+        for kernel in ("forward", "backward"):
+            c = heuristic_config(B, H, dtype, 132, kernel)
+            assert c.resident == resident, (B, H, dtype, kernel)
+            assert dispatch.resident_operand_spills(H, c.block_b, dtype, c.num_warps) != resident
+            assert not autotune.runs_well(dataclasses.replace(c, resident=True), kernel, B, H,
+                                          dtype, 1, 132) or resident
+
+
+def test_the_heuristic_pipelines_streamed_forward_loops_of_32_rows_where_the_stages_fit():
+    for B, H, dtype, want in ((512, 1024, torch.bfloat16, 3), (128, 1024, torch.bfloat16, 3),
+                              (512, 1024, torch.float32, 3),
+                              (512, 4096, torch.float32, 1),   # 3 x 96 KB stages: too many
+                              (8, 4096, torch.bfloat16, 1),    # 16 rows: not measured
+                              (8, 512, torch.bfloat16, 1)):    # resident
+        forward = heuristic_config(B, H, dtype, 132, "forward")
+        assert forward.inner_stages == want, (B, H, dtype)
+        assert heuristic_config(B, H, dtype, 132, "backward").inner_stages == 1
+        assert (want == 1) or dispatch.pipelined_bytes(
+            forward.block_b, forward.block_h, forward.block_k, dtype, 3) <= dispatch.ON_CHIP_BUDGET
 
 
 def test_runs_well_rejects_what_cannot_run_well():
@@ -389,6 +425,14 @@ def test_explain_says_what_and_why(fake_gpu):
                  "torch 2.11.0", "95%"):
         assert part in text, (part, text)
     assert "forward tiles" in str(faster) and faster.tiles["backward"][1] == "heuristic"
+    assert "T = 64" in text                  # a table with one T ("steps") names that one
+    # A table names the T of the layer timings the decision rests on, not the candidates'.
+    provenance = dict(POLICY_TABLE["provenance"], steps=64, layer_steps=256)
+    tuning.set_table(GPU, dict(POLICY_TABLE, provenance=provenance))
+    with torch.no_grad():
+        text = str(triton_lstm.explain(module, torch.randn(4, 8, 16, dtype=torch.float16)))
+    assert "T = 256" in text and "T = 64" not in text
+    tuning.set_table(GPU, POLICY_TABLE)
     assert "training" in str(triton_lstm.explain(module, torch.randn(4, 8, 16, dtype=torch.float16)))
     # No table, forced backends.
     tuning.set_table(GPU, {})
@@ -462,13 +506,19 @@ def test_row_keys_name_kind_shape_and_config():
     assert tune.row_key("forward", shape, "bb16-bh8-res-bk64-sk1-w4") == \
         "forward|bf16/B8/H512/D2/P256|bb16-bh8-res-bk64-sk1-w4"
     assert tune.row_key("cudnn_train", shape, "-") != tune.row_key("cudnn_train", tune.Shape("bf16", 8, 512), "-")
+    # A layer timing's key names its T: one at another T is another measurement.
+    assert tune.row_key("cudnn_train", shape, "-", 256) == "cudnn_train|bf16/B8/H512/D2/P256|-|T256"
+    assert tune.row_key("cudnn_train", shape, "-", 256) != tune.row_key("cudnn_train", shape, "-", 64)
 
 
-def csv_row(kind, shape, config_text, status="ok", us=None, commit="abc1234"):
-    return dict(key=tune.row_key(kind, shape, config_text), kind=kind, dtype=shape.dtype,
-                B=shape.batch, H=shape.hidden, D=shape.directions, proj=shape.proj,
-                config=config_text, status=status, us_per_step=us, rel_error=1e-3 if us else None,
-                T=64, detail="", **dict(ENV, commit=commit))
+def csv_row(kind, shape, config_text, status="ok", us=None, commit="abc1234", T=None):
+    """A row as the sweep writes it: candidates at STEPS, layer timings at LAYER_STEPS."""
+    layer = kind in tune.LAYER_KINDS
+    T = T or (tune.LAYER_STEPS if layer else tune.STEPS)
+    return dict(key=tune.row_key(kind, shape, config_text, T if layer else None), kind=kind,
+                dtype=shape.dtype, B=shape.batch, H=shape.hidden, D=shape.directions,
+                proj=shape.proj, config=config_text, status=status, us_per_step=us,
+                rel_error=1e-3 if us else None, T=T, detail="", **dict(ENV, commit=commit))
 
 
 def sweep_rows(shape, fast, slow, layer_configs, kernels=(3.0, 9.0), cudnn=(12.0, 5.0, 30.0)):
@@ -493,7 +543,7 @@ def test_best_configs_and_the_table_with_provenance():
     # A layer timing with configs that are no longer the best is stale: not in the table.
     rows.append(csv_row("kernels_fwd", shape, "old+old", us=1.0))
     assert tune.best_configs(rows, shape) == {"forward": (fast, 2.0), "backward": (fast, 2.0)}
-    t = tune.build_table(rows, tune.provenance(rows, ENV, 64))
+    t = tune.build_table(rows, tune.provenance(rows, ENV, 64, 256))
     e = t["shapes"]["bf16/B8/H512/D1/P0"]
     assert tuning.config_from_entry(e["forward"]) == fast and e["backward"]["us_per_step"] == 2.0
     assert e["kernels_us"] == {"fwd": 3.0, "train": 9.0}
@@ -501,13 +551,40 @@ def test_best_configs_and_the_table_with_provenance():
     p = t["provenance"]
     for name in ("gpu", "commit", "torch", "triton", "cuda", "cudnn", "date"):
         assert p[name] == ENV[name]
-    assert p["commits"] == ["abc1234", "def5678"] and p["steps"] == 64 and p["rows"] == len(rows)
+    assert p["commits"] == ["abc1234", "def5678"] and p["rows"] == len(rows)
+    assert p["steps"] == 64 and p["layer_steps"] == 256
     assert p["grid"] == dict(dtypes=["bf16"], batches=[8], hidden=[512], directions=[1], proj=[0],
                              shapes=1)
     # The table feeds the lookup and the policy as it is.
     tuning.set_table(GPU, json.loads(json.dumps(t)))
     assert tuning.table_config(GPU, "forward", torch.bfloat16, 8, 512, 1, False, 132) == fast
     assert tuning.bucket_decisions(GPU, "bf16", 512, 1, False) == ((8, True, True),)
+
+
+def test_the_table_takes_layer_timings_at_its_layer_T_only():
+    shape, fast, slow = tune.Shape("bf16", 8, 512), config(block_h=8), config(block_h=16)
+    both = f"{tuning.config_label(fast)}+{tuning.config_label(fast)}"
+    at_64 = sweep_rows(shape, fast, slow, both)
+    for row in at_64:   # an older sweep: layer timings at 64 steps, keys without T
+        if row["kind"] in tune.LAYER_KINDS:
+            row.update(T=64, key=tune.row_key(row["kind"], shape, row["config"]))
+    at_256 = [csv_row(kind, shape, "-" if kind.startswith("cudnn") else both, us=us)
+              for kind, us in (("kernels_fwd", 7.0), ("kernels_train", 20.0), ("cudnn_fwd", 6.0),
+                               ("cudnn_graph_fwd", 5.5), ("cudnn_train", 25.0))]
+    assert tune.layer_steps_of(at_64) == 64 and tune.layer_steps_of(at_64 + at_256) == 256
+    assert tune.layer_steps_of([r for r in at_64 if r["kind"] in tune.KERNELS]) == tune.LAYER_STEPS
+    for rows, layer_steps, kernels_fwd, cudnn_train in (
+            (at_64 + at_256, 256, 7.0, 25.0), (at_256 + at_64, 64, 3.0, 30.0),
+            (at_256 + at_64, None, 3.0, 30.0),    # no provenance: the newest layer row's T
+            (at_64 + at_256, None, 7.0, 25.0)):
+        prov = tune.provenance(rows, ENV, 64, layer_steps) if layer_steps else {}
+        e = tune.build_table(rows, prov)["shapes"]["bf16/B8/H512/D1/P0"]
+        assert e["kernels_us"]["fwd"] == kernels_fwd and e["cudnn_us"]["train"] == cudnn_train
+        assert tuning.config_from_entry(e["forward"]) == fast   # candidates: whatever T
+    # Only 64-step layer rows, a table at 256 steps: no layer timings, the configs still.
+    table = tune.build_table(at_64, tune.provenance(at_64, ENV, 64, 256))
+    e = table["shapes"]["bf16/B8/H512/D1/P0"]
+    assert "kernels_us" not in e and "cudnn_us" not in e and e["backward"]["us_per_step"] == 2.0
 
 
 @requires_interpreter
@@ -517,11 +594,11 @@ def test_sweep_records_every_measurement_and_resumes(tmp_path, monkeypatch):
 
     def fake_layer_runs(shape, best, steps, device):
         text = tune.layer_config_text(best)
-        return {kind: ("-" if kind.startswith("cudnn") else text, {}, lambda kind=kind: kind)
-                for kind in timings}
+        return {kind: ("-" if kind.startswith("cudnn") else text, {},
+                       lambda kind=kind: (kind, steps)) for kind in timings}
 
     monkeypatch.setattr(tune, "layer_runs", fake_layer_runs)
-    monkeypatch.setattr(autotune, "time_ms", lambda kind: timings[kind] * 4 / 1e3)   # 4 steps
+    monkeypatch.setattr(autotune, "time_ms", lambda run: timings[run[0]] * run[1] / 1e3)
     monkeypatch.setattr(autotune.Problem, "time_us", lambda self, kernel, c: 1.0 * c.block_h)
     broken = config(block_h=3)
     candidates = autotune.candidate_configs
@@ -542,7 +619,11 @@ def test_sweep_records_every_measurement_and_resumes(tmp_path, monkeypatch):
         assert {r["kind"] for r in failed} == {"forward", "backward"}
         assert all(r["status"] == "error" and r["us_per_step"] is None and r["detail"] for r in failed)
         assert {r["kind"] for r in mine} == set(tune.KERNELS) | set(tune.LAYER_KINDS)
+        assert {r["T"] for r in mine if r["kind"] in tune.KERNELS} == {4}
+        assert {r["T"] for r in mine if r["kind"] in tune.LAYER_KINDS} == {tune.LAYER_STEPS}
     table = json.loads(json_path.read_text())
+    assert table["provenance"]["steps"] == 4
+    assert table["provenance"]["layer_steps"] == tune.LAYER_STEPS
     e = table["shapes"]["fp32/B2/H16/D2/P8"]
     assert e["kernels_us"] == {"fwd": 2.0, "train": 6.0} and e["cudnn_us"]["fwd_graph"] == 5.0
     assert tuning.config_from_entry(e["forward"]).block_h != 3
@@ -561,6 +642,54 @@ def test_sweep_records_every_measurement_and_resumes(tmp_path, monkeypatch):
     assert again == [broken] * 4
     assert not tune.Sweep(tmp_path / "new.csv", ENV, 4, -1, device="cpu").run(grid, "sweep", json_path)
     assert not (tmp_path / "new.csv").exists()
+
+
+def test_a_sweep_at_another_layer_T_times_the_layers_again_and_not_the_candidates(tmp_path,
+                                                                                   monkeypatch):
+    per_call_ms = {"kernels_fwd": 2.56, "kernels_train": 7.68, "cudnn_fwd": 5.12,
+                   "cudnn_graph_fwd": 3.84, "cudnn_train": 10.24}   # the same per call at any T
+    timed = []
+
+    def fake_layer_runs(shape, best, steps, device):
+        text = tune.layer_config_text(best)
+        return {kind: ("-" if kind.startswith("cudnn") else text, {}, lambda kind=kind: kind)
+                for kind in per_call_ms}
+
+    def fake_time_ms(kind):
+        timed.append(kind)
+        return per_call_ms[kind]
+
+    monkeypatch.setattr(tune, "layer_runs", fake_layer_runs)
+    monkeypatch.setattr(autotune, "time_ms", fake_time_ms)
+    monkeypatch.setattr(autotune, "measure", lambda problem, kernel, c: autotune.Measurement(
+        c, "ok", 1e-4, 1.0 * c.block_h))
+    grid = [tune.Shape("fp32", 2, 16)]
+    csv_path, json_path = tmp_path / "tune.csv", tmp_path / "cpu.json"
+    assert tune.Sweep(csv_path, ENV, 4, 600, device="cpu", layer_steps=64).run(grid, "sweep",
+                                                                              json_path)
+    first = tune.read_rows(csv_path)
+    candidates = [r for r in first if r["kind"] in tune.KERNELS]
+    assert candidates and set(timed) == set(tune.LAYER_KINDS)
+    assert json.loads(json_path.read_text())["shapes"]["fp32/B2/H16/D1/P0"]["kernels_us"] == \
+        {"fwd": 40.0, "train": 120.0}
+    # Resumed at make perf's T: every layer timing again, no candidate.
+    timed.clear()
+    monkeypatch.setattr(autotune, "measure", lambda *a: pytest.fail("candidate measured again"))
+    assert tune.Sweep(csv_path, ENV, 4, 600, device="cpu", layer_steps=256).run(grid, "sweep",
+                                                                               json_path)
+    rows = tune.read_rows(csv_path)
+    assert rows[:len(first)] == first                          # the 64-step rows stay
+    new = rows[len(first):]
+    assert sorted(timed) == sorted(tune.LAYER_KINDS)
+    assert sorted(r["kind"] for r in new) == sorted(tune.LAYER_KINDS)
+    assert all(r["T"] == 256 and r["key"].endswith("|T256") for r in new)
+    table = json.loads(json_path.read_text())
+    assert table["provenance"]["steps"] == 4 and table["provenance"]["layer_steps"] == 256
+    assert table["shapes"]["fp32/B2/H16/D1/P0"]["kernels_us"] == {"fwd": 10.0, "train": 30.0}
+    # And once more at 256: nothing left to time.
+    monkeypatch.setattr(autotune, "time_ms", lambda kind: pytest.fail("timed again"))
+    assert tune.Sweep(csv_path, ENV, 4, 600, device="cpu").run(grid, "sweep", json_path)
+    assert len(tune.read_rows(csv_path)) == len(rows)
 
 
 def test_a_csv_of_another_format_is_refused(tmp_path):

@@ -399,8 +399,12 @@ def test_resets_match_the_plain_pytorch_layers_within_twice_their_error(dtype_na
         assert relative_error(got, want) <= 2 * relative_error(base, want) + slack, k
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_recompute_gradients_match_saving_every_step(dtype):
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_recompute_gradients_match_float64_within_twice_saving_every_steps_error(dtype_name):
+    """Recomputing from checkpoints sums the weight gradients segment by segment, and its
+    segments' input GEMMs may round differently from the whole sequence's: not bitwise the
+    saving path's numbers, so both are measured against float64."""
+    dtype, _, slack = DTYPES[dtype_name]
     T, B, I, H = 200, 8, 64, 256
     saving = triton_lstm.LSTM(I, H, bidirectional=True, device="cuda", dtype=dtype,
                               backend="triton")
@@ -411,10 +415,13 @@ def test_recompute_gradients_match_saving_every_step(dtype):
         out, (h, c) = module(x)
         runs.append(torch.autograd.grad(out.float().square().sum() + c.float().sum(),
                                         [x, *module.parameters()]))
-    for k, (got, want) in enumerate(zip(*runs)):
-        torch.testing.assert_close(got, want, rtol=2e-2 if dtype == torch.bfloat16 else 1e-4,
-                                   atol=2e-2 if dtype == torch.bfloat16 else 1e-4,
-                                   msg=lambda m, k=k: f"grad {k}: {m}")
+    ref = triton_lstm.LSTM.from_torch(saving.to_torch().double().cpu(), backend="torch")
+    x64 = x.detach().double().cpu().requires_grad_()
+    out, (h, c) = ref(x64)
+    wants = torch.autograd.grad(out.square().sum() + c.sum(), [x64, *ref.parameters()])
+    for k, (got, base, want) in enumerate(zip(runs[1], runs[0], wants)):
+        assert torch.isfinite(got).all(), k
+        assert relative_error(got, want) <= 2 * relative_error(base, want) + slack, k
 
 
 def test_100k_steps_train_with_recompute_like_float64():

@@ -19,6 +19,8 @@ REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR / "perf"))
 import bench  # noqa: E402
 import step_bench  # noqa: E402
+import step_spread  # noqa: E402
+import variants  # noqa: E402
 
 ENV = dict(gpu="NVIDIA H200", torch="2.11.0", triton="3.6.0", cudnn=91002,
            date="2025-01-01T00:00:00+00:00", commit="abc1234")
@@ -111,6 +113,27 @@ def test_compile_layer_runs_the_triton_peer_forward_and_training_and_says_why_it
     assert bench.compile_layer(("fp32", 2, 0, "cpu")).startswith("fp32 B=2 H=0: ")
 
 
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
+def test_variants_check_every_config_of_a_problem_on_the_same_inputs(kernel):
+    # Under the interpreter on the CPU: configs that compute the same function agree, because
+    # every config of a problem gets the same inputs, the backward's upstream gradient too.
+    from triton_lstm.tuning import config_from_label
+    inputs = variants.problem(torch.float32, 2, 8, 3, device="cpu")
+    assert all(torch.equal(a, b) for a, b in
+               zip(inputs, variants.problem(torch.float32, 2, 8, 3, device="cpu")))
+    first, other = (variants.runner(kernel, *inputs, config_from_label(label))()
+                    for label in ("bb16-bh4-res-bk64-sk1-w4", "bb16-bh8-res-bk64-sk4-w4"))
+    assert variants.max_rel_diff(other, first) <= 1e-6
+
+
+def test_step_spread_summarises_the_calls_and_the_share_near_the_fastest():
+    times = torch.tensor([2.0, 2.05, 2.15, 3.5, 3.6], dtype=torch.float64)   # two levels
+    got = step_spread.summary(times)
+    assert got["calls"] == 5 and got["min_us"] == 2.0 and got["max_us"] == 3.6
+    assert got["median_us"] == pytest.approx(2.15)
+    assert got["near_min_share"] == pytest.approx(2 / 5)     # 2.0 and 2.05 are within 5%
+
+
 def test_numbers_name_the_commit_given_for_a_copied_tree_else_git_head(monkeypatch):
     import timing
     monkeypatch.setenv("COMMIT", "1234abc")
@@ -119,6 +142,12 @@ def test_numbers_name_the_commit_given_for_a_copied_tree_else_git_head(monkeypat
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR,
                           capture_output=True, text=True).stdout.strip()
     assert timing.tree_commit() in (head, head + "+dirty")
+
+
+def test_compile_stack_runs_the_kernel_peers_of_a_stack_and_says_why_it_failed():
+    import stack_bench
+    assert stack_bench.compile_stack(("fp32", 2, 8, 2, "cpu")) == ""
+    assert stack_bench.compile_stack(("fp32", 2, 0, 2, "cpu")).startswith("stack fp32 B=2 H=0 L=2: ")
 
 
 def test_csv_and_json_hold_one_row_per_peer_dtype_shape_mode(rows, tmp_path):

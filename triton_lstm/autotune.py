@@ -36,8 +36,9 @@ import torch
 import triton
 
 from . import tuning
-from .dispatch import (ON_CHIP_BUDGET, STAGED_BYTES, KernelConfig, cdiv, gpu_slug,
-                       heuristic_config, next_power_of_2, on_chip_bytes, padded, staged_bytes)
+from .dispatch import (ON_CHIP_BUDGET, PIPELINE_STAGES, STAGED_BYTES, KernelConfig, cdiv,
+                       gpu_slug, heuristic_config, next_power_of_2, on_chip_bytes, padded,
+                       pipelined_bytes, resident_operand_spills, staged_bytes)
 from .kernels.backward import lstm_backward
 from .kernels.forward import lstm_forward
 from .reference import lstm_layer_reference
@@ -81,11 +82,17 @@ def runs_well(config: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
     if config.resident and on_chip_bytes(hidden, config.block_b, config.block_h,
                                          dtype) > ON_CHIP_BUDGET:
         return False
-    # 16 warps leave a thread 128 registers: tiles of under 64 rows, or resident ones that
-    # stage a large operand row block per thread, spill there.
+    if config.inner_stages > 1 and (config.resident or pipelined_bytes(
+            config.block_b, config.block_h, config.block_k, dtype,
+            config.inner_stages) > ON_CHIP_BUDGET):
+        return False     # only streamed K loops are pipelined, and their stages must fit
+    # 16 warps leave a thread 128 registers: tiles of under 64 rows spill there, and so do
+    # resident tiles that stage a large operand row block per thread.
     staged = staged_bytes(hidden, config.block_b, dtype, config.num_warps)
-    if config.num_warps >= 16 and (config.block_b < 64
-                                   or (config.resident and staged >= STAGED_BYTES)):
+    if config.num_warps >= 16 and config.block_b < 64:
+        return False
+    if config.resident and resident_operand_spills(hidden, config.block_b, dtype,
+                                                   config.num_warps):
         return False
     if kernel == "backward" and config.split_k == 1:
         slice_per_thread = padded(hidden) * 4 * config.block_h * dtype.itemsize
@@ -118,7 +125,8 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
     """The heuristic's config first, then those of its one-step neighbours that run well:
     finer / coarser (half / double the hidden block), lighter / heavier (the next warp
     layout), fewer / more rows (half / double the batch block), streamed weights; for
-    make tune's neighbourhoods, the heuristic's tiles with dataflow waits at 16 rows, and
+    make tune's neighbourhoods, the heuristic's tiles with dataflow waits at 16 rows, streamed
+    ones with their K loop pipelined or not (the other way from the heuristic's), and
     streamed tiles of 64+ rows reshaped to move fewer bytes a step."""
     base = heuristic_config(batch, hidden, dtype, max(1, num_sms // directions), kernel)
     layout = min(range(len(WARP_LAYOUTS)), key=lambda i: abs(WARP_LAYOUTS[i][1] - base.num_warps))
@@ -148,6 +156,11 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
     if neighbourhood in MAKE_TUNE_NEIGHBOURHOODS:
         if base.block_b == 16 and not base.dataflow:
             configs.append(dataclasses.replace(base, dataflow=True))
+        if not base.resident:   # the streamed K loop the other way: pipelined or not
+            flipped = dataclasses.replace(
+                base, inner_stages=1 if base.inner_stages > 1 else PIPELINE_STAGES)
+            if runs_well(flipped, kernel, batch, hidden, dtype, directions, num_sms):
+                configs.append(flipped)
         if base.block_b >= 64 and not base.resident:
             fewer_bytes = dataclasses.replace(
                 base, block_h=base.block_h * 2,

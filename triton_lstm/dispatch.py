@@ -33,6 +33,7 @@ CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 # [BLOCK_B, HP] operand tile (Hopper has ~227 KB per SM; leave room for shuffles).
 ON_CHIP_BUDGET = 200 * 1024
 STAGED_BYTES = 256          # [BLOCK_B, HP] operand per thread that spills with 16 warps
+PIPELINE_STAGES = 3         # of a pipelined streamed K loop (cp.async ring, one group in flight)
 _COUNTER_SLOTS = 4096
 
 try:
@@ -112,9 +113,28 @@ def staged_bytes(hidden_size: int, block_b: int, dtype: torch.dtype, num_warps: 
     return block_b * padded(hidden_size) * dtype.itemsize // (32 * num_warps)
 
 
+def resident_operand_spills(hidden_size: int, block_b: int, dtype: torch.dtype,
+                            num_warps: int) -> bool:
+    """Whether a resident program's staged [BLOCK_B, HP] operand spills registers every step:
+    256+ bytes of it per thread, with 16 warps (H200: bf16 B=512 H=512 on 128x16 tiles ran
+    420-1240 us/step, fp32 B=512 H=256 275) or with 128 rows (ptxas on sm_90: bf16 B=512
+    H=256 on 128x8 tiles at 8 warps spills 688 bytes; it ran 24.9 us/step, the fp32 tile
+    streamed 6.1)."""
+    return (staged_bytes(hidden_size, block_b, dtype, num_warps) >= STAGED_BYTES
+            and (num_warps >= 16 or block_b >= 128))
+
+
 def on_chip_bytes(hidden_size: int, block_b: int, block_h: int, dtype: torch.dtype) -> int:
     """Shared memory of a resident program: the [HP, 4*BLOCK_H] weight slice and a [BLOCK_B, HP] tile."""
     return padded(hidden_size) * (4 * block_h + block_b) * dtype.itemsize
+
+
+def pipelined_bytes(block_b: int, block_h: int, block_k: int, dtype: torch.dtype,
+                    stages: int) -> int:
+    """Shared memory of a streamed program's pipelined K loop: `stages` chunks of its weight
+    slice [BLOCK_K, 4*BLOCK_H] and of the h tile [BLOCK_B, BLOCK_K] (what ptxas reports for
+    the wgmma tiles on sm_90; the mma.sync ones use less)."""
+    return stages * block_k * (4 * block_h + block_b) * dtype.itemsize
 
 
 def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: int,
@@ -160,14 +180,19 @@ def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: 
         # Larger tiles: warps grow with the tile (the cell state and the prefetched
         # operands of the next step live in registers), so that nothing spills.
         num_warps = 16
-    # With 16 warps a resident program that stages 256+ bytes of the [BLOCK_B, HP] operand
-    # per thread spills it every step (H200: bf16 B=512 H=512 on 128x16 resident tiles ran
-    # 420-1240 us/step, fp32 B=512 H=256 275): streaming the weights instead keeps it in
-    # registers (streamed 128x16 tiles at bf16 B=512 H=1024: 24 us/step).
-    resident = fits(block_h) and not (
-        num_warps >= 16 and staged_bytes(hidden_size, block_b, dtype, num_warps) >= STAGED_BYTES)
-    return KernelConfig(block_b=block_b, block_h=block_h, resident=resident,
-                        block_k=min(64, padded(hidden_size)), split_k=split_k, num_warps=num_warps)
+    # A resident program whose staged operand would spill streams its weights instead
+    # (streamed 128x16 tiles at bf16 B=512 H=1024: 24 us/step, no spill).
+    resident = fits(block_h) and not resident_operand_spills(hidden_size, block_b, dtype,
+                                                             num_warps)
+    block_k = min(64, padded(hidden_size))
+    # A streamed forward of 32+ rows pipelines its K loop where the stages fit on chip
+    # (H200, kernel alone: bf16 B=128 H=1024 10.1 -> 6.4 us/step, B=512 H=1024 27.4 -> 20.2,
+    # fp32 B=512 H=1024 47.7 -> 34.9). The backward's has not been measured yet.
+    pipelined = (kernel == "forward" and not resident and block_b >= 32 and pipelined_bytes(
+        block_b, block_h, block_k, dtype, PIPELINE_STAGES) <= ON_CHIP_BUDGET)
+    return KernelConfig(block_b=block_b, block_h=block_h, resident=resident, block_k=block_k,
+                        split_k=split_k, num_warps=num_warps,
+                        inner_stages=PIPELINE_STAGES if pipelined else 1)
 
 
 def gpu_slug(gpu_name: str) -> str:

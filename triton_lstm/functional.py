@@ -123,8 +123,8 @@ def lstm(
         group = list(weights[first:first + num_directions])
         w_ih, w_hh, b_ih, b_hh, w_hr = (_join([w[k] for w in group], stack=k in (1, 4))
                                         for k in range(5))
-        h0, c0 = (None, None) if hx is None else (hx[0][first:first + num_directions],
-                                                  hx[1][first:first + num_directions])
+        h0, c0 = (None, None) if hx is None else (_layer_rows(hx[0], first, num_directions),
+                                                  _layer_rows(hx[1], first, num_directions))
         x, h, c = layer_fn(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr, restarts=restarts,
                            **extra)
         h_n.append(h)
@@ -132,7 +132,13 @@ def lstm(
         if dropout > 0 and training and layer < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)
     output = x.transpose(0, 1) if batch_first else x
-    return output, (torch.cat(h_n), torch.cat(c_n))
+    return output, (_join(h_n, stack=False), _join(c_n, stack=False))
+
+
+def _layer_rows(state, first: int, count: int):
+    """state[first:first + count]; the whole state as it is where that is all of it (one
+    layer): a slice's backward allocates and copies, and a one-tensor cat copies too."""
+    return state if state.shape[0] == count else state[first:first + count]
 
 
 def _join(tensors, stack: bool):

@@ -83,10 +83,12 @@ class Explanation:
                     "nn.LSTM": "nn.LSTM runs this call", "error": "this call raises"}[self.path]
         lines = [f"triton_lstm: {headline}", f"  call:  {self.call}", f"  why:   {self.why}"]
         if self.provenance:
-            p = self.provenance
+            # T: the layer timings' (what the choice rests on); older tables have only "steps"
+            p = dict(self.provenance)
+            p.setdefault("layer_steps", p.get("steps"))
             facts = [f"{name} {p[key]}" for name, key in (
                 ("measured on", "gpu"), ("at commit", "commit"), ("on", "date"), ("torch", "torch"),
-                ("triton", "triton"), ("CUDA", "cuda"), ("T =", "steps")) if p.get(key)]
+                ("triton", "triton"), ("CUDA", "cuda"), ("T =", "layer_steps")) if p.get(key)]
             lines.append("  table: " + ", ".join(facts))
         for kernel, (config, source) in (self.tiles or {}).items():
             lines.append(f"  {kernel} tiles: {tuning.config_label(config)} ({source})")

@@ -3,7 +3,7 @@
 ``make tune`` (perf/tune.py) writes one table per GPU, ``configs/<gpu-slug>.json``:
 
     {"provenance": {"gpu", "commit", "commits", "torch", "triton", "cuda", "cudnn", "date",
-                    "steps", "grid", ...},
+                    "steps", "layer_steps", "grid", ...},   # T of the candidates, of the layers
      "shapes": {"bf16/B8/H512/D1/P0": {
          "dtype": "bf16", "B": 8, "H": 512, "D": 1, "proj": 0,      # proj: proj_size, 0 for none
          "forward":  {<KernelConfig fields>, "us_per_step": 2.41},  # fastest correct candidate
