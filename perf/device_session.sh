@@ -9,6 +9,7 @@
 #                                                  main table with the path backend="auto"
 #                                                  takes per row (about 2 min)
 #   COMMIT=<hash> bash perf/device_session.sh 2   call-to-call spread of small-batch steps,
+#                                                  fp32 input GEMM paths (tf32 via cuDNN),
 #                                                  the schedule variants, make perf's stack
 #                                                  section, the host's cost per call (7 min)
 #   COMMIT=<hash> bash perf/device_session.sh 3   make tune: resumes the committed tune.csv
@@ -50,6 +51,7 @@ case "${1:-}" in
     ;;
 2)
     timeout 60 python3 perf/step_spread.py --out "$OUT" 2>&1 | tee "$OUT/step-spread.log"
+    timeout 40 python3 perf/gemm_paths.py --out "$OUT" 2>&1 | tee "$OUT/gemm-paths.log"
     timeout 100 python3 perf/variants.py --out "$OUT" 2>&1 | tee "$OUT/variants.log"
     timeout 180 python3 perf/bench.py --stack only --dtypes bf16 fp16 --out "$OUT/stack" 2>&1 \
         | tee "$OUT/stack.log"

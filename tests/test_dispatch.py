@@ -51,7 +51,8 @@ def fake_gpu(monkeypatch):
     """CUDA as far as the lookup and the policy can tell: a name, an SM count, 'is_cuda'."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: GPU)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device=None: types.SimpleNamespace(multi_processor_count=132))
+                        lambda device=None: types.SimpleNamespace(multi_processor_count=132,
+                                                                  major=9, minor=0))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(policy, "_on_cuda", lambda input: True)
 
@@ -410,6 +411,42 @@ def test_auto_without_a_table_or_on_cpu_keeps_todays_rule(fake_gpu, monkeypatch)
     assert "CPU" in triton_lstm.explain(module, x).why
 
 
+def test_without_a_measurement_auto_leaves_cudnns_persistent_fp16_kernel_its_small_batches(
+        fake_gpu, monkeypatch):
+    def uses_kernels(B, H=512, I=512, dtype=torch.float16, arch=(9, 0, 132), x_dtype=None,
+                     **options):
+        tuning.clear_caches()
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: (
+            types.SimpleNamespace(major=arch[0], minor=arch[1], multi_processor_count=arch[2])))
+        module = triton_lstm.LSTM(I, H, dtype=dtype, **options)
+        with torch.no_grad():
+            x = torch.randn(3, B, I, dtype=x_dtype or dtype)
+            kernels = module._uses_triton(x)
+            assert (triton_lstm.explain(module, x).path == "kernels") == kernels
+        return kernels
+
+    for B in (8, 16):                                  # what PyTorch gives cuDNN's persistent kernel
+        assert not uses_kernels(B)
+    assert "persistent" in triton_lstm.explain(triton_lstm.LSTM(512, 512, dtype=torch.float16),
+                                               torch.randn(3, 8, 512, dtype=torch.float16)).why
+    assert uses_kernels(1) and uses_kernels(12) and uses_kernels(64)   # batch: % 8, <= 16
+    assert uses_kernels(8, dtype=torch.bfloat16)       # persistent in fp16 only
+    assert uses_kernels(8, H=320) and uses_kernels(8, I=100) and uses_kernels(8, H=2048)
+    assert uses_kernels(8, num_layers=2) and uses_kernels(8, bidirectional=True)
+    assert uses_kernels(8, proj_size=128)
+    assert uses_kernels(8, arch=(8, 6, 84)) and uses_kernels(8, arch=(8, 0, 56))   # sm_86, A30
+    assert uses_kernels(8, arch=(7, 0, 80))
+    assert not uses_kernels(8, arch=(8, 0, 108))       # A100
+    with torch.autocast("cpu", dtype=torch.float16):   # the dtype the call computes in
+        assert not uses_kernels(8, dtype=torch.float32, x_dtype=torch.float32)
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", False)
+    assert uses_kernels(8)                             # no cuDNN: nn.LSTM would not be faster
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
+    # A table that measured the shape decides, as before.
+    tuning.set_table(GPU, table(entry("fp16", 8, 512, fwd=(1.0, 2.0), train=(1.0, 2.0))))
+    assert uses_kernels(8)
+
+
 def test_explain_says_what_and_why(fake_gpu):
     tuning.set_table(GPU, POLICY_TABLE)
     module = auto_module(1024, torch.float16)
@@ -457,6 +494,15 @@ def test_the_auto_decision_compiles_without_graph_breaks(fake_gpu, fullgraph_ena
     with torch.no_grad():
         for B, want in ((8, 2.0), (64, 2.0), (600, 3.0), (3, 2.0)):
             x = torch.ones(4, B, 16, dtype=torch.bfloat16)
+            assert compiled(x)[0, 0, 0].item() == want
+    torch._dynamo.reset()
+    # No measurement: the rule that leaves cuDNN's persistent fp16 kernel its small batches.
+    tuning.set_table(GPU, {})
+    module = triton_lstm.LSTM(128, 128, dtype=torch.float16)
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="eager")
+    with torch.no_grad():
+        for B, want in ((8, 3.0), (24, 2.0), (16, 3.0), (5, 2.0)):
+            x = torch.ones(4, B, 128, dtype=torch.float16)
             assert compiled(x)[0, 0, 0].item() == want
     torch._dynamo.reset()
 

@@ -18,6 +18,7 @@ import torch
 REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR / "perf"))
 import bench  # noqa: E402
+import gemm_paths  # noqa: E402
 import step_bench  # noqa: E402
 import step_spread  # noqa: E402
 import variants  # noqa: E402
@@ -132,6 +133,15 @@ def test_step_spread_summarises_the_calls_and_the_share_near_the_fastest():
     assert got["calls"] == 5 and got["min_us"] == 2.0 and got["max_us"] == 3.6
     assert got["median_us"] == pytest.approx(2.15)
     assert got["near_min_share"] == pytest.approx(2 / 5)     # 2.0 and 2.05 are within 5%
+
+
+def test_the_input_projection_as_a_1x1_convolution_computes_the_gemm():
+    x2, w_ih, bias = torch.randn(12, 8), torch.randn(32, 8), torch.randn(32)
+    want = x2.double() @ w_ih.double().t() + bias.double()
+    for path in gemm_paths.PATHS:
+        got = gemm_paths.projection(path, x2, w_ih, bias)()
+        assert got.shape == (12, 32)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_numbers_name_the_commit_given_for_a_copied_tree_else_git_head(monkeypatch):

@@ -5,7 +5,8 @@ On CUDA, "auto" runs the kernels unless the table ``make tune`` measured on this
 mode: inference (no gradient needed) compares forward calls, training compares forward
 plus backward. The kernels must take at most KERNEL_ADVANTAGE (95%) of nn.LSTM's time.
 Without a measurement (an unknown GPU, a kind of shape never measured, fp64) the kernels
-run, as before tables existed; CPU tensors run nn.LSTM. Only batched sequences (3-D
+run, except where PyTorch would run cuDNN's persistent fp16 kernel at a small batch
+(``cudnn_persistent_wins``); CPU tensors run nn.LSTM. Only batched sequences (3-D
 input) consult the table, which measures them; 2-D input (unbatched, the data of a
 PackedSequence, one step) keeps the kernels.
 
@@ -46,6 +47,33 @@ def _mode(module, input: torch.Tensor) -> str:
     return "fwd"
 
 
+# PyTorch runs cuDNN's persistent fp16 LSTM kernel for one-layer, one-direction layers
+# without a projection, H <= 1024, H and the input size multiples of 128, a batch that is a
+# multiple of 8 up to 128, on GPUs of compute capability 8.0+ but 8.6 with 98+ SMs
+# (aten/src/ATen/native/cudnn/RNN.cpp, get_algo). Up to batch 16 it beat the kernels at every
+# shape the H200 measured (fp16 B = 8, 16, H = 256-1024, T = 256: 1.1-2.7x, forward and
+# training; perf/results/nvidia-h200/results.csv), so where no table measured a GPU, auto
+# gives it those calls. Larger batches went either way there: they need a table.
+PERSISTENT_CUDNN_MAX_BATCH = 16
+
+
+def cudnn_persistent_wins(module, input: torch.Tensor) -> bool:
+    """Whether nn.LSTM would run cuDNN's persistent fp16 kernel on this batched call at a
+    batch where it beat the kernels on the H200 (rule above)."""
+    if input.dim() != 3 or compute_dtype(input) != torch.float16:
+        return False
+    if module.num_layers != 1 or module.bidirectional or module.proj_size > 0:
+        return False
+    if (module.hidden_size > 1024 or module.hidden_size % 128 or module.input_size % 128
+            or not torch.backends.cudnn.enabled):
+        return False
+    batch = input.shape[0 if module.batch_first else 1]
+    if batch % 8 or batch > PERSISTENT_CUDNN_MAX_BATCH:
+        return False
+    major, minor, num_sms = tuning.device_arch(input.device)
+    return major >= 8 and (major, minor) != (8, 6) and num_sms >= 98
+
+
 def auto_uses_kernels(module, input: torch.Tensor) -> bool:
     """backend="auto": whether this call runs the kernels (rule in the module docstring)."""
     if not _on_cuda(input):
@@ -57,7 +85,7 @@ def auto_uses_kernels(module, input: torch.Tensor) -> bool:
         tuning.device_name(input.device), dtype_name, module.hidden_size,
         2 if module.bidirectional else 1, module.proj_size > 0)
     if not decisions:
-        return True
+        return not cudnn_persistent_wins(module, input)
     batch = input.shape[0 if module.batch_first else 1]
     bucket = tuning.batch_bucket([b for b, _, _ in decisions], batch)
     for measured, inference, training in decisions:
@@ -183,16 +211,25 @@ def explain(module, input, hx=None) -> Explanation:
                        "wavefront (the table measures layers one at a time)")
     gpu = tuning.device_name(data.device)
     table = tuning.load_table(gpu)
+
+    def unmeasured(why, **found):   # the rule without a measurement (auto_uses_kernels)
+        if cudnn_persistent_wins(module, data):
+            return Explanation("nn.LSTM", f"{why}; nn.LSTM runs cuDNN's persistent fp16 kernel "
+                               f"here (fp16, one layer, batch <= {PERSISTENT_CUDNN_MAX_BATCH}), "
+                               "which beat the kernels at every such shape the H200 measured: "
+                               "nn.LSTM", call, **found)
+        return kernels(f"{why}: the kernels, as without measurements", **found)
+
     if not table:
-        return kernels(f"no table measured for {gpu} ({tuning.table_path(gpu).name} is not in "
-                       "triton_lstm/configs): the kernels, as without measurements")
+        return unmeasured(f"no table measured for {gpu} ({tuning.table_path(gpu).name} is not "
+                          "in triton_lstm/configs)")
     entry = tuning.nearest_entry(table, dtype_name, batch, hidden, directions, proj)
     found = dict(entry=entry, provenance=table.get("provenance"))
     if entry is None:
-        return kernels(f"the table for {gpu} has no {dtype_name} shape with {directions} "
-                       f"direction(s), {'a' if proj else 'no'} projection and H within a factor "
-                       f"{tuning.MAX_H_RATIO:g} of {hidden}: the kernels",
-                       provenance=found["provenance"])
+        return unmeasured(f"the table for {gpu} has no {dtype_name} shape with {directions} "
+                          f"direction(s), {'a' if proj else 'no'} projection and H within a "
+                          f"factor {tuning.MAX_H_RATIO:g} of {hidden}",
+                          provenance=found["provenance"])
     near = f"nearest measured shape {dtype_name} B={entry['B']} H={entry['H']}"
     faster = tuning.kernels_faster(entry, mode)
     if faster is None:

@@ -122,13 +122,14 @@ def set_table(gpu_name: str, table: Optional[dict]) -> None:
 
 
 _device_names: dict = {}
+_device_archs: dict = {}
 _sm_counts: dict = {}
 _lookups: dict = {}
 
 
 def clear_caches() -> None:
     """Forget everything derived from tables and devices (after set_table, in tests)."""
-    for cache in (_device_names, _sm_counts, _lookups):
+    for cache in (_device_names, _device_archs, _sm_counts, _lookups):
         cache.clear()
 
 
@@ -138,6 +139,15 @@ def device_name(device: torch.device) -> str:
     if device not in _device_names:
         _device_names[device] = torch.cuda.get_device_name(device)
     return _device_names[device]
+
+
+@torch.compiler.assume_constant_result
+def device_arch(device: torch.device) -> tuple:
+    """(compute capability major, minor, SM count) of a CUDA device, asked once per device."""
+    if device not in _device_archs:
+        props = torch.cuda.get_device_properties(device)
+        _device_archs[device] = (props.major, props.minor, props.multi_processor_count)
+    return _device_archs[device]
 
 
 # What tiles are sized for off a GPU (the interpreter): a few SMs, so grids still split.
