@@ -54,14 +54,18 @@ def stack_weights(module):
             for k in range(module.num_layers)]
 
 
-def chained_layers(control, x, hx, keep):
-    """control's layers as separate one-layer nn.LSTMs sharing its parameters, x * keep
-    between them (dropout with given masks [L-1, T, B, H]). Returns y, h_n, c_n."""
+def chained_layers(control, x, hx, keep, backend=None):
+    """control's layers as separate one-layer nn.LSTMs (or triton_lstm.LSTMs on ``backend``)
+    sharing its parameters, x * keep between them (dropout with given masks [L-1, T, B, H]).
+    Returns y, h_n, c_n."""
     y, h_n, c_n = x, [], []
     for k in range(control.num_layers):
-        layer = torch.nn.LSTM(control.input_size if k == 0 else control.hidden_size,
-                              control.hidden_size, bias=control.bias, device=x.device,
-                              dtype=x.dtype)
+        sizes = (control.input_size if k == 0 else control.hidden_size, control.hidden_size)
+        if backend is None:
+            layer = torch.nn.LSTM(*sizes, bias=control.bias, device=x.device, dtype=x.dtype)
+        else:
+            layer = triton_lstm.LSTM(*sizes, bias=control.bias, device=x.device, dtype=x.dtype,
+                                     backend=backend)
         for name in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if control.bias else ()):
             setattr(layer, name + "_l0", getattr(control, f"{name}_l{k}"))
         if k > 0:
