@@ -225,6 +225,37 @@ def test_the_heuristic_pipelines_streamed_forward_loops_of_32_rows_where_the_sta
             forward.block_b, forward.block_h, forward.block_k, dtype, 3) <= dispatch.ON_CHIP_BUDGET
 
 
+def test_a_tile_too_large_for_the_gpus_shared_memory_runs_with_less(monkeypatch):
+    """The budgets are Hopper's: where a tile does not fit a GPU's shared memory, resident
+    weights stream, then a pipelined K loop runs unpipelined; past that, the error."""
+    def capacity(kernel, args, constexprs, config, device):
+        if config.resident or config.inner_stages > 1:
+            raise triton.runtime.errors.OutOfResources(300_000, 101_376, "shared memory")
+        return 1_000
+
+    class Kernel:   # records each launch's compile-time flags
+        def __getitem__(self, grid):
+            return lambda *args, **flags: launched.append(flags)
+
+    monkeypatch.setattr(dispatch, "co_resident_programs", capacity)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    launched = []
+    big = KernelConfig(block_b=16, block_h=8, resident=True, block_k=64, split_k=1, num_warps=4,
+                       inner_stages=3)
+    launch = dict(num_steps=4, batch=16, hidden_size=16, output_size=16, num_directions=1,
+                  device=torch.device("cpu"))
+    dispatch.launch_recurrence(Kernel(), (1, 2, 3), {}, config=big, **launch)
+    assert launched and all(not f["RESIDENT"] and f["INNER_STAGES"] is None and f["PERSISTENT"]
+                            for f in launched)
+    def too_big(*args):
+        raise triton.runtime.errors.OutOfResources(300_000, 101_376, "shared memory")
+
+    monkeypatch.setattr(dispatch, "co_resident_programs", too_big)
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        dispatch.launch_recurrence(Kernel(), (1, 2, 3), {}, config=dataclasses.replace(
+            big, resident=False, inner_stages=1), **launch)
+
+
 def test_runs_well_rejects_what_cannot_run_well():
     ok = config(block_b=16, block_h=8)
     assert autotune.runs_well(ok, "forward", 8, 512, torch.bfloat16, 1, 132)

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import os
 import pathlib
+from typing import Optional
 
 import torch
 import triton
@@ -267,6 +268,17 @@ def _launch_options(persistent: bool = True) -> dict:
     return {"launch_cooperative_grid": True} if (persistent and COOPERATIVE_LAUNCH) else {}
 
 
+def lighter_on_chip(config: KernelConfig) -> Optional[KernelConfig]:
+    """The config with less shared memory, for a GPU where it does not fit (the budgets here
+    are Hopper's): resident weights stream, a pipelined K loop runs unpipelined; None when
+    neither applies."""
+    if config.resident:
+        return dataclasses.replace(config, resident=False)
+    if config.inner_stages > 1:
+        return dataclasses.replace(config, inner_stages=1)
+    return None
+
+
 def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, batch: int,
                       hidden_size: int, output_size: int, num_directions: int,
                       config: KernelConfig, device: torch.device,
@@ -279,7 +291,8 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     directions); every (direction, batch block) is one barrier group, or with
     ``shared_barrier`` every batch block across grid axis 1 (the wavefront's
     layers, passed as ``num_directions``). A resident config whose tiles do not
-    fit the chip falls back to streamed weights.
+    fit the chip falls back to streamed weights, a pipelined one to an unpipelined loop
+    (``lighter_on_chip``).
     """
     num_h = config.num_h_blocks(hidden_size)
     group = num_h * num_directions          # programs per batch block
@@ -313,12 +326,12 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
             capacity = co_resident_programs(kernel, args + (0, num_steps, 0, leader_inc),
                                             dict(constexprs, PERSISTENT=True), config, device)
         except triton.runtime.errors.OutOfResources:
-            if not config.resident:
+            lighter = lighter_on_chip(config)
+            if lighter is None:
                 raise
-            streamed = dataclasses.replace(config, resident=False)
             return launch_recurrence(kernel, args[:-3] + args[-2:], constexprs, num_steps=num_steps,
                                      batch=batch, hidden_size=hidden_size, output_size=output_size,
-                                     num_directions=num_directions, config=streamed,
+                                     num_directions=num_directions, config=lighter,
                                      device=device, force_stepped=force_stepped,
                                      shared_barrier=shared_barrier)
         groups_resident = capacity // group
