@@ -54,7 +54,8 @@ sys.path[:0] = [str(PERF_DIR), str(REPO_DIR)]
 import triton  # noqa: E402
 
 import triton_lstm  # noqa: E402
-from timing import bench_ms, compile_ahead, random_inputs, train_fn, tree_commit  # noqa: E402
+from timing import (bench_ms, compile_ahead, forward_then_train, random_inputs,  # noqa: E402
+                    train_fn, tree_commit)
 from triton_lstm import tuning  # noqa: E402
 from triton_lstm.dispatch import gpu_slug  # noqa: E402
 
@@ -269,13 +270,7 @@ def compile_layer(job) -> str:
     dtype_name, B, H, device = job
     try:
         lstm, x, hx = seeded_problem(dtype_name, 2, B, H, device)
-        module = triton_lstm.LSTM.from_torch(lstm, backend="triton")
-        with torch.no_grad():
-            module(x, hx)
-        x = x.detach().requires_grad_()                     # as time_training has them
-        hx = tuple(s.detach().requires_grad_() for s in hx)
-        train_fn(module, x, hx)()
-        x.grad.cpu()   # waits for the kernels
+        forward_then_train(triton_lstm.LSTM.from_torch(lstm, backend="triton"), x, hx)
         return ""
     except Exception as exc:
         return f"{dtype_name} B={B} H={H}: {type(exc).__name__}"

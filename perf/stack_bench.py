@@ -27,7 +27,7 @@ from triton_lstm.dispatch import launch_counts
 from triton_lstm.kernels.wavefront import wavefront_config
 from bench import (CHECK_STEPS, CUDNN_PEERS, DTYPES, ERROR_BOUNDS, GraphedForward, _fmt,
                    check_then_time, float64_reference, make_row, skipped)
-from timing import compile_ahead, train_fn
+from timing import compile_ahead, forward_then_train
 
 STACK_PEERS = ("stack_wavefront", "stack_dataflow", "stack_layers", "stack_cudnn",
                "stack_cudnn_graph")
@@ -95,11 +95,7 @@ def compile_stack(job) -> str:
     try:
         lstm, x, hx = seeded_stack(dtype_name, 2, B, H, L, device)
         for peer in ("stack_wavefront", "stack_dataflow", "stack_layers"):
-            forward, module = build_stack_peer(peer, lstm, x, hx)
-            forward()
-            x_grad = x.detach().requires_grad_()              # as time_training has them
-            train_fn(module, x_grad, tuple(s.detach().requires_grad_() for s in hx))()
-            x_grad.grad.cpu()   # waits for the kernels
+            forward_then_train(build_stack_peer(peer, lstm, x, hx)[1], x, hx)
         return ""
     except Exception as exc:
         return f"stack {dtype_name} B={B} H={H} L={L}: {type(exc).__name__}"

@@ -36,6 +36,15 @@ def train_fn(module, x, hx):
     return run
 
 
+def forward_then_train(module, x, hx) -> None:
+    """One no-grad forward and one training step of module (x and hx requiring gradients, as
+    the timed training has them), waiting for both: every kernel they run is then built."""
+    forward_fn(module, x, hx)()
+    x = x.detach().requires_grad_()
+    train_fn(module, x, tuple(s.detach().requires_grad_() for s in hx))()
+    x.grad.cpu()
+
+
 def random_inputs(T, B, I, H, dtype, device="cuda", requires_grad=False):
     x = torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=requires_grad)
     hx = tuple(torch.randn(1, B, H, device=device, dtype=dtype, requires_grad=requires_grad)

@@ -515,27 +515,23 @@ def test_explain_reports_a_refused_call(monkeypatch):
 
 
 def test_the_auto_decision_compiles_without_graph_breaks(fake_gpu, fullgraph_enabled):
-    tuning.set_table(GPU, POLICY_TABLE)
-    module = auto_module()
+    def check(module, table, wants):   # wants: (B, 2.0 for the kernels, 3.0 for nn.LSTM)
+        tuning.set_table(GPU, table)
 
-    def run(x):   # what the module's forward does with the decision
-        return x * 2 if module._uses_triton(x) else x * 3
+        def run(x):   # what the module's forward does with the decision
+            return x * 2 if module._uses_triton(x) else x * 3
 
-    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="eager")
-    with torch.no_grad():
-        for B, want in ((8, 2.0), (64, 2.0), (600, 3.0), (3, 2.0)):
-            x = torch.ones(4, B, 16, dtype=torch.bfloat16)
-            assert compiled(x)[0, 0, 0].item() == want
-    torch._dynamo.reset()
+        compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="eager")
+        with torch.no_grad():
+            for B, want in wants:
+                x = torch.ones(4, B, module.input_size, dtype=module.weight_ih_l0.dtype)
+                assert compiled(x)[0, 0, 0].item() == want, (B, want)
+        torch._dynamo.reset()
+
+    check(auto_module(), POLICY_TABLE, ((8, 2.0), (64, 2.0), (600, 3.0), (3, 2.0)))
     # No measurement: the rule that leaves cuDNN's persistent fp16 kernel its small batches.
-    tuning.set_table(GPU, {})
-    module = triton_lstm.LSTM(128, 128, dtype=torch.float16)
-    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="eager")
-    with torch.no_grad():
-        for B, want in ((8, 3.0), (24, 2.0), (16, 3.0), (5, 2.0)):
-            x = torch.ones(4, B, 128, dtype=torch.float16)
-            assert compiled(x)[0, 0, 0].item() == want
-    torch._dynamo.reset()
+    check(triton_lstm.LSTM(128, 128, dtype=torch.float16), {},
+          ((8, 3.0), (24, 2.0), (16, 3.0), (5, 2.0)))
 
 
 # -- make tune: bookkeeping ----------------------------------------------------------------------

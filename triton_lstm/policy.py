@@ -67,7 +67,7 @@ def cudnn_persistent_wins(module, input: torch.Tensor) -> bool:
     if (module.hidden_size > 1024 or module.hidden_size % 128 or module.input_size % 128
             or not torch.backends.cudnn.enabled):
         return False
-    batch = input.shape[0 if module.batch_first else 1]
+    batch = _batch_of(module, input)
     if batch % 8 or batch > PERSISTENT_CUDNN_MAX_BATCH:
         return False
     major, minor, num_sms = tuning.device_arch(input.device)

@@ -123,13 +123,12 @@ def set_table(gpu_name: str, table: Optional[dict]) -> None:
 
 _device_names: dict = {}
 _device_archs: dict = {}
-_sm_counts: dict = {}
 _lookups: dict = {}
 
 
 def clear_caches() -> None:
     """Forget everything derived from tables and devices (after set_table, in tests)."""
-    for cache in (_device_names, _device_archs, _sm_counts, _lookups):
+    for cache in (_device_names, _device_archs, _lookups):
         cache.clear()
 
 
@@ -158,9 +157,7 @@ def sm_count(device: torch.device) -> int:
     """The device's SM count (asked once per device), or INTERPRETER_SMS off CUDA."""
     if device.type != "cuda":
         return INTERPRETER_SMS
-    if device not in _sm_counts:
-        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _sm_counts[device]
+    return device_arch(device)[2]
 
 
 # -- nearest measured shape --------------------------------------------------------------------
