@@ -38,6 +38,14 @@ CASES = {
     "square-streamed-backward": (["--shapes", "512x1024", "--dtypes", "bf16", "fp32",
                                   "--kernels", "backward",
                                   "--config", "bb64-bh32-str-bk64-sk4-w16"], True),
+    # The backward's square tiles (autotune.square_backward_tiles), unpipelined and pipelined
+    # (fp16 pipelined spills 8 bytes under Triton 3.6: perf/NOTES.md).
+    "square-backward-64x64": (["--shapes", "512x1024", "--dtypes", "bf16", "fp16",
+                               "--kernels", "backward",
+                               "--config", "bb64-bh64-str-bk64-sk4-w16"], True),
+    "square-backward-64x64-pipelined": (["--shapes", "512x1024", "--dtypes", "bf16",
+                                         "--kernels", "backward",
+                                         "--config", "bb64-bh64-str-bk64-sk4-w16-st3"], True),
     # Stacked layers as one wavefront: h (dG) of its own layer and of the layer below (above).
     "wavefront": (["--kernels", "wavefront", "wavefront-backward", "--layers", "3", "--shapes",
                    "1x256", "8x512", "8x1024", "64x512", "128x1024", "--dtypes", "bf16",

@@ -195,6 +195,23 @@ def test_make_tune_also_times_large_streamed_tiles_in_shapes_that_move_fewer_byt
         assert dataclasses.replace(base, block_b=want[0], block_h=want[1]) in sweep
 
 
+def test_make_tune_also_times_the_square_backward_tile_where_it_fills_the_device():
+    """64x64 reads the fewest bytes of dG and W a step for its area; 2-byte dtypes at H >= 1024
+    only (ptxas: fp32 spills there), and only where 3/4 of the SMs get a program."""
+    square = dict(block_b=64, block_h=64, resident=False, num_warps=16)
+
+    def squares(B, H, dtype, D=1):
+        sweep = autotune.candidate_configs("backward", B, H, dtype, D, 132, "sweep")
+        return sorted(c.inner_stages for c in sweep
+                      if all(getattr(c, k) == v for k, v in square.items()))
+
+    assert squares(512, 1024, torch.bfloat16) == squares(512, 1024, torch.float16) == [1, 3]
+    assert squares(512, 1024, torch.float32) == []
+    assert squares(256, 1024, torch.bfloat16) == []      # 64 programs of 132
+    assert squares(512, 512, torch.bfloat16) == []
+    assert squares(512, 1024, torch.bfloat16, D=2) == []     # 256 programs: two launches
+
+
 def test_the_heuristic_streams_the_weights_where_a_resident_operand_would_spill():
     # 128 rows at 8 warps (bf16 B=512 H=256: 688 bytes of spill on sm_90), any 16-warp tile
     # that stages 256+ bytes a thread; 64 rows at 8 warps and small H stay resident.
@@ -269,6 +286,11 @@ def test_runs_well_rejects_what_cannot_run_well():
     assert autotune.runs_well(streamed_128x32, "forward", 512, 1024, torch.bfloat16, 1, 132)
     assert not autotune.runs_well(streamed_128x32, "forward", 512, 1024, torch.float32, 1, 132)
     assert not autotune.runs_well(streamed_128x32, "backward", 512, 1024, torch.bfloat16, 1, 132)
+    # The backward's square 64x64 compiles spill-free in 2-byte dtypes at H >= 1024 only.
+    square = dataclasses.replace(streamed_128x32, block_b=64, block_h=64)
+    assert autotune.runs_well(square, "backward", 512, 1024, torch.bfloat16, 1, 132)
+    assert not autotune.runs_well(square, "backward", 512, 1024, torch.float32, 1, 132)
+    assert not autotune.runs_well(square, "backward", 1024, 512, torch.bfloat16, 1, 132)
     assert not autotune.runs_well(config(block_h=64), "forward", 8, 1024, torch.float32, 1, 132)  # 1 MB on chip
     # The unsplit backward spills past 512 bytes of weight slice per thread; 8 warps, split, do not.
     assert not autotune.runs_well(config(block_h=16), "backward", 8, 1024, torch.bfloat16, 1, 132)

@@ -57,7 +57,8 @@ CHECK_BOUNDS = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 1e-2, "fp64": 1e-9}
 WARP_LAYOUTS = ((1, 4), (4, 8), (4, 16))   # (split_k, num_warps), light tiles to heavy ones
 # Register bounds, from ptxas on sm_90 (perf/NOTES.md, "Which tiles spill"):
 REGISTER_TILE = 2048        # batch rows x hidden units per program: larger tiles spill,
-STREAMED_FORWARD_TILE = 4096  # but not a streamed 2-byte forward at 16 warps (ptxas, 3.6: 106 regs)
+STREAMED_TILE = 4096        # but not streamed 2-byte ones at 16 warps: the forward (ptxas, 3.6:
+                            # 106 regs at 128x32), the backward's 64x64 for H >= 1024 (128)
 BACKWARD_SLICE_BYTES = 512  # unsplit backward: weight slice per thread past which it spills
 
 
@@ -75,9 +76,9 @@ def runs_well(config: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
         return False
     if cdiv(hidden, config.block_h) * directions > num_sms:
         return False
-    wide_ok = (kernel == "forward" and not config.resident and config.num_warps >= 16
-               and dtype.itemsize == 2)
-    if config.block_b * config.block_h > (STREAMED_FORWARD_TILE if wide_ok else REGISTER_TILE):
+    wide_ok = (not config.resident and config.num_warps >= 16 and dtype.itemsize == 2
+               and (kernel == "forward" or (padded(hidden) >= 1024 and config.block_b <= 64)))
+    if config.block_b * config.block_h > (STREAMED_TILE if wide_ok else REGISTER_TILE):
         return False
     if config.resident and on_chip_bytes(hidden, config.block_b, config.block_h,
                                          dtype) > ON_CHIP_BUDGET:
@@ -115,7 +116,8 @@ NEIGHBOURHOODS = {
 # make tune also times 16-row tiles with dataflow waits: there the grid barrier is ~0.9 µs of
 # a ~2.2 µs step (perf/NOTES.md, issue 8). And streamed tiles of 64+ rows in a shape that
 # moves fewer bytes a step: the forward's hidden block doubled, the backward's made squarer
-# (half the rows, twice the units), since those steps are L2-bandwidth bound (issue 7).
+# (half the rows, twice the units; and square, 64x64), since those steps are L2-bandwidth
+# bound (issue 7).
 # First-use autotuning does not add them.
 MAKE_TUNE_NEIGHBOURHOODS = ("sweep", "wide")
 
@@ -168,7 +170,25 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
             if fewer_bytes not in configs and runs_well(fewer_bytes, kernel, batch, hidden, dtype,
                                                         directions, num_sms):
                 configs.append(fewer_bytes)
+        if kernel == "backward" and base.block_b >= 64 and not base.resident:
+            configs += [c for c in square_backward_tiles(base, batch, hidden, directions, num_sms)
+                        if c not in configs and runs_well(c, kernel, batch, hidden, dtype,
+                                                          directions, num_sms)]
     return configs
+
+
+def square_backward_tiles(base: KernelConfig, batch: int, hidden: int, directions: int,
+                          num_sms: int) -> list[KernelConfig]:
+    """`base` as a streamed 64x64 tile at 16 warps, unpipelined and pipelined, where its grid
+    fills at least 3/4 of the device in one launch. A step reads each program's rows of the 4H-wide
+    dG and its units' slice of W: (H / block_h) * B + (B / block_b) * H rows of 4H in all,
+    least for a given tile area when block_b = block_h (perf/NOTES.md, issue 7)."""
+    programs = cdiv(hidden, 64) * cdiv(batch, 64) * directions
+    if not 3 * num_sms <= 4 * programs <= 4 * num_sms:
+        return []
+    square = dataclasses.replace(base, block_b=64, block_h=64, resident=False, num_warps=16,
+                                 inner_stages=1)
+    return [square, dataclasses.replace(square, inner_stages=PIPELINE_STAGES)]
 
 
 # -- one problem: check and time ---------------------------------------------------------------

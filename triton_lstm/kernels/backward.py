@@ -10,7 +10,8 @@ The loop runs T + 1 stages over the forward's processing steps in reverse,
 s = 0 .. T for step = T - 1 - s:
   1. dh for its units: dh_n at s = 0 (and for rows whose sequence ended after
      this step), else dG of the next step @ W_hh[:, units], reading that whole
-     dG (all programs wrote it before the last barrier);
+     dG (all programs wrote it before the last barrier; at s = 0 the dot's rows are
+     all masked off);
   2. for s < T, with the gates and c saved by the forward:
         dh += dy_t
         dc  = dc_next + dh * o * (1 - tanh(c_t)^2)
@@ -80,11 +81,17 @@ def cell_gradients(b_dr, b_dc, b_i, b_f, b_g, b_o, b_ct, b_cp, m_run, DATAFLOW: 
     r = o * tanh(c_t) (b_dr), the gradient of c_t from the step after (b_dc) and what the
     forward saved: the activated gates, c_t and c_{t-1}."""
     b_tc = _tanh(b_ct)
-    b_dc_t = b_dc + b_dr * b_o * (1.0 - b_tc * b_tc)
-    b_dgi = published(tl.where(m_run, b_dc_t * b_g * b_i * (1.0 - b_i), 0.0), DATAFLOW)
-    b_dgf = published(tl.where(m_run, b_dc_t * b_cp * b_f * (1.0 - b_f), 0.0), DATAFLOW)
+    # The saved values' factors first, so the recurrent gradient (b_dr, the dot's result)
+    # meets them in few products and fewer values are kept in both the dot's layout and the
+    # loads' (see the dh phase of lstm_backward_kernel). Which products are grouped is what
+    # ptxas on sm_90 left spill-free across the tiles tests/test_codegen.py checks.
+    b_to = b_o * (1.0 - b_tc * b_tc)
+    b_do = b_tc * b_o * (1.0 - b_o)
+    b_dc_t = b_dc + b_dr * b_to
+    b_dgi = published(tl.where(m_run, b_dc_t * (b_g * b_i * (1.0 - b_i)), 0.0), DATAFLOW)
+    b_dgf = published(tl.where(m_run, b_dc_t * (b_cp * b_f * (1.0 - b_f)), 0.0), DATAFLOW)
     b_dgg = published(tl.where(m_run, b_dc_t * b_i * (1.0 - b_g * b_g), 0.0), DATAFLOW)
-    b_dgo = published(tl.where(m_run, b_dr * b_tc * b_o * (1.0 - b_o), 0.0), DATAFLOW)
+    b_dgo = published(tl.where(m_run, b_dr * b_do, 0.0), DATAFLOW)
     return b_dgi, b_dgf, b_dgg, b_dgo, b_dc_t
 
 
@@ -241,30 +248,32 @@ def lstm_backward_kernel(
         else:
             dh_phase: tl.constexpr = True
         if dh_phase:
-            b_dh = b_dhn
-            if s > 0:
-                # dG of the next step of every unit, written by all programs of this group.
-                # Rows whose sequence ended after this step pass dh_n through unchanged.
-                t_next, running_next = step_rows(step + 1, length, m_b, reverse)
-                p_rows = dgates + (t_next * B + o_b) * GS
-                if RESIDENT and CHUNKED:
-                    b_dot = chunked_dot(p_rows, running_next, w_chunks, H, BLOCK_K, NUM_CHUNKS,
-                                        HP, DOT_PRECISION, ACC, DATAFLOW, True)
-                elif RESIDENT:
-                    b_dot = gate_rows_dot_resident(p_rows, running_next, o_j, b_wi, b_wf, b_wg,
-                                                   b_wo, H, SPLIT_K, DOT_PRECISION, ACC, DATAFLOW)
-                else:
-                    b_dot = gate_rows_dot_streamed(p_rows, running_next, w_hh, o_r, m_r, H, HP, R,
-                                                   BLOCK_K, BLOCK_O, DOT_PRECISION, ACC,
-                                                   INNER_STAGES, DATAFLOW)
-                if HAS_RESTARTS:
-                    # Rows that restarted at step + 1 read the restart state there, not this
-                    # step's h: that part of the gradient belongs to the restart state.
-                    m_acc = (running_next & b_restarted_after)[:, None] & m_r[None, :]
-                    p_acc = dh_restart + p_br
-                    tl.store(p_acc, tl.load(p_acc, mask=m_acc, other=0.0) + b_dot, mask=m_acc)
-                    b_dot = tl.where(b_restarted_after[:, None], 0.0, b_dot)
-                b_dh = tl.where(running_next[:, None], b_dot, b_dhn)
+            # dG of the next step of every unit, written by all programs of this group.
+            # Rows whose sequence ended after this step pass dh_n through unchanged. At s = 0
+            # no row runs at step T, so the dot reads nothing. A branch on s instead makes
+            # Triton carry dh and dc in two layouts at once (with cell_gradients' order,
+            # ptxas on a bf16 64x64 tile: 192 bytes of spill with both as they were, 88 with
+            # either, none with neither).
+            t_next, running_next = step_rows(step + 1, length, m_b, reverse)
+            p_rows = dgates + (t_next * B + o_b) * GS
+            if RESIDENT and CHUNKED:
+                b_dot = chunked_dot(p_rows, running_next, w_chunks, H, BLOCK_K, NUM_CHUNKS,
+                                    HP, DOT_PRECISION, ACC, DATAFLOW, True)
+            elif RESIDENT:
+                b_dot = gate_rows_dot_resident(p_rows, running_next, o_j, b_wi, b_wf, b_wg,
+                                               b_wo, H, SPLIT_K, DOT_PRECISION, ACC, DATAFLOW)
+            else:
+                b_dot = gate_rows_dot_streamed(p_rows, running_next, w_hh, o_r, m_r, H, HP, R,
+                                               BLOCK_K, BLOCK_O, DOT_PRECISION, ACC,
+                                               INNER_STAGES, DATAFLOW)
+            if HAS_RESTARTS:
+                # Rows that restarted at step + 1 read the restart state there, not this
+                # step's h: that part of the gradient belongs to the restart state.
+                m_acc = (running_next & b_restarted_after)[:, None] & m_r[None, :]
+                p_acc = dh_restart + p_br
+                tl.store(p_acc, tl.load(p_acc, mask=m_acc, other=0.0) + b_dot, mask=m_acc)
+                b_dot = tl.where(b_restarted_after[:, None], 0.0, b_dot)
+            b_dh = tl.where(running_next[:, None], b_dot, b_dhn)
             if s < T:
                 if HAS_DY:
                     b_dh += tl.load(dy + (t_row * B + o_b)[:, None] * YS + o_r[None, :],
