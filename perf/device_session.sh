@@ -11,7 +11,7 @@
 #   COMMIT=<hash> bash perf/device_session.sh 2   call-to-call spread of small-batch steps,
 #                                                  fp32 input GEMM paths (tf32 via cuDNN),
 #                                                  the schedule variants, make perf's stack
-#                                                  section, the host's cost per call (7 min)
+#                                                  section, the host's cost per call (8 min)
 #   COMMIT=<hash> bash perf/device_session.sh 3   make tune: resumes the committed tune.csv
 #                                                  (its new candidates), then --wide (9 min)
 #   COMMIT=<hash> SHAPES="512x512 ..." bash perf/device_session.sh 4
@@ -52,7 +52,11 @@ case "${1:-}" in
 2)
     timeout 60 python3 perf/step_spread.py --out "$OUT" 2>&1 | tee "$OUT/step-spread.log"
     timeout 40 python3 perf/gemm_paths.py --out "$OUT" 2>&1 | tee "$OUT/gemm-paths.log"
-    timeout 100 python3 perf/variants.py --out "$OUT" 2>&1 | tee "$OUT/variants.log"
+    # The large-batch rows first (the backward's square tile and gate split never ran).
+    timeout 150 python3 perf/variants.py --only large --out "$OUT/variants-large" 2>&1 \
+        | tee "$OUT/variants.log"
+    timeout 50 python3 perf/variants.py --only small --out "$OUT/variants-small" 2>&1 \
+        | tee -a "$OUT/variants.log"
     timeout 180 python3 perf/bench.py --stack only --dtypes bf16 fp16 --out "$OUT/stack" 2>&1 \
         | tee "$OUT/stack.log"
     timeout 30 python3 perf/host_cost.py 2>&1 | tee "$OUT/host-cost.log"

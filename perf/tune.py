@@ -124,7 +124,7 @@ def shape_candidates(shape: Shape, kernel: str, neighbourhood: str, num_sms: int
     """The kernel's candidate configs at this shape (autotune.candidate_configs)."""
     return autotune.candidate_configs(kernel, shape.batch, shape.hidden, DTYPES[shape.dtype],
                                       shape.directions, num_sms,
-                                      candidates_for(shape, neighbourhood))
+                                      candidates_for(shape, neighbourhood), shape.proj > 0)
 
 
 def shape_of(row: dict) -> Shape:

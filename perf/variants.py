@@ -3,7 +3,8 @@
 For the experiments of perf/NOTES.md: split_k of the small-batch backward, pipelined
 inner K loops (inner_stages), the next step's loads after the barrier arrival
 (prefetch_after_arrive), dataflow waits instead of the grid barrier (dataflow),
-resident weights in chunks at large H (chunked) and wider large-batch tiles. Each row runs one kernel
+resident weights in chunks at large H (chunked), wider large-batch tiles and the
+backward's gate split (gate_split). Each row runs one kernel
 (forward: lstm_forward with save as in training; backward: lstm_backward on that
 forward's saved values) at T steps, D = 1, I = H, and compares its outputs with the
 heuristic config's (a variant must compute the same function). Writes variants.csv
@@ -55,7 +56,9 @@ EXPERIMENTS = [
     ("large", "forward", "fp16", 64, 512, ["bb32-bh8-str-bk64-sk4-w8-st3"]),
     ("large", "backward", "bf16", 128, 1024, ["bb64-bh16-str-bk64-sk4-w8-st3",
                                               "bb32-bh32-str-bk64-sk4-w8",
-                                              "bb32-bh32-str-bk64-sk4-w8-st3"]),
+                                              "bb32-bh32-str-bk64-sk4-w8-st3",
+                                              "bb64-bh16-str-bk64-sk4-w8-gs",
+                                              "bb64-bh16-str-bk64-sk4-w8-st3-gs"]),
     ("large", "forward", "bf16", 512, 1024, ["bb128-bh16-str-bk64-sk4-w16",
                                              "bb128-bh32-str-bk64-sk4-w16-st3"]),
     ("large", "backward", "bf16", 512, 1024, ["bb128-bh16-str-bk64-sk4-w16-st3",
@@ -63,7 +66,13 @@ EXPERIMENTS = [
                                               "bb64-bh32-str-bk64-sk4-w16-st3",
                                               "bb64-bh64-str-bk64-sk4-w16",
                                               "bb64-bh64-str-bk64-sk4-w16-st3",
-                                              "bb128-bh32-str-bk64-sk4-w16-st3"]),
+                                              "bb128-bh32-str-bk64-sk4-w16-st3",
+                                              "bb128-bh16-str-bk64-sk4-w16-gs",
+                                              "bb128-bh16-str-bk64-sk4-w16-st3-gs"]),
+    ("large", "backward", "bf16", 512, 512, ["bb128-bh16-str-bk64-sk4-w16-gs",
+                                             "bb128-bh16-str-bk64-sk4-w16-st3-gs"]),
+    ("large", "backward", "fp32", 512, 1024, ["bb128-bh16-str-bk64-sk4-w16-gs",
+                                              "bb128-bh16-str-bk64-sk4-w16-st3-gs"]),
     ("large", "forward", "fp32", 512, 1024, ["bb128-bh16-str-bk64-sk4-w16",
                                              "bb128-bh32-str-bk32-sk4-w16-st3"]),
     ("large", "forward", "bf16", 512, 256, ["bb128-bh4-res-bk64-sk4-w8",

@@ -46,6 +46,9 @@ CASES = {
     "square-backward-64x64-pipelined": (["--shapes", "512x1024", "--dtypes", "bf16",
                                          "--kernels", "backward",
                                          "--config", "bb64-bh64-str-bk64-sk4-w16-st3"], True),
+    # The backward's dh as a GEMM phase split by gate (make tune's gate_split candidates).
+    "gate-split": (["--shapes", "512x1024", "--dtypes", "bf16", "fp32", "--kernels", "backward",
+                    "--config", "bb128-bh16-str-bk64-sk4-w16-st3-gs"], True),
     # Stacked layers as one wavefront: h (dG) of its own layer and of the layer below (above).
     "wavefront": (["--kernels", "wavefront", "wavefront-backward", "--layers", "3", "--shapes",
                    "1x256", "8x512", "8x1024", "64x512", "128x1024", "--dtypes", "bf16",

@@ -88,6 +88,10 @@ def test_config_labels_round_trip():
     assert tuning.config_from_label(tuning.config_label(c)) == c
     assert tuning.config_from_entry(tuning.config_entry(c, 3.14159)) == c
     assert tuning.config_entry(c, 3.14159)["us_per_step"] == 3.142
+    every_flag = dataclasses.replace(c, inner_stages=3, prefetch_after_arrive=True,
+                                     dataflow=True, gate_split=True)
+    assert tuning.config_label(every_flag) == "bb64-bh16-str-bk64-sk4-w16-st3-pa-df-gs"
+    assert tuning.config_from_label(tuning.config_label(every_flag)) == every_flag
     with pytest.raises(ValueError, match="label"):
         tuning.config_from_label("bb64-bh16")
 
@@ -168,7 +172,8 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
         small = base.block_b == 16     # make tune also times the dataflow waits there
         streamed = not base.resident   # the K loop pipelined the other way
         large = base.block_b >= 64 and streamed   # and a tile moving fewer bytes
-        extra = small + streamed + large
+        split = 2 * (large and kernel == "backward")   # its gate split, pipelined and not
+        extra = small + streamed + large + split
         for neighbourhood, most in (("heuristic", 1), ("sweep", 2 + extra),
                                     ("autotune", 5), ("wide", 8 + extra)):
             configs = autotune.candidate_configs(kernel, B, H, dtype, D, 132, neighbourhood)
@@ -177,6 +182,8 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
             with_dataflow = [c for c in configs if c.dataflow]
             assert with_dataflow == ([dataclasses.replace(base, dataflow=True)]
                                      if small and neighbourhood in ("sweep", "wide") else [])
+            assert len([c for c in configs if c.gate_split]) == (
+                split if neighbourhood in ("sweep", "wide") else 0)
             flipped = dataclasses.replace(base, inner_stages=3 if base.inner_stages == 1 else 1)
             assert (flipped in configs) == (streamed and neighbourhood in ("sweep", "wide")
                                             and autotune.runs_well(flipped, kernel, B, H, dtype,

@@ -30,6 +30,12 @@ CONFIGS = {
     "dataflow-bh4": KernelConfig(block_b=16, block_h=4, resident=True, split_k=1, dataflow=True),
     "dataflow-streamed-bh8-bk16": KernelConfig(block_b=16, block_h=8, resident=False, block_k=16,
                                                dataflow=True),
+    # The backward's dh as a GEMM phase split four ways by gate (no projection: there, and
+    # with resident weights, the backward runs without it).
+    "gate-split-bh4-bk16": KernelConfig(block_b=16, block_h=4, resident=False, block_k=16,
+                                        gate_split=True),
+    "gate-split-bh8-bk16-st3": KernelConfig(block_b=16, block_h=8, resident=False, block_k=16,
+                                            inner_stages=3, gate_split=True),
 }
 
 SHAPES = [  # T, B, I, H
@@ -112,11 +118,13 @@ def test_runs_without_autograd():
     torch.testing.assert_close(c, cr[0], **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("proj", [5, 0], ids=["proj", "no-proj"])
 @pytest.mark.parametrize("config_name", list(CONFIGS))
-def test_projection_and_both_directions_with_lengths(config_name):
-    """Projection, reverse direction and per-row lengths through every tile config."""
-    T, B, I, H, P = 4, 17, 3, 20, 5
-    ref = torch.nn.LSTM(I, H, bidirectional=True, proj_size=P, dtype=torch.float64)
+def test_projection_and_both_directions_with_lengths(config_name, proj):
+    """Reverse direction and per-row lengths, with and without a projection, through every
+    tile config."""
+    T, B, I, H = 4, 17, 3, 20
+    ref = torch.nn.LSTM(I, H, bidirectional=True, proj_size=proj, dtype=torch.float64)
     params = [p.detach().clone().requires_grad_() for p in ref.parameters()]
     names = [n for n, _ in ref.named_parameters()]
     fwd = dict(zip(names, params))
@@ -124,11 +132,12 @@ def test_projection_and_both_directions_with_lengths(config_name):
     w_hh = torch.stack([fwd["weight_hh_l0"], fwd["weight_hh_l0_reverse"]])
     b_ih = torch.cat([fwd["bias_ih_l0"], fwd["bias_ih_l0_reverse"]])
     b_hh = torch.cat([fwd["bias_hh_l0"], fwd["bias_hh_l0_reverse"]])
-    w_hr = torch.stack([fwd["weight_hr_l0"], fwd["weight_hr_l0_reverse"]])
+    w_hr = (torch.stack([fwd["weight_hr_l0"], fwd["weight_hr_l0_reverse"]]) if proj
+            else None)
     lengths = torch.randint(1, T + 1, (B,))
     lengths[0] = T
     x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(2, B, P, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, B, proj or H, dtype=torch.float64, requires_grad=True)
     c0 = torch.randn(2, B, H, dtype=torch.float64, requires_grad=True)
     y, h, c, *_ = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths.to(torch.int32),
                                  CONFIGS[config_name], False, w_hr)

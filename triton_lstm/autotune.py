@@ -80,6 +80,9 @@ def runs_well(config: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
                and (kernel == "forward" or (padded(hidden) >= 1024 and config.block_b <= 64)))
     if config.block_b * config.block_h > (STREAMED_TILE if wide_ok else REGISTER_TILE):
         return False
+    if config.gate_split and (kernel != "backward" or config.resident or config.dataflow
+                              or config.block_b * config.block_h > REGISTER_TILE):
+        return False    # its GEMM phase holds a [block_b, 4 * block_h] accumulator
     if config.resident and on_chip_bytes(hidden, config.block_b, config.block_h,
                                          dtype) > ON_CHIP_BUDGET:
         return False
@@ -116,20 +119,22 @@ NEIGHBOURHOODS = {
 # make tune also times 16-row tiles with dataflow waits: there the grid barrier is ~0.9 µs of
 # a ~2.2 µs step (perf/NOTES.md, issue 8). And streamed tiles of 64+ rows in a shape that
 # moves fewer bytes a step: the forward's hidden block doubled, the backward's made squarer
-# (half the rows, twice the units; and square, 64x64), since those steps are L2-bandwidth
-# bound (issue 7).
+# (half the rows, twice the units; and square, 64x64) or with its dh as a GEMM phase split
+# by gate (gate_split), since those steps are L2-bandwidth bound (issue 7).
 # First-use autotuning does not add them.
 MAKE_TUNE_NEIGHBOURHOODS = ("sweep", "wide")
 
 
 def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, directions: int,
-                      num_sms: int, neighbourhood: str = "sweep") -> list[KernelConfig]:
+                      num_sms: int, neighbourhood: str = "sweep",
+                      proj: bool = False) -> list[KernelConfig]:
     """The heuristic's config first, then those of its one-step neighbours that run well:
     finer / coarser (half / double the hidden block), lighter / heavier (the next warp
     layout), fewer / more rows (half / double the batch block), streamed weights; for
     make tune's neighbourhoods, the heuristic's tiles with dataflow waits at 16 rows, streamed
     ones with their K loop pipelined or not (the other way from the heuristic's), and
-    streamed tiles of 64+ rows reshaped to move fewer bytes a step."""
+    streamed tiles of 64+ rows reshaped to move fewer bytes a step (and for a backward
+    without projection, `proj`, its gate split)."""
     base = heuristic_config(batch, hidden, dtype, max(1, num_sms // directions), kernel)
     layout = min(range(len(WARP_LAYOUTS)), key=lambda i: abs(WARP_LAYOUTS[i][1] - base.num_warps))
 
@@ -171,9 +176,11 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
                                                         directions, num_sms):
                 configs.append(fewer_bytes)
         if kernel == "backward" and base.block_b >= 64 and not base.resident:
+            gate_split = [dataclasses.replace(base, gate_split=True, inner_stages=stages)
+                          for stages in (1, PIPELINE_STAGES) if not proj]
             configs += [c for c in square_backward_tiles(base, batch, hidden, directions, num_sms)
-                        if c not in configs and runs_well(c, kernel, batch, hidden, dtype,
-                                                          directions, num_sms)]
+                        + gate_split if c not in configs and runs_well(
+                            c, kernel, batch, hidden, dtype, directions, num_sms)]
     return configs
 
 
@@ -423,7 +430,7 @@ def tune(kernel: str, batch: int, hidden: int, dtype: torch.dtype, device: torch
     kernel and shape; the fastest that passed, or None."""
     num_sms = tuning.sm_count(device)
     candidates = candidate_configs(kernel, batch, hidden, dtype, directions, num_sms,
-                                   "autotune")
+                                   "autotune", proj)
     if device.type == "cuda":
         shipped = tuning.table_config(tuning.device_name(device), kernel, dtype, batch, hidden,
                                       directions, proj, num_sms)

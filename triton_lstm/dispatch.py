@@ -59,7 +59,9 @@ class KernelConfig:
     keep the weight slice on chip as block_k chunks of the reduction and stage
     the broadcast operand (h, or dG) one chunk at a time, for large H;
     dataflow: no grid barrier, each program polls the tile it reads until it
-    is written (kernels/barrier.py).
+    is written (kernels/barrier.py); gate_split (backward, streamed, no projection,
+    no dataflow): dh = dG @ W_hh as a phase of its own, split four ways along the
+    reduction (kernels/backward.py).
     """
     block_b: int
     block_h: int
@@ -71,6 +73,7 @@ class KernelConfig:
     prefetch_after_arrive: bool = False
     chunked: bool = False
     dataflow: bool = False
+    gate_split: bool = False
 
     def num_h_blocks(self, hidden_size: int) -> int:
         return cdiv(hidden_size, self.block_h)
@@ -194,6 +197,13 @@ def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: 
     return KernelConfig(block_b=block_b, block_h=block_h, resident=resident, block_k=block_k,
                         split_k=split_k, num_warps=num_warps,
                         inner_stages=PIPELINE_STAGES if pipelined else 1)
+
+
+def gate_split_applies(config: KernelConfig, proj: bool) -> bool:
+    """Whether a backward config's gate split can run: its GEMM phase streams the weights,
+    reuses one scratch buffer every step (no dataflow waits) and has no projection phase
+    to share the step with. Elsewhere the config runs without it."""
+    return config.gate_split and not (config.resident or config.dataflow or proj)
 
 
 def gpu_slug(gpu_name: str) -> str:

@@ -23,15 +23,24 @@ s = 0 .. T for step = T - 1 - s:
 With a projection (PROJ), step 1 runs over each program's BLOCK_R output units
 (dh of the projected h, saved as dh_all), then a barrier, then step 2 starts
 from dr = dh @ W_hr for its hidden units: two phases, two barriers per step.
+With GATE_SPLIT (streamed weights, no projection) step 1 is a phase of its own, shaped
+as a GEMM: the group's programs split dh = dG @ W_hh four ways along the reduction, one
+gate each, for 4*BLOCK_H output units, and write fp32 partial sums to ``dh_parts``;
+after a barrier each program adds the four partials of its own units and goes on with
+step 2. Each program then reads a [BLOCK_B, H] slice of dG a step instead of
+[BLOCK_B, 4H]: fewer bytes for the price of a second barrier.
 dc_next lives in registers and travels between launches through ``dc_state``
 (in: dc_n, out: the gradient of c0). The weight, input and bias gradients are
 large GEMMs over dG afterwards (autograd.py).
 """
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import dot_precision, launch_recurrence, padded, pick_config, state_dtype
+from ..dispatch import (dot_precision, gate_split_applies, launch_recurrence, padded,
+                        pick_config, state_dtype)
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
 from .forward import (_tanh, chunked_dot, dot_operands, load_restarts, own_block,
                       reduction_index, resident_chunks, split_dot, step_rows, store_gates,
@@ -141,6 +150,7 @@ def lstm_backward_kernel(
     dgates,    # [T, B, D, 4H]  out: dG_t, input dtype (all-ones bits first with DATAFLOW)
     dh_all,    # [D, T, B, R]   out when PROJ: total grad of h_t, input dtype (zeros past length;
                #                all-ones bits first with DATAFLOW)
+    dh_parts,  # [D, 4, B, R]   fp32 scratch when GATE_SPLIT: each gate's share of dG @ W_hh
     dh0,       # [D, B, R]      out: grad of h0, input dtype
     restarts,  # [D, T, B]      int8, 1: the row restarted before that processing step
     c_restart, # [D, B, H]      the c a restart restored (RESTART_FROM_STATE, else zeros)
@@ -155,13 +165,15 @@ def lstm_backward_kernel(
     PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr,
     HAS_RESTARTS: tl.constexpr, RESTART_FROM_STATE: tl.constexpr, INNER_STAGES: tl.constexpr,
     PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
+    GATE_SPLIT: tl.constexpr,
 ):
     # Stage s = 0 .. T walks the forward's steps backwards (step = T - 1 - s). Its dh
     # phase gives dh of own output units; its cell phase (s < T) gives dG of own hidden
     # units. Without a projection both own the same units and share one phase; with
-    # one (PROJ) they are separate phases with a barrier between. q counts phases.
+    # one (PROJ) they are separate phases with a barrier between. With GATE_SPLIT a GEMM
+    # phase, the partial sums of dh, comes first. q counts phases.
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
-    PHASES: tl.constexpr = 2 if PROJ else 1
+    PHASES: tl.constexpr = 2 if (PROJ or GATE_SPLIT) else 1
     BLOCK_O: tl.constexpr = BLOCK_R if PROJ else BLOCK_H    # output units per program
     ACC: tl.constexpr = dc_state.dtype.element_ty   # fp32 (fp64 for fp64 inputs)
     YS: tl.constexpr = D * R                        # row stride of dy
@@ -189,6 +201,7 @@ def lstm_backward_kernel(
     w_hr += i_d64 * R * H
     dgates += i_d64 * 4 * H
     dh_all += i_d64 * T * B * R
+    dh_parts += i_d64 * 4 * B * R
     dh0 += i_d64 * B * R
     restarts += i_d64 * T * B
     c_restart += i_d64 * B * H
@@ -218,6 +231,12 @@ def lstm_backward_kernel(
             b_wf = tl.load(p_w + H * R, mask=m_w, other=0.0)
             b_wg = tl.load(p_w + 2 * H * R, mask=m_w, other=0.0)
             b_wo = tl.load(p_w + 3 * H * R, mask=m_w, other=0.0)
+    if GATE_SPLIT:
+        # The GEMM phase's shares: item = gate + 4 * (block of 4*BLOCK_H output units), the
+        # group's items dealt round to its programs (one each when 4 divides NUM_H_BLOCKS).
+        BLOCK_N: tl.constexpr = 4 * BLOCK_H
+        NUM_ITEMS: tl.constexpr = 4 * ((R + BLOCK_N - 1) // BLOCK_N)
+        ITEMS_PER_PROGRAM: tl.constexpr = (NUM_ITEMS + NUM_H_BLOCKS - 1) // NUM_H_BLOCKS
     if PROJ and RESIDENT:
         # W_hr[:, own hidden units] as [RP, BLOCK_H]: dr = dh @ W_hr.
         o_jr = reduction_index(RP, SPLIT_K)
@@ -230,9 +249,14 @@ def lstm_backward_kernel(
 
     b_dc = tl.load(dc_state + p_bu, mask=m_bu, other=0.0)
     step = T - 1 - q_begin // PHASES
-    b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
-        step, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b, o_u, m_u, p_bu, m_bu, H,
-        HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC, reverse)
+    # What the cell phase needs is loaded a step ahead, its latency hidden behind the wait;
+    # with GATE_SPLIT at the start of its own phase instead, so that it is not held in
+    # registers through the GEMM phase.
+    PREFETCH_SAVED: tl.constexpr = not GATE_SPLIT
+    if PREFETCH_SAVED:
+        b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
+            step, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b, o_u, m_u, p_bu,
+            m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC, reverse)
     # Whether each row restarted at the step after this one (read by the dh phase).
     _, running_after = step_rows(step + 1, length, m_b, reverse)
     if HAS_RESTARTS:
@@ -245,86 +269,117 @@ def lstm_backward_kernel(
         t_row, running = step_rows(step, length, m_b, reverse)
         if PROJ:
             dh_phase = q % 2 == 0
-        else:
-            dh_phase: tl.constexpr = True
-        if dh_phase:
-            # dG of the next step of every unit, written by all programs of this group.
-            # Rows whose sequence ended after this step pass dh_n through unchanged. At s = 0
-            # no row runs at step T, so the dot reads nothing. A branch on s instead makes
-            # Triton carry dh and dc in two layouts at once (with cell_gradients' order,
-            # ptxas on a bf16 64x64 tile: 192 bytes of spill with both as they were, 88 with
-            # either, none with neither).
-            t_next, running_next = step_rows(step + 1, length, m_b, reverse)
-            p_rows = dgates + (t_next * B + o_b) * GS
-            if RESIDENT and CHUNKED:
-                b_dot = chunked_dot(p_rows, running_next, w_chunks, H, BLOCK_K, NUM_CHUNKS,
-                                    HP, DOT_PRECISION, ACC, DATAFLOW, True)
-            elif RESIDENT:
-                b_dot = gate_rows_dot_resident(p_rows, running_next, o_j, b_wi, b_wf, b_wg,
-                                               b_wo, H, SPLIT_K, DOT_PRECISION, ACC, DATAFLOW)
-            else:
-                b_dot = gate_rows_dot_streamed(p_rows, running_next, w_hh, o_r, m_r, H, HP, R,
-                                               BLOCK_K, BLOCK_O, DOT_PRECISION, ACC,
-                                               INNER_STAGES, DATAFLOW)
-            if HAS_RESTARTS:
-                # Rows that restarted at step + 1 read the restart state there, not this
-                # step's h: that part of the gradient belongs to the restart state.
-                m_acc = (running_next & b_restarted_after)[:, None] & m_r[None, :]
-                p_acc = dh_restart + p_br
-                tl.store(p_acc, tl.load(p_acc, mask=m_acc, other=0.0) + b_dot, mask=m_acc)
-                b_dot = tl.where(b_restarted_after[:, None], 0.0, b_dot)
-            b_dh = tl.where(running_next[:, None], b_dot, b_dhn)
-            if s < T:
-                if HAS_DY:
-                    b_dh += tl.load(dy + (t_row * B + o_b)[:, None] * YS + o_r[None, :],
-                                    mask=running[:, None] & m_r[None, :], other=0.0).to(ACC)
-                if PROJ:
-                    b_dh_out = published(tl.where(running[:, None], b_dh, 0.0), DATAFLOW)
-                    tl.store(dh_all + (t_row * B + o_b)[:, None] * R + o_r[None, :],
-                             b_dh_out.to(dh_all.dtype.element_ty), mask=m_br)
-            else:
-                tl.store(dh0 + p_br, b_dh.to(dh0.dtype.element_ty), mask=m_br)
-        if PROJ:
             cell_phase = q % 2 == 1
         else:
+            dh_phase: tl.constexpr = True    # (GATE_SPLIT: in the phase after the GEMM's)
             cell_phase = s < T
-        if cell_phase:
-            if PROJ:
-                # dr = dh_t @ W_hr over all output units, written by every program last phase.
-                p_rows = dh_all + (t_row * B + o_b) * R
-                if RESIDENT:
-                    b_dr = split_dot(p_rows, running, o_jr, b_whr, R, SPLIT_K, DOT_PRECISION, ACC,
-                                     DATAFLOW, True)
-                else:
-                    b_dr = streamed_dot(p_rows, running, w_hr + o_u, m_u, R, RP, H, BLOCK_K,
-                                        DOT_PRECISION, ACC, INNER_STAGES, DATAFLOW, True)
-            else:
-                b_dr = b_dh
-            m_run = running[:, None] & m_u[None, :]
-            b_dgi, b_dgf, b_dgg, b_dgo, b_dc_t = cell_gradients(b_dr, b_dc, b_i, b_f, b_g, b_o,
-                                                                b_ct, b_cp, m_run, DATAFLOW)
-            store_gates(dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :], b_dgi, b_dgf,
-                        b_dgg, b_dgo, H, m_bu)
-            b_dc = tl.where(m_run, b_dc_t * b_f, b_dc)       # stopped rows carry dc_n through
-            if HAS_RESTARTS:
-                # This step started from the restart state: dc_next is that state's gradient.
-                m_acc = b_restarted[:, None] & m_bu
-                p_acc = dc_restart + p_bu
-                tl.store(p_acc, tl.load(p_acc, mask=m_acc, other=0.0) + b_dc, mask=m_acc)
-                b_dc = tl.where(m_acc, 0.0, b_dc)
-                b_restarted_after = b_restarted
-            if DATAFLOW or not PREFETCH_AFTER_ARRIVE:
-                # The next step's saved values do not depend on the recurrence: their
-                # loads are in flight while this program waits (barrier, or the data).
-                q_next = tl.full([BLOCK_B], (s + 1) * PHASES, tl.int32)
-                m_next = m_b & (q_next < q_end)
+        if GATE_SPLIT:
+            gemm_phase = q % 2 == 0
+            cell_phase = cell_phase & (q % 2 == 1)
+        else:
+            gemm_phase: tl.constexpr = False
+        if gemm_phase:
+            # Shares of dG_{t+1} @ W_hh: gate k's H columns of dG against W_hh's rows of
+            # gate k, for the item's output units; the owners add them next phase.
+            t_next, running_next = step_rows(step + 1, length, m_b, reverse)
+            for extra in tl.static_range(ITEMS_PER_PROGRAM):
+                item = i_h + extra * NUM_H_BLOCKS
+                gate = item % 4
+                o_n = (item // 4) * BLOCK_N + tl.arange(0, BLOCK_N)
+                m_n = o_n < R
+                m_rows = running_next & (tl.full([BLOCK_B], item, tl.int32) < NUM_ITEMS)
+                b_part = streamed_dot(dgates + (t_next * B + o_b) * GS + gate * H, m_rows,
+                                      w_hh + gate * H * R + o_n, m_n, H, HP, R, BLOCK_K,
+                                      DOT_PRECISION, ACC, INNER_STAGES)
+                tl.store(dh_parts + gate * B * R + o_b[:, None] * R + o_n[None, :], b_part,
+                         mask=m_b[:, None] & m_n[None, :])
+        else:
+            if not PREFETCH_SAVED:
                 b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
-                    step - 1, length, m_next, gates, c_all, c0, restarts, c_restart, B, o_b, o_u,
-                    m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC, reverse)
+                    step, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b, o_u, m_u,
+                    p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC, reverse)
+            if dh_phase:
+                # dG of the next step of every unit, written by all programs of this group.
+                # Rows whose sequence ended after this step pass dh_n through unchanged. At s = 0
+                # no row runs at step T, so the dot reads nothing. A branch on s instead makes
+                # Triton carry dh and dc in two layouts at once (with cell_gradients' order,
+                # ptxas on a bf16 64x64 tile: 192 bytes of spill with both as they were, 88 with
+                # either, none with neither).
+                t_next, running_next = step_rows(step + 1, length, m_b, reverse)
+                p_rows = dgates + (t_next * B + o_b) * GS
+                if GATE_SPLIT:
+                    # The four shares of own units, written by the group's programs last phase.
+                    p_part = dh_parts + p_br
+                    m_part = running_next[:, None] & m_r[None, :]
+                    b_dot = load_written(p_part, m_part, False, True)
+                    for gate in tl.static_range(1, 4):
+                        b_dot += load_written(p_part + gate * B * R, m_part, False, True)
+                elif RESIDENT and CHUNKED:
+                    b_dot = chunked_dot(p_rows, running_next, w_chunks, H, BLOCK_K, NUM_CHUNKS,
+                                        HP, DOT_PRECISION, ACC, DATAFLOW, True)
+                elif RESIDENT:
+                    b_dot = gate_rows_dot_resident(p_rows, running_next, o_j, b_wi, b_wf, b_wg,
+                                                   b_wo, H, SPLIT_K, DOT_PRECISION, ACC, DATAFLOW)
+                else:
+                    b_dot = gate_rows_dot_streamed(p_rows, running_next, w_hh, o_r, m_r, H, HP, R,
+                                                   BLOCK_K, BLOCK_O, DOT_PRECISION, ACC,
+                                                   INNER_STAGES, DATAFLOW)
+                if HAS_RESTARTS:
+                    # Rows that restarted at step + 1 read the restart state there, not this
+                    # step's h: that part of the gradient belongs to the restart state.
+                    m_acc = (running_next & b_restarted_after)[:, None] & m_r[None, :]
+                    p_acc = dh_restart + p_br
+                    tl.store(p_acc, tl.load(p_acc, mask=m_acc, other=0.0) + b_dot, mask=m_acc)
+                    b_dot = tl.where(b_restarted_after[:, None], 0.0, b_dot)
+                b_dh = tl.where(running_next[:, None], b_dot, b_dhn)
+                if s < T:
+                    if HAS_DY:
+                        b_dh += tl.load(dy + (t_row * B + o_b)[:, None] * YS + o_r[None, :],
+                                        mask=running[:, None] & m_r[None, :], other=0.0).to(ACC)
+                    if PROJ:
+                        b_dh_out = published(tl.where(running[:, None], b_dh, 0.0), DATAFLOW)
+                        tl.store(dh_all + (t_row * B + o_b)[:, None] * R + o_r[None, :],
+                                 b_dh_out.to(dh_all.dtype.element_ty), mask=m_br)
+                else:
+                    tl.store(dh0 + p_br, b_dh.to(dh0.dtype.element_ty), mask=m_br)
+            if cell_phase:
+                if PROJ:
+                    # dr = dh_t @ W_hr over all output units, written by every program last phase.
+                    p_rows = dh_all + (t_row * B + o_b) * R
+                    if RESIDENT:
+                        b_dr = split_dot(p_rows, running, o_jr, b_whr, R, SPLIT_K, DOT_PRECISION,
+                                         ACC, DATAFLOW, True)
+                    else:
+                        b_dr = streamed_dot(p_rows, running, w_hr + o_u, m_u, R, RP, H, BLOCK_K,
+                                            DOT_PRECISION, ACC, INNER_STAGES, DATAFLOW, True)
+                else:
+                    b_dr = b_dh
+                m_run = running[:, None] & m_u[None, :]
+                b_dgi, b_dgf, b_dgg, b_dgo, b_dc_t = cell_gradients(b_dr, b_dc, b_i, b_f, b_g, b_o,
+                                                                    b_ct, b_cp, m_run, DATAFLOW)
+                store_gates(dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :], b_dgi, b_dgf,
+                            b_dgg, b_dgo, H, m_bu)
+                b_dc = tl.where(m_run, b_dc_t * b_f, b_dc)       # stopped rows carry dc_n through
+                if HAS_RESTARTS:
+                    # This step started from the restart state: dc_next is that state's gradient.
+                    m_acc = b_restarted[:, None] & m_bu
+                    p_acc = dc_restart + p_bu
+                    tl.store(p_acc, tl.load(p_acc, mask=m_acc, other=0.0) + b_dc, mask=m_acc)
+                    b_dc = tl.where(m_acc, 0.0, b_dc)
+                    b_restarted_after = b_restarted
+                if PREFETCH_SAVED and (DATAFLOW or not PREFETCH_AFTER_ARRIVE):
+                    # The next step's saved values do not depend on the recurrence: their
+                    # loads are in flight while this program waits (barrier, or the data).
+                    q_next = tl.full([BLOCK_B], (s + 1) * PHASES, tl.int32)
+                    m_next = m_b & (q_next < q_end)
+                    b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
+                        step - 1, length, m_next, gates, c_all, c0, restarts, c_restart, B, o_b,
+                        o_u, m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC,
+                        reverse)
         if PERSISTENT and not DATAFLOW:
             if q < q_end - 1:
                 arrived = barrier_arrive(counter, leader_inc, i_h == 0)
-                if PREFETCH_AFTER_ARRIVE and cell_phase:
+                if PREFETCH_AFTER_ARRIVE and PREFETCH_SAVED and cell_phase:
                     # After the release: the loads do not hold up this program's arrival.
                     b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
                         step - 1, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b,
@@ -359,11 +414,14 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
     R = w_hh.shape[2]
     device, dtype = w_hh.device, w_hh.dtype
     acc = state_dtype(dtype)
-    config = config or pick_config(B, H, dtype, device, "backward", D, proj=w_hr is not None)
     proj = w_hr is not None
+    config = config or pick_config(B, H, dtype, device, "backward", D, proj=proj)
+    if config.gate_split and not gate_split_applies(config, proj):
+        config = dataclasses.replace(config, gate_split=False)
     dgates = torch.empty(T, B, D * 4 * H, dtype=dtype, device=device)
     dh0 = torch.empty(D, B, R, dtype=dtype, device=device)
     dh_all = torch.empty(D, T, B, R, dtype=dtype, device=device) if proj else None
+    dh_parts = torch.empty(D, 4, B, R, dtype=acc, device=device) if config.gate_split else None
     if config.dataflow:          # the slots other programs poll
         fill_unwritten(dgates)
         if proj:
@@ -378,7 +436,8 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
     args = (dgates if dy is None else dy.contiguous(), dh0 if dh_n is None else dh_n.contiguous(),
             dc_state, gates, c_all, dh0 if c0 is None else c0,
             lengths if lengths is not None else dc_state, w_hh, w_hr if proj else w_hh, dgates,
-            dh_all if proj else dc_state, dh0, restarts if has_restarts else dc_state,
+            dh_all if proj else dc_state, dh_parts if config.gate_split else dc_state, dh0,
+            restarts if has_restarts else dc_state,
             c_restart if c_restart is not None else dc_state,
             dh_restart if has_restarts else dc_state, dc_restart if has_restarts else dc_state,
             T, B)
@@ -386,8 +445,11 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
                       HAS_DY=dy is not None, HAS_DHN=dh_n is not None, HAS_H0=c0 is not None,
                       HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(dtype, device),
                       REVERSE=reverse, HAS_RESTARTS=has_restarts,
-                      RESTART_FROM_STATE=c_restart is not None)
-    launch_recurrence(lstm_backward_kernel, args, constexprs, num_steps=T * (2 if proj else 1) + 1,
+                      RESTART_FROM_STATE=c_restart is not None, GATE_SPLIT=config.gate_split)
+    # Phases: T + 1 stages, two each with a projection or a gate split (the last stage of a
+    # projection has no cell phase).
+    num_steps = 2 * (T + 1) if config.gate_split else T * (2 if proj else 1) + 1
+    launch_recurrence(lstm_backward_kernel, args, constexprs, num_steps=num_steps,
                       batch=B, hidden_size=H, output_size=R, num_directions=D, config=config,
                       device=device, force_stepped=force_stepped)
     return dgates, dh0, dc_state, dh_all, dh_restart, dc_restart
