@@ -219,6 +219,23 @@ def test_make_tune_also_times_the_square_backward_tile_where_it_fills_the_device
     assert squares(512, 1024, torch.bfloat16, D=2) == []     # 256 programs: two launches
 
 
+def test_make_tune_also_times_the_backward_with_its_gate_split():
+    """The heuristic's streamed backward of 64+ rows with the gate split, pipelined and not;
+    where that grid needs two launches, also twice its units in one (2-byte dtypes)."""
+    def split_tiles(B, H, dtype, proj=False):
+        sweep = autotune.candidate_configs("backward", B, H, dtype, 1, 132, "sweep", proj)
+        return sorted((c.block_b, c.block_h, c.inner_stages) for c in sweep if c.gate_split)
+
+    assert split_tiles(128, 1024, torch.bfloat16) == [(64, 16, 1), (64, 16, 3)]
+    assert split_tiles(512, 1024, torch.bfloat16) == [(128, 16, 1), (128, 16, 3), (128, 32, 1),
+                                                      (128, 32, 3)]
+    assert split_tiles(512, 1024, torch.float32) == [(128, 16, 1), (128, 16, 3)]
+    assert split_tiles(512, 1024, torch.bfloat16, proj=True) == []
+    assert split_tiles(8, 512, torch.bfloat16) == []          # resident, 16 rows
+    assert not any(c.gate_split for c in autotune.candidate_configs(
+        "forward", 512, 1024, torch.bfloat16, 1, 132, "wide"))
+
+
 def test_the_heuristic_streams_the_weights_where_a_resident_operand_would_spill():
     # 128 rows at 8 warps (bf16 B=512 H=256: 688 bytes of spill on sm_90), any 16-warp tile
     # that stages 256+ bytes a thread; 64 rows at 8 warps and small H stay resident.

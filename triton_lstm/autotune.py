@@ -58,7 +58,9 @@ WARP_LAYOUTS = ((1, 4), (4, 8), (4, 16))   # (split_k, num_warps), light tiles t
 # Register bounds, from ptxas on sm_90 (perf/NOTES.md, "Which tiles spill"):
 REGISTER_TILE = 2048        # batch rows x hidden units per program: larger tiles spill,
 STREAMED_TILE = 4096        # but not streamed 2-byte ones at 16 warps: the forward (ptxas, 3.6:
-                            # 106 regs at 128x32), the backward's 64x64 for H >= 1024 (128)
+                            # 106 regs at 128x32), the backward's 64x64 for H >= 1024 (128),
+                            # and its gate split at 128x32 (120-180 bytes of spill, SASS: loop
+                            # invariants reloaded once a phase, not in the K loop)
 BACKWARD_SLICE_BYTES = 512  # unsplit backward: weight slice per thread past which it spills
 
 
@@ -77,12 +79,12 @@ def runs_well(config: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
     if cdiv(hidden, config.block_h) * directions > num_sms:
         return False
     wide_ok = (not config.resident and config.num_warps >= 16 and dtype.itemsize == 2
-               and (kernel == "forward" or (padded(hidden) >= 1024 and config.block_b <= 64)))
+               and (kernel == "forward" or (padded(hidden) >= 1024
+                                            and (config.block_b <= 64 or config.gate_split))))
     if config.block_b * config.block_h > (STREAMED_TILE if wide_ok else REGISTER_TILE):
         return False
-    if config.gate_split and (kernel != "backward" or config.resident or config.dataflow
-                              or config.block_b * config.block_h > REGISTER_TILE):
-        return False    # its GEMM phase holds a [block_b, 4 * block_h] accumulator
+    if config.gate_split and (kernel != "backward" or config.resident or config.dataflow):
+        return False
     if config.resident and on_chip_bytes(hidden, config.block_b, config.block_h,
                                          dtype) > ON_CHIP_BUDGET:
         return False
@@ -178,6 +180,12 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
         if kernel == "backward" and base.block_b >= 64 and not base.resident:
             gate_split = [dataclasses.replace(base, gate_split=True, inner_stages=stages)
                           for stages in (1, PIPELINE_STAGES) if not proj]
+            # Where the heuristic's grid needs two launches, the gate split's fewer bytes a
+            # step also pay for twice the units in one (128x32 at B=512 H=1024).
+            one_launch = [dataclasses.replace(c, block_h=2 * c.block_h) for c in gate_split]
+            if (cdiv(hidden, base.block_h) * cdiv(batch, base.block_b) * directions > num_sms
+                    >= cdiv(hidden, 2 * base.block_h) * cdiv(batch, base.block_b) * directions):
+                gate_split += one_launch
             configs += [c for c in square_backward_tiles(base, batch, hidden, directions, num_sms)
                         + gate_split if c not in configs and runs_well(
                             c, kernel, batch, hidden, dtype, directions, num_sms)]
