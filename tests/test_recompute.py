@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import triton_lstm
-from triton_lstm import dispatch
+from triton_lstm import dispatch, tuning
 
 from .conftest import requires_interpreter
 
@@ -37,9 +37,15 @@ CASES = [  # options, T, every, hx, lengths, resets
 ]
 
 
+# The backward with its dh as a GEMM phase split by gate, run segment by segment.
+GATE_SPLIT = dispatch.KernelConfig(block_b=16, block_h=4, resident=False, block_k=16,
+                                   gate_split=True)
+
+
+@pytest.mark.parametrize("backward", [None, GATE_SPLIT], ids=["", "gate-split"])
 @pytest.mark.parametrize("options, T, every, with_hx, lengths, resets", CASES)
 def test_gradients_with_recompute_equal_those_without(options, T, every, with_hx, lengths,
-                                                      resets):
+                                                      resets, backward):
     B, I, H = 3, 4, 5
     ref = nn.LSTM(I, H, dtype=torch.float64, **options)
     saving = triton_lstm.LSTM.from_torch(ref, backend="triton")
@@ -60,7 +66,8 @@ def test_gradients_with_recompute_equal_those_without(options, T, every, with_hx
         return upstreams["u"]
 
     want = outputs_and_grads(saving, x, hx, reset, lengths, upstream)
-    got = outputs_and_grads(recomputing, x, hx, reset, lengths, upstream)
+    with tuning.forced_configs(backward=backward):
+        got = outputs_and_grads(recomputing, x, hx, reset, lengths, upstream)
     for k, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(g, w, **TOL, msg=lambda m, k=k: f"tensor {k}: {m}")
 
