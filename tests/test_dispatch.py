@@ -82,6 +82,23 @@ def table(*entries):
 
 # -- lookup ------------------------------------------------------------------------------------
 
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "rnn"), reason="torch without the fp32 "
+                    "precision API: cudnn.allow_tf32 is the only flag")
+def test_fp32_dots_follow_the_cudnn_rnn_tf32_flag_as_nn_lstm_does():
+    """With the RNN flag set apart from the convolutions' (torch's new fp32 precision API),
+    the legacy cudnn.allow_tf32 raises; the kernels follow the RNN's, as nn.LSTM does."""
+    cudnn, cuda = torch.backends.cudnn, torch.device("cuda")
+    saved = cudnn.rnn.fp32_precision, cudnn.conv.fp32_precision
+    try:
+        for rnn, conv in (("ieee", "tf32"), ("tf32", "ieee"), ("tf32", "tf32"), ("ieee", "ieee")):
+            cudnn.rnn.fp32_precision, cudnn.conv.fp32_precision = rnn, conv
+            assert dispatch.dot_precision(torch.float32, cuda) == rnn
+            assert dispatch.dot_precision(torch.bfloat16, cuda) == "ieee"
+            assert dispatch.dot_precision(torch.float32, torch.device("cpu")) == "ieee"
+    finally:
+        cudnn.rnn.fp32_precision, cudnn.conv.fp32_precision = saved
+
+
 def test_config_labels_round_trip():
     c = config(block_b=64, block_h=16, split_k=4, num_warps=16, resident=False)
     assert tuning.config_label(c) == "bb64-bh16-str-bk64-sk4-w16"

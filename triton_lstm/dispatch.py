@@ -101,10 +101,21 @@ def padded(hidden_size: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """tf32 for fp32 on GPU when cuDNN may use it (nn.LSTM's rule), exact otherwise."""
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+    """tf32 for fp32 on GPU when cuDNN's RNN may use it (nn.LSTM's rule), exact otherwise."""
+    if dtype == torch.float32 and device.type == "cuda" and cudnn_rnn_allows_tf32():
         return "tf32"
     return "ieee"
+
+
+def cudnn_rnn_allows_tf32() -> bool:
+    """The flag nn.LSTM's cuDNN path follows: torch.backends.cudnn.rnn.fp32_precision (read
+    back resolved through its parents) where torch has it, else cudnn.allow_tf32. The legacy
+    flag raises once the RNN and convolution flags are set apart through the new API."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    precision = getattr(rnn, "fp32_precision", None)
+    if precision is None:
+        return torch.backends.cudnn.allow_tf32
+    return precision == "tf32"
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
