@@ -1,4 +1,4 @@
-"""How fast can an fp32 layer's input GEMM run under nn.LSTM's tf32 rule? Three paths, timed.
+"""How fast can an fp32 layer's input GEMM run under nn.LSTM's tf32 rule? Four paths, timed.
 
 An fp32 layer at large batch spends most of its forward in x W_ih^T (run 3, perf/NOTES.md:
 83 of 128 µs/step at B = 512, H = 1024), which torch runs in full fp32 unless
@@ -6,11 +6,13 @@ An fp32 layer at large batch spends most of its forward in x W_ih^T (run 3, perf
 ``torch.backends.cudnn.allow_tf32`` (on by default), as the kernels' own dots do. The same
 GEMM as a 1x1 convolution runs in cuDNN and follows the cuDNN flag, so the input projection
 (and the gradient GEMMs) could follow nn.LSTM's rule without touching a global flag, if
-cuDNN runs it near cuBLAS's tf32 speed. Per shape, [T*B, I] x [I, 4H]:
+cuDNN runs it near cuBLAS's tf32 speed; so could kernels/gemm.py, which takes the precision
+as an argument. Per shape, [T*B, I] x [I, 4H]:
 
     fp32-gemm    torch.addmm, matmul tf32 off (today's path)
     tf32-gemm    torch.addmm with torch.backends.cuda.matmul.allow_tf32 = True
     tf32-conv    F.conv1d over [T*B, I, 1] with a [4H, I, 1] weight (cudnn.allow_tf32)
+    tf32-triton  triton_lstm.kernels.gemm.matmul(precision="tf32")
 
 prints µs per step (per T rows) and TFLOP/s, and each path's max relative difference
 from the fp32 GEMM. Writes gemm_paths.csv to $OUT (or --out).
@@ -32,8 +34,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from timing import bench_ms  # noqa: E402
 from variants import write_csv  # noqa: E402
 
+from triton_lstm.kernels.gemm import matmul  # noqa: E402
+
 SHAPES = [(64, 1024), (128, 1024), (512, 512), (512, 1024)]    # (B, H), I = H
-PATHS = ("fp32-gemm", "tf32-gemm", "tf32-conv")
+PATHS = ("fp32-gemm", "tf32-gemm", "tf32-conv", "tf32-triton")
 FIELDS = ["path", "B", "H", "T", "us_per_step", "tflops", "max_rel_diff", "gpu", "torch"]
 
 
@@ -43,6 +47,8 @@ def projection(path: str, x2: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tens
         weight = w_ih.unsqueeze(-1)                       # [4H, I, 1]
         x3 = x2.unsqueeze(-1)                             # [T*B, I, 1]
         return lambda: F.conv1d(x3, weight, bias).squeeze(-1)
+    if path == "tf32-triton":
+        return lambda: matmul(x2, w_ih.t(), bias, precision="tf32")
     return lambda: torch.addmm(bias, x2, w_ih.t())
 
 
