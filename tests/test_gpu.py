@@ -80,15 +80,19 @@ def test_persistent_matches_float64_within_twice_cudnn_error(shape, dtype_name):
             f"{name}: error {ours_err:.2e} vs nn.LSTM's {torch_err:.2e} (+{slack:.0e})")
 
 
+@pytest.mark.parametrize("config", [None, "bb64-bh16-str-bk64-sk4-w8-gs"],
+                         ids=["default", "gate-split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_two_runs_are_bitwise_equal_and_stepped_matches_persistent(dtype):
+def test_two_runs_are_bitwise_equal_and_stepped_matches_persistent(dtype, config):
+    from triton_lstm.tuning import config_from_label
+    config = config and config_from_label(config)
     T, B, I, H = 33, 8, 128, 512
     torch_lstm = torch.nn.LSTM(I, H, device="cuda", dtype=dtype)
     x = torch.randn(T, B, I, device="cuda", dtype=dtype, requires_grad=True)
     params = list(torch_lstm.parameters())
     runs = []
     for force_stepped in (False, False, True):
-        y, h, c, *_ = LSTMFunction.apply(x, None, None, *params, None, None, force_stepped)
+        y, h, c, *_ = LSTMFunction.apply(x, None, None, *params, None, config, force_stepped)
         grads = torch.autograd.grad((y * 1.5).sum() + h.sum() - c.sum(), [x] + params)
         runs.append([y, h, c, *grads])
     for first, second, stepped in zip(*runs):

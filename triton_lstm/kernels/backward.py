@@ -271,7 +271,7 @@ def lstm_backward_kernel(
             dh_phase = q % 2 == 0
             cell_phase = q % 2 == 1
         else:
-            dh_phase: tl.constexpr = True    # (GATE_SPLIT: in the phase after the GEMM's)
+            dh_phase: tl.constexpr = True    # with GATE_SPLIT, in the phase after the GEMM's
             cell_phase = s < T
         if GATE_SPLIT:
             gemm_phase = q % 2 == 0
