@@ -177,7 +177,7 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
             if fewer_bytes not in configs and runs_well(fewer_bytes, kernel, batch, hidden, dtype,
                                                         directions, num_sms):
                 configs.append(fewer_bytes)
-        if kernel == "backward" and base.block_b >= 64 and not base.resident:
+        if kernel == "backward" and batch >= 64 and not base.resident:
             gate_split = [dataclasses.replace(base, gate_split=True, inner_stages=stages)
                           for stages in (1, PIPELINE_STAGES) if not proj]
             # Where the heuristic's grid needs two launches, the gate split's fewer bytes a
