@@ -220,7 +220,8 @@ def test_make_tune_also_times_large_streamed_tiles_in_shapes_that_move_fewer_byt
 
 
 @pytest.mark.parametrize("B, H, dtype, forward, backward", [
-    (512, 1024, torch.bfloat16, (128, 16), (64, 32)), (128, 1024, torch.bfloat16, (64, 16), (32, 32)),
+    (512, 1024, torch.bfloat16, (128, 16), (64, 32)),
+    (128, 1024, torch.bfloat16, (64, 16), (32, 32)),
     (512, 256, torch.float32, (128, 8), (64, 16)),
     (128, 1024, torch.float32, (64, 16), (64, 16)),    # 16 warps: 32 rows would spill
 ])

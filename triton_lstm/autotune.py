@@ -59,8 +59,8 @@ WARP_LAYOUTS = ((1, 4), (4, 8), (4, 16))   # (split_k, num_warps), light tiles t
 REGISTER_TILE = 2048        # batch rows x hidden units per program: larger tiles spill,
 STREAMED_TILE = 4096        # but not streamed 2-byte ones at 16 warps: the forward (ptxas, 3.6:
                             # 106 regs at 128x32), the backward's 64x64 for H >= 1024 (128),
-                            # and its gate split at 128x32 (120-180 bytes of spill, SASS: loop
-                            # invariants reloaded once a phase, not in the K loop)
+                            # and its gate split at 64x64 or 128x32 (100-180 bytes of spill,
+                            # SASS: loop invariants reloaded once a phase, not in the K loop)
 BACKWARD_SLICE_BYTES = 512  # unsplit backward: weight slice per thread past which it spills
 
 
@@ -181,7 +181,7 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
             gate_split = [dataclasses.replace(base, gate_split=True, inner_stages=stages)
                           for stages in (1, PIPELINE_STAGES) if not proj]
             # Where the heuristic's grid needs two launches, the gate split's fewer bytes a
-            # step also pay for twice the units in one (128x32 at B=512 H=1024).
+            # step also pay for twice the units in one (64x64 at B=512 H=1024).
             one_launch = [dataclasses.replace(c, block_h=2 * c.block_h) for c in gate_split]
             if (cdiv(hidden, base.block_h) * cdiv(batch, base.block_b) * directions > num_sms
                     >= cdiv(hidden, 2 * base.block_h) * cdiv(batch, base.block_b) * directions):
@@ -195,9 +195,9 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
 def square_backward_tiles(base: KernelConfig, batch: int, hidden: int, directions: int,
                           num_sms: int) -> list[KernelConfig]:
     """`base` as a streamed 64x64 tile at 16 warps, unpipelined and pipelined, where its grid
-    fills at least 3/4 of the device in one launch. A step reads each program's rows of the 4H-wide
-    dG and its units' slice of W: (H / block_h) * B + (B / block_b) * H rows of 4H in all,
-    least for a given tile area when block_b = block_h (perf/NOTES.md, issue 7)."""
+    fills at least 3/4 of the device in one launch. A step reads each program's rows of the
+    4H-wide dG and its units' slice of W: (H / block_h) * B + (B / block_b) * H rows of 4H in
+    all, least for a given tile area when block_b = block_h (perf/NOTES.md, issue 7)."""
     programs = cdiv(hidden, 64) * cdiv(batch, 64) * directions
     if not 3 * num_sms <= 4 * programs <= 4 * num_sms:
         return []
