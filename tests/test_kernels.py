@@ -12,7 +12,7 @@ from triton_lstm.autograd import lstm_layer
 from triton_lstm.dispatch import KernelConfig, launch_counts
 
 from .conftest import requires_interpreter
-from .helpers import random_problem
+from .helpers import GATE_SPLIT, random_problem
 
 pytestmark = requires_interpreter
 
@@ -32,8 +32,7 @@ CONFIGS = {
                                                dataflow=True),
     # The backward's dh as a GEMM phase split four ways by gate (no projection: there, and
     # with resident weights, the backward runs without it).
-    "gate-split-bh4-bk16": KernelConfig(block_b=16, block_h=4, resident=False, block_k=16,
-                                        gate_split=True),
+    "gate-split-bh4-bk16": GATE_SPLIT,
     "gate-split-bh8-bk16-st3": KernelConfig(block_b=16, block_h=8, resident=False, block_k=16,
                                             inner_stages=3, gate_split=True),
 }

@@ -10,6 +10,7 @@ import triton_lstm
 from triton_lstm import dispatch, tuning
 
 from .conftest import requires_interpreter
+from .helpers import GATE_SPLIT
 
 pytestmark = requires_interpreter
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -35,11 +36,6 @@ CASES = [  # options, T, every, hx, lengths, resets
                  id="bidir-proj-packed-resets-k3"),
     pytest.param(dict(num_layers=2), 6, 4, False, None, True, id="L2-resets-k4"),
 ]
-
-
-# The backward with its dh as a GEMM phase split by gate, run segment by segment.
-GATE_SPLIT = dispatch.KernelConfig(block_b=16, block_h=4, resident=False, block_k=16,
-                                   gate_split=True)
 
 
 @pytest.mark.parametrize("backward", [None, GATE_SPLIT], ids=["", "gate-split"])

@@ -14,7 +14,7 @@ import triton_lstm
 from triton_lstm import LSTMInputError, dispatch, tuning
 
 from .conftest import requires_interpreter
-from .helpers import triton_copy
+from .helpers import GATE_SPLIT, triton_copy
 
 pytestmark = requires_interpreter
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -74,12 +74,8 @@ CASES = [
 ]
 
 
-# The backward with its dh as a GEMM phase split by gate (kernels/backward.py): restarts
-# move part of dh to the restart state, which that phase must leave to the sum.
-GATE_SPLIT = dispatch.KernelConfig(block_b=16, block_h=4, resident=False, block_k=16,
-                                   gate_split=True)
-
-
+# Forced gate split: restarts move part of dh to the restart state, which its GEMM phase
+# must leave to the sum.
 @pytest.mark.parametrize("backward", [None, GATE_SPLIT], ids=["", "gate-split"])
 @pytest.mark.parametrize("options, with_hx, lengths", CASES)
 def test_reset_matches_nn_lstm_on_the_pieces(options, with_hx, lengths, backward):

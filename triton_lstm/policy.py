@@ -86,7 +86,7 @@ def auto_uses_kernels(module, input: torch.Tensor) -> bool:
         2 if module.bidirectional else 1, module.proj_size > 0)
     if not decisions:
         return not cudnn_persistent_wins(module, input)
-    batch = input.shape[0 if module.batch_first else 1]
+    batch = _batch_of(module, input)
     bucket = tuning.batch_bucket([b for b, _, _ in decisions], batch)
     for measured, inference, training in decisions:
         if measured == bucket:
