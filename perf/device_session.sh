@@ -10,8 +10,9 @@
 #                                                  takes per row (about 2 min)
 #   COMMIT=<hash> bash perf/device_session.sh 2   call-to-call spread of small-batch steps,
 #                                                  fp32 input GEMM paths (tf32 via cuDNN),
-#                                                  the schedule variants, make perf's stack
-#                                                  section, the host's cost per call (8 min)
+#                                                  the schedule variants (the cluster barrier
+#                                                  first), make perf's stack section, the
+#                                                  host's cost per call (9 min)
 #   COMMIT=<hash> bash perf/device_session.sh 3   make tune: resumes the committed tune.csv
 #                                                  (its new candidates), then --wide (9 min)
 #   COMMIT=<hash> SHAPES="512x512 ..." bash perf/device_session.sh 4
@@ -52,9 +53,12 @@ case "${1:-}" in
 2)
     timeout 60 python3 perf/step_spread.py --out "$OUT" 2>&1 | tee "$OUT/step-spread.log"
     timeout 40 python3 perf/gemm_paths.py --out "$OUT" 2>&1 | tee "$OUT/gemm-paths.log"
-    # The large-batch rows first (the backward's square tile and gate split never ran).
-    timeout 150 python3 perf/variants.py --only large --out "$OUT/variants-large" 2>&1 \
+    # The cluster barrier's rows first, then the large-batch rows (the backward's square
+    # tile and gate split never ran).
+    timeout 60 python3 perf/variants.py --only cluster --out "$OUT/variants-cluster" 2>&1 \
         | tee "$OUT/variants.log"
+    timeout 150 python3 perf/variants.py --only large --out "$OUT/variants-large" 2>&1 \
+        | tee -a "$OUT/variants.log"
     timeout 50 python3 perf/variants.py --only small --out "$OUT/variants-small" 2>&1 \
         | tee -a "$OUT/variants.log"
     timeout 180 python3 perf/bench.py --stack only --dtypes bf16 fp16 --out "$OUT/stack" 2>&1 \

@@ -69,9 +69,17 @@ def compiled_row(compiled, **fields) -> dict:
     ptx = compiled.asm["ptx"]
     row = ptxas_report(ptx)
     row.update(fields, shared=compiled.metadata.shared,
-               state_load=state_load_bytes(ptx, compiled.asm["ttgir"]),
+               state_load=state_load_bytes(ptx, compiled.asm["ttgir"]), barrier=barrier_kind(ptx),
                mma="wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma"))
     return row
+
+
+def barrier_kind(ptx: str) -> str:
+    """How the programs wait for each other: "cluster" (the hardware cluster barrier),
+    "counter" (atomics on a counter in global memory) or "none" (dataflow waits)."""
+    if "barrier.cluster" in ptx:
+        return "cluster"
+    return "counter" if re.search(r"\batom\.", ptx) else "none"
 
 
 def state_load_bytes(ptx: str, ttgir: str):
@@ -120,7 +128,8 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
                   HAS_RESTARTS=restarts, RESTART_FROM_STATE=restarts,
                   INNER_STAGES=cfg.inner_stages if cfg.inner_stages > 1 else None,
                   PREFETCH_AFTER_ARRIVE=cfg.prefetch_after_arrive,
-                  CHUNKED=cfg.resident and cfg.chunked, DATAFLOW=cfg.dataflow)
+                  CHUNKED=cfg.resident and cfg.chunked, DATAFLOW=cfg.dataflow,
+                  CLUSTER=cfg.cluster)
     acc = "fp32"
     if kernel_name == "forward":
         kernel = lstm_forward_kernel

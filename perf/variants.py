@@ -3,14 +3,15 @@
 For the experiments of perf/NOTES.md: split_k of the small-batch backward, pipelined
 inner K loops (inner_stages), the next step's loads after the barrier arrival
 (prefetch_after_arrive), dataflow waits instead of the grid barrier (dataflow),
-resident weights in chunks at large H (chunked), wider large-batch tiles and the
-backward's gate split (gate_split). Each row runs one kernel
+resident weights in chunks at large H (chunked), wider large-batch tiles, the
+backward's gate split (gate_split) and the hardware cluster barrier for groups of 8-16
+programs (cluster; each beside the same tile at the counter). Each row runs one kernel
 (forward: lstm_forward with save as in training; backward: lstm_backward on that
 forward's saved values) at T steps, D = 1, I = H, and compares its outputs with the
 heuristic config's (a variant must compute the same function). Writes variants.csv
 to $OUT (or --out) and prints a table: µs per step, median and the 20-80% spread.
 
-    python3 perf/variants.py [--steps 256] [--only small|large] [--out DIR]
+    python3 perf/variants.py [--steps 256] [--only cluster|small|large] [--out DIR]
 """
 from __future__ import annotations
 
@@ -33,6 +34,22 @@ from triton_lstm.tuning import config_from_label, config_label  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (group, kernel, dtype, B, H, variant labels besides the heuristic's)
 EXPERIMENTS = [
+    # Small batch: groups of 16 (8) wider programs at the cluster barrier, and the same tiles
+    # at the counter, against the heuristic's 32-64 programs at the counter (issue 8).
+    ("cluster", "forward", "fp16", 8, 256, ["bb16-bh16-res-bk64-sk1-w4",
+                                            "bb16-bh16-res-bk64-sk1-w4-cl",
+                                            "bb16-bh32-res-bk64-sk1-w4-cl"]),
+    ("cluster", "forward", "bf16", 8, 512, ["bb16-bh32-res-bk64-sk1-w4",
+                                            "bb16-bh32-res-bk64-sk1-w4-cl",
+                                            "bb16-bh32-res-bk64-sk4-w8-cl"]),
+    ("cluster", "forward", "fp16", 8, 512, ["bb16-bh32-res-bk64-sk1-w4-cl"]),
+    ("cluster", "forward", "bf16", 1, 512, ["bb16-bh32-res-bk64-sk1-w4-cl"]),
+    ("cluster", "forward", "fp32", 8, 256, ["bb16-bh16-res-bk64-sk1-w4-cl"]),
+    ("cluster", "backward", "fp16", 8, 256, ["bb16-bh16-res-bk64-sk1-w4",
+                                             "bb16-bh16-res-bk64-sk1-w4-cl",
+                                             "bb16-bh32-res-bk64-sk1-w4-cl"]),
+    ("cluster", "backward", "bf16", 8, 512, ["bb16-bh32-res-bk64-sk4-w8",
+                                             "bb16-bh32-res-bk64-sk4-w8-cl"]),
     # Small batch: the backward's split_k (PERF-MODEL.md 2.4), loads after the arrival.
     ("small", "backward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk4-w4", "bb16-bh8-res-bk64-sk4-w8",
                                            "bb16-bh8-res-bk64-sk1-w4-pa",
@@ -128,7 +145,7 @@ def max_rel_diff(got, want) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=256)
-    parser.add_argument("--only", choices=("small", "large"))
+    parser.add_argument("--only", choices=("cluster", "small", "large"))
     parser.add_argument("--out", default=os.environ.get("OUT") or "perf/results")
     args = parser.parse_args()
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,

@@ -6,6 +6,8 @@ with ptxas; no GPU is involved. Two properties the kernels' speed rests on:
   backward) is vectorised, 16 bytes per instruction: read one element at a time, a step
   issues 8x the load instructions and holds every element in its own register;
 - the dispatcher's default tiles do not spill.
+It also checks how the programs of each kernel wait for each other (barrier.py): the
+cluster barrier's configs have no atomics left, dataflow's neither barrier.
 """
 import json
 import os
@@ -29,6 +31,11 @@ CASES = {
                             "--ckpt", "16"], True),
     "dataflow": (["--shapes", "8x512", "--dtypes", "bf16",
                   "--config", "bb16-bh8-res-bk64-sk4-w4-df"], False),
+    # Groups of 16 hidden blocks as one cluster, at the hardware cluster barrier.
+    "cluster": (["--shapes", "8x256", "--dtypes", "fp16", "fp32",
+                 "--config", "bb16-bh16-res-bk64-sk1-w4-cl"], True),
+    "cluster-wide": (["--shapes", "8x512", "--dtypes", "fp16", "bf16",
+                      "--config", "bb16-bh32-res-bk64-sk1-w4-cl"], True),
     "chunked": (["--shapes", "128x1024", "--dtypes", "bf16", "--kernels", "forward",
                  "--config", "bb64-bh16-chk-bk64-sk1-w4"], False),
     "pipelined": (["--shapes", "512x1024", "--dtypes", "bf16",
@@ -82,3 +89,9 @@ def test_sm90_state_loads_are_vectorised(case):
         assert row["state_load"] == VECTOR_BYTES, where | {"state_load": row["state_load"]}
         if defaults:
             assert row["spill"] == 0, where | {"spill": row["spill"]}
+        assert row["barrier"] == expected_barrier(args), where | {"barrier": row["barrier"]}
+
+
+def expected_barrier(args) -> str:
+    label = args[args.index("--config") + 1] if "--config" in args else ""
+    return "cluster" if label.endswith("-cl") else ("none" if "-df" in label else "counter")

@@ -106,8 +106,8 @@ def test_config_labels_round_trip():
     assert tuning.config_from_entry(tuning.config_entry(c, 3.14159)) == c
     assert tuning.config_entry(c, 3.14159)["us_per_step"] == 3.142
     every_flag = dataclasses.replace(c, inner_stages=3, prefetch_after_arrive=True,
-                                     dataflow=True, gate_split=True)
-    assert tuning.config_label(every_flag) == "bb64-bh16-str-bk64-sk4-w16-st3-pa-df-gs"
+                                     dataflow=True, gate_split=True, cluster=True)
+    assert tuning.config_label(every_flag) == "bb64-bh16-str-bk64-sk4-w16-st3-pa-df-gs-cl"
     assert tuning.config_from_label(tuning.config_label(every_flag)) == every_flag
     with pytest.raises(ValueError, match="label"):
         tuning.config_from_label("bb64-bh16")
@@ -190,7 +190,9 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
         streamed = not base.resident   # the K loop pipelined the other way
         large = base.block_b >= 64 and streamed   # and a tile moving fewer bytes
         split = 2 * (large and kernel == "backward")   # its gate split, pipelined and not
-        extra = small + streamed + large + split
+        # and at 16 rows, tiles whose group is one cluster (cluster barrier)
+        clustered = autotune.cluster_tiles(base, kernel, B, H, dtype, D, 132) if small else []
+        extra = small + streamed + large + split + len(clustered)
         for neighbourhood, most in (("heuristic", 1), ("sweep", 2 + extra),
                                     ("autotune", 5), ("wide", 8 + extra)):
             configs = autotune.candidate_configs(kernel, B, H, dtype, D, 132, neighbourhood)
@@ -201,6 +203,8 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
                                      if small and neighbourhood in ("sweep", "wide") else [])
             assert len([c for c in configs if c.gate_split]) == (
                 split if neighbourhood in ("sweep", "wide") else 0)
+            assert [c for c in configs if c.cluster] == (
+                clustered if neighbourhood in ("sweep", "wide") else [])
             flipped = dataclasses.replace(base, inner_stages=3 if base.inner_stages == 1 else 1)
             assert (flipped in configs) == (streamed and neighbourhood in ("sweep", "wide")
                                             and autotune.runs_well(flipped, kernel, B, H, dtype,
@@ -267,6 +271,115 @@ def test_make_tune_also_times_the_backward_with_its_gate_split():
     assert split_tiles(8, 512, torch.bfloat16) == []          # resident, 16 rows
     assert not any(c.gate_split for c in autotune.candidate_configs(
         "forward", 512, 1024, torch.bfloat16, 1, 132, "wide"))
+
+
+def test_make_tune_also_times_16_row_tiles_that_meet_at_the_cluster_barrier():
+    """Resident tiles whose group is one cluster of 16 or 8 programs, in the base's warp
+    layout or, where that does not run well, split over 8 warps; none where the weights of
+    so few programs do not fit on chip, none for tiles of more rows, none on first use."""
+    def clustered(kernel, B, H, dtype, neighbourhood="sweep"):
+        return [tuning.config_label(c) for c in autotune.candidate_configs(
+            kernel, B, H, dtype, 1, 132, neighbourhood) if c.cluster]
+
+    assert clustered("forward", 8, 256, torch.float16) == [
+        "bb16-bh16-res-bk64-sk1-w4-cl", "bb16-bh32-res-bk64-sk1-w4-cl"]
+    assert clustered("forward", 8, 512, torch.bfloat16) == ["bb16-bh32-res-bk64-sk1-w4-cl"]
+    assert clustered("backward", 8, 512, torch.bfloat16) == ["bb16-bh32-res-bk64-sk4-w8-cl"]
+    assert clustered("forward", 8, 1024, torch.bfloat16) == []    # 512 KB of weights a program
+    assert clustered("forward", 8, 512, torch.float32) == []
+    assert len(clustered("forward", 64, 256, torch.bfloat16)) == 2   # 4 batch blocks of 16
+    assert clustered("forward", 128, 256, torch.bfloat16) == []
+    assert clustered("forward", 8, 256, torch.bfloat16, "autotune") == []
+
+
+def test_the_cluster_barrier_runs_where_a_group_is_one_cluster_of_sm90(fake_gpu, monkeypatch):
+    c = dataclasses.replace(config(block_h=16), cluster=True)
+    assert [dispatch.cluster_size(c, H, CUDA) for H in (256, 128, 48, 160, 512, 16)] == [
+        16, 8, 3, 1, 1, 1]      # 10 and 32 programs: no cluster of sm_90; one: no barrier
+    assert dispatch.cluster_size(dataclasses.replace(c, cluster=False), 256, CUDA) == 1
+    assert dispatch.cluster_size(dataclasses.replace(c, dataflow=True), 256, CUDA) == 1
+    assert dispatch.cluster_size(c, 256, CUDA, shared_barrier=True) == 1   # the wavefront's
+    assert dispatch.cluster_size(c, 256, torch.device("cpu")) == 1
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(multi_processor_count=108,
+                                                                  major=8, minor=0))
+    tuning.clear_caches()
+    assert dispatch.cluster_size(c, 256, CUDA) == 1
+
+
+class ClusterKernel:
+    """A kernel as launch_in_clusters sees it: warmup gives the compiled kernel for the
+    arguments, which records its launches with the launch parameters they had."""
+    arg_names = ["x", "y", "T", "FLAG"]
+    fn = types.SimpleNamespace(__name__="fake_kernel")
+
+    def __init__(self, num_ctas=1):
+        self.packed_metadata = (4, num_ctas, 1024)
+        self.metadata = types.SimpleNamespace(shared=1024, global_scratch_size=0)
+        self.function, self.launches = 7, []
+
+    def warmup(self, *args, grid, **kwargs):
+        return self
+
+    def _init_handles(self):
+        pass
+
+    def __getitem__(self, grid):
+        return lambda *args: self.launches.append((grid, args, self.packed_metadata))
+
+
+def test_a_cluster_launch_runs_the_grid_as_clusters_of_one_group(monkeypatch):
+    fits = []
+    monkeypatch.setattr(triton.runtime.driver, "_active", types.SimpleNamespace(
+        utils=types.SimpleNamespace(cuOccupancyMaxActiveClusters=lambda f, shared, size: (
+            fits.append((f, shared, size)) or 2))))
+    kernel = ClusterKernel()
+    flags = dict(FLAG=True, num_warps=4, num_stages=1)
+    assert dispatch.launch_in_clusters(kernel, (32, 2), ("x", "y", 5), flags, 16)
+    assert fits == [(7, 1024, 16)]
+    # 2 x 2 clusters of 16 programs, every argument in the kernel's order, constexprs included.
+    assert kernel.launches == [((2, 2, 1), ("x", "y", 5, True), (4, 16, 1024))]
+    assert dispatch.launch_in_clusters(kernel, (32, 2), ("x", "y", 6), flags, 16)
+    assert len(fits) == 1 and kernel.launches[-1][2] == (4, 16, 1024)
+
+
+def test_a_cluster_that_cannot_be_resident_launches_nothing(monkeypatch):
+    monkeypatch.setattr(triton.runtime.driver, "_active", types.SimpleNamespace(
+        utils=types.SimpleNamespace(cuOccupancyMaxActiveClusters=lambda *a: 0)))
+    kernel = ClusterKernel()
+    assert not dispatch.launch_in_clusters(kernel, (32, 1), ("x", "y", 5), dict(FLAG=1), 16)
+    assert kernel.launches == [] and kernel.packed_metadata == (4, 1, 1024)
+    split = ClusterKernel(num_ctas=2)     # compiled across CTAs: not ours to cluster
+    with pytest.raises(RuntimeError, match="clusters"):
+        dispatch.launch_in_clusters(split, (32, 1), ("x", "y", 5), dict(FLAG=1), 16)
+
+
+def test_launch_recurrence_takes_the_cluster_barrier_else_the_counter(monkeypatch):
+    class Kernel:   # records each counter-barrier launch's grid and flags
+        def __getitem__(self, grid):
+            return lambda *args, **flags: launched.append((grid, flags))
+
+    def in_clusters(kernel, grid, args, flags, cluster):
+        clustered.append((grid, cluster, flags["CLUSTER"], flags["PERSISTENT"]))
+        return fits
+
+    monkeypatch.setattr(dispatch, "launch_in_clusters", in_clusters)
+    monkeypatch.setattr(dispatch, "cluster_size", lambda config, *a: 8 if config.cluster else 1)
+    monkeypatch.setattr(dispatch, "co_resident_programs", lambda *a: 1_000)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    c = KernelConfig(block_b=16, block_h=16, cluster=True)
+    launch = dict(num_steps=4, batch=40, hidden_size=128, output_size=128, num_directions=2,
+                  config=c, device=torch.device("cpu"))
+    for fits in (True, False):
+        launched, clustered = [], []
+        dispatch.launch_recurrence(Kernel(), (1, 2, 3), {}, **launch)
+        # 3 batch blocks of 8 hidden blocks, both directions: one launch either way.
+        assert clustered == [((24, 2), 8, True, True)]
+        assert [(grid, f["CLUSTER"]) for grid, f in launched] == ([] if fits else [((24, 2),
+                                                                                    False)])
+    launched, clustered = [], []
+    dispatch.launch_recurrence(Kernel(), (1, 2, 3), {}, **dict(launch, force_stepped=True))
+    assert clustered == [] and len(launched) == 4 and not launched[0][1]["CLUSTER"]
 
 
 def test_the_heuristic_streams_the_weights_where_a_resident_operand_would_spill():

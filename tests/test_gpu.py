@@ -509,6 +509,48 @@ def test_dataflow_waits_compute_what_the_barrier_computes_nan_and_inf_included(l
                                    msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("form, hidden, label", [
+    ("packed-bidir", 256, "bb16-bh16-res-bk64-sk1-w4-cl"),      # clusters of 16 programs
+    ("packed-bidir", 512, "bb16-bh32-res-bk64-sk4-w8-cl"),
+    ("projected", 256, "bb16-bh32-res-bk64-sk1-w4-cl"),         # of 8, two phases a step
+])
+def test_cluster_barrier_computes_what_the_counter_barrier_computes(form, hidden, label):
+    """The same tiles meeting at the hardware cluster barrier and at the counter: bitwise
+    equal outputs and gradients (only how the programs wait differs), with both directions
+    in one grid, packed lengths, a projection, the backward; every batch block a cluster."""
+    from triton_lstm.tuning import config_from_label, forced_configs
+    config = config_from_label(label)
+    T, B, I = 48, 24, 64
+    torch_lstm = torch.nn.LSTM(I, hidden, bidirectional=form == "packed-bidir",
+                               proj_size=64 if form == "projected" else 0, device="cuda",
+                               dtype=torch.bfloat16)
+    ours = triton_copy(torch_lstm)
+    x = torch.randn(T, B, I, device="cuda", dtype=torch.bfloat16)
+    if form == "packed-bidir":
+        lengths = torch.randint(1, T + 1, (B,))
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        leaf = packed.data.requires_grad_()
+        x = torch.nn.utils.rnn.PackedSequence(leaf, packed.batch_sizes, packed.sorted_indices,
+                                              packed.unsorted_indices)
+    else:
+        leaf = x.requires_grad_()
+    runs = []
+    for run_config in (dataclasses.replace(config, cluster=False), config):
+        before = launch_counts["clustered"]
+        with forced_configs(forward=run_config, backward=run_config):
+            out, (h, c) = ours(x)
+            y = out.data if form == "packed-bidir" else out
+            grads = torch.autograd.grad(y.float().square().sum() + c.float().sum(),
+                                        [leaf] + list(ours.parameters()))
+        assert launch_counts["clustered"] == before + (2 if run_config.cluster else 0)
+        runs.append([y, h, c, *grads])
+    for k, (counter, cluster) in enumerate(zip(*runs)):
+        assert torch.isfinite(counter).all(), k
+        torch.testing.assert_close(cluster, counter, rtol=0, atol=0,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
 # -- stacked layers as one wavefront (kernels/wavefront.py) ------------------------------------
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16", "fp16"])

@@ -165,6 +165,7 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
     if neighbourhood in MAKE_TUNE_NEIGHBOURHOODS:
         if base.block_b == 16 and not base.dataflow:
             configs.append(dataclasses.replace(base, dataflow=True))
+            configs += cluster_tiles(base, kernel, batch, hidden, dtype, directions, num_sms)
         if not base.resident:   # the streamed K loop the other way: pipelined or not
             flipped = dataclasses.replace(
                 base, inner_stages=1 if base.inner_stages > 1 else PIPELINE_STAGES)
@@ -204,6 +205,25 @@ def square_backward_tiles(base: KernelConfig, batch: int, hidden: int, direction
     square = dataclasses.replace(base, block_b=64, block_h=64, resident=False, num_warps=16,
                                  inner_stages=1)
     return [square, dataclasses.replace(square, inner_stages=PIPELINE_STAGES)]
+
+
+def cluster_tiles(base: KernelConfig, kernel: str, batch: int, hidden: int, dtype: torch.dtype,
+                  directions: int, num_sms: int) -> list[KernelConfig]:
+    """`base` with resident weights and the cluster barrier (kernels/barrier.py), its hidden
+    blocks wide enough that a group is one cluster of 16 programs, or of 8: each with base's
+    warp layout, or where that does not run well, with the reduction split over 8 warps.
+    Fewer, wider programs read more of their weights from shared memory each step, but
+    meet without the counter's atomic round trips (perf/NOTES.md, issue 8)."""
+    block_h = next_power_of_2(cdiv(hidden, 16))
+    tiles = []
+    for bh in (block_h, 2 * block_h):
+        if cdiv(hidden, bh) not in (8, 16):
+            continue
+        tile = dataclasses.replace(base, block_h=bh, resident=True, chunked=False, cluster=True)
+        split = dataclasses.replace(tile, split_k=min(4, padded(hidden) // 16), num_warps=8)
+        tiles += [next((t for t in (tile, split) if runs_well(
+            t, kernel, batch, hidden, dtype, directions, num_sms)), None)]
+    return [t for t in tiles if t is not None]
 
 
 # -- one problem: check and time ---------------------------------------------------------------

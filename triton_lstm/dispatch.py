@@ -61,7 +61,9 @@ class KernelConfig:
     dataflow: no grid barrier, each program polls the tile it reads until it
     is written (kernels/barrier.py); gate_split (backward, streamed, no projection,
     no dataflow): dh = dG @ W_hh as a phase of its own, split four ways along the
-    reduction (kernels/backward.py).
+    reduction (kernels/backward.py); cluster: each barrier group (2-8 hidden blocks, or
+    16) runs as one thread-block cluster and meets at the hardware cluster barrier
+    instead of the counter (sm_90+; kernels/barrier.py, ``cluster_size``).
     """
     block_b: int
     block_h: int
@@ -74,6 +76,7 @@ class KernelConfig:
     chunked: bool = False
     dataflow: bool = False
     gate_split: bool = False
+    cluster: bool = False
 
     def num_h_blocks(self, hidden_size: int) -> int:
         return cdiv(hidden_size, self.block_h)
@@ -225,6 +228,23 @@ def gate_split_applies(config: KernelConfig, proj: bool) -> bool:
     return config.gate_split and not (config.resident or config.dataflow or proj)
 
 
+def cluster_size(config: KernelConfig, hidden_size: int, device: torch.device,
+                 shared_barrier: bool = False) -> int:
+    """Programs per thread-block cluster of a persistent launch: the barrier group's hidden
+    blocks where the config asks for the cluster barrier and it can run, else 1 (the counter
+    barrier). It runs on CUDA devices of sm_90+, for groups of 2-8 programs, or 16 (the
+    largest cluster of sm_90, which Triton's launcher allows at 16), of one batch block and
+    direction (not the wavefront's group across layers), and only with a barrier (not
+    with dataflow waits)."""
+    if not config.cluster or config.dataflow or shared_barrier or device.type != "cuda":
+        return 1
+    num_h = config.num_h_blocks(hidden_size)
+    if not (2 <= num_h <= 8 or num_h == 16):
+        return 1
+    from . import tuning   # tuning imports this module
+    return num_h if tuning.device_arch(device)[0] >= 9 else 1
+
+
 def gpu_slug(gpu_name: str) -> str:
     """'NVIDIA H200' -> 'nvidia-h200': the file name of a GPU's tuned configs and results."""
     return "-".join(gpu_name.lower().replace("_", " ").split())
@@ -297,6 +317,39 @@ def _launch_options(persistent: bool = True) -> dict:
     return {"launch_cooperative_grid": True} if (persistent and COOPERATIVE_LAUNCH) else {}
 
 
+def launch_in_clusters(kernel, grid: tuple, args: tuple, kwargs: dict, cluster: int) -> bool:
+    """Launch ``grid`` (2-D) with each ``cluster`` consecutive programs along axis 0 as one
+    thread-block cluster; False, with nothing launched, where such a cluster cannot be
+    resident (too much shared memory or too many registers for the SMs of one GPC).
+
+    Triton asks for clusters only for kernels it compiles across CTAs (num_ctas), which
+    splits every tensor over the cluster. These kernels are compiled per program, so the
+    launch parameters of the compiled kernel, (num_warps, num_ctas, shared) in Triton
+    3.6-3.9, carry the cluster size instead: the launcher then starts
+    grid[0] // cluster clusters of ``cluster`` programs, each with its own program id.
+    The compiled kernel is looked up for these very arguments and launched directly, so
+    no launch of it ever runs outside a cluster (where the cluster barrier would not wait)."""
+    compiled = kernel.warmup(*args, grid=grid, **kwargs)
+    packed = compiled.packed_metadata
+    if packed[1] != cluster:
+        if packed[1] != 1 or len(packed) != 3 or getattr(compiled.metadata,
+                                                         "global_scratch_size", 0):
+            raise RuntimeError(f"triton_lstm: cannot launch {kernel.fn.__name__} in clusters "
+                               f"with this Triton (launch parameters {packed})")
+        try:
+            compiled._init_handles()
+            fits = triton.runtime.driver.active.utils.cuOccupancyMaxActiveClusters(
+                compiled.function, compiled.metadata.shared, cluster) >= 1
+        except triton.runtime.errors.OutOfResources:
+            fits = False
+        if not fits:
+            return False
+        compiled.packed_metadata = (packed[0], cluster, packed[2])
+    values = dict(zip(kernel.arg_names, args), **kwargs)
+    compiled[(grid[0] // cluster, grid[1], 1)](*(values[name] for name in kernel.arg_names))
+    return True
+
+
 def lighter_on_chip(config: KernelConfig) -> Optional[KernelConfig]:
     """The config with less shared memory, for a GPU where it does not fit (the budgets here
     are Hopper's): resident weights stream, a pipelined K loop runs unpipelined; None when
@@ -341,8 +394,20 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
                       SPLIT_K=min(config.split_k, padded(min(hidden_size, output_size)) // 16),
                       INNER_STAGES=config.inner_stages if config.inner_stages > 1 else None,
                       PREFETCH_AFTER_ARRIVE=config.prefetch_after_arrive,
-                      CHUNKED=config.resident and config.chunked, DATAFLOW=config.dataflow)
+                      CHUNKED=config.resident and config.chunked, DATAFLOW=config.dataflow,
+                      CLUSTER=False)
     common = dict(num_warps=config.num_warps, num_stages=1, **constexprs)
+
+    cluster = 1 if force_stepped else cluster_size(config, hidden_size, device, shared_barrier)
+    # Clusters of one barrier group each: the hardware starts a cluster only when all of its
+    # programs fit, and groups do not wait for each other, so every batch block goes in one
+    # launch, however many fit at once.
+    if cluster > 1 and launch_in_clusters(
+            kernel, (num_h * num_b, num_directions), args + (0, num_steps, 0, leader_inc),
+            dict(common, PERSISTENT=True, CLUSTER=True), cluster):
+        launch_counts["persistent"] += 1
+        launch_counts["clustered"] += 1
+        return
 
     groups_resident = 0     # barrier groups whose programs can all run at once
     if force_stepped:

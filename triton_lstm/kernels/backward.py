@@ -165,6 +165,7 @@ def lstm_backward_kernel(
     PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr,
     HAS_RESTARTS: tl.constexpr, RESTART_FROM_STATE: tl.constexpr, INNER_STAGES: tl.constexpr,
     PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
+    CLUSTER: tl.constexpr,
     GATE_SPLIT: tl.constexpr,
 ):
     # Stage s = 0 .. T walks the forward's steps backwards (step = T - 1 - s). Its dh
@@ -378,14 +379,14 @@ def lstm_backward_kernel(
                         reverse)
         if PERSISTENT and not DATAFLOW:
             if q < q_end - 1:
-                arrived = barrier_arrive(counter, leader_inc, i_h == 0)
+                arrived = barrier_arrive(counter, leader_inc, i_h == 0, CLUSTER)
                 if PREFETCH_AFTER_ARRIVE and PREFETCH_SAVED and cell_phase:
                     # After the release: the loads do not hold up this program's arrival.
                     b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
                         step - 1, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b,
                         o_u, m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC,
                         reverse)
-                barrier_wait(counter, arrived)
+                barrier_wait(counter, arrived, CLUSTER)
 
     tl.store(dc_state + p_bu, b_dc, mask=m_bu)
 

@@ -14,6 +14,16 @@ The barrier only works if every program of the group is resident at once;
 ``dispatch.py`` checks that before a persistent launch and asks for a
 cooperative launch so that an oversized grid is an error, not a hang.
 
+Cluster barrier (config ``cluster``, sm_90+): a group of 2-16 programs launched as one
+thread-block cluster meets at the hardware cluster barrier instead of the counter:
+``barrier.cluster.arrive.release`` then ``barrier.cluster.wait.acquire``, every thread
+of every program arriving. No atomic round trip through L2 and no spinning: the SMs of a
+cluster sit in one GPC and the barrier is kept there. The release orders each thread's
+stores (h, dG) before the others' loads after the wait, so no counter is read and no
+``bar.sync`` is needed around it. The hardware starts a cluster only when all its
+programs fit at once, so a group never waits for a program that is not running.
+``dispatch.py`` launches such a group as one cluster (``launch_in_clusters``).
+
 Dataflow (config ``dataflow``): every step writes a slot of its own (y[t], dG[t]),
 which the launcher fills with an all-ones bit pattern first: a NaN no arithmetic
 produces. A consumer reloads the tile it needs until none of it is that pattern,
@@ -42,26 +52,31 @@ def leader_increment(num_programs: int) -> int:
 
 
 @triton.jit
-def barrier_arrive(counter, leader_inc, is_leader):
-    """Publish this program's stores and count it in; returns what the wait compares against."""
-    # Every warp of this program has issued its stores before the release.
-    tl.debug_barrier()
-    increment = tl.where(is_leader, leader_inc, 1)
-    return tl.atomic_add(counter, increment, sem="release", scope="gpu")
+def barrier_arrive(counter, leader_inc, is_leader, CLUSTER: tl.constexpr):
+    """Publish this program's stores and count it in; returns what the wait compares against
+    (with CLUSTER: every thread arrives at the cluster barrier, and the result is unused)."""
+    if CLUSTER:
+        return tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned; mov.u32 $0, 0;",
+                                         "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        # Every warp of this program has issued its stores before the release.
+        tl.debug_barrier()
+        increment = tl.where(is_leader, leader_inc, 1)
+        return tl.atomic_add(counter, increment, sem="release", scope="gpu")
 
 
 @triton.jit
-def barrier_wait(counter, arrived):
-    """Spin until the whole group has arrived: the top bit differs from the one seen on arrival."""
-    now = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-    while (arrived ^ now) >= 0:
+def barrier_wait(counter, arrived, CLUSTER: tl.constexpr):
+    """Wait until the whole group has arrived: the top bit of the counter differs from the one
+    seen on arrival, or with CLUSTER the cluster barrier completes."""
+    if CLUSTER:
+        tl.inline_asm_elementwise("barrier.cluster.wait.acquire.aligned; mov.u32 $0, 0;", "=r",
+                                  [], dtype=tl.int32, is_pure=False, pack=1)
+    else:
         now = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
-
-
-@triton.jit
-def grid_barrier(counter, leader_inc, is_leader):
-    barrier_wait(counter, barrier_arrive(counter, leader_inc, is_leader))
+        while (arrived ^ now) >= 0:
+            now = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
 
 
 @triton.jit

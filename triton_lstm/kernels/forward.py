@@ -302,6 +302,7 @@ def lstm_forward_kernel(
     DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr, HAS_RESTARTS: tl.constexpr,
     RESTART_FROM_STATE: tl.constexpr, CKPT_EVERY: tl.constexpr, INNER_STAGES: tl.constexpr,
     PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
+    CLUSTER: tl.constexpr,
 ):
     # Each step is one phase (cell update), or two with a projection (PROJ): the cell
     # phase over own hidden units, a barrier, then h = r W_hr^T over own output units.
@@ -482,13 +483,13 @@ def lstm_forward_kernel(
                     tl.store(h_ckpt + (slot + o_b)[:, None] * R + o_r[None, :], b_y, mask=m_br)
         if PERSISTENT and not DATAFLOW:
             if q < q_end - 1:
-                arrived = barrier_arrive(counter, leader_inc, i_h == 0)
+                arrived = barrier_arrive(counter, leader_inc, i_h == 0, CLUSTER)
                 if PREFETCH_AFTER_ARRIVE and cell_phase:
                     # After the release: the loads do not hold up this program's arrival.
                     b_gxi, b_gxf, b_gxg, b_gxo, b_restart, b_c_restart = _step_inputs(
                         gx, restarts, c_restart, hw_restart, t + 1, B, length, m_b, reverse,
                         o_b, o_u, m_u, p_bu, m_bu, H, GS, HAS_RESTARTS, RESTART_FROM_STATE, ACC)
-                barrier_wait(counter, arrived)
+                barrier_wait(counter, arrived, CLUSTER)
 
     tl.store(c_state + p_bu, b_c, mask=m_bu)
 

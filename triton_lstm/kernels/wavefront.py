@@ -213,11 +213,11 @@ def lstm_wavefront_kernel(
                                                   m_u, H, 4 * H, ACC)
         if PERSISTENT and not DATAFLOW:
             if s < q_end - 1:
-                arrived = barrier_arrive(counter, leader_inc, (i_h == 0) & (i_l == 0))
+                arrived = barrier_arrive(counter, leader_inc, (i_h == 0) & (i_l == 0), False)
                 if PREFETCH_AFTER_ARRIVE:
                     b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_next, running_next & bottom, B,
                                                           o_b, o_u, m_u, H, 4 * H, ACC)
-                barrier_wait(counter, arrived)
+                barrier_wait(counter, arrived, False)
 
     tl.store(c_state + p_bu, b_c, mask=m_bu)
 
@@ -372,12 +372,12 @@ def lstm_wavefront_backward_kernel(
                 HAS_H0, ACC)
         if PERSISTENT and not DATAFLOW:
             if w < q_end - 1:
-                arrived = barrier_arrive(counter, leader_inc, (i_h == 0) & (i_l == 0))
+                arrived = barrier_arrive(counter, leader_inc, (i_h == 0) & (i_l == 0), False)
                 if PREFETCH_AFTER_ARRIVE:
                     b_i, b_f, b_g, b_o, b_ct, b_cp = _load_layer_saved(
                         step - 1, length, m_next, gates, c_all, c0, B, o_b, o_u, m_u, p_bu,
                         m_bu, H, HAS_H0, ACC)
-                barrier_wait(counter, arrived)
+                barrier_wait(counter, arrived, False)
 
     tl.store(dc_state + p_bu, b_dc, mask=m_bu)
 
