@@ -75,8 +75,11 @@ def compiled_row(compiled, **fields) -> dict:
 
 
 def barrier_kind(ptx: str) -> str:
-    """How the programs wait for each other: "cluster" (the hardware cluster barrier),
-    "counter" (atomics on a counter in global memory) or "none" (dataflow waits)."""
+    """How the programs wait for each other: "dsmem" (h pushed into their shared memory,
+    kernels/dsmem.py), "cluster" (the hardware cluster barrier), "counter" (atomics on a
+    counter in global memory) or "none" (dataflow waits)."""
+    if "st.async" in ptx:
+        return "dsmem"
     if "barrier.cluster" in ptx:
         return "cluster"
     return "counter" if re.search(r"\batom\.", ptx) else "none"
@@ -98,7 +101,7 @@ def state_load_bytes(ptx: str, ttgir: str):
 def ptxas_report(ptx: str) -> dict:
     # The ptxas Triton itself runs for sm_90, so the numbers are the ones a GPU run gets.
     ptxas = get_ptxas(90).path
-    ptx = re.sub(r"\.version \d+\.\d+", ".version 8.0", ptx)   # accepted by older ptxas too
+    ptx = re.sub(r"\.version \d+\.\d+", ".version 8.1", ptx)   # accepted by older ptxas too
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "k.ptx"
         path.write_text(ptx)
@@ -137,7 +140,8 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
                      y=tname, h_n=tname, r_all=tname, c_state=acc, gates=acc, c_all=acc,
                      restarts="i8", hw_restart=acc, c_restart=tname, h_ckpt=tname, c_ckpt=acc,
                      counters="i32")
-        constexprs = dict(common, SAVE=not ckpt_every, CKPT_EVERY=ckpt_every)
+        constexprs = dict(common, SAVE=not ckpt_every, CKPT_EVERY=ckpt_every,
+                          DSMEM=cfg.dsmem and not proj)
     else:
         kernel = lstm_backward_kernel
         types = dict(dy=tname, dh_n=tname, dc_state=acc, gates=acc, c_all=acc, c0=tname,
@@ -167,7 +171,7 @@ def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name
                       DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
                       INNER_STAGES=cfg.inner_stages if cfg.inner_stages > 1 else None,
                       PREFETCH_AFTER_ARRIVE=cfg.prefetch_after_arrive, CHUNKED=False,
-                      DATAFLOW=cfg.dataflow)
+                      DATAFLOW=cfg.dataflow, CLUSTER=False)
     if backward:
         kernel = lstm_wavefront_backward_kernel
         types = dict(dy=tname, dh_n=tname, dc_state="fp32", gates="fp32", c_all="fp32",

@@ -7,7 +7,9 @@ with ptxas; no GPU is involved. Two properties the kernels' speed rests on:
   issues 8x the load instructions and holds every element in its own register;
 - the dispatcher's default tiles do not spill.
 It also checks how the programs of each kernel wait for each other (barrier.py): the
-cluster barrier's configs have no atomics left, dataflow's neither barrier.
+cluster barrier's configs have no atomics left, dataflow's neither barrier, and the dsmem
+forward pushes h with st.async (dsmem.py). Its exchange has no global loads of h, so the
+vectorised-load check does not apply to it.
 """
 import json
 import os
@@ -36,6 +38,12 @@ CASES = {
                  "--config", "bb16-bh16-res-bk64-sk1-w4-cl"], True),
     "cluster-wide": (["--shapes", "8x512", "--dtypes", "fp16", "bf16",
                       "--config", "bb16-bh32-res-bk64-sk1-w4-cl"], True),
+    # h pushed into every program's shared memory (kernels/dsmem.py): the forward only.
+    "dsmem": (["--shapes", "8x256", "--dtypes", "fp16", "fp32", "--kernels", "forward",
+               "--config", "bb16-bh16-res-bk64-sk1-w4-cl-ds"], True),
+    # 168 registers, no spill under Triton 3.6 (the GPU machines'); 180 bytes under 3.9.
+    "dsmem-wide": (["--shapes", "8x512", "--dtypes", "bf16", "--kernels", "forward",
+                    "--config", "bb16-bh32-res-bk64-sk1-w4-cl-ds"], False),
     "chunked": (["--shapes", "128x1024", "--dtypes", "bf16", "--kernels", "forward",
                  "--config", "bb64-bh16-chk-bk64-sk1-w4"], False),
     "pipelined": (["--shapes", "512x1024", "--dtypes", "bf16",
@@ -86,7 +94,8 @@ def test_sm90_state_loads_are_vectorised(case):
     for row in rows:
         where = {k: row[k] for k in ("kernel", "dtype", "B", "H", "D", "proj", "tile", "triton")}
         assert row["ptxas_ok"], where
-        assert row["state_load"] == VECTOR_BYTES, where | {"state_load": row["state_load"]}
+        if expected_barrier(args) != "dsmem":
+            assert row["state_load"] == VECTOR_BYTES, where | {"state_load": row["state_load"]}
         if defaults:
             assert row["spill"] == 0, where | {"spill": row["spill"]}
         assert row["barrier"] == expected_barrier(args), where | {"barrier": row["barrier"]}
@@ -94,4 +103,6 @@ def test_sm90_state_loads_are_vectorised(case):
 
 def expected_barrier(args) -> str:
     label = args[args.index("--config") + 1] if "--config" in args else ""
+    if label.endswith("-ds"):
+        return "dsmem"
     return "cluster" if label.endswith("-cl") else ("none" if "-df" in label else "counter")

@@ -106,8 +106,8 @@ def test_config_labels_round_trip():
     assert tuning.config_from_entry(tuning.config_entry(c, 3.14159)) == c
     assert tuning.config_entry(c, 3.14159)["us_per_step"] == 3.142
     every_flag = dataclasses.replace(c, inner_stages=3, prefetch_after_arrive=True,
-                                     dataflow=True, gate_split=True, cluster=True)
-    assert tuning.config_label(every_flag) == "bb64-bh16-str-bk64-sk4-w16-st3-pa-df-gs-cl"
+                                     dataflow=True, gate_split=True, cluster=True, dsmem=True)
+    assert tuning.config_label(every_flag) == "bb64-bh16-str-bk64-sk4-w16-st3-pa-df-gs-cl-ds"
     assert tuning.config_from_label(tuning.config_label(every_flag)) == every_flag
     with pytest.raises(ValueError, match="label"):
         tuning.config_from_label("bb64-bh16")
@@ -341,6 +341,12 @@ def test_a_cluster_launch_runs_the_grid_as_clusters_of_one_group(monkeypatch):
     assert kernel.launches == [((2, 2, 1), ("x", "y", 5, True), (4, 16, 1024))]
     assert dispatch.launch_in_clusters(kernel, (32, 2), ("x", "y", 6), flags, 16)
     assert len(fits) == 1 and kernel.launches[-1][2] == (4, 16, 1024)
+    # The exchange's shared memory past Triton's own (rounded up to 16 bytes): asked of the
+    # occupancy query (which also lets the kernel have it) and given to the launch.
+    pushing = ClusterKernel()
+    pushing.metadata.shared = 1000
+    assert dispatch.launch_in_clusters(pushing, (16, 1), ("x", "y", 5), flags, 8, 4112)
+    assert fits[-1] == (7, 1008 + 4112, 8) and pushing.launches[0][2] == (4, 8, 5120)
 
 
 def test_a_cluster_that_cannot_be_resident_launches_nothing(monkeypatch):
@@ -359,7 +365,7 @@ def test_launch_recurrence_takes_the_cluster_barrier_else_the_counter(monkeypatc
         def __getitem__(self, grid):
             return lambda *args, **flags: launched.append((grid, flags))
 
-    def in_clusters(kernel, grid, args, flags, cluster):
+    def in_clusters(kernel, grid, args, flags, cluster, extra_shared):
         clustered.append((grid, cluster, flags["CLUSTER"], flags["PERSISTENT"]))
         return fits
 
@@ -380,6 +386,62 @@ def test_launch_recurrence_takes_the_cluster_barrier_else_the_counter(monkeypatc
     launched, clustered = [], []
     dispatch.launch_recurrence(Kernel(), (1, 2, 3), {}, **dict(launch, force_stepped=True))
     assert clustered == [] and len(launched) == 4 and not launched[0][1]["CLUSTER"]
+
+
+def test_a_pushing_launch_asks_for_its_exchange_buffer(monkeypatch):
+    """With dsmem, a kernel that can push h (DSMEM among its flags) gets DSMEM and the
+    exchange's shared memory in its clustered launch; other kernels, and tiles that stream
+    their weights, get neither; the counter launch never pushes."""
+    calls = []
+    monkeypatch.setattr(dispatch, "launch_in_clusters", lambda kernel, grid, args, flags,
+                        cluster, extra_shared: calls.append((flags.get("DSMEM"), extra_shared)))
+    monkeypatch.setattr(dispatch, "cluster_size", lambda *a: 8)
+    monkeypatch.setattr(dispatch, "co_resident_programs", lambda *a: 1_000)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **flags: calls.append((flags.get("DSMEM"), "counter"))
+
+    c = KernelConfig(block_b=16, block_h=16, cluster=True, dsmem=True)
+    launch = dict(num_steps=4, batch=16, hidden_size=128, output_size=128, num_directions=1,
+                  device=torch.device("cpu"))
+    for constexprs, config, want in (
+            ({"DSMEM": False}, c, True), ({}, c, None),
+            ({"DSMEM": False}, dataclasses.replace(c, resident=False), False)):
+        calls.clear()
+        dispatch.launch_recurrence(Kernel(), (1, 2, 3), constexprs, config=config, **launch)
+        extra = 2 * 16 * 128 * 4 + 16 if want else 0
+        assert calls == [(want, extra), (constexprs.get("DSMEM"), "counter")]
+
+
+@requires_interpreter
+def test_every_flag_a_launch_passes_is_a_parameter_of_its_kernel(monkeypatch):
+    """Triton rejects an unknown keyword at a GPU launch (the interpreter drops it): each
+    persistent kernel takes every flag its launcher and launch_recurrence pass."""
+    unknown = {}
+
+    class Checked:   # the kernel, with each launch's keywords checked against its parameters
+        def __init__(self, kernel):
+            self.kernel, self.fn, self.arg_names = kernel, kernel.fn, kernel.arg_names
+
+        def __getitem__(self, grid):
+            def launch(*args, **flags):
+                options = {"num_warps", "num_stages", "launch_cooperative_grid"}
+                unknown[self.fn.__name__] = set(flags) - options - set(self.arg_names)
+                return self.kernel[grid](*args, **flags)
+            return launch
+
+    original = dispatch.launch_recurrence
+    for name in ("forward", "backward", "wavefront"):
+        monkeypatch.setattr(sys.modules[f"triton_lstm.kernels.{name}"], "launch_recurrence",
+                            lambda kernel, *a, **k: original(Checked(kernel), *a, **k))
+    for wavefront in (False, True):
+        lstm = triton_lstm.LSTM(16, 16, num_layers=2, backend="triton", wavefront=wavefront)
+        lstm(torch.randn(3, 2, 16, requires_grad=True))[0].sum().backward()
+    assert set(unknown) == {"lstm_forward_kernel", "lstm_backward_kernel", "lstm_wavefront_kernel",
+                            "lstm_wavefront_backward_kernel"}
+    assert all(not flags for flags in unknown.values()), unknown
 
 
 def test_the_heuristic_streams_the_weights_where_a_resident_operand_would_spill():

@@ -159,20 +159,25 @@ def test_options_match_float64_within_twice_cudnn_error(form, dtype_name):
             f"tensor {k}: error {ours_err:.2e} vs nn.LSTM's {torch_err:.2e} (+{slack:.0e})")
 
 
-def test_cuda_graph_replay():
-    """The barrier counters reset themselves: replays of a captured forward stay correct."""
+@pytest.mark.parametrize("label", [None, "bb16-bh16-res-bk64-sk1-w4-cl"],
+                         ids=["counter", "cluster"])
+def test_cuda_graph_replay(label):
+    """The barrier counters reset themselves, and a cluster launch is captured as one:
+    replays of a captured forward stay correct."""
+    from triton_lstm.tuning import config_from_label
+    config = label and config_from_label(label)
     T, B, H = 12, 8, 256
     gx = torch.randn(T, B, 4 * H, device="cuda", dtype=torch.bfloat16)
     w_hh = torch.randn(1, 4 * H, H, device="cuda", dtype=torch.bfloat16) / H ** 0.5
-    eager = lstm_forward(gx, w_hh, None, None, None, save=False)[0].clone()
+    eager = lstm_forward(gx, w_hh, None, None, None, save=False, config=config)[0].clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        lstm_forward(gx, w_hh, None, None, None, save=False)      # warm up (compile) outside capture
+    with torch.cuda.stream(stream):    # warm up (compile) outside capture
+        lstm_forward(gx, w_hh, None, None, None, save=False, config=config)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = lstm_forward(gx, w_hh, None, None, None, save=False)[0]
+        captured = lstm_forward(gx, w_hh, None, None, None, save=False, config=config)[0]
     for _ in range(3):
         captured.fill_(float("nan"))
         graph.replay()
@@ -514,11 +519,16 @@ def test_dataflow_waits_compute_what_the_barrier_computes_nan_and_inf_included(l
     ("packed-bidir", 256, "bb16-bh16-res-bk64-sk1-w4-cl"),      # clusters of 16 programs
     ("packed-bidir", 512, "bb16-bh32-res-bk64-sk4-w8-cl"),
     ("projected", 256, "bb16-bh32-res-bk64-sk1-w4-cl"),         # of 8, two phases a step
+    ("packed-bidir", 256, "bb16-bh16-res-bk64-sk1-w4-cl-ds"),   # the forward pushes h
+    ("packed-bidir", 512, "bb16-bh32-res-bk64-sk1-w4-cl-ds"),
+    ("projected", 256, "bb16-bh32-res-bk64-sk1-w4-cl-ds"),      # no push with a projection
 ])
 def test_cluster_barrier_computes_what_the_counter_barrier_computes(form, hidden, label):
-    """The same tiles meeting at the hardware cluster barrier and at the counter: bitwise
-    equal outputs and gradients (only how the programs wait differs), with both directions
-    in one grid, packed lengths, a projection, the backward; every batch block a cluster."""
+    """The same tiles meeting at the hardware cluster barrier (or in the forward, pushing h
+    into each other's shared memory, kernels/dsmem.py) and at the counter: bitwise equal
+    outputs and gradients (only how the programs wait and exchange h differs), with both
+    directions in one grid, packed lengths, a projection, the backward; every batch block
+    a cluster. A push that never completes traps (dsmem.WAIT_LIMIT) before the timeout."""
     from triton_lstm.tuning import config_from_label, forced_configs
     config = config_from_label(label)
     T, B, I = 48, 24, 64
@@ -536,7 +546,7 @@ def test_cluster_barrier_computes_what_the_counter_barrier_computes(form, hidden
     else:
         leaf = x.requires_grad_()
     runs = []
-    for run_config in (dataclasses.replace(config, cluster=False), config):
+    for run_config in (dataclasses.replace(config, cluster=False, dsmem=False), config):
         before = launch_counts["clustered"]
         with forced_configs(forward=run_config, backward=run_config):
             out, (h, c) = ours(x)

@@ -28,6 +28,7 @@ import torch
 import triton
 
 from .kernels.barrier import leader_increment
+from .kernels.dsmem import region_bytes
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 # Shared memory a resident program may use: its weight slice plus one staged
@@ -63,7 +64,10 @@ class KernelConfig:
     no dataflow): dh = dG @ W_hh as a phase of its own, split four ways along the
     reduction (kernels/backward.py); cluster: each barrier group (2-8 hidden blocks, or
     16) runs as one thread-block cluster and meets at the hardware cluster barrier
-    instead of the counter (sm_90+; kernels/barrier.py, ``cluster_size``).
+    instead of the counter (sm_90+; kernels/barrier.py, ``cluster_size``); dsmem (with
+    cluster, the forward, resident, no projection): each program pushes its h into every
+    program's shared memory and waits on its own mbarrier for the bytes, no barrier at all
+    (kernels/dsmem.py).
     """
     block_b: int
     block_h: int
@@ -77,6 +81,7 @@ class KernelConfig:
     dataflow: bool = False
     gate_split: bool = False
     cluster: bool = False
+    dsmem: bool = False
 
     def num_h_blocks(self, hidden_size: int) -> int:
         return cdiv(hidden_size, self.block_h)
@@ -317,9 +322,11 @@ def _launch_options(persistent: bool = True) -> dict:
     return {"launch_cooperative_grid": True} if (persistent and COOPERATIVE_LAUNCH) else {}
 
 
-def launch_in_clusters(kernel, grid: tuple, args: tuple, kwargs: dict, cluster: int) -> bool:
+def launch_in_clusters(kernel, grid: tuple, args: tuple, kwargs: dict, cluster: int,
+                       extra_shared: int = 0) -> bool:
     """Launch ``grid`` (2-D) with each ``cluster`` consecutive programs along axis 0 as one
-    thread-block cluster; False, with nothing launched, where such a cluster cannot be
+    thread-block cluster, each with ``extra_shared`` bytes of shared memory past Triton's
+    own (kernels/dsmem.py); False, with nothing launched, where such a cluster cannot be
     resident (too much shared memory or too many registers for the SMs of one GPC).
 
     Triton asks for clusters only for kernels it compiles across CTAs (num_ctas), which
@@ -336,15 +343,17 @@ def launch_in_clusters(kernel, grid: tuple, args: tuple, kwargs: dict, cluster: 
                                                          "global_scratch_size", 0):
             raise RuntimeError(f"triton_lstm: cannot launch {kernel.fn.__name__} in clusters "
                                f"with this Triton (launch parameters {packed})")
+        shared = cdiv(compiled.metadata.shared, 16) * 16 + extra_shared
         try:
             compiled._init_handles()
+            # Also lets the kernel have that much dynamic shared memory.
             fits = triton.runtime.driver.active.utils.cuOccupancyMaxActiveClusters(
-                compiled.function, compiled.metadata.shared, cluster) >= 1
-        except triton.runtime.errors.OutOfResources:
-            fits = False
+                compiled.function, shared, cluster) >= 1
+        except (triton.runtime.errors.OutOfResources, RuntimeError):
+            fits = False       # RuntimeError: more shared memory than an SM has
         if not fits:
             return False
-        compiled.packed_metadata = (packed[0], cluster, packed[2])
+        compiled.packed_metadata = (packed[0], cluster, shared)
     values = dict(zip(kernel.arg_names, args), **kwargs)
     compiled[(grid[0] // cluster, grid[1], 1)](*(values[name] for name in kernel.arg_names))
     return True
@@ -401,10 +410,16 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     cluster = 1 if force_stepped else cluster_size(config, hidden_size, device, shared_barrier)
     # Clusters of one barrier group each: the hardware starts a cluster only when all of its
     # programs fit, and groups do not wait for each other, so every batch block goes in one
-    # launch, however many fit at once.
+    # launch, however many fit at once. A kernel that can push h instead (DSMEM among its
+    # flags: the forward) does so with a dsmem config of resident, unchunked tiles.
+    clustered = dict(common, PERSISTENT=True, CLUSTER=True)
+    dsmem = "DSMEM" in constexprs and config.dsmem and config.resident and not config.chunked
+    if dsmem:
+        clustered["DSMEM"] = True
+    exchange = region_bytes(config.block_b, num_h, config.block_h) if dsmem else 0
     if cluster > 1 and launch_in_clusters(
             kernel, (num_h * num_b, num_directions), args + (0, num_steps, 0, leader_inc),
-            dict(common, PERSISTENT=True, CLUSTER=True), cluster):
+            clustered, cluster, exchange):
         launch_counts["persistent"] += 1
         launch_counts["clustered"] += 1
         return

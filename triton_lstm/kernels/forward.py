@@ -35,6 +35,8 @@ Stepped mode (PERSISTENT=False) runs the same body for phases [q_begin, q_end)
 and ends; the caller launches once per phase and the launch boundary is the
 barrier. c travels between launches through ``c_state``.
 """
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -42,6 +44,7 @@ import triton.language as tl
 from ..dispatch import (cdiv, dot_precision, interpreting, launch_recurrence, padded,
                         pick_config, state_dtype)
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
+from .dsmem import arm, cluster_sync, exchange_setup, receive, send, wait_phase
 
 # The Triton interpreter multiplies the raw bit patterns of bf16 operands in tl.dot
 # (triton-lang/triton#11584). There, and only there, bf16 dots go through fp32.
@@ -85,11 +88,28 @@ def split_dot(p_rows, m_rows, o_j, b_w, H: tl.constexpr, SPLIT_K: tl.constexpr,
     """
     b_a = load_written(p_rows[:, None] + tl.expand_dims(o_j, -2),
                        m_rows[:, None] & tl.expand_dims(o_j < H, -2), WAIT, poll)
+    return _sliced_dot(b_a, b_w, SPLIT_K, DOT_PRECISION, ACC)
+
+
+@triton.jit
+def _sliced_dot(b_a, b_w, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
     b_a, b_w = dot_operands(b_a, b_w)
     b_acc = tl.dot(b_a, b_w, input_precision=DOT_PRECISION, out_dtype=ACC)
     if SPLIT_K > 1:
         b_acc = tl.sum(b_acc, axis=0)
     return b_acc
+
+
+@triton.jit
+def pushed_dot(slot, m_rows, o_j, b_w, H: tl.constexpr, HB: tl.constexpr, SPLIT_K: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """split_dot with A = h_{t-1} from this program's exchange slot (kernels/dsmem.py), a
+    [BLOCK_B, HB] fp32 tile at shared-memory address `slot`."""
+    offsets = tl.arange(0, m_rows.shape[0])[:, None] * HB + tl.expand_dims(o_j, -2)
+    mask = m_rows[:, None] & tl.expand_dims(o_j < H, -2)
+    bits = receive(slot + 4 * tl.where(mask, offsets, 0))
+    b_a = tl.where(mask, bits.to(tl.float32, bitcast=True), 0.0).to(b_w.dtype)
+    return _sliced_dot(b_a, b_w, SPLIT_K, DOT_PRECISION, ACC)
 
 
 @triton.jit
@@ -302,7 +322,7 @@ def lstm_forward_kernel(
     DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr, HAS_RESTARTS: tl.constexpr,
     RESTART_FROM_STATE: tl.constexpr, CKPT_EVERY: tl.constexpr, INNER_STAGES: tl.constexpr,
     PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
-    CLUSTER: tl.constexpr,
+    CLUSTER: tl.constexpr, DSMEM: tl.constexpr,
 ):
     # Each step is one phase (cell update), or two with a projection (PROJ): the cell
     # phase over own hidden units, a barrier, then h = r W_hr^T over own output units.
@@ -397,6 +417,19 @@ def lstm_forward_kernel(
         _, running_begin = step_rows(t_begin, length, m_b, reverse)
         m_prev_h = tl.where(t_begin == 0, m_first, running_begin)
 
+    if PERSISTENT and DSMEM:
+        # h pushed into every program's shared memory (dsmem.py): h0 goes out first, as if
+        # a step before step 0 had made it.
+        tl.static_assert(CLUSTER and RESIDENT and not (CHUNKED or PROJ or DATAFLOW))
+        HB: tl.constexpr = NUM_H_BLOCKS * BLOCK_H
+        SLOT: tl.constexpr = BLOCK_B * HB * 4
+        exchange = exchange_setup(2 * SLOT + 16, SLOT)     # dsmem.region_bytes
+        o_push = 4 * (tl.arange(0, BLOCK_B)[:, None] * HB + o_u[None, :])
+        b_h0 = tl.load(h0 + o_b[:, None] * R + o_u[None, :], mask=m_first[:, None] & m_u[None, :],
+                       other=0.0)
+        send(exchange + o_push, b_h0.to(tl.float32).to(tl.int32, bitcast=True),
+             exchange + 2 * SLOT, NUM_H_BLOCKS)
+
     for q in range(q_begin, q_end):
         t = q // PHASES
         t_row, running = step_rows(t, length, m_b, reverse)
@@ -418,6 +451,14 @@ def lstm_forward_kernel(
                 if CHUNKED:
                     b_acc = chunked_dot(p_rows, m_rows, w_chunks, R, BLOCK_K, RP // BLOCK_K, 0,
                                         DOT_PRECISION, ACC, DATAFLOW, t > 0)
+                elif PERSISTENT and DSMEM:
+                    # h_{t-1} in slot t % 2, phase (t // 2) % 2; then the slot's next phase.
+                    mbar = exchange + 2 * SLOT + 8 * (t % 2)
+                    wait_phase(mbar, (t // 2) % 2)
+                    b_acc = pushed_dot(exchange + SLOT * (t % 2), m_rows, o_j, b_w, R, HB,
+                                       SPLIT_K, DOT_PRECISION, ACC)
+                    if t + 2 < q_end:
+                        arm(mbar, SLOT)
                 else:
                     b_acc = split_dot(p_rows, m_rows, o_j, b_w, R, SPLIT_K, DOT_PRECISION, ACC,
                                       DATAFLOW, t > 0)
@@ -437,6 +478,11 @@ def lstm_forward_kernel(
             b_c = tl.where(m_run, b_f * b_c + b_i * b_g, b_c)      # stopped rows keep their state
             b_h = published(tl.where(m_run, b_o * _tanh(b_c), 0.0), DATAFLOW)
             b_h = b_h.to(y.dtype.element_ty)
+            if PERSISTENT and DSMEM:
+                if q < q_end - 1:
+                    send(exchange + SLOT * ((t + 1) % 2) + o_push,
+                         b_h.to(tl.float32).to(tl.int32, bitcast=True),
+                         exchange + 2 * SLOT + 8 * ((t + 1) % 2), NUM_H_BLOCKS)
             p_prev_h = y + (t_row * B + o_b) * YS      # h_t's rows, read by step t + 1
             _, m_prev_h = step_rows(t + 1, length, m_b, reverse)
 
@@ -456,7 +502,7 @@ def lstm_forward_kernel(
                     if not PROJ:
                         tl.store(h_ckpt + (slot + o_b)[:, None] * R + o_u[None, :], b_h,
                                  mask=m_bu)
-            if DATAFLOW or not PREFETCH_AFTER_ARRIVE:
+            if DATAFLOW or DSMEM or not PREFETCH_AFTER_ARRIVE:
                 # The next step's inputs do not depend on the recurrence: their loads are
                 # in flight while this program waits (at the barrier, or for the data).
                 m_next = m_b & (tl.full([BLOCK_B], (t + 1) * PHASES, tl.int32) < q_end)
@@ -481,7 +527,7 @@ def lstm_forward_kernel(
                 if ((t + 1) % CKPT_EVERY == 0) & (t + 1 < T):
                     slot = tl.cast((t + 1) // CKPT_EVERY, tl.int64) * B
                     tl.store(h_ckpt + (slot + o_b)[:, None] * R + o_r[None, :], b_y, mask=m_br)
-        if PERSISTENT and not DATAFLOW:
+        if PERSISTENT and not (DATAFLOW or DSMEM):
             if q < q_end - 1:
                 arrived = barrier_arrive(counter, leader_inc, i_h == 0, CLUSTER)
                 if PREFETCH_AFTER_ARRIVE and cell_phase:
@@ -492,6 +538,8 @@ def lstm_forward_kernel(
                 barrier_wait(counter, arrived, CLUSTER)
 
     tl.store(c_state + p_bu, b_c, mask=m_bu)
+    if PERSISTENT and DSMEM:
+        cluster_sync()      # no program leaves while another's pushes may still reach it
 
 
 def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=None,
@@ -527,6 +575,8 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
     H = G // (4 * D)
     device, dtype = gx.device, gx.dtype
     config = config or pick_config(B, H, dtype, device, "forward", D, proj=w_hr is not None)
+    if config.dsmem and (w_hr is not None or dtype == torch.float64):
+        config = dataclasses.replace(config, dsmem=False)   # pushes one h, 32 bits an element
     acc = state_dtype(dtype)
     proj = w_hr is not None
     y = torch.empty(T, B, D * R, dtype=dtype, device=device)
@@ -563,7 +613,7 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
                       DOT_PRECISION=dot_precision(dtype, device), REVERSE=reverse,
                       HAS_RESTARTS=restarts is not None,
                       RESTART_FROM_STATE=hw_restart is not None,
-                      CKPT_EVERY=ckpt_every)
+                      CKPT_EVERY=ckpt_every, DSMEM=False)
     launch_recurrence(lstm_forward_kernel, args, constexprs, num_steps=T * (2 if proj else 1),
                       batch=B, hidden_size=H, output_size=R, num_directions=D, config=config,
                       device=device, force_stepped=force_stepped)

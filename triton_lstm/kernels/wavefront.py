@@ -101,6 +101,7 @@ def lstm_wavefront_kernel(
     HAS_LENGTHS: tl.constexpr, SAVE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PERSISTENT: tl.constexpr, DOT_PRECISION: tl.constexpr, INNER_STAGES: tl.constexpr,
     PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
+    CLUSTER: tl.constexpr,
 ):
     tl.static_assert(not CHUNKED, "the wavefront has no chunked mode")
     NUM_H_BLOCKS: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
@@ -213,11 +214,11 @@ def lstm_wavefront_kernel(
                                                   m_u, H, 4 * H, ACC)
         if PERSISTENT and not DATAFLOW:
             if s < q_end - 1:
-                arrived = barrier_arrive(counter, leader_inc, (i_h == 0) & (i_l == 0), False)
+                arrived = barrier_arrive(counter, leader_inc, (i_h == 0) & (i_l == 0), CLUSTER)
                 if PREFETCH_AFTER_ARRIVE:
                     b_gxi, b_gxf, b_gxg, b_gxo = _load_gx(gx, t_next, running_next & bottom, B,
                                                           o_b, o_u, m_u, H, 4 * H, ACC)
-                barrier_wait(counter, arrived, False)
+                barrier_wait(counter, arrived, CLUSTER)
 
     tl.store(c_state + p_bu, b_c, mask=m_bu)
 
@@ -255,7 +256,7 @@ def lstm_wavefront_backward_kernel(
     HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PERSISTENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INNER_STAGES: tl.constexpr, PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr,
-    DATAFLOW: tl.constexpr,
+    DATAFLOW: tl.constexpr, CLUSTER: tl.constexpr,
 ):
     # Each layer walks stages s = 0 .. T (backward.py: step = T - 1 - s; at s = T its dh is
     # the gradient of h0); layer l runs stage s at wavefront step w = s + (L - 1 - l), the
@@ -372,12 +373,12 @@ def lstm_wavefront_backward_kernel(
                 HAS_H0, ACC)
         if PERSISTENT and not DATAFLOW:
             if w < q_end - 1:
-                arrived = barrier_arrive(counter, leader_inc, (i_h == 0) & (i_l == 0), False)
+                arrived = barrier_arrive(counter, leader_inc, (i_h == 0) & (i_l == 0), CLUSTER)
                 if PREFETCH_AFTER_ARRIVE:
                     b_i, b_f, b_g, b_o, b_ct, b_cp = _load_layer_saved(
                         step - 1, length, m_next, gates, c_all, c0, B, o_b, o_u, m_u, p_bu,
                         m_bu, H, HAS_H0, ACC)
-                barrier_wait(counter, arrived, False)
+                barrier_wait(counter, arrived, CLUSTER)
 
     tl.store(dc_state + p_bu, b_dc, mask=m_bu)
 

@@ -1,0 +1,115 @@
+"""h pushed into every program's shared memory: the exchange of a cluster (config ``dsmem``).
+
+With the cluster barrier (barrier.py) a step still goes through L2 twice: each program
+stores its h tile to global memory, a release waits for those stores to be acknowledged
+(``MEMBAR.ALL.GPU``), and after the barrier every program reads the whole h back from L2.
+On sm_90 the programs of a thread-block cluster can write each other's shared memory
+(distributed shared memory) with asynchronous stores that count their bytes on the
+receiver's mbarrier (``st.async ... mbarrier::complete_tx::bytes``). Here every program
+pushes its h tile into a buffer of every program of its group, and a program waits on
+its own mbarrier until all of h_{t-1} has arrived (``mbarrier.try_wait.parity``): the
+hardware counts the bytes, so a consumer waits on the data itself, never on a counter,
+and NaN or inf in the data mean nothing to it. No fence, no atomic, no L2 round trip.
+
+Layout: the launch gives each program REGION bytes of shared memory past Triton's own
+buffers (``dispatch.launch_in_clusters``), found from ``%dynamic_smem_size``: two slots of
+[BLOCK_B, HB] fp32 (HB = the group's hidden blocks x BLOCK_H), then one mbarrier per
+slot. h_{t-1} (h0 for step 0) lives in slot t % 2, phase (t // 2) % 2 of its mbarrier.
+Each element is sent as the 32 bits of an fp32, every row and unit of every block (zeros
+where masked), so a phase always expects the same bytes: BLOCK_B * HB * 4.
+
+Order of a phase: the slot's owner arms its mbarrier (arrive with the bytes it expects) when
+it has waited on the slot's previous phase; the group's programs send into the slot only
+after they have h_{t-1} of every program, which each sent after reading the slot's previous
+contents: so a slot is never written while it is read, and no phase completes early (an
+mbarrier's byte count may run ahead of its arm). A wait past WAIT_LIMIT polls traps: a
+launch that would hang fails instead.
+"""
+import triton
+import triton.language as tl
+
+# try_wait polls (each may suspend the thread a while) before a trap
+WAIT_LIMIT = tl.constexpr(1 << 26)
+
+
+def region_bytes(block_b: int, hidden_blocks: int, block_h: int) -> int:
+    """Shared memory a program adds for the exchange: two slots and two mbarriers."""
+    return 2 * block_b * hidden_blocks * block_h * 4 + 16
+
+
+@triton.jit
+def _thread0(asm: tl.constexpr, a, b):
+    """`asm` (operands $1, $2: a, b; predicate p) run by thread 0 of the program only."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; " + asm
+        + " mov.u32 $0, 0; }", "=r,r,r", [a, b], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def exchange_setup(REGION: tl.constexpr, SLOT_BYTES: tl.constexpr):
+    """This program's exchange buffer (the last REGION bytes of its shared memory) with both
+    mbarriers initialised, armed for their first phase, and seen initialised by the whole
+    cluster. Returns the buffer's shared-memory address."""
+    base = tl.inline_asm_elementwise(
+        "{ .reg .u32 size; mov.u32 size, %dynamic_smem_size; mov.u32 $0, global_smem; "
+        "add.u32 $0, $0, size; sub.u32 $0, $0, $1; }",
+        "=r,r", [tl.full([], REGION, tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
+    mbar = base + 2 * SLOT_BYTES
+    _thread0("@p mbarrier.init.shared::cta.b64 [$1], 1; @p mbarrier.init.shared::cta.b64 [$2], 1; "
+             "fence.mbarrier_init.release.cluster;", mbar, mbar + 8)
+    arm(mbar, SLOT_BYTES)
+    arm(mbar + 8, SLOT_BYTES)
+    cluster_sync()
+    return base
+
+
+@triton.jit
+def cluster_sync():
+    """Every thread of every program of the cluster meets here (barrier.cluster)."""
+    tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned; "
+                              "barrier.cluster.wait.acquire.aligned; mov.u32 $0, 0;",
+                              "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def arm(mbar, nbytes):
+    """Thread 0 arrives at mbar, expecting nbytes for its current phase."""
+    _thread0("@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$1], $2;", mbar,
+             tl.full([], nbytes, tl.int32))
+
+
+@triton.jit
+def wait_phase(mbar, parity):
+    """Wait until mbar's phase of this parity completes (all its bytes arrived); trap past
+    WAIT_LIMIT polls."""
+    polls = 0
+    done = 0
+    while (done == 0) & (polls < WAIT_LIMIT):
+        done = tl.inline_asm_elementwise(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2; "
+            "selp.u32 $0, 1, 0, p; }", "=r,r,r", [mbar, parity], dtype=tl.int32,
+            is_pure=False, pack=1)
+        polls += 1
+    if done == 0:
+        tl.inline_asm_elementwise("trap; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def send(addr, bits, mbar, GROUP: tl.constexpr):
+    """Each element's 32 bits to its address in every program of the cluster (ranks 0 ..
+    GROUP - 1), the bytes counted on that program's mbar."""
+    for rank in tl.static_range(GROUP):
+        tl.inline_asm_elementwise(
+            "{ .reg .u32 a, m; mapa.shared::cluster.u32 a, $1, $4; "
+            "mapa.shared::cluster.u32 m, $3, $4; "
+            "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [a], $2, [m]; "
+            "mov.u32 $0, 0; }", "=r,r,r,r,r", [addr, bits, mbar, tl.full([], rank, tl.int32)],
+            dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def receive(addr):
+    """The 32 bits at each shared-memory address of this program."""
+    return tl.inline_asm_elementwise("ld.shared.b32 $0, [$1];", "=r,r", [addr], dtype=tl.int32,
+                                     is_pure=False, pack=1)
