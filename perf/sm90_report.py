@@ -148,7 +148,8 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
                      lengths="i32", w_hh=tname, w_hr=tname, dgates=tname, dh_all=tname,
                      dh_parts=acc, dh0=tname, restarts="i8", c_restart=tname, dh_restart=acc,
                      dc_restart=acc, counters="i32")
-        constexprs = dict(common, HAS_DY=True, HAS_DHN=True, GATE_SPLIT=cfg.gate_split)
+        constexprs = dict(common, HAS_DY=True, HAS_DHN=True, GATE_SPLIT=cfg.gate_split,
+                          DSMEM=cfg.dsmem and not proj)
     compiled = compile_one(kernel, types, constexprs, cfg.num_warps)
     return compiled_row(compiled, kernel=kernel_name, dtype=dtype_name, B=batch, H=hidden,
                         D=directions, proj=proj, tile=f"{cfg.block_b}x{cfg.block_h}",

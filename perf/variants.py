@@ -5,8 +5,8 @@ inner K loops (inner_stages), the next step's loads after the barrier arrival
 (prefetch_after_arrive), dataflow waits instead of the grid barrier (dataflow),
 resident weights in chunks at large H (chunked), wider large-batch tiles, the
 backward's gate split (gate_split), the hardware cluster barrier for groups of 8-16
-programs (cluster; each beside the same tile at the counter) and the forward pushing h
-through distributed shared memory (dsmem). Each row runs one kernel
+programs (cluster; each beside the same tile at the counter) and h (in the backward,
+shares of dh) exchanged through distributed shared memory (dsmem). Each row runs one kernel
 (forward: lstm_forward with save as in training; backward: lstm_backward on that
 forward's saved values) at T steps, D = 1, I = H, and compares its outputs with the
 heuristic config's (a variant must compute the same function). Writes variants.csv
@@ -58,6 +58,9 @@ EXPERIMENTS = [
     ("cluster", "forward", "bf16", 8, 512, ["bb16-bh32-res-bk64-sk1-w4-cl-ds"]),
     ("cluster", "forward", "bf16", 1, 512, ["bb16-bh32-res-bk64-sk1-w4-cl-ds"]),
     ("cluster", "forward", "fp32", 8, 256, ["bb16-bh16-res-bk64-sk1-w4-cl-ds"]),
+    ("cluster", "backward", "fp16", 8, 256, ["bb16-bh16-res-bk64-sk1-w4-cl-ds",
+                                             "bb16-bh32-res-bk64-sk1-w4-cl-ds"]),
+    ("cluster", "backward", "bf16", 8, 512, ["bb16-bh32-res-bk64-sk1-w4-cl-ds"]),
     # Small batch: the backward's split_k (PERF-MODEL.md 2.4), loads after the arrival.
     ("small", "backward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk4-w4", "bb16-bh8-res-bk64-sk4-w8",
                                            "bb16-bh8-res-bk64-sk1-w4-pa",

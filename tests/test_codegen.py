@@ -8,8 +8,8 @@ with ptxas; no GPU is involved. Two properties the kernels' speed rests on:
 - the dispatcher's default tiles do not spill.
 It also checks how the programs of each kernel wait for each other (barrier.py): the
 cluster barrier's configs have no atomics left, dataflow's neither barrier, and the dsmem
-forward pushes h with st.async (dsmem.py). Its exchange has no global loads of h, so the
-vectorised-load check does not apply to it.
+kernels exchange h (or shares of dh) with st.async (dsmem.py); having no global loads of
+that state, they are not checked for its vectorised loads.
 """
 import json
 import os
@@ -38,11 +38,12 @@ CASES = {
                  "--config", "bb16-bh16-res-bk64-sk1-w4-cl"], True),
     "cluster-wide": (["--shapes", "8x512", "--dtypes", "fp16", "bf16",
                       "--config", "bb16-bh32-res-bk64-sk1-w4-cl"], True),
-    # h pushed into every program's shared memory (kernels/dsmem.py): the forward only.
-    "dsmem": (["--shapes", "8x256", "--dtypes", "fp16", "fp32", "--kernels", "forward",
+    # h pushed into every program's shared memory, and the backward's shares of dh
+    # (kernels/dsmem.py).
+    "dsmem": (["--shapes", "8x256", "--dtypes", "fp16", "fp32",
                "--config", "bb16-bh16-res-bk64-sk1-w4-cl-ds"], True),
-    # 168 registers, no spill under Triton 3.6 (the GPU machines'); 180 bytes under 3.9.
-    "dsmem-wide": (["--shapes", "8x512", "--dtypes", "bf16", "--kernels", "forward",
+    # No spill under Triton 3.6 (the GPU machines'); the forward spills 180 bytes under 3.9.
+    "dsmem-wide": (["--shapes", "8x512", "--dtypes", "bf16",
                     "--config", "bb16-bh32-res-bk64-sk1-w4-cl-ds"], False),
     "chunked": (["--shapes", "128x1024", "--dtypes", "bf16", "--kernels", "forward",
                  "--config", "bb64-bh16-chk-bk64-sk1-w4"], False),

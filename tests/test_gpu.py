@@ -55,6 +55,17 @@ def relative_error(got, want):
     return float((got.double().cpu() - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
+def assert_within_twice_the_reference_error(ours, theirs, want, slack, names=None,
+                                            theirs_name="nn.LSTM"):
+    """Each of our tensors finite and at most twice as far from float64 as theirs, + slack."""
+    names = names or [f"tensor {k}" for k in range(len(want))]
+    for name, got, base, ref in zip(names, ours, theirs, want):
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        ours_err, their_err = relative_error(got, ref), relative_error(base, ref)
+        assert ours_err <= 2 * their_err + slack, (
+            f"{name}: error {ours_err:.2e} vs {theirs_name}'s {their_err:.2e} (+{slack:.0e})")
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_persistent_matches_float64_within_twice_cudnn_error(shape, dtype_name):
@@ -72,12 +83,8 @@ def test_persistent_matches_float64_within_twice_cudnn_error(shape, dtype_name):
     ref_outs, ref_grads = float64_reference(torch_lstm, x, hx, upstream)
     names = ["y", "h_n", "c_n", "grad x", "grad h0", "grad c0",
              "grad w_ih", "grad w_hh", "grad b_ih", "grad b_hh"]
-    for name, got, base, want in zip(names, our_outs + our_grads, torch_outs + torch_grads,
-                                     ref_outs + ref_grads):
-        assert torch.isfinite(got).all(), f"{name}: non-finite values"
-        ours_err, torch_err = relative_error(got, want), relative_error(base, want)
-        assert ours_err <= 2 * torch_err + slack, (
-            f"{name}: error {ours_err:.2e} vs nn.LSTM's {torch_err:.2e} (+{slack:.0e})")
+    assert_within_twice_the_reference_error(our_outs + our_grads, torch_outs + torch_grads,
+                                            ref_outs + ref_grads, slack, names)
 
 
 @pytest.mark.parametrize("config", [None, "bb64-bh16-str-bk64-sk4-w8-gs"],
@@ -152,11 +159,7 @@ def test_options_match_float64_within_twice_cudnn_error(form, dtype_name):
     else:
         x = x.detach().double().cpu().requires_grad_()
     ref_all, _ = run(ref, [u.double().cpu() for u in upstream])
-    for k, (got, base, want) in enumerate(zip(ours_all, torch_all, ref_all)):
-        assert torch.isfinite(got).all(), f"tensor {k}: non-finite values"
-        ours_err, torch_err = relative_error(got, want), relative_error(base, want)
-        assert ours_err <= 2 * torch_err + slack, (
-            f"tensor {k}: error {ours_err:.2e} vs nn.LSTM's {torch_err:.2e} (+{slack:.0e})")
+    assert_within_twice_the_reference_error(ours_all, torch_all, ref_all, slack)
 
 
 @pytest.mark.parametrize("label", [None, "bb16-bh16-res-bk64-sk1-w4-cl"],
@@ -336,11 +339,7 @@ def test_step_loop_matches_float64_within_twice_cudnn_error(dtype_name, num_laye
     loss = sum((o * u.double().cpu()).sum() for o, u in zip(outs64, upstream))
     ref_all = [o.detach() for o in outs64] + list(torch.autograd.grad(loss, [x64, *hx64]))
     names = ["y", "h_n", "c_n", "grad x", "grad h0", "grad c0"]
-    for name, got, base, want in zip(names, ours_all, torch_all, ref_all):
-        assert torch.isfinite(got).all(), f"{name}: non-finite values"
-        ours_err, torch_err = relative_error(got, want), relative_error(base, want)
-        assert ours_err <= 2 * torch_err + slack, (
-            f"{name}: error {ours_err:.2e} vs nn.LSTM's {torch_err:.2e} (+{slack:.0e})")
+    assert_within_twice_the_reference_error(ours_all, torch_all, ref_all, slack, names)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -548,7 +547,9 @@ def test_cluster_barrier_computes_what_the_counter_barrier_computes(form, hidden
     runs = []
     for run_config in (dataclasses.replace(config, cluster=False, dsmem=False), config):
         before = launch_counts["clustered"]
-        with forced_configs(forward=run_config, backward=run_config):
+        # The backward's push sums dh in another order: its own test below.
+        with forced_configs(forward=run_config,
+                            backward=dataclasses.replace(run_config, dsmem=False)):
             out, (h, c) = ours(x)
             y = out.data if form == "packed-bidir" else out
             grads = torch.autograd.grad(y.float().square().sum() + c.float().sum(),
@@ -559,6 +560,46 @@ def test_cluster_barrier_computes_what_the_counter_barrier_computes(form, hidden
         assert torch.isfinite(counter).all(), k
         torch.testing.assert_close(cluster, counter, rtol=0, atol=0,
                                    msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("hidden, label, dtype_name", [
+    (256, "bb16-bh16-res-bk64-sk1-w4-cl-ds", name) for name in ("fp32", "bf16", "fp16")] + [
+    (512, "bb16-bh32-res-bk64-sk1-w4-cl-ds", name) for name in ("bf16", "fp16")])  # fp32: 295 KB
+def test_pushed_shares_of_dh_match_float64_within_twice_cudnn_error(hidden, label, dtype_name):
+    """The backward exchanging shares of dh through distributed shared memory (a reduce-
+    scatter, kernels/dsmem.py) sums them in another order than the other paths: its
+    gradients against float64, with both directions in one grid and packed lengths."""
+    from triton_lstm.tuning import config_from_label, forced_configs
+    dtype, allow_tf32, slack = DTYPES[dtype_name]
+    config = config_from_label(label)
+    T, B, I = 40, 24, 64
+    torch_lstm = torch.nn.LSTM(I, hidden, bidirectional=True, device="cuda", dtype=dtype)
+    ours = triton_copy(torch_lstm)
+    lengths = torch.randint(1, T + 1, (B,))
+    x = torch.randn(T, B, I, device="cuda", dtype=dtype)
+
+    def run(module, x, upstream=None):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        leaf = packed.data.detach().requires_grad_()
+        out, (h, c) = module(torch.nn.utils.rnn.PackedSequence(
+            leaf, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices))
+        if upstream is None:
+            upstream = [torch.randn_like(t) for t in (out.data, h, c)]
+        loss = sum((t * u).sum() for t, u in zip((out.data, h, c), upstream))
+        grads = torch.autograd.grad(loss, [leaf] + list(module.parameters()))
+        return [t.detach() for t in (out.data, h, c)] + list(grads), upstream
+
+    before = launch_counts["clustered"]
+    with tf32(allow_tf32), forced_configs(forward=config, backward=config):
+        ours_all, upstream = run(ours, x)
+    assert launch_counts["clustered"] == before + 2
+    with tf32(allow_tf32):
+        torch_all, _ = run(torch_lstm, x, upstream)
+    ref = torch.nn.LSTM(I, hidden, bidirectional=True, dtype=torch.float64)
+    ref.load_state_dict({k: v.double().cpu() for k, v in torch_lstm.state_dict().items()})
+    ref_all, _ = run(ref, x.double().cpu(), [u.double().cpu() for u in upstream])
+    assert_within_twice_the_reference_error(ours_all, torch_all, ref_all, slack)
 
 
 # -- stacked layers as one wavefront (kernels/wavefront.py) ------------------------------------
@@ -596,11 +637,7 @@ def test_wavefront_matches_float64_within_twice_cudnn_error(dtype_name, batch, h
     ref = torch.nn.LSTM(I, hidden, num_layers=L, dtype=torch.float64)
     ref.load_state_dict({k: v.double().cpu() for k, v in torch_lstm.state_dict().items()})
     ref_all, _ = run(ref, x.double().cpu(), [u.double().cpu() for u in upstream])
-    for k, (got, base, want) in enumerate(zip(ours_all, torch_all, ref_all)):
-        assert torch.isfinite(got).all(), f"tensor {k}: non-finite values"
-        ours_err, torch_err = relative_error(got, want), relative_error(base, want)
-        assert ours_err <= 2 * torch_err + slack, (
-            f"tensor {k}: error {ours_err:.2e} vs nn.LSTM's {torch_err:.2e} (+{slack:.0e})")
+    assert_within_twice_the_reference_error(ours_all, torch_all, ref_all, slack)
 
 
 @pytest.mark.timeout(120)     # a barrier or a wait that never ends fails instead of hanging
@@ -678,8 +715,5 @@ def test_wavefront_dropout_matches_float64_within_twice_chained_cudnn_layers_err
     ref.load_state_dict({k: v.double().cpu() for k, v in torch_lstm.state_dict().items()})
     ref_all, _ = run(lambda x: chained_layers(ref, x, None, keep.double().cpu())[::2],
                      x.double().cpu(), [u.double().cpu() for u in upstream])
-    for k, (got, base, want) in enumerate(zip(ours_all, torch_all, ref_all)):
-        assert torch.isfinite(got).all(), f"tensor {k}: non-finite values"
-        ours_err, torch_err = relative_error(got, want), relative_error(base, want)
-        assert ours_err <= 2 * torch_err + slack, (
-            f"tensor {k}: error {ours_err:.2e} vs chained nn.LSTM's {torch_err:.2e} (+{slack:.0e})")
+    assert_within_twice_the_reference_error(ours_all, torch_all, ref_all, slack,
+                                            theirs_name="chained nn.LSTM")

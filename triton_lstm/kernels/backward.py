@@ -42,6 +42,7 @@ import triton.language as tl
 from ..dispatch import (dot_precision, gate_split_applies, launch_recurrence, padded,
                         pick_config, state_dtype)
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
+from .dsmem import arm, cluster_sync, exchange_setup, receive, send_to, wait_phase
 from .forward import (_tanh, chunked_dot, dot_operands, load_restarts, own_block,
                       reduction_index, resident_chunks, split_dot, step_rows, store_gates,
                       streamed_dot)
@@ -166,7 +167,7 @@ def lstm_backward_kernel(
     HAS_RESTARTS: tl.constexpr, RESTART_FROM_STATE: tl.constexpr, INNER_STAGES: tl.constexpr,
     PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
     CLUSTER: tl.constexpr,
-    GATE_SPLIT: tl.constexpr,
+    GATE_SPLIT: tl.constexpr, DSMEM: tl.constexpr,
 ):
     # Stage s = 0 .. T walks the forward's steps backwards (step = T - 1 - s). Its dh
     # phase gives dh of own output units; its cell phase (s < T) gives dG of own hidden
@@ -223,7 +224,7 @@ def lstm_backward_kernel(
             # chunks; dG is staged one chunk at a time.
             NUM_CHUNKS: tl.constexpr = 4 * HP // BLOCK_K
             w_chunks = resident_chunks(w_hh + o_r, m_r, H, R, BLOCK_K, NUM_CHUNKS, HP)
-        else:
+        elif not DSMEM:     # (the exchange holds W_hh's rows of own gates instead, below)
             # Per gate, W_hh[gate*H + j, own output units] as [HP, BLOCK_R] (or slices).
             o_j = reduction_index(HP, SPLIT_K)
             p_w = w_hh + tl.expand_dims(o_j, -1) * R + o_r
@@ -243,6 +244,27 @@ def lstm_backward_kernel(
         o_jr = reduction_index(RP, SPLIT_K)
         b_whr = tl.load(w_hr + tl.expand_dims(o_jr, -1) * H + o_u,
                         mask=tl.expand_dims(o_jr < R, -1) & m_u, other=0.0)
+    if PERSISTENT and DSMEM:
+        # Shares of dh exchanged through distributed shared memory (dsmem.py): this program's
+        # dG_{t+1} @ W_hh[rows of its own gates, :], block k of it to program k, at this
+        # program's piece of k's slot; zeros first, for the stage before stage 0.
+        tl.static_assert(CLUSTER and RESIDENT and not (CHUNKED or PROJ or DATAFLOW or GATE_SPLIT))
+        HB: tl.constexpr = NUM_H_BLOCKS * BLOCK_H
+        SLOT: tl.constexpr = BLOCK_B * HB * 4
+        PIECE: tl.constexpr = BLOCK_B * BLOCK_H * 4
+        exchange = exchange_setup(2 * SLOT + 16, SLOT)     # dsmem.region_bytes
+        o_n = tl.arange(0, 4 * BLOCK_H)                     # own gate rows: n = 4 * unit + gate
+        o_nu = i_h * BLOCK_H + o_n // 4
+        o_k = tl.arange(0, HP)                              # every unit
+        b_wrows = tl.load(w_hh + ((o_n % 4) * H + o_nu)[:, None] * R + o_k[None, :],
+                          mask=(o_nu < H)[:, None] & (o_k < H)[None, :], other=0.0)
+        o_rows = tl.arange(0, BLOCK_B)
+        p_share = i_h * PIECE + 4 * (o_rows[:, None] * BLOCK_H + (o_k % BLOCK_H)[None, :])
+        rank_share = tl.broadcast_to((o_k // BLOCK_H)[None, :], [BLOCK_B, HP])
+        m_share = rank_share < NUM_H_BLOCKS
+        send_to(exchange + p_share, tl.zeros([BLOCK_B, HP], dtype=tl.int32), exchange + 2 * SLOT,
+                rank_share, m_share)
+        p_own = 4 * (o_rows[:, None] * BLOCK_H + tl.arange(0, BLOCK_H)[None, :])
     if HAS_DHN:
         b_dhn = tl.load(dh_n + p_br, mask=m_br, other=0.0).to(ACC)
     else:
@@ -318,6 +340,16 @@ def lstm_backward_kernel(
                 elif RESIDENT and CHUNKED:
                     b_dot = chunked_dot(p_rows, running_next, w_chunks, H, BLOCK_K, NUM_CHUNKS,
                                         HP, DOT_PRECISION, ACC, DATAFLOW, True)
+                elif PERSISTENT and DSMEM:
+                    # The group's shares of own units in slot s % 2, phase (s // 2) % 2.
+                    mbar = exchange + 2 * SLOT + 8 * (s % 2)
+                    wait_phase(mbar, (s // 2) % 2)
+                    b_dot = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
+                    for k in tl.static_range(NUM_H_BLOCKS):
+                        b_dot += receive(exchange + SLOT * (s % 2) + k * PIECE + p_own).to(
+                            tl.float32, bitcast=True)
+                    if s + 2 < q_end:
+                        arm(mbar, SLOT)
                 elif RESIDENT:
                     b_dot = gate_rows_dot_resident(p_rows, running_next, o_j, b_wi, b_wf, b_wg,
                                                    b_wo, H, SPLIT_K, DOT_PRECISION, ACC, DATAFLOW)
@@ -360,6 +392,16 @@ def lstm_backward_kernel(
                                                                     b_ct, b_cp, m_run, DATAFLOW)
                 store_gates(dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :], b_dgi, b_dgf,
                             b_dgg, b_dgo, H, m_bu)
+                if PERSISTENT and DSMEM:
+                    # dG_t of own units as [rows, n = 4 * unit + gate], in dgates' dtype (the
+                    # operand the other paths read back), times W_hh's rows of own gates.
+                    b_dg = tl.join(tl.join(b_dgi, b_dgf), tl.join(b_dgg, b_dgo))
+                    b_dg = tl.reshape(tl.permute(b_dg, [0, 1, 3, 2]), [BLOCK_B, 4 * BLOCK_H])
+                    b_dg, b_w_dg = dot_operands(b_dg.to(dgates.dtype.element_ty), b_wrows)
+                    b_share = tl.dot(b_dg, b_w_dg, input_precision=DOT_PRECISION, out_dtype=ACC)
+                    send_to(exchange + SLOT * ((s + 1) % 2) + p_share,
+                            b_share.to(tl.int32, bitcast=True),
+                            exchange + 2 * SLOT + 8 * ((s + 1) % 2), rank_share, m_share)
                 b_dc = tl.where(m_run, b_dc_t * b_f, b_dc)       # stopped rows carry dc_n through
                 if HAS_RESTARTS:
                     # This step started from the restart state: dc_next is that state's gradient.
@@ -368,7 +410,7 @@ def lstm_backward_kernel(
                     tl.store(p_acc, tl.load(p_acc, mask=m_acc, other=0.0) + b_dc, mask=m_acc)
                     b_dc = tl.where(m_acc, 0.0, b_dc)
                     b_restarted_after = b_restarted
-                if PREFETCH_SAVED and (DATAFLOW or not PREFETCH_AFTER_ARRIVE):
+                if PREFETCH_SAVED and (DATAFLOW or DSMEM or not PREFETCH_AFTER_ARRIVE):
                     # The next step's saved values do not depend on the recurrence: their
                     # loads are in flight while this program waits (barrier, or the data).
                     q_next = tl.full([BLOCK_B], (s + 1) * PHASES, tl.int32)
@@ -377,7 +419,7 @@ def lstm_backward_kernel(
                         step - 1, length, m_next, gates, c_all, c0, restarts, c_restart, B, o_b,
                         o_u, m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC,
                         reverse)
-        if PERSISTENT and not DATAFLOW:
+        if PERSISTENT and not (DATAFLOW or DSMEM):
             if q < q_end - 1:
                 arrived = barrier_arrive(counter, leader_inc, i_h == 0, CLUSTER)
                 if PREFETCH_AFTER_ARRIVE and PREFETCH_SAVED and cell_phase:
@@ -389,6 +431,8 @@ def lstm_backward_kernel(
                 barrier_wait(counter, arrived, CLUSTER)
 
     tl.store(dc_state + p_bu, b_dc, mask=m_bu)
+    if PERSISTENT and DSMEM:
+        cluster_sync()      # no program leaves while another's shares may still reach it
 
 
 def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *, config=None,
@@ -419,6 +463,8 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
     config = config or pick_config(B, H, dtype, device, "backward", D, proj=proj)
     if config.gate_split and not gate_split_applies(config, proj):
         config = dataclasses.replace(config, gate_split=False)
+    if config.dsmem and (proj or config.gate_split or dtype == torch.float64):
+        config = dataclasses.replace(config, dsmem=False)   # shares of dh alone, fp32 bits
     dgates = torch.empty(T, B, D * 4 * H, dtype=dtype, device=device)
     dh0 = torch.empty(D, B, R, dtype=dtype, device=device)
     dh_all = torch.empty(D, T, B, R, dtype=dtype, device=device) if proj else None
@@ -446,7 +492,8 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
                       HAS_DY=dy is not None, HAS_DHN=dh_n is not None, HAS_H0=c0 is not None,
                       HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(dtype, device),
                       REVERSE=reverse, HAS_RESTARTS=has_restarts,
-                      RESTART_FROM_STATE=c_restart is not None, GATE_SPLIT=config.gate_split)
+                      RESTART_FROM_STATE=c_restart is not None, GATE_SPLIT=config.gate_split,
+                      DSMEM=False)
     # Phases: T + 1 stages, two each with a projection or a gate split (the last stage of a
     # projection has no cell phase).
     num_steps = 2 * (T + 1) if config.gate_split else T * (2 if proj else 1) + 1

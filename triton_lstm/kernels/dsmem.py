@@ -11,6 +11,13 @@ its own mbarrier until all of h_{t-1} has arrived (``mbarrier.try_wait.parity``)
 hardware counts the bytes, so a consumer waits on the data itself, never on a counter,
 and NaN or inf in the data mean nothing to it. No fence, no atomic, no L2 round trip.
 
+The backward (config ``dsmem`` there too) exchanges partial sums instead: each program
+multiplies its own units' dG_{t+1} by W_hh's rows of its own gates, a [BLOCK_B, H] share of
+dh for every unit, and sends block k of it to program k, which adds the group's shares of
+its own units (a reduce-scatter): a program never reads another's dG, and its dot's
+reduction is 4 * BLOCK_H long instead of 4H. The slots then hold [group, BLOCK_B, BLOCK_H]
+fp32: the same bytes as the forward's.
+
 Layout: the launch gives each program REGION bytes of shared memory past Triton's own
 buffers (``dispatch.launch_in_clusters``), found from ``%dynamic_smem_size``: two slots of
 [BLOCK_B, HB] fp32 (HB = the group's hidden blocks x BLOCK_H), then one mbarrier per
@@ -106,6 +113,18 @@ def send(addr, bits, mbar, GROUP: tl.constexpr):
             "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [a], $2, [m]; "
             "mov.u32 $0, 0; }", "=r,r,r,r,r", [addr, bits, mbar, tl.full([], rank, tl.int32)],
             dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def send_to(addr, bits, mbar, rank, valid):
+    """Each valid element's 32 bits to its address in program `rank` of the cluster (per
+    element), the bytes counted on that program's mbar."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .u32 a, m; setp.ne.u32 p, $5, 0; "
+        "@p mapa.shared::cluster.u32 a, $1, $4; @p mapa.shared::cluster.u32 m, $3, $4; "
+        "@p st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [a], $2, [m]; "
+        "mov.u32 $0, 0; }", "=r,r,r,r,r,r", [addr, bits, mbar, rank, valid.to(tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
