@@ -563,6 +563,29 @@ def test_cluster_barrier_computes_what_the_counter_barrier_computes(form, hidden
 
 
 @pytest.mark.timeout(120)
+def test_pushed_h_with_nan_and_inf_input_ends_and_equals_the_counter_path():
+    """The push waits on bytes, never on values: NaN and inf in the input change nothing
+    about when a step ends (dsmem.py), and the forward equals the counter path's bitwise."""
+    from triton_lstm.tuning import config_from_label
+    config = config_from_label("bb16-bh16-res-bk64-sk1-w4-cl-ds")
+    T, B, H = 32, 8, 256
+    gx = torch.randn(T, B, 8 * H, device="cuda", dtype=torch.float16)
+    gx[5, 0, :4] = float("nan")
+    gx[9, 1, 3 * H:3 * H + 4] = float("inf")
+    w_hh = (torch.randn(2, 4 * H, H, device="cuda") / H ** 0.5).half()
+    runs = []
+    for run_config in (dataclasses.replace(config, cluster=False, dsmem=False), config):
+        before = launch_counts["clustered"]
+        runs.append(lstm_forward(gx, w_hh, None, None, None, save=True, config=run_config)[:5])
+        assert launch_counts["clustered"] == before + run_config.dsmem
+    for k, (counter, pushed) in enumerate(zip(*runs)):
+        assert counter.isnan().any(), k
+        assert torch.equal(counter.isnan(), pushed.isnan()), k
+        torch.testing.assert_close(pushed.nan_to_num(), counter.nan_to_num(), rtol=0, atol=0,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("hidden, label, dtype_name", [
     (256, "bb16-bh16-res-bk64-sk1-w4-cl-ds", name) for name in ("fp32", "bf16", "fp16")] + [
     (512, "bb16-bh32-res-bk64-sk1-w4-cl-ds", name) for name in ("bf16", "fp16")])  # fp32: 295 KB

@@ -29,6 +29,10 @@ gate each, for 4*BLOCK_H output units, and write fp32 partial sums to ``dh_parts
 after a barrier each program adds the four partials of its own units and goes on with
 step 2. Each program then reads a [BLOCK_B, H] slice of dG a step instead of
 [BLOCK_B, 4H]: fewer bytes for the price of a second barrier.
+With DSMEM (a cluster, resident weights, no projection) no program reads dG at all: each
+multiplies its own dG_t by the rows of its own gates of W_hh (the forward's slice) and
+sends every program of the group its block of that share of dh_{t-1}; step 1 adds the
+shares that arrived in its shared memory (dsmem.py).
 dc_next lives in registers and travels between launches through ``dc_state``
 (in: dc_n, out: the gradient of c0). The weight, input and bias gradients are
 large GEMMs over dG afterwards (autograd.py).

@@ -31,6 +31,11 @@ projection is loaded before the barrier, so its latency hides behind the wait.
 When the slice is too large to keep (RESIDENT=False), each step streams it from
 L2 in BLOCK_K chunks instead: slower, still correct.
 
+How a group waits is a flag (barrier.py): the counter, dataflow polls (DATAFLOW), or,
+launched as one thread-block cluster, the hardware cluster barrier (CLUSTER); with
+DSMEM as well, h is not read from L2 at all but pushed into every program's shared
+memory, each program waiting on its own mbarrier for the bytes (dsmem.py).
+
 Stepped mode (PERSISTENT=False) runs the same body for phases [q_begin, q_end)
 and ends; the caller launches once per phase and the launch boundary is the
 barrier. c travels between launches through ``c_state``.
