@@ -313,10 +313,11 @@ class ClusterKernel:
     arg_names = ["x", "y", "T", "FLAG"]
     fn = types.SimpleNamespace(__name__="fake_kernel")
 
-    def __init__(self, num_ctas=1):
+    def __init__(self, num_ctas=1, pushes=0):
         self.packed_metadata = (4, num_ctas, 1024)
         self.metadata = types.SimpleNamespace(shared=1024, global_scratch_size=0)
         self.function, self.launches = 7, []
+        self.asm = {"ptx": "st.async.shared::cluster;\n" * pushes}
 
     def warmup(self, *args, grid, **kwargs):
         return self
@@ -360,12 +361,25 @@ def test_a_cluster_that_cannot_be_resident_launches_nothing(monkeypatch):
         dispatch.launch_in_clusters(split, (32, 1), ("x", "y", 5), dict(FLAG=1), 16)
 
 
+def test_a_kernel_that_would_push_an_element_twice_is_not_launched_in_clusters(monkeypatch):
+    """An exchange counts bytes: a kernel whose st.async count is not its share of the
+    pushes (Triton's layout holding some elements in two threads) runs the counter instead."""
+    monkeypatch.setattr(triton.runtime.driver, "_active", types.SimpleNamespace(
+        utils=types.SimpleNamespace(cuOccupancyMaxActiveClusters=lambda *a: 4)))
+    flags = dict(FLAG=1)
+    for has, want, launched in ((64, 64, True), (32, 16, False), (0, -1, False)):
+        kernel = ClusterKernel(pushes=has)
+        assert dispatch.launch_in_clusters(kernel, (32, 1), ("x", "y", 5), flags, 16, 4112,
+                                           want) == launched
+        assert len(kernel.launches) == launched
+
+
 def test_launch_recurrence_takes_the_cluster_barrier_else_the_counter(monkeypatch):
     class Kernel:   # records each counter-barrier launch's grid and flags
         def __getitem__(self, grid):
             return lambda *args, **flags: launched.append((grid, flags))
 
-    def in_clusters(kernel, grid, args, flags, cluster, extra_shared):
+    def in_clusters(kernel, grid, args, flags, cluster, extra_shared, pushes):
         clustered.append((grid, cluster, flags["CLUSTER"], flags["PERSISTENT"]))
         return fits
 
@@ -394,25 +408,27 @@ def test_a_pushing_launch_asks_for_its_exchange_buffer(monkeypatch):
     their weights, get neither; the counter launch never pushes."""
     calls = []
     monkeypatch.setattr(dispatch, "launch_in_clusters", lambda kernel, grid, args, flags,
-                        cluster, extra_shared: calls.append((flags.get("DSMEM"), extra_shared)))
+                        cluster, extra_shared, pushes: calls.append(
+                            (flags.get("DSMEM"), extra_shared, pushes)))
     monkeypatch.setattr(dispatch, "cluster_size", lambda *a: 8)
     monkeypatch.setattr(dispatch, "co_resident_programs", lambda *a: 1_000)
     monkeypatch.setattr(dispatch, "interpreting", lambda: False)
 
     class Kernel:
         def __getitem__(self, grid):
-            return lambda *args, **flags: calls.append((flags.get("DSMEM"), "counter"))
+            return lambda *args, **flags: calls.append((flags.get("DSMEM"), "counter", None))
 
     c = KernelConfig(block_b=16, block_h=16, cluster=True, dsmem=True)
     launch = dict(num_steps=4, batch=16, hidden_size=128, output_size=128, num_directions=1,
-                  device=torch.device("cpu"))
+                  device=torch.device("cpu"), pushes_per_exchange=lambda c: 8 * 16 * 16)
     for constexprs, config, want in (
             ({"DSMEM": False}, c, True), ({}, c, None),
             ({"DSMEM": False}, dataclasses.replace(c, resident=False), False)):
         calls.clear()
         dispatch.launch_recurrence(Kernel(), (1, 2, 3), constexprs, config=config, **launch)
-        extra = 2 * 16 * 128 * 4 + 16 if want else 0
-        assert calls == [(want, extra), (constexprs.get("DSMEM"), "counter")]
+        # 8 programs of 16x16, each of its 128 threads pushing 2 x 2048 / 128 elements
+        extra, pushes = (2 * 16 * 128 * 4 + 16, 32) if want else (0, 0)
+        assert calls == [(want, extra, pushes), (constexprs.get("DSMEM"), "counter", None)]
 
 
 @requires_interpreter

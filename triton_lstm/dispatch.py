@@ -323,11 +323,17 @@ def _launch_options(persistent: bool = True) -> dict:
 
 
 def launch_in_clusters(kernel, grid: tuple, args: tuple, kwargs: dict, cluster: int,
-                       extra_shared: int = 0) -> bool:
+                       extra_shared: int = 0, pushes: int = 0) -> bool:
     """Launch ``grid`` (2-D) with each ``cluster`` consecutive programs along axis 0 as one
     thread-block cluster, each with ``extra_shared`` bytes of shared memory past Triton's
     own (kernels/dsmem.py); False, with nothing launched, where such a cluster cannot be
-    resident (too much shared memory or too many registers for the SMs of one GPC).
+    resident (too much shared memory or too many registers for the SMs of one GPC), or
+    where the kernel does not hold exactly ``pushes`` st.async instructions (when given).
+
+    The exchange counts bytes, so every element must be pushed by one thread only: the
+    pushes of a program's exchanges, divided among its threads, are the st.async a thread
+    runs. More means Triton's layout holds some elements in two threads (small tiles),
+    which would push them twice.
 
     Triton asks for clusters only for kernels it compiles across CTAs (num_ctas), which
     splits every tensor over the cluster. These kernels are compiled per program, so the
@@ -337,6 +343,8 @@ def launch_in_clusters(kernel, grid: tuple, args: tuple, kwargs: dict, cluster: 
     The compiled kernel is looked up for these very arguments and launched directly, so
     no launch of it ever runs outside a cluster (where the cluster barrier would not wait)."""
     compiled = kernel.warmup(*args, grid=grid, **kwargs)
+    if pushes and compiled.asm["ptx"].count("st.async") != pushes:
+        return False
     packed = compiled.packed_metadata
     if packed[1] != cluster:
         if packed[1] != 1 or len(packed) != 3 or getattr(compiled.metadata,
@@ -373,7 +381,8 @@ def lighter_on_chip(config: KernelConfig) -> Optional[KernelConfig]:
 def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, batch: int,
                       hidden_size: int, output_size: int, num_directions: int,
                       config: KernelConfig, device: torch.device,
-                      force_stepped: bool = False, shared_barrier: bool = False) -> None:
+                      force_stepped: bool = False, shared_barrier: bool = False,
+                      pushes_per_exchange=None) -> None:
     """Run ``kernel`` over ``num_steps`` recurrent phases, persistently where it is safe.
 
     ``args`` are the kernel's tensors and sizes up to (and without) the barrier
@@ -383,7 +392,9 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     ``shared_barrier`` every batch block across grid axis 1 (the wavefront's
     layers, passed as ``num_directions``). A resident config whose tiles do not
     fit the chip falls back to streamed weights, a pipelined one to an unpipelined loop
-    (``lighter_on_chip``).
+    (``lighter_on_chip``). ``pushes_per_exchange(config)``: the 32-bit pushes a program of a
+    kernel that can push (DSMEM among its flags) makes in one exchange, two exchanges in
+    its code (before the loop and in it).
     """
     num_h = config.num_h_blocks(hidden_size)
     group = num_h * num_directions          # programs per batch block
@@ -417,9 +428,13 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     if dsmem:
         clustered["DSMEM"] = True
     exchange = region_bytes(config.block_b, num_h, config.block_h) if dsmem else 0
+    pushes = 0
+    if dsmem:   # per thread; a share that does not divide evenly cannot be pushed once
+        pushes, uneven = divmod(2 * pushes_per_exchange(config), 32 * config.num_warps)
+        pushes = -1 if uneven else pushes
     if cluster > 1 and launch_in_clusters(
             kernel, (num_h * num_b, num_directions), args + (0, num_steps, 0, leader_inc),
-            clustered, cluster, exchange):
+            clustered, cluster, exchange, pushes):
         launch_counts["persistent"] += 1
         launch_counts["clustered"] += 1
         return
@@ -442,7 +457,8 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
                                      batch=batch, hidden_size=hidden_size, output_size=output_size,
                                      num_directions=num_directions, config=lighter,
                                      device=device, force_stepped=force_stepped,
-                                     shared_barrier=shared_barrier)
+                                     shared_barrier=shared_barrier,
+                                     pushes_per_exchange=pushes_per_exchange)
         groups_resident = capacity // group
     groups_at_once = min(groups_resident, num_b, _COUNTER_SLOTS // counters_per_block)
 

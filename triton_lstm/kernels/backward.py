@@ -503,5 +503,7 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
     num_steps = 2 * (T + 1) if config.gate_split else T * (2 if proj else 1) + 1
     launch_recurrence(lstm_backward_kernel, args, constexprs, num_steps=num_steps,
                       batch=B, hidden_size=H, output_size=R, num_directions=D, config=config,
-                      device=device, force_stepped=force_stepped)
+                      device=device, force_stepped=force_stepped,
+                      # each element of a [rows, HP] share of dh to its owner
+                      pushes_per_exchange=lambda c: c.block_b * padded(H))
     return dgates, dh0, dc_state, dh_all, dh_restart, dc_restart

@@ -621,5 +621,7 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
                       CKPT_EVERY=ckpt_every, DSMEM=False)
     launch_recurrence(lstm_forward_kernel, args, constexprs, num_steps=T * (2 if proj else 1),
                       batch=B, hidden_size=H, output_size=R, num_directions=D, config=config,
-                      device=device, force_stepped=force_stepped)
+                      device=device, force_stepped=force_stepped,
+                      # each element of h to every program of the group
+                      pushes_per_exchange=lambda c: c.num_h_blocks(H) * c.block_b * c.block_h)
     return y, h_n, c_state, gates, c_all, r_all, h_ckpt, c_ckpt
