@@ -57,7 +57,7 @@ case "${1:-}" in
 2)
     # The cluster barrier's and the pushed h's rows first (issue 8), the small batch's
     # split_k, then the large-batch rows (the backward's square tile and gate split never
-    # ran). variants.py compiles each config as it goes: ~5 s a config on the device.
+    # ran). variants.py compiles each group's configs first, in 16 processes.
     gpu_tests 60 "$CLUSTER_TESTS"
     timeout 140 python3 perf/variants.py --only cluster --out "$OUT/variants-cluster" 2>&1 \
         | tee "$OUT/variants.log"

@@ -127,6 +127,14 @@ def test_variants_check_every_config_of_a_problem_on_the_same_inputs(kernel):
     assert variants.max_rel_diff(other, first) <= 1e-6
 
 
+def test_variants_compile_each_config_ahead_and_say_why_one_failed():
+    # A 2-step run of the config (here under the interpreter): its kernels land in the cache.
+    assert variants.compile_config(("backward", "fp32", 2, 8, "bb16-bh8-res-bk64-sk1-w4",
+                                    "cpu")) == ""
+    assert variants.compile_config(("forward", "fp32", 2, 8, "bb16-bh8", "cpu")).startswith(
+        "forward fp32 B=2 H=8 bb16-bh8: ValueError")
+
+
 def test_step_spread_summarises_the_calls_and_the_share_near_the_fastest():
     times = torch.tensor([2.0, 2.05, 2.15, 3.5, 3.6], dtype=torch.float64)   # two levels
     got = step_spread.summary(times)
