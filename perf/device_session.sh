@@ -58,12 +58,12 @@ case "${1:-}" in
     # The cluster barrier's and the pushed h's rows first (issue 8), the small batch's
     # split_k, then the large-batch rows (the backward's square tile and gate split never
     # ran). variants.py compiles each group's configs first, in 16 processes.
-    gpu_tests 60 "$CLUSTER_TESTS"
+    gpu_tests 90 "$CLUSTER_TESTS"
     timeout 140 python3 perf/variants.py --only cluster --out "$OUT/variants-cluster" 2>&1 \
         | tee "$OUT/variants.log"
     timeout 50 python3 perf/variants.py --only small --out "$OUT/variants-small" 2>&1 \
         | tee -a "$OUT/variants.log"
-    timeout 130 python3 perf/variants.py --only large --out "$OUT/variants-large" 2>&1 \
+    timeout 110 python3 perf/variants.py --only large --out "$OUT/variants-large" 2>&1 \
         | tee -a "$OUT/variants.log"
     timeout 110 python3 perf/bench.py --stack only --dtypes bf16 fp16 --out "$OUT/stack" 2>&1 \
         | tee "$OUT/stack.log"
