@@ -120,11 +120,21 @@ def candidates_for(shape: Shape, neighbourhood: str) -> str:
     return neighbourhood if plain or neighbourhood == "wide" else "heuristic"
 
 
+# --exchange: each cluster tile also with h (and the backward's shares of dh) exchanged
+# through distributed shared memory (kernels/dsmem.py); off until its GPU tests have passed.
+EXCHANGE = False
+
+
 def shape_candidates(shape: Shape, kernel: str, neighbourhood: str, num_sms: int) -> list:
-    """The kernel's candidate configs at this shape (autotune.candidate_configs)."""
-    return autotune.candidate_configs(kernel, shape.batch, shape.hidden, DTYPES[shape.dtype],
-                                      shape.directions, num_sms,
-                                      candidates_for(shape, neighbourhood), shape.proj > 0)
+    """The kernel's candidate configs at this shape (autotune.candidate_configs), with
+    --exchange the dsmem twins of its cluster tiles."""
+    configs = autotune.candidate_configs(kernel, shape.batch, shape.hidden, DTYPES[shape.dtype],
+                                         shape.directions, num_sms,
+                                         candidates_for(shape, neighbourhood), shape.proj > 0)
+    if EXCHANGE and not shape.proj:
+        configs += [dataclasses.replace(c, dsmem=True) for c in configs
+                    if c.cluster and c.resident]
+    return configs
 
 
 def shape_of(row: dict) -> Shape:
@@ -592,6 +602,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int,
                         help="processes that compile the candidates ahead of the sweep (1: none; "
                              f"default: the cores, at most 16; --plan assumes {GPU_HOST_CORES})")
+    parser.add_argument("--exchange", action="store_true",
+                        help="also each cluster tile exchanging h through distributed shared "
+                             "memory (kernels/dsmem.py)")
     parser.add_argument("--plan", action="store_true", help="print the grid and time estimate")
     parser.add_argument("--plot-only", action="store_true", help="heatmaps from an existing CSV")
     parser.add_argument("--csv", help="tune.csv to read/extend (default perf/results/<gpu>/tune.csv)")
@@ -602,6 +615,8 @@ def main(argv=None) -> int:
     except ValueError as error:
         parser.error(str(error))
     neighbourhood = "wide" if args.wide else "sweep"
+    global EXCHANGE
+    EXCHANGE = args.exchange
     if args.plan:
         print(format_plan(grid, estimate(grid, neighbourhood, jobs=args.jobs or GPU_HOST_CORES)))
         return 0

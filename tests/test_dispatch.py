@@ -847,6 +847,18 @@ def test_plan_prints_the_estimate_without_a_gpu(capsys):
     assert 1 < minutes <= 8 and "kernel compiles" in out
 
 
+def test_make_tune_exchange_adds_the_dsmem_twin_of_each_cluster_tile(monkeypatch):
+    plain, projected = tune.Shape("fp16", 8, 256), tune.Shape("fp16", 8, 256, 1, 128)
+    without = tune.shape_candidates(plain, "backward", "sweep", 132)
+    monkeypatch.setattr(tune, "EXCHANGE", True)
+    pushing = tune.shape_candidates(plain, "backward", "sweep", 132)
+    clustered = [c for c in without if c.cluster]
+    assert len(clustered) == 2 and not any(c.dsmem for c in without)
+    assert pushing == without + [dataclasses.replace(c, dsmem=True) for c in clustered]
+    assert not any(c.dsmem for c in tune.shape_candidates(projected, "forward", "wide", 132))
+    assert tune.main(["--plan"]) == 0 and not tune.EXCHANGE     # the flag, each run
+
+
 def test_row_keys_name_kind_shape_and_config():
     shape = tune.Shape("bf16", 8, 512, 2, 256)
     assert tune.row_key("forward", shape, "bb16-bh8-res-bk64-sk1-w4") == \
