@@ -423,21 +423,21 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     # programs fit, and groups do not wait for each other, so every batch block goes in one
     # launch, however many fit at once. A kernel that can push h instead (DSMEM among its
     # flags: the forward) does so with a dsmem config of resident, unchunked tiles.
-    clustered = dict(common, PERSISTENT=True, CLUSTER=True)
-    dsmem = "DSMEM" in constexprs and config.dsmem and config.resident and not config.chunked
-    if dsmem:
-        clustered["DSMEM"] = True
-    exchange = region_bytes(config.block_b, num_h, config.block_h) if dsmem else 0
-    pushes = 0
-    if dsmem:   # per thread; a share that does not divide evenly cannot be pushed once
-        pushes, uneven = divmod(2 * pushes_per_exchange(config), 32 * config.num_warps)
-        pushes = -1 if uneven else pushes
-    if cluster > 1 and launch_in_clusters(
-            kernel, (num_h * num_b, num_directions), args + (0, num_steps, 0, leader_inc),
-            clustered, cluster, exchange, pushes):
-        launch_counts["persistent"] += 1
-        launch_counts["clustered"] += 1
-        return
+    if cluster > 1:
+        clustered = dict(common, PERSISTENT=True, CLUSTER=True)
+        exchange = pushes = 0
+        if "DSMEM" in constexprs and config.dsmem and config.resident and not config.chunked:
+            clustered["DSMEM"] = True
+            exchange = region_bytes(config.block_b, num_h, config.block_h)
+            # per thread; a share that does not divide evenly cannot be pushed once
+            pushes, uneven = divmod(2 * pushes_per_exchange(config), 32 * config.num_warps)
+            pushes = -1 if uneven else pushes
+        if launch_in_clusters(kernel, (num_h * num_b, num_directions),
+                              args + (0, num_steps, 0, leader_inc), clustered, cluster, exchange,
+                              pushes):
+            launch_counts["persistent"] += 1
+            launch_counts["clustered"] += 1
+            return
 
     groups_resident = 0     # barrier groups whose programs can all run at once
     if force_stepped:

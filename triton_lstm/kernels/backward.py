@@ -46,8 +46,8 @@ import triton.language as tl
 from ..dispatch import (dot_precision, gate_split_applies, launch_recurrence, padded,
                         pick_config, state_dtype)
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
-from .dsmem import arm, cluster_sync, exchange_setup, receive, send_to, wait_phase
-from .forward import (_tanh, chunked_dot, dot_operands, load_restarts, own_block,
+from .dsmem import arm, cluster_sync, exchange_setup, exchange_slot, receive, send_to, wait_phase
+from .forward import (_tanh, chunked_dot, dot_operands, gate_rows, load_restarts, own_block,
                       reduction_index, resident_chunks, split_dot, step_rows, store_gates,
                       streamed_dot)
 
@@ -256,17 +256,17 @@ def lstm_backward_kernel(
         HB: tl.constexpr = NUM_H_BLOCKS * BLOCK_H
         SLOT: tl.constexpr = BLOCK_B * HB * 4
         PIECE: tl.constexpr = BLOCK_B * BLOCK_H * 4
-        exchange = exchange_setup(2 * SLOT + 16, SLOT)     # dsmem.region_bytes
-        o_n = tl.arange(0, 4 * BLOCK_H)                     # own gate rows: n = 4 * unit + gate
-        o_nu = i_h * BLOCK_H + o_n // 4
+        exchange = exchange_setup(SLOT)
+        w_row, m_n = gate_rows(i_h, BLOCK_H, H)             # own gates' rows
         o_k = tl.arange(0, HP)                              # every unit
-        b_wrows = tl.load(w_hh + ((o_n % 4) * H + o_nu)[:, None] * R + o_k[None, :],
-                          mask=(o_nu < H)[:, None] & (o_k < H)[None, :], other=0.0)
+        b_wrows = tl.load(w_hh + w_row[:, None] * R + o_k[None, :],
+                          mask=m_n[:, None] & (o_k < H)[None, :], other=0.0)
         o_rows = tl.arange(0, BLOCK_B)
         p_share = i_h * PIECE + 4 * (o_rows[:, None] * BLOCK_H + (o_k % BLOCK_H)[None, :])
         rank_share = tl.broadcast_to((o_k // BLOCK_H)[None, :], [BLOCK_B, HP])
         m_share = rank_share < NUM_H_BLOCKS
-        send_to(exchange + p_share, tl.zeros([BLOCK_B, HP], dtype=tl.int32), exchange + 2 * SLOT,
+        share_slot, share_mbar, share_parity = exchange_slot(exchange, SLOT, 0)
+        send_to(share_slot + p_share, tl.zeros([BLOCK_B, HP], dtype=tl.int32), share_mbar,
                 rank_share, m_share)
         p_own = 4 * (o_rows[:, None] * BLOCK_H + tl.arange(0, BLOCK_H)[None, :])
     if HAS_DHN:
@@ -345,15 +345,15 @@ def lstm_backward_kernel(
                     b_dot = chunked_dot(p_rows, running_next, w_chunks, H, BLOCK_K, NUM_CHUNKS,
                                         HP, DOT_PRECISION, ACC, DATAFLOW, True)
                 elif PERSISTENT and DSMEM:
-                    # The group's shares of own units in slot s % 2, phase (s // 2) % 2.
-                    mbar = exchange + 2 * SLOT + 8 * (s % 2)
-                    wait_phase(mbar, (s // 2) % 2)
+                    # The group's shares of own units: exchange s; then the slot's next.
+                    share_slot, share_mbar, share_parity = exchange_slot(exchange, SLOT, s)
+                    wait_phase(share_mbar, share_parity)
                     b_dot = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
                     for k in tl.static_range(NUM_H_BLOCKS):
-                        b_dot += receive(exchange + SLOT * (s % 2) + k * PIECE + p_own).to(
-                            tl.float32, bitcast=True)
+                        b_dot += receive(share_slot + k * PIECE + p_own).to(tl.float32,
+                                                                           bitcast=True)
                     if s + 2 < q_end:
-                        arm(mbar, SLOT)
+                        arm(share_mbar, SLOT)
                 elif RESIDENT:
                     b_dot = gate_rows_dot_resident(p_rows, running_next, o_j, b_wi, b_wf, b_wg,
                                                    b_wo, H, SPLIT_K, DOT_PRECISION, ACC, DATAFLOW)
@@ -403,9 +403,9 @@ def lstm_backward_kernel(
                     b_dg = tl.reshape(tl.permute(b_dg, [0, 1, 3, 2]), [BLOCK_B, 4 * BLOCK_H])
                     b_dg, b_w_dg = dot_operands(b_dg.to(dgates.dtype.element_ty), b_wrows)
                     b_share = tl.dot(b_dg, b_w_dg, input_precision=DOT_PRECISION, out_dtype=ACC)
-                    send_to(exchange + SLOT * ((s + 1) % 2) + p_share,
-                            b_share.to(tl.int32, bitcast=True),
-                            exchange + 2 * SLOT + 8 * ((s + 1) % 2), rank_share, m_share)
+                    share_slot, share_mbar, share_parity = exchange_slot(exchange, SLOT, s + 1)
+                    send_to(share_slot + p_share, b_share.to(tl.int32, bitcast=True), share_mbar,
+                            rank_share, m_share)
                 b_dc = tl.where(m_run, b_dc_t * b_f, b_dc)       # stopped rows carry dc_n through
                 if HAS_RESTARTS:
                     # This step started from the restart state: dc_next is that state's gradient.

@@ -40,7 +40,8 @@ WAIT_LIMIT = tl.constexpr(1 << 26)
 
 
 def region_bytes(block_b: int, hidden_blocks: int, block_h: int) -> int:
-    """Shared memory a program adds for the exchange: two slots and two mbarriers."""
+    """Shared memory a program adds for the exchange: two slots and two mbarriers (the launch's
+    twin of exchange_setup's REGION)."""
     return 2 * block_b * hidden_blocks * block_h * 4 + 16
 
 
@@ -53,10 +54,12 @@ def _thread0(asm: tl.constexpr, a, b):
 
 
 @triton.jit
-def exchange_setup(REGION: tl.constexpr, SLOT_BYTES: tl.constexpr):
-    """This program's exchange buffer (the last REGION bytes of its shared memory) with both
-    mbarriers initialised, armed for their first phase, and seen initialised by the whole
-    cluster. Returns the buffer's shared-memory address."""
+def exchange_setup(SLOT_BYTES: tl.constexpr):
+    """This program's exchange buffer (the last REGION bytes of its shared memory: two slots
+    of SLOT_BYTES, two mbarriers) with both mbarriers initialised, armed for their first
+    phase, and seen initialised by the whole cluster. Returns the buffer's shared-memory
+    address."""
+    REGION: tl.constexpr = 2 * SLOT_BYTES + 16       # region_bytes
     base = tl.inline_asm_elementwise(
         "{ .reg .u32 size; mov.u32 size, %dynamic_smem_size; mov.u32 $0, global_smem; "
         "add.u32 $0, $0, size; sub.u32 $0, $0, $1; }",
@@ -68,6 +71,13 @@ def exchange_setup(REGION: tl.constexpr, SLOT_BYTES: tl.constexpr):
     arm(mbar + 8, SLOT_BYTES)
     cluster_sync()
     return base
+
+
+@triton.jit
+def exchange_slot(base, SLOT_BYTES: tl.constexpr, j):
+    """Where exchange j lives (h_{j-1} in the forward; the shares of stage j in the backward):
+    its slot's address and its mbarrier's, and the phase parity that j is on that mbarrier."""
+    return base + SLOT_BYTES * (j % 2), base + 2 * SLOT_BYTES + 8 * (j % 2), (j // 2) % 2
 
 
 @triton.jit

@@ -49,7 +49,7 @@ import triton.language as tl
 from ..dispatch import (cdiv, dot_precision, interpreting, launch_recurrence, padded,
                         pick_config, state_dtype)
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
-from .dsmem import arm, cluster_sync, exchange_setup, receive, send, wait_phase
+from .dsmem import arm, cluster_sync, exchange_setup, exchange_slot, receive, send, wait_phase
 
 # The Triton interpreter multiplies the raw bit patterns of bf16 operands in tl.dot
 # (triton-lang/triton#11584). There, and only there, bf16 dots go through fp32.
@@ -190,6 +190,15 @@ def chunked_dot(p_rows, m_rows, w_chunks, K: tl.constexpr, BLOCK_K: tl.constexpr
         b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
         b_a = b_next
     return b_acc
+
+
+@triton.jit
+def gate_rows(i_h, BLOCK_H: tl.constexpr, H: tl.constexpr):
+    """Rows of W_hh (and W_ih, the bias) of a program's tile columns n = 4 * unit + gate, the
+    four gates of each of its units side by side, and which of those units exist."""
+    o_n = tl.arange(0, 4 * BLOCK_H)
+    o_nu = i_h * BLOCK_H + o_n // 4
+    return (o_n % 4) * H + o_nu, o_nu < H
 
 
 @triton.jit
@@ -373,11 +382,7 @@ def lstm_forward_kernel(
                                                        BLOCK_B, BLOCK_H, HAS_LENGTHS)
     o_r = i_h * BLOCK_R + tl.arange(0, BLOCK_R)                 # own output units (PROJ)
     m_r = o_r < R
-    # Weight-tile columns: n = 4 * unit + gate.
-    o_n = tl.arange(0, 4 * BLOCK_H)
-    o_nu = i_h * BLOCK_H + o_n // 4
-    w_row = (o_n % 4) * H + o_nu                                # row of W_hh
-    m_n = o_nu < H
+    w_row, m_n = gate_rows(i_h, BLOCK_H, H)                     # rows of W_hh
 
     if RESIDENT:
         if CHUNKED:
@@ -428,12 +433,13 @@ def lstm_forward_kernel(
         tl.static_assert(CLUSTER and RESIDENT and not (CHUNKED or PROJ or DATAFLOW))
         HB: tl.constexpr = NUM_H_BLOCKS * BLOCK_H
         SLOT: tl.constexpr = BLOCK_B * HB * 4
-        exchange = exchange_setup(2 * SLOT + 16, SLOT)     # dsmem.region_bytes
+        exchange = exchange_setup(SLOT)
         o_push = 4 * (tl.arange(0, BLOCK_B)[:, None] * HB + o_u[None, :])
         b_h0 = tl.load(h0 + o_b[:, None] * R + o_u[None, :], mask=m_first[:, None] & m_u[None, :],
                        other=0.0)
-        send(exchange + o_push, b_h0.to(tl.float32).to(tl.int32, bitcast=True),
-             exchange + 2 * SLOT, NUM_H_BLOCKS)
+        h_slot, h_mbar, h_parity = exchange_slot(exchange, SLOT, 0)
+        send(h_slot + o_push, b_h0.to(tl.float32).to(tl.int32, bitcast=True), h_mbar,
+             NUM_H_BLOCKS)
 
     for q in range(q_begin, q_end):
         t = q // PHASES
@@ -457,13 +463,13 @@ def lstm_forward_kernel(
                     b_acc = chunked_dot(p_rows, m_rows, w_chunks, R, BLOCK_K, RP // BLOCK_K, 0,
                                         DOT_PRECISION, ACC, DATAFLOW, t > 0)
                 elif PERSISTENT and DSMEM:
-                    # h_{t-1} in slot t % 2, phase (t // 2) % 2; then the slot's next phase.
-                    mbar = exchange + 2 * SLOT + 8 * (t % 2)
-                    wait_phase(mbar, (t // 2) % 2)
-                    b_acc = pushed_dot(exchange + SLOT * (t % 2), m_rows, o_j, b_w, R, HB,
-                                       SPLIT_K, DOT_PRECISION, ACC)
+                    # h_{t-1} is exchange t; then its slot's next phase, exchange t + 2.
+                    h_slot, h_mbar, h_parity = exchange_slot(exchange, SLOT, t)
+                    wait_phase(h_mbar, h_parity)
+                    b_acc = pushed_dot(h_slot, m_rows, o_j, b_w, R, HB, SPLIT_K, DOT_PRECISION,
+                                       ACC)
                     if t + 2 < q_end:
-                        arm(mbar, SLOT)
+                        arm(h_mbar, SLOT)
                 else:
                     b_acc = split_dot(p_rows, m_rows, o_j, b_w, R, SPLIT_K, DOT_PRECISION, ACC,
                                       DATAFLOW, t > 0)
@@ -485,9 +491,9 @@ def lstm_forward_kernel(
             b_h = b_h.to(y.dtype.element_ty)
             if PERSISTENT and DSMEM:
                 if q < q_end - 1:
-                    send(exchange + SLOT * ((t + 1) % 2) + o_push,
-                         b_h.to(tl.float32).to(tl.int32, bitcast=True),
-                         exchange + 2 * SLOT + 8 * ((t + 1) % 2), NUM_H_BLOCKS)
+                    h_slot, h_mbar, h_parity = exchange_slot(exchange, SLOT, t + 1)
+                    send(h_slot + o_push, b_h.to(tl.float32).to(tl.int32, bitcast=True), h_mbar,
+                         NUM_H_BLOCKS)
             p_prev_h = y + (t_row * B + o_b) * YS      # h_t's rows, read by step t + 1
             _, m_prev_h = step_rows(t + 1, length, m_b, reverse)
 

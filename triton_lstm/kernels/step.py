@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .. import tuning
 from ..dispatch import cdiv, dot_precision, next_power_of_2, state_dtype
-from .forward import _tanh, streamed_dot
+from .forward import _tanh, gate_rows, streamed_dot
 
 
 @triton.jit(do_not_specialize=["B"])
@@ -68,11 +68,7 @@ def lstm_step_kernel(
     m_u = o_u < H
     m_bu = m_b[:, None] & m_u[None, :]
     p_bu = o_b[:, None] * H + o_u[None, :]              # into [B, H]
-    # Tile columns n = 4 * unit + gate: the four gates of a unit side by side.
-    o_n = tl.arange(0, 4 * BLOCK_H)
-    o_nu = i_h * BLOCK_H + o_n // 4
-    w_row = (o_n % 4) * H + o_nu                        # row of W_ih, W_hh, bias
-    m_n = o_nu < H
+    w_row, m_n = gate_rows(i_h, BLOCK_H, H)             # rows of W_ih, W_hh, bias
 
     b_acc = streamed_dot(x + o_b * I, m_b, w_ih + w_row * I, m_n, I, IK, 1, BLOCK_K,
                          DOT_PRECISION, ACC)

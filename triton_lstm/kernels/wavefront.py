@@ -52,8 +52,8 @@ from ..dispatch import (ON_CHIP_BUDGET, KernelConfig, dot_precision, heuristic_c
 from .backward import (_load_saved, cell_gradients, gate_rows_dot_resident,
                        gate_rows_dot_streamed)
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, published
-from .forward import (_load_gx, _tanh, own_block, reduction_index, save_step, split_dot,
-                      step_rows, store_gates, streamed_dot)
+from .forward import (_load_gx, _tanh, gate_rows, own_block, reduction_index, save_step,
+                      split_dot, step_rows, store_gates, streamed_dot)
 
 
 @triton.jit
@@ -139,11 +139,7 @@ def lstm_wavefront_kernel(
 
     o_b, o_u, m_b, m_u, m_bu, p_bu, length = own_block(batch_start, i_b, i_h, B, T, lengths, H,
                                                        BLOCK_B, BLOCK_H, HAS_LENGTHS)
-    # Weight-tile columns: n = 4 * unit + gate (as forward.py).
-    o_n = tl.arange(0, 4 * BLOCK_H)
-    o_nu = i_h * BLOCK_H + o_n // 4
-    w_row = (o_n % 4) * H + o_nu
-    m_n = o_nu < H
+    w_row, m_n = gate_rows(i_h, BLOCK_H, H)
     o_j = reduction_index(HP, SPLIT_K)
     if RESIDENT:
         p_w = w_row * H + tl.expand_dims(o_j, -1)
