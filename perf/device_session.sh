@@ -11,14 +11,16 @@
 #   COMMIT=<hash> bash perf/device_session.sh 2   the cluster barrier's and the exchange's GPU
 #                                                  tests, the schedule variants (theirs first),
 #                                                  make perf's stack section, call-to-call
-#                                                  spread of small-batch steps, fp32 input
-#                                                  GEMM paths (tf32 via cuDNN), the host's
-#                                                  cost per call (9.8 min)
+#                                                  spread of small-batch steps, the host's
+#                                                  cost per call (9.3 min)
 #   COMMIT=<hash> bash perf/device_session.sh 3   make tune: resumes the committed tune.csv
 #                                                  (its new candidates), then --wide (9 min)
 #   COMMIT=<hash> SHAPES="512x512 ..." bash perf/device_session.sh 4
 #                                                  GPU tests, the host's cost per call,
 #                                                  make tune at SHAPES (about 5 min)
+#   COMMIT=<hash> bash perf/device_session.sh 5   fp32 layers' GEMMs in kernels/gemm.py: their
+#                                                  GPU tests, then the GEMM paths and the
+#                                                  layers with either engine (about 4 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -68,7 +70,6 @@ case "${1:-}" in
     timeout 110 python3 perf/bench.py --stack only --dtypes bf16 fp16 --out "$OUT/stack" 2>&1 \
         | tee "$OUT/stack.log"
     timeout 30 python3 perf/step_spread.py --out "$OUT" 2>&1 | tee "$OUT/step-spread.log"
-    timeout 30 python3 perf/gemm_paths.py --out "$OUT" 2>&1 | tee "$OUT/gemm-paths.log"
     timeout 25 python3 perf/host_cost.py 2>&1 | tee "$OUT/host-cost.log"
     ;;
 3)
@@ -81,8 +82,12 @@ case "${1:-}" in
     timeout 90 python3 perf/tune.py --budget-min 1.1 --shapes ${SHAPES:?} 2>&1 \
         | tee "$OUT/tune.log"
     ;;
+5)
+    gpu_tests 60 "fp32_gemms"
+    timeout 180 python3 perf/gemm_paths.py --out "$OUT" 2>&1 | tee "$OUT/gemm-paths.log"
+    ;;
 *)
-    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4" >&2
+    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5" >&2
     exit 2
     ;;
 esac

@@ -15,9 +15,12 @@ as an argument. Per shape, [T*B, I] x [I, 4H]:
     tf32-triton  triton_lstm.kernels.gemm.matmul(precision="tf32")
 
 prints µs per step (per T rows) and TFLOP/s, and each path's max relative difference
-from the fp32 GEMM. Writes gemm_paths.csv to $OUT (or --out).
+from the fp32 GEMM. Then the fp32 layer itself, forward and training, with its GEMMs in
+torch and in kernels/gemm.py (``dispatch.fp32_gemms``), beside nn.LSTM, each checked
+against float64 first (make perf's check and bound). Writes gemm_paths.csv and
+gemm_layers.csv to $OUT (or --out).
 
-    python3 perf/gemm_paths.py [--steps 256] [--out DIR]
+    python3 perf/gemm_paths.py [--steps 256] [--out DIR] [--no-layers]
 """
 from __future__ import annotations
 
@@ -31,14 +34,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from bench import (CHECK_STEPS, ERROR_BOUNDS, MODES, TIMING, build_peer,  # noqa: E402
+                   check_then_time, float64_reference, make_row, seeded_problem)
 from timing import bench_ms  # noqa: E402
 from variants import write_csv  # noqa: E402
 
+from triton_lstm import dispatch  # noqa: E402
 from triton_lstm.kernels.gemm import matmul  # noqa: E402
 
 SHAPES = [(64, 1024), (128, 1024), (512, 512), (512, 1024)]    # (B, H), I = H
 PATHS = ("fp32-gemm", "tf32-gemm", "tf32-conv", "tf32-triton")
 FIELDS = ["path", "B", "H", "T", "us_per_step", "tflops", "max_rel_diff", "gpu", "torch"]
+LAYER_SHAPES = [(64, 1024), (128, 1024), (512, 512), (512, 1024)]    # fp32 layers, I = H
+LAYER_FIELDS = ["peer", "fp32_gemms", "B", "H", "T", "mode", "median_us", "q20_us", "q80_us",
+                "rel_error", "gpu", "torch"]
 
 
 def projection(path: str, x2: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor):
@@ -52,10 +61,41 @@ def projection(path: str, x2: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tens
     return lambda: torch.addmm(bias, x2, w_ih.t())
 
 
+def layer_rows(steps: int, env: dict, out_csv: pathlib.Path, device="cuda") -> list[dict]:
+    """The fp32 layer with each GEMM engine, and nn.LSTM (make perf's peers, check and bound),
+    per shape; the CSV is rewritten after each shape."""
+    rows, problems, before = [], [], dispatch.fp32_gemms
+    try:
+        for B, H in LAYER_SHAPES:
+            lstm, x, hx = seeded_problem("fp32", steps, B, H, device)
+            reference = float64_reference(lstm, x[:CHECK_STEPS], hx)
+            for engine in ("",) + dispatch.FP32_GEMM_ENGINES:    # "": nn.LSTM
+                dispatch.fp32_gemms = engine or before
+                peer = "triton" if engine else "cudnn"
+                label = f"{peer} gemms={engine} fp32 B={B} H={H}"
+                forward, module = build_peer(peer, lstm, x, hx)
+                measured = check_then_time(forward, module, x, hx, reference,
+                                           ERROR_BOUNDS["fp32"], MODES, TIMING, label, print,
+                                           problems)
+                forward = module = None
+                if measured is None:
+                    continue
+                error, timings = measured
+                for mode, quantiles, _ in timings:
+                    row = make_row(peer, "fp32", B, H, steps, mode, quantiles, None, error, env)
+                    rows.append(dict({k: row.get(k) for k in LAYER_FIELDS}, fp32_gemms=engine))
+                    print(f"{label:36} {mode:5} {row['median_us']:8.2f} µs/step", flush=True)
+            write_csv(out_csv, LAYER_FIELDS, rows)
+    finally:
+        dispatch.fp32_gemms = before
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--out", default=os.environ.get("OUT") or "perf/results")
+    parser.add_argument("--no-layers", action="store_true", help="the GEMMs alone")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gemm_paths: no CUDA GPU found")
@@ -87,6 +127,10 @@ def main() -> int:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     print(f"wrote {path_csv}")
+    if not args.no_layers:
+        layers_csv = pathlib.Path(args.out) / "gemm_layers.csv"
+        layer_rows(args.steps, env, layers_csv)
+        print(f"wrote {layers_csv}")
     return 0
 
 

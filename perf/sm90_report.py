@@ -30,6 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton_lstm import tuning  # noqa: E402
 from triton_lstm.dispatch import heuristic_config, padded  # noqa: E402
 from triton_lstm.kernels.backward import lstm_backward_kernel  # noqa: E402
+from triton_lstm.kernels import gemm  # noqa: E402
 from triton_lstm.kernels.forward import lstm_forward_kernel  # noqa: E402
 from triton_lstm.kernels.step import lstm_step_kernel, step_config  # noqa: E402
 from triton_lstm.kernels.wavefront import (lstm_wavefront_backward_kernel,  # noqa: E402
@@ -191,6 +192,30 @@ def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name
                         resident=cfg.resident, split_k=cfg.split_k, warps=cfg.num_warps)
 
 
+# The layer's GEMMs (ops.layer_matmul) in their three operand layouts, as the strides of 1 a
+# launch specialises: gx = x W_ih^T ("nt"), dx = dG W_ih ("nn"), dW = dG^T x or h ("tn").
+GEMM_LAYOUTS = {"nt": dict(stride_ak=1, stride_bk=1, stride_cn=1),
+                "nn": dict(stride_ak=1, stride_bn=1, stride_cn=1),
+                "tn": dict(stride_am=1, stride_bn=1, stride_cn=1)}
+
+
+def report_gemm(dtype_name, layout):
+    """kernels/gemm.py's GEMM in one of the layer's layouts (the projection's with its bias),
+    tf32 for fp32; its 'dot' column is wgmma's operand type."""
+    tname, dtype = DTYPES[dtype_name]
+    constexprs = dict(GEMM_LAYOUTS[layout], HAS_BIAS=layout == "nt",
+                      DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
+                      BLOCK_M=gemm.BLOCK_M, BLOCK_N=gemm.BLOCK_N, BLOCK_K=gemm.BLOCK_K,
+                      GROUP_M=gemm.GROUP_M)
+    compiled = compile_one(gemm.matmul_kernel, dict.fromkeys(("a", "b", "c", "bias"), tname),
+                           constexprs, gemm.NUM_WARPS, gemm.NUM_STAGES)
+    operand = re.search(r"wgmma\.mma_async\.\S*?\.f32\.(\w+)\.", compiled.asm["ptx"])
+    return compiled_row(compiled, kernel=f"gemm-{layout}", dtype=dtype_name, B=0, H=0, D=1,
+                        proj=0, tile=f"{gemm.BLOCK_M}x{gemm.BLOCK_N}", resident=False,
+                        split_k=gemm.BLOCK_K, warps=gemm.NUM_WARPS,
+                        dot=operand.group(1) if operand else None)
+
+
 def report_step(dtype_name, batch, hidden):
     """The one-step kernel (kernels/step.py) with its heuristic tiles, I = R = H, state and bias."""
     tname, dtype = DTYPES[dtype_name]
@@ -213,6 +238,8 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     parser.add_argument("--step", action="store_true",
                         help="the one-step kernel (its 'split' column is BLOCK_K)")
+    parser.add_argument("--gemm", action="store_true",
+                        help="the layer's GEMM kernel in its three layouts (--shapes unused)")
     parser.add_argument("--directions", type=int, default=1, choices=(1, 2))
     parser.add_argument("--proj", type=int, default=0, help="proj_size (0: none)")
     parser.add_argument("--restarts", action="store_true", help="with reset= (restarts)")
@@ -232,27 +259,35 @@ def main():
         print(f"triton {triton.__version__}, {get_ptxas(90).path}")
         print("kernel   dtype     B     H  D  tile     res split warps  regs spill  shared  hload"
               "  mma")
+    for r in reports(args, config):
+        if args.json:
+            print(json.dumps(dict(r, triton=triton.__version__)), flush=True)
+            continue
+        print(f"{r['kernel']:8} {r['dtype']:5} {r['B']:5} {r['H']:5} {r['D']:2}  "
+              f"{r['tile']:8} {str(r['resident'])[0]:>3} {r['split_k']:5} {r['warps']:5} "
+              f"{r['regs']!s:>5} {r['spill']:5} {r['shared']:7}  {r['state_load']!s:>5}  "
+              f"{r['mma']}{' ' + r['dot'] if r.get('dot') else ''}"
+              + ("" if r["ptxas_ok"] else "  (ptxas failed)"), flush=True)
+
+
+def reports(args, config):
+    """Every kernel the arguments ask for, compiled and reported, one row at a time."""
     for dtype_name in args.dtypes:
+        if args.gemm:
+            for layout in GEMM_LAYOUTS:
+                yield report_gemm(dtype_name, layout)
+            continue
         for shape in args.shapes:
             batch, hidden = (int(v) for v in shape.split("x"))
             for kernel_name in (("step",) if args.step else args.kernels):
                 if kernel_name == "step":
-                    r = report_step(dtype_name, batch, hidden)
+                    yield report_step(dtype_name, batch, hidden)
                 elif kernel_name.startswith("wavefront"):
-                    r = report_wavefront(dtype_name, batch, hidden, args.layers, config,
-                                         kernel_name, args.dropout)
+                    yield report_wavefront(dtype_name, batch, hidden, args.layers, config,
+                                           kernel_name, args.dropout)
                 else:
-                    r = report(kernel_name, dtype_name, batch, hidden, args.directions,
-                               args.proj, args.restarts, args.ckpt, config)
-                if args.json:
-                    print(json.dumps(dict(r, triton=triton.__version__)), flush=True)
-                    continue
-                print(f"{r['kernel']:8} {r['dtype']:5} {r['B']:5} {r['H']:5} {r['D']:2}  "
-                      f"{r['tile']:8} {str(r['resident'])[0]:>3} {r['split_k']:5} {r['warps']:5} "
-                      f"{r['regs']!s:>5} {r['spill']:5} {r['shared']:7}  {r['state_load']!s:>5}  "
-                      f"{r['mma']}"
-                      + ("" if r["ptxas_ok"] else "  (ptxas failed)"), flush=True)
-
+                    yield report(kernel_name, dtype_name, batch, hidden, args.directions,
+                                 args.proj, args.restarts, args.ckpt, config)
 
 if __name__ == "__main__":
     main()

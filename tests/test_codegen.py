@@ -9,7 +9,8 @@ with ptxas; no GPU is involved. Two properties the kernels' speed rests on:
 It also checks how the programs of each kernel wait for each other (barrier.py): the
 cluster barrier's configs have no atomics left, dataflow's neither barrier, and the dsmem
 kernels exchange h (or shares of dh) with st.async (dsmem.py); having no global loads of
-that state, they are not checked for its vectorised loads.
+that state, they are not checked for its vectorised loads. The layer's fp32 GEMM kernel
+(kernels/gemm.py) must multiply with tf32 wgmma, without spills.
 """
 import json
 import os
@@ -107,3 +108,13 @@ def expected_barrier(args) -> str:
     if label.endswith("-ds"):
         return "dsmem"
     return "cluster" if label.endswith("-cl") else ("none" if "-df" in label else "counter")
+
+
+def test_sm90_layer_gemms_are_tf32_wgmma_without_spills():
+    # kernels/gemm.py in the layouts an fp32 layer's GEMMs take (ops.layer_matmul).
+    rows = compile_report(["--gemm", "--dtypes", "fp32"])
+    assert sorted(row["kernel"] for row in rows) == ["gemm-nn", "gemm-nt", "gemm-tn"]
+    for row in rows:
+        where = {k: row[k] for k in ("kernel", "regs", "spill", "mma", "dot", "triton")}
+        assert row["ptxas_ok"] and row["spill"] == 0, where
+        assert row["mma"] == "wgmma" and row["dot"] == "tf32", where

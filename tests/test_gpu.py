@@ -14,7 +14,9 @@ import torch
 
 import triton_lstm
 from triton_lstm import LSTMFunction
+from triton_lstm import dispatch, ops
 from triton_lstm.dispatch import KernelConfig, launch_counts
+from triton_lstm.kernels.gemm import matmul
 from triton_lstm.kernels.forward import lstm_forward
 
 from .conftest import requires_cuda
@@ -69,6 +71,27 @@ def assert_within_twice_the_reference_error(ours, theirs, want, slack, names=Non
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_persistent_matches_float64_within_twice_cudnn_error(shape, dtype_name):
+    check_persistent_against_float64(shape, dtype_name)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[4]])
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp32-tf32"])
+def test_fp32_gemms_in_the_kernel_match_float64_within_twice_cudnn_error(shape, dtype_name,
+                                                                         monkeypatch):
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["precision"])
+        return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "fp32_gemms", "triton")
+    monkeypatch.setattr(ops, "gemm_matmul", counted)
+    check_persistent_against_float64(shape, dtype_name)
+    # gx, then dx, dW_ih and dW_hh in tf32 where cuDNN's RNN may use it; else cuBLAS's.
+    assert calls == (["tf32"] * 4 if DTYPES[dtype_name][1] else [])
+
+
+def check_persistent_against_float64(shape, dtype_name):
     dtype, allow_tf32, slack = DTYPES[dtype_name]
     T, B, I, H = shape
     torch_lstm = torch.nn.LSTM(I, H, device="cuda", dtype=dtype)

@@ -23,6 +23,10 @@ import step_bench  # noqa: E402
 import step_spread  # noqa: E402
 import variants  # noqa: E402
 
+from triton_lstm import dispatch  # noqa: E402
+
+from .conftest import requires_interpreter  # noqa: E402
+
 ENV = dict(gpu="NVIDIA H200", torch="2.11.0", triton="3.6.0", cudnn=91002,
            date="2025-01-01T00:00:00+00:00", commit="abc1234")
 
@@ -150,6 +154,27 @@ def test_the_input_projection_as_a_1x1_convolution_computes_the_gemm():
         got = gemm_paths.projection(path, x2, w_ih, bias)()
         assert got.shape == (12, 32)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@requires_interpreter
+def test_the_fp32_layer_section_checks_each_gemm_engine_then_writes_its_rows(monkeypatch,
+                                                                            tmp_path):
+    # The timings are the GPU's; here only the checks run (the interpreter, exact fp32).
+    monkeypatch.setattr(bench, "bench_ms", lambda fn, **_: (fn(), (1.0, 0.9, 1.1))[1])
+    monkeypatch.setattr(bench, "time_training", lambda *_: ((2.0, 1.9, 2.1), None))
+    monkeypatch.setattr(gemm_paths, "LAYER_SHAPES", [(2, 8)])
+    engine = dispatch.fp32_gemms
+    rows = gemm_paths.layer_rows(4, dict(gpu="cpu", torch=torch.__version__),
+                                 tmp_path / "layers.csv", device="cpu")
+    assert dispatch.fp32_gemms == engine
+    got = [(r["peer"], r["fp32_gemms"], r["mode"]) for r in rows]
+    assert got == [(peer, gemms, mode) for peer, gemms in
+                   (("cudnn", ""), ("triton", "torch"), ("triton", "triton"))
+                   for mode in ("fwd", "train")]
+    assert all(r["rel_error"] <= 1e-5 and r["B"] == 2 and r["H"] == 8 for r in rows)
+    assert [r["median_us"] for r in rows] == [250.0, 500.0] * 3   # ms per 4 steps, in µs/step
+    with (tmp_path / "layers.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 6
 
 
 def test_numbers_name_the_commit_given_for_a_copied_tree_else_git_head(monkeypatch):

@@ -21,7 +21,7 @@ from torch._C._functorch import TransformType
 import torch.autograd.forward_ad as forward_ad
 
 from .dispatch import state_dtype
-from .ops import config_to_list
+from .ops import config_to_list, layer_matmul
 from .recompute import recompute_backward
 from .reference import lstm_layer_reference, reverse_order
 
@@ -30,10 +30,7 @@ def input_projection(x: torch.Tensor, w_ih: torch.Tensor, b_ih, b_hh) -> torch.T
     """x [T, B, I] -> x W_ih^T + b_ih + b_hh, [T, B, D*4H], one GEMM for all directions."""
     T, B, I = x.shape
     x2 = x.reshape(T * B, I)
-    if b_ih is None:
-        gx = x2 @ w_ih.t()
-    else:
-        gx = torch.addmm(b_ih + b_hh, x2, w_ih.t())
+    gx = layer_matmul(x2, w_ih.t(), None if b_ih is None else b_ih + b_hh)
     return gx.view(T, B, -1)
 
 
@@ -222,8 +219,8 @@ def _layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths, 
     dw_hr = None
     if w_hr is not None and need_whr:
         # h_t = r_t W_hr^T: dW_hr = sum_t dh_t^T r_t, with dh_t the total gradient of h_t.
-        dw_hr = torch.stack([dh_all[d].reshape(T * B, R).t() @ r_all[d].reshape(T * B, H)
-                             for d in range(D)])
+        dw_hr = torch.stack([layer_matmul(dh_all[d].reshape(T * B, R).t(),
+                                          r_all[d].reshape(T * B, H)) for d in range(D)])
     return dx, dh0, dc0.to(x.dtype), dw_ih, dw_hh, db, dw_hr
 
 
@@ -238,14 +235,15 @@ def gradients_over_dG(dG, x, h0, w_ih, b_ih, y, lengths, restarts, R: int, needs
     D = y.shape[2] // R
     dG2 = dG.reshape(T * B, G)
     dG_by_direction = dG.reshape(T * B, D, G // D)
-    dx = (dG2 @ w_ih).reshape(T, B, I) if need_x else None
-    dw_ih = dG2.t() @ x.reshape(T * B, I) if need_wih else None
+    dx = layer_matmul(dG2, w_ih).reshape(T, B, I) if need_x else None
+    dw_ih = layer_matmul(dG2.t(), x.reshape(T * B, I)) if need_wih else None
     dw_hh = None
     if need_whh:
         dw_hh = torch.stack([
-            dG_by_direction[:, d].t()
-            @ previous_hidden(y, h0, lengths, d, R, None if restarts is None else
-                              restarted_in_time_order(restarts, lengths, d)).reshape(T * B, R)
+            layer_matmul(dG_by_direction[:, d].t(),
+                         previous_hidden(y, h0, lengths, d, R, None if restarts is None else
+                                         restarted_in_time_order(restarts, lengths, d))
+                         .reshape(T * B, R))
             for d in range(D)])
     db = None
     if b_ih is not None and (need_bih or need_bhh):

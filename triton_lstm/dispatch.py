@@ -115,6 +115,28 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
+# Who runs an fp32 layer's GEMMs (the input projection and the gradient GEMMs over dG):
+# "torch" (torch.matmul, which uses tf32 only under torch.backends.cuda.matmul's flag, off by
+# default) or "triton" (kernels/gemm.py in tf32 where nn.LSTM's rule allows it, like the
+# recurrence's own dots). Other dtypes always use torch's. "torch" stays the default until
+# a GPU measurement (perf/gemm_paths.py) shows the kernel faster.
+FP32_GEMMS_ENV = "TRITON_LSTM_FP32_GEMMS"
+FP32_GEMM_ENGINES = ("torch", "triton")
+fp32_gemms = os.environ.get(FP32_GEMMS_ENV, "torch")
+
+
+def gemms_in_triton(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a layer's GEMMs run in kernels/gemm.py: with ``fp32_gemms = "triton"``, the
+    fp32 GEMMs that may use tf32 (an exact one is faster in cuBLAS), and under the
+    interpreter every fp32 GEMM, so that the CPU tests cover the path."""
+    if fp32_gemms not in FP32_GEMM_ENGINES:
+        raise ValueError(f"{FP32_GEMMS_ENV} (dispatch.fp32_gemms): expected one of "
+                         f"{', '.join(FP32_GEMM_ENGINES)}, got {fp32_gemms!r}")
+    if dtype != torch.float32 or fp32_gemms != "triton":
+        return False
+    return interpreting() or dot_precision(dtype, device) == "tf32"
+
+
 def cudnn_rnn_allows_tf32() -> bool:
     """The flag nn.LSTM's cuDNN path follows: torch.backends.cudnn.rnn.fp32_precision (read
     back resolved through its parents) where torch has it, else cudnn.allow_tf32. The legacy

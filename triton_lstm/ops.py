@@ -6,8 +6,9 @@ decided at run time (tile config, co-residency check and warm-up compile,
 barrier counters, launch counting) happens inside the op body, so
 ``torch.compile`` and ``torch.export`` only ever see the op and its fake
 (shape-only) implementation. The input GEMM and the weight-gradient GEMMs are
-not in the ops: they stay ordinary torch ops that autograd and Inductor see
-(autograd.py).
+not in the recurrence ops: ``layer_matmul`` runs them as ordinary torch ops that
+autograd and Inductor see, or, for fp32 with ``dispatch.fp32_gemms = "triton"``,
+as ``triton_lstm::matmul`` (kernels/gemm.py at nn.LSTM's tf32 rule).
 
 Custom ops cannot return None, so absent outputs (the saved activations when
 nothing is saved, ``r_all`` / ``dh_all`` without a projection) are empty
@@ -25,9 +26,10 @@ from typing import Optional
 import torch
 from torch.library import custom_op, register_fake, register_vmap
 
-from .dispatch import KernelConfig, state_dtype
+from .dispatch import KernelConfig, dot_precision, gemms_in_triton, state_dtype
 from .kernels.backward import lstm_backward
 from .kernels.forward import lstm_forward
+from .kernels.gemm import matmul as gemm_matmul
 from .kernels.step import StepConfig, lstm_step
 from .kernels.wavefront import lstm_wavefront, lstm_wavefront_backward
 
@@ -282,6 +284,46 @@ register_vmap("triton_lstm::wavefront_backward", _vmap_rule(
     batch_axes=(1, 1, 1, 2, 2, 1, 0, None, None, None, None, 2),
     out_batch_axes=(2, 1, 1),               # dgates, dh0, dc0
     weights=(7, 8)))
+
+# -- a layer's GEMMs -------------------------------------------------------------------------
+
+@custom_op("triton_lstm::matmul", mutates_args=())
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],
+           precision: str) -> torch.Tensor:
+    """a [M, K] @ b [K, N] (+ bias [N]) in kernels/gemm.py, dot input precision `precision`."""
+    return gemm_matmul(a, b, bias, precision=precision)
+
+
+@register_fake("triton_lstm::matmul")
+def _matmul_fake(a, b, bias, precision):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+def _matmul_vmap(info, in_dims, a, b, bias, precision):
+    a_dim, b_dim, bias_dim, _ = in_dims
+    if b_dim is None and bias_dim is None:
+        # Only a is mapped: its slices are more rows of one GEMM.
+        a = a.movedim(a_dim, 0)
+        out = matmul(a.flatten(0, 1), b, bias, precision)
+        return out.unflatten(0, (info.batch_size, -1)), 0
+    slices = [matmul(a if a_dim is None else a.select(a_dim, i),
+                     b if b_dim is None else b.select(b_dim, i),
+                     bias if bias_dim is None else bias.select(bias_dim, i), precision)
+              for i in range(info.batch_size)]
+    return torch.stack(slices), 0
+
+
+register_vmap("triton_lstm::matmul", _matmul_vmap)
+
+
+def layer_matmul(a: torch.Tensor, b: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b (+ bias) for a layer's GEMMs: torch's, or kernels/gemm.py in tf32 where
+    ``dispatch.gemms_in_triton`` says so (fp32, opt-in)."""
+    if gemms_in_triton(a.dtype, a.device):
+        return torch.ops.triton_lstm.matmul(a, b, bias, dot_precision(a.dtype, a.device))
+    return a @ b if bias is None else torch.addmm(bias, a, b)
+
 
 # -- one step (streaming inference) -----------------------------------------------------------
 

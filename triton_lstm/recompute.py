@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import state_dtype
-from .ops import config_to_list
+from .ops import config_to_list, layer_matmul
 from .reference import reverse_order, row_lengths
 
 
@@ -69,9 +69,9 @@ def recompute_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
         n = s1 - s0
         seg_times = [t[s0:s1] for t in times]
         x_seg = [_gather_steps(x, t) for t in seg_times]                     # per direction
-        gx = torch.cat([
-            x_seg[d].reshape(n * B, I) @ w_ih_by_direction[d].t()
-            + (0 if bias is None else bias[d]) for d in range(D)], dim=1).view(n, B, D * four_h)
+        gx = torch.cat([layer_matmul(x_seg[d].reshape(n * B, I), w_ih_by_direction[d].t(),
+                                     None if bias is None else bias[d])
+                        for d in range(D)], dim=1).view(n, B, D * four_h)
         seg_lengths = (length - s0).clamp(0, n).to(torch.int32)
         seg_restarts = None if restarts is None else restarts[:, s0:s1]
         h_start, c_start = h_ckpt[:, s0 // every], c_ckpt[:, s0 // every]
@@ -101,10 +101,10 @@ def recompute_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
         for d in range(D):
             g = dG_by_direction[:, d]
             if need_x:
-                dx_seg = (g @ w_ih_by_direction[d]).view(n, B, I).to(acc)
+                dx_seg = layer_matmul(g, w_ih_by_direction[d]).view(n, B, I).to(acc)
                 dx = dx.scatter_add(0, seg_times[d][:, :, None].expand(n, B, I), dx_seg)
             if need_wih:
-                dw_ih[d] = dw_ih[d] + (g.t() @ x_seg[d].reshape(n * B, I)).to(acc)
+                dw_ih[d] = dw_ih[d] + layer_matmul(g.t(), x_seg[d].reshape(n * B, I)).to(acc)
             if need_whh:
                 # h_{t-1} of each step: the checkpoint, then the segment's own outputs.
                 y_d = y.view(n, B, D, R)[:, :, d]
@@ -112,10 +112,10 @@ def recompute_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
                 if seg_restarts is not None:
                     h_restart = (h0 if h0 is not None else zeros_h)[d]
                     h_prev = torch.where(seg_restarts[d].bool()[:, :, None], h_restart, h_prev)
-                dw_hh[d] = dw_hh[d] + (g.t() @ h_prev.reshape(n * B, R)).to(acc)
+                dw_hh[d] = dw_hh[d] + layer_matmul(g.t(), h_prev.reshape(n * B, R)).to(acc)
             if w_hr is not None and need_whr:
-                dw_hr[d] = dw_hr[d] + (dh_all[d].reshape(n * B, R).t()
-                                       @ r_all[d].reshape(n * B, H)).to(acc)
+                dw_hr[d] = dw_hr[d] + layer_matmul(dh_all[d].reshape(n * B, R).t(),
+                                                    r_all[d].reshape(n * B, H)).to(acc)
             if need_b:
                 db[d] = db[d] + g.sum(0, dtype=acc)
 

@@ -10,8 +10,9 @@ strides, accumulated in fp32, C in A's dtype. Program (m, n) owns a [BLOCK_M, BL
 of C; programs are ordered in groups of GROUP_M tile rows so that neighbours share their
 A and B tiles in L2.
 
-Not yet the layers' path: perf/gemm_paths.py times it against cuBLAS in fp32 and TF32
-and against cuDNN's 1x1 convolution (perf/NOTES.md).
+An fp32 layer's GEMMs run here with ``dispatch.fp32_gemms = "triton"`` (the environment
+variable TRITON_LSTM_FP32_GEMMS=triton; ``ops.layer_matmul``). perf/gemm_paths.py times it
+against cuBLAS in fp32 and TF32, against cuDNN's 1x1 convolution, and in the layer.
 """
 from typing import Optional
 
