@@ -766,6 +766,7 @@ def test_explain_says_what_and_why(fake_gpu):
                  "torch 2.11.0", "95%"):
         assert part in text, (part, text)
     assert "forward tiles" in str(faster) and faster.tiles["backward"][1] == "heuristic"
+    assert faster.gemms == "torch" and "GEMMs: torch" in str(faster)
     assert "T = 64" in text                  # a table with one T ("steps") names that one
     # A table names the T of the layer timings the decision rests on, not the candidates'.
     provenance = dict(POLICY_TABLE["provenance"], steps=64, layer_steps=256)
@@ -779,6 +780,18 @@ def test_explain_says_what_and_why(fake_gpu):
     tuning.set_table(GPU, {})
     assert "no table measured for NVIDIA H200" in triton_lstm.explain(module, torch.randn(2, 8, 16)).why
     assert triton_lstm.explain(triton_lstm.LSTM(16, 8, backend="torch"), torch.randn(2, 3, 16)).path == "nn.LSTM"
+
+
+@requires_interpreter
+def test_explain_names_the_gemm_kernel_for_fp32_layers_that_opt_in(monkeypatch):
+    monkeypatch.setattr(dispatch, "fp32_gemms", "triton")
+    module = triton_lstm.LSTM(16, 8, backend="triton")
+    e = triton_lstm.explain(module, torch.randn(2, 3, 16))
+    # Under the interpreter every fp32 GEMM takes the kernel, exact (the CPU has no tf32).
+    assert e.gemms == "kernels/gemm.py, ieee (TRITON_LSTM_FP32_GEMMS=triton)", e.gemms
+    assert "GEMMs: kernels/gemm.py" in str(e)
+    bf16 = triton_lstm.explain(module.bfloat16(), torch.randn(2, 3, 16, dtype=torch.bfloat16))
+    assert bf16.gemms == "torch"
 
 
 def test_explain_reports_a_refused_call(monkeypatch):

@@ -24,7 +24,8 @@ import torch
 from torch.nn.utils.rnn import PackedSequence
 
 from . import tuning
-from .dispatch import heuristic_config, interpreting
+from .dispatch import (FP32_GEMMS_ENV, dot_precision, gemms_in_triton, heuristic_config,
+                       interpreting)
 from .functional import compute_dtype
 from .kernels.wavefront import wavefront_config
 from .tuning import DTYPE_NAMES, KERNEL_ADVANTAGE
@@ -105,6 +106,7 @@ class Explanation:
     entry: Optional[dict] = None         # the table entry the decision came from
     provenance: Optional[dict] = None    # that table's provenance
     tiles: Optional[dict] = None         # {"forward": (config, source), "backward": ...}
+    gemms: Optional[str] = None          # who runs the layers' GEMMs (dispatch.fp32_gemms)
 
     def __str__(self) -> str:
         headline = {"kernels": "the Triton kernels run this call",
@@ -120,6 +122,8 @@ class Explanation:
             lines.append("  table: " + ", ".join(facts))
         for kernel, (config, source) in (self.tiles or {}).items():
             lines.append(f"  {kernel} tiles: {tuning.config_label(config)} ({source})")
+        if self.gemms:
+            lines.append(f"  GEMMs: {self.gemms}")
         return "\n".join(lines)
 
 
@@ -129,6 +133,13 @@ def _batch_of(module, input) -> int:
     if input.dim() == 2:
         return 1
     return input.shape[0 if module.batch_first else 1]
+
+
+def _gemms(dtype: torch.dtype, device: torch.device) -> str:
+    """Who runs the input projection and the gradient GEMMs of the kernels' layers."""
+    if gemms_in_triton(dtype, device):
+        return f"kernels/gemm.py, {dot_precision(dtype, device)} ({FP32_GEMMS_ENV}=triton)"
+    return "torch"
 
 
 def _tiles(module, data: torch.Tensor, batch: int, dtype: torch.dtype) -> dict:
@@ -184,7 +195,8 @@ def explain(module, input, hx=None) -> Explanation:
             f"{'training' if mode == 'train' else 'inference'}, {data.device.type}")
 
     def kernels(why, **found):
-        return Explanation("kernels", why, call, tiles=_tiles(module, data, batch, dtype), **found)
+        return Explanation("kernels", why, call, tiles=_tiles(module, data, batch, dtype),
+                           gemms=_gemms(dtype, data.device), **found)
 
     if module.backend == "torch":
         return Explanation("nn.LSTM", "backend='torch' always runs nn.LSTM", call)
