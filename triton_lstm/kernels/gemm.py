@@ -23,7 +23,8 @@ import triton.language as tl
 from .forward import dot_operands
 
 # Hopper (sm_90): 128 x 128 tiles, 32-deep K chunks in 4 stages, 8 warps. ptxas (Triton 3.6)
-# for fp32 with tf32: wgmma m64n128k8, cp.async, 128 KB of shared memory, 201 registers.
+# for fp32 with tf32: wgmma m64n128k8, cp.async, 128 KB of shared memory, 179-212 registers
+# (the layer's three operand layouts: perf/sm90_report.py --gemm).
 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, NUM_WARPS, NUM_STAGES = 128, 128, 32, 8, 8, 4
 
 
@@ -45,17 +46,21 @@ def matmul_kernel(a, b, c, bias, M, N, K, stride_am, stride_ak, stride_bk, strid
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = o_m < M
     m_n = o_n < N
-    # 64-bit row offsets: T * B rows of 4H columns can pass 2**31 elements.
-    p_a = a + tl.cast(o_m, tl.int64)[:, None] * stride_am
-    p_b = b + tl.cast(o_n, tl.int64)[None, :] * stride_bn
+    # Offsets past 2**31 elements: T * B rows of 4H columns, as M (the projection) or as K
+    # (dG^T x). The rows and columns start from 64-bit offsets; the K loop moves the
+    # (64-bit) pointers on by one chunk at a time.
+    o_k = tl.arange(0, BLOCK_K)
+    p_a = a + tl.cast(o_m, tl.int64)[:, None] * stride_am + o_k[None, :] * stride_ak
+    p_b = b + tl.cast(o_n, tl.int64)[None, :] * stride_bn + o_k[:, None] * stride_bk
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < K
-        b_a = tl.load(p_a + o_k[None, :] * stride_ak, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        b_b = tl.load(p_b + o_k[:, None] * stride_bk, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        m_k = k0 + o_k < K
+        b_a = tl.load(p_a, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_b = tl.load(p_b, mask=m_k[:, None] & m_n[None, :], other=0.0)
         b_a, b_b = dot_operands(b_a, b_b)
         b_acc = tl.dot(b_a, b_b, b_acc, input_precision=DOT_PRECISION)
+        p_a += BLOCK_K * stride_ak
+        p_b += BLOCK_K * stride_bk
     if HAS_BIAS:
         b_acc += tl.load(bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     p_c = c + tl.cast(o_m, tl.int64)[:, None] * stride_cm + o_n[None, :] * stride_cn
