@@ -34,6 +34,7 @@ import shutil
 import sys
 import time
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -231,11 +232,16 @@ def build_table(rows: list[dict], provenance: dict) -> dict:
     return {"provenance": provenance, "shapes": shapes}
 
 
-def provenance(rows: list[dict], env: dict, steps: int, layer_steps: int) -> dict:
+def provenance(rows: list[dict], env: dict, steps: int, layer_steps: int,
+               arch: Optional[tuple] = None) -> dict:
     """Where the numbers come from: this run's GPU and versions, and what the rows cover
-    (steps: the candidates' T; layer_steps: the layer timings' T)."""
+    (steps: the candidates' T; layer_steps: the layer timings' T). arch, the GPU's (major,
+    minor, SM count), names its chip: a GPU of the same chip without a table of its own
+    decides kernels or nn.LSTM by this one (tuning.decision_gpu)."""
     measured = [shape_of(row) for row in rows]
-    return dict(env, commits=sorted({row["commit"] for row in rows}), steps=steps,
+    chip = {} if arch is None else dict(compute_capability=f"{arch[0]}.{arch[1]}",
+                                        sm_count=arch[2])
+    return dict(env, **chip, commits=sorted({row["commit"] for row in rows}), steps=steps,
                 layer_steps=layer_steps, rows=len(rows), tool="perf/tune.py",
                 csv=f"perf/results/{gpu_slug(env['gpu'])}/tune.csv",
                 candidates="dispatch.heuristic_config and its one-step neighbours "
@@ -308,6 +314,7 @@ class Sweep:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.num_sms = tuning.sm_count(self.device)
+        self.arch = tuning.device_arch(self.device) if self.device.type == "cuda" else None
 
     def run(self, grid: list[Shape], neighbourhood: str, json_path: pathlib.Path) -> bool:
         """First the heuristic's configs and the layer timings of every shape (a complete
@@ -318,7 +325,7 @@ class Sweep:
                 if not (self.measure_candidates(shape, candidates) and self.measure_layer(shape)):
                     return False
                 table = build_table(self.rows, provenance(self.rows, self.env, self.steps,
-                                                          self.layer_steps))
+                                                          self.layer_steps, self.arch))
                 write_json(table, json_path)
                 self.log(f"[{candidates} {i}/{len(grid)}] {summary_line(table, shape)}")
         return True
@@ -656,7 +663,8 @@ def main(argv=None) -> int:
     compile_ahead(compile_one, compile_jobs(grid, neighbourhood, sweep.measured, sweep.num_sms,
                                             str(sweep.device)), args.jobs, log=sweep.log)
     complete = sweep.run(grid, neighbourhood, json_path)
-    table = build_table(sweep.rows, provenance(sweep.rows, env, args.steps, args.layer_steps))
+    table = build_table(sweep.rows, provenance(sweep.rows, env, args.steps, args.layer_steps,
+                                               sweep.arch))
     write_json(table, json_path)
     paths = [csv_path, json_path]
     try:

@@ -794,6 +794,52 @@ def test_explain_names_the_gemm_kernel_for_fp32_layers_that_opt_in(monkeypatch):
     assert bf16.gemms == "torch"
 
 
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def measured_on(arch, *entries):
+    """A table whose provenance names the chip it was measured on: (major, minor, SMs)."""
+    t = table(*entries)
+    t["provenance"].update(compute_capability=f"{arch[0]}.{arch[1]}", sm_count=arch[2])
+    return t
+
+
+@pytest.mark.parametrize("props, borrows", [
+    ((9, 0, 132), True),          # an H100 SXM: the H200's chip
+    ((9, 0, 114), False),         # an H100 PCIe: fewer SMs
+    ((8, 0, 108), False),         # an A100
+])
+def test_a_gpu_without_a_table_decides_by_one_measured_on_its_chip(fake_gpu, monkeypatch, props,
+                                                                   borrows):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None:
+                        types.SimpleNamespace(major=props[0], minor=props[1],
+                                              multi_processor_count=props[2]))
+    tuning.set_table(GPU, measured_on((9, 0, 132), *POLICY_TABLE["shapes"].values()))
+    assert tuning.decision_gpu(CUDA) == (GPU if borrows else H100)
+    module = auto_module(512, torch.bfloat16)
+    x = torch.randn(4, 512, 16, dtype=torch.bfloat16)    # the H200 measured nn.LSTM faster
+    with torch.no_grad():
+        assert policy.auto_uses_kernels(module, x) is not borrows
+        e = triton_lstm.explain(module, x)
+    assert e.path == ("nn.LSTM" if borrows else "kernels")
+    if borrows:
+        assert e.why.startswith(f"no table measured for {H100}; its chip's, measured on {GPU}")
+        assert e.provenance["gpu"] == GPU
+    # Tiles keep to the heuristic: the borrowed table decides kernels or nn.LSTM only.
+    assert tuning.table_config(H100, "forward", torch.bfloat16, 512, 512, 1, False, 132) is None
+
+
+def test_a_table_that_does_not_name_its_chip_is_not_borrowed(fake_gpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
+    tuning.set_table(GPU, POLICY_TABLE)                  # no compute capability, no SM count
+    assert tuning.decision_gpu(CUDA) == H100
+    # A GPU with a table of its own always decides by it.
+    tuning.set_table(H100, measured_on((9, 0, 132), entry("bf16", 8, 512, fwd=(9.0, 1.0))))
+    tuning.set_table(GPU, measured_on((9, 0, 132), *POLICY_TABLE["shapes"].values()))
+    assert tuning.decision_gpu(CUDA) == H100
+
+
 def test_explain_reports_a_refused_call(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     e = triton_lstm.explain(triton_lstm.LSTM(4, 8, backend="triton"), torch.randn(2, 3, 4))
@@ -926,6 +972,11 @@ def test_best_configs_and_the_table_with_provenance():
     assert p["steps"] == 64 and p["layer_steps"] == 256
     assert p["grid"] == dict(dtypes=["bf16"], batches=[8], hidden=[512], directions=[1], proj=[0],
                              shapes=1)
+    # On a GPU the sweep names its chip, which a same-chip GPU borrows the decisions by.
+    assert tuning.table_arch(t) is None
+    on_gpu = tune.build_table(rows, tune.provenance(rows, ENV, 64, 256, (9, 0, 132)))
+    assert on_gpu["provenance"]["compute_capability"] == "9.0"
+    assert tuning.table_arch(on_gpu) == (9, 0, 132)
     # The table feeds the lookup and the policy as it is.
     tuning.set_table(GPU, json.loads(json.dumps(t)))
     assert tuning.table_config(GPU, "forward", torch.bfloat16, 8, 512, 1, False, 132) == fast
@@ -1112,6 +1163,8 @@ def test_the_shipped_tables_parse_and_name_their_provenance():
         provenance = table["provenance"]
         assert gpu_slug(provenance["gpu"]) == path.stem
         assert provenance["commits"] and provenance["torch"] and provenance["triton"]
+        # The chip, by which a GPU without a table of its own borrows this one's decisions.
+        assert tuning.table_arch(table) is not None
         assert table["shapes"]
         for key, entry in table["shapes"].items():
             assert key == tuning.shape_key(entry["dtype"], entry["B"], entry["H"], entry["D"],

@@ -4,8 +4,10 @@ On CUDA, "auto" runs the kernels unless the table ``make tune`` measured on this
 (tuning.py) says nn.LSTM (cuDNN) is faster at the nearest measured shape, in this call's
 mode: inference (no gradient needed) compares forward calls, training compares forward
 plus backward. The kernels must take at most KERNEL_ADVANTAGE (95%) of nn.LSTM's time.
-Without a measurement (an unknown GPU, a kind of shape never measured, fp64) the kernels
-run, except where PyTorch would run cuDNN's persistent fp16 kernel at a small batch
+A GPU without a table of its own decides by one measured on the same chip (same compute
+capability and SM count, ``tuning.decision_gpu``). Without a measurement (a GPU of another
+chip, a kind of shape never measured, fp64) the kernels run, except where PyTorch would
+run cuDNN's persistent fp16 kernel at a small batch
 (``cudnn_persistent_wins``); CPU tensors run nn.LSTM. Only batched sequences (3-D
 input) consult the table, which measures them; 2-D input (unbatched, the data of a
 PackedSequence, one step) keeps the kernels.
@@ -83,7 +85,7 @@ def auto_uses_kernels(module, input: torch.Tensor) -> bool:
     if input.dim() != 3 or dtype_name is None:
         return True
     decisions = tuning.bucket_decisions(
-        tuning.device_name(input.device), dtype_name, module.hidden_size,
+        tuning.decision_gpu(input.device), dtype_name, module.hidden_size,
         2 if module.bidirectional else 1, module.proj_size > 0)
     if not decisions:
         return not cudnn_persistent_wins(module, input)
@@ -221,8 +223,11 @@ def explain(module, input, hx=None) -> Explanation:
     if module.wavefront:
         return kernels("wavefront=True: only the kernels run a stack of layers as one "
                        "wavefront (the table measures layers one at a time)")
-    gpu = tuning.device_name(data.device)
+    own = tuning.device_name(data.device)
+    gpu = tuning.decision_gpu(data.device)
     table = tuning.load_table(gpu)
+    borrowed = (f"no table measured for {own}; its chip's, measured on {gpu} (same compute "
+                f"capability and SM count), decides: " if gpu != own else "")
 
     def unmeasured(why, **found):   # the rule without a measurement (auto_uses_kernels)
         if cudnn_persistent_wins(module, data):
@@ -238,19 +243,20 @@ def explain(module, input, hx=None) -> Explanation:
     entry = tuning.nearest_entry(table, dtype_name, batch, hidden, directions, proj)
     found = dict(entry=entry, provenance=table.get("provenance"))
     if entry is None:
-        return unmeasured(f"the table for {gpu} has no {dtype_name} shape with {directions} "
-                          f"direction(s), {'a' if proj else 'no'} projection and H within a "
-                          f"factor {tuning.MAX_H_RATIO:g} of {hidden}",
+        return unmeasured(f"{borrowed}the table for {gpu} has no {dtype_name} shape with "
+                          f"{directions} direction(s), {'a' if proj else 'no'} projection and H "
+                          f"within a factor {tuning.MAX_H_RATIO:g} of {hidden}",
                           provenance=found["provenance"])
-    near = f"nearest measured shape {dtype_name} B={entry['B']} H={entry['H']}"
+    near = (f"{borrowed}table for {gpu}, nearest measured shape {dtype_name} B={entry['B']} "
+            f"H={entry['H']}")
     faster = tuning.kernels_faster(entry, mode)
     if faster is None:
-        return kernels(f"table for {gpu}, {near}: no kernel and nn.LSTM numbers for "
-                       f"{mode} there: the kernels", **found)
+        return kernels(f"{near}: no kernel and nn.LSTM numbers for {mode} there: the kernels",
+                       **found)
     timed = "forward + backward" if mode == "train" else "forward"
     numbers = (f"kernels {entry['kernels_us'][mode]:.2f} µs/step, nn.LSTM "
                f"{entry['cudnn_us'][mode]:.2f} µs/step ({timed}); "
                f"the kernels run where they take <= {KERNEL_ADVANTAGE:.0%} of nn.LSTM's time")
     if faster:
-        return kernels(f"table for {gpu}, {near}: {numbers}", **found)
-    return Explanation("nn.LSTM", f"table for {gpu}, {near}: {numbers}", call, **found)
+        return kernels(f"{near}: {numbers}", **found)
+    return Explanation("nn.LSTM", f"{near}: {numbers}", call, **found)

@@ -129,12 +129,13 @@ def set_table(gpu_name: str, table: Optional[dict]) -> None:
 
 _device_names: dict = {}
 _device_archs: dict = {}
+_decision_gpus: dict = {}
 _lookups: dict = {}
 
 
 def clear_caches() -> None:
     """Forget everything derived from tables and devices (after set_table, in tests)."""
-    for cache in (_device_names, _device_archs, _lookups):
+    for cache in (_device_names, _device_archs, _decision_gpus, _lookups):
         cache.clear()
 
 
@@ -153,6 +154,43 @@ def device_arch(device: torch.device) -> tuple:
         props = torch.cuda.get_device_properties(device)
         _device_archs[device] = (props.major, props.minor, props.multi_processor_count)
     return _device_archs[device]
+
+
+def table_arch(table: dict) -> Optional[tuple]:
+    """(major, minor, SM count) of the GPU a table was measured on, where it says."""
+    provenance = table.get("provenance", {})
+    capability, num_sms = provenance.get("compute_capability"), provenance.get("sm_count")
+    if not capability or not num_sms:
+        return None
+    major, minor = (int(v) for v in str(capability).split("."))
+    return major, minor, int(num_sms)
+
+
+def tables_at_hand() -> list[str]:
+    """The GPUs with a table: the shipped files' and any set in this process."""
+    names = []
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        try:
+            names.append(json.loads(path.read_text())["provenance"]["gpu"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue            # load_table warns about a broken table when it is asked for
+    return list(dict.fromkeys(names + [name for name, table in _tables.items() if table]))
+
+
+@torch.compiler.assume_constant_result
+def decision_gpu(device: torch.device) -> str:
+    """The GPU whose table backend="auto" decides by on ``device``: its own where it has one,
+    else one measured on the same chip (same compute capability and SM count: an H100 SXM
+    decides by the H200's table), else its own name (no table: the rule without one)."""
+    if device not in _decision_gpus:
+        own = device_name(device)
+        chosen = own
+        if not load_table(own):
+            arch = device_arch(device)
+            chosen = next((name for name in tables_at_hand()
+                           if table_arch(load_table(name)) == arch), own)
+        _decision_gpus[device] = chosen
+    return _decision_gpus[device]
 
 
 # What tiles are sized for off a GPU (the interpreter): a few SMs, so grids still split.
