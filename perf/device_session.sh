@@ -19,8 +19,9 @@
 #                                                  GPU tests, the host's cost per call,
 #                                                  make tune at SHAPES (about 5 min)
 #   COMMIT=<hash> bash perf/device_session.sh 5   fp32 layers' GEMMs in kernels/gemm.py: their
-#                                                  GPU tests, then the GEMM paths and the
-#                                                  layers with either engine (about 4 min)
+#                                                  GPU tests, the fp32 GPU tests with them,
+#                                                  then the GEMM paths and the layers with
+#                                                  either engine (about 5.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -84,6 +85,9 @@ case "${1:-}" in
     ;;
 5)
     gpu_tests 60 "fp32_gemms"
+    # The fp32 GPU tests again with the engine on (those in tf32, cuDNN's default, use it).
+    TRITON_LSTM_FP32_GEMMS=triton gpu_tests 90 \
+        "fp32 and not ($LATE_TESTS or $CLUSTER_TESTS or fp32_gemms)"
     timeout 180 python3 perf/gemm_paths.py --out "$OUT" 2>&1 | tee "$OUT/gemm-paths.log"
     ;;
 *)
