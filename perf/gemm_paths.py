@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bench import (CHECK_STEPS, ERROR_BOUNDS, MODES, TIMING, build_peer,  # noqa: E402
-                   check_then_time, float64_reference, make_row, seeded_problem)
+                   check_then_time, float64_reference, make_row, seeded_problem, skipped)
 from timing import bench_ms  # noqa: E402
 from variants import write_csv  # noqa: E402
 
@@ -46,6 +46,9 @@ SHAPES = [(64, 1024), (128, 1024), (512, 512), (512, 1024)]    # (B, H), I = H
 PATHS = ("fp32-gemm", "tf32-gemm", "tf32-conv", "tf32-triton")
 FIELDS = ["path", "B", "H", "T", "us_per_step", "tflops", "max_rel_diff", "gpu", "torch"]
 LAYER_SHAPES = [(64, 1024), (128, 1024), (512, 512), (512, 1024)]    # fp32 layers, I = H
+# (peer, GEMM engine of the kernels' layer): nn.LSTM eager and replayed from a CUDA graph,
+# then the kernels with torch's GEMMs and with kernels/gemm.py's.
+LAYER_PEERS = [("cudnn", ""), ("cudnn_graph", ""), ("triton", "torch"), ("triton", "triton")]
 LAYER_FIELDS = ["peer", "fp32_gemms", "B", "H", "T", "mode", "median_us", "q20_us", "q80_us",
                 "rel_error", "gpu", "torch"]
 
@@ -62,29 +65,33 @@ def projection(path: str, x2: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tens
 
 
 def layer_rows(steps: int, env: dict, out_csv: pathlib.Path, device="cuda") -> list[dict]:
-    """The fp32 layer with each GEMM engine, and nn.LSTM (make perf's peers, check and bound),
-    per shape; the CSV is rewritten after each shape."""
+    """The fp32 layer with each GEMM engine, and nn.LSTM eager and graphed (make perf's peers,
+    check and bound), per shape; the CSV is rewritten after each shape."""
     rows, problems, before = [], [], dispatch.fp32_gemms
     try:
         for B, H in LAYER_SHAPES:
             lstm, x, hx = seeded_problem("fp32", steps, B, H, device)
             reference = float64_reference(lstm, x[:CHECK_STEPS], hx)
-            for engine in ("",) + dispatch.FP32_GEMM_ENGINES:    # "": nn.LSTM
+            for peer, engine in LAYER_PEERS:
                 dispatch.fp32_gemms = engine or before
-                peer = "triton" if engine else "cudnn"
                 label = f"{peer} gemms={engine} fp32 B={B} H={H}"
-                forward, module = build_peer(peer, lstm, x, hx)
-                measured = check_then_time(forward, module, x, hx, reference,
-                                           ERROR_BOUNDS["fp32"], MODES, TIMING, label, print,
-                                           problems)
-                forward = module = None
+                try:
+                    forward, module = build_peer(peer, lstm, x, hx)
+                    measured = check_then_time(forward, module, x, hx, reference,
+                                               ERROR_BOUNDS["fp32"], MODES, TIMING, label, print,
+                                               problems)
+                except Exception as exc:    # say why, post nothing, go on with the others
+                    problems.append(skipped(label, exc, print))
+                    continue
+                finally:
+                    forward = module = None
                 if measured is None:
                     continue
                 error, timings = measured
                 for mode, quantiles, _ in timings:
                     row = make_row(peer, "fp32", B, H, steps, mode, quantiles, None, error, env)
                     rows.append(dict({k: row.get(k) for k in LAYER_FIELDS}, fp32_gemms=engine))
-                    print(f"{label:36} {mode:5} {row['median_us']:8.2f} µs/step", flush=True)
+                    print(f"{label:40} {mode:5} {row['median_us']:8.2f} µs/step", flush=True)
             write_csv(out_csv, LAYER_FIELDS, rows)
     finally:
         dispatch.fp32_gemms = before
