@@ -48,6 +48,29 @@ def float64_reference(module, x, hx, upstream):
     return outputs_and_grads(ref, x64, hx64, up64)[:2]
 
 
+# fp32 on the CPU beyond twice nn.LSTM's fp32 error against float64: eight fp32 rounding
+# steps (the most seen over test_kernels' configs and shapes, three seeds: 3.7e-7).
+FP32_SLACK = 2 ** -20
+
+
+def relative_error(got, want):
+    """max|got - want| / max|want|, in float64 on the CPU."""
+    want = want.detach().double().cpu()
+    return float((got.detach().double().cpu() - want).abs().max()
+                 / want.abs().max().clamp_min(1e-30))
+
+
+def assert_within_twice_the_reference_error(ours, theirs, want, slack, names=None,
+                                            theirs_name="nn.LSTM"):
+    """Each of our tensors finite and at most twice as far from float64 as theirs, + slack."""
+    names = names or [f"tensor {k}" for k in range(len(want))]
+    for name, got, base, ref in zip(names, ours, theirs, want):
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        ours_err, their_err = relative_error(got, ref), relative_error(base, ref)
+        assert ours_err <= 2 * their_err + slack, (
+            f"{name}: error {ours_err:.2e} vs {theirs_name}'s {their_err:.2e} (+{slack:.0e})")
+
+
 def triton_copy(ref, **kwargs):
     return triton_lstm.LSTM.from_torch(ref, backend="triton", **kwargs)
 

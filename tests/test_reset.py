@@ -171,6 +171,7 @@ def test_unbatched_reset():
     want = split_reference(ref, x[:, None], None, reset[:, None], None)
     torch.testing.assert_close(out, want[0][:, 0], **TOL)
     torch.testing.assert_close(h, want[1][:, 0], **TOL)
+    torch.testing.assert_close(c, want[2][:, 0], **TOL)
 
 
 @pytest.mark.parametrize("reset, error, match", [

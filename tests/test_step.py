@@ -13,6 +13,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import triton_lstm
+from triton_lstm import dispatch
 from triton_lstm.autograd import StepFunction, lstm_cell_step
 from triton_lstm.kernels.step import StepConfig
 from triton_lstm.reference import lstm_step_reference
@@ -166,7 +167,9 @@ def test_auto_backend_on_cpu_runs_nn_lstm_and_agrees_with_the_kernels():
     x = torch.randn(T, B, I)
     hx = random_state(ours)
     with torch.no_grad():
+        before = dict(dispatch.launch_counts)
         y_auto, state_auto = run_steps(auto, x, hx)
+        assert dict(dispatch.launch_counts) == before, "auto launched kernels on CPU tensors"
         y, state = run_steps(ours, x, hx)
     torch.testing.assert_close(y_auto, y, **TOLERANCES[torch.float32])
     torch.testing.assert_close(state_auto, state, **TOLERANCES[torch.float32])

@@ -1,7 +1,7 @@
 """Stacked layers as one wavefront (kernels/wavefront.py), on CPU under the interpreter.
 
 Every output and gradient (the forward and the backward wavefront) against torch.nn.LSTM
-in float64: the kernels directly with tile configs that split the hidden units over
+in float64 (fp32: within twice the error of nn.LSTM in fp32 against float64): the kernels directly with tile configs that split the hidden units over
 several programs (on-chip and streamed weights), and through
 triton_lstm.LSTM(wavefront=True) with the options a stack has. The interpreter runs the
 wavefronts stepped: one launch per wavefront step.
@@ -15,8 +15,8 @@ from triton_lstm.autograd import lstm_stack_wavefront
 from triton_lstm.dispatch import KernelConfig, launch_counts
 
 from .conftest import requires_interpreter
-from .helpers import (chained_layers, float64_reference, outputs_and_grads, stack_weights,
-                      triton_copy)
+from .helpers import (FP32_SLACK, assert_within_twice_the_reference_error, chained_layers,
+                      float64_reference, outputs_and_grads, stack_weights, triton_copy)
 
 pytestmark = requires_interpreter
 
@@ -61,11 +61,18 @@ def test_kernel_outputs_and_all_gradients(shape, dtype, config_name):
                                 inputs)
     want_grads = torch.autograd.grad(
         sum((o * u).sum() for o, u in zip((want[0], *want[1]), upstream)), inputs)
-    for name, got, ref in zip(("y", "h_n", "c_n"), (y, h_n, c_n), (want[0], *want[1])):
+    ours = [y, h_n, c_n, *grads]
+    theirs = [want[0], *want[1], *want_grads]
+    names = ["y", "h_n", "c_n"] + [f"d{n}" for n in ["x", "h0", "c0"] + [
+        n for n, _ in control.named_parameters()]]
+    if dtype == torch.float32:
+        # Both against float64: ours within twice nn.LSTM's fp32 error.
+        want64 = float64_reference(control, x, (h0, c0), upstream)
+        assert_within_twice_the_reference_error(ours, theirs, want64[0] + want64[1], FP32_SLACK,
+                                                names)
+        return
+    for name, got, ref in zip(names, ours, theirs):
         torch.testing.assert_close(got, ref, **TOL[dtype], msg=lambda m: f"{name}: {m}")
-    names = ["x", "h0", "c0"] + [n for n, _ in control.named_parameters()]
-    for name, got, ref in zip(names, grads, want_grads):
-        torch.testing.assert_close(got, ref, **TOL[dtype], msg=lambda m: f"d{name}: {m}")
 
 
 @pytest.mark.parametrize("options", [
