@@ -252,6 +252,31 @@ def test_forward_and_all_gradients_match_nn_lstm(num_layers, bidirectional, batc
 
 
 @requires_interpreter
+@pytest.mark.parametrize("options", [
+    pytest.param(dict(), id="uni"),
+    pytest.param(dict(bidirectional=True), id="bidir"),
+    pytest.param(dict(num_layers=2, bidirectional=True, proj_size=3), id="L2-bidir-proj"),
+    pytest.param(dict(num_layers=2, wavefront=True), id="wavefront"),
+    pytest.param(dict(recompute=2, bidirectional=True), id="bidir-recompute"),
+])
+def test_gradients_accumulate_over_backward_passes_and_clip_like_nn_lstm(options):
+    """Every parameter's .grad in memory of its own (b_ih's and b_hh's are equal values):
+    two backward passes add up, and clipping scales each once, as with nn.LSTM."""
+    torch_options = {k: v for k, v in options.items() if k not in ("wavefront", "recompute")}
+    ref = nn.LSTM(3, 4, dtype=torch.float64, **torch_options)
+    module = triton_copy(ref, **{k: v for k, v in options.items() if k not in torch_options})
+    xs = [torch.randn(5, 2, 3, dtype=torch.float64) for _ in range(2)]
+    for m in (module, ref):
+        for x in xs:
+            (m(x)[0] * m(x)[0].detach().cos()).sum().backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm=0.1)
+    pointers = [p.grad.data_ptr() for p in module.parameters()]
+    assert len(set(pointers)) == len(pointers)
+    for (name, p), q in zip(module.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float64], msg=name)
+
+
+@requires_interpreter
 @pytest.mark.parametrize("used", ["output", "h_n", "c_n"])
 def test_gradients_when_only_one_output_is_used(used):
     dtype = torch.float64

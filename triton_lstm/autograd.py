@@ -197,7 +197,15 @@ def lstm_layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
         dw_hh = None if dw_hh is None else dw_hh[0]
         dw_hr = None if dw_hr is None else dw_hr[0]
     return (dx, dh0 if need_h0 else None, dc0 if need_c0 else None, dw_ih, dw_hh,
-            db if need_bih else None, db if need_bhh else None, dw_hr)
+            *bias_grads(db, need_bih, need_bhh), dw_hr)
+
+
+def bias_grads(db, need_bih: bool, need_bhh: bool) -> tuple:
+    """The gradients of b_ih and b_hh (both db), each in memory of its own: autograd may keep
+    an incoming gradient as a parameter's .grad, and two .grad sharing memory would each take
+    the other's in-place updates (accumulation, clipping, GradScaler's unscaling)."""
+    return (db if need_bih else None,
+            (db.clone() if need_bih else db) if need_bhh else None)
 
 
 def _layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths, restarts, y,
@@ -459,8 +467,8 @@ def _stack_backward(dy, dh_n, dc_n, x, h0, c0, lengths, keep, h_all, gates, c_al
             h_all[k, 1:], lengths, None, w_hh.shape[2], layer_needs)
         if k == 0:
             dx = dx_k
-        dweights += [dw_ih, None if dw_hh is None else dw_hh[0], db if need_bih else None,
-                     db if need_bhh else None]
+        dweights += [dw_ih, None if dw_hh is None else dw_hh[0],
+                     *bias_grads(db, need_bih, need_bhh)]
     return (dx, dh0 if need_h0 else None, dc0.to(x.dtype) if need_c0 else None, *dweights)
 
 
@@ -574,4 +582,4 @@ def lstm_step_backward(dr, dc_new, x, h, c, w_ih, w_hh, b_ih, gates, c_new, need
     if need_whh:
         dw_hh = torch.zeros_like(w_hh) if h is None else dG_w.t() @ h
     db = dG.sum(0).to(b_ih.dtype) if (b_ih is not None and (need_bih or need_bhh)) else None
-    return (dx, dh, dc_prev, dw_ih, dw_hh, db if need_bih else None, db if need_bhh else None)
+    return (dx, dh, dc_prev, dw_ih, dw_hh, *bias_grads(db, need_bih, need_bhh))
