@@ -283,6 +283,42 @@ def test_jit_trace_records_aten_lstm(grad_mode):
         torch.testing.assert_close(traced(other), ours(other), rtol=1e-5, atol=1e-6)
 
 
+class _Wrapper(nn.Module):
+    """A model holding the LSTM, as TorchScript and torch.fx see one."""
+
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x: torch.Tensor):
+        y, (h, c) = self.lstm(x)
+        return y * 2 + h.sum() - c.sum()
+
+
+def test_fx_symbolic_trace_keeps_the_lstm_whole_and_runs_the_kernels():
+    """torch.fx (FX quantization and friends) keeps torch.nn's modules as one call_module
+    node; this one too, and the traced module then runs it as it is."""
+    ref = nn.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    graph = torch.fx.symbolic_trace(_Wrapper(triton_copy(ref)))
+    assert [n.target for n in graph.graph.nodes if n.op == "call_module"] == ["lstm"]
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    before = kernel_launches()
+    got = graph(x)
+    assert kernel_launches() > before
+    torch.testing.assert_close(got, _Wrapper(ref)(x), rtol=1e-10, atol=1e-10)
+
+
+def test_jit_script_of_a_model_holds_nn_lstm_sharing_the_parameters():
+    ref = nn.LSTM(3, 4, bidirectional=True, dtype=torch.float64)
+    model = _Wrapper(triton_copy(ref))
+    scripted = torch.jit.script(model)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(scripted(x), _Wrapper(ref)(x), rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        model.lstm.weight_hh_l0.mul_(0.5)     # the script sees the module's own parameters
+    torch.testing.assert_close(scripted(x), model(x), rtol=1e-10, atol=1e-10)
+
+
 # -- torch.func ---------------------------------------------------------------------------------
 
 def _bidir_pair():

@@ -535,6 +535,41 @@ INPUT_ERRORS = [  # input (for a module with input_size=3), exception, match
 ]
 
 
+WEIGHT_ERRORS = [  # (parameter, replacement) of LSTM(3, 4, bidirectional, proj_size=2), match
+    pytest.param("weight_hh_l0", lambda: torch.randn(16, 5), r"weight_hh_l0 has shape \(16, 5\), "
+                 r"expected \(16, 2\)", id="weight-shape"),
+    pytest.param("weight_ih_l0_reverse", lambda: torch.randn(12, 3), r"weight_ih_l0_reverse has "
+                 r"shape \(12, 3\), expected \(16, 3\)", id="reverse-shape"),
+    pytest.param("weight_hr_l0", lambda: torch.randn(4, 4), r"weight_hr_l0 has shape \(4, 4\), "
+                 r"expected \(2, 4\)", id="projection-shape"),
+    pytest.param("bias_hh_l0", lambda: torch.randn(16, dtype=torch.float64),
+                 r"bias_hh_l0 has dtype torch.float64, expected torch.float32", id="bias-dtype"),
+    pytest.param("weight_hh_l0_reverse", lambda: torch.randn(16, 2, device="meta"),
+                 r"weight_hh_l0_reverse is on meta, expected the input's device cpu",
+                 id="device"),
+    pytest.param("bias_ih_l0", lambda: None, r"bias_ih_l0 must be a tensor of shape \(16,\), "
+                 r"got NoneType", id="bias-none"),
+]
+
+
+@requires_interpreter
+@pytest.mark.parametrize("name, make, match", WEIGHT_ERRORS)
+def test_a_parameter_replaced_by_a_wrong_one_is_refused_naming_it(name, make, match):
+    """The kernels read the parameters raw: one of the wrong shape, dtype or device is an
+    error naming it (nn.LSTM's own path refuses these too), for a sequence and for a step."""
+    weight = make()
+    for bidirectional in (True, False):    # step() runs unidirectional LSTMs only
+        if name.endswith("_reverse") and not bidirectional:
+            continue
+        module = LSTM(3, 4, bidirectional=bidirectional, proj_size=2, backend="triton")
+        setattr(module, name, weight if weight is None else nn.Parameter(weight))
+        with pytest.raises(LSTMInputError, match=match):
+            module(torch.randn(5, 2, 3))
+        if not bidirectional:
+            with pytest.raises(LSTMInputError, match=match):
+                module.step(torch.randn(2, 3))
+
+
 @pytest.mark.parametrize("make_input, error, match", INPUT_ERRORS)
 @pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
 def test_bad_input_is_refused_naming_it(backend, make_input, error, match):

@@ -45,6 +45,23 @@ class LSTMInputError(ValueError, RuntimeError):
     """Bad input to LSTM. A ValueError, and a RuntimeError like torch.nn.LSTM's own checks."""
 
 
+def _check_weight(name: str, weight, shape: tuple, dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """One parameter of a layer, as the kernels will read it; a clear error naming it if not."""
+    if not isinstance(weight, torch.Tensor):
+        raise LSTMInputError(f"{name} must be a tensor of shape {shape}, got "
+                             f"{type(weight).__name__}")
+    if tuple(weight.shape) != shape:
+        raise LSTMInputError(f"{name} has shape {tuple(weight.shape)}, expected {shape} (from "
+                             "the module's input_size, hidden_size and proj_size)")
+    if weight.dtype != dtype:
+        raise LSTMInputError(f"{name} has dtype {weight.dtype}, expected {dtype} as "
+                             "weight_ih_l0: convert the module with .to(dtype)")
+    if weight.device != device:
+        raise LSTMInputError(f"{name} is on {weight.device}, expected the input's device "
+                             f"{device}: move the module or the input")
+
+
 class LSTM(nn.LSTM):
     """Long short-term memory RNN, as ``torch.nn.LSTM``, with Triton kernels.
 
@@ -136,6 +153,14 @@ class LSTM(nn.LSTM):
         module.train(self.training)
         return module
 
+    def __prepare_scriptable__(self) -> nn.LSTM:
+        """torch.jit.script holds nn.LSTM, sharing this module's parameters: TorchScript takes
+        no keyword-only arguments (reset=), and exporters record nn.LSTM's op too."""
+        module = self.to_torch()
+        for name, parameter in self.named_parameters():
+            setattr(module, name, parameter)
+        return module
+
     def _uses_triton(self, input: torch.Tensor) -> bool:
         if self.backend == "torch" or exporting():
             return False
@@ -159,6 +184,11 @@ class LSTM(nn.LSTM):
 
     def forward(self, input, hx: Optional[tuple[torch.Tensor, torch.Tensor]] = None, *,
                 reset: Optional[torch.Tensor] = None):
+        if isinstance(input, torch.fx.Proxy):
+            # torch.fx keeps torch.nn's modules whole (one call_module node); this one too.
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self),
+                                       (input, hx), {} if reset is None else {"reset": reset})
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx, reset)
         self._check_input(input, hx)
@@ -177,7 +207,7 @@ class LSTM(nn.LSTM):
         hx = checked_hx
 
         output, (h_n, c_n) = lstm(
-            input, hx, self._layer_weights(), num_layers=self.num_layers,
+            input, hx, self._layer_weights(input), num_layers=self.num_layers,
             bidirectional=self.bidirectional, dropout=self.dropout, training=self.training,
             batch_first=self.batch_first, reset=reset, **self._layer_options(kernels))
         if unbatched:
@@ -199,7 +229,7 @@ class LSTM(nn.LSTM):
             reset = reset.transpose(0, 1) if self.batch_first else reset
         device = packed.data.device
         output, state = lstm(
-            padded, hx, self._layer_weights(), num_layers=self.num_layers,
+            padded, hx, self._layer_weights(padded), num_layers=self.num_layers,
             bidirectional=self.bidirectional, dropout=self.dropout, training=self.training,
             lengths=lengths.to(device=device, dtype=torch.int32), reset=reset,
             **self._layer_options(kernels))
@@ -241,15 +271,29 @@ class LSTM(nn.LSTM):
             raise LSTMInputError(f"reset is on {reset.device} but input is on {input.device}")
         return reset.unsqueeze(batch_dim) if unbatched else reset
 
-    def _layer_weights(self):
-        """Per layer and direction: (w_ih, w_hh, b_ih, b_hh, w_hr), absent ones None."""
+    def _layer_weights(self, input: torch.Tensor):
+        """Per layer and direction: (w_ih, w_hh, b_ih, b_hh, w_hr), absent ones None. Each is
+        checked against what the module's sizes make it (a parameter replaced by hand can be
+        anything), weight_ih_l0's dtype and the input's device: the kernels read them raw."""
+        H, R = self.hidden_size, self.proj_size or self.hidden_size
+        directions = 2 if self.bidirectional else 1
+        dtype = self.weight_ih_l0.dtype
         weights = []
         for layer in range(self.num_layers):
-            for suffix in ("", "_reverse")[:2 if self.bidirectional else 1]:
+            in_size = self.input_size if layer == 0 else directions * R
+            bias = (4 * H,) if self.bias else None
+            expected = ((4 * H, in_size), (4 * H, R), bias, bias,
+                        (R, H) if self.proj_size > 0 else None)
+            for suffix in ("", "_reverse")[:directions]:
                 names = (f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}",
                          f"bias_ih_l{layer}{suffix}", f"bias_hh_l{layer}{suffix}",
                          f"weight_hr_l{layer}{suffix}")
-                weights.append(tuple(getattr(self, name, None) for name in names))
+                layer_weights = tuple(getattr(self, name, None) if shape else None
+                                      for name, shape in zip(names, expected))
+                for name, weight, shape in zip(names, layer_weights, expected):
+                    if shape:
+                        _check_weight(name, weight, shape, dtype, input.device)
+                weights.append(layer_weights)
         return weights
 
     def _check_input(self, input, hx=None, packed: bool = False) -> None:
@@ -406,7 +450,7 @@ class LSTM(nn.LSTM):
         else:
             x = input if batched else input.unsqueeze(0)
             checked = self._check_hx(x.unsqueeze(0), hx, 1, not batched)
-            y, (h_n, c_n) = lstm_step(x, checked, self._layer_weights(),
+            y, (h_n, c_n) = lstm_step(x, checked, self._layer_weights(x),
                                       num_layers=self.num_layers, dropout=self.dropout,
                                       training=self.training)
             if not batched:
