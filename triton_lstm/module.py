@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import functools
 import warnings
 
 import torch
@@ -45,21 +46,38 @@ class LSTMInputError(ValueError, RuntimeError):
     """Bad input to LSTM. A ValueError, and a RuntimeError like torch.nn.LSTM's own checks."""
 
 
-def _check_weight(name: str, weight, shape: tuple, dtype: torch.dtype,
-                  device: torch.device) -> None:
-    """One parameter of a layer, as the kernels will read it; a clear error naming it if not."""
+@functools.lru_cache(maxsize=None)
+def _weight_plan(num_layers: int, directions: int, input_size: int, hidden_size: int,
+                 proj_size: int, bias: bool) -> tuple:
+    """Per layer and direction, the names of (w_ih, w_hh, b_ih, b_hh, w_hr) and the shapes the
+    module's sizes give them (None: the module has no such parameter)."""
+    H, R = hidden_size, proj_size or hidden_size
+    plan = []
+    for layer in range(num_layers):
+        in_size = input_size if layer == 0 else directions * R
+        shapes = ((4 * H, in_size), (4 * H, R), (4 * H,) if bias else None,
+                  (4 * H,) if bias else None, (R, H) if proj_size > 0 else None)
+        for suffix in ("", "_reverse")[:directions]:
+            names = tuple(f"{kind}_l{layer}{suffix}"
+                          for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
+            plan.append((names, shapes))
+    return tuple(plan)
+
+
+def _refuse_weight(name: str, weight, shape: tuple, dtype: torch.dtype,
+                   device: torch.device) -> None:
+    """Raise the error naming what is wrong with one parameter of a layer."""
     if not isinstance(weight, torch.Tensor):
         raise LSTMInputError(f"{name} must be a tensor of shape {shape}, got "
                              f"{type(weight).__name__}")
-    if tuple(weight.shape) != shape:
+    if weight.shape != shape:
         raise LSTMInputError(f"{name} has shape {tuple(weight.shape)}, expected {shape} (from "
                              "the module's input_size, hidden_size and proj_size)")
     if weight.dtype != dtype:
         raise LSTMInputError(f"{name} has dtype {weight.dtype}, expected {dtype} as "
                              "weight_ih_l0: convert the module with .to(dtype)")
-    if weight.device != device:
-        raise LSTMInputError(f"{name} is on {weight.device}, expected the input's device "
-                             f"{device}: move the module or the input")
+    raise LSTMInputError(f"{name} is on {weight.device}, expected the input's device "
+                         f"{device}: move the module or the input")
 
 
 class LSTM(nn.LSTM):
@@ -275,25 +293,23 @@ class LSTM(nn.LSTM):
         """Per layer and direction: (w_ih, w_hh, b_ih, b_hh, w_hr), absent ones None. Each is
         checked against what the module's sizes make it (a parameter replaced by hand can be
         anything), weight_ih_l0's dtype and the input's device: the kernels read them raw."""
-        H, R = self.hidden_size, self.proj_size or self.hidden_size
-        directions = 2 if self.bidirectional else 1
-        dtype = self.weight_ih_l0.dtype
+        plan = _weight_plan(self.num_layers, 2 if self.bidirectional else 1, self.input_size,
+                            self.hidden_size, self.proj_size, self.bias)
+        params, dtype, device = self._parameters, self.weight_ih_l0.dtype, input.device
         weights = []
-        for layer in range(self.num_layers):
-            in_size = self.input_size if layer == 0 else directions * R
-            bias = (4 * H,) if self.bias else None
-            expected = ((4 * H, in_size), (4 * H, R), bias, bias,
-                        (R, H) if self.proj_size > 0 else None)
-            for suffix in ("", "_reverse")[:directions]:
-                names = (f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}",
-                         f"bias_ih_l{layer}{suffix}", f"bias_hh_l{layer}{suffix}",
-                         f"weight_hr_l{layer}{suffix}")
-                layer_weights = tuple(getattr(self, name, None) if shape else None
-                                      for name, shape in zip(names, expected))
-                for name, weight, shape in zip(names, layer_weights, expected):
-                    if shape:
-                        _check_weight(name, weight, shape, dtype, input.device)
-                weights.append(layer_weights)
+        for names, shapes in plan:
+            layer = []
+            for name, shape in zip(names, shapes):
+                weight = None
+                if shape is not None:
+                    weight = params.get(name)
+                    if weight is None:      # parametrized (weight_norm, ...), or set to None
+                        weight = getattr(self, name, None)
+                    if (not isinstance(weight, torch.Tensor) or weight.shape != shape
+                            or weight.dtype != dtype or weight.device != device):
+                        _refuse_weight(name, weight, shape, dtype, device)
+                layer.append(weight)
+            weights.append(tuple(layer))
         return weights
 
     def _check_input(self, input, hx=None, packed: bool = False) -> None:
