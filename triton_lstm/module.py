@@ -9,10 +9,9 @@ initialisation, ``state_dict``, ``extra_repr``, ``all_weights``; only
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import functools
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
