@@ -52,12 +52,25 @@ def leader_increment(num_programs: int) -> int:
 
 
 @triton.jit
+def cluster_arrive():
+    """Every thread of this program arrives at its cluster's barrier, its stores released."""
+    return tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned; mov.u32 $0, 0;",
+                                     "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def cluster_wait():
+    """Wait until every thread of every program of the cluster has arrived (acquire)."""
+    tl.inline_asm_elementwise("barrier.cluster.wait.acquire.aligned; mov.u32 $0, 0;", "=r", [],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def barrier_arrive(counter, leader_inc, is_leader, CLUSTER: tl.constexpr):
     """Publish this program's stores and count it in; returns what the wait compares against
     (with CLUSTER: every thread arrives at the cluster barrier, and the result is unused)."""
     if CLUSTER:
-        return tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned; mov.u32 $0, 0;",
-                                         "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        return cluster_arrive()
     else:
         # Every warp of this program has issued its stores before the release.
         tl.debug_barrier()
@@ -70,8 +83,7 @@ def barrier_wait(counter, arrived, CLUSTER: tl.constexpr):
     """Wait until the whole group has arrived: the top bit of the counter differs from the one
     seen on arrival, or with CLUSTER the cluster barrier completes."""
     if CLUSTER:
-        tl.inline_asm_elementwise("barrier.cluster.wait.acquire.aligned; mov.u32 $0, 0;", "=r",
-                                  [], dtype=tl.int32, is_pure=False, pack=1)
+        cluster_wait()
     else:
         now = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
         while (arrived ^ now) >= 0:

@@ -35,6 +35,8 @@ launch that would hang fails instead.
 import triton
 import triton.language as tl
 
+from .barrier import cluster_arrive, cluster_wait
+
 # try_wait polls (each may suspend the thread a while) before a trap
 WAIT_LIMIT = tl.constexpr(1 << 26)
 
@@ -83,9 +85,8 @@ def exchange_slot(base, SLOT_BYTES: tl.constexpr, j):
 @triton.jit
 def cluster_sync():
     """Every thread of every program of the cluster meets here (barrier.cluster)."""
-    tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned; "
-                              "barrier.cluster.wait.acquire.aligned; mov.u32 $0, 0;",
-                              "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    cluster_arrive()
+    cluster_wait()
 
 
 @triton.jit
