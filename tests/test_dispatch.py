@@ -830,6 +830,13 @@ def test_a_gpu_without_a_table_decides_by_one_measured_on_its_chip(fake_gpu, mon
     assert tuning.table_config(H100, "forward", torch.bfloat16, 512, 512, 1, False, 132) is None
 
 
+def test_an_h100_sxm_decides_by_the_shipped_h200_table(fake_gpu, monkeypatch):
+    monkeypatch.setattr(tuning, "CONFIG_DIR", pathlib.Path(triton_lstm.__file__).parent / "configs")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
+    assert tuning.decision_gpu(CUDA) == GPU
+    assert tuning.load_table(GPU)["provenance"]["gpu"] == GPU    # read once, kept
+
+
 def test_a_table_that_does_not_name_its_chip_is_not_borrowed(fake_gpu, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
     tuning.set_table(GPU, POLICY_TABLE)                  # no compute capability, no SM count

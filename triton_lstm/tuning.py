@@ -167,14 +167,17 @@ def table_arch(table: dict) -> Optional[tuple]:
 
 
 def tables_at_hand() -> list[str]:
-    """The GPUs with a table: the shipped files' and any set in this process."""
-    names = []
+    """The GPUs with a table: any set in this process and the shipped files', each file read
+    once, into load_table's cache."""
     for path in sorted(CONFIG_DIR.glob("*.json")):
         try:
-            names.append(json.loads(path.read_text())["provenance"]["gpu"])
+            table = json.loads(path.read_text())
+            gpu = table["provenance"]["gpu"]
         except (OSError, ValueError, KeyError, TypeError):
             continue            # load_table warns about a broken table when it is asked for
-    return list(dict.fromkeys(names + [name for name, table in _tables.items() if table]))
+        if table_path(gpu) == path:     # the file load_table reads for that GPU
+            _tables.setdefault(gpu, table)
+    return [name for name, table in _tables.items() if table]
 
 
 @torch.compiler.assume_constant_result
