@@ -289,5 +289,6 @@ def reports(args, config):
                     yield report(kernel_name, dtype_name, batch, hidden, args.directions,
                                  args.proj, args.restarts, args.ckpt, config)
 
+
 if __name__ == "__main__":
     main()

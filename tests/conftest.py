@@ -40,6 +40,23 @@ def fresh_seed():
 
 
 @pytest.fixture
+def gemm_calls(monkeypatch):
+    """An fp32 layer's GEMMs in kernels/gemm.py for one test (dispatch.fp32_gemms =
+    "triton"); the list of the dot precisions the kernel was called with."""
+    from triton_lstm import dispatch, ops
+    from triton_lstm.kernels.gemm import matmul
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["precision"])
+        return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "fp32_gemms", "triton")
+    monkeypatch.setattr(ops, "gemm_matmul", counted)
+    return calls
+
+
+@pytest.fixture
 def fullgraph_enabled():
     """triton_lstm.enable_fullgraph() for one test, then Dynamo's setting and caches as before."""
     import triton_lstm

@@ -35,13 +35,19 @@ def outputs_and_grads(module, x, hx, upstream=None):
     return [o.detach() for o in outs], [g.detach() for g in grads], upstream
 
 
-def float64_reference(module, x, hx, upstream):
-    """The same computation in float64 on the CPU with torch.nn.LSTM."""
+def float64_copy(module):
+    """A torch.nn.LSTM in float64 on the CPU with module's options and parameters."""
     ref = torch.nn.LSTM(module.input_size, module.hidden_size, num_layers=module.num_layers,
                         bias=module.bias, batch_first=module.batch_first,
                         bidirectional=module.bidirectional, proj_size=module.proj_size,
                         dtype=torch.float64)
     ref.load_state_dict({k: v.detach().cpu().double() for k, v in module.state_dict().items()})
+    return ref
+
+
+def float64_reference(module, x, hx, upstream):
+    """The same computation in float64 on the CPU with torch.nn.LSTM."""
+    ref = float64_copy(module)
     x64 = x.detach().cpu().double().requires_grad_()
     hx64 = None if hx is None else tuple(s.detach().cpu().double().requires_grad_() for s in hx)
     up64 = tuple(u.detach().cpu().double() for u in upstream)

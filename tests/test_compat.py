@@ -19,7 +19,7 @@ from triton_lstm.dispatch import KernelConfig
 from triton_lstm.ops import config_to_list
 
 from .conftest import requires_interpreter
-from .helpers import triton_copy
+from .helpers import float64_copy, relative_error, triton_copy
 
 pytestmark = requires_interpreter
 TOL64 = dict(rtol=1e-10, atol=1e-10)
@@ -166,18 +166,6 @@ def test_plain_nn_lstm_still_refuses_fullgraph_without_enable():
 
 # -- AMP ----------------------------------------------------------------------------------------
 
-def _relative_error(got, want):
-    got, want = got.detach().double(), want.detach().double()
-    return float((got - want).abs().max() / want.abs().max())
-
-
-def _float64_copy(module):
-    ref = nn.LSTM(module.input_size, module.hidden_size, num_layers=module.num_layers,
-                  bidirectional=module.bidirectional, proj_size=module.proj_size, dtype=torch.float64)
-    ref.load_state_dict({k: v.double() for k, v in module.state_dict().items()})
-    return ref
-
-
 SLACK = {torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
@@ -212,16 +200,16 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_lstm(dtype, input_dtype
     assert y_control.dtype == dtype
     (y_control.float() * upstream).sum().backward()
 
-    ref = _float64_copy(control)
+    ref = float64_copy(control)
     x64 = x_in.detach().double().requires_grad_()
     y64, _ = ref(x64)
     (y64 * upstream.double()).sum().backward()
     slack = SLACK[dtype]
-    assert _relative_error(y, y64) <= 2 * _relative_error(y_control, y64) + slack
-    assert (_relative_error(x_in.grad, x64.grad)
-            <= 2 * _relative_error(reference_in.grad, x64.grad) + slack)
+    assert relative_error(y, y64) <= 2 * relative_error(y_control, y64) + slack
+    assert (relative_error(x_in.grad, x64.grad)
+            <= 2 * relative_error(reference_in.grad, x64.grad) + slack)
     for (name, p), q, r in zip(ours.named_parameters(), ref.parameters(), control.parameters()):
-        assert _relative_error(p.grad, q.grad) <= 2 * _relative_error(r.grad, q.grad) + slack, name
+        assert relative_error(p.grad, q.grad) <= 2 * relative_error(r.grad, q.grad) + slack, name
 
 
 def test_fp16_training_with_grad_scaler():
@@ -431,7 +419,7 @@ def test_bf16_within_twice_nn_lstm_error(options, lengths):
     x = torch.randn(5, 3, 8).to(torch.bfloat16)
     upstream = None
     results = []
-    for module in (ours, control, _float64_copy(control)):
+    for module in (ours, control, float64_copy(control)):
         xin = x.double() if module is not ours and module is not control else x
         xin = xin.detach().requires_grad_()
         inp = nn.utils.rnn.pack_padded_sequence(xin, lengths, enforce_sorted=False) if lengths else xin
@@ -444,4 +432,4 @@ def test_bf16_within_twice_nn_lstm_error(options, lengths):
         results.append([data, h, c, *grads])
     for k, (got, base, want) in enumerate(zip(*results)):
         assert torch.isfinite(got).all(), k
-        assert _relative_error(got, want) <= 2 * _relative_error(base, want) + SLACK[torch.bfloat16], k
+        assert relative_error(got, want) <= 2 * relative_error(base, want) + SLACK[torch.bfloat16], k

@@ -7,8 +7,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import triton_lstm
-from triton_lstm import dispatch, ops
-from triton_lstm.kernels import gemm
+from triton_lstm import dispatch
 from triton_lstm.kernels.gemm import matmul
 
 from .conftest import requires_interpreter
@@ -75,20 +74,6 @@ def test_the_op_compiles_fullgraph_with_its_fake_shape():
                              fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(a, b).double(), 2 * a.double() @ b.double(), rtol=1e-5,
                                atol=1e-5)
-
-
-@pytest.fixture
-def gemm_calls(monkeypatch):
-    """fp32 layer GEMMs in kernels/gemm.py for one test; counts the kernel's calls."""
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("precision"))
-        return gemm.matmul(*args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "fp32_gemms", "triton")
-    monkeypatch.setattr(ops, "gemm_matmul", counted)
-    return calls
 
 
 LAYERS = [

@@ -14,14 +14,13 @@ import torch
 
 import triton_lstm
 from triton_lstm import LSTMFunction
-from triton_lstm import dispatch, ops
 from triton_lstm.dispatch import KernelConfig, launch_counts
-from triton_lstm.kernels.gemm import matmul
 from triton_lstm.kernels.forward import lstm_forward
 
 from .conftest import requires_cuda
-from .helpers import (assert_within_twice_the_reference_error, chained_layers, float64_reference,
-                      outputs_and_grads, relative_error, stack_weights, triton_copy)
+from .helpers import (assert_within_twice_the_reference_error, chained_layers, float64_copy,
+                      float64_reference, outputs_and_grads, relative_error, stack_weights,
+                      triton_copy)
 
 pytestmark = requires_cuda
 
@@ -61,18 +60,10 @@ def test_persistent_matches_float64_within_twice_cudnn_error(shape, dtype_name):
 @pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[4]])
 @pytest.mark.parametrize("dtype_name", ["fp32", "fp32-tf32"])
 def test_fp32_gemms_in_the_kernel_match_float64_within_twice_cudnn_error(shape, dtype_name,
-                                                                         monkeypatch):
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs["precision"])
-        return matmul(*args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "fp32_gemms", "triton")
-    monkeypatch.setattr(ops, "gemm_matmul", counted)
+                                                                         gemm_calls):
     check_persistent_against_float64(shape, dtype_name)
     # gx, then dx, dW_ih and dW_hh in tf32 where cuDNN's RNN may use it; else cuBLAS's.
-    assert calls == (["tf32"] * 4 if DTYPES[dtype_name][1] else [])
+    assert gemm_calls == (["tf32"] * 4 if DTYPES[dtype_name][1] else [])
 
 
 def check_persistent_against_float64(shape, dtype_name):
@@ -116,9 +107,7 @@ def test_two_runs_are_bitwise_equal_and_stepped_matches_persistent(dtype, config
 
 def float64_layer(torch_lstm, x):
     """A float64 copy of a one-layer torch_lstm on the CPU, and x as a float64 leaf there."""
-    ref = torch.nn.LSTM(torch_lstm.input_size, torch_lstm.hidden_size, dtype=torch.float64)
-    ref.load_state_dict({k: v.detach().cpu().double() for k, v in torch_lstm.state_dict().items()})
-    return ref, x.detach().cpu().double().requires_grad_()
+    return float64_copy(torch_lstm), x.detach().cpu().double().requires_grad_()
 
 
 def test_streamed_weights_match_resident():

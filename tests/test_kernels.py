@@ -14,7 +14,7 @@ from triton_lstm.dispatch import KernelConfig, launch_counts
 
 from .conftest import requires_interpreter
 from .helpers import (FP32_SLACK, GATE_SPLIT, assert_within_twice_the_reference_error,
-                      random_problem)
+                      float64_copy, random_problem)
 
 pytestmark = requires_interpreter
 
@@ -96,11 +96,9 @@ def test_outputs_and_all_gradients(shape, dtype, config_name):
 
 def float64_problem(ref, x, hx):
     """ref, x and hx as float64 copies (x and hx leaves of their own)."""
-    ref64 = torch.nn.LSTM(ref.input_size, ref.hidden_size, bias=ref.bias, dtype=torch.float64)
-    ref64.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
     x64 = x.detach().double().requires_grad_()
     hx64 = None if hx is None else tuple(h.detach().double().requires_grad_() for h in hx)
-    return x64, hx64, ref64
+    return x64, hx64, float64_copy(ref)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])

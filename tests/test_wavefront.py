@@ -16,7 +16,8 @@ from triton_lstm.dispatch import KernelConfig, launch_counts
 
 from .conftest import requires_interpreter
 from .helpers import (FP32_SLACK, assert_within_twice_the_reference_error, chained_layers,
-                      float64_reference, outputs_and_grads, stack_weights, triton_copy)
+                      float64_reference, outputs_and_grads, relative_error, stack_weights,
+                      triton_copy)
 
 pytestmark = requires_interpreter
 
@@ -212,9 +213,6 @@ def test_bf16_within_twice_the_error_of_the_same_layers_chained(with_dropout):
         loss = (y.double() * upstream[0].double()).sum() + (c.double() * upstream[1].double()).sum()
         return [y, c, *torch.autograd.grad(loss, [x, *module.parameters()])]
 
-    def error(got, want):
-        return float((got.double() - want.double()).abs().max() / want.double().abs().max())
-
     ours = run(lambda x: lstm_stack_wavefront(x, None, None, stack_weights(control),
                                               keep=keep)[::2], x, control)
     want = run(lambda x: chained_layers(reference, x, None, chain_keep.double())[::2],
@@ -225,7 +223,8 @@ def test_bf16_within_twice_the_error_of_the_same_layers_chained(with_dropout):
         bases.append(run(lambda x: chained_layers(control, x, None, chain_keep)[::2], x, control))
     for base in bases:
         for k, (got, b, w) in enumerate(zip(ours, base, want)):
-            assert error(got, w) <= 2 * error(b, w) + 8e-3, (k, error(got, w), error(b, w))
+            assert relative_error(got, w) <= 2 * relative_error(b, w) + 8e-3, (
+                k, relative_error(got, w), relative_error(b, w))
 
 
 def test_training_with_dropout_runs_the_wavefront_with_masks_drawn_up_front():
