@@ -22,6 +22,10 @@
 #                                                  GPU tests, the fp32 GPU tests with them,
 #                                                  then the GEMM paths and the layers with
 #                                                  either engine (about 5.5 min)
+#   COMMIT=<hash> bash perf/device_session.sh 6   one call for a 15-minute lease: the GPU
+#                                                  tests but the cluster barrier's and the
+#                                                  exchange's, make tune resumed for 2 min,
+#                                                  then make perf's main table (9.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -90,8 +94,15 @@ case "${1:-}" in
         "fp32 and not ($LATE_TESTS or $CLUSTER_TESTS or fp32_gemms)"
     timeout 180 python3 perf/gemm_paths.py --out "$OUT" 2>&1 | tee "$OUT/gemm-paths.log"
     ;;
+6)
+    gpu_tests 95 "$LATE_TESTS"
+    gpu_tests 165 "not ($LATE_TESTS or $CLUSTER_TESTS)"
+    timeout 155 python3 perf/tune.py --budget-min 2.0 2>&1 | tee "$OUT/tune.log"
+    timeout 145 python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
+        --memory off --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
+    ;;
 *)
-    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5" >&2
+    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6" >&2
     exit 2
     ;;
 esac
