@@ -95,10 +95,10 @@ case "${1:-}" in
     timeout 180 python3 perf/gemm_paths.py --out "$OUT" 2>&1 | tee "$OUT/gemm-paths.log"
     ;;
 6)
-    gpu_tests 95 "$LATE_TESTS"
-    gpu_tests 165 "not ($LATE_TESTS or $CLUSTER_TESTS)"
-    timeout 155 python3 perf/tune.py --budget-min 2.0 2>&1 | tee "$OUT/tune.log"
-    timeout 145 python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
+    gpu_tests 90 "$LATE_TESTS"
+    gpu_tests 160 "not ($LATE_TESTS or $CLUSTER_TESTS)"
+    timeout 150 python3 perf/tune.py --budget-min 1.9 2>&1 | tee "$OUT/tune.log"
+    timeout 140 python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
         --memory off --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
     ;;
 *)
