@@ -202,8 +202,10 @@ def layer_steps_of(rows: list[dict]) -> int:
 
 def build_table(rows: list[dict], provenance: dict) -> dict:
     """The JSON table (format in triton_lstm/tuning.py) from the rows of tune.csv. Layer
-    timings count at the table's layer T only (provenance["layer_steps"], else the newest
-    layer row's): a sweep at another T leaves its rows in tune.csv."""
+    timings count at the table's layer T (provenance["layer_steps"], else the newest layer
+    row's): a sweep at another T leaves its rows in tune.csv. A shape that a sweep part-way
+    through has not timed at that T yet keeps its timings at the newest T it has (the entry
+    names that T): without them backend="auto" would run the kernels there unmeasured."""
     layer_steps = provenance.get("layer_steps") or layer_steps_of(rows)
     by_shape = {}
     for row in rows:
@@ -216,10 +218,13 @@ def build_table(rows: list[dict], provenance: dict) -> dict:
         entry.update({kernel: tuning.config_entry(config, us)
                       for kernel, (config, us) in best.items()})
         current = layer_config_text(best)
-        layer = {row["kind"]: row["us_per_step"] for row in mine
-                 if row["kind"] in LAYER_KINDS and row["status"] == "ok"
-                 and row["T"] == layer_steps
-                 and (row["kind"].startswith("cudnn") or row["config"] == current)}
+        timed = [row for row in mine if row["kind"] in LAYER_KINDS and row["status"] == "ok"
+                 and (row["kind"].startswith("cudnn") or row["config"] == current)]
+        steps = layer_steps if any(row["T"] == layer_steps for row in timed) else (
+            timed[-1]["T"] if timed else layer_steps)
+        layer = {row["kind"]: row["us_per_step"] for row in timed if row["T"] == steps}
+        if layer and steps != layer_steps:
+            entry["layer_steps"] = steps
         kernels_us = {mode: layer[f"kernels_{mode}"] for mode in MODES if f"kernels_{mode}" in layer}
         cudnn_us = {name: layer[kind] for name, kind in (("fwd", "cudnn_fwd"),
                     ("fwd_graph", "cudnn_graph_fwd"), ("train", "cudnn_train")) if kind in layer}

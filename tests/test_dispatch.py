@@ -774,6 +774,12 @@ def test_explain_says_what_and_why(fake_gpu):
     with torch.no_grad():
         text = str(triton_lstm.explain(module, torch.randn(4, 8, 16, dtype=torch.float16)))
     assert "T = 256" in text and "T = 64" not in text
+    # An entry a sweep has not timed at the table's T yet names its own.
+    shapes = {key: dict(e, layer_steps=64) for key, e in POLICY_TABLE["shapes"].items()}
+    tuning.set_table(GPU, dict(POLICY_TABLE, provenance=provenance, shapes=shapes))
+    with torch.no_grad():
+        why = triton_lstm.explain(module, torch.randn(4, 8, 16, dtype=torch.float16)).why
+    assert "(forward, at T = 64)" in why, why
     tuning.set_table(GPU, POLICY_TABLE)
     assert "training" in str(triton_lstm.explain(module, torch.randn(4, 8, 16, dtype=torch.float16)))
     # No table, forced backends.
@@ -1010,10 +1016,14 @@ def test_the_table_takes_layer_timings_at_its_layer_T_only():
         e = tune.build_table(rows, prov)["shapes"]["bf16/B8/H512/D1/P0"]
         assert e["kernels_us"]["fwd"] == kernels_fwd and e["cudnn_us"]["train"] == cudnn_train
         assert tuning.config_from_entry(e["forward"]) == fast   # candidates: whatever T
-    # Only 64-step layer rows, a table at 256 steps: no layer timings, the configs still.
+    # A shape a sweep at 256 steps has not reached: its 64-step timings, named as such, so
+    # that auto keeps their decision rather than running the kernels unmeasured.
     table = tune.build_table(at_64, tune.provenance(at_64, ENV, 64, 256))
     e = table["shapes"]["bf16/B8/H512/D1/P0"]
-    assert "kernels_us" not in e and "cudnn_us" not in e and e["backward"]["us_per_step"] == 2.0
+    assert e["kernels_us"] == {"fwd": 3.0, "train": 9.0} and e["layer_steps"] == 64
+    assert e["cudnn_us"]["train"] == 30.0 and e["backward"]["us_per_step"] == 2.0
+    assert "layer_steps" not in tune.build_table(at_64 + at_256, {})["shapes"][
+        "bf16/B8/H512/D1/P0"]
 
 
 @requires_interpreter

@@ -254,6 +254,8 @@ def explain(module, input, hx=None) -> Explanation:
         return kernels(f"{near}: no kernel and nn.LSTM numbers for {mode} there: the kernels",
                        **found)
     timed = "forward + backward" if mode == "train" else "forward"
+    if "layer_steps" in entry:
+        timed += f", at T = {entry['layer_steps']}"
     numbers = (f"kernels {entry['kernels_us'][mode]:.2f} µs/step, nn.LSTM "
                f"{entry['cudnn_us'][mode]:.2f} µs/step ({timed}); "
                f"the kernels run where they take <= {KERNEL_ADVANTAGE:.0%} of nn.LSTM's time")

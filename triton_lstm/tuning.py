@@ -9,7 +9,8 @@
          "forward":  {<KernelConfig fields>, "us_per_step": 2.41},  # fastest correct candidate
          "backward": {<KernelConfig fields>, "us_per_step": 6.10},
          "kernels_us": {"fwd": 2.89, "train": 9.50},                # the layer on the kernels
-         "cudnn_us": {"fwd": 12.9, "fwd_graph": 5.70, "train": 36.9}}}}   # nn.LSTM (cuDNN)
+         "cudnn_us": {"fwd": 12.9, "fwd_graph": 5.70, "train": 36.9},     # nn.LSTM (cuDNN)
+         "layer_steps": 64}}}   # only where the layers were timed at another T than the table's
 
 All times are µs per step of one layer (input size = H). The nearest measured shape of a
 call has the same dtype, number of directions and projection-ness; the measured H nearest
