@@ -26,6 +26,8 @@
 #                                                  tests but the cluster barrier's and the
 #                                                  exchange's, make tune resumed for 2 min,
 #                                                  then make perf's main table (9.5 min)
+#   COMMIT=<hash> bash perf/device_session.sh 7   make tune resumed for 1.6 min, then make
+#                                                  perf's main table (4 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -101,8 +103,13 @@ case "${1:-}" in
     timeout 140 python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
         --memory off --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
     ;;
+7)
+    timeout 110 python3 perf/tune.py --budget-min 1.6 2>&1 | tee "$OUT/tune.log"
+    timeout 130 python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
+        --memory off --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
+    ;;
 *)
-    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6" >&2
+    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7" >&2
     exit 2
     ;;
 esac
