@@ -523,8 +523,11 @@ def plot_heatmaps(table: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
             batches, hidden = sorted({e["B"] for e in chosen}), sorted({e["H"] for e in chosen})
             panels = {name: np.full((len(batches), len(hidden)), np.nan)
                       for name in ("fwd", "train", "fwd_x", "train_x")}
+            older = {}   # cells whose layers a sweep part-way through timed at another T
             for e in chosen:
                 at = batches.index(e["B"]), hidden.index(e["H"])
+                if "layer_steps" in e:
+                    older[at] = e["layer_steps"]
                 k, c = e.get("kernels_us", {}), e.get("cudnn_us", {})
                 best_cudnn = {"fwd": min([c[n] for n in ("fwd", "fwd_graph") if n in c], default=None),
                               "train": c.get("train")}
@@ -560,7 +563,8 @@ def plot_heatmaps(table: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
                 halo = [patheffects.withStroke(linewidth=2.5, foreground="white")]   # readable on dark
                 for (i, j), value in np.ndenumerate(data):
                     if math.isfinite(value):
-                        ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=8,
+                        text = fmt.format(value) + (f"\n(T={older[i, j]})" if (i, j) in older else "")
+                        ax.text(j, i, text, ha="center", va="center", fontsize=8,
                                 path_effects=halo)
         fig.suptitle(f"triton_lstm {dtype} on {prov.get('gpu', '?')}: one layer, input size = H, "
                      f"T = {prov.get('layer_steps', prov.get('steps', '?'))}, "
