@@ -27,7 +27,10 @@
 #                                                  exchange's, make tune resumed for 2 min,
 #                                                  then make perf's main table (9.5 min)
 #   COMMIT=<hash> bash perf/device_session.sh 7   make tune resumed for 1.6 min, then make
-#                                                  perf's main table (4 min)
+#                                                  perf's main table (4.5 min)
+#   COMMIT=<hash> bash perf/device_session.sh 8   the GPU tests run 5 did not finish, where a
+#                                                  training call's time goes (ours, cuDNN's),
+#                                                  make tune resumed for 1.8 min (9.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -104,12 +107,22 @@ case "${1:-}" in
         --memory off --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
     ;;
 7)
-    timeout 110 python3 perf/tune.py --budget-min 1.6 2>&1 | tee "$OUT/tune.log"
+    # tune's budget leaves out its start (compiling the candidates): ~40 s more.
+    timeout 140 python3 perf/tune.py --budget-min 1.6 2>&1 | tee "$OUT/tune.log"
     timeout 130 python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
         --memory off --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
     ;;
+8)
+    gpu_tests 180 "$LATE_TESTS"
+    gpu_tests 110 "B130 or past_2_31 or schedule_variants or dataflow_waits or \
+        (step_loop_matches and B70) or (options and packed) or (fp32_gemms and I33)"
+    timeout 50 python3 perf/train_breakdown.py --out "$OUT" 2>&1 | tee "$OUT/train-breakdown.log"
+    timeout 40 python3 perf/train_breakdown.py --peer cudnn --out "$OUT/cudnn" 2>&1 \
+        | tee -a "$OUT/train-breakdown.log"
+    timeout 150 python3 perf/tune.py --budget-min 1.8 2>&1 | tee "$OUT/tune.log"
+    ;;
 *)
-    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7" >&2
+    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8" >&2
     exit 2
     ;;
 esac

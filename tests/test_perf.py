@@ -21,6 +21,7 @@ import bench  # noqa: E402
 import gemm_paths  # noqa: E402
 import step_bench  # noqa: E402
 import step_spread  # noqa: E402
+import train_breakdown  # noqa: E402
 import variants  # noqa: E402
 
 from triton_lstm import dispatch  # noqa: E402
@@ -319,3 +320,35 @@ def test_stack_rows_get_their_own_table_and_stay_out_of_the_others(rows):
     assert bench.summarize(rows + stack_rows) == bench.summarize(rows)
     assert bench.format_table(rows + stack_rows) == bench.format_table(rows)
     assert bench.speedups(rows + stack_rows) == bench.speedups(rows)
+
+
+def test_train_breakdown_groups_a_calls_kernels_per_step(tmp_path):
+    T = 4
+    kernels = [  # (name, start µs, duration µs) as the profiler gives them, one call
+        ("lstm_forward_kernel", 0.0, 40.0),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 45.0, 12.0),
+        ("nvjet_tst_192x128_64x4_1x2_h_bz_coopB_NNT", 60.0, 8.0),
+        ("lstm_backward_kernel", 70.0, 80.0),
+        ("lstm_backward_kernel", 155.0, 80.0),          # B = 512: two launches
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>",
+         240.0, 2.0),
+        ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>", 245.0, 3.0),
+        ("Memcpy DtoD (Device -> Device)", 250.0, 1.0),
+        ("some_other_kernel", 252.0, 4.0),
+    ]
+    result = train_breakdown.breakdown(kernels, T)
+    assert result["groups"] == {"recurrence forward": 10.0, "recurrence backward": 40.0,
+                                "GEMM": 5.0, "copy / fill": 0.75,
+                                "elementwise / reduce": 0.75, "other": 1.0}
+    assert result["kernels_us"] == pytest.approx(57.5)
+    assert result["span_us"] == pytest.approx(256.0 / T)      # first start to last end
+    assert result["launches"]["lstm_backward_kernel"] == 2
+    assert result["names"]["lstm_backward_kernel"] == 40.0
+    text = train_breakdown.report("triton bf16 B=512 H=1024 T=4 training", result, top=3)
+    assert "kernels 57.50 µs/step, span on the GPU 64.00 (waiting between kernels 6.50)" in text
+    assert "x2" in text and "69.6%  recurrence backward" in text
+    rows = train_breakdown.rows_of("triton", "bf16", 512, 1024, T, result)
+    assert {r["group"] for r in rows} >= {"GEMM", "span on the GPU"}
+    assert sum(r["us_per_step"] for r in rows if r["kernel"]) == pytest.approx(57.5)
+    assert train_breakdown.breakdown([], T)["span_us"] == 0.0
+
