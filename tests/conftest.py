@@ -15,6 +15,17 @@ requires_interpreter = pytest.mark.skipif(
     not INTERPRETING, reason="CPU kernel tests run under TRITON_INTERPRET=1")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+
+def pytest_configure(config):
+    """Under pytest-xdist (the GPU machines run the GPU tests on every core), each worker
+    gets its share of the cores for torch's CPU threads: the float64 references run on the
+    CPU, and one process per core each starting a thread per core oversubscribes the
+    cores many times over, where OpenMP threads spend their time waiting on each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 _torch_empty = torch.empty
 
 
