@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import pathlib
 import re
 import sys
@@ -23,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import triton_lstm  # noqa: E402
+from bench import DTYPES  # noqa: E402
 from timing import random_inputs, train_fn  # noqa: E402
+from variants import write_csv  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SHAPES = ("bf16:512x1024", "bf16:128x1024", "fp32:512x1024")
 # Kernel names to groups, first match wins (Triton kernels carry their function's name;
 # cuBLAS's and CUTLASS's carry gemm / xmma / nvjet; torch's own say what they do).
@@ -125,10 +125,7 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / "train_breakdown.csv"
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(path, list(rows[0]), rows)
         print(f"wrote {path}")
 
 
