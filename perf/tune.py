@@ -220,8 +220,8 @@ def build_table(rows: list[dict], provenance: dict) -> dict:
         current = layer_config_text(best)
         timed = [row for row in mine if row["kind"] in LAYER_KINDS and row["status"] == "ok"
                  and (row["kind"].startswith("cudnn") or row["config"] == current)]
-        steps = layer_steps if any(row["T"] == layer_steps for row in timed) else (
-            timed[-1]["T"] if timed else layer_steps)
+        at_table_steps = any(row["T"] == layer_steps for row in timed)
+        steps = layer_steps if at_table_steps or not timed else timed[-1]["T"]
         layer = {row["kind"]: row["us_per_step"] for row in timed if row["T"] == steps}
         if layer and steps != layer_steps:
             entry["layer_steps"] = steps
