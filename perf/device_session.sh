@@ -53,6 +53,16 @@ gpu_tests() {   # gpu_tests LIMIT_S [pytest -k expression]
         -p no:cacheprovider ${2:+-k "$2"} tests/test_gpu.py 2>&1 \
         | grep -v "PytestBenchmarkWarning\|warner(" | tee -a "$OUT/gpu-tests.log"
 }
+# make perf's main table, with the path backend="auto" takes per row.
+main_table() {   # main_table LIMIT_S
+    timeout "$1" python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
+        --memory off --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
+}
+# make tune resumed for BUDGET minutes; its budget leaves out its start (compiling the
+# candidates), which LIMIT_S must leave room for.
+tune_resumed() {   # tune_resumed LIMIT_S BUDGET_MIN
+    timeout "$1" python3 perf/tune.py --budget-min "$2" 2>&1 | tee "$OUT/tune.log"
+}
 # The tests that did not finish in run 4's 220 s (perf/NOTES.md) go first.
 LATE_TESTS="wavefront or resets or 100k or reduce_overhead or recompute"
 # The cluster barrier's and the exchange's tests run apart, in part 2 before their variants:
@@ -63,8 +73,7 @@ case "${1:-}" in
 1)
     gpu_tests 200 "$LATE_TESTS"
     gpu_tests 200 "not ($LATE_TESTS or $CLUSTER_TESTS)"
-    timeout 180 python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
-        --memory off --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
+    main_table 180
     ;;
 2)
     # The cluster barrier's and the pushed h's rows first (issue 8), the small batch's
@@ -83,7 +92,7 @@ case "${1:-}" in
     timeout 25 python3 perf/host_cost.py 2>&1 | tee "$OUT/host-cost.log"
     ;;
 3)
-    timeout 240 python3 perf/tune.py --budget-min 3.5 2>&1 | tee "$OUT/tune.log"
+    tune_resumed 240 3.5
     timeout 320 python3 perf/tune.py --wide --budget-min 4.5 2>&1 | tee "$OUT/tune-wide.log"
     ;;
 4)
@@ -102,15 +111,12 @@ case "${1:-}" in
 6)
     gpu_tests 90 "$LATE_TESTS"
     gpu_tests 160 "not ($LATE_TESTS or $CLUSTER_TESTS)"
-    timeout 150 python3 perf/tune.py --budget-min 1.9 2>&1 | tee "$OUT/tune.log"
-    timeout 140 python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
-        --memory off --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
+    tune_resumed 150 1.9
+    main_table 140
     ;;
 7)
-    # tune's budget leaves out its start (compiling the candidates): ~40 s more.
-    timeout 140 python3 perf/tune.py --budget-min 1.6 2>&1 | tee "$OUT/tune.log"
-    timeout 130 python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
-        --memory off --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
+    tune_resumed 140 1.6
+    main_table 130
     ;;
 8)
     gpu_tests 180 "$LATE_TESTS"
@@ -119,7 +125,7 @@ case "${1:-}" in
     timeout 50 python3 perf/train_breakdown.py --out "$OUT" 2>&1 | tee "$OUT/train-breakdown.log"
     timeout 40 python3 perf/train_breakdown.py --peer cudnn --out "$OUT/cudnn" 2>&1 \
         | tee -a "$OUT/train-breakdown.log"
-    timeout 150 python3 perf/tune.py --budget-min 1.8 2>&1 | tee "$OUT/tune.log"
+    tune_resumed 150 1.8
     ;;
 *)
     echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8" >&2
