@@ -30,7 +30,8 @@
 #                                                  perf's main table (4.5 min)
 #   COMMIT=<hash> bash perf/device_session.sh 8   the GPU tests run 5 did not finish, where a
 #                                                  training call's time goes (ours, cuDNN's),
-#                                                  make tune resumed for 1.8 min (9.5 min)
+#                                                  make tune at the mid-batch shapes (their
+#                                                  64-row tiles), then resumed (9.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -58,11 +59,14 @@ main_table() {   # main_table LIMIT_S
     timeout "$1" python3 perf/bench.py --peers triton cudnn cudnn_graph --step off --stack off \
         --memory off --out "$OUT/perf" 2>&1 | tee "$OUT/perf.log"
 }
-# make tune resumed for BUDGET minutes; its budget leaves out its start (compiling the
-# candidates), which LIMIT_S must leave room for.
-tune_resumed() {   # tune_resumed LIMIT_S BUDGET_MIN
-    timeout "$1" python3 perf/tune.py --budget-min "$2" 2>&1 | tee "$OUT/tune.log"
+# make tune resumed for BUDGET minutes (more arguments: e.g. --shapes); its budget leaves
+# out its start (compiling the candidates), which LIMIT_S must leave room for.
+tune_resumed() {   # tune_resumed LIMIT_S BUDGET_MIN [more tune.py arguments]
+    timeout "$1" python3 perf/tune.py --budget-min "$2" "${@:3}" 2>&1 | tee -a "$OUT/tune.log"
 }
+# The shapes of issue 7's mid-batch rows, where make tune now also times streamed 64-row
+# (wgmma) tiles in place of the heuristic's resident ones (autotune.wgmma_tiles).
+MID_BATCH="64x1024 128x512 128x256 64x512 128x1024"
 # The tests that did not finish in run 4's 220 s (perf/NOTES.md) go first.
 LATE_TESTS="wavefront or resets or 100k or reduce_overhead or recompute"
 # The cluster barrier's and the exchange's tests run apart, in part 2 before their variants:
@@ -125,7 +129,8 @@ case "${1:-}" in
     timeout 50 python3 perf/train_breakdown.py --out "$OUT" 2>&1 | tee "$OUT/train-breakdown.log"
     timeout 40 python3 perf/train_breakdown.py --peer cudnn --out "$OUT/cudnn" 2>&1 \
         | tee -a "$OUT/train-breakdown.log"
-    tune_resumed 150 1.8
+    tune_resumed 130 1.3 --shapes $MID_BATCH
+    tune_resumed 40 0.2
     ;;
 *)
     echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8" >&2

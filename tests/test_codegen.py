@@ -63,6 +63,13 @@ CASES = {
     "square-backward-64x64-pipelined": (["--shapes", "512x1024", "--dtypes", "bf16",
                                          "--kernels", "backward",
                                          "--config", "bb64-bh64-str-bk64-sk4-w16-st3"], True),
+    # make tune's 64-row streamed tiles at B = 64-128 (autotune.wgmma_tiles).
+    "wgmma-tiles-forward": (["--shapes", "64x1024", "128x256", "--dtypes", "bf16", "fp32",
+                             "--kernels", "forward",
+                             "--config", "bb64-bh16-str-bk64-sk4-w8-st3"], True),
+    "wgmma-tiles-backward": (["--shapes", "64x1024", "128x256", "--dtypes", "bf16", "fp32",
+                              "--kernels", "backward",
+                              "--config", "bb64-bh16-str-bk64-sk4-w8"], True),
     # The backward's dh as a GEMM phase split by gate (make tune's gate_split candidates).
     "gate-split": (["--shapes", "512x1024", "--dtypes", "bf16", "fp32", "--kernels", "backward",
                     "--config", "bb128-bh16-str-bk64-sk4-w16-st3-gs"], True),
@@ -101,6 +108,9 @@ def test_sm90_state_loads_are_vectorised(case):
         if defaults:
             assert row["spill"] == 0, where | {"spill": row["spill"]}
         assert row["barrier"] == expected_barrier(args), where | {"barrier": row["barrier"]}
+        if case.startswith("wgmma-"):
+            # what these candidates are for: resident and 32-row tiles run mma.sync
+            assert row["mma"] == "wgmma", where | {"mma": row["mma"]}
 
 
 def expected_barrier(args) -> str:
@@ -118,3 +128,4 @@ def test_sm90_layer_gemms_are_tf32_wgmma_without_spills():
         where = {k: row[k] for k in ("kernel", "regs", "spill", "mma", "dot", "triton")}
         assert row["ptxas_ok"] and row["spill"] == 0, where
         assert row["mma"] == "wgmma" and row["dot"] == "tf32", where
+

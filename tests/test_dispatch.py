@@ -192,7 +192,10 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
         split = 2 * (large and kernel == "backward")   # its gate split, pipelined and not
         # and at 16 rows, tiles whose group is one cluster (cluster barrier)
         clustered = autotune.cluster_tiles(base, kernel, B, H, dtype, D, 132) if small else []
-        extra = small + streamed + large + split + len(clustered)
+        # and from B = 64, streamed 64-row tiles in place of resident or narrower ones
+        wgmma = (autotune.wgmma_tiles(base, kernel, B, H, dtype, D, 132)
+                 if B >= 64 and (base.resident or base.block_b < 64) else [])
+        extra = small + streamed + large + split + len(clustered) + len(wgmma)
         for neighbourhood, most in (("heuristic", 1), ("sweep", 2 + extra),
                                     ("autotune", 5), ("wide", 8 + extra)):
             configs = autotune.candidate_configs(kernel, B, H, dtype, D, 132, neighbourhood)
@@ -205,6 +208,7 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
                 split if neighbourhood in ("sweep", "wide") else 0)
             assert [c for c in configs if c.cluster] == (
                 clustered if neighbourhood in ("sweep", "wide") else [])
+            assert all((c in configs) == (neighbourhood in ("sweep", "wide")) for c in wgmma)
             flipped = dataclasses.replace(base, inner_stages=3 if base.inner_stages == 1 else 1)
             assert (flipped in configs) == (streamed and neighbourhood in ("sweep", "wide")
                                             and autotune.runs_well(flipped, kernel, B, H, dtype,
@@ -237,6 +241,27 @@ def test_the_heuristic_backward_streams_half_the_rows_and_twice_the_units(B, H, 
     assert (tiles["backward"].block_b, tiles["backward"].block_h) == backward
     assert not tiles["backward"].resident
     assert autotune.runs_well(tiles["backward"], "backward", B, H, dtype, 1, 132)
+
+
+def test_make_tune_also_times_64_row_streamed_tiles_from_batch_64():
+    """Where the heuristic keeps the weights resident, or has fewer rows, at B = 64-128: the
+    forward's 64-row tiles pipelined at its hidden block and twice it, the backward's 64x16
+    (8 warps) and 64x32 (16), all streamed. Not at B = 16, not where the heuristic's tile is
+    streamed with 64+ rows already, not in first-use autotuning."""
+    def rows64(kernel, B, H, dtype, neighbourhood="sweep"):
+        configs = autotune.candidate_configs(kernel, B, H, dtype, 1, 132, neighbourhood)
+        return sorted((c.block_h, c.num_warps, c.inner_stages) for c in configs
+                      if c.block_b == 64 and not c.resident and not c.gate_split)
+
+    assert rows64("forward", 64, 1024, torch.bfloat16) == [(16, 8, 3), (32, 8, 3)]
+    assert rows64("backward", 64, 1024, torch.bfloat16) == [(16, 8, 1), (32, 16, 1)]
+    assert rows64("forward", 128, 512, torch.float16) == [(8, 8, 3), (16, 8, 3)]
+    assert rows64("forward", 64, 1024, torch.float32) == [(16, 16, 3), (32, 16, 3)]
+    assert rows64("forward", 16, 512, torch.bfloat16) == []
+    assert rows64("forward", 64, 1024, torch.bfloat16, "autotune") == []
+    # B = 128 H = 1024: the heuristic's forward is a pipelined 64x16 already; its neighbours
+    assert rows64("forward", 128, 1024, torch.bfloat16) == [(8, 8, 3), (16, 8, 1), (16, 8, 3),
+                                                            (32, 8, 3)]
 
 
 def test_make_tune_also_times_the_square_backward_tile_where_it_fills_the_device():

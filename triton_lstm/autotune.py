@@ -122,7 +122,9 @@ NEIGHBOURHOODS = {
 # a ~2.2 µs step (perf/NOTES.md, issue 8). And streamed tiles of 64+ rows in a shape that
 # moves fewer bytes a step: the forward's hidden block doubled, the backward's made squarer
 # (half the rows, twice the units; and square, 64x64) or with its dh as a GEMM phase split
-# by gate (gate_split), since those steps are L2-bandwidth bound (issue 7).
+# by gate (gate_split), since those steps are L2-bandwidth bound (issue 7); and at B >= 64
+# streamed 64-row tiles (wgmma) where the heuristic's are resident or have fewer rows
+# (mma.sync).
 # First-use autotuning does not add them.
 MAKE_TUNE_NEIGHBOURHOODS = ("sweep", "wide")
 
@@ -134,9 +136,10 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
     finer / coarser (half / double the hidden block), lighter / heavier (the next warp
     layout), fewer / more rows (half / double the batch block), streamed weights; for
     make tune's neighbourhoods, the heuristic's tiles with dataflow waits at 16 rows, streamed
-    ones with their K loop pipelined or not (the other way from the heuristic's), and
-    streamed tiles of 64+ rows reshaped to move fewer bytes a step (and for a backward
-    without projection, `proj`, its gate split)."""
+    ones with their K loop pipelined or not (the other way from the heuristic's), streamed
+    tiles of 64+ rows reshaped to move fewer bytes a step (and for a backward without
+    projection, `proj`, its gate split), and at B >= 64 streamed wgmma tiles of 64 rows in
+    place of resident tiles or tiles of fewer rows (``wgmma_tiles``)."""
     base = heuristic_config(batch, hidden, dtype, max(1, num_sms // directions), kernel)
     layout = min(range(len(WARP_LAYOUTS)), key=lambda i: abs(WARP_LAYOUTS[i][1] - base.num_warps))
 
@@ -178,6 +181,9 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
             if fewer_bytes not in configs and runs_well(fewer_bytes, kernel, batch, hidden, dtype,
                                                         directions, num_sms):
                 configs.append(fewer_bytes)
+        if batch >= 64 and (base.resident or base.block_b < 64):
+            configs += [c for c in wgmma_tiles(base, kernel, batch, hidden, dtype, directions,
+                                               num_sms) if c not in configs]
         if kernel == "backward" and batch >= 64 and not base.resident:
             gate_split = [dataclasses.replace(base, gate_split=True, inner_stages=stages)
                           for stages in (1, PIPELINE_STAGES) if not proj]
@@ -191,6 +197,33 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
                         + gate_split if c not in configs and runs_well(
                             c, kernel, batch, hidden, dtype, directions, num_sms)]
     return configs
+
+
+def wgmma_tiles(base: KernelConfig, kernel: str, batch: int, hidden: int, dtype: torch.dtype,
+                directions: int, num_sms: int) -> list[KernelConfig]:
+    """Streamed tiles of 64 rows at B >= 64, in place of `base` where it is resident or has
+    fewer rows: the forward's with its K loop pipelined, at `base`'s hidden block and twice
+    it; the backward's as 64x16 at 8 warps and 64x32 at 16. Resident tiles and tiles of up to
+    32 rows run mma.sync (the resident ones re-read their weight slice from shared memory
+    every step); streamed 64-row tiles run wgmma (ptxas on sm_90, Triton 3.6, no spill at
+    B = 64-128, H = 256-1024). Measured at larger batches, where they
+    are the heuristic's, such tiles took less time for several times the rows (H200, T = 64,
+    us/step): bf16 B = 512 H = 512 forward, 128x16 pipelined, 6.5 against B = 128 H = 512's
+    resident 64x8, 8.4; B = 128 H = 1024 forward, 64x16 pipelined, 5.8 against B = 64
+    H = 1024's resident 32x16, 9.2; B = 512 H = 256 backward, 64x16, 9.5 against B = 128's
+    resident 32x8, 9.2 (perf/NOTES.md, "After run 5: 64-row tiles at B = 64-128")."""
+    streamed = dataclasses.replace(base, block_b=64, resident=False, chunked=False,
+                                   dataflow=False, cluster=False, dsmem=False)
+    if kernel == "forward":
+        tiles = [dataclasses.replace(streamed, block_h=bh, num_warps=max(8, base.num_warps),
+                                     inner_stages=PIPELINE_STAGES)
+                 for bh in (base.block_h, 2 * base.block_h)]
+    else:
+        tiles = [dataclasses.replace(streamed, block_h=bh, num_warps=warps, inner_stages=1)
+                 for bh, warps in ((16, 8), (32, 16))]
+    split_k = min(4, max(1, padded(hidden) // 16))
+    tiles = [dataclasses.replace(t, split_k=split_k) for t in tiles]
+    return [t for t in tiles if runs_well(t, kernel, batch, hidden, dtype, directions, num_sms)]
 
 
 def square_backward_tiles(base: KernelConfig, batch: int, hidden: int, directions: int,
