@@ -31,7 +31,7 @@
 #   COMMIT=<hash> bash perf/device_session.sh 8   the GPU tests run 5 did not finish, where a
 #                                                  training call's time goes (ours, cuDNN's),
 #                                                  make tune at the mid-batch shapes (their
-#                                                  64-row tiles), then resumed (9.5 min)
+#                                                  64-row tiles), then at B = 512 (9.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -67,6 +67,9 @@ tune_resumed() {   # tune_resumed LIMIT_S BUDGET_MIN [more tune.py arguments]
 # The shapes of issue 7's mid-batch rows, where make tune now also times streamed 64-row
 # (wgmma) tiles in place of the heuristic's resident ones (autotune.wgmma_tiles).
 MID_BATCH="64x1024 128x512 128x256 64x512 128x1024"
+# And B = 512's, where the sweep's new candidates (the backward pipelined, square, with its
+# gate split) have not run yet.
+LARGE_BATCH="512x1024 512x512"
 # The tests that did not finish in run 4's 220 s (perf/NOTES.md) go first.
 LATE_TESTS="wavefront or resets or 100k or reduce_overhead or recompute"
 # The cluster barrier's and the exchange's tests run apart, in part 2 before their variants:
@@ -123,14 +126,14 @@ case "${1:-}" in
     main_table 130
     ;;
 8)
-    gpu_tests 180 "$LATE_TESTS"
-    gpu_tests 110 "B130 or past_2_31 or schedule_variants or dataflow_waits or \
+    gpu_tests 150 "$LATE_TESTS"
+    gpu_tests 100 "B130 or past_2_31 or schedule_variants or dataflow_waits or \
         (step_loop_matches and B70) or (options and packed) or (fp32_gemms and I33)"
     timeout 50 python3 perf/train_breakdown.py --out "$OUT" 2>&1 | tee "$OUT/train-breakdown.log"
     timeout 40 python3 perf/train_breakdown.py --peer cudnn --out "$OUT/cudnn" 2>&1 \
         | tee -a "$OUT/train-breakdown.log"
     tune_resumed 130 1.3 --shapes $MID_BATCH
-    tune_resumed 40 0.2
+    tune_resumed 100 1.2 --shapes $LARGE_BATCH
     ;;
 *)
     echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8" >&2
