@@ -70,6 +70,13 @@ CASES = {
     "wgmma-tiles-backward": (["--shapes", "64x1024", "128x256", "--dtypes", "bf16", "fp32",
                               "--kernels", "backward",
                               "--config", "bb64-bh16-str-bk64-sk4-w8"], True),
+    # make tune's pipelined tiles with chunks of 128 of the reduction (autotune.longer_chunks).
+    "wgmma-longer-chunks-forward": (["--shapes", "64x1024", "128x512", "--dtypes", "bf16",
+                                     "fp16", "--kernels", "forward",
+                                     "--config", "bb64-bh16-str-bk128-sk4-w8-st3"], True),
+    "wgmma-longer-chunks-backward": (["--shapes", "512x1024", "64x1024", "--dtypes", "bf16",
+                                      "fp32", "--kernels", "backward",
+                                      "--config", "bb64-bh32-str-bk128-sk4-w16-st3"], True),
     # The backward's dh as a GEMM phase split by gate (make tune's gate_split candidates).
     "gate-split": (["--shapes", "512x1024", "--dtypes", "bf16", "fp32", "--kernels", "backward",
                     "--config", "bb128-bh16-str-bk64-sk4-w16-st3-gs"], True),

@@ -199,7 +199,11 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
         for neighbourhood, most in (("heuristic", 1), ("sweep", 2 + extra),
                                     ("autotune", 5), ("wide", 8 + extra)):
             configs = autotune.candidate_configs(kernel, B, H, dtype, D, 132, neighbourhood)
-            assert configs[0] == base and len(set(configs)) == len(configs) <= most
+            # make tune's pipelined candidates also with longer chunks of the reduction
+            longer = [c for c in configs if c.block_k == 128]
+            assert all(dataclasses.replace(c, block_k=64) in configs for c in longer)
+            assert longer == [] or neighbourhood in ("sweep", "wide")
+            assert configs[0] == base and len(set(configs)) == len(configs) <= most + len(longer)
             assert all(autotune.runs_well(c, kernel, B, H, dtype, D, 132) for c in configs[1:])
             with_dataflow = [c for c in configs if c.dataflow]
             assert with_dataflow == ([dataclasses.replace(base, dataflow=True)]
@@ -246,15 +250,17 @@ def test_the_heuristic_backward_streams_half_the_rows_and_twice_the_units(B, H, 
 def test_make_tune_also_times_64_row_streamed_tiles_from_batch_64():
     """Where the heuristic keeps the weights resident, or has fewer rows, at B = 64-128: the
     forward's 64-row tiles pipelined at its hidden block and twice it, the backward's 64x16
-    (8 warps) and 64x32 (16), all streamed. Not at B = 16, not where the heuristic's tile is
+    (8 warps) and 64x32 (16), unpipelined and pipelined, all streamed. Not at B = 16, not where the heuristic's tile is
     streamed with 64+ rows already, not in first-use autotuning."""
     def rows64(kernel, B, H, dtype, neighbourhood="sweep"):
         configs = autotune.candidate_configs(kernel, B, H, dtype, 1, 132, neighbourhood)
         return sorted((c.block_h, c.num_warps, c.inner_stages) for c in configs
-                      if c.block_b == 64 and not c.resident and not c.gate_split)
+                      if c.block_b == 64 and not c.resident and not c.gate_split
+                      and c.block_k == 64)
 
     assert rows64("forward", 64, 1024, torch.bfloat16) == [(16, 8, 3), (32, 8, 3)]
-    assert rows64("backward", 64, 1024, torch.bfloat16) == [(16, 8, 1), (32, 16, 1)]
+    assert rows64("backward", 64, 1024, torch.bfloat16) == [(16, 8, 1), (16, 8, 3), (32, 16, 1),
+                                                            (32, 16, 3)]
     assert rows64("forward", 128, 512, torch.float16) == [(8, 8, 3), (16, 8, 3)]
     assert rows64("forward", 64, 1024, torch.float32) == [(16, 16, 3), (32, 16, 3)]
     assert rows64("forward", 16, 512, torch.bfloat16) == []
@@ -262,6 +268,30 @@ def test_make_tune_also_times_64_row_streamed_tiles_from_batch_64():
     # B = 128 H = 1024: the heuristic's forward is a pipelined 64x16 already; its neighbours
     assert rows64("forward", 128, 1024, torch.bfloat16) == [(8, 8, 3), (16, 8, 1), (16, 8, 3),
                                                             (32, 8, 3)]
+
+
+def test_make_tune_also_times_pipelined_tiles_with_chunks_of_128():
+    """Twice the bytes in flight a round trip: pipelined streamed tiles of up to 2048 rows x
+    units, the backward's at H >= 1024, unsplit, the forward's in 2-byte dtypes with 4+ chunks
+    (ptxas: the others spill). Never the unpipelined, resident or gate-split ones, nor
+    first-use tuning."""
+    def longer(kernel, B, H, dtype, neighbourhood="sweep"):
+        configs = autotune.candidate_configs(kernel, B, H, dtype, 1, 132, neighbourhood)
+        return sorted((c.block_b, c.block_h, c.num_warps) for c in configs if c.block_k == 128)
+
+    assert longer("backward", 512, 1024, torch.bfloat16) == [(64, 32, 16)]
+    assert longer("backward", 512, 1024, torch.float32) == [(64, 32, 16)]
+    assert longer("forward", 512, 1024, torch.bfloat16) == [(128, 8, 16), (128, 16, 16)]
+    assert longer("forward", 512, 1024, torch.float32) == []
+    assert longer("forward", 128, 256, torch.bfloat16) == []           # 2 chunks of 128
+    assert longer("forward", 64, 1024, torch.bfloat16) == [(64, 16, 8), (64, 32, 8)]
+    assert longer("backward", 64, 1024, torch.bfloat16) == [(64, 16, 8), (64, 32, 16)]
+    assert longer("backward", 128, 512, torch.bfloat16) == []
+    assert longer("backward", 512, 1024, torch.bfloat16, "autotune") == []
+    assert longer("forward", 8, 512, torch.bfloat16) == []             # resident
+    sweep = autotune.candidate_configs("backward", 512, 1024, torch.bfloat16, 1, 132, "sweep")
+    assert all(c.inner_stages == 3 and not c.gate_split and not c.resident
+               for c in sweep if c.block_k == 128)
 
 
 def test_make_tune_also_times_the_square_backward_tile_where_it_fills_the_device():

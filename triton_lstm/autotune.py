@@ -88,9 +88,10 @@ def runs_well(config: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
     if config.resident and on_chip_bytes(hidden, config.block_b, config.block_h,
                                          dtype) > ON_CHIP_BUDGET:
         return False
+    unit_columns = kernel == "backward" and not config.gate_split   # (pipelined_bytes)
     if config.inner_stages > 1 and (config.resident or pipelined_bytes(
-            config.block_b, config.block_h, config.block_k, dtype,
-            config.inner_stages) > ON_CHIP_BUDGET):
+            config.block_b, config.block_h, config.block_k, dtype, config.inner_stages,
+            config.block_h if unit_columns else None) > ON_CHIP_BUDGET):
         return False     # only streamed K loops are pipelined, and their stages must fit
     # 16 warps leave a thread 128 registers: tiles of under 64 rows spill there, and so do
     # resident tiles that stage a large operand row block per thread.
@@ -196,22 +197,48 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
             configs += [c for c in square_backward_tiles(base, batch, hidden, directions, num_sms)
                         + gate_split if c not in configs and runs_well(
                             c, kernel, batch, hidden, dtype, directions, num_sms)]
+        longer = [longer_chunks(c, kernel, hidden, dtype) for c in configs]
+        configs += [c for c in longer if c is not None and c not in configs
+                    and runs_well(c, kernel, batch, hidden, dtype, directions, num_sms)]
     return configs
+
+
+def longer_chunks(config: KernelConfig, kernel: str, hidden: int,
+                  dtype: torch.dtype) -> Optional[KernelConfig]:
+    """A pipelined streamed config with chunks of 128 of the reduction instead of 64, where
+    ptxas (sm_90, Triton 3.6) left such tiles without spill: up to 2048 rows x units, the
+    backward's at H >= 1024 and not split by gate (at H = 256-512 its 64x32 tiles spill
+    32-48 bytes, fp32 64x16 at 16 warps 208), the forward's of 2-byte dtypes with 4+ chunks
+    of 128 (fp32 64x16 spills 168). None elsewhere.
+
+    A streamed step on the H200 took about the time its bytes need at the bytes each program
+    keeps in flight (perf/NOTES.md, "After run 5: bytes in flight"): a loop that waits for
+    one chunk at a time, or for two with 3 stages, moves 12-64 KB per L2 round trip. Chunks
+    twice as long keep twice the bytes in flight, where the L2's bandwidth leaves room."""
+    if (config.resident or config.inner_stages == 1 or config.block_k != 64
+            or config.gate_split or config.block_b * config.block_h > REGISTER_TILE):
+        return None
+    if kernel == "forward" and (dtype.itemsize != 2 or padded(hidden) < 4 * 128):
+        return None
+    if kernel == "backward" and padded(hidden) < 1024:
+        return None
+    return dataclasses.replace(config, block_k=128)
 
 
 def wgmma_tiles(base: KernelConfig, kernel: str, batch: int, hidden: int, dtype: torch.dtype,
                 directions: int, num_sms: int) -> list[KernelConfig]:
     """Streamed tiles of 64 rows at B >= 64, in place of `base` where it is resident or has
     fewer rows: the forward's with its K loop pipelined, at `base`'s hidden block and twice
-    it; the backward's as 64x16 at 8 warps and 64x32 at 16. Resident tiles and tiles of up to
-    32 rows run mma.sync (the resident ones re-read their weight slice from shared memory
-    every step); streamed 64-row tiles run wgmma (ptxas on sm_90, Triton 3.6, no spill at
-    B = 64-128, H = 256-1024). Measured at larger batches, where they
-    are the heuristic's, such tiles took less time for several times the rows (H200, T = 64,
-    us/step): bf16 B = 512 H = 512 forward, 128x16 pipelined, 6.5 against B = 128 H = 512's
-    resident 64x8, 8.4; B = 128 H = 1024 forward, 64x16 pipelined, 5.8 against B = 64
-    H = 1024's resident 32x16, 9.2; B = 512 H = 256 backward, 64x16, 9.5 against B = 128's
-    resident 32x8, 9.2 (perf/NOTES.md, "After run 5: 64-row tiles at B = 64-128")."""
+    it; the backward's as 64x16 at 8 warps and 64x32 at 16, unpipelined and pipelined.
+    Resident tiles and tiles of up to 32 rows run mma.sync (the resident ones re-read their
+    weight slice from shared memory every step); streamed 64-row tiles run wgmma (ptxas on
+    sm_90, Triton 3.6, no spill at B = 64-128, H = 256-1024). Measured at larger batches,
+    where they are the heuristic's, such tiles took less time for several times the rows
+    (H200, T = 64, us/step): bf16 B = 512 H = 512 forward, 128x16 pipelined, 6.5 against
+    B = 128 H = 512's resident 64x8, 8.4; B = 128 H = 1024 forward, 64x16 pipelined, 5.8
+    against B = 64 H = 1024's resident 32x16, 9.2; B = 512 H = 256 backward, 64x16, 9.5
+    against B = 128's resident 32x8, 9.2 (perf/NOTES.md, "After run 5: 64-row tiles at
+    B = 64-128")."""
     streamed = dataclasses.replace(base, block_b=64, resident=False, chunked=False,
                                    dataflow=False, cluster=False, dsmem=False)
     if kernel == "forward":
@@ -219,8 +246,8 @@ def wgmma_tiles(base: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
                                      inner_stages=PIPELINE_STAGES)
                  for bh in (base.block_h, 2 * base.block_h)]
     else:
-        tiles = [dataclasses.replace(streamed, block_h=bh, num_warps=warps, inner_stages=1)
-                 for bh, warps in ((16, 8), (32, 16))]
+        tiles = [dataclasses.replace(streamed, block_h=bh, num_warps=warps, inner_stages=stages)
+                 for bh, warps in ((16, 8), (32, 16)) for stages in (1, PIPELINE_STAGES)]
     split_k = min(4, max(1, padded(hidden) // 16))
     tiles = [dataclasses.replace(t, split_k=split_k) for t in tiles]
     return [t for t in tiles if runs_well(t, kernel, batch, hidden, dtype, directions, num_sms)]

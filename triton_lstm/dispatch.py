@@ -175,11 +175,14 @@ def on_chip_bytes(hidden_size: int, block_b: int, block_h: int, dtype: torch.dty
 
 
 def pipelined_bytes(block_b: int, block_h: int, block_k: int, dtype: torch.dtype,
-                    stages: int) -> int:
+                    stages: int, weight_columns: Optional[int] = None) -> int:
     """Shared memory of a streamed program's pipelined K loop: `stages` chunks of its weight
-    slice [BLOCK_K, 4*BLOCK_H] and of the h tile [BLOCK_B, BLOCK_K] (what ptxas reports for
-    the wgmma tiles on sm_90; the mma.sync ones use less)."""
-    return stages * block_k * (4 * block_h + block_b) * dtype.itemsize
+    slice [BLOCK_K, weight_columns] and of the broadcast tile [BLOCK_B, BLOCK_K] (what ptxas
+    reports for the wgmma tiles on sm_90; the mma.sync ones use less). The forward's slice
+    has 4*BLOCK_H columns (the default), the backward's dh loop BLOCK_H (its output units),
+    its gate split's GEMM phase 4*BLOCK_H."""
+    columns = 4 * block_h if weight_columns is None else weight_columns
+    return stages * block_k * (columns + block_b) * dtype.itemsize
 
 
 def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: int,
