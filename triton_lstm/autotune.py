@@ -232,7 +232,8 @@ def wgmma_tiles(base: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
     it; the backward's as 64x16 at 8 warps and 64x32 at 16, unpipelined and pipelined.
     Resident tiles and tiles of up to 32 rows run mma.sync (the resident ones re-read their
     weight slice from shared memory every step); streamed 64-row tiles run wgmma (ptxas on
-    sm_90, Triton 3.6, no spill at B = 64-128, H = 256-1024). Measured at larger batches,
+    sm_90, Triton 3.6, no spill at B = 64-128, H = 256-1024, but 32 bytes in fp32's
+    pipelined 64x32 backward at H = 256). Measured at larger batches,
     where they are the heuristic's, such tiles took less time for several times the rows
     (H200, T = 64, us/step): bf16 B = 512 H = 512 forward, 128x16 pipelined, 6.5 against
     B = 128 H = 512's resident 64x8, 8.4; B = 128 H = 1024 forward, 64x16 pipelined, 5.8
