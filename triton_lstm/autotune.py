@@ -206,17 +206,19 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
 def longer_chunks(config: KernelConfig, kernel: str, hidden: int,
                   dtype: torch.dtype) -> Optional[KernelConfig]:
     """A pipelined streamed config with chunks of 128 of the reduction instead of 64, where
-    ptxas (sm_90, Triton 3.6) left such tiles without spill: up to 2048 rows x units, the
-    backward's at H >= 1024 and not split by gate (at H = 256-512 its 64x32 tiles spill
-    32-48 bytes, fp32 64x16 at 16 warps 208), the forward's of 2-byte dtypes with 4+ chunks
-    of 128 (fp32 64x16 spills 168). None elsewhere.
+    ptxas (sm_90, Triton 3.6) left such tiles without spill: up to 2048 rows x units, or the
+    backward's square 64x64; the backward's at H >= 1024 and not split by gate (at H =
+    256-512 its 64x32 tiles spill 32-48 bytes, fp32 64x16 at 16 warps 208), the forward's of
+    2-byte dtypes with 4+ chunks of 128 (fp32 64x16 spills 168). None elsewhere.
 
     A streamed step on the H200 took about the time its bytes need at the bytes each program
     keeps in flight (perf/NOTES.md, "After run 5: bytes in flight"): a loop that waits for
     one chunk at a time, or for two with 3 stages, moves 12-64 KB per L2 round trip. Chunks
     twice as long keep twice the bytes in flight, where the L2's bandwidth leaves room."""
+    square = kernel == "backward" and config.block_b == config.block_h == 64
     if (config.resident or config.inner_stages == 1 or config.block_k != 64
-            or config.gate_split or config.block_b * config.block_h > REGISTER_TILE):
+            or config.gate_split or (config.block_b * config.block_h > REGISTER_TILE
+                                     and not square)):
         return None
     if kernel == "forward" and (dtype.itemsize != 2 or padded(hidden) < 4 * 128):
         return None
