@@ -26,13 +26,13 @@
 #                                                  tests but the cluster barrier's and the
 #                                                  exchange's, make tune resumed for 2 min,
 #                                                  then make perf's main table (9.5 min)
-#   COMMIT=<hash> bash perf/device_session.sh 7   make tune resumed for 1.6 min at the mid-
+#   COMMIT=<hash> bash perf/device_session.sh 7   make tune resumed for 1.1 min at the mid-
 #                                                  batch and B = 512 shapes (after part 8),
-#                                                  then make perf's main table (4.5 min)
+#                                                  then make perf's main table (4 min)
 #   COMMIT=<hash> bash perf/device_session.sh 8   the GPU tests run 5 did not finish, where a
 #                                                  training call's time goes (ours, cuDNN's),
 #                                                  make tune at the mid-batch shapes (their
-#                                                  64-row tiles), then at B = 512 (9.5 min)
+#                                                  64-row tiles), then at B = 512 (9 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -123,7 +123,7 @@ case "${1:-}" in
     main_table 140
     ;;
 7)
-    tune_resumed 140 1.6 --shapes $MID_BATCH $LARGE_BATCH
+    tune_resumed 110 1.1 --shapes $MID_BATCH $LARGE_BATCH
     main_table 130
     ;;
 8)
@@ -133,8 +133,8 @@ case "${1:-}" in
     timeout 50 python3 perf/train_breakdown.py --out "$OUT" 2>&1 | tee "$OUT/train-breakdown.log"
     timeout 40 python3 perf/train_breakdown.py --peer cudnn --out "$OUT/cudnn" 2>&1 \
         | tee -a "$OUT/train-breakdown.log"
-    tune_resumed 160 1.8 --shapes $MID_BATCH
-    tune_resumed 70 0.6 --shapes $LARGE_BATCH
+    tune_resumed 140 1.6 --shapes $MID_BATCH
+    tune_resumed 60 0.5 --shapes $LARGE_BATCH
     ;;
 *)
     echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8" >&2
