@@ -205,11 +205,11 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
 
 def longer_chunks(config: KernelConfig, kernel: str, hidden: int,
                   dtype: torch.dtype) -> Optional[KernelConfig]:
-    """A pipelined streamed config with chunks of 128 of the reduction instead of 64, where
-    ptxas (sm_90, Triton 3.6) left such tiles without spill: up to 2048 rows x units, or the
-    backward's square 64x64; the backward's at H >= 1024 and not split by gate (at H =
-    256-512 its 64x32 tiles spill 32-48 bytes, fp32 64x16 at 16 warps 208), the forward's of
-    2-byte dtypes with 4+ chunks of 128 (fp32 64x16 spills 168). None elsewhere.
+    """`config` with chunks of 128 of the reduction instead of 64, if it is a pipelined
+    streamed config that ptxas (sm_90, Triton 3.6) compiles without spill so: tiles of up to
+    2048 rows x units, or the backward's square 64x64; in the backward, not split by gate and
+    at H >= 1024 (at H = 256-512 its 64x32 spills 32-48 bytes, fp32 64x16 at 16 warps 208);
+    in the forward, 2-byte dtypes with 4+ chunks of 128 (fp32 64x16 spills 168). Else None.
 
     A streamed step on the H200 took about the time its bytes need at the bytes each program
     keeps in flight (perf/NOTES.md, "After run 5: bytes in flight"): a loop that waits for
@@ -234,14 +234,13 @@ def wgmma_tiles(base: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
     it; the backward's as 64x16 at 8 warps and 64x32 at 16, unpipelined and pipelined.
     Resident tiles and tiles of up to 32 rows run mma.sync (the resident ones re-read their
     weight slice from shared memory every step); streamed 64-row tiles run wgmma (ptxas on
-    sm_90, Triton 3.6, no spill at B = 64-128, H = 256-1024, but 32 bytes in fp32's
-    pipelined 64x32 backward at H = 256). Measured at larger batches,
-    where they are the heuristic's, such tiles took less time for several times the rows
-    (H200, T = 64, us/step): bf16 B = 512 H = 512 forward, 128x16 pipelined, 6.5 against
-    B = 128 H = 512's resident 64x8, 8.4; B = 128 H = 1024 forward, 64x16 pipelined, 5.8
-    against B = 64 H = 1024's resident 32x16, 9.2; B = 512 H = 256 backward, 64x16, 9.5
-    against B = 128's resident 32x8, 9.2 (perf/NOTES.md, "After run 5: 64-row tiles at
-    B = 64-128")."""
+    sm_90, Triton 3.6: no spill at B = 64-128, H = 256-1024, but 32 bytes in fp32's
+    pipelined 64x32 backward at H = 256). Measured at larger batches, where they are the
+    heuristic's, such tiles took less time for several times the rows (H200, T = 64,
+    us/step): bf16 B = 512 H = 512 forward, 128x16 pipelined, 6.5 against B = 128 H = 512's
+    resident 64x8, 8.4; B = 128 H = 1024 forward, 64x16 pipelined, 5.8 against B = 64
+    H = 1024's resident 32x16, 9.2; B = 512 H = 256 backward, 64x16, 9.5 against B = 128's
+    resident 32x8, 9.2 (perf/NOTES.md, "After run 5: 64-row tiles at B = 64-128")."""
     streamed = dataclasses.replace(base, block_b=64, resident=False, chunked=False,
                                    dataflow=False, cluster=False, dsmem=False)
     if kernel == "forward":
