@@ -876,7 +876,11 @@ def test_a_gpu_without_a_table_decides_by_one_measured_on_its_chip(fake_gpu, mon
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None:
                         types.SimpleNamespace(major=props[0], minor=props[1],
                                               multi_processor_count=props[2]))
-    tuning.set_table(GPU, measured_on((9, 0, 132), *POLICY_TABLE["shapes"].values()))
+    tiles = dict(forward=KernelConfig(block_b=128, block_h=16, resident=False, inner_stages=3),
+                 backward=KernelConfig(block_b=64, block_h=32, resident=False, num_warps=16))
+    entries = {**POLICY_TABLE["shapes"], tuning.shape_key("bf16", 512, 512, 1, 0): entry(
+        "bf16", 512, 512, fwd=(30.0, 20.0), train=(130.0, 70.0), **tiles)}
+    tuning.set_table(GPU, measured_on((9, 0, 132), *entries.values()))
     assert tuning.decision_gpu(CUDA) == (GPU if borrows else H100)
     module = auto_module(512, torch.bfloat16)
     x = torch.randn(4, 512, 16, dtype=torch.bfloat16)    # the H200 measured nn.LSTM faster
@@ -887,8 +891,10 @@ def test_a_gpu_without_a_table_decides_by_one_measured_on_its_chip(fake_gpu, mon
     if borrows:
         assert e.why.startswith(f"no table measured for {H100}; its chip's, measured on {GPU}")
         assert e.provenance["gpu"] == GPU
-    # Tiles keep to the heuristic: the borrowed table decides kernels or nn.LSTM only.
-    assert tuning.table_config(H100, "forward", torch.bfloat16, 512, 512, 1, False, 132) is None
+    # The kernels run the tiles whose timings decided: the borrowed table's.
+    for kernel, config in tiles.items():
+        assert tuning.measured_config(kernel, 512, 512, torch.bfloat16, CUDA) == (
+            (config, "table") if borrows else None)
 
 
 def test_an_h100_sxm_decides_by_the_shipped_h200_table(fake_gpu, monkeypatch):

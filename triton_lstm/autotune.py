@@ -522,7 +522,7 @@ def tune(kernel: str, batch: int, hidden: int, dtype: torch.dtype, device: torch
     candidates = candidate_configs(kernel, batch, hidden, dtype, directions, num_sms,
                                    "autotune", proj)
     if device.type == "cuda":
-        shipped = tuning.table_config(tuning.device_name(device), kernel, dtype, batch, hidden,
+        shipped = tuning.table_config(tuning.decision_gpu(device), kernel, dtype, batch, hidden,
                                       directions, proj, num_sms)
         if shipped is not None and shipped not in candidates:
             candidates.append(shipped)

@@ -5,9 +5,9 @@ On CUDA, "auto" runs the kernels unless the table ``make tune`` measured on this
 mode: inference (no gradient needed) compares forward calls, training compares forward
 plus backward. The kernels must take at most KERNEL_ADVANTAGE (95%) of nn.LSTM's time.
 A GPU without a table of its own decides by one measured on the same chip (same compute
-capability and SM count, ``tuning.decision_gpu``). Without a measurement (a GPU of another
-chip, a kind of shape never measured, fp64) the kernels run, except where PyTorch would
-run cuDNN's persistent fp16 kernel at a small batch
+capability and SM count, ``tuning.decision_gpu``), and takes that table's tiles too.
+Without a measurement (a GPU of another chip, a kind of shape never measured, fp64) the
+kernels run, except where PyTorch would run cuDNN's persistent fp16 kernel at a small batch
 (``cudnn_persistent_wins``); CPU tensors run nn.LSTM. Only batched sequences (3-D
 input) consult the table, which measures them; 2-D input (unbatched, the data of a
 PackedSequence, one step) keeps the kernels.

@@ -332,6 +332,8 @@ def measured_config(kernel: str, batch: int, hidden: int, dtype: torch.dtype,
                                            tune_if_missing)
         if config is not None:
             return config, "autotune"
-    config = table_config(device_name(device), kernel, dtype, batch, hidden, directions, proj,
+    # The table backend="auto" decides by (this GPU's, else its chip's): the kernels then run
+    # the tiles whose timings the decision compared with nn.LSTM.
+    config = table_config(decision_gpu(device), kernel, dtype, batch, hidden, directions, proj,
                           sm_count(device))
     return None if config is None else (config, "table")
