@@ -241,8 +241,7 @@ def wgmma_tiles(base: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
     resident 64x8, 8.4; B = 128 H = 1024 forward, 64x16 pipelined, 5.8 against B = 64
     H = 1024's resident 32x16, 9.2; B = 512 H = 256 backward, 64x16, 9.5 against B = 128's
     resident 32x8, 9.2 (perf/NOTES.md, "After run 5: 64-row tiles at B = 64-128")."""
-    streamed = dataclasses.replace(base, block_b=64, resident=False, chunked=False,
-                                   dataflow=False, cluster=False, dsmem=False)
+    streamed = dataclasses.replace(base, block_b=64, resident=False)
     if kernel == "forward":
         tiles = [dataclasses.replace(streamed, block_h=bh, num_warps=max(8, base.num_warps),
                                      inner_stages=PIPELINE_STAGES)
