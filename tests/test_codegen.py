@@ -140,4 +140,3 @@ def test_sm90_layer_gemms_are_tf32_wgmma_without_spills():
         where = {k: row[k] for k in ("kernel", "regs", "spill", "mma", "dot", "triton")}
         assert row["ptxas_ok"] and row["spill"] == 0, where
         assert row["mma"] == "wgmma" and row["dot"] == "tf32", where
-
