@@ -33,9 +33,9 @@ def test_matmul_in_bf16_accumulates_in_fp32():
     got = matmul(a, b)
     want = a.double() @ b.double()
     assert got.dtype == torch.bfloat16
-    # One rounding to bf16 at the end, none along the 300-term sum. The interpreter rounds
-    # fp32 to bf16 toward zero: up to one bf16 ulp, 2**-7 of the value (a GPU: half that).
-    torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=1e-3)
+    # One rounding to bf16 at the end (to nearest: half an ulp, 2**-8 of the value), none
+    # along the 300-term sum.
+    torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=1e-3)
 
 
 def test_empty_sizes():

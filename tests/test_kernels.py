@@ -7,10 +7,14 @@ cover both the on-chip and the streamed-weight paths.
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from triton_lstm import LSTMFunction
 from triton_lstm.autograd import lstm_layer
 from triton_lstm.dispatch import KernelConfig, launch_counts
+from triton_lstm.kernels.forward import rounded_to
+from triton_lstm.ops import config_to_list
 
 from .conftest import requires_interpreter
 from .helpers import (FP32_SLACK, GATE_SPLIT, assert_within_twice_the_reference_error,
@@ -199,3 +203,53 @@ def test_nan_and_inf_flow_through_like_nn_lstm(config_name):
         torch.testing.assert_close(got, want, **TOL[torch.float64], equal_nan=True)
         if CONFIGS[config_name].dataflow:   # stores are canonical: the mark never leaks out
             assert not (got.view(torch.int64) == -1).any(), "an output holds the unwritten mark"
+
+
+# -- bf16 results rounded as a GPU rounds them ----------------------------------------------------
+
+@triton.jit
+def _converted(x, y, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(y + o, rounded_to(tl.load(x + o), y.dtype.element_ty))
+
+
+def test_conversion_to_bf16_rounds_to_nearest_even_bit_for_bit():
+    """The interpreter's own fp32 -> bf16 conversion drops the low bits; the kernels' is
+    torch's (a GPU's): ties to even, overflow to inf, subnormals, inf and NaN."""
+    ties = (torch.randint(0, 2 ** 16, (2048,), dtype=torch.int32) << 16 | 0x8000)
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4e38, -3.4e38, 1e-40,
+                            -3e-39, 0.0, -0.0])
+    x = torch.cat([torch.randn(2048 - special.numel()) * 10, special, ties.view(torch.float32)])
+    got = torch.full_like(x, float("nan"), dtype=torch.bfloat16)
+    _converted[(1,)](x, got, x.numel())
+    want = x.to(torch.bfloat16)
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got[finite].view(torch.int16), want[finite].view(torch.int16))
+
+
+def test_bf16_kernel_outputs_are_within_half_an_ulp_of_float64():
+    """One step each way, from bf16 inputs: each bf16 result the kernels store (h, dG, dh0) is
+    the float64 value of the same math rounded once to nearest: within 2**-8 of it (rounding
+    toward zero would be off by up to 2**-7), plus fp32's own error."""
+    B, H = 4, 32
+    gx = torch.randn(1, B, 4 * H).bfloat16()
+    w_hh = (torch.randn(1, 4 * H, H) / H ** 0.5).bfloat16()
+    h0, c0 = torch.randn(1, B, H).bfloat16(), torch.randn(1, B, H).bfloat16()
+    dy, dh_n, dc_n = (torch.randn(1, B, H).bfloat16() for _ in range(3))
+    config = config_to_list(CONFIGS["resident-bh4"])
+    y, _, _, gates, c_all, *_ = torch.ops.triton_lstm.recurrence_forward(
+        gx, w_hh, h0, c0, None, None, True, config, False)
+    dG, dh0, *_ = torch.ops.triton_lstm.recurrence_backward(
+        dy, dh_n[0], dc_n[0], gates, c_all, c0, None, w_hh, None, config, False)
+
+    a = (gx[0].double() + h0[0].double() @ w_hh[0].double().t()).requires_grad_()
+    i, f, g, o = a.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c0[0].double() + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    (want_dG,) = torch.autograd.grad([h, c], [a], [dy[0].double() + dh_n[0].double(),
+                                                 dc_n[0].double()])
+    want_dh0 = dG[0].double() @ w_hh[0].double()   # from the dG the kernel stored
+    for got, want in ((y[0], h), (dG[0], want_dG), (dh0[0], want_dh0)):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want.detach(), rtol=2 ** -8, atol=1e-6)

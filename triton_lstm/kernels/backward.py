@@ -48,8 +48,8 @@ from ..dispatch import (dot_precision, gate_split_applies, launch_recurrence, pa
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
 from .dsmem import arm, cluster_sync, exchange_setup, exchange_slot, receive, send_to, wait_phase
 from .forward import (_tanh, chunked_dot, dot_operands, gate_rows, load_restarts, own_block,
-                      reduction_index, resident_chunks, split_dot, step_rows, store_gates,
-                      streamed_dot)
+                      reduction_index, resident_chunks, rounded_to, split_dot, step_rows,
+                      store_gates, streamed_dot)
 
 
 @triton.jit
@@ -376,9 +376,9 @@ def lstm_backward_kernel(
                     if PROJ:
                         b_dh_out = published(tl.where(running[:, None], b_dh, 0.0), DATAFLOW)
                         tl.store(dh_all + (t_row * B + o_b)[:, None] * R + o_r[None, :],
-                                 b_dh_out.to(dh_all.dtype.element_ty), mask=m_br)
+                                 rounded_to(b_dh_out, dh_all.dtype.element_ty), mask=m_br)
                 else:
-                    tl.store(dh0 + p_br, b_dh.to(dh0.dtype.element_ty), mask=m_br)
+                    tl.store(dh0 + p_br, rounded_to(b_dh, dh0.dtype.element_ty), mask=m_br)
             if cell_phase:
                 if PROJ:
                     # dr = dh_t @ W_hr over all output units, written by every program last phase.
@@ -401,7 +401,7 @@ def lstm_backward_kernel(
                     # operand the other paths read back), times W_hh's rows of own gates.
                     b_dg = tl.join(tl.join(b_dgi, b_dgf), tl.join(b_dgg, b_dgo))
                     b_dg = tl.reshape(tl.permute(b_dg, [0, 1, 3, 2]), [BLOCK_B, 4 * BLOCK_H])
-                    b_dg, b_w_dg = dot_operands(b_dg.to(dgates.dtype.element_ty), b_wrows)
+                    b_dg, b_w_dg = dot_operands(rounded_to(b_dg, dgates.dtype.element_ty), b_wrows)
                     b_share = tl.dot(b_dg, b_w_dg, input_precision=DOT_PRECISION, out_dtype=ACC)
                     share_slot, share_mbar, share_parity = exchange_slot(exchange, SLOT, s + 1)
                     send_to(share_slot + p_share, b_share.to(tl.int32, bitcast=True), share_mbar,

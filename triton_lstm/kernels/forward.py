@@ -70,6 +70,25 @@ def dot_operands(a, b):
     return a, b
 
 
+# The interpreter also converts fp32 to bf16 by dropping the low 16 bits (its cast passes no
+# rounding mode; subnormals come out wrong too), where a GPU rounds to nearest even. There,
+# and only there, the kernels round the bits themselves.
+BF16_ROUNDED_BY_HAND = tl.constexpr(interpreting())
+
+
+@triton.jit
+def rounded_to(x, dtype: tl.constexpr):
+    """x.to(dtype), with fp32 -> bf16 rounded to nearest even under the interpreter too."""
+    if BF16_ROUNDED_BY_HAND and dtype == tl.bfloat16 and x.dtype == tl.float32:
+        bits = x.to(tl.int32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)             # ties to even; NaNs are set apart
+        bits = tl.where(x != x, 0x7FC00000, bits)
+        out = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(dtype)
+    return out
+
+
 @triton.jit
 def reduction_index(HP: tl.constexpr, SPLIT_K: tl.constexpr):
     """Positions along the recurrent reduction: [HP], or [SPLIT_K, HP // SPLIT_K] slices."""
@@ -235,10 +254,10 @@ def store_gates(p, b_i, b_f, b_g, b_o, H: tl.constexpr, mask):
     """Four [rows, units] tiles of the gates i, f, g, o at p, p + H, p + 2H, p + 3H (a row of
     4H gate values), in p's dtype."""
     dtype = p.dtype.element_ty
-    tl.store(p, b_i.to(dtype), mask=mask)
-    tl.store(p + H, b_f.to(dtype), mask=mask)
-    tl.store(p + 2 * H, b_g.to(dtype), mask=mask)
-    tl.store(p + 3 * H, b_o.to(dtype), mask=mask)
+    tl.store(p, rounded_to(b_i, dtype), mask=mask)
+    tl.store(p + H, rounded_to(b_f, dtype), mask=mask)
+    tl.store(p + 2 * H, rounded_to(b_g, dtype), mask=mask)
+    tl.store(p + 3 * H, rounded_to(b_o, dtype), mask=mask)
 
 
 @triton.jit
@@ -488,7 +507,7 @@ def lstm_forward_kernel(
             m_run = running[:, None] & m_u[None, :]
             b_c = tl.where(m_run, b_f * b_c + b_i * b_g, b_c)      # stopped rows keep their state
             b_h = published(tl.where(m_run, b_o * _tanh(b_c), 0.0), DATAFLOW)
-            b_h = b_h.to(y.dtype.element_ty)
+            b_h = rounded_to(b_h, y.dtype.element_ty)
             if PERSISTENT and DSMEM:
                 if q < q_end - 1:
                     h_slot, h_mbar, h_parity = exchange_slot(exchange, SLOT, t + 1)
@@ -529,7 +548,8 @@ def lstm_forward_kernel(
             else:
                 b_y = streamed_dot(p_rows, running, w_hr + o_r * H, m_r, H, HP, 1, BLOCK_K,
                                    DOT_PRECISION, ACC, INNER_STAGES, DATAFLOW, True)
-            b_y = published(tl.where(running[:, None], b_y, 0.0), DATAFLOW).to(y.dtype.element_ty)
+            b_y = rounded_to(published(tl.where(running[:, None], b_y, 0.0), DATAFLOW),
+                             y.dtype.element_ty)
             m_br = m_b[:, None] & m_r[None, :]
             tl.store(y + (t_row * B + o_b)[:, None] * YS + o_r[None, :], b_y, mask=m_br)
             tl.store(h_n + o_b[:, None] * R + o_r[None, :], b_y,

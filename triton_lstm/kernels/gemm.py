@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import dot_operands
+from .forward import dot_operands, rounded_to
 
 # Hopper (sm_90): 128 x 128 tiles, 32-deep K chunks in 4 stages, 8 warps. ptxas (Triton 3.6)
 # for fp32 with tf32: wgmma m64n128k8, cp.async, 128 KB of shared memory, 179-212 registers
@@ -64,7 +64,7 @@ def matmul_kernel(a, b, c, bias, M, N, K, stride_am, stride_ak, stride_bk, strid
     if HAS_BIAS:
         b_acc += tl.load(bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     p_c = c + tl.cast(o_m, tl.int64)[:, None] * stride_cm + o_n[None, :] * stride_cn
-    tl.store(p_c, b_acc.to(c.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+    tl.store(p_c, rounded_to(b_acc, c.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, *,

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .. import tuning
 from ..dispatch import cdiv, dot_precision, next_power_of_2, state_dtype
-from .forward import _tanh, gate_rows, streamed_dot
+from .forward import _tanh, gate_rows, rounded_to, streamed_dot
 
 
 @triton.jit(do_not_specialize=["B"])
@@ -94,7 +94,7 @@ def lstm_step_kernel(
         b_c = b_i * b_g
     b_r = b_o * _tanh(b_c)
 
-    tl.store(r_out + p_bu, b_r.to(r_out.dtype.element_ty), mask=m_bu)
+    tl.store(r_out + p_bu, rounded_to(b_r, r_out.dtype.element_ty), mask=m_bu)
     tl.store(c_out + p_bu, b_c, mask=m_bu)
     if SAVE:
         p_g = gates + o_b[:, None] * (4 * H) + o_u[None, :]

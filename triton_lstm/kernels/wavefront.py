@@ -52,8 +52,8 @@ from ..dispatch import (ON_CHIP_BUDGET, KernelConfig, dot_precision, heuristic_c
 from .backward import (_load_saved, cell_gradients, gate_rows_dot_resident,
                        gate_rows_dot_streamed)
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, published
-from .forward import (_load_gx, _tanh, gate_rows, own_block, reduction_index, save_step,
-                      split_dot, step_rows, store_gates, streamed_dot)
+from .forward import (_load_gx, _tanh, gate_rows, own_block, reduction_index, rounded_to,
+                      save_step, split_dot, step_rows, store_gates, streamed_dot)
 
 
 @triton.jit
@@ -184,7 +184,7 @@ def lstm_wavefront_kernel(
         m_run = running[:, None] & m_u[None, :]
         b_c = tl.where(m_run, b_f * b_c + b_i * b_g, b_c)      # stopped rows keep their state
         b_h = published(tl.where(m_run, b_o * _tanh(b_c), 0.0), DATAFLOW)
-        b_h = b_h.to(h_all.dtype.element_ty)
+        b_h = rounded_to(b_h, h_all.dtype.element_ty)
 
         t_b = tl.full([BLOCK_B], t, tl.int32)
         m_step = m_bu & ((t_b >= 0) & (t_b < T))[:, None]   # an idle layer writes nothing
@@ -196,7 +196,7 @@ def lstm_wavefront_kernel(
             # The product of the stored (rounded) h and the mask, rounded once, in fp32: the
             # interpreter multiplies raw bf16 bits, as in tl.dot (triton-lang/triton#11584).
             b_x = published(b_h.to(ACC) * b_keep, DATAFLOW)
-            tl.store(x_own + p_bt, b_x.to(x_all.dtype.element_ty), mask=m_drop)
+            tl.store(x_own + p_bt, rounded_to(b_x, x_all.dtype.element_ty), mask=m_drop)
         tl.store(h_n + p_bu, b_h, mask=m_bu & (t == length - 1)[:, None])
         if SAVE:
             save_step(gates, c_all, t_row, B, o_b, o_u, H, b_i, b_f, b_g, b_o, b_c, m_run, m_step)
@@ -349,7 +349,7 @@ def lstm_wavefront_backward_kernel(
                             mask=(running & below_top)[:, None] & m_u[None, :],
                             other=0.0).to(ACC)
         b_dh += b_up
-        tl.store(dh0 + p_bu, b_dh.to(dh0.dtype.element_ty),
+        tl.store(dh0 + p_bu, rounded_to(b_dh, dh0.dtype.element_ty),
                  mask=m_bu & (tl.full([BLOCK_B], s, tl.int32) == T)[:, None])
         # dG of own units at this step, from the saved gates (backward.py).
         m_run = running[:, None] & m_u[None, :]
