@@ -625,6 +625,24 @@ def test_measure_checks_against_float64_before_timing(monkeypatch):
     assert timed == [good, good]
 
 
+@requires_interpreter
+def test_check_candidates_checks_each_candidate_of_make_tune_on_the_cpu(capsys, monkeypatch):
+    import check_candidates
+    assert check_candidates.main(["--shapes", "3x20", "--dtypes", "fp32"]) == 0
+    out = capsys.readouterr().out
+    for kernel in tuning.KERNELS:
+        for c in tune.shape_candidates(tune.Shape("fp32", 3, 20), kernel, "sweep", tune.NUM_SMS):
+            assert f" {kernel} {tuning.config_label(c)}: ok " in out
+    assert out.rstrip().endswith("all passed")
+    # A candidate whose outputs are off fails the run, and says how far off.
+    run = autotune.Problem.run
+    monkeypatch.setattr(autotune.Problem, "run", lambda self, kernel, c, steps=None: tuple(
+        t + 1 for t in run(self, kernel, c, steps)))
+    assert check_candidates.main(["--shapes", "3x20", "--dtypes", "fp32"]) == 1
+    out = capsys.readouterr().out
+    assert ": wrong " in out and "relative error" in out and "failed" in out.splitlines()[-1]
+
+
 # -- first-use autotuning ----------------------------------------------------------------------
 
 @pytest.fixture

@@ -415,18 +415,32 @@ class Measurement:
     detail: str = ""
 
 
-def measure(problem: Problem, kernel: str, config: KernelConfig) -> Measurement:
-    """Check the candidate against float64; time it only if it passed."""
+def check(problem: Problem, kernel: str, config: KernelConfig) -> Measurement:
+    """The candidate against float64, untimed: "ok", "wrong" or "error" (with the reason)."""
     bound = CHECK_BOUNDS[DTYPE_NAMES[problem.dtype]]
     try:
         error = problem.error(kernel, config)
-        if not error <= bound:     # NaN fails too
-            return Measurement(config, "wrong", error,
-                               detail=f"relative error {error:.2e} > {bound:.0e}")
-        return Measurement(config, "ok", error, problem.time_us(kernel, config))
-    except Exception as exc:   # does not compile, fit or launch: recorded with its reason, not timed
-        message = (str(exc).strip().splitlines() or [""])[0][:200]
-        return Measurement(config, "error", detail=f"{type(exc).__name__}: {message}")
+    except Exception as exc:   # does not compile, fit or launch: recorded with its reason
+        return _failed(config, exc)
+    if not error <= bound:     # NaN fails too
+        return Measurement(config, "wrong", error, detail=f"relative error {error:.2e} > {bound:.0e}")
+    return Measurement(config, "ok", error)
+
+
+def measure(problem: Problem, kernel: str, config: KernelConfig) -> Measurement:
+    """Check the candidate against float64; time it only if it passed."""
+    checked = check(problem, kernel, config)
+    if checked.status != "ok":
+        return checked
+    try:
+        return dataclasses.replace(checked, us_per_step=problem.time_us(kernel, config))
+    except Exception as exc:
+        return _failed(config, exc)
+
+
+def _failed(config: KernelConfig, exc: Exception) -> Measurement:
+    message = (str(exc).strip().splitlines() or [""])[0][:200]
+    return Measurement(config, "error", detail=f"{type(exc).__name__}: {message}")
 
 
 # -- first use ---------------------------------------------------------------------------------
