@@ -264,7 +264,7 @@ def test_script_runs_without_a_gpu():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "No CUDA GPU found" in result.stdout
     for label in ("interpreter", "interpreter step", "interpreter wavefront"):
-        for dtype_name in ("fp32", "fp64"):
+        for dtype_name in ("fp32", "fp64", "bf16"):
             match = re.search(rf"{label} {dtype_name}: relative error (\S+) vs float64 .* ok",
                               result.stdout)
             assert match, result.stdout
