@@ -423,7 +423,8 @@ def check(problem: Problem, kernel: str, config: KernelConfig) -> Measurement:
     except Exception as exc:   # does not compile, fit or launch: recorded with its reason
         return _failed(config, exc)
     if not error <= bound:     # NaN fails too
-        return Measurement(config, "wrong", error, detail=f"relative error {error:.2e} > {bound:.0e}")
+        return Measurement(config, "wrong", error,
+                           detail=f"relative error {error:.2e} > {bound:.0e}")
     return Measurement(config, "ok", error)
 
 
