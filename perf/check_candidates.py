@@ -20,7 +20,7 @@ import time
 os.environ["TRITON_INTERPRET"] = "1"     # before triton_lstm is imported
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from tune import NUM_SMS, SWEEP_DTYPES, Shape, parse_shapes, shape_candidates  # noqa: E402
+from tune import NUM_SMS, SWEEP_DTYPES, default_grid, parse_shapes, shape_candidates  # noqa: E402
 from triton_lstm import autotune  # noqa: E402
 from triton_lstm.tuning import DTYPES, KERNELS, config_label  # noqa: E402
 
@@ -34,24 +34,22 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="time steps each check runs")
     args = parser.parse_args(argv)
     try:
-        shapes = parse_shapes(args.shapes)
+        grid = default_grid(args.dtypes, shapes=parse_shapes(args.shapes))
     except ValueError as error:
         parser.error(str(error))
     neighbourhood = "wide" if args.wide else "sweep"
     failed = 0
-    for dtype in args.dtypes:
-        for batch, hidden in shapes:
-            shape = Shape(dtype, batch, hidden)
-            problem = autotune.Problem.random(DTYPES[dtype], batch, hidden, steps=args.steps,
-                                              device="cpu", num_sms=NUM_SMS)
-            for kernel in KERNELS:
-                for config in shape_candidates(shape, kernel, neighbourhood, NUM_SMS):
-                    start = time.monotonic()
-                    m = autotune.check(problem, kernel, config)
-                    failed += m.status != "ok"
-                    error = "" if m.rel_error is None else f" {m.rel_error:.1e}"
-                    print(f"{shape} {kernel} {config_label(config)}: {m.status}{error} "
-                          f"{m.detail} ({time.monotonic() - start:.0f} s)", flush=True)
+    for shape in grid:
+        problem = autotune.Problem.random(DTYPES[shape.dtype], shape.batch, shape.hidden,
+                                          steps=args.steps, device="cpu", num_sms=NUM_SMS)
+        for kernel in KERNELS:
+            for config in shape_candidates(shape, kernel, neighbourhood, NUM_SMS):
+                start = time.monotonic()
+                m = autotune.check(problem, kernel, config)
+                failed += m.status != "ok"
+                error = "" if m.rel_error is None else f" {m.rel_error:.1e}"
+                print(f"{shape} {kernel} {config_label(config)}: {m.status}{error} "
+                      f"{m.detail} ({time.monotonic() - start:.0f} s)", flush=True)
     print(f"{failed} failed" if failed else "all passed")
     return 1 if failed else 0
 

@@ -250,8 +250,9 @@ def test_the_heuristic_backward_streams_half_the_rows_and_twice_the_units(B, H, 
 def test_make_tune_also_times_64_row_streamed_tiles_from_batch_64():
     """Where the heuristic keeps the weights resident, or has fewer rows, at B = 64-128: the
     forward's 64-row tiles pipelined at its hidden block and twice it, the backward's 64x16
-    (8 warps) and 64x32 (16), unpipelined and pipelined, all streamed. Not at B = 16, not where the heuristic's tile is
-    streamed with 64+ rows already, not in first-use autotuning."""
+    (8 warps) and 64x32 (16), unpipelined and pipelined, all streamed. Not at B = 16, not
+    where the heuristic's tile is streamed with 64+ rows already, not in first-use
+    autotuning."""
     def rows64(kernel, B, H, dtype, neighbourhood="sweep"):
         configs = autotune.candidate_configs(kernel, B, H, dtype, 1, 132, neighbourhood)
         return sorted((c.block_h, c.num_warps, c.inner_stages) for c in configs

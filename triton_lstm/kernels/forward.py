@@ -51,9 +51,12 @@ from ..dispatch import (cdiv, dot_precision, interpreting, launch_recurrence, pa
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
 from .dsmem import arm, cluster_sync, exchange_setup, exchange_slot, receive, send, wait_phase
 
-# The Triton interpreter multiplies the raw bit patterns of bf16 operands in tl.dot
-# (triton-lang/triton#11584). There, and only there, bf16 dots go through fp32.
-BF16_DOT_VIA_FP32 = tl.constexpr(interpreting())
+# Two bf16 faults of the Triton interpreter, worked around there and only there (compiled
+# for a GPU, the kernels are unchanged): it multiplies the raw bit patterns of bf16 operands
+# in tl.dot (triton-lang/triton#11584), so bf16 dots go through fp32 (dot_operands); and it
+# converts fp32 to bf16 by dropping the low 16 bits (its cast passes no rounding mode;
+# subnormals come out wrong too), where a GPU rounds to nearest even (rounded_to).
+INTERPRETED = tl.constexpr(interpreting())
 
 
 @triton.jit
@@ -64,22 +67,16 @@ def _tanh(x):
 @triton.jit
 def dot_operands(a, b):
     """The operands of a tl.dot as given, or as fp32 under the interpreter for bf16."""
-    if BF16_DOT_VIA_FP32 and a.dtype == tl.bfloat16:
+    if INTERPRETED and a.dtype == tl.bfloat16:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return a, b
 
 
-# The interpreter also converts fp32 to bf16 by dropping the low 16 bits (its cast passes no
-# rounding mode; subnormals come out wrong too), where a GPU rounds to nearest even. There,
-# and only there, the kernels round the bits themselves.
-BF16_ROUNDED_BY_HAND = tl.constexpr(interpreting())
-
-
 @triton.jit
 def rounded_to(x, dtype: tl.constexpr):
     """x.to(dtype), with fp32 -> bf16 rounded to nearest even under the interpreter too."""
-    if BF16_ROUNDED_BY_HAND and dtype == tl.bfloat16 and x.dtype == tl.float32:
+    if INTERPRETED and dtype == tl.bfloat16 and x.dtype == tl.float32:
         bits = x.to(tl.int32, bitcast=True)
         bits += 0x7FFF + ((bits >> 16) & 1)             # ties to even; NaNs are set apart
         bits = tl.where(x != x, 0x7FC00000, bits)
