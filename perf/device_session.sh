@@ -30,9 +30,10 @@
 #                                                  batch and B = 512 shapes (after part 8),
 #                                                  then make perf's main table (4 min)
 #   COMMIT=<hash> bash perf/device_session.sh 8   the GPU tests run 5 did not finish, where a
-#                                                  training call's time goes (ours, cuDNN's),
-#                                                  make tune at the mid-batch shapes (their
-#                                                  64-row tiles), then at B = 512 (9 min)
+#                                                  training call's time goes (ours, with the
+#                                                  backward in chunks too, cuDNN's), make tune
+#                                                  at the mid-batch shapes (their 64-row
+#                                                  tiles), then at B = 512 (9.3 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -129,11 +130,20 @@ case "${1:-}" in
 8)
     gpu_tests 150 "$LATE_TESTS"
     gpu_tests 100 "B130 or past_2_31 or schedule_variants or dataflow_waits or \
-        (step_loop_matches and B70) or (options and packed) or (fp32_gemms and I33)"
-    timeout 50 python3 perf/train_breakdown.py --out "$OUT" 2>&1 | tee "$OUT/train-breakdown.log"
+        (step_loop_matches and B70) or (options and packed) or (fp32_gemms and I33) or \
+        chunked or backward-chunks"
+    # The backward in one launch and in chunks beside its GEMMs: the table's tiles, then a
+    # 64-row tile that leaves SMs idle (perf/NOTES.md, "the backward's GEMMs beside its
+    # recurrence").
+    timeout 60 python3 perf/train_breakdown.py --shapes bf16:512x1024 bf16:128x1024 \
+        fp32:512x1024 fp32:128x1024 --backward-chunks 0 4 --out "$OUT" 2>&1 \
+        | tee "$OUT/train-breakdown.log"
+    timeout 40 python3 perf/train_breakdown.py --shapes bf16:128x1024 bf16:64x1024 \
+        --backward-chunks 0 4 8 --backward-config bb64-bh32-str-bk64-sk4-w16-st3 \
+        --out "$OUT/chunks-64-rows" 2>&1 | tee -a "$OUT/train-breakdown.log"
     timeout 40 python3 perf/train_breakdown.py --peer cudnn --out "$OUT/cudnn" 2>&1 \
         | tee -a "$OUT/train-breakdown.log"
-    tune_resumed 140 1.6 --shapes $MID_BATCH
+    tune_resumed 110 1.2 --shapes $MID_BATCH
     tune_resumed 60 0.5 --shapes $LARGE_BATCH
     ;;
 *)

@@ -5,10 +5,16 @@ kernels) and, around it, torch's GEMMs (x W_ih^T, then dx, dW_ih and dW_hh over 
 elementwise and reduction kernels (bias sums, casts) and copies. This profiles one call
 (torch.profiler, after warm-up), sorts its kernels into those groups and prints µs per
 time step of each, the largest kernels, and the span of the call on the GPU against the
-kernels' sum (the difference is time the GPU waited between kernels).
+kernels' sum (the difference is time the GPU waited between kernels, or, negative, time
+kernels ran side by side), then the call timed alone (do_bench, µs per step).
+--backward-chunks runs ours once per count given (``dispatch.backward_chunks``: the
+backward in chunks, each chunk's GEMMs beside the next chunk's recurrence; 0: one launch);
+--backward-config forces the backward's tile (a config label, e.g. a 64-program tile that
+leaves SMs to those GEMMs).
 
     python3 perf/train_breakdown.py [--shapes bf16:512x1024 fp32:128x1024 ...] [--T 256]
-                                    [--peer triton|cudnn] [--out DIR]
+                                    [--peer triton|cudnn] [--backward-chunks 0 4 8]
+                                    [--backward-config bb64-bh32-str-bk64-sk4-w16-st3] [--out DIR]
 """
 from __future__ import annotations
 
@@ -22,8 +28,9 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import triton_lstm  # noqa: E402
+from triton_lstm import dispatch, tuning  # noqa: E402
 from bench import DTYPES  # noqa: E402
-from timing import random_inputs, train_fn  # noqa: E402
+from timing import bench_ms, random_inputs, train_fn  # noqa: E402
 from variants import write_csv  # noqa: E402
 
 DEFAULT_SHAPES = ("bf16:512x1024", "bf16:128x1024", "fp32:512x1024")
@@ -70,8 +77,9 @@ def profile_call(fn) -> list[tuple[str, float, float]]:
 
 def report(label: str, result: dict, top: int) -> str:
     lines = [f"== {label}: kernels {result['kernels_us']:.2f} µs/step, span on the GPU "
-             f"{result['span_us']:.2f} (waiting between kernels "
-             f"{result['span_us'] - result['kernels_us']:.2f})"]
+             f"{result['span_us']:.2f} (span - kernels "
+             f"{result['span_us'] - result['kernels_us']:+.2f}: waits, or side by side where "
+             f"negative)"]
     for group, us in result["groups"].most_common():
         lines.append(f"  {us:9.2f}  {100 * us / result['kernels_us']:5.1f}%  {group}")
     lines.append("  largest kernels (µs/step, launches):")
@@ -80,14 +88,19 @@ def report(label: str, result: dict, top: int) -> str:
     return "\n".join(lines)
 
 
-def rows_of(peer: str, dtype_name: str, B: int, H: int, T: int, result: dict) -> list[dict]:
-    base = dict(peer=peer, dtype=dtype_name, B=B, H=H, T=T)
+def rows_of(peer: str, dtype_name: str, B: int, H: int, T: int, result: dict,
+            backward_chunks="", timed_us=None, backward_config="") -> list[dict]:
+    base = dict(peer=peer, backward_chunks=backward_chunks, backward_config=backward_config,
+                dtype=dtype_name, B=B, H=H, T=T)
     rows = [dict(base, group=group, kernel="", launches="", us_per_step=round(us, 3))
             for group, us in result["groups"].items()]
     rows += [dict(base, group=group_of(name), kernel=name, launches=result["launches"][name],
                   us_per_step=round(us, 3)) for name, us in result["names"].items()]
     rows.append(dict(base, group="span on the GPU", kernel="", launches="",
                      us_per_step=round(result["span_us"], 3)))
+    if timed_us is not None:
+        rows.append(dict(base, group="timed call", kernel="", launches="",
+                         us_per_step=round(timed_us, 3)))
     return rows
 
 
@@ -98,9 +111,21 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=256)
     parser.add_argument("--peer", default="triton", choices=("triton", "cudnn"),
                         help="cudnn: the same layer as nn.LSTM, for comparison")
+    parser.add_argument("--backward-chunks", type=int, nargs="+",
+                        help="ours once per count (dispatch.backward_chunks); default: "
+                             "TRITON_LSTM_BACKWARD_CHUNKS's")
+    parser.add_argument("--backward-config", default="",
+                        help="ours with this backward tile (a config label); default: the "
+                             "table's or the heuristic's")
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--out", type=pathlib.Path, help="writes train_breakdown.csv there")
     args = parser.parse_args()
+    backward = None
+    if args.backward_config:
+        try:
+            backward = tuning.config_from_label(args.backward_config)
+        except ValueError as e:
+            parser.error(f"--backward-config: {e}")
     if not torch.cuda.is_available():
         sys.exit("train_breakdown: no CUDA GPU found")
     rows = []
@@ -115,18 +140,35 @@ def main() -> None:
                   triton_lstm.LSTM(H, H, device="cuda", dtype=dtype, backend="triton"))
         x, hx = random_inputs(args.T, B, H, H, dtype, requires_grad=True)
         fn = train_fn(module, x, hx)
-        for _ in range(3):           # compile, autotune caches, allocator
-            fn()
-        torch.cuda.synchronize()
-        result = breakdown(profile_call(fn), args.T)
-        print(report(f"{args.peer} {dtype_name} B={B} H={H} T={args.T} training", result,
-                     args.top), flush=True)
-        rows += rows_of(args.peer, dtype_name, B, H, args.T, result)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / "train_breakdown.csv"
-        write_csv(path, list(rows[0]), rows)
-        print(f"wrote {path}")
+        counts = [""] if args.peer == "cudnn" else (args.backward_chunks
+                                                    or [dispatch.backward_chunk_count()])
+        for count in counts:
+            if count != "":
+                dispatch.backward_chunks = count
+            label = args.peer + ("" if count == "" else f" (backward in {count} chunks)"
+                                 if count > 1 else " (backward in one launch)")
+            if args.backward_config and args.peer == "triton":
+                label += f" [{args.backward_config}]"
+            label += f" {dtype_name} B={B} H={H} T={args.T} training"
+            try:
+                with tuning.forced_configs(backward=backward if args.peer == "triton" else None):
+                    for _ in range(3):           # compile, autotune caches, allocator
+                        fn()
+                    torch.cuda.synchronize()
+                    result = breakdown(profile_call(fn), args.T)
+                    timed_us = bench_ms(fn)[0] * 1e3 / args.T
+            except Exception as e:     # one failing setting must not cost the others' rows
+                print(f"== {label}: failed: {type(e).__name__}: {e}", flush=True)
+                continue
+            print(report(label, result, args.top), flush=True)
+            print(f"  timed call: {timed_us:.2f} µs/step", flush=True)
+            rows += rows_of(args.peer, dtype_name, B, H, args.T, result, count, timed_us,
+                            args.backward_config if args.peer == "triton" else "")
+            if args.out:             # after every setting: a run cut short keeps its rows
+                args.out.mkdir(parents=True, exist_ok=True)
+                write_csv(args.out / "train_breakdown.csv", list(rows[0]), rows)
+    if args.out and rows:
+        print(f"wrote {args.out / 'train_breakdown.csv'}")
 
 
 if __name__ == "__main__":

@@ -874,6 +874,25 @@ def test_explain_names_the_gemm_kernel_for_fp32_layers_that_opt_in(monkeypatch):
     assert bf16.gemms == "torch"
 
 
+@requires_interpreter
+def test_explain_says_when_the_backward_runs_in_chunks(monkeypatch):
+    module = triton_lstm.LSTM(16, 8, backend="triton")
+    x = torch.randn(4, 3, 16, requires_grad=True)
+    assert triton_lstm.explain(module, x).gemms == "torch"
+    monkeypatch.setattr(dispatch, "backward_chunks", "4")
+    e = triton_lstm.explain(module, x)
+    assert e.gemms == ("torch; the backward in 4 chunks of steps, each chunk's GEMMs beside the "
+                       "next chunk's recurrence (TRITON_LSTM_BACKWARD_CHUNKS=4)"), e.gemms
+    # Inference has no backward; a bidirectional layer keeps the one launch.
+    with torch.no_grad():
+        assert triton_lstm.explain(module, x).gemms == "torch"
+    both_ways = triton_lstm.LSTM(16, 8, bidirectional=True, backend="triton")
+    assert triton_lstm.explain(both_ways, x).gemms == "torch"
+    monkeypatch.setattr(dispatch, "backward_chunks", "many")
+    assert "the backward raises ValueError: TRITON_LSTM_BACKWARD_CHUNKS" in (
+        triton_lstm.explain(module, x).gemms)
+
+
 H100 = "NVIDIA H100 80GB HBM3"
 
 

@@ -345,10 +345,14 @@ def test_train_breakdown_groups_a_calls_kernels_per_step(tmp_path):
     assert result["launches"]["lstm_backward_kernel"] == 2
     assert result["names"]["lstm_backward_kernel"] == 40.0
     text = train_breakdown.report("triton bf16 B=512 H=1024 T=4 training", result, top=3)
-    assert "kernels 57.50 µs/step, span on the GPU 64.00 (waiting between kernels 6.50)" in text
+    assert "kernels 57.50 µs/step, span on the GPU 64.00 (span - kernels +6.50" in text
     assert "x2" in text and "69.6%  recurrence backward" in text
     rows = train_breakdown.rows_of("triton", "bf16", 512, 1024, T, result)
     assert {r["group"] for r in rows} >= {"GEMM", "span on the GPU"}
     assert sum(r["us_per_step"] for r in rows if r["kernel"]) == pytest.approx(57.5)
+    assert not any(r["group"] == "timed call" for r in rows)
+    timed = train_breakdown.rows_of("triton", "bf16", 512, 1024, T, result, 4, timed_us=61.0)
+    assert timed[-1]["group"] == "timed call" and timed[-1]["us_per_step"] == 61.0
+    assert {r["backward_chunks"] for r in timed} == {4}
     assert train_breakdown.breakdown([], T)["span_us"] == 0.0
 

@@ -183,7 +183,13 @@ def lstm_layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
     if single:
         w_hh, h0, c0, w_hr, dh_n, dc_n, r_all = _add_direction_dim(w_hh, h0, c0, w_hr, dh_n, dc_n,
                                                                    r_all)
-    if recompute:
+    from .overlap import chunk_count, overlapped_backward   # overlap.py imports this file
+    chunks = chunk_count(w_hh.shape[0], recompute, x.shape[0])
+    if chunks:
+        grads = overlapped_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths,
+                                    restarts, y, gates, c_all, r_all, needs, config,
+                                    force_stepped, chunks)
+    elif recompute:
         grads = recompute_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                                    lengths, restarts, h_ckpt, c_ckpt, needs=needs, config=config,
                                    force_stepped=force_stepped, every=recompute)
@@ -237,25 +243,34 @@ def gradients_over_dG(dG, x, h0, w_ih, b_ih, y, lengths, restarts, R: int, needs
     dx, dw_ih, dw_hh ([D, 4H, R]) and db (both biases'), each None where ``needs`` (as
     lstm_layer_backward's) says it is not wanted. h0 [D, B, R] or None, y the layer's
     output [T, B, D*R]."""
+    h_prev = None
+    if needs[4]:
+        D = y.shape[2] // R
+        h_prev = [previous_hidden(y, h0, lengths, d, R, None if restarts is None else
+                                  restarted_in_time_order(restarts, lengths, d))
+                  for d in range(D)]
+    dx, dw_ih, dw_hh, db = gemms_over_dG(dG, x, h_prev, w_ih, b_ih is not None, needs)
+    return dx, dw_ih, dw_hh, None if db is None else db.to(dG.dtype)
+
+
+def gemms_over_dG(dG, x, h_prev, w_ih, has_bias: bool, needs):
+    """dx, dw_ih, dw_hh ([D, 4H, R]) and db (in the state dtype) over dG [T, B, D*4H], from
+    each direction's h_{t-1} (``previous_hidden``, [T, B, R]; None without dw_hh), for
+    all T steps or for a chunk of them (overlap.py)."""
     T, B, I = x.shape
     need_x, _, _, need_wih, need_whh, need_bih, need_bhh, _ = needs
     G = dG.shape[2]
-    D = y.shape[2] // R
     dG2 = dG.reshape(T * B, G)
-    dG_by_direction = dG.reshape(T * B, D, G // D)
     dx = layer_matmul(dG2, w_ih).reshape(T, B, I) if need_x else None
     dw_ih = layer_matmul(dG2.t(), x.reshape(T * B, I)) if need_wih else None
     dw_hh = None
     if need_whh:
-        dw_hh = torch.stack([
-            layer_matmul(dG_by_direction[:, d].t(),
-                         previous_hidden(y, h0, lengths, d, R, None if restarts is None else
-                                         restarted_in_time_order(restarts, lengths, d))
-                         .reshape(T * B, R))
-            for d in range(D)])
+        dG_by_direction = dG.reshape(T * B, len(h_prev), G // len(h_prev))
+        dw_hh = torch.stack([layer_matmul(dG_by_direction[:, d].t(), h.reshape(T * B, -1))
+                             for d, h in enumerate(h_prev)])
     db = None
-    if b_ih is not None and (need_bih or need_bhh):
-        db = dG2.sum(0, dtype=state_dtype(dG.dtype)).to(dG.dtype)
+    if has_bias and (need_bih or need_bhh):
+        db = dG2.sum(0, dtype=state_dtype(dG.dtype))
     return dx, dw_ih, dw_hh, db
 
 

@@ -137,6 +137,28 @@ def gemms_in_triton(dtype: torch.dtype, device: torch.device) -> bool:
     return interpreting() or dot_precision(dtype, device) == "tf32"
 
 
+# The backward of a one-direction layer in this many chunks of steps, each chunk's GEMMs
+# over dG on a side stream beside the next chunk's reverse recurrence (overlap.py); 0 or 1:
+# one launch, then the GEMMs. 0 stays the default until a GPU measurement
+# (perf/train_breakdown.py --backward-chunks) shows the chunks faster.
+BACKWARD_CHUNKS_ENV = "TRITON_LSTM_BACKWARD_CHUNKS"
+backward_chunks = os.environ.get(BACKWARD_CHUNKS_ENV, "0")
+
+
+def backward_chunk_count() -> int:
+    """``backward_chunks`` as a number (the variable's text, or an int set at run time)."""
+    value = backward_chunks
+    count = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        count = int(value)
+    if count is None or count < 0:
+        raise ValueError(f"{BACKWARD_CHUNKS_ENV} (dispatch.backward_chunks): expected a whole "
+                         f"number of chunks >= 0, got {value!r}")
+    return count
+
+
 def cudnn_rnn_allows_tf32() -> bool:
     """The flag nn.LSTM's cuDNN path follows: torch.backends.cudnn.rnn.fp32_precision (read
     back resolved through its parents) where torch has it, else cudnn.allow_tf32. The legacy

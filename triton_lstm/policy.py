@@ -26,8 +26,8 @@ import torch
 from torch.nn.utils.rnn import PackedSequence
 
 from . import tuning
-from .dispatch import (FP32_GEMMS_ENV, dot_precision, gemms_in_triton, heuristic_config,
-                       interpreting)
+from .dispatch import (BACKWARD_CHUNKS_ENV, FP32_GEMMS_ENV, backward_chunk_count,
+                       dot_precision, gemms_in_triton, heuristic_config, interpreting)
 from .functional import compute_dtype
 from .kernels.wavefront import wavefront_config
 from .tuning import DTYPE_NAMES, KERNEL_ADVANTAGE
@@ -108,7 +108,7 @@ class Explanation:
     entry: Optional[dict] = None         # the table entry the decision came from
     provenance: Optional[dict] = None    # that table's provenance
     tiles: Optional[dict] = None         # {"forward": (config, source), "backward": ...}
-    gemms: Optional[str] = None          # who runs the layers' GEMMs (dispatch.fp32_gemms)
+    gemms: Optional[str] = None          # who runs the layers' GEMMs, and when (dispatch)
 
     def __str__(self) -> str:
         headline = {"kernels": "the Triton kernels run this call",
@@ -142,6 +142,22 @@ def _gemms(dtype: torch.dtype, device: torch.device) -> str:
     if gemms_in_triton(dtype, device):
         return f"kernels/gemm.py, {dot_precision(dtype, device)} ({FP32_GEMMS_ENV}=triton)"
     return "torch"
+
+
+def _backward_chunks(module, mode: str) -> str:
+    """How a training call's backward meets its GEMMs (dispatch.backward_chunks), where it
+    is not the one-launch default."""
+    if mode != "train" or module.bidirectional or module.recompute is not None or (
+            module.wavefront and module.num_layers > 1):
+        return ""
+    try:
+        chunks = backward_chunk_count()
+    except ValueError as error:
+        return f"; the backward raises ValueError: {error}"
+    if chunks < 2:
+        return ""
+    return (f"; the backward in {chunks} chunks of steps, each chunk's GEMMs beside the next "
+            f"chunk's recurrence ({BACKWARD_CHUNKS_ENV}={chunks})")
 
 
 def _tiles(module, data: torch.Tensor, batch: int, dtype: torch.dtype) -> dict:
@@ -198,7 +214,8 @@ def explain(module, input, hx=None) -> Explanation:
 
     def kernels(why, **found):
         return Explanation("kernels", why, call, tiles=_tiles(module, data, batch, dtype),
-                           gemms=_gemms(dtype, data.device), **found)
+                           gemms=_gemms(dtype, data.device) + _backward_chunks(module, mode),
+                           **found)
 
     if module.backend == "torch":
         return Explanation("nn.LSTM", "backend='torch' always runs nn.LSTM", call)
