@@ -34,6 +34,7 @@ from timing import bench_ms, random_inputs, train_fn  # noqa: E402
 from variants import write_csv  # noqa: E402
 
 DEFAULT_SHAPES = ("bf16:512x1024", "bf16:128x1024", "fp32:512x1024")
+DEVICE = "cuda"
 # Kernel names to groups, first match wins (Triton kernels carry their function's name;
 # cuBLAS's and CUTLASS's carry gemm / xmma / nvjet; torch's own say what they do).
 GROUPS = (("recurrence forward", r"lstm_forward|lstm_wavefront_kernel"),
@@ -104,7 +105,7 @@ def rows_of(peer: str, dtype_name: str, B: int, H: int, T: int, result: dict,
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES),
                         help="dtype:BxH, e.g. bf16:512x1024")
@@ -119,7 +120,7 @@ def main() -> None:
                              "table's or the heuristic's")
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--out", type=pathlib.Path, help="writes train_breakdown.csv there")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     backward = None
     if args.backward_config:
         try:
@@ -136,9 +137,9 @@ def main() -> None:
         dtype_name, B, H = match.group(1), int(match.group(2)), int(match.group(3))
         dtype = DTYPES[dtype_name]
         torch.manual_seed(0)
-        module = (torch.nn.LSTM(H, H, device="cuda", dtype=dtype) if args.peer == "cudnn" else
-                  triton_lstm.LSTM(H, H, device="cuda", dtype=dtype, backend="triton"))
-        x, hx = random_inputs(args.T, B, H, H, dtype, requires_grad=True)
+        module = (torch.nn.LSTM(H, H, device=DEVICE, dtype=dtype) if args.peer == "cudnn" else
+                  triton_lstm.LSTM(H, H, device=DEVICE, dtype=dtype, backend="triton"))
+        x, hx = random_inputs(args.T, B, H, H, dtype, device=DEVICE, requires_grad=True)
         fn = train_fn(module, x, hx)
         counts = [""] if args.peer == "cudnn" else (args.backward_chunks
                                                     or [dispatch.backward_chunk_count()])

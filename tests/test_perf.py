@@ -24,7 +24,7 @@ import step_spread  # noqa: E402
 import train_breakdown  # noqa: E402
 import variants  # noqa: E402
 
-from triton_lstm import dispatch  # noqa: E402
+from triton_lstm import dispatch, tuning  # noqa: E402
 
 from .conftest import requires_interpreter  # noqa: E402
 
@@ -320,6 +320,40 @@ def test_stack_rows_get_their_own_table_and_stay_out_of_the_others(rows):
     assert bench.summarize(rows + stack_rows) == bench.summarize(rows)
     assert bench.format_table(rows + stack_rows) == bench.format_table(rows)
     assert bench.speedups(rows + stack_rows) == bench.speedups(rows)
+
+
+@requires_interpreter
+def test_train_breakdown_runs_each_backward_setting_and_keeps_its_rows(tmp_path, monkeypatch):
+    """The script's own loop on the CPU (the interpreter runs the kernels; the profiler and
+    the timer are stubs): one row set per chunk count, the forced tile used, the CSV written."""
+    T, B, H = 3, 2, 8
+    kernels_seen, tiles_seen = [], []
+
+    def fake_profile(fn):
+        before = dispatch.launch_counts["persistent"]
+        fn()
+        kernels_seen.append(dispatch.launch_counts["persistent"] - before)
+        tiles_seen.append(tuning._forced.get("backward"))
+        return [("lstm_forward_kernel", 0.0, 3.0), ("lstm_backward_kernel", 3.0, 6.0)]
+
+    monkeypatch.setattr(train_breakdown, "DEVICE", "cpu")
+    monkeypatch.setattr(train_breakdown, "profile_call", fake_profile)
+    monkeypatch.setattr(train_breakdown, "bench_ms", lambda fn: (0.03, 0.02, 0.04))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(dispatch, "backward_chunks", 0)
+    label = "bb16-bh8-str-bk16-sk1-w4"     # one program a group: persistent here
+    train_breakdown.main(["--shapes", f"fp32:{B}x{H}", "--T", str(T), "--backward-chunks", "0",
+                          "3", "--backward-config", label, "--out", str(tmp_path)])
+    # A training call: the forward launch, then one backward launch per chunk.
+    assert kernels_seen == [1 + 1, 1 + 3]
+    assert tiles_seen == [tuning.config_from_label(label)] * 2
+    with open(tmp_path / "train_breakdown.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["backward_chunks"] for r in rows} == {"0", "3"}
+    assert {r["backward_config"] for r in rows} == {label}
+    timed = [r for r in rows if r["group"] == "timed call"]
+    assert [float(r["us_per_step"]) for r in timed] == [10.0, 10.0]    # 0.03 ms over T = 3
 
 
 def test_train_breakdown_groups_a_calls_kernels_per_step(tmp_path):
