@@ -117,6 +117,27 @@ def test_the_backward_runs_one_launch_per_chunk_where_it_applies(chunks):
     assert backward_launches(recomputing, x) == 2 * 2     # a forward and a backward per segment
 
 
+def test_chunked_backward_passes_gradcheck_with_batched_grads_and_gradgradcheck(chunks):
+    """gradcheck's batched-gradient check (torch's legacy vmap) keeps the one launch; the
+    double backward runs the chunks, then differentiates the reference."""
+    module = triton_copy(nn.LSTM(2, 3, dtype=torch.float64))
+    x = torch.randn(5, 2, 2, dtype=torch.float64, requires_grad=True)
+    h0, c0 = (torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    names = [n for n, _ in module.named_parameters()]
+
+    def fn(x, h0, c0, *weights):
+        out, (h, c) = torch.func.functional_call(module, dict(zip(names, weights)),
+                                                 (x, (h0, c0)))
+        return out, h, c
+
+    inputs = (x, h0, c0, *module.parameters())
+    chunks(2)
+    before = dispatch.launch_counts["persistent"]
+    assert torch.autograd.gradcheck(fn, inputs, check_batched_grad=True, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
+    assert dispatch.launch_counts["persistent"] > before
+
+
 @pytest.mark.parametrize("steps, count", [(7, 3), (8, 8), (256, 4), (5, 2), (100, 7)])
 def test_chunk_bounds_cover_every_step_once(steps, count):
     bounds = chunk_bounds(steps, count)

@@ -184,7 +184,7 @@ def lstm_layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
         w_hh, h0, c0, w_hr, dh_n, dc_n, r_all = _add_direction_dim(w_hh, h0, c0, w_hr, dh_n, dc_n,
                                                                    r_all)
     from .overlap import chunk_count, overlapped_backward   # overlap.py imports this file
-    chunks = chunk_count(w_hh.shape[0], recompute, x.shape[0])
+    chunks = chunk_count(w_hh.shape[0], recompute, x.shape[0], (dy, dh_n, dc_n))
     if chunks:
         grads = overlapped_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths,
                                     restarts, y, gates, c_all, r_all, needs, config,

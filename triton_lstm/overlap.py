@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch._C._functorch import is_legacy_batchedtensor
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .autograd import gemms_over_dG, previous_hidden
@@ -32,11 +33,15 @@ from .reference import row_lengths
 _side_streams: dict[int, torch.cuda.Stream] = {}
 
 
-def chunk_count(directions: int, recompute: int, steps: int) -> int:
-    """How many chunks this layer's backward runs in: 0 for the one-launch backward."""
+def chunk_count(directions: int, recompute: int, steps: int, upstream) -> int:
+    """How many chunks this layer's backward runs in: 0 for the one-launch backward.
+    upstream: the incoming gradients (dy, dh_n, dc_n); batched ones, from gradcheck's
+    batched-gradient check (torch's legacy vmap, no functorch interpreter), keep the one
+    launch: the chunks write their sums in place."""
     chunks = backward_chunk_count()
     if (chunks < 2 or steps < 2 or directions != 1 or recompute
-            or torch.compiler.is_compiling() or retrieve_all_functorch_interpreters()):
+            or torch.compiler.is_compiling() or retrieve_all_functorch_interpreters()
+            or any(t is not None and is_legacy_batchedtensor(t) for t in upstream)):
         return 0
     return min(chunks, steps)
 
