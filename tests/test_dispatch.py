@@ -878,6 +878,7 @@ def test_explain_names_the_gemm_kernel_for_fp32_layers_that_opt_in(monkeypatch):
 def test_explain_says_when_the_backward_runs_in_chunks(monkeypatch):
     module = triton_lstm.LSTM(16, 8, backend="triton")
     x = torch.randn(4, 3, 16, requires_grad=True)
+    monkeypatch.setattr(dispatch, "backward_chunks", "0")
     assert triton_lstm.explain(module, x).gemms == "torch"
     monkeypatch.setattr(dispatch, "backward_chunks", "4")
     e = triton_lstm.explain(module, x)
