@@ -70,13 +70,18 @@ EXPERIMENTS = [
     ("small", "backward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk4-w4",
                                            "bb16-bh8-res-bk64-sk4-w4-df"]),
     ("small", "backward", "fp16", 8, 1024, ["bb16-bh16-res-bk64-sk4-w8"]),
+    # ...-chk-...-sk4: W in chunks that four accumulators take in turn, four chains of MMAs
+    # a warp with no exchange between warps (kernels/forward.py, chunked_dot).
     ("small", "forward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-pa",
                                           "bb16-bh8-res-bk64-sk4-w4",
-                                          "bb16-bh8-res-bk64-sk1-w4-df"]),
+                                          "bb16-bh8-res-bk64-sk1-w4-df",
+                                          "bb16-bh8-chk-bk64-sk4-w4"]),
     ("small", "forward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-pa",
-                                          "bb16-bh8-res-bk64-sk1-w4-df"]),
+                                          "bb16-bh8-res-bk64-sk1-w4-df",
+                                          "bb16-bh8-chk-bk32-sk4-w4"]),
     ("small", "forward", "fp16", 8, 1024, ["bb16-bh16-res-bk64-sk1-w4-pa",
-                                           "bb16-bh16-res-bk64-sk1-w4-df"]),
+                                           "bb16-bh16-res-bk64-sk1-w4-df",
+                                           "bb16-bh16-chk-bk64-sk4-w4"]),
     # Large batch: pipelined K loops, wider tiles (PERF-MODEL.md 2.2). Streamed forwards of
     # 32+ rows are pipelined by the heuristic since run 4: the unpipelined tile is listed.
     ("large", "forward", "bf16", 128, 1024, ["bb64-bh16-str-bk64-sk4-w8",

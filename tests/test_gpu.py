@@ -512,10 +512,10 @@ def test_forward_past_2_31_elements_equals_the_same_forward_in_chunks():
 @pytest.mark.parametrize("label", ["bb16-bh8-res-bk64-sk4-w4", "bb16-bh8-res-bk64-sk1-w4-pa",
                                    "bb64-bh16-str-bk64-sk4-w8-st3", "bb64-bh16-str-bk64-sk4-w8-st3-pa",
                                    "bb64-bh32-str-bk64-sk4-w8-st3", "bb64-bh16-str-bk64-sk4-w8-gs",
-                                   "bb64-bh16-str-bk64-sk4-w8-st3-gs"])
+                                   "bb64-bh16-str-bk64-sk4-w8-st3-gs", "bb16-bh8-chk-bk64-sk4-w4"])
 def test_schedule_variants_compute_what_the_default_computes(label):
-    """Split reductions, pipelined K loops, loads after the arrival and the backward's gate
-    split (perf/variants.py)."""
+    """Split reductions, pipelined K loops, loads after the arrival, the backward's gate
+    split and chunks in several accumulators (perf/variants.py)."""
     from triton_lstm.tuning import config_from_label
     T, B, I, H = 24, 40, 64, 512
     torch_lstm = torch.nn.LSTM(I, H, device="cuda", dtype=torch.bfloat16)

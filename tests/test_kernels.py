@@ -5,6 +5,8 @@ the error of nn.LSTM in fp32 against float64), with
 tile configs that split the hidden units and the batch over several programs and
 cover both the on-chip and the streamed-weight paths.
 """
+import dataclasses
+
 import pytest
 import torch
 import triton
@@ -29,9 +31,12 @@ CONFIGS = {
     # Pipelined K loops and loads after the barrier arrival change the schedule, not the math.
     "streamed-bh8-bk16-st3-pa": KernelConfig(block_b=16, block_h=8, resident=False, block_k=16,
                                              inner_stages=3, prefetch_after_arrive=True),
-    # Weights on chip as chunks of the reduction, the broadcast operand staged chunk by chunk.
+    # Weights on chip as chunks of the reduction, the broadcast operand staged chunk by chunk;
+    # the chunks go to split_k accumulators in turn (up to 4 here, fewer where H is small).
     "chunked-bh8-bk16": KernelConfig(block_b=16, block_h=8, resident=True, block_k=16,
                                      chunked=True),
+    "chunked-bh8-bk16-one-accumulator": KernelConfig(block_b=16, block_h=8, resident=True,
+                                                     block_k=16, split_k=1, chunked=True),
     # Dataflow waits: slots filled with the unwritten mark, tiles polled until written.
     "dataflow-bh4": KernelConfig(block_b=16, block_h=4, resident=True, split_k=1, dataflow=True),
     "dataflow-streamed-bh8-bk16": KernelConfig(block_b=16, block_h=8, resident=False, block_k=16,
@@ -75,6 +80,22 @@ def run_reference(x, hx, ref, upstream):
     inputs = [x] + (list(hx) if hx is not None else []) + list(ref.parameters())
     grads = torch.autograd.grad(sum((o * g).sum() for o, g in zip(outs, upstream)), inputs)
     return outs, grads
+
+
+@pytest.mark.parametrize("accumulators", [2, 4])
+def test_chunked_dot_with_several_accumulators_equals_one(accumulators):
+    """H = 64 in chunks of 16: every chunk holds real units, so each accumulator's share counts
+    (at the shared SHAPES the last chunks are padding)."""
+    ref, x, hx = random_problem(4, 3, 5, 64, torch.float64)
+    one = KernelConfig(block_b=16, block_h=16, resident=True, block_k=16, split_k=1, chunked=True)
+    outs, grads, upstream = run_function(x, hx, ref, one)
+    several = dataclasses.replace(one, split_k=accumulators)
+    outs_k, grads_k, _ = run_function(x, hx, ref, several, upstream)
+    ref_outs, ref_grads = run_reference(x, hx, ref, upstream)
+    for k, (got, base, want) in enumerate(zip(outs_k + grads_k, outs + grads,
+                                              ref_outs + ref_grads)):
+        torch.testing.assert_close(got, base, **TOL[torch.float64], msg=f"tensor {k}")
+        torch.testing.assert_close(got, want, **TOL[torch.float64], msg=f"tensor {k}")
 
 
 @pytest.mark.parametrize("config_name", list(CONFIGS))

@@ -52,7 +52,8 @@ class KernelConfig:
     block_b: batch rows per program; block_h: hidden units per program (all four
     gates); resident: keep the weight slice on chip for the whole sequence,
     else stream it in block_k chunks every step; split_k: slices of the
-    recurrent reduction given to different warps (resident only); num_warps:
+    recurrent reduction given to different warps (resident only; with chunked, the
+    accumulators the chunks take in turn within each warp: 1, 2 or 4); num_warps:
     warps per program; inner_stages: software-pipeline stages of the streamed
     K loops (1: none; the persistent time loop itself is never pipelined);
     prefetch_after_arrive: issue the next step's independent loads after this

@@ -343,7 +343,7 @@ def lstm_backward_kernel(
                         b_dot += load_written(p_part + gate * B * R, m_part, False, True)
                 elif RESIDENT and CHUNKED:
                     b_dot = chunked_dot(p_rows, running_next, w_chunks, H, BLOCK_K, NUM_CHUNKS,
-                                        HP, DOT_PRECISION, ACC, DATAFLOW, True)
+                                        HP, DOT_PRECISION, ACC, DATAFLOW, True, SPLIT_K)
                 elif PERSISTENT and DSMEM:
                     # The group's shares of own units: exchange s; then the slot's next.
                     share_slot, share_mbar, share_parity = exchange_slot(exchange, SLOT, s)

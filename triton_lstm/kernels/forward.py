@@ -188,11 +188,23 @@ def resident_chunks(p_cols, m_cols, K: tl.constexpr, K_STRIDE: tl.constexpr,
 @triton.jit
 def chunked_dot(p_rows, m_rows, w_chunks, K: tl.constexpr, BLOCK_K: tl.constexpr,
                 NUM_CHUNKS: tl.constexpr, GATE_STRIDE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                ACC: tl.constexpr, WAIT: tl.constexpr = False, poll=True):
+                ACC: tl.constexpr, WAIT: tl.constexpr = False, poll=True, ACCS: tl.constexpr = 1):
     """A @ W, W resident as chunks (resident_chunks), A[r, k] = *(p_rows[r] + col(k)) read
-    from L2 one chunk ahead of the dot that uses it."""
+    from L2 one chunk ahead of the dot that uses it.
+
+    ACCS (1, 2 or 4; the config's split_k) accumulators take the chunks in turn and are
+    summed at the end: each warp then runs ACCS independent chains of MMAs instead of one
+    chain over the whole reduction, with no exchange between warps (split_dot's 3-D dot
+    needs one). An accumulator needs two chunks or more: Triton folds dot(a, b, 0) + c
+    into dot(a, b, c), which puts a one-chunk accumulator back on the chain.
+    """
+    tl.static_assert(ACCS == 1 or ACCS == 2 or ACCS == 4,
+                     "a chunked config's split_k (its accumulators) must be 1, 2 or 4")
     o_k = tl.arange(0, BLOCK_K)
     b_acc = tl.zeros([p_rows.shape[0], w_chunks[0].shape[1]], dtype=ACC)
+    b_acc1 = b_acc
+    b_acc2 = b_acc
+    b_acc3 = b_acc
     col, real = chunk_columns(0, o_k, K, GATE_STRIDE)
     b_a = load_written(p_rows[:, None] + col[None, :], m_rows[:, None] & real[None, :], WAIT,
                        poll)
@@ -203,8 +215,19 @@ def chunked_dot(p_rows, m_rows, w_chunks, K: tl.constexpr, BLOCK_K: tl.constexpr
             b_next = load_written(p_rows[:, None] + col[None, :],
                                   m_rows[:, None] & real[None, :], WAIT, poll)
         b_x, b_w = dot_operands(b_a, w_chunks[kc])
-        b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
+        if kc % ACCS == 0:
+            b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
+        elif kc % ACCS == 1:
+            b_acc1 = tl.dot(b_x, b_w, b_acc1, input_precision=DOT_PRECISION)
+        elif kc % ACCS == 2:
+            b_acc2 = tl.dot(b_x, b_w, b_acc2, input_precision=DOT_PRECISION)
+        else:
+            b_acc3 = tl.dot(b_x, b_w, b_acc3, input_precision=DOT_PRECISION)
         b_a = b_next
+    if ACCS == 2:
+        b_acc += b_acc1
+    if ACCS == 4:
+        b_acc += b_acc1 + (b_acc2 + b_acc3)
     return b_acc
 
 
@@ -477,7 +500,7 @@ def lstm_forward_kernel(
             if RESIDENT:
                 if CHUNKED:
                     b_acc = chunked_dot(p_rows, m_rows, w_chunks, R, BLOCK_K, RP // BLOCK_K, 0,
-                                        DOT_PRECISION, ACC, DATAFLOW, t > 0)
+                                        DOT_PRECISION, ACC, DATAFLOW, t > 0, SPLIT_K)
                 elif PERSISTENT and DSMEM:
                     # h_{t-1} is exchange t; then its slot's next phase, exchange t + 2.
                     h_slot, h_mbar, h_parity = exchange_slot(exchange, SLOT, t)
