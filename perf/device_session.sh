@@ -12,7 +12,7 @@
 #                                                  tests, the schedule variants (theirs first),
 #                                                  make perf's stack section, call-to-call
 #                                                  spread of small-batch steps, the host's
-#                                                  cost per call (9.3 min)
+#                                                  cost per call (9.5 min)
 #   COMMIT=<hash> bash perf/device_session.sh 3   make tune: resumes the committed tune.csv
 #                                                  (its new candidates), then --wide (9 min)
 #   COMMIT=<hash> SHAPES="512x512 ..." bash perf/device_session.sh 4
@@ -91,7 +91,7 @@ case "${1:-}" in
     gpu_tests 90 "$CLUSTER_TESTS"
     timeout 140 python3 perf/variants.py --only cluster --out "$OUT/variants-cluster" 2>&1 \
         | tee "$OUT/variants.log"
-    timeout 50 python3 perf/variants.py --only small --out "$OUT/variants-small" 2>&1 \
+    timeout 65 python3 perf/variants.py --only small --out "$OUT/variants-small" 2>&1 \
         | tee -a "$OUT/variants.log"
     timeout 110 python3 perf/variants.py --only large --out "$OUT/variants-large" 2>&1 \
         | tee -a "$OUT/variants.log"
