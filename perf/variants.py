@@ -182,6 +182,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes that compile the configs ahead (1: none)")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("variants: no CUDA GPU found")
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                triton=__import__("triton").__version__)
     out = pathlib.Path(args.out)
