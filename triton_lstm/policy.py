@@ -30,6 +30,7 @@ from .dispatch import (BACKWARD_CHUNKS_ENV, FP32_GEMMS_ENV, backward_chunk_count
                        dot_precision, gemms_in_triton, heuristic_config, interpreting)
 from .functional import compute_dtype
 from .kernels.wavefront import wavefront_config
+from .overlap import chunk_count
 from .tuning import DTYPE_NAMES, KERNEL_ADVANTAGE
 
 
@@ -144,20 +145,28 @@ def _gemms(dtype: torch.dtype, device: torch.device) -> str:
     return "torch"
 
 
-def _backward_chunks(module, mode: str) -> str:
-    """How a training call's backward meets its GEMMs (dispatch.backward_chunks), where it
-    is not the one-launch default."""
-    if mode != "train" or module.bidirectional or module.recompute is not None or (
-            module.wavefront and module.num_layers > 1):
-        return ""
+def _steps_of(module, input) -> int:
+    if isinstance(input, PackedSequence):
+        return len(input.batch_sizes)
+    if input.dim() == 2:
+        return input.shape[0]
+    return input.shape[1 if module.batch_first else 0]
+
+
+def _backward_chunks(module, input, mode: str) -> str:
+    """How a training call's backward meets its GEMMs (overlap.chunk_count), where it is
+    not the one-launch default."""
+    if mode != "train" or (module.wavefront and module.num_layers > 1):
+        return ""   # no backward, or the wavefront's own
     try:
-        chunks = backward_chunk_count()
+        chunks = chunk_count(2 if module.bidirectional else 1, module.recompute or 0,
+                             _steps_of(module, input), ())
     except ValueError as error:
         return f"; the backward raises ValueError: {error}"
-    if chunks < 2:
+    if not chunks:
         return ""
     return (f"; the backward in {chunks} chunks of steps, each chunk's GEMMs beside the next "
-            f"chunk's recurrence ({BACKWARD_CHUNKS_ENV}={chunks})")
+            f"chunk's recurrence ({BACKWARD_CHUNKS_ENV}={backward_chunk_count()})")
 
 
 def _tiles(module, data: torch.Tensor, batch: int, dtype: torch.dtype) -> dict:
@@ -214,7 +223,8 @@ def explain(module, input, hx=None) -> Explanation:
 
     def kernels(why, **found):
         return Explanation("kernels", why, call, tiles=_tiles(module, data, batch, dtype),
-                           gemms=_gemms(dtype, data.device) + _backward_chunks(module, mode),
+                           gemms=_gemms(dtype, data.device) + _backward_chunks(module, input,
+                                                                               mode),
                            **found)
 
     if module.backend == "torch":
