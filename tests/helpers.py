@@ -1,5 +1,6 @@
 """Shared test helpers: random problems, a float64 reference, gradient collection."""
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import triton_lstm
 from triton_lstm.dispatch import KernelConfig
@@ -33,6 +34,18 @@ def outputs_and_grads(module, x, hx, upstream=None):
     loss = sum((o * g.to(o.dtype)).sum() for o, g in zip(outs, upstream))
     grads = torch.autograd.grad(loss, inputs)
     return [o.detach() for o in outs], [g.detach() for g in grads], upstream
+
+
+def packed_outputs_and_grads(module, x, hx, reset, lengths, upstream):
+    """Run module on x (packed by ``lengths`` unless None) with ``reset``, backprop
+    ``upstream(outputs)`` from (y or its packed data, h_n, c_n). Returns the outputs, then
+    the grads of x, hx and the parameters, in one list."""
+    inp = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
+    out, (h, c) = module(inp, hx, reset=reset)
+    outs = (out if lengths is None else out.data, h, c)
+    leaves = [x] + (list(hx) if hx is not None else []) + list(module.parameters())
+    loss = sum((t * u).sum() for t, u in zip(outs, upstream(outs)))
+    return [t.detach() for t in outs] + list(torch.autograd.grad(loss, leaves))
 
 
 def float64_copy(module):

@@ -12,7 +12,8 @@ from triton_lstm.overlap import chunk_bounds
 
 from .conftest import requires_interpreter
 from .helpers import (FP32_SLACK, GATE_SPLIT, assert_within_twice_the_reference_error,
-                      float64_reference, outputs_and_grads, random_problem, triton_copy)
+                      float64_reference, outputs_and_grads, packed_outputs_and_grads,
+                      random_problem, triton_copy)
 
 pytestmark = requires_interpreter
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -31,15 +32,6 @@ def backward_launches(module, x):
     before = sum(dispatch.launch_counts.values())
     out.sum().backward()
     return sum(dispatch.launch_counts.values()) - before
-
-
-def packed_outputs_and_grads(module, x, hx, reset, lengths, upstream):
-    inp = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
-    out, (h, c) = module(inp, hx, reset=reset)
-    outs = (out if lengths is None else out.data, h, c)
-    leaves = [x] + (list(hx) if hx is not None else []) + list(module.parameters())
-    loss = sum((t * u).sum() for t, u in zip(outs, upstream))
-    return [t.detach() for t in outs] + list(torch.autograd.grad(loss, leaves))
 
 
 CASES = [  # options, T, chunks, hx, lengths, resets
@@ -77,9 +69,9 @@ def test_chunked_backward_equals_the_one_launch_backward(options, T, count, with
 
     with tuning.forced_configs(backward=backward):
         chunks(0)
-        want = packed_outputs_and_grads(module, x, hx, reset, lengths, upstream)
+        want = packed_outputs_and_grads(module, x, hx, reset, lengths, lambda _: upstream)
         chunks(count)
-        got = packed_outputs_and_grads(module, x, hx, reset, lengths, upstream)
+        got = packed_outputs_and_grads(module, x, hx, reset, lengths, lambda _: upstream)
     for k, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(g, w, **TOL, msg=lambda m, k=k: f"tensor {k}: {m}")
 

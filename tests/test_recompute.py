@@ -4,27 +4,15 @@ with segment boundaries at awkward places; the saved memory must shrink."""
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 import triton_lstm
 from triton_lstm import dispatch, tuning
 
 from .conftest import requires_interpreter
-from .helpers import GATE_SPLIT
+from .helpers import GATE_SPLIT, packed_outputs_and_grads
 
 pytestmark = requires_interpreter
 TOL = dict(rtol=1e-10, atol=1e-10)
-
-
-def outputs_and_grads(module, x, hx, reset, lengths, upstream):
-    inp = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
-    out, (h, c) = module(inp, hx, reset=reset)
-    data = out if lengths is None else out.data
-    outs = (data, h, c)
-    leaves = [x] + (list(hx) if hx is not None else []) + list(module.parameters())
-    loss = sum((t * u).sum() for t, u in zip(outs, upstream(outs)))
-    return [t.detach() for t in outs] + list(torch.autograd.grad(loss, leaves))
-
 
 CASES = [  # options, T, every, hx, lengths, resets
     pytest.param(dict(), 7, 3, True, None, False, id="T7-k3"),
@@ -61,9 +49,9 @@ def test_gradients_with_recompute_equal_those_without(options, T, every, with_hx
             upstreams["u"] = [torch.randn_like(t) for t in outs]
         return upstreams["u"]
 
-    want = outputs_and_grads(saving, x, hx, reset, lengths, upstream)
+    want = packed_outputs_and_grads(saving, x, hx, reset, lengths, upstream)
     with tuning.forced_configs(backward=backward):
-        got = outputs_and_grads(recomputing, x, hx, reset, lengths, upstream)
+        got = packed_outputs_and_grads(recomputing, x, hx, reset, lengths, upstream)
     for k, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(g, w, **TOL, msg=lambda m, k=k: f"tensor {k}: {m}")
 
