@@ -34,6 +34,8 @@
 #                                                  backward in chunks too, cuDNN's), make tune
 #                                                  at the mid-batch shapes (their 64-row
 #                                                  tiles), then at B = 512 (9.3 min)
+#   COMMIT=<hash> bash perf/device_session.sh 9   the forward in one launch and in chunks beside
+#                                                  its input projection (40 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -131,7 +133,7 @@ case "${1:-}" in
     gpu_tests 150 "$LATE_TESTS"
     gpu_tests 100 "B130 or past_2_31 or schedule_variants or dataflow_waits or \
         (step_loop_matches and B70) or (options and packed) or (fp32_gemms and I33) or \
-        chunked or backward-chunks"
+        chunked or backward-chunks or forward-chunks"
     # The backward in one launch and in chunks beside its GEMMs: the table's tiles, then a
     # 64-row tile that leaves SMs idle (perf/NOTES.md, "the backward's GEMMs beside its
     # recurrence").
@@ -146,8 +148,19 @@ case "${1:-}" in
     tune_resumed 110 1.2 --shapes $MID_BATCH
     tune_resumed 60 0.5 --shapes $LARGE_BATCH
     ;;
+9)
+    # The forward in one launch and in chunks, each chunk's input projection beside the
+    # recurrence of the chunk before (perf/NOTES.md, "the forward's input projection beside
+    # its recurrence"): the table's tiles, then a 64-program tile.
+    timeout 25 python3 perf/train_breakdown.py --mode forward --shapes bf16:128x1024 \
+        fp32:128x1024 --forward-chunks 0 4 --out "$OUT/forward-chunks" 2>&1 \
+        | tee "$OUT/forward-chunks.log"
+    timeout 15 python3 perf/train_breakdown.py --mode forward --shapes bf16:128x1024 \
+        --forward-chunks 0 4 --forward-config bb64-bh32-str-bk64-sk4-w8-st3 \
+        --out "$OUT/forward-chunks-64-rows" 2>&1 | tee -a "$OUT/forward-chunks.log"
+    ;;
 *)
-    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8" >&2
+    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9" >&2
     exit 2
     ;;
 esac

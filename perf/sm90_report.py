@@ -116,8 +116,9 @@ def ptxas_report(ptx: str) -> dict:
 
 
 def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restarts=False,
-           ckpt_every=0, config=None):
-    """One persistent kernel with the dispatcher's config (or `config`), I = H."""
+           ckpt_every=0, config=None, resumed=False):
+    """One persistent kernel with the dispatcher's config (or `config`), I = H; `resumed`: the
+    forward's launch that starts at a later step (the forward in chunks, overlap.py)."""
     tname, dtype = DTYPES[dtype_name]
     cfg = config or heuristic_config(batch, hidden, dtype, max(1, NUM_SMS // directions),
                                      kernel_name)
@@ -142,7 +143,7 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
                      restarts="i8", hw_restart=acc, c_restart=tname, h_ckpt=tname, c_ckpt=acc,
                      counters="i32")
         constexprs = dict(common, SAVE=not ckpt_every, CKPT_EVERY=ckpt_every,
-                          DSMEM=cfg.dsmem and not proj)
+                          DSMEM=cfg.dsmem and not proj and not resumed, RESUMED=resumed)
     else:
         kernel = lstm_backward_kernel
         types = dict(dy=tname, dh_n=tname, dc_state=acc, gates=acc, c_all=acc, c0=tname,
@@ -244,6 +245,8 @@ def main():
     parser.add_argument("--proj", type=int, default=0, help="proj_size (0: none)")
     parser.add_argument("--restarts", action="store_true", help="with reset= (restarts)")
     parser.add_argument("--ckpt", type=int, default=0, help="recompute interval (forward)")
+    parser.add_argument("--resumed", action="store_true",
+                        help="the forward's launch from a later step (the forward in chunks)")
     parser.add_argument("--config", help="a config label instead of the heuristic's, e.g. "
                                          "bb128-bh32-str-bk64-sk1-w16-st3 (tuning.config_label)")
     parser.add_argument("--kernels", nargs="+", default=["forward", "backward"],
@@ -287,7 +290,7 @@ def reports(args, config):
                                            kernel_name, args.dropout)
                 else:
                     yield report(kernel_name, dtype_name, batch, hidden, args.directions,
-                                 args.proj, args.restarts, args.ckpt, config)
+                                 args.proj, args.restarts, args.ckpt, config, args.resumed)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Where a training call's GPU time goes: one layer's forward + backward, kernel by kernel.
+"""Where a training call's GPU time goes: one layer's forward + backward, kernel by kernel
+(or an inference call's: --mode forward).
 
 A training step of the layer is the recurrence (the forward and backward persistent
 kernels) and, around it, torch's GEMMs (x W_ih^T, then dx, dW_ih and dW_hh over dG),
@@ -8,13 +9,17 @@ time step of each, the largest kernels, and the span of the call on the GPU agai
 kernels' sum (the difference is time the GPU waited between kernels, or, negative, time
 kernels ran side by side), then the call timed alone (do_bench, µs per step).
 --backward-chunks runs ours once per count given (``dispatch.backward_chunks``: the
-backward in chunks, each chunk's GEMMs beside the next chunk's recurrence; 0: one launch);
---backward-config forces the backward's tile (a config label, e.g. a 64-program tile that
-leaves SMs to those GEMMs).
+backward in chunks, each chunk's GEMMs beside the next chunk's recurrence; 0: one launch),
+--forward-chunks the same for the forward (``dispatch.forward_chunks``: each chunk's input
+projection beside the recurrence of the chunk before), every pair of the two;
+--backward-config and --forward-config force a kernel's tile (a config label, e.g. a
+64-program tile that leaves SMs to those GEMMs). --mode forward profiles an inference call.
 
     python3 perf/train_breakdown.py [--shapes bf16:512x1024 fp32:128x1024 ...] [--T 256]
-                                    [--peer triton|cudnn] [--backward-chunks 0 4 8]
-                                    [--backward-config bb64-bh32-str-bk64-sk4-w16-st3] [--out DIR]
+                                    [--peer triton|cudnn] [--mode train|forward]
+                                    [--forward-chunks 0 4] [--backward-chunks 0 4 8]
+                                    [--backward-config bb64-bh32-str-bk64-sk4-w16-st3]
+                                    [--forward-config bb64-bh32-str-bk64-sk4-w8-st3] [--out DIR]
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import triton_lstm  # noqa: E402
 from triton_lstm import dispatch, tuning  # noqa: E402
 from bench import DTYPES  # noqa: E402
-from timing import bench_ms, random_inputs, train_fn  # noqa: E402
+from timing import bench_ms, forward_fn, random_inputs, train_fn  # noqa: E402
 from variants import write_csv  # noqa: E402
 
 DEFAULT_SHAPES = ("bf16:512x1024", "bf16:128x1024", "fp32:512x1024")
@@ -90,8 +95,11 @@ def report(label: str, result: dict, top: int) -> str:
 
 
 def rows_of(peer: str, dtype_name: str, B: int, H: int, T: int, result: dict,
-            backward_chunks="", timed_us=None, backward_config="") -> list[dict]:
-    base = dict(peer=peer, backward_chunks=backward_chunks, backward_config=backward_config,
+            backward_chunks="", timed_us=None, backward_config="", mode="train",
+            forward_chunks="", forward_config="") -> list[dict]:
+    base = dict(peer=peer, mode=mode, forward_chunks=forward_chunks,
+                forward_config=forward_config, backward_chunks=backward_chunks,
+                backward_config=backward_config,
                 dtype=dtype_name, B=B, H=H, T=T)
     rows = [dict(base, group=group, kernel="", launches="", us_per_step=round(us, 3))
             for group, us in result["groups"].items()]
@@ -112,23 +120,37 @@ def main(argv=None) -> None:
     parser.add_argument("--T", type=int, default=256)
     parser.add_argument("--peer", default="triton", choices=("triton", "cudnn"),
                         help="cudnn: the same layer as nn.LSTM, for comparison")
+    parser.add_argument("--mode", default="train", choices=("train", "forward"),
+                        help="forward: an inference call (no gradient)")
+    parser.add_argument("--forward-chunks", type=int, nargs="+",
+                        help="ours once per count (dispatch.forward_chunks); default: "
+                             "TRITON_LSTM_FORWARD_CHUNKS's")
     parser.add_argument("--backward-chunks", type=int, nargs="+",
-                        help="ours once per count (dispatch.backward_chunks); default: "
-                             "TRITON_LSTM_BACKWARD_CHUNKS's")
+                        help="ours once per count (dispatch.backward_chunks), in training; "
+                             "default: TRITON_LSTM_BACKWARD_CHUNKS's")
     parser.add_argument("--backward-config", default="",
                         help="ours with this backward tile (a config label); default: the "
+                             "table's or the heuristic's")
+    parser.add_argument("--forward-config", default="",
+                        help="ours with this forward tile (a config label); default: the "
                              "table's or the heuristic's")
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--out", type=pathlib.Path, help="writes train_breakdown.csv there")
     args = parser.parse_args(argv)
-    backward = None
-    if args.backward_config:
+    labels = dict(forward=args.forward_config, backward=args.backward_config)
+    if args.peer == "cudnn":
+        labels = dict(forward="", backward="")
+    elif args.mode == "forward":
+        labels["backward"] = ""
+    forced = {}
+    for kernel, label in labels.items():
         try:
-            backward = tuning.config_from_label(args.backward_config)
+            forced[kernel] = tuning.config_from_label(label) if label else None
         except ValueError as e:
-            parser.error(f"--backward-config: {e}")
+            parser.error(f"--{kernel}-config: {e}")
     if not torch.cuda.is_available():
         sys.exit("train_breakdown: no CUDA GPU found")
+    training = args.mode == "train"
     rows = []
     for spec in args.shapes:
         match = re.fullmatch(r"(\w+):(\d+)x(\d+)", spec)
@@ -139,20 +161,27 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         module = (torch.nn.LSTM(H, H, device=DEVICE, dtype=dtype) if args.peer == "cudnn" else
                   triton_lstm.LSTM(H, H, device=DEVICE, dtype=dtype, backend="triton"))
-        x, hx = random_inputs(args.T, B, H, H, dtype, device=DEVICE, requires_grad=True)
-        fn = train_fn(module, x, hx)
-        counts = [""] if args.peer == "cudnn" else (args.backward_chunks
-                                                    or [dispatch.backward_chunk_count()])
-        for count in counts:
+        x, hx = random_inputs(args.T, B, H, H, dtype, device=DEVICE, requires_grad=training)
+        fn = train_fn(module, x, hx) if training else forward_fn(module, x, hx)
+        settings = [("", "")]
+        if args.peer == "triton":
+            settings = [(f, b) for f in args.forward_chunks or [dispatch.forward_chunk_count()]
+                        for b in (args.backward_chunks or [dispatch.backward_chunk_count()]
+                                  if training else [""])]
+        for forward_count, count in settings:
+            label = args.peer
+            if forward_count != "":
+                dispatch.forward_chunks = forward_count
+                label += (f" (forward in {forward_count} chunks)" if forward_count > 1
+                          else " (forward in one launch)")
             if count != "":
                 dispatch.backward_chunks = count
-            label = args.peer + ("" if count == "" else f" (backward in {count} chunks)"
-                                 if count > 1 else " (backward in one launch)")
-            if args.backward_config and args.peer == "triton":
-                label += f" [{args.backward_config}]"
-            label += f" {dtype_name} B={B} H={H} T={args.T} training"
+                label += (f" (backward in {count} chunks)" if count > 1
+                          else " (backward in one launch)")
+            label += "".join(f" [{kernel} {tile}]" for kernel, tile in labels.items() if tile)
+            label += f" {dtype_name} B={B} H={H} T={args.T} {'training' if training else 'forward'}"
             try:
-                with tuning.forced_configs(backward=backward if args.peer == "triton" else None):
+                with tuning.forced_configs(**forced):
                     for _ in range(3):           # compile, autotune caches, allocator
                         fn()
                     torch.cuda.synchronize()
@@ -164,7 +193,7 @@ def main(argv=None) -> None:
             print(report(label, result, args.top), flush=True)
             print(f"  timed call: {timed_us:.2f} µs/step", flush=True)
             rows += rows_of(args.peer, dtype_name, B, H, args.T, result, count, timed_us,
-                            args.backward_config if args.peer == "triton" else "")
+                            labels["backward"], args.mode, forward_count, labels["forward"])
             if args.out:             # after every setting: a run cut short keeps its rows
                 args.out.mkdir(parents=True, exist_ok=True)
                 write_csv(args.out / "train_breakdown.csv", list(rows[0]), rows)

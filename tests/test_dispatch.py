@@ -894,6 +894,26 @@ def test_explain_says_when_the_backward_runs_in_chunks(monkeypatch):
         triton_lstm.explain(module, x).gemms)
 
 
+@requires_interpreter
+def test_explain_says_when_the_forward_runs_in_chunks(monkeypatch):
+    module = triton_lstm.LSTM(16, 8, backend="triton")
+    x = torch.randn(4, 3, 16, requires_grad=True)
+    monkeypatch.setattr(dispatch, "forward_chunks", "3")
+    monkeypatch.setattr(dispatch, "backward_chunks", "2")
+    forward = ("; the forward in 3 chunks of steps, each chunk's input projection beside the "
+               "recurrence of the chunk before (TRITON_LSTM_FORWARD_CHUNKS=3)")
+    with torch.no_grad():
+        assert triton_lstm.explain(module, x).gemms == "torch" + forward
+    assert triton_lstm.explain(module, x).gemms == (
+        "torch" + forward + "; the backward in 2 chunks of steps, each chunk's GEMMs beside the "
+        "next chunk's recurrence (TRITON_LSTM_BACKWARD_CHUNKS=2)")
+    both_ways = triton_lstm.LSTM(16, 8, bidirectional=True, backend="triton")
+    assert triton_lstm.explain(both_ways, x).gemms == "torch"
+    monkeypatch.setattr(dispatch, "forward_chunks", "-2")
+    assert "the forward raises ValueError: TRITON_LSTM_FORWARD_CHUNKS" in (
+        triton_lstm.explain(module, x).gemms)
+
+
 H100 = "NVIDIA H100 80GB HBM3"
 
 

@@ -239,10 +239,12 @@ def test_autocast_computes_in_the_autocast_dtype_within_twice_nn_lstms_error_the
     assert all(p.grad.dtype == torch.float32 for p in ours.parameters())
 
 
-@pytest.mark.parametrize("chunks", [0, 4], ids=["", "backward-chunks"])
-def test_whole_training_step_captured_in_a_cuda_graph_replays_like_eager(chunks, monkeypatch):
-    """With backward chunks, eager runs their GEMMs on the side stream, the capture on its own."""
-    monkeypatch.setattr(dispatch, "backward_chunks", chunks)
+@pytest.mark.parametrize("chunked", [None, "backward_chunks", "forward_chunks"],
+                         ids=["", "backward-chunks", "forward-chunks"])
+def test_whole_training_step_captured_in_a_cuda_graph_replays_like_eager(chunked, monkeypatch):
+    """With chunks, eager runs their GEMMs on the side stream, the capture on its own."""
+    if chunked:
+        monkeypatch.setattr(dispatch, chunked, 4)
     model = _char_model()
     eager = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -274,12 +276,15 @@ def test_whole_training_step_captured_in_a_cuda_graph_replays_like_eager(chunks,
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("chunked", ["backward_chunks", "forward_chunks"],
+                         ids=["backward-chunks", "forward-chunks"])
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
-def test_chunked_backward_matches_float64_within_twice_the_one_launch_error(dtype_name,
-                                                                            monkeypatch):
-    """The backward in 4 chunks, each chunk's GEMMs on the side stream beside the next
-    chunk's recurrence (overlap.py), called from a stream of the caller's own. Its weight
-    gradients are sums over the chunks, not bitwise the one launch's: both against float64."""
+def test_chunked_layer_matches_float64_within_twice_the_one_launch_error(dtype_name, chunked,
+                                                                         monkeypatch):
+    """The backward (or the forward) in 4 chunks, each chunk's GEMMs on the side stream beside
+    a chunk's recurrence (overlap.py), called from a stream of the caller's own. The chunks'
+    GEMMs are not bitwise the whole ones (weight gradients are sums over the chunks; cuBLAS
+    may pick other kernels for fewer rows): both against float64."""
     dtype, _, slack = DTYPES[dtype_name]
     T, B, I, H = 64, 64, 128, 512
     torch_lstm = torch.nn.LSTM(I, H, device="cuda", dtype=dtype)
@@ -287,25 +292,25 @@ def test_chunked_backward_matches_float64_within_twice_the_one_launch_error(dtyp
     x = torch.randn(T, B, I, device="cuda", dtype=dtype, requires_grad=True)
     hx = tuple(torch.randn(1, B, H, device="cuda", dtype=dtype, requires_grad=True)
                for _ in range(2))
-    monkeypatch.setattr(dispatch, "backward_chunks", 0)
+    monkeypatch.setattr(dispatch, chunked, 0)
     before = launch_counts["persistent"]
     one_outs, one_grads, upstream = outputs_and_grads(ours, x, hx)
     one_launch = launch_counts["persistent"] - before
-    monkeypatch.setattr(dispatch, "backward_chunks", 4)
+    monkeypatch.setattr(dispatch, chunked, 4)
     before = launch_counts["persistent"]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         outs, grads, _ = outputs_and_grads(ours, x, hx, upstream)
     torch.cuda.current_stream().wait_stream(stream)
-    # (each backward launch of the one-launch call is four here)
-    assert launch_counts["persistent"] - before >= one_launch + 3, "the backward ran unchunked"
+    # (each launch of the chunked kernel in the one-launch call is four here)
+    assert launch_counts["persistent"] - before >= one_launch + 3, "the layer ran unchunked"
     ref_outs, ref_grads = float64_reference(torch_lstm, x, hx, upstream)
     names = ["y", "h_n", "c_n", "grad x", "grad h0", "grad c0",
              "grad w_ih", "grad w_hh", "grad b_ih", "grad b_hh"]
     assert_within_twice_the_reference_error(outs + grads, one_outs + one_grads,
                                             ref_outs + ref_grads, slack, names,
-                                            theirs_name="the one-launch backward")
+                                            theirs_name="the one-launch layer")
 
 
 def test_compile_reduce_overhead_training_matches_eager():

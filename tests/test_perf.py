@@ -333,7 +333,7 @@ def test_train_breakdown_runs_each_backward_setting_and_keeps_its_rows(tmp_path,
         before = dispatch.launch_counts["persistent"]
         fn()
         kernels_seen.append(dispatch.launch_counts["persistent"] - before)
-        tiles_seen.append(tuning._forced.get("backward"))
+        tiles_seen.append((tuning._forced.get("forward"), tuning._forced.get("backward")))
         return [("lstm_forward_kernel", 0.0, 3.0), ("lstm_backward_kernel", 3.0, 6.0)]
 
     monkeypatch.setattr(train_breakdown, "DEVICE", "cpu")
@@ -341,19 +341,35 @@ def test_train_breakdown_runs_each_backward_setting_and_keeps_its_rows(tmp_path,
     monkeypatch.setattr(train_breakdown, "bench_ms", lambda fn: (0.03, 0.02, 0.04))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(dispatch, "backward_chunks", 0)
+    monkeypatch.setattr(dispatch, "backward_chunks", 0)     # main() sets both
+    monkeypatch.setattr(dispatch, "forward_chunks", 0)
     label = "bb16-bh8-str-bk16-sk1-w4"     # one program a group: persistent here
     train_breakdown.main(["--shapes", f"fp32:{B}x{H}", "--T", str(T), "--backward-chunks", "0",
                           "3", "--backward-config", label, "--out", str(tmp_path)])
     # A training call: the forward launch, then one backward launch per chunk.
     assert kernels_seen == [1 + 1, 1 + 3]
-    assert tiles_seen == [tuning.config_from_label(label)] * 2
+    assert tiles_seen == [(None, tuning.config_from_label(label))] * 2
     with open(tmp_path / "train_breakdown.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["backward_chunks"] for r in rows} == {"0", "3"}
     assert {r["backward_config"] for r in rows} == {label}
     timed = [r for r in rows if r["group"] == "timed call"]
     assert [float(r["us_per_step"]) for r in timed] == [10.0, 10.0]    # 0.03 ms over T = 3
+
+    # Inference calls, the forward in one launch and in chunks (one launch per chunk), its
+    # tile forced; a backward tile means nothing there.
+    kernels_seen.clear()
+    tiles_seen.clear()
+    train_breakdown.main(["--shapes", f"fp32:{B}x{H}", "--T", str(T), "--mode", "forward",
+                          "--forward-chunks", "0", "3", "--forward-config", label,
+                          "--backward-config", label, "--out", str(tmp_path / "fwd")])
+    assert kernels_seen == [1, 3]
+    assert tiles_seen == [(tuning.config_from_label(label), None)] * 2
+    with open(tmp_path / "fwd" / "train_breakdown.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["mode"], r["forward_chunks"], r["backward_chunks"], r["forward_config"],
+             r["backward_config"]) for r in rows} == {("forward", "0", "", label, ""),
+                                                      ("forward", "3", "", label, "")}
 
 
 def test_train_breakdown_groups_a_calls_kernels_per_step(tmp_path):

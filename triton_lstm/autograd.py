@@ -97,12 +97,26 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, w_hr=N
     single = w_hh.dim() == 2
     if single:
         w_hh, h0, c0, w_hr = _add_direction_dim(w_hh, h0, c0, w_hr)
-    gx = input_projection(x, w_ih, b_ih, b_hh)
-    y, h_n, c_n, *_ = torch.ops.triton_lstm.recurrence_forward(
-        gx, w_hh, h0, c0, lengths, w_hr, False, config_to_list(config), force_stepped, restarts,
-        h0, c0)
+    y, h_n, c_n, *_ = _recurrence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, config,
+                                  force_stepped, w_hr, restarts, False, 0)
     c_n = c_n.to(x.dtype)
     return (y, h_n[0], c_n[0]) if single else (y, h_n, c_n)
+
+
+def _recurrence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, config, force_stepped, w_hr,
+                restarts, save: bool, recompute: int):
+    """The input projection, then the forward recurrence (w_hh [D, 4H, R]): what
+    ``ops.recurrence_forward`` returns. With ``dispatch.forward_chunks`` in chunks of steps,
+    each chunk's projection beside the recurrence of the chunk before (overlap.py)."""
+    from .overlap import forward_chunks_for, overlapped_forward   # overlap.py imports this file
+    chunks = forward_chunks_for(w_hh.shape[0], x.shape[0], (x, h0, c0, w_ih, w_hh, b_ih, w_hr))
+    if chunks:
+        return overlapped_forward(x, w_ih, b_ih, b_hh, w_hh, h0, c0, lengths, w_hr, save, config,
+                                  force_stepped, restarts, recompute, chunks)
+    gx = input_projection(x, w_ih, b_ih, b_hh)
+    return torch.ops.triton_lstm.recurrence_forward(
+        gx, w_hh, h0, c0, lengths, w_hr, save, config_to_list(config), force_stepped, restarts,
+        h0, c0, recompute)
 
 
 class LSTMFunction(torch.autograd.Function):
@@ -141,10 +155,8 @@ class LSTMFunction(torch.autograd.Function):
         single = w_hh.dim() == 2
         if single:
             w_hh, h0, c0, w_hr = _add_direction_dim(w_hh, h0, c0, w_hr)
-        gx = input_projection(x, w_ih, b_ih, b_hh)
-        y, h_n, c_n, *saved = torch.ops.triton_lstm.recurrence_forward(
-            gx, w_hh, h0, c0, lengths, w_hr, not recompute, config_to_list(config), force_stepped,
-            restarts, h0, c0, recompute)
+        y, h_n, c_n, *saved = _recurrence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, config,
+                                          force_stepped, w_hr, restarts, not recompute, recompute)
         c_n = c_n.to(x.dtype)
         if single:
             h_n, c_n = h_n[0], c_n[0]
@@ -183,8 +195,8 @@ def lstm_layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
     if single:
         w_hh, h0, c0, w_hr, dh_n, dc_n, r_all = _add_direction_dim(w_hh, h0, c0, w_hr, dh_n, dc_n,
                                                                    r_all)
-    from .overlap import chunk_count, overlapped_backward   # overlap.py imports this file
-    chunks = chunk_count(w_hh.shape[0], recompute, x.shape[0], (dy, dh_n, dc_n))
+    from .overlap import backward_chunks_for, overlapped_backward   # overlap.py imports this
+    chunks = backward_chunks_for(w_hh.shape[0], recompute, x.shape[0], (dy, dh_n, dc_n))
     if chunks:
         grads = overlapped_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths,
                                     restarts, y, gates, c_all, r_all, needs, config,

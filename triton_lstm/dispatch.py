@@ -144,19 +144,33 @@ def gemms_in_triton(dtype: torch.dtype, device: torch.device) -> bool:
 # (perf/train_breakdown.py --backward-chunks) shows the chunks faster.
 BACKWARD_CHUNKS_ENV = "TRITON_LSTM_BACKWARD_CHUNKS"
 backward_chunks = os.environ.get(BACKWARD_CHUNKS_ENV, "0")
+# The forward of a one-direction layer in this many chunks of steps, the input projection
+# of each chunk on a side stream beside the recurrence of the chunk before (overlap.py);
+# 0 or 1: the whole projection, then one launch. 0 until a GPU measurement
+# (perf/train_breakdown.py --forward-chunks) shows the chunks faster.
+FORWARD_CHUNKS_ENV = "TRITON_LSTM_FORWARD_CHUNKS"
+forward_chunks = os.environ.get(FORWARD_CHUNKS_ENV, "0")
 
 
 def backward_chunk_count() -> int:
     """``backward_chunks`` as a number (the variable's text, or an int set at run time)."""
-    value = backward_chunks
+    return _chunk_count(backward_chunks, BACKWARD_CHUNKS_ENV, "backward_chunks")
+
+
+def forward_chunk_count() -> int:
+    """``forward_chunks`` as a number (the variable's text, or an int set at run time)."""
+    return _chunk_count(forward_chunks, FORWARD_CHUNKS_ENV, "forward_chunks")
+
+
+def _chunk_count(value, env: str, name: str) -> int:
     count = None
     if isinstance(value, int) and not isinstance(value, bool):
         count = value
     elif isinstance(value, str) and value.strip().isdigit():
         count = int(value)
     if count is None or count < 0:
-        raise ValueError(f"{BACKWARD_CHUNKS_ENV} (dispatch.backward_chunks): expected a whole "
-                         f"number of chunks >= 0, got {value!r}")
+        raise ValueError(f"{env} (dispatch.{name}): expected a whole number of chunks >= 0, "
+                         f"got {value!r}")
     return count
 
 
@@ -430,8 +444,9 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
                       hidden_size: int, output_size: int, num_directions: int,
                       config: KernelConfig, device: torch.device,
                       force_stepped: bool = False, shared_barrier: bool = False,
-                      pushes_per_exchange=None) -> None:
-    """Run ``kernel`` over ``num_steps`` recurrent phases, persistently where it is safe.
+                      pushes_per_exchange=None, first_step: int = 0) -> None:
+    """Run ``kernel`` over recurrent phases [first_step, num_steps), persistently where it
+    is safe.
 
     ``args`` are the kernel's tensors and sizes up to (and without) the barrier
     counters; ``constexprs`` its shape-independent compile-time flags (the tile
@@ -481,8 +496,8 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
             pushes, uneven = divmod(2 * pushes_per_exchange(config), 32 * config.num_warps)
             pushes = -1 if uneven else pushes
         if launch_in_clusters(kernel, (num_h * num_b, num_directions),
-                              args + (0, num_steps, 0, leader_inc), clustered, cluster, exchange,
-                              pushes):
+                              args + (first_step, num_steps, 0, leader_inc), clustered, cluster,
+                              exchange, pushes):
             launch_counts["persistent"] += 1
             launch_counts["clustered"] += 1
             return
@@ -495,7 +510,7 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
         groups_resident = num_b if barrier_group == 1 else 0
     else:
         try:
-            capacity = co_resident_programs(kernel, args + (0, num_steps, 0, leader_inc),
+            capacity = co_resident_programs(kernel, args + (first_step, num_steps, 0, leader_inc),
                                             dict(constexprs, PERSISTENT=True), config, device)
         except triton.runtime.errors.OutOfResources:
             lighter = lighter_on_chip(config)
@@ -506,18 +521,19 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
                                      num_directions=num_directions, config=lighter,
                                      device=device, force_stepped=force_stepped,
                                      shared_barrier=shared_barrier,
-                                     pushes_per_exchange=pushes_per_exchange)
+                                     pushes_per_exchange=pushes_per_exchange,
+                                     first_step=first_step)
         groups_resident = capacity // group
     groups_at_once = min(groups_resident, num_b, _COUNTER_SLOTS // counters_per_block)
 
     if groups_at_once >= 1:
         for b0 in range(0, num_b, groups_at_once):
             grid = (num_h * min(groups_at_once, num_b - b0), num_directions)
-            kernel[grid](*args, 0, num_steps, b0 * config.block_b, leader_inc,
+            kernel[grid](*args, first_step, num_steps, b0 * config.block_b, leader_inc,
                          PERSISTENT=True, **_launch_options(), **common)
             launch_counts["persistent"] += 1
     else:
         grid = (num_h * num_b, num_directions)
-        for step in range(num_steps):
+        for step in range(first_step, num_steps):
             kernel[grid](*args, step, step + 1, 0, leader_inc, PERSISTENT=False, **common)
             launch_counts["stepped"] += 1

@@ -70,13 +70,22 @@ def recurrence_forward(
     [D, T, B, H] with a projection, and with ``ckpt_every`` the checkpoints h_ckpt
     [D, NC, B, R] and c_ckpt [D, NC, B, H]; [0]-shaped where absent.
     """
+    return recurrence_forward_eager(gx, w_hh, h0, c0, lengths, w_hr, save, config, force_stepped,
+                                    restarts, h_restart, c_restart, ckpt_every, reverse)
+
+
+def recurrence_forward_eager(gx, w_hh, h0, c0, lengths, w_hr, save, config, force_stepped,
+                             restarts=None, h_restart=None, c_restart=None, ckpt_every=0,
+                             reverse=True, step_chunks=None):
+    """The body of ``recurrence_forward``, which eager code can also call with
+    ``step_chunks`` (``lstm_forward``'s; overlap.py), an iterable no op schema carries."""
     h0, c0, w_hr, h_restart, c_restart = (None if t is None else t.contiguous()
                                           for t in (h0, c0, w_hr, h_restart, c_restart))
     y, h_n, c_n, gates, c_all, r_all, h_ckpt, c_ckpt = lstm_forward(
         gx.contiguous(), w_hh.contiguous(), h0, c0, lengths, w_hr, save=save,
         config=config_from_list(config), force_stepped=force_stepped,
         restarts=None if restarts is None else restarts.contiguous(), h_restart=h_restart,
-        c_restart=c_restart, ckpt_every=ckpt_every, reverse=reverse)
+        c_restart=c_restart, ckpt_every=ckpt_every, reverse=reverse, step_chunks=step_chunks)
     acc = c_n.dtype
     return (y, h_n, c_n, _or_empty(gates, gx, acc), _or_empty(c_all, gx, acc),
             _or_empty(r_all if save else None, gx), _or_empty(h_ckpt, gx),
@@ -316,13 +325,17 @@ def _matmul_vmap(info, in_dims, a, b, bias, precision):
 register_vmap("triton_lstm::matmul", _matmul_vmap)
 
 
-def layer_matmul(a: torch.Tensor, b: torch.Tensor,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def layer_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a @ b (+ bias) for a layer's GEMMs: torch's, or kernels/gemm.py in tf32 where
-    ``dispatch.gemms_in_triton`` says so (fp32, opt-in)."""
+    ``dispatch.gemms_in_triton`` says so (fp32, opt-in). ``out``: written in place, in eager
+    code only (an op returns new tensors)."""
     if gemms_in_triton(a.dtype, a.device):
-        return torch.ops.triton_lstm.matmul(a, b, bias, dot_precision(a.dtype, a.device))
-    return a @ b if bias is None else torch.addmm(bias, a, b)
+        precision = dot_precision(a.dtype, a.device)
+        if out is not None:
+            return gemm_matmul(a, b, bias, precision=precision, out=out)
+        return torch.ops.triton_lstm.matmul(a, b, bias, precision)
+    return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
 
 
 # -- one step (streaming inference) -----------------------------------------------------------

@@ -1,20 +1,30 @@
-"""The backward of a layer in chunks of steps, its GEMMs beside the reverse recurrence.
+"""A layer in chunks of steps, its GEMMs beside its recurrence: the backward, and the forward.
 
-A mid-batch layer's reverse recurrence fills only part of the GPU (bf16 B=128 H=1024: 64
-programs on an H200's 132 SMs), and the GEMMs over dG that follow it (dx, dW_ih, dW_hh:
-about a tenth of a training step there) then run alone. Here the reverse recurrence runs
-one chunk of steps at a time, the last chunk first. As soon as a chunk's dG is written,
-that chunk's share of the GEMMs goes to a side stream, where it can take the SMs that the
-next chunk's recurrence leaves idle; only the first chunk's GEMMs run after the recurrence.
+A layer's recurrence is latency-bound, and the GEMMs around it (x W_ih^T before the
+forward; dx, dW_ih, dW_hh over dG after the backward: at bf16 B=128 H=1024 each about a
+fifth and a tenth of the step) run alone. Where the recurrence's grid leaves SMs idle (a
+64-program tile there leaves 68 of an H200's 132), the GEMMs of one chunk of steps can run
+on them while the recurrence of another goes.
 
-What crosses a chunk boundary is the gradient of the state (dh, dc), as between
-recompute.py's segments; dh is in the input dtype there, as the kernel returns it. The
-weight and bias gradients are summed over the chunks in the state dtype.
+The backward: the reverse recurrence runs one chunk of steps at a time, the last chunk
+first. As soon as a chunk's dG is written, that chunk's share of the GEMMs goes to a side
+stream, beside the next chunk's recurrence; only the first chunk's GEMMs run after the
+recurrence. What crosses a chunk boundary is the gradient
+of the state (dh, dc), as between recompute.py's segments; dh is in the input dtype there,
+as the kernel returns it. The weight and bias gradients are summed over the chunks in the
+state dtype.
 
-It runs where ``dispatch.backward_chunks`` (TRITON_LSTM_BACKWARD_CHUNKS) asks for two or
-more chunks and the layer has one direction (a bidirectional layer's recurrence fills twice
-the programs), saved every step's gates (recompute has segments of its own), and no
-compiler or functorch transform is tracing it. While a CUDA graph is being captured the
+The forward: the input projection of the first chunk runs alone, that of every later chunk
+on the side stream beside the recurrence of the chunk before. The chunks are launches of
+one forward over whole-sequence outputs (kernels.forward.lstm_forward's step_chunks), each
+starting where the last one stopped, so nothing is copied and the results are the one
+launch's.
+
+Each runs where ``dispatch.backward_chunks`` (TRITON_LSTM_BACKWARD_CHUNKS) or
+``dispatch.forward_chunks`` (TRITON_LSTM_FORWARD_CHUNKS) asks for two or more chunks and
+the layer has one direction (a bidirectional layer's recurrence fills twice the programs),
+and no compiler or functorch transform is tracing it; the backward also needs every step's
+gates saved (recompute has segments of its own). While a CUDA graph is being captured the
 chunks run on the current stream alone.
 """
 from __future__ import annotations
@@ -26,24 +36,37 @@ from torch._C._functorch import is_legacy_batchedtensor
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .autograd import gemms_over_dG, previous_hidden
-from .dispatch import backward_chunk_count, state_dtype
-from .ops import config_to_list, layer_matmul
+from .dispatch import backward_chunk_count, forward_chunk_count, state_dtype
+from .ops import config_to_list, layer_matmul, recurrence_forward_eager
 from .reference import row_lengths
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
 
 
-def chunk_count(directions: int, recompute: int, steps: int, upstream) -> int:
+def backward_chunks_for(directions: int, recompute: int, steps: int, upstream) -> int:
     """How many chunks this layer's backward runs in: 0 for the one-launch backward.
     upstream: the incoming gradients (dy, dh_n, dc_n); batched ones, from gradcheck's
     batched-gradient check (torch's legacy vmap, no functorch interpreter), keep the one
     launch: the chunks write their sums in place."""
     chunks = backward_chunk_count()
-    if (chunks < 2 or steps < 2 or directions != 1 or recompute
-            or torch.compiler.is_compiling() or retrieve_all_functorch_interpreters()
-            or any(t is not None and is_legacy_batchedtensor(t) for t in upstream)):
+    if chunks < 2 or steps < 2 or directions != 1 or recompute or _transformed(upstream):
         return 0
     return min(chunks, steps)
+
+
+def forward_chunks_for(directions: int, steps: int, inputs) -> int:
+    """How many chunks this layer's forward runs in: 0 for the whole projection, then one
+    launch. inputs: the layer's tensors (None where absent)."""
+    chunks = forward_chunk_count()
+    if chunks < 2 or steps < 2 or directions != 1 or _transformed(inputs):
+        return 0
+    return min(chunks, steps)
+
+
+def _transformed(tensors) -> bool:
+    """Whether a compiler, a functorch transform or torch's legacy vmap sees these tensors."""
+    return bool(torch.compiler.is_compiling() or retrieve_all_functorch_interpreters()
+                or any(t is not None and is_legacy_batchedtensor(t) for t in tensors))
 
 
 def chunk_bounds(steps: int, chunks: int) -> list[tuple[int, int]]:
@@ -164,3 +187,45 @@ def overlapped_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengt
             None if dw_hh is None else dw_hh.to(dtype)[None],
             None if db is None else db.to(dtype),
             None if dw_hr is None else dw_hr.to(dtype)[None])
+
+
+def overlapped_forward(x, w_ih, b_ih, b_hh, w_hh, h0, c0, lengths, w_hr, save, config,
+                       force_stepped, restarts, recompute, chunks: int):
+    """The forward of a one-direction layer, chunk by chunk: what
+    ``ops.recurrence_forward`` returns for the input projection of x (w_hh [1, 4H, R], h0
+    [1, B, R] and c0 [1, B, H] or None, w_hr [1, R, H] or None)."""
+    T, B, I = x.shape
+    G = w_ih.shape[0]
+    device = x.device
+    current = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    # Every tensor lives on the current stream, made before the side stream forks. The
+    # current stream waits for each chunk's projection before that chunk's recurrence, so
+    # the side stream is through with all of them when this returns.
+    gx = x.new_empty(T, B, G)
+    rows_of_x, rows_of_gx = x.reshape(T * B, I), gx.view(T * B, G)
+    w_t = w_ih.t()
+    bias = None if b_ih is None else b_ih + b_hh
+    side = _side_stream(device)
+    bounds = chunk_bounds(T, chunks)
+
+    def project(s0, s1):
+        layer_matmul(rows_of_x[s0 * B:s1 * B], w_t, bias, out=rows_of_gx[s0 * B:s1 * B])
+
+    def chunks_as_ready():
+        project(*bounds[0])
+        if side is not None:
+            side.wait_stream(current)
+        ready = None
+        for k, (s0, s1) in enumerate(bounds):
+            if ready is not None:
+                current.wait_event(ready)
+            yield s0, s1                # lstm_forward launches this chunk's recurrence
+            if k + 1 < len(bounds):
+                # Queued behind that launch, so that the recurrence is first in line.
+                with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
+                    project(*bounds[k + 1])
+                ready = None if side is None else side.record_event()
+
+    return recurrence_forward_eager(gx, w_hh, h0, c0, lengths, w_hr, save, config_to_list(config),
+                                    force_stepped, restarts, h0, c0, recompute,
+                                    step_chunks=chunks_as_ready())

@@ -26,11 +26,12 @@ import torch
 from torch.nn.utils.rnn import PackedSequence
 
 from . import tuning
-from .dispatch import (BACKWARD_CHUNKS_ENV, FP32_GEMMS_ENV, backward_chunk_count,
-                       dot_precision, gemms_in_triton, heuristic_config, interpreting)
+from .dispatch import (BACKWARD_CHUNKS_ENV, FORWARD_CHUNKS_ENV, FP32_GEMMS_ENV,
+                       backward_chunk_count, dot_precision, forward_chunk_count, gemms_in_triton,
+                       heuristic_config, interpreting)
 from .functional import compute_dtype
 from .kernels.wavefront import wavefront_config
-from .overlap import chunk_count
+from .overlap import backward_chunks_for, forward_chunks_for
 from .tuning import DTYPE_NAMES, KERNEL_ADVANTAGE
 
 
@@ -153,20 +154,31 @@ def _steps_of(module, input) -> int:
     return input.shape[1 if module.batch_first else 0]
 
 
-def _backward_chunks(module, input, mode: str) -> str:
-    """How a training call's backward meets its GEMMs (overlap.chunk_count), where it is
-    not the one-launch default."""
-    if mode != "train" or (module.wavefront and module.num_layers > 1):
-        return ""   # no backward, or the wavefront's own
+def _chunks(module, input, mode: str) -> str:
+    """How the call's GEMMs meet its recurrence where that is not the default, whole GEMMs
+    before the forward's one launch and after the backward's (overlap.py decides)."""
+    if module.wavefront and module.num_layers > 1:
+        return ""   # the wavefront's own
+    directions, steps = 2 if module.bidirectional else 1, _steps_of(module, input)
+    said = ""
     try:
-        chunks = chunk_count(2 if module.bidirectional else 1, module.recompute or 0,
-                             _steps_of(module, input), ())
+        chunks = forward_chunks_for(directions, steps, ())
     except ValueError as error:
-        return f"; the backward raises ValueError: {error}"
-    if not chunks:
-        return ""
-    return (f"; the backward in {chunks} chunks of steps, each chunk's GEMMs beside the next "
-            f"chunk's recurrence ({BACKWARD_CHUNKS_ENV}={backward_chunk_count()})")
+        return f"; the forward raises ValueError: {error}"
+    if chunks:
+        said += (f"; the forward in {chunks} chunks of steps, each chunk's input projection "
+                 f"beside the recurrence of the chunk before "
+                 f"({FORWARD_CHUNKS_ENV}={forward_chunk_count()})")
+    if mode != "train":
+        return said     # no backward
+    try:
+        chunks = backward_chunks_for(directions, module.recompute or 0, steps, ())
+    except ValueError as error:
+        return said + f"; the backward raises ValueError: {error}"
+    if chunks:
+        said += (f"; the backward in {chunks} chunks of steps, each chunk's GEMMs beside the "
+                 f"next chunk's recurrence ({BACKWARD_CHUNKS_ENV}={backward_chunk_count()})")
+    return said
 
 
 def _tiles(module, data: torch.Tensor, batch: int, dtype: torch.dtype) -> dict:
@@ -223,8 +235,7 @@ def explain(module, input, hx=None) -> Explanation:
 
     def kernels(why, **found):
         return Explanation("kernels", why, call, tiles=_tiles(module, data, batch, dtype),
-                           gemms=_gemms(dtype, data.device) + _backward_chunks(module, input,
-                                                                               mode),
+                           gemms=_gemms(dtype, data.device) + _chunks(module, input, mode),
                            **found)
 
     if module.backend == "torch":

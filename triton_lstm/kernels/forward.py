@@ -38,7 +38,9 @@ memory, each program waiting on its own mbarrier for the bytes (dsmem.py).
 
 Stepped mode (PERSISTENT=False) runs the same body for phases [q_begin, q_end)
 and ends; the caller launches once per phase and the launch boundary is the
-barrier. c travels between launches through ``c_state``.
+barrier. c travels between launches through ``c_state``. A persistent launch can
+start at a later phase too (RESUMED: the forward in chunks of steps, overlap.py):
+then, as in stepped mode, h_{t-1} comes from y and c from ``c_state``.
 """
 import dataclasses
 
@@ -375,7 +377,7 @@ def lstm_forward_kernel(
     DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr, HAS_RESTARTS: tl.constexpr,
     RESTART_FROM_STATE: tl.constexpr, CKPT_EVERY: tl.constexpr, INNER_STAGES: tl.constexpr,
     PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
-    CLUSTER: tl.constexpr, DSMEM: tl.constexpr,
+    CLUSTER: tl.constexpr, DSMEM: tl.constexpr, RESUMED: tl.constexpr,
 ):
     # Each step is one phase (cell update), or two with a projection (PROJ): the cell
     # phase over own hidden units, a barrier, then h = r W_hr^T over own output units.
@@ -457,8 +459,8 @@ def lstm_forward_kernel(
         m_first = m_b
     else:
         m_first = m_b & (o_b < 0)
-    if PERSISTENT:
-        p_prev_h = h0 + o_b * R             # a persistent launch starts at step 0
+    if PERSISTENT and not RESUMED:
+        p_prev_h = h0 + o_b * R             # a persistent launch from step 0
         m_prev_h = m_first
     else:
         t_row_prev, _ = step_rows(t_begin - 1, length, m_b, reverse)
@@ -469,7 +471,7 @@ def lstm_forward_kernel(
     if PERSISTENT and DSMEM:
         # h pushed into every program's shared memory (dsmem.py): h0 goes out first, as if
         # a step before step 0 had made it.
-        tl.static_assert(CLUSTER and RESIDENT and not (CHUNKED or PROJ or DATAFLOW))
+        tl.static_assert(CLUSTER and RESIDENT and not (CHUNKED or PROJ or DATAFLOW or RESUMED))
         HB: tl.constexpr = NUM_H_BLOCKS * BLOCK_H
         SLOT: tl.constexpr = BLOCK_B * HB * 4
         exchange = exchange_setup(SLOT)
@@ -595,7 +597,7 @@ def lstm_forward_kernel(
 
 def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=None,
                  force_stepped: bool = False, restarts=None, h_restart=None, c_restart=None,
-                 ckpt_every: int = 0, reverse: bool = True):
+                 ckpt_every: int = 0, reverse: bool = True, step_chunks=None):
     """Run the recurrence of one layer (all its directions) over a precomputed input projection.
 
     Args:
@@ -614,6 +616,9 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
         ckpt_every: > 0: also return the state before every ckpt_every-th processing step.
         reverse: direction 1 walks each row backwards; False when gx is already in
             processing order (the recompute segments of the backward).
+        step_chunks: None, or (one direction) an iterable of step ranges (s0, s1) that cover
+            [0, T) in order: each range's recurrence is launched as the iterable hands it
+            over, so that a generator can get gx[s0:s1] ready in between (overlap.py).
     Returns:
         y [T, B, D*R] (zeros past each row's length), h_n [D, B, R], c_n [D, B, H],
         gates [D, T, B, 4H] or None, c_all [D, T, B, H] or None (these three in the state
@@ -625,9 +630,12 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
     D, _, R = w_hh.shape
     H = G // (4 * D)
     device, dtype = gx.device, gx.dtype
+    if step_chunks is not None and D != 1:
+        raise ValueError(f"lstm_forward: step_chunks needs one direction, got {D}")
     config = config or pick_config(B, H, dtype, device, "forward", D, proj=w_hr is not None)
-    if config.dsmem and (w_hr is not None or dtype == torch.float64):
-        config = dataclasses.replace(config, dsmem=False)   # pushes one h, 32 bits an element
+    if config.dsmem and (w_hr is not None or dtype == torch.float64 or step_chunks is not None):
+        # It pushes one h, 32 bits an element, and only from step 0 (its mbarriers' phases).
+        config = dataclasses.replace(config, dsmem=False)
     acc = state_dtype(dtype)
     proj = w_hr is not None
     y = torch.empty(T, B, D * R, dtype=dtype, device=device)
@@ -665,9 +673,12 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
                       HAS_RESTARTS=restarts is not None,
                       RESTART_FROM_STATE=hw_restart is not None,
                       CKPT_EVERY=ckpt_every, DSMEM=False)
-    launch_recurrence(lstm_forward_kernel, args, constexprs, num_steps=T * (2 if proj else 1),
-                      batch=B, hidden_size=H, output_size=R, num_directions=D, config=config,
-                      device=device, force_stepped=force_stepped,
-                      # each element of h to every program of the group
-                      pushes_per_exchange=lambda c: c.num_h_blocks(H) * c.block_b * c.block_h)
+    phases = 2 if proj else 1
+    for s0, s1 in [(0, T)] if step_chunks is None else step_chunks:
+        launch_recurrence(lstm_forward_kernel, args, dict(constexprs, RESUMED=s0 > 0),
+                          first_step=s0 * phases, num_steps=s1 * phases, batch=B, hidden_size=H,
+                          output_size=R, num_directions=D, config=config, device=device,
+                          force_stepped=force_stepped,
+                          # each element of h to every program of the group
+                          pushes_per_exchange=lambda c: c.num_h_blocks(H) * c.block_b * c.block_h)
     return y, h_n, c_state, gates, c_all, r_all, h_ckpt, c_ckpt

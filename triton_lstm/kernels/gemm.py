@@ -68,8 +68,9 @@ def matmul_kernel(a, b, c, bias, M, N, K, stride_am, stride_ak, stride_bk, strid
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-           precision: str = "ieee") -> torch.Tensor:
-    """a @ b (+ bias), with tl.dot's input_precision `precision` ("ieee" or "tf32")."""
+           precision: str = "ieee", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b (+ bias), with tl.dot's input_precision `precision` ("ieee" or "tf32"), into
+    ``out`` [M, N] (any strides) when given."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul: expected a [M, K] and b [K, N], got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
@@ -78,7 +79,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None
                          f"{None if bias is None else tuple(bias.shape)}")
     M, K = a.shape
     N = b.shape[1]
-    c = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    if out is not None and (out.shape != (M, N) or out.dtype != a.dtype):
+        raise ValueError(f"matmul: out must be [{M}, {N}] {a.dtype}, got {tuple(out.shape)} "
+                         f"{out.dtype}")
+    c = torch.empty(M, N, dtype=a.dtype, device=a.device) if out is None else out
     if M == 0 or N == 0:
         return c
     grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N),)
