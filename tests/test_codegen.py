@@ -32,6 +32,12 @@ CASES = {
                                   "--directions", "2", "--proj", "256"], True),
     "restarts-recompute": (["--shapes", "8x512", "--dtypes", "bf16", "--restarts",
                             "--ckpt", "16"], True),
+    # The forward's launch from a later step (the forward in chunks of steps, overlap.py).
+    "resumed": (["--shapes", "8x512", "64x512", "128x1024", "512x1024", "--dtypes", "bf16",
+                 "fp32", "--kernels", "forward", "--resumed"], True),
+    "resumed-projection-restarts": (["--shapes", "8x512", "128x1024", "--dtypes", "fp16",
+                                     "--kernels", "forward", "--resumed", "--proj", "256",
+                                     "--restarts"], True),
     "dataflow": (["--shapes", "8x512", "--dtypes", "bf16",
                   "--config", "bb16-bh8-res-bk64-sk4-w4-df"], False),
     # Groups of 16 hidden blocks as one cluster, at the hardware cluster barrier.

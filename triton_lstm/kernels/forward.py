@@ -459,7 +459,13 @@ def lstm_forward_kernel(
         m_first = m_b
     else:
         m_first = m_b & (o_b < 0)
-    if PERSISTENT and not RESUMED:
+    if RESUMED:
+        # A launch from a later step (t_begin > 0): h_{t-1} is in y. No select with h0, which
+        # costs the rows their alignment under Triton 3.9.
+        t_row_prev, _ = step_rows(t_begin - 1, length, m_b, reverse)
+        p_prev_h = y + (t_row_prev * B + o_b) * YS
+        _, m_prev_h = step_rows(t_begin, length, m_b, reverse)
+    elif PERSISTENT:
         p_prev_h = h0 + o_b * R             # a persistent launch from step 0
         m_prev_h = m_first
     else:
