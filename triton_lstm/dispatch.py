@@ -457,7 +457,8 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     fit the chip falls back to streamed weights, a pipelined one to an unpipelined loop
     (``lighter_on_chip``). ``pushes_per_exchange(config)``: the 32-bit pushes a program of a
     kernel that can push (DSMEM among its flags) makes in one exchange, two exchanges in
-    its code (before the loop and in it).
+    its code (before the loop and in it). A kernel that takes RESUMED (the forward) is told
+    per stepped launch whether it starts past phase 0.
     """
     num_h = config.num_h_blocks(hidden_size)
     group = num_h * num_directions          # programs per batch block
@@ -535,5 +536,6 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     else:
         grid = (num_h * num_b, num_directions)
         for step in range(first_step, num_steps):
-            kernel[grid](*args, step, step + 1, 0, leader_inc, PERSISTENT=False, **common)
+            stepped = dict(common, RESUMED=step > 0) if "RESUMED" in constexprs else common
+            kernel[grid](*args, step, step + 1, 0, leader_inc, PERSISTENT=False, **stepped)
             launch_counts["stepped"] += 1

@@ -39,8 +39,8 @@ memory, each program waiting on its own mbarrier for the bytes (dsmem.py).
 Stepped mode (PERSISTENT=False) runs the same body for phases [q_begin, q_end)
 and ends; the caller launches once per phase and the launch boundary is the
 barrier. c travels between launches through ``c_state``. A persistent launch can
-start at a later phase too (RESUMED: the forward in chunks of steps, overlap.py):
-then, as in stepped mode, h_{t-1} comes from y and c from ``c_state``.
+start at a later phase too (the forward in chunks of steps, overlap.py). A launch from a
+phase past 0 (RESUMED, either mode) takes h_{t-1} from y and c from ``c_state``.
 """
 import dataclasses
 
@@ -460,19 +460,16 @@ def lstm_forward_kernel(
     else:
         m_first = m_b & (o_b < 0)
     if RESUMED:
-        # A launch from a later step (t_begin > 0): h_{t-1} is in y. No select with h0, which
-        # costs the rows their alignment under Triton 3.9.
+        # A launch from a later phase (a later chunk of steps, or a stepped launch after the
+        # first): h_{t-1} is in y. Chosen at compile time: a select between h0 and y costs
+        # the rows their alignment under Triton 3.9. (A projection phase of step 0 asks for
+        # step -1's rows, and never reads them.)
         t_row_prev, _ = step_rows(t_begin - 1, length, m_b, reverse)
         p_prev_h = y + (t_row_prev * B + o_b) * YS
         _, m_prev_h = step_rows(t_begin, length, m_b, reverse)
-    elif PERSISTENT:
-        p_prev_h = h0 + o_b * R             # a persistent launch from step 0
-        m_prev_h = m_first
     else:
-        t_row_prev, _ = step_rows(t_begin - 1, length, m_b, reverse)
-        p_prev_h = tl.where(t_begin == 0, h0 + o_b * R, y + (t_row_prev * B + o_b) * YS)
-        _, running_begin = step_rows(t_begin, length, m_b, reverse)
-        m_prev_h = tl.where(t_begin == 0, m_first, running_begin)
+        p_prev_h = h0 + o_b * R             # a launch from step 0
+        m_prev_h = m_first
 
     if PERSISTENT and DSMEM:
         # h pushed into every program's shared memory (dsmem.py): h0 goes out first, as if
