@@ -106,6 +106,29 @@ def test_two_runs_are_bitwise_equal_and_stepped_matches_persistent(dtype, config
         assert torch.equal(first, stepped)
 
 
+@pytest.mark.parametrize("proj_size", [0, 128], ids=["", "proj"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_in_step_chunks_is_bitwise_the_one_launch(dtype, proj_size):
+    """Persistent launches from later steps (RESUMED) over the same gx and outputs: h from
+    y and c from the kernel's state carry exactly what one launch keeps on chip."""
+    T, B, H = 33, 64, 512
+    R = proj_size or H
+    gx = torch.randn(T, B, 4 * H, device="cuda", dtype=dtype)
+    w_hh = torch.randn(1, 4 * H, R, device="cuda", dtype=dtype) / R ** 0.5
+    w_hr = torch.randn(1, R, H, device="cuda", dtype=dtype) / H ** 0.5 if proj_size else None
+    h0 = torch.randn(1, B, R, device="cuda", dtype=dtype)
+    c0 = torch.randn(1, B, H, device="cuda", dtype=dtype)
+    lengths = torch.randint(1, T + 1, (B,), device="cuda", dtype=torch.int32)
+    before = launch_counts["persistent"]
+    whole = lstm_forward(gx, w_hh, h0, c0, lengths, w_hr, save=True)
+    chunked = lstm_forward(gx, w_hh, h0, c0, lengths, w_hr, save=True,
+                           step_chunks=[(0, 10), (10, 11), (11, 33)])
+    assert launch_counts["persistent"] >= before + 4, "the persistent path did not run"
+    for k, (a, b) in enumerate(zip(whole, chunked)):
+        if a is not None:
+            assert torch.equal(a, b), f"output {k}"
+
+
 def float64_layer(torch_lstm, x):
     """A float64 copy of a one-layer torch_lstm on the CPU, and x as a float64 leaf there."""
     return float64_copy(torch_lstm), x.detach().cpu().double().requires_grad_()

@@ -265,6 +265,27 @@ def test_bad_forward_chunks_is_refused(value, forward_chunks):
         module(torch.randn(5, 2, 3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("config", [None, STEPPED], ids=["persistent", "stepped"])
+@pytest.mark.parametrize("proj_size", [0, 3], ids=["", "proj"])
+def test_the_launcher_in_step_chunks_is_bitwise_one_launch(config, proj_size):
+    """Over one gx, launches from later steps carry exactly what one launch keeps on chip."""
+    from triton_lstm.kernels.forward import lstm_forward
+    T, B, H = 9, 3, 5
+    R = proj_size or H
+    gx = torch.randn(T, B, 4 * H)
+    w_hh = torch.randn(1, 4 * H, R) / R ** 0.5
+    w_hr = torch.randn(1, R, H) / H ** 0.5 if proj_size else None
+    h0, c0 = torch.randn(1, B, R), torch.randn(1, B, H)
+    lengths = torch.tensor([9, 4, 1], dtype=torch.int32)
+    whole = lstm_forward(gx, w_hh, h0, c0, lengths, w_hr, save=True, config=config)
+    chunked = lstm_forward(gx, w_hh, h0, c0, lengths, w_hr, save=True, config=config,
+                           step_chunks=[(0, 3), (3, 4), (4, 9)])
+    for k, (a, b) in enumerate(zip(whole, chunked)):
+        assert (a is None) == (b is None), f"output {k}"
+        if a is not None:
+            assert torch.equal(a, b), f"output {k}"
+
+
 def test_the_launcher_refuses_step_chunks_for_two_directions():
     from triton_lstm.kernels.forward import lstm_forward
     gx = torch.randn(4, 2, 2 * 4 * 3, dtype=torch.float64)
