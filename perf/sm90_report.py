@@ -116,9 +116,10 @@ def ptxas_report(ptx: str) -> dict:
 
 
 def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restarts=False,
-           ckpt_every=0, config=None, resumed=False):
+           ckpt_every=0, config=None, resumed=False, stepped=False):
     """One persistent kernel with the dispatcher's config (or `config`), I = H; `resumed`: the
-    forward's launch that starts at a later step (the forward in chunks, overlap.py)."""
+    forward's launch that starts at a later step (the forward in chunks, overlap.py);
+    `stepped`: the kernel of a launch per step instead (the fallback)."""
     tname, dtype = DTYPES[dtype_name]
     cfg = config or heuristic_config(batch, hidden, dtype, max(1, NUM_SMS // directions),
                                      kernel_name)
@@ -128,7 +129,7 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
     common = dict(H=hidden, HP=padded(hidden), R=R, RP=padded(R), D=directions, PROJ=bool(proj),
                   BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_R=block_r, BLOCK_K=cfg.block_k,
                   SPLIT_K=min(cfg.split_k, padded(min(hidden, R)) // 16), RESIDENT=cfg.resident,
-                  HAS_H0=True, HAS_LENGTHS=False, PERSISTENT=True,
+                  HAS_H0=True, HAS_LENGTHS=False, PERSISTENT=not stepped,
                   DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", REVERSE=True,
                   HAS_RESTARTS=restarts, RESTART_FROM_STATE=restarts,
                   INNER_STAGES=cfg.inner_stages if cfg.inner_stages > 1 else None,
@@ -247,6 +248,8 @@ def main():
     parser.add_argument("--ckpt", type=int, default=0, help="recompute interval (forward)")
     parser.add_argument("--resumed", action="store_true",
                         help="the forward's launch from a later step (the forward in chunks)")
+    parser.add_argument("--stepped", action="store_true",
+                        help="the kernel of a launch per step (the fallback), not persistent")
     parser.add_argument("--config", help="a config label instead of the heuristic's, e.g. "
                                          "bb128-bh32-str-bk64-sk1-w16-st3 (tuning.config_label)")
     parser.add_argument("--kernels", nargs="+", default=["forward", "backward"],
@@ -290,7 +293,8 @@ def reports(args, config):
                                            kernel_name, args.dropout)
                 else:
                     yield report(kernel_name, dtype_name, batch, hidden, args.directions,
-                                 args.proj, args.restarts, args.ckpt, config, args.resumed)
+                                 args.proj, args.restarts, args.ckpt, config, args.resumed,
+                                 args.stepped)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ with ptxas; no GPU is involved. Two properties the kernels' speed rests on:
   issues 8x the load instructions and holds every element in its own register;
 - the dispatcher's default tiles do not spill.
 It also checks how the programs of each kernel wait for each other (barrier.py): the
-cluster barrier's configs have no atomics left, dataflow's neither barrier, and the dsmem
+cluster barrier's configs have no atomics left, dataflow's and the stepped fallback's
+(a launch per step) neither barrier, and the dsmem
 kernels exchange h (or shares of dh) with st.async (dsmem.py); having no global loads of
 that state, they are not checked for its vectorised loads. The layer's fp32 GEMM kernel
 (kernels/gemm.py) must multiply with tf32 wgmma, without spills.
@@ -38,6 +39,11 @@ CASES = {
     "resumed-projection-restarts": (["--shapes", "8x512", "128x1024", "--dtypes", "fp16",
                                      "--kernels", "forward", "--resumed", "--proj", "256",
                                      "--restarts"], True),
+    # A launch per step (the fallback), from step 0 and from a later one.
+    "stepped": (["--shapes", "8x512", "128x1024", "512x1024", "--dtypes", "bf16", "fp32",
+                 "--kernels", "forward", "--stepped"], True),
+    "stepped-resumed": (["--shapes", "8x512", "128x1024", "512x1024", "--dtypes", "bf16", "fp32",
+                         "--kernels", "forward", "--stepped", "--resumed"], True),
     "dataflow": (["--shapes", "8x512", "--dtypes", "bf16",
                   "--config", "bb16-bh8-res-bk64-sk4-w4-df"], False),
     # Groups of 16 hidden blocks as one cluster, at the hardware cluster barrier.
@@ -132,6 +138,8 @@ def test_sm90_state_loads_are_vectorised(case):
 
 
 def expected_barrier(args) -> str:
+    if "--stepped" in args:
+        return "none"       # the launch boundary is the barrier
     label = args[args.index("--config") + 1] if "--config" in args else ""
     if label.endswith("-ds"):
         return "dsmem"
