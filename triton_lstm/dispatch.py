@@ -458,7 +458,7 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     (``lighter_on_chip``). ``pushes_per_exchange(config)``: the 32-bit pushes a program of a
     kernel that can push (DSMEM among its flags) makes in one exchange, two exchanges in
     its code (before the loop and in it). A kernel that takes RESUMED (the forward) is told
-    per stepped launch whether it starts past phase 0.
+    per launch whether it starts past phase 0.
     """
     num_h = config.num_h_blocks(hidden_size)
     group = num_h * num_directions          # programs per batch block
@@ -470,6 +470,8 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
     leader_inc = leader_increment(barrier_group)
     # With a projection every hidden block also owns BLOCK_R of the output units.
     block_r = max(16, next_power_of_2(cdiv(output_size, num_h)))
+    if "RESUMED" in constexprs:
+        constexprs = dict(constexprs, RESUMED=first_step > 0)
     constexprs = dict(constexprs, BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_R=block_r,
                       # Resident chunks of the reduction divide its padded length.
                       BLOCK_K=(min(config.block_k, padded(min(hidden_size, output_size)))

@@ -9,10 +9,9 @@ on them while the recurrence of another goes.
 The backward: the reverse recurrence runs one chunk of steps at a time, the last chunk
 first. As soon as a chunk's dG is written, that chunk's share of the GEMMs goes to a side
 stream, beside the next chunk's recurrence; only the first chunk's GEMMs run after the
-recurrence. What crosses a chunk boundary is the gradient
-of the state (dh, dc), as between recompute.py's segments; dh is in the input dtype there,
-as the kernel returns it. The weight and bias gradients are summed over the chunks in the
-state dtype.
+recurrence. What crosses a chunk boundary is the gradient of the state (dh, dc), as between
+recompute.py's segments; dh is in the input dtype there, as the kernel returns it. The
+weight and bias gradients are summed over the chunks in the state dtype.
 
 The forward: the input projection of the first chunk runs alone, that of every later chunk
 on the side stream beside the recurrence of the chunk before. The chunks are launches of

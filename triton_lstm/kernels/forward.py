@@ -675,12 +675,12 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
                       DOT_PRECISION=dot_precision(dtype, device), REVERSE=reverse,
                       HAS_RESTARTS=restarts is not None,
                       RESTART_FROM_STATE=hw_restart is not None,
-                      CKPT_EVERY=ckpt_every, DSMEM=False)
+                      CKPT_EVERY=ckpt_every, DSMEM=False, RESUMED=False)
     phases = 2 if proj else 1
     for s0, s1 in [(0, T)] if step_chunks is None else step_chunks:
-        launch_recurrence(lstm_forward_kernel, args, dict(constexprs, RESUMED=s0 > 0),
-                          first_step=s0 * phases, num_steps=s1 * phases, batch=B, hidden_size=H,
-                          output_size=R, num_directions=D, config=config, device=device,
+        launch_recurrence(lstm_forward_kernel, args, constexprs, first_step=s0 * phases,
+                          num_steps=s1 * phases, batch=B, hidden_size=H, output_size=R,
+                          num_directions=D, config=config, device=device,
                           force_stepped=force_stepped,
                           # each element of h to every program of the group
                           pushes_per_exchange=lambda c: c.num_h_blocks(H) * c.block_b * c.block_h)
