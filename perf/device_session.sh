@@ -134,7 +134,7 @@ case "${1:-}" in
     gpu_tests 100 "B130 or past_2_31 or schedule_variants or dataflow_waits or \
         (step_loop_matches and B70) or (options and packed) or (fp32_gemms and I33) or \
         chunked or backward-chunks or forward-chunks or step_chunks or \
-        stepped_matches_persistent"
+        stepped_matches_persistent or fp64_on_streamed"
     # The backward in one launch and in chunks beside its GEMMs: the table's tiles, then a
     # 64-row tile that leaves SMs idle (perf/NOTES.md, "the backward's GEMMs beside its
     # recurrence").

@@ -37,7 +37,12 @@ from triton_lstm.kernels.wavefront import (lstm_wavefront_backward_kernel,  # no
                                            lstm_wavefront_kernel, wavefront_config)
 
 DTYPES = {"fp32": ("fp32", torch.float32), "bf16": ("bf16", torch.bfloat16),
-          "fp16": ("fp16", torch.float16)}
+          "fp16": ("fp16", torch.float16), "fp64": ("fp64", torch.float64)}
+
+
+def state_type(dtype) -> str:
+    """The kernels' cell state and gate math: fp32, fp64 for fp64 (dispatch.state_dtype)."""
+    return "fp64" if dtype == torch.float64 else "fp32"
 NUM_SMS = 132
 ELEMENT_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8}
 
@@ -136,7 +141,7 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
                   PREFETCH_AFTER_ARRIVE=cfg.prefetch_after_arrive,
                   CHUNKED=cfg.resident and cfg.chunked, DATAFLOW=cfg.dataflow,
                   CLUSTER=cfg.cluster)
-    acc = "fp32"
+    acc = state_type(dtype)
     if kernel_name == "forward":
         kernel = lstm_forward_kernel
         types = dict(gx=tname, w_hh=tname, w_hr=tname, h0=tname, c0=tname, lengths="i32",
@@ -178,15 +183,17 @@ def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name
                       DATAFLOW=cfg.dataflow, CLUSTER=False)
     if backward:
         kernel = lstm_wavefront_backward_kernel
-        types = dict(dy=tname, dh_n=tname, dc_state="fp32", gates="fp32", c_all="fp32",
+        acc = state_type(dtype)
+        types = dict(dy=tname, dh_n=tname, dc_state=acc, gates=acc, c_all=acc,
                      c0=tname, lengths="i32", w_ih=tname, w_hh=tname, keep=tname, dgates=tname,
                      dh0=tname, counters="i32")
         constexprs.update(HAS_DY=True, HAS_DHN=True, HAS_H0=True)
     else:
         kernel = lstm_wavefront_kernel
-        types = dict(gx=tname, w_ih=tname, bias="fp32", w_hh=tname, h_all=tname, keep=tname,
-                     x_all=tname, h_n=tname, c_state="fp32", lengths="i32", gates="fp32",
-                     c_all="fp32", counters="i32")
+        acc = state_type(dtype)
+        types = dict(gx=tname, w_ih=tname, bias=acc, w_hh=tname, h_all=tname, keep=tname,
+                     x_all=tname, h_n=tname, c_state=acc, lengths="i32", gates=acc,
+                     c_all=acc, counters="i32")
         constexprs.update(SAVE=True)
     compiled = compile_one(kernel, types, constexprs, cfg.num_warps)
     return compiled_row(compiled, kernel=kernel_name, dtype=dtype_name, B=batch, H=hidden,
@@ -223,7 +230,7 @@ def report_step(dtype_name, batch, hidden):
     tname, dtype = DTYPES[dtype_name]
     cfg = step_config(batch, hidden, hidden, dtype, NUM_SMS)
     types = dict(x=tname, h=tname, c=tname, w_ih=tname, w_hh=tname, b_ih=tname, b_hh=tname,
-                 r_out=tname, c_out="fp32", gates="fp32")
+                 r_out=tname, c_out=state_type(dtype), gates=state_type(dtype))
     constexprs = dict(I=hidden, H=hidden, R=hidden, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h,
                       BLOCK_K=cfg.block_k, HAS_STATE=True, HAS_BIAS=True, SAVE=False,
                       DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee")

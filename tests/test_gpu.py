@@ -129,6 +129,34 @@ def test_forward_in_step_chunks_is_bitwise_the_one_launch(dtype, proj_size):
             assert torch.equal(a, b), f"output {k}"
 
 
+@pytest.mark.parametrize("shape", [pytest.param((8, 128, 64, 1024), id="T8-B128-H1024"),
+                                   SHAPES[5]])
+def test_fp64_on_streamed_tiles_matches_float64(shape):
+    """fp64 layers and steps accumulate in fp64 on the tiles that stream their weights (Triton
+    3.6 refused their fp64 accumulators), and match a float64 nn.LSTM to fp64 rounding."""
+    T, B, I, H = shape
+    torch_lstm = torch.nn.LSTM(I, H, device="cuda", dtype=torch.float64)
+    ours = triton_copy(torch_lstm)
+    x = torch.randn(T, B, I, device="cuda", dtype=torch.float64, requires_grad=True)
+    hx = tuple(torch.randn(1, B, H, device="cuda", dtype=torch.float64, requires_grad=True)
+               for _ in range(2))
+    before = launch_counts["persistent"]
+    our_outs, our_grads, upstream = outputs_and_grads(ours, x, hx)
+    assert launch_counts["persistent"] >= before + 2, "the persistent path did not run"
+    with torch.no_grad():
+        y_step, (h_step, c_step) = ours.step(x[0], hx)
+    ref_outs, ref_grads = float64_reference(torch_lstm, x, hx, upstream)
+    with torch.no_grad():
+        want_y, want_state = float64_copy(torch_lstm)(x[:1].detach().cpu(),
+                                                      tuple(s.detach().cpu() for s in hx))
+    names = ["y", "h_n", "c_n", "grad x", "grad h0", "grad c0",
+             "grad w_ih", "grad w_hh", "grad b_ih", "grad b_hh", "step y", "step h", "step c"]
+    for name, got, want in zip(names, our_outs + our_grads + [y_step, h_step, c_step],
+                               ref_outs + ref_grads + [want_y[0], *want_state]):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10,
+                                   msg=lambda detail: f"{name}: {detail}")
+
+
 def float64_layer(torch_lstm, x):
     """A float64 copy of a one-layer torch_lstm on the CPU, and x as a float64 leaf there."""
     return float64_copy(torch_lstm), x.detach().cpu().double().requires_grad_()

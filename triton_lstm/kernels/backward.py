@@ -84,7 +84,7 @@ def gate_rows_dot_streamed(p_rows, m_rows, w, o_r, m_r, H: tl.constexpr, HP: tl.
         b_wk = tl.load(w + col_n[:, None] * R + o_r[None, :], mask=m_n[:, None] & m_r[None, :],
                        other=0.0)
         b_dgk, b_wk = dot_operands(b_dgk, b_wk)
-        b_dot = tl.dot(b_dgk, b_wk, b_dot, input_precision=DOT_PRECISION)
+        b_dot = tl.dot(b_dgk, b_wk, b_dot, input_precision=DOT_PRECISION, out_dtype=ACC)
     return b_dot
 
 

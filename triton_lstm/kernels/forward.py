@@ -154,7 +154,8 @@ def streamed_dot(p_rows, m_rows, p_cols, m_cols, K: tl.constexpr, KP: tl.constex
         b_w = tl.load(p_cols[None, :] + o_k[:, None] * K_STRIDE,
                       mask=m_cols[None, :] & (o_k < K)[:, None], other=0.0)
         b_a, b_w = dot_operands(b_a, b_w)
-        b_acc = tl.dot(b_a, b_w, b_acc, input_precision=DOT_PRECISION)
+        # out_dtype named: Triton <= 3.6 takes fp32 by default and refuses an fp64 accumulator.
+        b_acc = tl.dot(b_a, b_w, b_acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     return b_acc
 
 
@@ -218,13 +219,13 @@ def chunked_dot(p_rows, m_rows, w_chunks, K: tl.constexpr, BLOCK_K: tl.constexpr
                                   m_rows[:, None] & real[None, :], WAIT, poll)
         b_x, b_w = dot_operands(b_a, w_chunks[kc])
         if kc % ACCS == 0:
-            b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION)
+            b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PRECISION, out_dtype=ACC)
         elif kc % ACCS == 1:
-            b_acc1 = tl.dot(b_x, b_w, b_acc1, input_precision=DOT_PRECISION)
+            b_acc1 = tl.dot(b_x, b_w, b_acc1, input_precision=DOT_PRECISION, out_dtype=ACC)
         elif kc % ACCS == 2:
-            b_acc2 = tl.dot(b_x, b_w, b_acc2, input_precision=DOT_PRECISION)
+            b_acc2 = tl.dot(b_x, b_w, b_acc2, input_precision=DOT_PRECISION, out_dtype=ACC)
         else:
-            b_acc3 = tl.dot(b_x, b_w, b_acc3, input_precision=DOT_PRECISION)
+            b_acc3 = tl.dot(b_x, b_w, b_acc3, input_precision=DOT_PRECISION, out_dtype=ACC)
         b_a = b_next
     if ACCS == 2:
         b_acc += b_acc1
