@@ -28,7 +28,7 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from triton_lstm import tuning  # noqa: E402
-from triton_lstm.dispatch import heuristic_config, padded  # noqa: E402
+from triton_lstm.dispatch import heuristic_config, padded, state_dtype  # noqa: E402
 from triton_lstm.kernels.backward import lstm_backward_kernel  # noqa: E402
 from triton_lstm.kernels import gemm  # noqa: E402
 from triton_lstm.kernels.forward import lstm_forward_kernel  # noqa: E402
@@ -41,8 +41,8 @@ DTYPES = {"fp32": ("fp32", torch.float32), "bf16": ("bf16", torch.bfloat16),
 
 
 def state_type(dtype) -> str:
-    """The kernels' cell state and gate math: fp32, fp64 for fp64 (dispatch.state_dtype)."""
-    return "fp64" if dtype == torch.float64 else "fp32"
+    """The Triton type of the kernels' cell state and gate math for inputs of `dtype`."""
+    return {torch.float32: "fp32", torch.float64: "fp64"}[state_dtype(dtype)]
 NUM_SMS = 132
 ELEMENT_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8}
 
