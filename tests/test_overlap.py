@@ -116,22 +116,24 @@ def test_chunked_layer_is_as_close_to_float64_as_nn_lstm(dtype, slack, setting, 
     assert_within_twice_the_reference_error(ours_grads, theirs_grads, want_grads, slack, names)
 
 
-def test_the_backward_runs_one_launch_per_chunk_where_it_applies(chunks):
-    T = 7
+def assert_one_launch_per_chunk(set_chunks, launches, x):
+    """``launches(module, x)`` of float64 layers as ``set_chunks`` asks for 0, 1, 3 and "9"
+    chunks (as the environment variable gives it): one direction takes one launch, then
+    one per chunk, at most one per step; both directions (twice the programs already) keep
+    one launch. The last setting, "9", stays."""
     one_way = triton_copy(nn.LSTM(3, 4, dtype=torch.float64))
     both_ways = triton_copy(nn.LSTM(3, 4, bidirectional=True, dtype=torch.float64))
+    for value, expected in ((0, 1), (1, 1), (3, 3), ("9", x.shape[0])):
+        set_chunks(value)
+        assert launches(one_way, x) == expected, f"{value!r} chunks"
+    assert launches(both_ways, x) == 1
+
+
+def test_the_backward_runs_one_launch_per_chunk_where_it_applies(chunks):
+    x = torch.randn(7, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert_one_launch_per_chunk(chunks, backward_launches, x)
+    # Recompute has its own segments.
     recomputing = triton_copy(nn.LSTM(3, 4, dtype=torch.float64), recompute=4)
-    x = torch.randn(T, 2, 3, dtype=torch.float64, requires_grad=True)
-    chunks(0)
-    assert backward_launches(one_way, x) == 1
-    chunks(1)
-    assert backward_launches(one_way, x) == 1
-    chunks(3)
-    assert backward_launches(one_way, x) == 3
-    chunks("9")     # as TRITON_LSTM_BACKWARD_CHUNKS gives it; at most one chunk per step
-    assert backward_launches(one_way, x) == T
-    # Both directions already fill twice the programs; recompute has its own segments.
-    assert backward_launches(both_ways, x) == 1
     assert backward_launches(recomputing, x) == 2 * 2     # a forward and a backward per segment
 
 
@@ -238,22 +240,11 @@ def test_chunked_forward_projects_each_chunk_into_place_with_the_fp32_gemm_kerne
 
 
 def test_the_forward_runs_one_launch_per_chunk_where_it_applies(forward_chunks):
-    T = 7
-    one_way = triton_copy(nn.LSTM(3, 4, dtype=torch.float64))
-    both_ways = triton_copy(nn.LSTM(3, 4, bidirectional=True, dtype=torch.float64))
-    x = torch.randn(T, 2, 3, dtype=torch.float64)
-    forward_chunks(0)
-    assert forward_launches(one_way, x) == 1
-    forward_chunks(1)
-    assert forward_launches(one_way, x) == 1
-    forward_chunks(3)
-    assert forward_launches(one_way, x) == 3
-    forward_chunks("9")     # as TRITON_LSTM_FORWARD_CHUNKS gives it; at most one chunk per step
-    assert forward_launches(one_way, x) == T
-    assert forward_launches(both_ways, x) == 1
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    assert_one_launch_per_chunk(forward_chunks, forward_launches, x)
     # Stepped: one launch a step, whatever the chunks.
     with tuning.forced_configs(forward=STEPPED):
-        assert forward_launches(triton_copy(nn.LSTM(3, 5, dtype=torch.float64)), x) == T
+        assert forward_launches(triton_copy(nn.LSTM(3, 5, dtype=torch.float64)), x) == 7
 
 
 @pytest.mark.parametrize("value", ["four", "-1", "2.5", -1, True, 2.5])
