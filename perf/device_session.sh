@@ -36,6 +36,9 @@
 #                                                  tiles), then at B = 512 (9.3 min)
 #   COMMIT=<hash> bash perf/device_session.sh 9   the forward in one launch and in chunks beside
 #                                                  its input projection (40 s)
+#   COMMIT=<hash> bash perf/device_session.sh 10  the small-batch forward with its weights in
+#                                                  registers: its GPU tests and timed rows
+#                                                  (about 2.3 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -160,8 +163,16 @@ case "${1:-}" in
         --forward-chunks 0 4 --forward-config bb64-bh32-str-bk64-sk4-w8-st3 \
         --out "$OUT/forward-chunks-64-rows" 2>&1 | tee -a "$OUT/forward-chunks.log"
     ;;
+10)
+    # The forward with its weights in registers (issue 8; perf/NOTES.md, "The small-batch
+    # forward with its weights in registers"): its GPU tests, then its rows beside the tl
+    # tiles (variants.py compiles them first, in 16 processes).
+    gpu_tests 75 "registers"
+    timeout 60 python3 perf/variants.py --only registers --out "$OUT/variants-registers" 2>&1 \
+        | tee "$OUT/variants.log"
+    ;;
 *)
-    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9" >&2
+    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9|10" >&2
     exit 2
     ;;
 esac

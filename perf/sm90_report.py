@@ -64,7 +64,11 @@ def compile_one(kernel, tensor_types, constexprs, num_warps, num_stages=1):
     sig = signature(kernel, tensor_types, constexprs)
     pointers = [i for i, name in enumerate(kernel.arg_names) if sig[name].startswith("*")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}
-    source = ASTSource(kernel, sig, constexprs, attrs)
+    if kernel.is_gluon():
+        from triton.experimental.gluon._runtime import GluonASTSource
+        source = GluonASTSource(kernel, sig, constexprs, attrs)
+    else:
+        source = ASTSource(kernel, sig, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -74,7 +78,7 @@ def compiled_row(compiled, **fields) -> dict:
     shared-state loads of a compiled kernel."""
     ptx = compiled.asm["ptx"]
     row = ptxas_report(ptx)
-    row.update(fields, shared=compiled.metadata.shared,
+    row.update(fields, shared=compiled.metadata.shared, bar_sync=ptx.count("bar.sync"),
                state_load=state_load_bytes(ptx, compiled.asm["ttgir"]), barrier=barrier_kind(ptx),
                mma="wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma"))
     return row
@@ -201,6 +205,22 @@ def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name
                         resident=cfg.resident, split_k=cfg.split_k, warps=cfg.num_warps)
 
 
+def report_registers(dtype_name, batch, hidden, directions=1):
+    """The small-batch forward with its weights in registers (kernels/forward_registers.py),
+    with h0, lengths and the saved gates; its tile is its own (one warp, 4 units, 8 rows)."""
+    from triton_lstm.kernels import forward_registers as fr   # Gluon, imported where asked for
+    tname, _ = DTYPES[dtype_name]
+    types = dict(gx=tname, w_hh=tname, h0=tname, c0=tname, lengths="i32", y=tname, h_n=tname,
+                 c_state="fp32", gates="fp32", c_all="fp32")
+    constexprs = dict(H=hidden, HP=padded(hidden), D=directions, BLOCK_B=fr.ROWS,
+                      CHUNKS=fr.chunks(hidden), K_WIDTH=fr.K_WIDTH, HAS_H0=True,
+                      HAS_LENGTHS=True, SAVE=True, REVERSE=True)
+    compiled = compile_one(fr.lstm_forward_registers_kernel, types, constexprs, 1)
+    return compiled_row(compiled, kernel="registers", dtype=dtype_name, B=batch, H=hidden,
+                        D=directions, proj=0, tile=f"{fr.ROWS}x{fr.UNITS}", resident=True,
+                        split_k=fr.chunks(hidden), warps=1)
+
+
 # The layer's GEMMs (ops.layer_matmul) in their three operand layouts, as the strides of 1 a
 # launch specialises: gx = x W_ih^T ("nt"), dx = dG W_ih ("nn"), dW = dG^T x or h ("tn").
 GEMM_LAYOUTS = {"nt": dict(stride_ak=1, stride_bk=1, stride_cn=1),
@@ -260,7 +280,8 @@ def main():
     parser.add_argument("--config", help="a config label instead of the heuristic's, e.g. "
                                          "bb128-bh32-str-bk64-sk1-w16-st3 (tuning.config_label)")
     parser.add_argument("--kernels", nargs="+", default=["forward", "backward"],
-                        choices=["forward", "backward", "wavefront", "wavefront-backward"])
+                        choices=["forward", "backward", "wavefront", "wavefront-backward",
+                                 "registers"])
     parser.add_argument("--layers", type=int, default=2,
                         help="layers of the wavefront kernels (reported in column D)")
     parser.add_argument("--dropout", action="store_true",
@@ -295,6 +316,8 @@ def reports(args, config):
             for kernel_name in (("step",) if args.step else args.kernels):
                 if kernel_name == "step":
                     yield report_step(dtype_name, batch, hidden)
+                elif kernel_name == "registers":
+                    yield report_registers(dtype_name, batch, hidden, args.directions)
                 elif kernel_name.startswith("wavefront"):
                     yield report_wavefront(dtype_name, batch, hidden, args.layers, config,
                                            kernel_name, args.dropout)

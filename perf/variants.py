@@ -5,8 +5,10 @@ inner K loops (inner_stages), the next step's loads after the barrier arrival
 (prefetch_after_arrive), dataflow waits instead of the grid barrier (dataflow),
 resident weights in chunks at large H (chunked), wider large-batch tiles, the
 backward's gate split (gate_split), the hardware cluster barrier for groups of 8-16
-programs (cluster; each beside the same tile at the counter) and h (in the backward,
-shares of dh) exchanged through distributed shared memory (dsmem). Each row runs one kernel
+programs (cluster; each beside the same tile at the counter), h (in the backward,
+shares of dh) exchanged through distributed shared memory (dsmem) and the small-batch forward
+with its weights in registers (registers; a row says "not run" where the config's tl tile ran
+instead). Each row runs one kernel
 (forward: lstm_forward with save as in training; backward: lstm_backward on that
 forward's saved values) at T steps, D = 1, I = H, and compares its outputs with the
 heuristic config's (a variant must compute the same function). Every config is first
@@ -14,7 +16,7 @@ compiled in parallel processes (--jobs; a 2-step run each), then the rows are ti
 by one. Writes variants.csv to $OUT (or --out) and prints a table: µs per step, median
 and the 20-80% spread.
 
-    python3 perf/variants.py [--steps 256] [--only cluster|small|large] [--out DIR]
+    python3 perf/variants.py [--steps 256] [--only cluster|registers|small|large] [--out DIR]
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from timing import bench_ms, compile_ahead  # noqa: E402
-from triton_lstm.dispatch import heuristic_config  # noqa: E402
+from triton_lstm.dispatch import heuristic_config, launch_counts  # noqa: E402
 from triton_lstm.kernels.backward import lstm_backward  # noqa: E402
 from triton_lstm.kernels.forward import lstm_forward  # noqa: E402
 from triton_lstm.tuning import config_from_label, config_label  # noqa: E402
@@ -63,6 +65,15 @@ EXPERIMENTS = [
     ("cluster", "backward", "fp16", 8, 256, ["bb16-bh16-res-bk64-sk1-w4-cl-ds",
                                              "bb16-bh32-res-bk64-sk1-w4-cl-ds"]),
     ("cluster", "backward", "bf16", 8, 512, ["bb16-bh32-res-bk64-sk1-w4-cl-ds"]),
+    # Small batch: the forward with its weights in registers, no shared memory in a step and
+    # dataflow waits (kernels/forward_registers.py), beside the tl tile with the same waits.
+    ("registers", "forward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-df",
+                                              "bb16-bh8-res-bk64-sk1-w4-rg"]),
+    ("registers", "forward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df",
+                                              "bb16-bh8-res-bk64-sk1-w4-rg"]),
+    ("registers", "forward", "fp16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
+    ("registers", "forward", "bf16", 1, 512, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
+    ("registers", "forward", "fp16", 16, 256, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
     # Small batch: the backward's split_k (PERF-MODEL.md 2.4), loads after the arrival.
     ("small", "backward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk4-w4", "bb16-bh8-res-bk64-sk4-w8",
                                            "bb16-bh8-res-bk64-sk1-w4-pa",
@@ -177,7 +188,7 @@ def max_rel_diff(got, want) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=256)
-    parser.add_argument("--only", choices=("cluster", "small", "large"))
+    parser.add_argument("--only", choices=("cluster", "registers", "small", "large"))
     parser.add_argument("--out", default=os.environ.get("OUT") or "perf/results")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes that compile the configs ahead (1: none)")
@@ -212,9 +223,12 @@ def main() -> int:
                        config=config_label(config), heuristic=config == heuristic, **env)
             try:
                 run = runner(kernel, *inputs, config)
+                before = launch_counts["registers"]
                 row["max_rel_diff"] = max_rel_diff(run(), want)
                 if not row["max_rel_diff"] <= bound:
                     row["status"] = "wrong"
+                elif config.registers and launch_counts["registers"] == before:
+                    row["status"] = "not run (its tl tile ran)"
                 else:
                     ms = bench_ms(run, warmup_ms=25, rep_ms=100)
                     row.update(median_us=ms[0] * 1e3 / T, q20_us=ms[1] * 1e3 / T,

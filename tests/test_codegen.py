@@ -160,3 +160,19 @@ def test_sm90_layer_gemms_are_tf32_wgmma_without_spills():
         where = {k: row[k] for k in ("kernel", "regs", "spill", "mma", "dot", "triton")}
         assert row["ptxas_ok"] and row["spill"] == 0, where
         assert row["mma"] == "wgmma" and row["dot"] == "tf32", where
+
+
+def test_sm90_registers_forward_keeps_its_steps_out_of_shared_memory():
+    """kernels/forward_registers.py's premise: weights in registers, h loaded straight into the
+    MMA's operand registers 16 bytes at a time, the gates split by a shuffle; no shared
+    memory, no barrier between warps, no atomics (dataflow waits). ptxas spills 80 bytes at
+    H = 512 (scalars reloaded once a step: perf/NOTES.md)."""
+    rows = compile_report(["--kernels", "registers", "--shapes", "8x256", "8x512", "3x200",
+                           "--dtypes", "bf16", "fp16", "--directions", "2"])
+    assert len(rows) == 6
+    for row in rows:
+        where = {k: row[k] for k in ("dtype", "B", "H", "regs", "spill", "triton")}
+        assert row["ptxas_ok"], where
+        assert row["shared"] == 0 and row["bar_sync"] == 0, where | {"shared": row["shared"]}
+        assert row["mma"] == "mma.sync" and row["barrier"] == "none", where
+        assert row["state_load"] == VECTOR_BYTES, where | {"state_load": row["state_load"]}

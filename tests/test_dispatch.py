@@ -106,12 +106,30 @@ def test_config_labels_round_trip():
     assert tuning.config_from_entry(tuning.config_entry(c, 3.14159)) == c
     assert tuning.config_entry(c, 3.14159)["us_per_step"] == 3.142
     every_flag = dataclasses.replace(c, inner_stages=3, prefetch_after_arrive=True,
-                                     dataflow=True, gate_split=True, cluster=True, dsmem=True)
-    assert tuning.config_label(every_flag) == "bb64-bh16-str-bk64-sk4-w16-st3-pa-df-gs-cl-ds"
+                                     dataflow=True, gate_split=True, cluster=True, dsmem=True,
+                                     registers=True)
+    assert tuning.config_label(every_flag) == "bb64-bh16-str-bk64-sk4-w16-st3-pa-df-gs-cl-ds-rg"
     assert tuning.config_from_label(tuning.config_label(every_flag)) == every_flag
     with pytest.raises(ValueError, match="label"):
         tuning.config_from_label("bb64-bh16")
 
+
+
+@pytest.mark.parametrize("change, runs", [
+    ({}, True), (dict(dtype=torch.float32), False), (dict(hidden_size=1024), False),
+    (dict(device=torch.device("cpu")), False), (dict(proj=True), False),
+    (dict(restarts=True), False), (dict(ckpt_every=8), False), (dict(step_chunks=True), False),
+    (dict(force_stepped=True), False)])
+def test_registers_forward_runs_only_what_it_supports(change, runs, monkeypatch):
+    """kernels/forward_registers.py: bf16 / fp16 on a GPU, H <= 512, one persistent launch of
+    a layer without projection, restarts or checkpoints; elsewhere the config's own tile."""
+    from triton_lstm.kernels import forward_registers
+    monkeypatch.setattr(forward_registers, "interpreting", lambda: False)
+    call = dict(hidden_size=512, dtype=torch.bfloat16, device=torch.device("cuda"), proj=False,
+                restarts=False, ckpt_every=0, step_chunks=False, force_stepped=False)
+    call.update(change)
+    hidden_size, dtype, device = call.pop("hidden_size"), call.pop("dtype"), call.pop("device")
+    assert forward_registers.runs_here(hidden_size, dtype, device, **call) is runs
 
 def test_nearest_shape_batch_bucket_and_hidden():
     t = table(*(entry("bf16", B, H, fwd=(B, H)) for B in (8, 64, 512) for H in (256, 1024)))

@@ -621,6 +621,120 @@ def test_dataflow_waits_compute_what_the_barrier_computes_nan_and_inf_included(l
                                    msg=lambda m, k=k: f"{k}: {m}")
 
 
+# The forward with its weights in registers (kernels/forward_registers.py); where it does not
+# run, the config's tl tile does.
+REGISTERS = "bb16-bh8-res-bk64-sk1-w4-rg"
+
+
+@pytest.mark.timeout(120)     # a dataflow wait that never ends fails here instead of hanging
+@pytest.mark.parametrize("form, batch, hidden, dtype_name, k_width", [
+    ("packed-bidir", 8, 512, "bf16", 8),
+    ("plain", 8, 512, "fp16", 8),
+    ("packed-bidir", 13, 256, "fp16", 8),   # two batch blocks, the second of 5 rows
+    ("state", 3, 50, "bf16", 8),            # h0 and c0; the last of 13 unit blocks half empty
+    ("plain", 24, 200, "bf16", 8),
+    ("plain", 8, 512, "fp16", 2),           # the mma.sync fragments' own operand layout
+])
+def test_registers_forward_matches_float64_within_twice_cudnn_error(form, batch, hidden,
+                                                                    dtype_name, k_width,
+                                                                    monkeypatch):
+    """Outputs and every gradient of a layer whose forward ran in the registers kernel (its
+    saved gates feed the tl backward), against float64, with both directions in one grid,
+    packed lengths, an initial state, partial unit and batch blocks."""
+    from triton_lstm.kernels import forward_registers
+    from triton_lstm.tuning import config_from_label, forced_configs
+    monkeypatch.setattr(forward_registers, "K_WIDTH", k_width)
+    dtype, _, slack = DTYPES[dtype_name]
+    T, I = 40, 64
+    torch_lstm = torch.nn.LSTM(I, hidden, bidirectional=form == "packed-bidir", device="cuda",
+                               dtype=dtype)
+    ours = triton_copy(torch_lstm)
+    x = torch.randn(T, batch, I, device="cuda", dtype=dtype)
+    lengths = torch.randint(1, T + 1, (batch,)) if form == "packed-bidir" else None
+    hx = (tuple(torch.randn(1, batch, hidden, device="cuda", dtype=dtype) for _ in range(2))
+          if form == "state" else None)
+
+    def run(module, x, hx, upstream=None):
+        leaf = x.detach().requires_grad_()
+        inputs = leaf
+        if lengths is not None:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+            leaf = packed.data.detach().requires_grad_()
+            inputs = torch.nn.utils.rnn.PackedSequence(leaf, packed.batch_sizes,
+                                                       packed.sorted_indices,
+                                                       packed.unsorted_indices)
+        state = None if hx is None else tuple(t.detach().requires_grad_() for t in hx)
+        out, (h, c) = module(inputs, state)
+        outs = (out.data if lengths is not None else out, h, c)
+        if upstream is None:
+            upstream = [torch.randn_like(t) for t in outs]
+        loss = sum((t * u).sum() for t, u in zip(outs, upstream))
+        grads = torch.autograd.grad(loss, [leaf] + list(module.parameters()) + list(state or ()))
+        return [t.detach() for t in outs] + list(grads), upstream
+
+    before = launch_counts["registers"]
+    with forced_configs(forward=config_from_label(REGISTERS)):
+        ours_all, upstream = run(ours, x, hx)
+    assert launch_counts["registers"] == before + 1
+    torch_all, _ = run(torch_lstm, x, hx, upstream)
+    to64 = [t.detach().cpu().double() for t in (hx or ())]
+    ref_all, _ = run(float64_copy(torch_lstm), x.cpu().double(), to64 or None,
+                     [u.cpu().double() for u in upstream])
+    assert_within_twice_the_reference_error(ours_all, torch_all, ref_all, slack)
+
+
+@pytest.mark.timeout(120)
+def test_registers_forward_with_nan_and_inf_input_ends_and_matches_the_barrier_path():
+    """A NaN or inf in the data is never taken for the unwritten mark: the kernel ends, its
+    NaNs are the barrier path's, and the rows without NaN match float64 as closely."""
+    from triton_lstm.reference import lstm_layer_reference
+    from triton_lstm.tuning import config_from_label
+    config = config_from_label(REGISTERS)
+    T, B, H = 32, 8, 256
+    gx = torch.randn(T, B, 8 * H, device="cuda", dtype=torch.float16)
+    gx[5, 0, :4] = float("nan")
+    gx[9, 1, 3 * H:3 * H + 4] = float("inf")      # o = sigmoid(inf) = 1: row 1 stays finite
+    w_hh = (torch.randn(2, 4 * H, H, device="cuda") / H ** 0.5).half()
+    runs = []
+    for run_config in (dataclasses.replace(config, registers=False), config):
+        before = launch_counts["registers"]
+        runs.append(lstm_forward(gx, w_hh, None, None, None, save=True, config=run_config)[:5])
+        assert launch_counts["registers"] == before + run_config.registers
+    for k, (barrier, registers) in enumerate(zip(*runs)):
+        assert barrier.isnan().any(), k
+        assert torch.equal(barrier.isnan(), registers.isnan()), k
+    finite = slice(1, None)      # rows are independent: row 0 alone has a NaN
+    # gx through an identity W_ih: inf * 0 would be NaN there, and sigmoid(1e4) is 1 exactly.
+    want = lstm_layer_reference(gx[:, finite].cpu().double().nan_to_num(posinf=1e4), None, None,
+                                torch.eye(8 * H, dtype=torch.float64), w_hh.cpu().double())
+    barrier, registers = ([y[:, finite], h[:, finite], c[:, finite]] for y, h, c, *_ in runs)
+    assert_within_twice_the_reference_error(registers, barrier, want, DTYPES["fp16"][2],
+                                            ["y", "h_n", "c_n"], theirs_name="the barrier path")
+
+
+@pytest.mark.timeout(120)
+def test_registers_forward_replays_from_a_cuda_graph_like_eager():
+    """The launch and the fill of its polled slots are both captured: each replay equals an
+    eager call on the same input."""
+    from triton_lstm.tuning import config_from_label
+    config = config_from_label(REGISTERS)
+    T, B, H = 16, 8, 256
+    w_hh = (torch.randn(1, 4 * H, H, device="cuda") / H ** 0.5).half()
+    static_gx = torch.randn(T, B, 4 * H, device="cuda", dtype=torch.float16)
+    lstm_forward(static_gx, w_hh, None, None, None, save=False, config=config)   # compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = lstm_forward(static_gx, w_hh, None, None, None, save=False, config=config)
+    for _ in range(2):
+        static_gx.copy_(torch.randn_like(static_gx))
+        before = launch_counts["registers"]
+        graph.replay()
+        eager = lstm_forward(static_gx, w_hh, None, None, None, save=False, config=config)
+        assert launch_counts["registers"] == before + 1
+        for k in range(3):
+            assert torch.equal(captured[k], eager[k]), k
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("form, hidden, label", [
     ("packed-bidir", 256, "bb16-bh16-res-bk64-sk1-w4-cl"),      # clusters of 16 programs

@@ -226,6 +226,23 @@ def test_nan_and_inf_flow_through_like_nn_lstm(config_name):
             assert not (got.view(torch.int64) == -1).any(), "an output holds the unwritten mark"
 
 
+
+def test_registers_config_runs_its_own_tile_where_the_registers_kernel_cannot():
+    """kernels/forward_registers.py is Gluon, which has no interpreter: here a config that asks
+    for it runs the tl kernel on its tile, exactly as the same config without the flag."""
+    ref, x, hx = random_problem(5, 3, 4, 8, torch.float32)
+    config = CONFIGS["dataflow-bh4"]
+    runs = []
+    for run_config in (config, dataclasses.replace(config, registers=True)):
+        before = launch_counts["registers"]
+        y, h, c, *_ = LSTMFunction.apply(x, hx[0][0], hx[1][0], *ref.parameters(), None,
+                                         run_config)
+        grads = torch.autograd.grad(y.square().sum() + c.sum(), [x, *ref.parameters()])
+        assert launch_counts["registers"] == before
+        runs.append([y, h, c, *grads])
+    for k, (plain, flagged) in enumerate(zip(*runs)):
+        assert torch.equal(plain, flagged), k
+
 # -- bf16 results rounded as a GPU rounds them ----------------------------------------------------
 
 @triton.jit

@@ -68,7 +68,10 @@ class KernelConfig:
     instead of the counter (sm_90+; kernels/barrier.py, ``cluster_size``); dsmem (with
     cluster, the forward, resident, no projection): each program pushes its h into every
     program's shared memory and waits on its own mbarrier for the bytes, no barrier at all
-    (kernels/dsmem.py).
+    (kernels/dsmem.py); registers (the forward): the small-batch kernel with its weights in
+    registers and no shared memory in a step, on its own fixed tile and with dataflow waits
+    (kernels/forward_registers.py), where it runs (bf16/fp16, H <= 512, no projection,
+    restarts, checkpoints or chunks, every program resident); elsewhere this config's tile.
     """
     block_b: int
     block_h: int
@@ -83,6 +86,7 @@ class KernelConfig:
     gate_split: bool = False
     cluster: bool = False
     dsmem: bool = False
+    registers: bool = False
 
     def num_h_blocks(self, hidden_size: int) -> int:
         return cdiv(hidden_size, self.block_h)
@@ -374,13 +378,14 @@ def co_resident_programs(kernel, args: tuple, constexprs: dict, config: KernelCo
            tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
     if key not in _capacity_cache:
         compiled = kernel.warmup(*args, grid=(1,), num_warps=config.num_warps, num_stages=1,
-                                 **_launch_options(), **constexprs)
+                                 **launch_options(), **constexprs)
         from . import tuning   # tuning imports this module
         _capacity_cache[key] = programs_per_sm(compiled, device) * tuning.sm_count(device)
     return _capacity_cache[key]
 
 
-def _launch_options(persistent: bool = True) -> dict:
+def launch_options(persistent: bool = True) -> dict:
+    """A persistent launch is cooperative where Triton offers it: an oversized grid fails."""
     return {"launch_cooperative_grid": True} if (persistent and COOPERATIVE_LAUNCH) else {}
 
 
@@ -533,7 +538,7 @@ def launch_recurrence(kernel, args: tuple, constexprs: dict, *, num_steps: int, 
         for b0 in range(0, num_b, groups_at_once):
             grid = (num_h * min(groups_at_once, num_b - b0), num_directions)
             kernel[grid](*args, first_step, num_steps, b0 * config.block_b, leader_inc,
-                         PERSISTENT=True, **_launch_options(), **common)
+                         PERSISTENT=True, **launch_options(), **common)
             launch_counts["persistent"] += 1
     else:
         grid = (num_h * num_b, num_directions)

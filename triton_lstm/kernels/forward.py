@@ -640,6 +640,17 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
     if config.dsmem and (w_hr is not None or dtype == torch.float64 or step_chunks is not None):
         # It pushes one h, 32 bits an element, and only from step 0 (its mbarriers' phases).
         config = dataclasses.replace(config, dsmem=False)
+    if config.registers:
+        from . import forward_registers   # Gluon: imported only where a config asks for it
+        if forward_registers.runs_here(H, dtype, device, proj=w_hr is not None,
+                                       restarts=restarts is not None, ckpt_every=ckpt_every,
+                                       step_chunks=step_chunks is not None,
+                                       force_stepped=force_stepped):
+            outputs = forward_registers.lstm_forward_registers(gx, w_hh, h0, c0, lengths,
+                                                               save=save, reverse=reverse)
+            if outputs is not None:
+                return outputs + (None, None, None)
+        config = dataclasses.replace(config, registers=False)
     acc = state_dtype(dtype)
     proj = w_hr is not None
     y = torch.empty(T, B, D * R, dtype=dtype, device=device)

@@ -1,0 +1,304 @@
+"""Small-batch forward with its weights in registers: a step touches no shared memory.
+
+The `tl` forward (forward.py) leaves layouts to Triton, which puts three shared-memory
+round trips with barriers between warps on every step's critical path: h_{t-1} staged for
+the dot, the weight slice read back from shared memory by `ldmatrix`, and the split of the
+accumulator into the four gates (perf/NOTES.md, "Open leads"). This kernel is written in
+Gluon, Triton's language with explicit layouts, so that none of them is there:
+
+- A program is one warp that owns 4 hidden units (all four gates: 16 weight rows) of one
+  direction, for 8 batch rows. Operands are swapped (gates^T = W_slice h^T), so the weight
+  slice is the MMA's M side (16 rows) and the batch its N side (8 columns): at B = 8 no
+  MMA row is padding.
+- The [16, HP] weight slice is loaded once into the MMA's operand registers (HP bytes per
+  thread: H <= 512) and stays there for the whole sequence.
+- h_{t-1} is loaded from global memory straight into the other operand's registers, in
+  CHUNKS chunks of the reduction, each with its own accumulator: CHUNKS independent chains
+  of MMAs instead of one, and no exchange between warps (there is one warp).
+- Weight row r is gate 2 * (g // 4) + r // 8 of unit g % 4, g = r % 8. In the mma.sync
+  accumulator layout lane 4g + t holds rows g and g + 8, so a lane holds two gates of its
+  unit and lane ^ 16 the other two: one shuffle per register gives every lane all four.
+  Both lanes of a pair then update the same cell; the first stores it.
+- Programs wait on the data (barrier.py's dataflow protocol): every step's slot of y is
+  filled with all-ones bits before the launch, producers store canonical values (any NaN
+  as the standard quiet NaN), and a step reloads h_{t-1} until none of it is the mark.
+
+It runs persistently or not at all: every program must be resident (the launcher checks),
+for bf16 / fp16, without projection, restarts or checkpoints; elsewhere the `tl` kernel
+runs (forward.py, config ``registers``). Gluon kernels have no interpreter: this one is
+compiled for sm_90 by the CPU tests (test_codegen.py) and run by the GPU tests.
+"""
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from ..dispatch import (KernelConfig, cdiv, co_resident_programs, interpreting, launch_counts,
+                        launch_options, padded)
+from .barrier import fill_unwritten
+
+UNITS = 4                 # hidden units per program (16 weight rows: one m16 MMA tile)
+ROWS = 8                  # batch rows per program (one n8 MMA tile: 16 would spill at H = 256)
+MAX_HIDDEN = 512          # the weight slice takes HP bytes of registers per thread
+# Operand elements a lane holds along the reduction: 8 makes each load of h 16 bytes (with the
+# mma.sync fragments' own 2, 4 bytes: 4x the loads and half of every 32-byte sector unused).
+K_WIDTH = 8
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+@gluon.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + gl.exp(-x))
+
+
+@gluon.jit
+def _tanh(x):
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@gluon.jit
+def _partner(x):
+    """Each register's value in lane ^ 16: the other two gates of the same unit and rows."""
+    return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 16, 31, 0xffffffff;", "=f,f",
+                                     [x], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _rows_apart(acc, GATES: gl.constexpr):
+    """The [16, N] accumulator's rows g and g + 8 as two [8, N] tiles in the GATES layout;
+    assert_trivial: it fails to compile if that would move any data."""
+    lo, hi = gl.split(gl.permute(gl.reshape(acc, [2, 8, acc.shape[1]]), [1, 2, 0]))
+    return (gl.convert_layout(lo, GATES, assert_trivial=True),
+            gl.convert_layout(hi, GATES, assert_trivial=True))
+
+
+@gluon.jit
+def _step_rows(step, length, m_n, reverse):
+    """Each batch row's time index at processing step `step` and whether it runs (forward.py's
+    step_rows, in the layout of `length`)."""
+    step_n = gl.full(length.shape, step, gl.int32, length.type.layout)
+    running = m_n & (step_n >= 0) & (step_n < length)
+    t_row = gl.where(running & reverse, length - 1 - step_n, step_n)
+    return t_row.to(gl.int64), running
+
+
+@gluon.jit
+def _step_inputs(gx, step, length, m_n, reverse, B, o_n, o_u, m_u, H: gl.constexpr,
+                 GS: gl.constexpr):
+    """Each row's time index and whether it runs at processing step `step`, and the input
+    projection of each gate there, as [unit, row] tiles (nothing read for stopped rows)."""
+    t_row, running = _step_rows(step, length, m_n, reverse)
+    p = gx + (t_row * B + o_n)[None, :] * GS + o_u[:, None]
+    m = running[None, :] & m_u
+    return (t_row, running, gl.load(p, mask=m, other=0.0), gl.load(p + H, mask=m, other=0.0),
+            gl.load(p + 2 * H, mask=m, other=0.0), gl.load(p + 3 * H, mask=m, other=0.0))
+
+
+@gluon.jit
+def _lengths(lengths, o_n, m_n, T, HAS_LENGTHS: gl.constexpr):
+    if HAS_LENGTHS:
+        length = gl.load(lengths + o_n, mask=m_n, other=0)
+    else:
+        length = gl.full(o_n.shape, T, gl.int32, o_n.type.layout)
+    return length
+
+
+@gluon.jit
+def _load_h(p_rows, m_rows, o_k, H: gl.constexpr, KC: gl.constexpr, CHUNKS: gl.constexpr):
+    """h_{t-1}^T as CHUNKS [KC, BLOCK_B] operand tiles, read from L2 (volatile: each poll
+    reads memory again); rows not read come as zeros."""
+    tiles = ()
+    for chunk in gl.static_range(CHUNKS):
+        k = chunk * KC + o_k
+        tiles = tiles + (gl.load(p_rows[None, :] + k[:, None],
+                                 mask=m_rows[None, :] & (k < H)[:, None], other=0.0,
+                                 volatile=True),)
+    return tiles
+
+
+@gluon.jit
+def _any_unwritten(tiles, CHUNKS: gl.constexpr):
+    """Whether any element of the tiles still holds the all-ones mark (the tiles' marks
+    merged first: one reduction across the warp's lanes, not one per tile)."""
+    marks = tiles[0].to(gl.int16, bitcast=True) == -1
+    for chunk in gl.static_range(1, CHUNKS):
+        marks = marks | (tiles[chunk].to(gl.int16, bitcast=True) == -1)
+    return gl.max(gl.max(marks.to(gl.int32), axis=0), axis=0) > 0
+
+
+@gluon.jit(do_not_specialize=["T", "B"])
+def lstm_forward_registers_kernel(
+    gx,        # [T, B, D, 4H]  x_t W_ih^T + b_ih + b_hh per direction, input dtype
+    w_hh,      # [D, 4H, H]     input dtype
+    h0,        # [D, B, H]      read when HAS_H0
+    c0,        # [D, B, H]      read when HAS_H0
+    lengths,   # [B]            int32, read when HAS_LENGTHS
+    y,         # [T, B, D, H]   out, filled with all-ones bits by the caller
+    h_n,       # [D, B, H]      out
+    c_state,   # [D, B, H]      fp32 out: c after each row's last step
+    gates,     # [D, T, B, 4H]  fp32 out when SAVE
+    c_all,     # [D, T, B, H]   fp32 out when SAVE
+    T, B,
+    H: gl.constexpr, HP: gl.constexpr, D: gl.constexpr, BLOCK_B: gl.constexpr,
+    CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr, HAS_H0: gl.constexpr,
+    HAS_LENGTHS: gl.constexpr, SAVE: gl.constexpr, REVERSE: gl.constexpr,
+):
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
+                                                  instr_shape=[16, 8])
+    W_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=K_WIDTH)
+    H_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=K_WIDTH)
+    KC: gl.constexpr = HP // CHUNKS
+    NUM_H_BLOCKS: gl.constexpr = (H + 3) // 4
+    YS: gl.constexpr = D * H          # row stride of y
+    GS: gl.constexpr = D * 4 * H      # row stride of gx
+    i_p = gl.program_id(0)
+    i_d = gl.program_id(1)
+    i_h = i_p % NUM_H_BLOCKS
+    i_b = i_p // NUM_H_BLOCKS
+    if D == 2 and REVERSE:
+        reverse = i_d == 1
+    else:
+        reverse = i_d < 0
+    i_d64 = i_d.to(gl.int64)
+    gx += i_d64 * 4 * H
+    w_hh += i_d64 * 4 * H * H
+    h0 += i_d64 * B * H
+    c0 += i_d64 * B * H
+    y += i_d64 * H
+    h_n += i_d64 * B * H
+    c_state += i_d64 * B * H
+    gates += i_d64 * T * B * 4 * H
+    c_all += i_d64 * T * B * H
+
+    # The weight slice, [16, HP] as CHUNKS operand tiles (row r: see the module's docstring).
+    o_r = gl.arange(0, 16, layout=gl.SliceLayout(1, W_OP))
+    w_unit = i_h * 4 + o_r % 4
+    w_row = (2 * ((o_r % 8) // 4) + o_r // 8) * H + w_unit
+    o_kw = gl.arange(0, KC, layout=gl.SliceLayout(0, W_OP))
+    w_tiles = ()
+    for chunk in gl.static_range(CHUNKS):
+        k = chunk * KC + o_kw
+        w_tiles = w_tiles + (gl.load(w_hh + w_row[:, None] * H + k[None, :],
+                                     mask=(w_unit < H)[:, None] & (k < H)[None, :],
+                                     other=0.0),)
+
+    # The gate tiles: the accumulator's rows g and g + 8 apart, [8, BLOCK_B] each, where
+    # they already are. Lane 4g + t holds row g and batch rows 2t, 2t + 1 (lane bits 2-4 are
+    # g's bits 0-2: lane ^ 16 holds row g ^ 4, which _partner relies on).
+    GATES: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1]], lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], warp_bases=[],
+        block_bases=[], shape=[8, BLOCK_B])
+    acc0 = gl.zeros([16, BLOCK_B], gl.float32, MMA)
+    o_g = gl.arange(0, 8, layout=gl.SliceLayout(1, GATES))
+    first = (o_g // 4 == 0)[:, None]              # this lane holds gates i, f (else g, o)
+    o_u = i_h * 4 + o_g % 4
+    m_u = (o_u < H)[:, None]
+    o_n = i_b * BLOCK_B + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, GATES))
+    m_n = o_n < B
+    length = _lengths(lengths, o_n, m_n, T, HAS_LENGTHS)
+    m_cell = m_u & m_n[None, :]
+    p_cell = o_n[None, :] * H + o_u[:, None]      # [unit, row] into a [B, H] tensor
+    # The same batch rows as columns of the h^T operand tiles.
+    o_k = gl.arange(0, KC, layout=gl.SliceLayout(1, H_OP))
+    o_nk = i_b * BLOCK_B + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, H_OP))
+    m_nk = o_nk < B
+    length_k = _lengths(lengths, o_nk, m_nk, T, HAS_LENGTHS)
+
+    if HAS_H0:
+        c = gl.load(c0 + p_cell, mask=m_cell, other=0.0).to(gl.float32)
+        m_rows = m_nk
+    else:
+        c = gl.zeros([8, BLOCK_B], gl.float32, GATES)
+        m_rows = m_nk & (o_nk < 0)
+    p_rows = h0 + o_nk.to(gl.int64) * H           # h_{t-1} of each row, here h0
+    t_row, running, gx_i, gx_f, gx_g, gx_o = _step_inputs(gx, 0, length, m_n, reverse, B, o_n,
+                                                          o_u, m_u, H, GS)
+
+    for t in range(T):
+        tiles = _load_h(p_rows, m_rows, o_k, H, KC, CHUNKS)
+        # h0 is the caller's and may hold any bits; later steps wait for their producers.
+        while (t > 0) & _any_unwritten(tiles, CHUNKS):
+            tiles = _load_h(p_rows, m_rows, o_k, H, KC, CHUNKS)
+        acc = mma_v2(w_tiles[0], tiles[0], acc0)
+        for chunk in gl.static_range(1, CHUNKS):   # an accumulator per chunk: parallel chains
+            acc += mma_v2(w_tiles[chunk], tiles[chunk], acc0)
+
+        x_lo, x_hi = _rows_apart(acc, GATES)
+        y_lo = _partner(x_lo)
+        y_hi = _partner(x_hi)
+        b_i = _sigmoid(gl.where(first, x_lo, y_lo) + gx_i.to(gl.float32))
+        b_f = _sigmoid(gl.where(first, x_hi, y_hi) + gx_f.to(gl.float32))
+        b_g = _tanh(gl.where(first, y_lo, x_lo) + gx_g.to(gl.float32))
+        b_o = _sigmoid(gl.where(first, y_hi, x_hi) + gx_o.to(gl.float32))
+        m_run = running[None, :] & m_u
+        c = gl.where(m_run, b_f * c + b_i * b_g, c)          # stopped rows keep their state
+        b_h = gl.where(m_run, b_o * _tanh(c), 0.0)
+        b_h = gl.where(b_h != b_h, float("nan"), b_h).to(y.dtype.element_ty)   # canonical
+
+        p_y = y + (t_row * B + o_n)[None, :] * YS + o_u[:, None]
+        gl.store(p_y, b_h, mask=first & m_cell)
+        gl.store(h_n + p_cell, b_h, mask=first & m_cell & (t == length - 1)[None, :])
+        if SAVE:
+            p_save = (t_row * B + o_n)[None, :] * (4 * H) + o_u[:, None]
+            m_save = first & m_cell
+            gl.store(gates + p_save, gl.where(m_run, b_i, 0.0), mask=m_save)
+            gl.store(gates + p_save + H, gl.where(m_run, b_f, 0.0), mask=m_save)
+            gl.store(gates + p_save + 2 * H, gl.where(m_run, b_g, 0.0), mask=m_save)
+            gl.store(gates + p_save + 3 * H, gl.where(m_run, b_o, 0.0), mask=m_save)
+            gl.store(c_all + (t_row * B + o_n)[None, :] * H + o_u[:, None],
+                     gl.where(m_run, c, 0.0), mask=m_save)
+
+        # The next step: where h_t of each row is, which rows read it, and its input
+        # projection, in flight while the step waits for the other programs.
+        t_row_k, running_k = _step_rows(t, length_k, m_nk, reverse)
+        p_rows = y + (t_row_k * B + o_nk) * YS
+        t_next_k, m_rows = _step_rows(t + 1, length_k, m_nk, reverse)
+        t_row, running, gx_i, gx_f, gx_g, gx_o = _step_inputs(gx, t + 1, length, m_n, reverse,
+                                                              B, o_n, o_u, m_u, H, GS)
+
+    gl.store(c_state + p_cell, c, mask=first & m_cell)
+
+
+def chunks(hidden_size: int) -> int:
+    """Chunks of the reduction (independent accumulators): 4, of at least 16 positions."""
+    return min(4, max(16, padded(hidden_size)) // 16)
+
+
+def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, proj: bool,
+              restarts: bool, ckpt_every: int, step_chunks: bool, force_stepped: bool) -> bool:
+    """Whether a forward call is one this kernel runs (residency is checked at launch)."""
+    return (device.type == "cuda" and not interpreting() and dtype in DTYPES
+            and hidden_size <= MAX_HIDDEN and not (proj or restarts or ckpt_every > 0
+                                                   or step_chunks or force_stepped))
+
+
+def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool):
+    """lstm_forward (forward.py) of a layer this kernel runs (``runs_here``), persistently:
+    (y, h_n, c_n, gates, c_all), or None, with nothing launched, where its programs cannot
+    all be resident at once."""
+    T, B, G = gx.shape
+    D = w_hh.shape[0]
+    H = G // (4 * D)
+    device, dtype = gx.device, gx.dtype
+    y = fill_unwritten(torch.empty(T, B, D * H, dtype=dtype, device=device))   # polled slots
+    h_n = torch.empty(D, B, H, dtype=dtype, device=device)
+    c_state = torch.empty(D, B, H, dtype=torch.float32, device=device)
+    gates = torch.empty(D, T, B, 4 * H, dtype=torch.float32, device=device) if save else None
+    c_all = torch.empty(D, T, B, H, dtype=torch.float32, device=device) if save else None
+    has_h0 = h0 is not None
+    args = (gx, w_hh, h0 if has_h0 else y, c0 if has_h0 else y,
+            lengths if lengths is not None else c_state, y, h_n, c_state,
+            gates if save else c_state, c_all if save else c_state, T, B)
+    grid = (cdiv(B, ROWS) * cdiv(H, UNITS), D)
+    constexprs = dict(H=H, HP=padded(H), D=D, BLOCK_B=ROWS, CHUNKS=chunks(H), K_WIDTH=K_WIDTH,
+                      HAS_H0=has_h0, HAS_LENGTHS=lengths is not None, SAVE=save,
+                      REVERSE=reverse)
+    tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=1)
+    if co_resident_programs(lstm_forward_registers_kernel, args, constexprs, tile,
+                            device) < grid[0] * grid[1]:
+        return None          # a program waiting on one that has not started would hang
+    lstm_forward_registers_kernel[grid](*args, num_warps=1, num_stages=1, **launch_options(),
+                                        **constexprs)
+    launch_counts["persistent"] += 1
+    launch_counts["registers"] += 1
+    return y, h_n, c_state, gates, c_all
