@@ -38,7 +38,7 @@
 #                                                  its input projection (40 s)
 #   COMMIT=<hash> bash perf/device_session.sh 10  the small-batch forward with its weights in
 #                                                  registers: its GPU tests and timed rows
-#                                                  (about 2.3 min)
+#                                                  (about 2.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -168,7 +168,7 @@ case "${1:-}" in
     # forward with its weights in registers"): its GPU tests, then its rows beside the tl
     # tiles (variants.py compiles them first, in 16 processes).
     gpu_tests 75 "registers"
-    timeout 60 python3 perf/variants.py --only registers --out "$OUT/variants-registers" 2>&1 \
+    timeout 75 python3 perf/variants.py --only registers --out "$OUT/variants-registers" 2>&1 \
         | tee "$OUT/variants.log"
     ;;
 *)

@@ -205,7 +205,7 @@ def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name
                         resident=cfg.resident, split_k=cfg.split_k, warps=cfg.num_warps)
 
 
-def report_registers(dtype_name, batch, hidden, directions=1):
+def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0):
     """The small-batch forward with its weights in registers (kernels/forward_registers.py),
     with h0, lengths and the saved gates; its tile is its own (one warp, 4 units, 8 rows)."""
     from triton_lstm.kernels import forward_registers as fr   # Gluon, imported where asked for
@@ -214,7 +214,8 @@ def report_registers(dtype_name, batch, hidden, directions=1):
                  c_state="fp32", gates="fp32", c_all="fp32")
     constexprs = dict(H=hidden, HP=padded(hidden), D=directions, BLOCK_B=fr.ROWS,
                       CHUNKS=fr.chunks(hidden), K_WIDTH=fr.K_WIDTH, HAS_H0=True,
-                      HAS_LENGTHS=True, SAVE=True, REVERSE=True)
+                      HAS_LENGTHS=True, SAVE=True, REVERSE=True,
+                      POLL_BACKOFF_NS=poll_backoff_ns)
     compiled = compile_one(fr.lstm_forward_registers_kernel, types, constexprs, 1)
     return compiled_row(compiled, kernel="registers", dtype=dtype_name, B=batch, H=hidden,
                         D=directions, proj=0, tile=f"{fr.ROWS}x{fr.UNITS}", resident=True,
@@ -286,6 +287,8 @@ def main():
                         help="layers of the wavefront kernels (reported in column D)")
     parser.add_argument("--dropout", action="store_true",
                         help="the wavefront kernels with dropout between layers")
+    parser.add_argument("--poll-backoff", type=int, default=0,
+                        help="the registers kernel's pause between polls, ns (0: none)")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel")
     args = parser.parse_args()
     config = tuning.config_from_label(args.config) if args.config else None
@@ -317,7 +320,8 @@ def reports(args, config):
                 if kernel_name == "step":
                     yield report_step(dtype_name, batch, hidden)
                 elif kernel_name == "registers":
-                    yield report_registers(dtype_name, batch, hidden, args.directions)
+                    yield report_registers(dtype_name, batch, hidden, args.directions,
+                                           args.poll_backoff)
                 elif kernel_name.startswith("wavefront"):
                     yield report_wavefront(dtype_name, batch, hidden, args.layers, config,
                                            kernel_name, args.dropout)

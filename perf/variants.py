@@ -8,7 +8,8 @@ backward's gate split (gate_split), the hardware cluster barrier for groups of 8
 programs (cluster; each beside the same tile at the counter), h (in the backward,
 shares of dh) exchanged through distributed shared memory (dsmem) and the small-batch forward
 with its weights in registers (registers; a row says "not run" where the config's tl tile ran
-instead). Each row runs one kernel
+instead; its rows can set the kernel's knobs after the label: "@backoff=NS" pauses between
+polls, "@kw=2" loads h in the mma.sync fragments' own layout). Each row runs one kernel
 (forward: lstm_forward with save as in training; backward: lstm_backward on that
 forward's saved values) at T steps, D = 1, I = H, and compares its outputs with the
 heuristic config's (a variant must compute the same function). Every config is first
@@ -21,6 +22,7 @@ and the 20-80% spread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import pathlib
@@ -68,9 +70,13 @@ EXPERIMENTS = [
     # Small batch: the forward with its weights in registers, no shared memory in a step and
     # dataflow waits (kernels/forward_registers.py), beside the tl tile with the same waits.
     ("registers", "forward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-df",
-                                              "bb16-bh8-res-bk64-sk1-w4-rg"]),
+                                              "bb16-bh8-res-bk64-sk1-w4-rg",
+                                              "bb16-bh8-res-bk64-sk1-w4-rg@backoff=100",
+                                              "bb16-bh8-res-bk64-sk1-w4-rg@backoff=400",
+                                              "bb16-bh8-res-bk64-sk1-w4-rg@kw=2"]),
     ("registers", "forward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df",
-                                              "bb16-bh8-res-bk64-sk1-w4-rg"]),
+                                              "bb16-bh8-res-bk64-sk1-w4-rg",
+                                              "bb16-bh8-res-bk64-sk1-w4-rg@backoff=100"]),
     ("registers", "forward", "fp16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
     ("registers", "forward", "bf16", 1, 512, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
     ("registers", "forward", "fp16", 16, 256, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
@@ -154,15 +160,44 @@ def runner(kernel, gx, w_hh, h0, c0, dy, config):
     return run
 
 
+# Knobs of the registers kernel a row can set after its label, "<label>@<knob>=<value>":
+# module constants of kernels/forward_registers.py, set for that row only.
+REGISTERS_KNOBS = {"backoff": "POLL_BACKOFF_NS", "kw": "K_WIDTH"}
+
+
+def variant(label: str):
+    """(config, {constant: value}) of a row's label, its knobs after an '@'."""
+    label, *knobs = label.split("@")
+    settings = {}
+    for knob in knobs:
+        name, value = knob.split("=")
+        settings[REGISTERS_KNOBS[name]] = int(value)
+    return config_from_label(label), settings
+
+
+@contextlib.contextmanager
+def knobs_set(settings: dict):
+    from triton_lstm.kernels import forward_registers
+    saved = {name: getattr(forward_registers, name) for name in settings}
+    for name, value in settings.items():
+        setattr(forward_registers, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(forward_registers, name, value)
+
+
 def compile_config(job) -> str:
     """Run one config once on a 2-step problem (the kernels do not specialise on T), so that
     Triton's disk cache holds its kernels before the rows are timed one by one; returns ""
     or why it failed (the row itself records that)."""
     kernel, dtype_name, B, H, label, device = job
     try:
-        run = runner(kernel, *problem(DTYPES[dtype_name], B, H, 2, device),
-                     config_from_label(label))
-        run()[0].cpu()
+        config, settings = variant(label)
+        with knobs_set(settings):
+            run = runner(kernel, *problem(DTYPES[dtype_name], B, H, 2, device), config)
+            run()[0].cpu()
         return ""
     except Exception as exc:
         return f"{kernel} {dtype_name} B={B} H={H} {label}: {type(exc).__name__}"
@@ -218,25 +253,27 @@ def main() -> int:
         heuristic = heuristic_of(kernel, dtype_name, B, H)
         want = runner(kernel, *inputs, heuristic)()
         bound = 1e-2 if dtype != torch.float32 else 2e-3
-        for config in [heuristic] + [config_from_label(label) for label in labels]:
+        for label in [config_label(heuristic)] + labels:
+            config, settings = variant(label)
             row = dict(group=group, kernel=kernel, dtype=dtype_name, B=B, H=H, T=T,
-                       config=config_label(config), heuristic=config == heuristic, **env)
+                       config=label, heuristic=config == heuristic, **env)
             try:
-                run = runner(kernel, *inputs, config)
-                before = launch_counts["registers"]
-                row["max_rel_diff"] = max_rel_diff(run(), want)
-                if not row["max_rel_diff"] <= bound:
-                    row["status"] = "wrong"
-                elif config.registers and launch_counts["registers"] == before:
-                    row["status"] = "not run (its tl tile ran)"
-                else:
-                    ms = bench_ms(run, warmup_ms=25, rep_ms=100)
-                    row.update(median_us=ms[0] * 1e3 / T, q20_us=ms[1] * 1e3 / T,
-                               q80_us=ms[2] * 1e3 / T, status="ok")
+                with knobs_set(settings):
+                    run = runner(kernel, *inputs, config)
+                    before = launch_counts["registers"]
+                    row["max_rel_diff"] = max_rel_diff(run(), want)
+                    if not row["max_rel_diff"] <= bound:
+                        row["status"] = "wrong"
+                    elif config.registers and launch_counts["registers"] == before:
+                        row["status"] = "not run (its tl tile ran)"
+                    else:
+                        ms = bench_ms(run, warmup_ms=25, rep_ms=100)
+                        row.update(median_us=ms[0] * 1e3 / T, q20_us=ms[1] * 1e3 / T,
+                                   q80_us=ms[2] * 1e3 / T, status="ok")
             except Exception as exc:   # recorded, never timed
                 row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             rows.append(row)
-            print(f"{kernel:8} {dtype_name:4} B={B:<4} H={H:<5} {row['config']:34} "
+            print(f"{kernel:8} {dtype_name:4} B={B:<4} H={H:<5} {row['config']:44} "
                   f"{row.get('median_us', float('nan')):8.2f} us/step  "
                   f"diff {row.get('max_rel_diff', float('nan')):.1e}  {row['status']}", flush=True)
             write_csv(path, FIELDS, rows)   # after every row: a run cut short keeps them

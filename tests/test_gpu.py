@@ -627,23 +627,25 @@ REGISTERS = "bb16-bh8-res-bk64-sk1-w4-rg"
 
 
 @pytest.mark.timeout(120)     # a dataflow wait that never ends fails here instead of hanging
-@pytest.mark.parametrize("form, batch, hidden, dtype_name, k_width", [
-    ("packed-bidir", 8, 512, "bf16", 8),
-    ("plain", 8, 512, "fp16", 8),
-    ("packed-bidir", 13, 256, "fp16", 8),   # two batch blocks, the second of 5 rows
-    ("state", 3, 50, "bf16", 8),            # h0 and c0; the last of 13 unit blocks half empty
-    ("plain", 24, 200, "bf16", 8),
-    ("plain", 8, 512, "fp16", 2),           # the mma.sync fragments' own operand layout
+@pytest.mark.parametrize("form, batch, hidden, dtype_name, knobs", [
+    ("packed-bidir", 8, 512, "bf16", {}),
+    ("plain", 8, 512, "fp16", {}),
+    ("packed-bidir", 13, 256, "fp16", {}),  # two batch blocks, the second of 5 rows
+    ("state", 3, 50, "bf16", {}),           # h0 and c0; the last of 13 unit blocks half empty
+    ("plain", 24, 200, "bf16", {}),
+    ("plain", 8, 512, "fp16", {"K_WIDTH": 2}),   # the mma.sync fragments' own operand layout
+    ("packed-bidir", 8, 256, "bf16", {"POLL_BACKOFF_NS": 200}),   # a pause between polls
 ])
 def test_registers_forward_matches_float64_within_twice_cudnn_error(form, batch, hidden,
-                                                                    dtype_name, k_width,
+                                                                    dtype_name, knobs,
                                                                     monkeypatch):
     """Outputs and every gradient of a layer whose forward ran in the registers kernel (its
     saved gates feed the tl backward), against float64, with both directions in one grid,
     packed lengths, an initial state, partial unit and batch blocks."""
     from triton_lstm.kernels import forward_registers
     from triton_lstm.tuning import config_from_label, forced_configs
-    monkeypatch.setattr(forward_registers, "K_WIDTH", k_width)
+    for name, value in knobs.items():
+        monkeypatch.setattr(forward_registers, name, value)
     dtype, _, slack = DTYPES[dtype_name]
     T, I = 40, 64
     torch_lstm = torch.nn.LSTM(I, hidden, bidirectional=form == "packed-bidir", device="cuda",

@@ -43,6 +43,10 @@ MAX_HIDDEN = 512          # the weight slice takes HP bytes of registers per thr
 # Operand elements a lane holds along the reduction: 8 makes each load of h 16 bytes (with the
 # mma.sync fragments' own 2, 4 bytes: 4x the loads and half of every 32-byte sector unused).
 K_WIDTH = 8
+# Nanoseconds a step waits between polls of an h tile not all written (0: it reloads at once).
+# Each poll of 128 programs reads 1 MB from L2 at H = 512; a pause trades that traffic, which
+# the producers' stores and loads share, for up to its own length of latency.
+POLL_BACKOFF_NS = 0
 DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -117,6 +121,14 @@ def _load_h(p_rows, m_rows, o_k, H: gl.constexpr, KC: gl.constexpr, CHUNKS: gl.c
 
 
 @gluon.jit
+def _pause(like, NS: gl.constexpr):
+    """Every lane sleeps about NS nanoseconds (`like`: any small tensor of this warp)."""
+    gl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, 0;", "=r,r",
+                              [gl.full(like.shape, NS, gl.int32, like.type.layout)],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _any_unwritten(tiles, CHUNKS: gl.constexpr):
     """Whether any element of the tiles still holds the all-ones mark (the tiles' marks
     merged first: one reduction across the warp's lanes, not one per tile)."""
@@ -142,6 +154,7 @@ def lstm_forward_registers_kernel(
     H: gl.constexpr, HP: gl.constexpr, D: gl.constexpr, BLOCK_B: gl.constexpr,
     CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr, HAS_H0: gl.constexpr,
     HAS_LENGTHS: gl.constexpr, SAVE: gl.constexpr, REVERSE: gl.constexpr,
+    POLL_BACKOFF_NS: gl.constexpr,
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                   instr_shape=[16, 8])
@@ -218,6 +231,8 @@ def lstm_forward_registers_kernel(
         tiles = _load_h(p_rows, m_rows, o_k, H, KC, CHUNKS)
         # h0 is the caller's and may hold any bits; later steps wait for their producers.
         while (t > 0) & _any_unwritten(tiles, CHUNKS):
+            if POLL_BACKOFF_NS > 0:
+                _pause(o_nk, POLL_BACKOFF_NS)
             tiles = _load_h(p_rows, m_rows, o_k, H, KC, CHUNKS)
         acc = mma_v2(w_tiles[0], tiles[0], acc0)
         for chunk in gl.static_range(1, CHUNKS):   # an accumulator per chunk: parallel chains
@@ -292,7 +307,7 @@ def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bo
     grid = (cdiv(B, ROWS) * cdiv(H, UNITS), D)
     constexprs = dict(H=H, HP=padded(H), D=D, BLOCK_B=ROWS, CHUNKS=chunks(H), K_WIDTH=K_WIDTH,
                       HAS_H0=has_h0, HAS_LENGTHS=lengths is not None, SAVE=save,
-                      REVERSE=reverse)
+                      REVERSE=reverse, POLL_BACKOFF_NS=POLL_BACKOFF_NS)
     tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=1)
     if co_resident_programs(lstm_forward_registers_kernel, args, constexprs, tile,
                             device) < grid[0] * grid[1]:
