@@ -209,11 +209,12 @@ def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0)
     """The small-batch forward with its weights in registers (kernels/forward_registers.py),
     with h0, lengths and the saved gates; its tile is its own (one warp, 4 units, 8 rows)."""
     from triton_lstm.kernels import forward_registers as fr   # Gluon, imported where asked for
-    tname, _ = DTYPES[dtype_name]
+    tname, dtype = DTYPES[dtype_name]
     types = dict(gx=tname, w_hh=tname, h0=tname, c0=tname, lengths="i32", y=tname, h_n=tname,
                  c_state="fp32", gates="fp32", c_all="fp32")
     constexprs = dict(H=hidden, HP=padded(hidden), D=directions, BLOCK_B=fr.ROWS,
-                      CHUNKS=fr.chunks(hidden), K_WIDTH=fr.K_WIDTH, HAS_H0=True,
+                      CHUNKS=fr.chunks(hidden), K_WIDTH=fr.H_LOAD_BYTES // dtype.itemsize,
+                      DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", HAS_H0=True,
                       HAS_LENGTHS=True, SAVE=True, REVERSE=True,
                       POLL_BACKOFF_NS=poll_backoff_ns)
     compiled = compile_one(fr.lstm_forward_registers_kernel, types, constexprs, 1)

@@ -9,7 +9,8 @@ programs (cluster; each beside the same tile at the counter), h (in the backward
 shares of dh) exchanged through distributed shared memory (dsmem) and the small-batch forward
 with its weights in registers (registers; a row says "not run" where the config's tl tile ran
 instead; its rows can set the kernel's knobs after the label: "@backoff=NS" pauses between
-polls, "@kw=2" loads h in the mma.sync fragments' own layout). Each row runs one kernel
+polls, "@load=4" loads h 4 bytes at a time, the mma.sync fragments' own layout). Each row
+runs one kernel
 (forward: lstm_forward with save as in training; backward: lstm_backward on that
 forward's saved values) at T steps, D = 1, I = H, and compares its outputs with the
 heuristic config's (a variant must compute the same function). Every config is first
@@ -73,13 +74,14 @@ EXPERIMENTS = [
                                               "bb16-bh8-res-bk64-sk1-w4-rg",
                                               "bb16-bh8-res-bk64-sk1-w4-rg@backoff=100",
                                               "bb16-bh8-res-bk64-sk1-w4-rg@backoff=400",
-                                              "bb16-bh8-res-bk64-sk1-w4-rg@kw=2"]),
+                                              "bb16-bh8-res-bk64-sk1-w4-rg@load=4"]),
     ("registers", "forward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df",
                                               "bb16-bh8-res-bk64-sk1-w4-rg",
                                               "bb16-bh8-res-bk64-sk1-w4-rg@backoff=100"]),
     ("registers", "forward", "fp16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
     ("registers", "forward", "bf16", 1, 512, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
     ("registers", "forward", "fp16", 16, 256, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
+    ("registers", "forward", "fp32", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-rg"]),   # tf32
     # Small batch: the backward's split_k (PERF-MODEL.md 2.4), loads after the arrival.
     ("small", "backward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk4-w4", "bb16-bh8-res-bk64-sk4-w8",
                                            "bb16-bh8-res-bk64-sk1-w4-pa",
@@ -162,7 +164,7 @@ def runner(kernel, gx, w_hh, h0, c0, dy, config):
 
 # Knobs of the registers kernel a row can set after its label, "<label>@<knob>=<value>":
 # module constants of kernels/forward_registers.py, set for that row only.
-REGISTERS_KNOBS = {"backoff": "POLL_BACKOFF_NS", "kw": "K_WIDTH"}
+REGISTERS_KNOBS = {"backoff": "POLL_BACKOFF_NS", "load": "H_LOAD_BYTES"}
 
 
 def variant(label: str):

@@ -166,12 +166,14 @@ def test_sm90_registers_forward_keeps_its_steps_out_of_shared_memory():
     """kernels/forward_registers.py's premise: weights in registers, h loaded straight into the
     MMA's operand registers 16 bytes at a time, the gates split by a shuffle; no shared
     memory, no barrier between warps, no atomics (dataflow waits). ptxas spills 80 bytes at
-    H = 512 (scalars reloaded once a step: perf/NOTES.md)."""
+    bf16 H = 512 and 40 at fp32 H = 256 (scalars reloaded once a step: perf/NOTES.md)."""
     rows = compile_report(["--kernels", "registers", "--shapes", "8x256", "8x512", "3x200",
                            "--dtypes", "bf16", "fp16", "--directions", "2"])
+    rows += compile_report(["--kernels", "registers", "--shapes", "8x256", "3x200", "--dtypes",
+                            "fp32"])                       # tf32 MMAs
     rows += compile_report(["--kernels", "registers", "--shapes", "8x512", "--dtypes", "bf16",
                             "--poll-backoff", "200"])      # a pause between polls
-    assert len(rows) == 7
+    assert len(rows) == 9
     for row in rows:
         where = {k: row[k] for k in ("dtype", "B", "H", "regs", "spill", "triton")}
         assert row["ptxas_ok"], where

@@ -116,15 +116,23 @@ def test_config_labels_round_trip():
 
 
 @pytest.mark.parametrize("change, runs", [
-    ({}, True), (dict(dtype=torch.float32), False), (dict(hidden_size=1024), False),
+    ({}, True), (dict(dtype=torch.float16), True), (dict(hidden_size=1024), False),
+    (dict(dtype=torch.float32, hidden_size=256), True),
+    (dict(dtype=torch.float32, hidden_size=256, tf32=False), False),
+    (dict(dtype=torch.float32), False), (dict(dtype=torch.float64, hidden_size=128), False),
     (dict(device=torch.device("cpu")), False), (dict(proj=True), False),
     (dict(restarts=True), False), (dict(ckpt_every=8), False), (dict(step_chunks=True), False),
     (dict(force_stepped=True), False)])
 def test_registers_forward_runs_only_what_it_supports(change, runs, monkeypatch):
-    """kernels/forward_registers.py: bf16 / fp16 on a GPU, H <= 512, one persistent launch of
-    a layer without projection, restarts or checkpoints; elsewhere the config's own tile."""
+    """kernels/forward_registers.py: bf16 / fp16 on a GPU, and fp32 where nn.LSTM's rule lets
+    its dots use tf32, with the weight slice in registers (H <= 512, fp32 256), one persistent
+    launch of a layer without projection, restarts or checkpoints; elsewhere the config's own
+    tile."""
     from triton_lstm.kernels import forward_registers
     monkeypatch.setattr(forward_registers, "interpreting", lambda: False)
+    change = dict(change)
+    tf32 = change.pop("tf32", True)
+    monkeypatch.setattr(dispatch, "cudnn_rnn_allows_tf32", lambda: tf32)
     call = dict(hidden_size=512, dtype=torch.bfloat16, device=torch.device("cuda"), proj=False,
                 restarts=False, ckpt_every=0, step_chunks=False, force_stepped=False)
     call.update(change)

@@ -70,8 +70,9 @@ class KernelConfig:
     program's shared memory and waits on its own mbarrier for the bytes, no barrier at all
     (kernels/dsmem.py); registers (the forward): the small-batch kernel with its weights in
     registers and no shared memory in a step, on its own fixed tile and with dataflow waits
-    (kernels/forward_registers.py), where it runs (bf16/fp16, H <= 512, no projection,
-    restarts, checkpoints or chunks, every program resident); elsewhere this config's tile.
+    (kernels/forward_registers.py), where it runs (bf16/fp16 with H <= 512, fp32 in tf32 with
+    H <= 256; no projection, restarts, checkpoints or chunks; every program resident);
+    elsewhere this config's tile.
     """
     block_b: int
     block_h: int

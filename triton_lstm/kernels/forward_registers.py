@@ -10,8 +10,8 @@ Gluon, Triton's language with explicit layouts, so that none of them is there:
   direction, for 8 batch rows. Operands are swapped (gates^T = W_slice h^T), so the weight
   slice is the MMA's M side (16 rows) and the batch its N side (8 columns): at B = 8 no
   MMA row is padding.
-- The [16, HP] weight slice is loaded once into the MMA's operand registers (HP bytes per
-  thread: H <= 512) and stays there for the whole sequence.
+- The [16, HP] weight slice is loaded once into the MMA's operand registers (HP * itemsize
+  / 2 bytes per thread: H <= 512, fp32 256) and stays there for the whole sequence.
 - h_{t-1} is loaded from global memory straight into the other operand's registers, in
   CHUNKS chunks of the reduction, each with its own accumulator: CHUNKS independent chains
   of MMAs instead of one, and no exchange between warps (there is one warp).
@@ -24,8 +24,9 @@ Gluon, Triton's language with explicit layouts, so that none of them is there:
   as the standard quiet NaN), and a step reloads h_{t-1} until none of it is the mark.
 
 It runs persistently or not at all: every program must be resident (the launcher checks),
-for bf16 / fp16, without projection, restarts or checkpoints; elsewhere the `tl` kernel
-runs (forward.py, config ``registers``). Gluon kernels have no interpreter: this one is
+for bf16 / fp16, and fp32 where its dots may use tf32 (nn.LSTM's rule: mma.sync has no
+exact fp32), without projection, restarts or checkpoints; elsewhere the `tl` kernel runs
+(forward.py, config ``registers``). Gluon kernels have no interpreter: this one is
 compiled for sm_90 by the CPU tests (test_codegen.py) and run by the GPU tests.
 """
 import torch
@@ -33,21 +34,22 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from ..dispatch import (KernelConfig, cdiv, co_resident_programs, interpreting, launch_counts,
-                        launch_options, padded)
+from ..dispatch import (KernelConfig, cdiv, co_resident_programs, dot_precision, interpreting,
+                        launch_counts, launch_options, padded)
 from .barrier import fill_unwritten
 
 UNITS = 4                 # hidden units per program (16 weight rows: one m16 MMA tile)
 ROWS = 8                  # batch rows per program (one n8 MMA tile: 16 would spill at H = 256)
-MAX_HIDDEN = 512          # the weight slice takes HP bytes of registers per thread
-# Operand elements a lane holds along the reduction: 8 makes each load of h 16 bytes (with the
-# mma.sync fragments' own 2, 4 bytes: 4x the loads and half of every 32-byte sector unused).
-K_WIDTH = 8
+# The weight slice takes HP * itemsize / 2 bytes of registers per thread: at most 256 (half).
+MAX_SLICE_BYTES = 1024
+# Bytes of h a lane holds, and loads at once, along the reduction (the operands' k_width is
+# this many elements): 16, where the mma.sync fragments' own layout gives 4 (4x the loads,
+# half of every 32-byte sector unused).
+H_LOAD_BYTES = 16
 # Nanoseconds a step waits between polls of an h tile not all written (0: it reloads at once).
 # Each poll of 128 programs reads 1 MB from L2 at H = 512; a pause trades that traffic, which
 # the producers' stores and loads share, for up to its own length of latency.
 POLL_BACKOFF_NS = 0
-DTYPES = (torch.float16, torch.bfloat16)
 
 
 @gluon.jit
@@ -129,12 +131,22 @@ def _pause(like, NS: gl.constexpr):
 
 
 @gluon.jit
+def _marks(tile):
+    """Elements still holding the all-ones fill (bitwise -1 at their width)."""
+    if tile.dtype.primitive_bitwidth == 16:
+        bits = tile.to(gl.int16, bitcast=True)
+    else:
+        bits = tile.to(gl.int32, bitcast=True)
+    return bits == -1
+
+
+@gluon.jit
 def _any_unwritten(tiles, CHUNKS: gl.constexpr):
     """Whether any element of the tiles still holds the all-ones mark (the tiles' marks
     merged first: one reduction across the warp's lanes, not one per tile)."""
-    marks = tiles[0].to(gl.int16, bitcast=True) == -1
+    marks = _marks(tiles[0])
     for chunk in gl.static_range(1, CHUNKS):
-        marks = marks | (tiles[chunk].to(gl.int16, bitcast=True) == -1)
+        marks = marks | _marks(tiles[chunk])
     return gl.max(gl.max(marks.to(gl.int32), axis=0), axis=0) > 0
 
 
@@ -152,7 +164,8 @@ def lstm_forward_registers_kernel(
     c_all,     # [D, T, B, H]   fp32 out when SAVE
     T, B,
     H: gl.constexpr, HP: gl.constexpr, D: gl.constexpr, BLOCK_B: gl.constexpr,
-    CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr, HAS_H0: gl.constexpr,
+    CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr, DOT_PRECISION: gl.constexpr,
+    HAS_H0: gl.constexpr,
     HAS_LENGTHS: gl.constexpr, SAVE: gl.constexpr, REVERSE: gl.constexpr,
     POLL_BACKOFF_NS: gl.constexpr,
 ):
@@ -234,9 +247,9 @@ def lstm_forward_registers_kernel(
             if POLL_BACKOFF_NS > 0:
                 _pause(o_nk, POLL_BACKOFF_NS)
             tiles = _load_h(p_rows, m_rows, o_k, H, KC, CHUNKS)
-        acc = mma_v2(w_tiles[0], tiles[0], acc0)
+        acc = mma_v2(w_tiles[0], tiles[0], acc0, input_precision=DOT_PRECISION)
         for chunk in gl.static_range(1, CHUNKS):   # an accumulator per chunk: parallel chains
-            acc += mma_v2(w_tiles[chunk], tiles[chunk], acc0)
+            acc += mma_v2(w_tiles[chunk], tiles[chunk], acc0, input_precision=DOT_PRECISION)
 
         x_lo, x_hi = _rows_apart(acc, GATES)
         y_lo = _partner(x_lo)
@@ -281,10 +294,15 @@ def chunks(hidden_size: int) -> int:
 
 def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, proj: bool,
               restarts: bool, ckpt_every: int, step_chunks: bool, force_stepped: bool) -> bool:
-    """Whether a forward call is one this kernel runs (residency is checked at launch)."""
-    return (device.type == "cuda" and not interpreting() and dtype in DTYPES
-            and hidden_size <= MAX_HIDDEN and not (proj or restarts or ckpt_every > 0
-                                                   or step_chunks or force_stepped))
+    """Whether a forward call is one this kernel runs (residency is checked at launch):
+    bf16 and fp16, and fp32 where its dots may use tf32 (nn.LSTM's rule), with the weight
+    slice in registers (H <= 512, fp32 256)."""
+    kinds = (torch.float16, torch.bfloat16)
+    return (device.type == "cuda" and not interpreting()
+            and (dtype in kinds or (dtype == torch.float32
+                                    and dot_precision(dtype, device) == "tf32"))
+            and padded(hidden_size) * dtype.itemsize <= MAX_SLICE_BYTES
+            and not (proj or restarts or ckpt_every > 0 or step_chunks or force_stepped))
 
 
 def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool):
@@ -305,7 +323,9 @@ def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bo
             lengths if lengths is not None else c_state, y, h_n, c_state,
             gates if save else c_state, c_all if save else c_state, T, B)
     grid = (cdiv(B, ROWS) * cdiv(H, UNITS), D)
-    constexprs = dict(H=H, HP=padded(H), D=D, BLOCK_B=ROWS, CHUNKS=chunks(H), K_WIDTH=K_WIDTH,
+    constexprs = dict(H=H, HP=padded(H), D=D, BLOCK_B=ROWS, CHUNKS=chunks(H),
+                      K_WIDTH=H_LOAD_BYTES // dtype.itemsize,
+                      DOT_PRECISION=dot_precision(dtype, device),
                       HAS_H0=has_h0, HAS_LENGTHS=lengths is not None, SAVE=save,
                       REVERSE=reverse, POLL_BACKOFF_NS=POLL_BACKOFF_NS)
     tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=1)
