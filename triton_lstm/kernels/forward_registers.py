@@ -40,7 +40,8 @@ from .barrier import fill_unwritten
 
 UNITS = 4                 # hidden units per program (16 weight rows: one m16 MMA tile)
 ROWS = 8                  # batch rows per program (one n8 MMA tile: 16 would spill at H = 256)
-# The weight slice takes HP * itemsize / 2 bytes of registers per thread: at most 256 (half).
+# The [16, HP] weight slice, HP * itemsize bytes a row, takes 1/32 of 16 rows per thread: at
+# most 512 bytes (128 registers, half of a thread's).
 MAX_SLICE_BYTES = 1024
 # Bytes of h a lane holds, and loads at once, along the reduction (the operands' k_width is
 # this many elements): 16, where the mma.sync fragments' own layout gives 4 (4x the loads,
