@@ -6,6 +6,7 @@ tile configs that split the hidden units and the batch over several programs and
 cover both the on-chip and the streamed-weight paths.
 """
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -15,8 +16,9 @@ import triton.language as tl
 from triton_lstm import LSTMFunction
 from triton_lstm.autograd import lstm_layer
 from triton_lstm.dispatch import KernelConfig, launch_counts
-from triton_lstm.kernels.forward import rounded_to
+from triton_lstm.kernels.forward import lstm_forward, rounded_to
 from triton_lstm.ops import config_to_list
+from triton_lstm.reference import lstm_layer_reference
 
 from .conftest import requires_interpreter
 from .helpers import (FP32_SLACK, GATE_SPLIT, assert_within_twice_the_reference_error,
@@ -242,6 +244,136 @@ def test_registers_config_runs_its_own_tile_where_the_registers_kernel_cannot():
         runs.append([y, h, c, *grads])
     for k, (plain, flagged) in enumerate(zip(*runs)):
         assert torch.equal(plain, flagged), k
+
+
+# -- the registers forward's own code, its layouts stripped ----------------------------------------
+
+def interpreted_registers_kernel():
+    """kernels/forward_registers.py's kernel, its own code, run by the Triton interpreter with
+    its layouts stripped: the Gluon names it calls bound to tl's (layouts None, layout
+    conversions the identity), its MMAs as exact sums, and the lane shuffle as what it
+    computes in the layout the kernel asserts (row g's partner is row g ^ 4). What this
+    leaves to the GPU tests: the layouts themselves, which the compiler checks
+    (test_codegen.py), and the hardware's pairing of the MMA operands."""
+    from triton_lstm.kernels import forward_registers as fr
+
+    def none(*args, **kwargs):
+        return None
+
+    class StrippedGluon:
+        """gl's names as tl's, looked up when called (the interpreter patches tl for a run)."""
+        constexpr = tl.constexpr
+        NVMMADistributedLayout = DotOperandLayout = SliceLayout = DistributedLinearLayout = none
+
+        @staticmethod
+        def arange(start, end, layout=None):
+            return tl.arange(tl.constexpr(start), tl.constexpr(end))
+
+        @staticmethod
+        def zeros(shape, dtype, layout=None):
+            return tl.zeros(shape, dtype)
+
+        @staticmethod
+        def convert_layout(x, layout, assert_trivial=False):
+            return x
+
+        def __getattr__(self, name):
+            return getattr(tl, name)
+
+    def mma_v2(a, b, acc, input_precision=None):
+        return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
+
+    def partner(x):      # row g ^ 4: the halves g < 4 and g >= 4 swapped
+        low, high = tl.split(tl.permute(tl.reshape(x, [2, 4, x.shape[1]]), [1, 2, 0]))
+        return tl.reshape(tl.permute(tl.join(high, low), [2, 0, 1]), [8, x.shape[1]])
+
+    namespace = dict(gl=StrippedGluon(), tl=tl, mma_v2=mma_v2)
+
+    def rebuilt(fn):
+        copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__)
+        copy.__annotations__ = dict(fn.__annotations__)      # which parameters are constexpr
+        return triton.jit(copy)
+
+    for name in ("_sigmoid", "_tanh", "_rows_apart", "_step_rows", "_step_inputs", "_lengths",
+                 "_load_h", "_marks"):
+        namespace[name] = rebuilt(getattr(fr, name).fn)
+    namespace.update(any_unwritten=rebuilt(fr._any_unwritten.fn), polls_in_a_row=[0])
+
+    def never_waits(tiles, CHUNKS):
+        # Programs run one after another here: a slot unwritten when polled stays so forever
+        # (step 0 asks too, of h0, and does not wait for the answer).
+        pending = any_unwritten(tiles, CHUNKS)  # noqa: F821 (the kernel's, in its namespace)
+        polls_in_a_row[0] = polls_in_a_row[0] + 1 if pending else 0  # noqa: F821
+        if polls_in_a_row[0] > 2:  # noqa: F821
+            raise AssertionError("a step polled h that no program had written")
+        return pending
+
+    namespace["_any_unwritten"] = rebuilt(never_waits)
+    namespace["_partner"] = triton.jit(partner)
+    namespace["_pause"] = triton.jit(lambda like, NS: None)
+    kernel = rebuilt(fr.lstm_forward_registers_kernel.fn)
+    # The interpreter re-reads the source, whose annotations say gl.constexpr, a spelling it
+    # does not know: its copy of the function gets the annotations themselves.
+    kernel.rewrite().__annotations__ = dict(fr.lstm_forward_registers_kernel.fn.__annotations__)
+    return kernel
+
+
+@pytest.mark.parametrize("T, B, H, dtype", [
+    (6, 11, 4, torch.float32),     # steps: one unit block a group (programs run one by one)
+    (6, 11, 3, torch.float16),     # a unit block with a unit missing
+    (1, 11, 50, torch.float32),    # one step: 13 unit blocks, 4 chunks of the reduction
+    (1, 3, 20, torch.float16),
+])
+def test_registers_kernel_code_matches_float64(T, B, H, dtype):
+    """The registers forward's index math, masks, gate order, lengths, both directions, initial
+    state, saved gates and polls, in its own code (interpreted_registers_kernel); its gates
+    and c against the tl kernel's, which the tests above hold to float64."""
+    from triton_lstm.kernels import forward_registers
+    kernel = interpreted_registers_kernel()
+    D = 2
+    gx = torch.randn(T, B, D * 4 * H).to(dtype)
+    w_hh = (torch.randn(D, 4 * H, H) / H ** 0.5).to(dtype)
+    h0, c0 = torch.randn(D, B, H).to(dtype), torch.randn(D, B, H).to(dtype)
+    lengths = torch.randint(1, T + 1, (B,), dtype=torch.int32)
+    outputs, args, grid, constexprs = forward_registers.launch_arguments(
+        gx, w_hh, h0, c0, lengths, save=True, reverse=True)
+    kernel[grid](*args, **constexprs)
+    y, h_n, c_n, gates, c_all = outputs
+    want = lstm_layer_reference(gx.double(), h0.double(), c0.double(),
+                                torch.eye(D * 4 * H, dtype=torch.float64), w_hh.double(),
+                                lengths=lengths)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=3e-3)
+    for name, got, ref in zip(("y", "h_n", "c_n"), (y, h_n, c_n), want):
+        torch.testing.assert_close(got.double(), ref, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    tl_gates, tl_c_all = lstm_forward(gx, w_hh, h0, c0, lengths, save=True,
+                                      config=CONFIGS["resident-bh4"])[3:5]
+    torch.testing.assert_close(gates, tl_gates, rtol=0, atol=1e-5)
+    torch.testing.assert_close(c_all, tl_c_all, rtol=0, atol=1e-5)
+
+
+def test_registers_kernel_code_ends_on_nan_input_and_on_the_mark_in_h0():
+    """A NaN in the input is a value, never the unwritten mark: the polls end and the NaN
+    flows as in the tl kernel (held to nn.LSTM's NaNs above); h0 holding the mark's bits is
+    the caller's value, read once."""
+    from triton_lstm.kernels import forward_registers
+    kernel = interpreted_registers_kernel()
+    T, B, H, D = 5, 3, 4, 1
+    gx = torch.randn(T, B, 4 * H).half()
+    gx[1, 0, 0] = float("nan")
+    w_hh = (torch.randn(D, 4 * H, H) / H ** 0.5).half()
+    h0, c0 = torch.randn(D, B, H).half(), torch.randn(D, B, H).half()
+    h0[0, 2, 1:2].view(torch.int16).fill_(-1)
+    outputs, args, grid, constexprs = forward_registers.launch_arguments(
+        gx, w_hh, h0, c0, None, save=False, reverse=True)
+    kernel[grid](*args, **constexprs)
+    y, h_n, c_n = outputs[:3]
+    # (Not float64 through an identity W_ih: NaN * 0 would spread the NaN over the row.)
+    want = lstm_forward(gx, w_hh, h0, c0, None, save=False, config=CONFIGS["dataflow-bh4"])
+    for got, ref in zip((y, h_n, c_n), want):
+        assert torch.equal(got.isnan(), ref.isnan())
+        assert got.isnan().any()
+        torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), rtol=0, atol=3e-3)
+    assert not (y.view(torch.int16) == -1).any(), "an output holds the unwritten mark"
 
 # -- bf16 results rounded as a GPU rounds them ----------------------------------------------------
 

@@ -83,7 +83,7 @@ def _rows_apart(acc, GATES: gl.constexpr):
 def _step_rows(step, length, m_n, reverse):
     """Each batch row's time index at processing step `step` and whether it runs (forward.py's
     step_rows, in the layout of `length`)."""
-    step_n = gl.full(length.shape, step, gl.int32, length.type.layout)
+    step_n = length * 0 + step                      # in length's layout
     running = m_n & (step_n >= 0) & (step_n < length)
     t_row = gl.where(running & reverse, length - 1 - step_n, step_n)
     return t_row.to(gl.int64), running
@@ -106,7 +106,7 @@ def _lengths(lengths, o_n, m_n, T, HAS_LENGTHS: gl.constexpr):
     if HAS_LENGTHS:
         length = gl.load(lengths + o_n, mask=m_n, other=0)
     else:
-        length = gl.full(o_n.shape, T, gl.int32, o_n.type.layout)
+        length = o_n * 0 + T                        # in o_n's layout
     return length
 
 
@@ -310,6 +310,22 @@ def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bo
     """lstm_forward (forward.py) of a layer this kernel runs (``runs_here``), persistently:
     (y, h_n, c_n, gates, c_all), or None, with nothing launched, where its programs cannot
     all be resident at once."""
+    outputs, args, grid, constexprs = launch_arguments(gx, w_hh, h0, c0, lengths, save=save,
+                                                       reverse=reverse)
+    tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=1)
+    if co_resident_programs(lstm_forward_registers_kernel, args, constexprs, tile,
+                            gx.device) < grid[0] * grid[1]:
+        return None          # a program waiting on one that has not started would hang
+    lstm_forward_registers_kernel[grid](*args, num_warps=1, num_stages=1, **launch_options(),
+                                        **constexprs)
+    launch_counts["persistent"] += 1
+    launch_counts["registers"] += 1
+    return outputs
+
+
+def launch_arguments(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool):
+    """The outputs a launch writes (y filled with the unwritten mark), the kernel's
+    arguments, its grid and its compile-time constants."""
     T, B, G = gx.shape
     D = w_hh.shape[0]
     H = G // (4 * D)
@@ -329,12 +345,4 @@ def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bo
                       DOT_PRECISION=dot_precision(dtype, device),
                       HAS_H0=has_h0, HAS_LENGTHS=lengths is not None, SAVE=save,
                       REVERSE=reverse, POLL_BACKOFF_NS=POLL_BACKOFF_NS)
-    tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=1)
-    if co_resident_programs(lstm_forward_registers_kernel, args, constexprs, tile,
-                            device) < grid[0] * grid[1]:
-        return None          # a program waiting on one that has not started would hang
-    lstm_forward_registers_kernel[grid](*args, num_warps=1, num_stages=1, **launch_options(),
-                                        **constexprs)
-    launch_counts["persistent"] += 1
-    launch_counts["registers"] += 1
-    return y, h_n, c_state, gates, c_all
+    return (y, h_n, c_state, gates, c_all), args, grid, constexprs
