@@ -26,8 +26,9 @@ Gluon, Triton's language with explicit layouts, so that none of them is there:
 It runs persistently or not at all: every program must be resident (the launcher checks),
 for bf16 / fp16, and fp32 where its dots may use tf32 (nn.LSTM's rule: mma.sync has no
 exact fp32), without projection, restarts or checkpoints; elsewhere the `tl` kernel runs
-(forward.py, config ``registers``). Gluon kernels have no interpreter: this one is
-compiled for sm_90 by the CPU tests (test_codegen.py) and run by the GPU tests.
+(forward.py, config ``registers``). Gluon kernels have no interpreter: the CPU tests compile
+this one for sm_90 and check what it compiles to (test_codegen.py), and run its code under
+the `tl` interpreter with the layouts stripped (test_kernels.py); the GPU tests run it.
 """
 import torch
 from triton.experimental import gluon
