@@ -221,7 +221,10 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
         # and from B = 64, streamed 64-row tiles in place of resident or narrower ones
         wgmma = (autotune.wgmma_tiles(base, kernel, B, H, dtype, D, 132)
                  if B >= 64 and (base.resident or base.block_b < 64) else [])
-        extra = small + streamed + large + split + len(clustered) + len(wgmma)
+        # and at 16 rows the forward with its weights in registers, where they fit
+        registers = (small and kernel == "forward"
+                     and dispatch.registers_forward_fits(H, dtype))
+        extra = small + streamed + large + split + len(clustered) + len(wgmma) + registers
         for neighbourhood, most in (("heuristic", 1), ("sweep", 2 + extra),
                                     ("autotune", 5), ("wide", 8 + extra)):
             configs = autotune.candidate_configs(kernel, B, H, dtype, D, 132, neighbourhood)
@@ -236,6 +239,9 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
                                      if small and neighbourhood in ("sweep", "wide") else [])
             assert len([c for c in configs if c.gate_split]) == (
                 split if neighbourhood in ("sweep", "wide") else 0)
+            assert [c for c in configs if c.registers] == (
+                [dataclasses.replace(base, registers=True)]
+                if registers and neighbourhood in ("sweep", "wide") else [])
             assert [c for c in configs if c.cluster] == (
                 clustered if neighbourhood in ("sweep", "wide") else [])
             assert all((c in configs) == (neighbourhood in ("sweep", "wide")) for c in wgmma)

@@ -114,6 +114,18 @@ def padded(hidden_size: int) -> int:
     return max(16, next_power_of_2(hidden_size))
 
 
+# The registers forward (kernels/forward_registers.py) holds a [16, HP] weight slice in the
+# MMA's operand registers, 1/32 of it a thread: at most 512 bytes (128 registers, half).
+REGISTERS_SLICE_BYTES = 1024
+
+
+def registers_forward_fits(hidden_size: int, dtype: torch.dtype) -> bool:
+    """Whether the registers forward's weight slice fits in its registers: bf16 / fp16 with
+    H <= 512, fp32 (which it runs in tf32 only, where nn.LSTM's rule allows) with H <= 256."""
+    return (dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and padded(hidden_size) * dtype.itemsize <= REGISTERS_SLICE_BYTES)
+
+
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     """tf32 for fp32 on GPU when cuDNN's RNN may use it (nn.LSTM's rule), exact otherwise."""
     if dtype == torch.float32 and device.type == "cuda" and cudnn_rnn_allows_tf32():

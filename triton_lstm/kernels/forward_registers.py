@@ -36,14 +36,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from ..dispatch import (KernelConfig, cdiv, co_resident_programs, dot_precision, interpreting,
-                        launch_counts, launch_options, padded)
+                        launch_counts, launch_options, padded, registers_forward_fits)
 from .barrier import fill_unwritten
 
 UNITS = 4                 # hidden units per program (16 weight rows: one m16 MMA tile)
 ROWS = 8                  # batch rows per program (one n8 MMA tile: 16 would spill at H = 256)
-# The [16, HP] weight slice, HP * itemsize bytes a row, takes 1/32 of 16 rows per thread: at
-# most 512 bytes (128 registers, half of a thread's).
-MAX_SLICE_BYTES = 1024
 # Bytes of h a lane holds, and loads at once, along the reduction (the operands' k_width is
 # this many elements): 16, where the mma.sync fragments' own layout gives 4 (4x the loads,
 # half of every 32-byte sector unused).
@@ -299,11 +296,9 @@ def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, pro
     """Whether a forward call is one this kernel runs (residency is checked at launch):
     bf16 and fp16, and fp32 where its dots may use tf32 (nn.LSTM's rule), with the weight
     slice in registers (H <= 512, fp32 256)."""
-    kinds = (torch.float16, torch.bfloat16)
     return (device.type == "cuda" and not interpreting()
-            and (dtype in kinds or (dtype == torch.float32
-                                    and dot_precision(dtype, device) == "tf32"))
-            and padded(hidden_size) * dtype.itemsize <= MAX_SLICE_BYTES
+            and registers_forward_fits(hidden_size, dtype)
+            and (dtype != torch.float32 or dot_precision(dtype, device) == "tf32")
             and not (proj or restarts or ckpt_every > 0 or step_chunks or force_stepped))
 
 
