@@ -294,9 +294,11 @@ def interpreted_registers_kernel():
         copy.__annotations__ = dict(fn.__annotations__)      # which parameters are constexpr
         return triton.jit(copy)
 
-    for name in ("_sigmoid", "_tanh", "_rows_apart", "_step_rows", "_step_inputs", "_lengths",
-                 "_load_h", "_marks"):
+    for name in ("_rows_apart", "_step_inputs", "_lengths", "_load_h"):
         namespace[name] = rebuilt(getattr(fr, name).fn)
+    # The tl functions it calls as they are.
+    namespace.update(_tanh=fr._tanh, canonical=fr.canonical, step_rows=fr.step_rows,
+                     unwritten=fr.unwritten)
     namespace.update(any_unwritten=rebuilt(fr._any_unwritten.fn), polls_in_a_row=[0])
 
     def never_waits(tiles, CHUNKS):

@@ -92,7 +92,7 @@ def barrier_wait(counter, arrived, CLUSTER: tl.constexpr):
 
 
 @triton.jit
-def _unwritten(x):
+def unwritten(x):
     """Elements still holding the all-ones fill (bitwise -1 at their width)."""
     if x.dtype.primitive_bitwidth == 16:
         bits = x.to(tl.int16, bitcast=True)
@@ -124,7 +124,7 @@ def load_written(ptrs, mask, WAIT: tl.constexpr, poll):
     if WAIT:
         # Volatile: each poll reads memory again (L2); masked elements read as 0.
         b = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
-        while poll & (tl.max(tl.reshape(_unwritten(b).to(tl.int32), [b.numel])) > 0):
+        while poll & (tl.max(tl.reshape(unwritten(b).to(tl.int32), [b.numel])) > 0):
             b = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
     else:
         b = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")

@@ -250,7 +250,7 @@ def step_rows(step, length, m_b, reverse):
     Forward rows walk t = step; reverse rows walk t = length - 1 - step. A row
     past its length maps to t = step, a padded slot; no row runs at a negative step.
     """
-    step_b = tl.full(length.shape, step, tl.int32)
+    step_b = length * 0 + step          # in length's layout (Gluon kernels call this too)
     running = m_b & (step_b >= 0) & (step_b < length)
     t_row = tl.where(running & reverse, length - 1 - step_b, step_b)
     return tl.cast(t_row, tl.int64), running

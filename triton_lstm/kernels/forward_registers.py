@@ -31,13 +31,15 @@ this one for sm_90 and check what it compiles to (test_codegen.py), and run its 
 the `tl` interpreter with the layouts stripped (test_kernels.py); the GPU tests run it.
 """
 import torch
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from ..dispatch import (KernelConfig, cdiv, co_resident_programs, dot_precision, interpreting,
                         launch_counts, launch_options, padded, registers_forward_fits)
-from .barrier import fill_unwritten
+from .barrier import canonical, fill_unwritten, unwritten
+from .forward import _tanh, step_rows
 
 UNITS = 4                 # hidden units per program (16 weight rows: one m16 MMA tile)
 ROWS = 8                  # batch rows per program (one n8 MMA tile: 16 would spill at H = 256)
@@ -49,16 +51,6 @@ H_LOAD_BYTES = 16
 # Each poll of 128 programs reads 1 MB from L2 at H = 512; a pause trades that traffic, which
 # the producers' stores and loads share, for up to its own length of latency.
 POLL_BACKOFF_NS = 0
-
-
-@gluon.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + gl.exp(-x))
-
-
-@gluon.jit
-def _tanh(x):
-    return 2.0 * _sigmoid(2.0 * x) - 1.0
 
 
 @gluon.jit
@@ -78,21 +70,11 @@ def _rows_apart(acc, GATES: gl.constexpr):
 
 
 @gluon.jit
-def _step_rows(step, length, m_n, reverse):
-    """Each batch row's time index at processing step `step` and whether it runs (forward.py's
-    step_rows, in the layout of `length`)."""
-    step_n = length * 0 + step                      # in length's layout
-    running = m_n & (step_n >= 0) & (step_n < length)
-    t_row = gl.where(running & reverse, length - 1 - step_n, step_n)
-    return t_row.to(gl.int64), running
-
-
-@gluon.jit
 def _step_inputs(gx, step, length, m_n, reverse, B, o_n, o_u, m_u, H: gl.constexpr,
                  GS: gl.constexpr):
     """Each row's time index and whether it runs at processing step `step`, and the input
     projection of each gate there, as [unit, row] tiles (nothing read for stopped rows)."""
-    t_row, running = _step_rows(step, length, m_n, reverse)
+    t_row, running = step_rows(step, length, m_n, reverse)
     p = gx + (t_row * B + o_n)[None, :] * GS + o_u[:, None]
     m = running[None, :] & m_u
     return (t_row, running, gl.load(p, mask=m, other=0.0), gl.load(p + H, mask=m, other=0.0),
@@ -130,22 +112,12 @@ def _pause(like, NS: gl.constexpr):
 
 
 @gluon.jit
-def _marks(tile):
-    """Elements still holding the all-ones fill (bitwise -1 at their width)."""
-    if tile.dtype.primitive_bitwidth == 16:
-        bits = tile.to(gl.int16, bitcast=True)
-    else:
-        bits = tile.to(gl.int32, bitcast=True)
-    return bits == -1
-
-
-@gluon.jit
 def _any_unwritten(tiles, CHUNKS: gl.constexpr):
     """Whether any element of the tiles still holds the all-ones mark (the tiles' marks
     merged first: one reduction across the warp's lanes, not one per tile)."""
-    marks = _marks(tiles[0])
+    marks = unwritten(tiles[0])
     for chunk in gl.static_range(1, CHUNKS):
-        marks = marks | _marks(tiles[chunk])
+        marks = marks | unwritten(tiles[chunk])
     return gl.max(gl.max(marks.to(gl.int32), axis=0), axis=0) > 0
 
 
@@ -253,14 +225,14 @@ def lstm_forward_registers_kernel(
         x_lo, x_hi = _rows_apart(acc, GATES)
         y_lo = _partner(x_lo)
         y_hi = _partner(x_hi)
-        b_i = _sigmoid(gl.where(first, x_lo, y_lo) + gx_i.to(gl.float32))
-        b_f = _sigmoid(gl.where(first, x_hi, y_hi) + gx_f.to(gl.float32))
+        b_i = tl.sigmoid(gl.where(first, x_lo, y_lo) + gx_i.to(gl.float32))
+        b_f = tl.sigmoid(gl.where(first, x_hi, y_hi) + gx_f.to(gl.float32))
         b_g = _tanh(gl.where(first, y_lo, x_lo) + gx_g.to(gl.float32))
-        b_o = _sigmoid(gl.where(first, y_hi, x_hi) + gx_o.to(gl.float32))
+        b_o = tl.sigmoid(gl.where(first, y_hi, x_hi) + gx_o.to(gl.float32))
         m_run = running[None, :] & m_u
         c = gl.where(m_run, b_f * c + b_i * b_g, c)          # stopped rows keep their state
         b_h = gl.where(m_run, b_o * _tanh(c), 0.0)
-        b_h = gl.where(b_h != b_h, float("nan"), b_h).to(y.dtype.element_ty)   # canonical
+        b_h = canonical(b_h).to(y.dtype.element_ty)
 
         p_y = y + (t_row * B + o_n)[None, :] * YS + o_u[:, None]
         gl.store(p_y, b_h, mask=first & m_cell)
@@ -277,9 +249,9 @@ def lstm_forward_registers_kernel(
 
         # The next step: where h_t of each row is, which rows read it, and its input
         # projection, in flight while the step waits for the other programs.
-        t_row_k, running_k = _step_rows(t, length_k, m_nk, reverse)
+        t_row_k, running_k = step_rows(t, length_k, m_nk, reverse)
         p_rows = y + (t_row_k * B + o_nk) * YS
-        t_next_k, m_rows = _step_rows(t + 1, length_k, m_nk, reverse)
+        t_next_k, m_rows = step_rows(t + 1, length_k, m_nk, reverse)
         t_row, running, gx_i, gx_f, gx_g, gx_o = _step_inputs(gx, t + 1, length, m_n, reverse,
                                                               B, o_n, o_u, m_u, H, GS)
 
