@@ -621,6 +621,27 @@ def test_dataflow_waits_compute_what_the_barrier_computes_nan_and_inf_included(l
                                    msg=lambda m, k=k: f"{k}: {m}")
 
 
+def forwards_with_nan_and_inf(configs, count, flag):
+    """lstm_forward of both directions (fp16, T = 32, B = 8, H = 256; gx with a NaN in row 0
+    at step 5 and an inf in gate o of row 1 at step 9) under each config, its outputs up to
+    c_all. Each run counts one launch_counts[count] where its config has `flag`; all runs
+    put their NaNs in the same places. Returns gx, w_hh and the runs."""
+    T, B, H = 32, 8, 256
+    gx = torch.randn(T, B, 8 * H, device="cuda", dtype=torch.float16)
+    gx[5, 0, :4] = float("nan")
+    gx[9, 1, 3 * H:3 * H + 4] = float("inf")      # o = sigmoid(inf) = 1: row 1 stays finite
+    w_hh = (torch.randn(2, 4 * H, H, device="cuda") / H ** 0.5).half()
+    runs = []
+    for config in configs:
+        before = launch_counts[count]
+        runs.append(lstm_forward(gx, w_hh, None, None, None, save=True, config=config)[:5])
+        assert launch_counts[count] == before + getattr(config, flag)
+    for k, outputs in enumerate(zip(*runs)):
+        assert outputs[0].isnan().any(), k
+        assert all(torch.equal(outputs[0].isnan(), other.isnan()) for other in outputs[1:]), k
+    return gx, w_hh, runs
+
+
 # The forward with its weights in registers (kernels/forward_registers.py); where it does not
 # run, the config's tl tile does.
 REGISTERS = "bb16-bh8-res-bk64-sk1-w4-rg"
@@ -695,19 +716,9 @@ def test_registers_forward_with_nan_and_inf_input_ends_and_matches_the_barrier_p
     from triton_lstm.reference import lstm_layer_reference
     from triton_lstm.tuning import config_from_label
     config = config_from_label(REGISTERS)
-    T, B, H = 32, 8, 256
-    gx = torch.randn(T, B, 8 * H, device="cuda", dtype=torch.float16)
-    gx[5, 0, :4] = float("nan")
-    gx[9, 1, 3 * H:3 * H + 4] = float("inf")      # o = sigmoid(inf) = 1: row 1 stays finite
-    w_hh = (torch.randn(2, 4 * H, H, device="cuda") / H ** 0.5).half()
-    runs = []
-    for run_config in (dataclasses.replace(config, registers=False), config):
-        before = launch_counts["registers"]
-        runs.append(lstm_forward(gx, w_hh, None, None, None, save=True, config=run_config)[:5])
-        assert launch_counts["registers"] == before + run_config.registers
-    for k, (barrier, registers) in enumerate(zip(*runs)):
-        assert barrier.isnan().any(), k
-        assert torch.equal(barrier.isnan(), registers.isnan()), k
+    gx, w_hh, runs = forwards_with_nan_and_inf(
+        (dataclasses.replace(config, registers=False), config), "registers", "registers")
+    H = w_hh.shape[2]
     finite = slice(1, None)      # rows are independent: row 0 alone has a NaN
     # gx through an identity W_ih: inf * 0 would be NaN there, and sigmoid(1e4) is 1 exactly.
     want = lstm_layer_reference(gx[:, finite].cpu().double().nan_to_num(posinf=1e4), None, None,
@@ -795,19 +806,9 @@ def test_pushed_h_with_nan_and_inf_input_ends_and_equals_the_counter_path():
     about when a step ends (dsmem.py), and the forward equals the counter path's bitwise."""
     from triton_lstm.tuning import config_from_label
     config = config_from_label("bb16-bh16-res-bk64-sk1-w4-cl-ds")
-    T, B, H = 32, 8, 256
-    gx = torch.randn(T, B, 8 * H, device="cuda", dtype=torch.float16)
-    gx[5, 0, :4] = float("nan")
-    gx[9, 1, 3 * H:3 * H + 4] = float("inf")
-    w_hh = (torch.randn(2, 4 * H, H, device="cuda") / H ** 0.5).half()
-    runs = []
-    for run_config in (dataclasses.replace(config, cluster=False, dsmem=False), config):
-        before = launch_counts["clustered"]
-        runs.append(lstm_forward(gx, w_hh, None, None, None, save=True, config=run_config)[:5])
-        assert launch_counts["clustered"] == before + run_config.dsmem
+    _, _, runs = forwards_with_nan_and_inf(
+        (dataclasses.replace(config, cluster=False, dsmem=False), config), "clustered", "dsmem")
     for k, (counter, pushed) in enumerate(zip(*runs)):
-        assert counter.isnan().any(), k
-        assert torch.equal(counter.isnan(), pushed.isnan()), k
         torch.testing.assert_close(pushed.nan_to_num(), counter.nan_to_num(), rtol=0, atol=0,
                                    msg=lambda m, k=k: f"{k}: {m}")
 
