@@ -212,10 +212,9 @@ def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0)
     tname, dtype = DTYPES[dtype_name]
     types = dict(gx=tname, w_hh=tname, h0=tname, c0=tname, lengths="i32", y=tname, h_n=tname,
                  c_state="fp32", gates="fp32", c_all="fp32")
-    constexprs = dict(H=hidden, HP=padded(hidden), D=directions, BLOCK_B=fr.ROWS,
-                      CHUNKS=fr.chunks(hidden), K_WIDTH=fr.H_LOAD_BYTES // dtype.itemsize,
-                      DOT_PRECISION="tf32" if dtype == torch.float32 else "ieee", HAS_H0=True,
-                      HAS_LENGTHS=True, SAVE=True, REVERSE=True,
+    constexprs = dict(fr.kernel_constants(hidden, directions, dtype,
+                                          "tf32" if dtype == torch.float32 else "ieee",
+                                          has_h0=True, has_lengths=True, save=True, reverse=True),
                       POLL_BACKOFF_NS=poll_backoff_ns)
     compiled = compile_one(fr.lstm_forward_registers_kernel, types, constexprs, 1)
     return compiled_row(compiled, kernel="registers", dtype=dtype_name, B=batch, H=hidden,

@@ -228,7 +228,6 @@ def test_nan_and_inf_flow_through_like_nn_lstm(config_name):
             assert not (got.view(torch.int64) == -1).any(), "an output holds the unwritten mark"
 
 
-
 def test_registers_config_runs_its_own_tile_where_the_registers_kernel_cannot():
     """kernels/forward_registers.py is Gluon, which has no interpreter: here a config that asks
     for it runs the tl kernel on its tile, exactly as the same config without the flag."""

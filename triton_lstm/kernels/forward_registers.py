@@ -308,9 +308,16 @@ def launch_arguments(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool):
             lengths if lengths is not None else c_state, y, h_n, c_state,
             gates if save else c_state, c_all if save else c_state, T, B)
     grid = (cdiv(B, ROWS) * cdiv(H, UNITS), D)
-    constexprs = dict(H=H, HP=padded(H), D=D, BLOCK_B=ROWS, CHUNKS=chunks(H),
-                      K_WIDTH=H_LOAD_BYTES // dtype.itemsize,
-                      DOT_PRECISION=dot_precision(dtype, device),
-                      HAS_H0=has_h0, HAS_LENGTHS=lengths is not None, SAVE=save,
-                      REVERSE=reverse, POLL_BACKOFF_NS=POLL_BACKOFF_NS)
+    constexprs = kernel_constants(H, D, dtype, dot_precision(dtype, device), has_h0=has_h0,
+                                  has_lengths=lengths is not None, save=save, reverse=reverse)
     return (y, h_n, c_state, gates, c_all), args, grid, constexprs
+
+
+def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, precision: str, *,
+                     has_h0: bool, has_lengths: bool, save: bool, reverse: bool) -> dict:
+    """The kernel's compile-time constants for a layer (``precision``: its dots' input
+    precision, dispatch.dot_precision)."""
+    return dict(H=hidden_size, HP=padded(hidden_size), D=directions, BLOCK_B=ROWS,
+                CHUNKS=chunks(hidden_size), K_WIDTH=H_LOAD_BYTES // dtype.itemsize,
+                DOT_PRECISION=precision, HAS_H0=has_h0, HAS_LENGTHS=has_lengths, SAVE=save,
+                REVERSE=reverse, POLL_BACKOFF_NS=POLL_BACKOFF_NS)
