@@ -43,11 +43,20 @@ def poison_empty(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def fresh_seed():
+def fresh_seed(request):
     """A different, reported seed per test: fresh random inputs, reproducible on failure."""
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
+    request.node.fresh_seed = seed
     yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report names its seed (torch.manual_seed(SEED) reproduces its inputs)."""
+    report = (yield).get_result()
+    if report.failed and hasattr(item, "fresh_seed"):
+        report.sections.append(("fresh seed", f"torch.manual_seed({item.fresh_seed})"))
 
 
 @pytest.fixture
