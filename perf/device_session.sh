@@ -36,9 +36,9 @@
 #                                                  tiles), then at B = 512 (9.3 min)
 #   COMMIT=<hash> bash perf/device_session.sh 9   the forward in one launch and in chunks beside
 #                                                  its input projection (40 s)
-#   COMMIT=<hash> bash perf/device_session.sh 10  the small-batch forward with its weights in
-#                                                  registers: its GPU tests and timed rows
-#                                                  (about 2.5 min)
+#   COMMIT=<hash> bash perf/device_session.sh 10  the small-batch forward and backward with their
+#                                                  weights in registers: their GPU tests and
+#                                                  timed rows (about 3 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -164,11 +164,12 @@ case "${1:-}" in
         --out "$OUT/forward-chunks-64-rows" 2>&1 | tee -a "$OUT/forward-chunks.log"
     ;;
 10)
-    # The forward with its weights in registers (issue 8; perf/NOTES.md, "The small-batch
-    # forward with its weights in registers"): its GPU tests, then its rows beside the tl
-    # tiles (variants.py compiles them first, in 16 processes).
-    gpu_tests 75 "registers"
-    timeout 75 python3 perf/variants.py --only registers --out "$OUT/variants-registers" 2>&1 \
+    # The forward and backward with their weights in registers (issue 8; perf/NOTES.md, "The
+    # small-batch forward with its weights in registers", "The small-batch backward with its
+    # weights in registers"): their GPU tests, then their rows beside the tl tiles
+    # (variants.py compiles them first, in 16 processes).
+    gpu_tests 90 "registers"
+    timeout 90 python3 perf/variants.py --only registers --out "$OUT/variants-registers" 2>&1 \
         | tee "$OUT/variants.log"
     ;;
 *)

@@ -222,6 +222,24 @@ def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0)
                         split_k=fr.chunks(hidden), warps=1)
 
 
+def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0):
+    """The small-batch backward with its weights in registers (kernels/backward_registers.py),
+    with dy, dh_n, c0 and lengths; its tile is its own (4 warps, 16 units, 8 rows)."""
+    from triton_lstm.kernels import backward_registers as br   # Gluon, imported where asked for
+    tname, dtype = DTYPES[dtype_name]
+    types = dict(dy=tname, dh_n=tname, dc_state="fp32", gates="fp32", c_all="fp32", c0=tname,
+                 lengths="i32", w_hh=tname, dgates=tname, dh0=tname)
+    constexprs = dict(br.kernel_constants(hidden, directions, dtype,
+                                          "tf32" if dtype == torch.float32 else "ieee",
+                                          has_dy=True, has_dhn=True, has_h0=True,
+                                          has_lengths=True, reverse=True),
+                      POLL_BACKOFF_NS=poll_backoff_ns)
+    compiled = compile_one(br.lstm_backward_registers_kernel, types, constexprs, br.WARPS)
+    return compiled_row(compiled, kernel="registers-backward", dtype=dtype_name, B=batch,
+                        H=hidden, D=directions, proj=0, tile=f"{br.ROWS}x{br.UNITS}",
+                        resident=True, split_k=br.chunks(hidden), warps=br.WARPS)
+
+
 # The layer's GEMMs (ops.layer_matmul) in their three operand layouts, as the strides of 1 a
 # launch specialises: gx = x W_ih^T ("nt"), dx = dG W_ih ("nn"), dW = dG^T x or h ("tn").
 GEMM_LAYOUTS = {"nt": dict(stride_ak=1, stride_bk=1, stride_cn=1),
@@ -282,13 +300,13 @@ def main():
                                          "bb128-bh32-str-bk64-sk1-w16-st3 (tuning.config_label)")
     parser.add_argument("--kernels", nargs="+", default=["forward", "backward"],
                         choices=["forward", "backward", "wavefront", "wavefront-backward",
-                                 "registers"])
+                                 "registers", "registers-backward"])
     parser.add_argument("--layers", type=int, default=2,
                         help="layers of the wavefront kernels (reported in column D)")
     parser.add_argument("--dropout", action="store_true",
                         help="the wavefront kernels with dropout between layers")
     parser.add_argument("--poll-backoff", type=int, default=0,
-                        help="the registers kernel's pause between polls, ns (0: none)")
+                        help="the registers kernels' pause between polls, ns (0: none)")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel")
     args = parser.parse_args()
     config = tuning.config_from_label(args.config) if args.config else None
@@ -322,6 +340,9 @@ def reports(args, config):
                 elif kernel_name == "registers":
                     yield report_registers(dtype_name, batch, hidden, args.directions,
                                            args.poll_backoff)
+                elif kernel_name == "registers-backward":
+                    yield report_registers_backward(dtype_name, batch, hidden, args.directions,
+                                                    args.poll_backoff)
                 elif kernel_name.startswith("wavefront"):
                     yield report_wavefront(dtype_name, batch, hidden, args.layers, config,
                                            kernel_name, args.dropout)

@@ -7,9 +7,10 @@ resident weights in chunks at large H (chunked), wider large-batch tiles, the
 backward's gate split (gate_split), the hardware cluster barrier for groups of 8-16
 programs (cluster; each beside the same tile at the counter), h (in the backward,
 shares of dh) exchanged through distributed shared memory (dsmem) and the small-batch forward
-with its weights in registers (registers; a row says "not run" where the config's tl tile ran
-instead; its rows can set the kernel's knobs after the label: "@backoff=NS" pauses between
-polls, "@load=4" loads h 4 bytes at a time, the mma.sync fragments' own layout). Each row
+and backward with their weights in registers (registers; a row says "not run" where the
+config's tl tile ran instead; its rows can set the kernels' knobs after the label:
+"@backoff=NS" pauses between polls, "@load=4" loads h or dG 4 bytes at a time, the mma.sync
+fragments' own layout). Each row
 runs one kernel
 (forward: lstm_forward with save as in training; backward: lstm_backward on that
 forward's saved values) at T steps, D = 1, I = H, and compares its outputs with the
@@ -82,6 +83,16 @@ EXPERIMENTS = [
     ("registers", "forward", "bf16", 1, 512, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
     ("registers", "forward", "fp16", 16, 256, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
     ("registers", "forward", "fp32", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-rg"]),   # tf32
+    # The backward with its weights in registers (kernels/backward_registers.py): a gate a
+    # warp, one shared-memory round trip a step, beside the tl tile with the same waits.
+    ("registers", "backward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-df",
+                                               "bb16-bh8-res-bk64-sk1-w4-rg",
+                                               "bb16-bh8-res-bk64-sk1-w4-rg@backoff=100"]),
+    ("registers", "backward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df",
+                                               "bb16-bh8-res-bk64-sk1-w4-rg"]),
+    ("registers", "backward", "fp16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
+    ("registers", "backward", "bf16", 1, 512, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
+    ("registers", "backward", "fp32", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-rg"]),  # tf32
     # Small batch: the backward's split_k (PERF-MODEL.md 2.4), loads after the arrival.
     ("small", "backward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk4-w4", "bb16-bh8-res-bk64-sk4-w8",
                                            "bb16-bh8-res-bk64-sk1-w4-pa",
@@ -162,8 +173,9 @@ def runner(kernel, gx, w_hh, h0, c0, dy, config):
     return run
 
 
-# Knobs of the registers kernel a row can set after its label, "<label>@<knob>=<value>":
-# module constants of kernels/forward_registers.py, set for that row only.
+# Knobs of the registers kernels a row can set after its label, "<label>@<knob>=<value>":
+# module constants of kernels/forward_registers.py (the backward reads them too), set for
+# that row only.
 REGISTERS_KNOBS = {"backoff": "POLL_BACKOFF_NS", "load": "H_LOAD_BYTES"}
 
 

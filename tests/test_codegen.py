@@ -165,8 +165,8 @@ def test_sm90_layer_gemms_are_tf32_wgmma_without_spills():
 def test_sm90_registers_forward_keeps_its_steps_out_of_shared_memory():
     """kernels/forward_registers.py's premise: weights in registers, h loaded straight into the
     MMA's operand registers 16 bytes at a time, the gates split by a shuffle; no shared
-    memory, no barrier between warps, no atomics (dataflow waits). ptxas spills 80 bytes at
-    bf16 H = 512 and 40 at fp32 H = 256 (scalars reloaded once a step: perf/NOTES.md)."""
+    memory, no barrier between warps, no atomics (dataflow waits). ptxas spills 52 bytes at
+    bf16 H = 512 and 32 at fp32 H = 256 (scalars reloaded once a step: perf/NOTES.md)."""
     rows = compile_report(["--kernels", "registers", "--shapes", "8x256", "8x512", "3x200",
                            "--dtypes", "bf16", "fp16", "--directions", "2"])
     rows += compile_report(["--kernels", "registers", "--shapes", "8x256", "3x200", "--dtypes",
@@ -178,5 +178,26 @@ def test_sm90_registers_forward_keeps_its_steps_out_of_shared_memory():
         where = {k: row[k] for k in ("dtype", "B", "H", "regs", "spill", "triton")}
         assert row["ptxas_ok"], where
         assert row["shared"] == 0 and row["bar_sync"] == 0, where | {"shared": row["shared"]}
+        assert row["mma"] == "mma.sync" and row["barrier"] == "none", where
+        assert row["state_load"] == VECTOR_BYTES, where | {"state_load": row["state_load"]}
+
+
+def test_sm90_registers_backward_meets_in_shared_memory_once_a_step():
+    """kernels/backward_registers.py's premise: each gate's weight slice in its warp's
+    registers, dG loaded straight into the MMA's operand registers 16 bytes at a time, the
+    four partial sums of dh and the four warps' poll flags the only shared memory (two slots
+    each), no atomics (dataflow waits). Spills: at bf16 H = 512 only (100 bytes: perf/NOTES.md)."""
+    rows = compile_report(["--kernels", "registers-backward", "--shapes", "8x256", "8x512",
+                           "3x200", "--dtypes", "bf16", "fp16", "--directions", "2"])
+    rows += compile_report(["--kernels", "registers-backward", "--shapes", "8x256", "3x200",
+                            "--dtypes", "fp32"])           # tf32 MMAs
+    assert len(rows) == 8
+    for row in rows:
+        where = {k: row[k] for k in ("dtype", "B", "H", "regs", "spill", "triton")}
+        assert row["ptxas_ok"], where
+        assert row["spill"] == 0 or (row["H"] == 512 and row["spill"] <= 128), where
+        # [2, 4, 16, 8] fp32 partial sums and [2, 4] flags
+        assert row["shared"] <= 2 * 4 * 16 * 8 * 4 + 64, where | {"shared": row["shared"]}
+        assert row["bar_sync"] <= 4, where | {"bar_sync": row["bar_sync"]}
         assert row["mma"] == "mma.sync" and row["barrier"] == "none", where
         assert row["state_load"] == VECTOR_BYTES, where | {"state_load": row["state_load"]}

@@ -139,6 +139,29 @@ def test_registers_forward_runs_only_what_it_supports(change, runs, monkeypatch)
     hidden_size, dtype, device = call.pop("hidden_size"), call.pop("dtype"), call.pop("device")
     assert forward_registers.runs_here(hidden_size, dtype, device, **call) is runs
 
+
+@pytest.mark.parametrize("change, runs", [
+    ({}, True), (dict(dtype=torch.float16), True), (dict(hidden_size=1024), False),
+    (dict(dtype=torch.float32, hidden_size=256), True),
+    (dict(dtype=torch.float32, hidden_size=256, tf32=False), False),
+    (dict(dtype=torch.float32), False), (dict(dtype=torch.float64, hidden_size=128), False),
+    (dict(device=torch.device("cpu")), False), (dict(proj=True), False),
+    (dict(restarts=True), False), (dict(force_stepped=True), False)])
+def test_registers_backward_runs_only_what_it_supports(change, runs, monkeypatch):
+    """kernels/backward_registers.py: where the registers forward runs (a gate's weight slice
+    a warp is the forward's slice), one persistent launch of a layer without projection or
+    restarts; elsewhere the config's own tile."""
+    from triton_lstm.kernels import backward_registers
+    monkeypatch.setattr(backward_registers, "interpreting", lambda: False)
+    change = dict(change)
+    tf32 = change.pop("tf32", True)
+    monkeypatch.setattr(dispatch, "cudnn_rnn_allows_tf32", lambda: tf32)
+    call = dict(hidden_size=512, dtype=torch.bfloat16, device=torch.device("cuda"), proj=False,
+                restarts=False, force_stepped=False)
+    call.update(change)
+    hidden_size, dtype, device = call.pop("hidden_size"), call.pop("dtype"), call.pop("device")
+    assert backward_registers.runs_here(hidden_size, dtype, device, **call) is runs
+
 def test_nearest_shape_batch_bucket_and_hidden():
     t = table(*(entry("bf16", B, H, fwd=(B, H)) for B in (8, 64, 512) for H in (256, 1024)))
 

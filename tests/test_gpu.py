@@ -642,29 +642,33 @@ def forwards_with_nan_and_inf(configs, count, flag):
     return gx, w_hh, runs
 
 
-# The forward with its weights in registers (kernels/forward_registers.py); where it does not
-# run, the config's tl tile does.
+# The forward and the backward with their weights in registers (kernels/forward_registers.py,
+# kernels/backward_registers.py); where they do not run, the config's tl tile does.
 REGISTERS = "bb16-bh8-res-bk64-sk1-w4-rg"
 
 
 @pytest.mark.timeout(120)     # a dataflow wait that never ends fails here instead of hanging
-@pytest.mark.parametrize("form, batch, hidden, dtype_name, knobs", [
-    ("packed-bidir", 8, 512, "bf16", {}),
-    ("plain", 8, 512, "fp16", {}),
-    ("packed-bidir", 13, 256, "fp16", {}),  # two batch blocks, the second of 5 rows
-    ("state", 3, 50, "bf16", {}),           # h0 and c0; the last of 13 unit blocks half empty
-    ("plain", 24, 200, "bf16", {}),
-    ("plain", 8, 512, "fp16", {"H_LOAD_BYTES": 4}),   # the mma.sync fragments' own layout
-    ("packed-bidir", 8, 256, "bf16", {"POLL_BACKOFF_NS": 200}),   # a pause between polls
-    ("packed-bidir", 8, 256, "fp32-tf32", {}),    # fp32 in tf32, as nn.LSTM may
-    ("state", 5, 100, "fp32-tf32", {}),
+@pytest.mark.parametrize("form, batch, hidden, dtype_name, knobs, kernels", [
+    ("packed-bidir", 8, 512, "bf16", {}, "forward"),
+    ("packed-bidir", 8, 512, "bf16", {}, "backward"),
+    ("packed-bidir", 8, 512, "bf16", {}, "both"),
+    ("plain", 8, 512, "fp16", {}, "both"),
+    ("plain", 8, 256, "fp16", {}, "backward"),
+    ("packed-bidir", 13, 256, "fp16", {}, "both"),  # two batch blocks, the second of 5 rows
+    ("state", 3, 50, "bf16", {}, "both"),   # h0 and c0; the last unit block part empty
+    ("plain", 24, 200, "bf16", {}, "both"),
+    ("plain", 8, 512, "fp16", {"H_LOAD_BYTES": 4}, "both"),   # the mma.sync fragments' layout
+    ("packed-bidir", 8, 256, "bf16", {"POLL_BACKOFF_NS": 200}, "both"),   # a pause between polls
+    ("packed-bidir", 8, 256, "fp32-tf32", {}, "both"),    # fp32 in tf32, as nn.LSTM may
+    ("state", 5, 100, "fp32-tf32", {}, "both"),
 ])
-def test_registers_forward_matches_float64_within_twice_cudnn_error(form, batch, hidden,
-                                                                    dtype_name, knobs,
-                                                                    monkeypatch):
-    """Outputs and every gradient of a layer whose forward ran in the registers kernel (its
-    saved gates feed the tl backward), against float64, with both directions in one grid,
-    packed lengths, an initial state, partial unit and batch blocks."""
+def test_registers_kernels_match_float64_within_twice_cudnn_error(form, batch, hidden,
+                                                                  dtype_name, knobs, kernels,
+                                                                  monkeypatch):
+    """Outputs and every gradient of a layer whose forward, backward or both ran in the
+    registers kernels (the forward's saved gates feed either backward), against float64,
+    with both directions in one grid, packed lengths, an initial state, partial unit and
+    batch blocks. The knobs are the forward module's; the backward reads them too."""
     from triton_lstm.kernels import forward_registers
     from triton_lstm.tuning import config_from_label, forced_configs
     for name, value in knobs.items():
@@ -697,10 +701,14 @@ def test_registers_forward_matches_float64_within_twice_cudnn_error(form, batch,
         grads = torch.autograd.grad(loss, [leaf] + list(module.parameters()) + list(state or ()))
         return [t.detach() for t in outs] + list(grads), upstream
 
+    config = config_from_label(REGISTERS)
+    plain = dataclasses.replace(config, registers=False)
+    forced = dict(forward=config if kernels != "backward" else plain,
+                  backward=config if kernels != "forward" else plain)
     before = launch_counts["registers"]
-    with tf32(allow_tf32), forced_configs(forward=config_from_label(REGISTERS)):
+    with tf32(allow_tf32), forced_configs(**forced):
         ours_all, upstream = run(ours, x, hx)
-    assert launch_counts["registers"] == before + 1
+    assert launch_counts["registers"] == before + (2 if kernels == "both" else 1)
     with tf32(allow_tf32):
         torch_all, _ = run(torch_lstm, x, hx, upstream)
     to64 = [t.detach().cpu().double() for t in (hx or ())]
@@ -746,6 +754,69 @@ def test_registers_forward_replays_from_a_cuda_graph_like_eager():
         before = launch_counts["registers"]
         graph.replay()
         eager = lstm_forward(static_gx, w_hh, None, None, None, save=False, config=config)
+        assert launch_counts["registers"] == before + 1
+        for k in range(3):
+            assert torch.equal(captured[k], eager[k]), k
+
+
+@pytest.mark.timeout(120)
+def test_registers_backward_with_nan_and_inf_input_ends_and_matches_the_barrier_path():
+    """A NaN or inf in the gradients is never taken for the unwritten mark: the backward ends,
+    its NaNs are the barrier path's, and the rows without NaN match float64 as closely."""
+    from triton_lstm.kernels.backward import lstm_backward
+    from triton_lstm.reference import lstm_layer_reference
+    from triton_lstm.tuning import config_from_label
+    config = config_from_label(REGISTERS)
+    T, B, H = 32, 8, 256
+    gx = torch.randn(T, B, 8 * H, device="cuda", dtype=torch.float16)
+    w_hh = (torch.randn(2, 4 * H, H, device="cuda") / H ** 0.5).half()
+    gates, c_all = lstm_forward(gx, w_hh, None, None, None, save=True)[3:5]
+    dy = torch.randn(T, B, 2 * H, device="cuda", dtype=torch.float16)
+    dy[20, 0, :4] = float("nan")
+    dy[9, 1, H:H + 4] = float("inf")
+    runs = []
+    for run_config in (dataclasses.replace(config, registers=False), config):
+        before = launch_counts["registers"]
+        runs.append(lstm_backward(dy, None, None, gates, c_all, None, None, w_hh,
+                                  config=run_config)[:3])
+        assert launch_counts["registers"] == before + run_config.registers
+    for k, (barrier, registers) in enumerate(zip(*runs)):
+        assert barrier.isnan().any() and torch.equal(barrier.isnan(), registers.isnan()), k
+    # Rows are independent: rows 2.. have neither, against float64 (gx through an identity
+    # W_ih, so the gradient of gx is dG).
+    rows = slice(2, None)
+    leaf = gx[:, rows].cpu().double().requires_grad_()
+    y, h_n, c_n = lstm_layer_reference(leaf, None, None, torch.eye(8 * H, dtype=torch.float64),
+                                       w_hh.cpu().double())
+    want = torch.autograd.grad((y * dy[:, rows].cpu().double()).sum(), leaf)
+    assert_within_twice_the_reference_error([runs[1][0][:, rows]], [runs[0][0][:, rows]], want,
+                                            DTYPES["fp16"][2], ["dG"],
+                                            theirs_name="the barrier path")
+
+
+@pytest.mark.timeout(120)
+def test_registers_backward_replays_from_a_cuda_graph_like_eager():
+    """The launch and the fill of its polled slots are both captured: each replay equals an
+    eager call on the same upstream gradient."""
+    from triton_lstm.kernels.backward import lstm_backward
+    from triton_lstm.tuning import config_from_label
+    config = config_from_label(REGISTERS)
+    T, B, H = 16, 8, 256
+    gx = torch.randn(T, B, 4 * H, device="cuda", dtype=torch.float16)
+    w_hh = (torch.randn(1, 4 * H, H, device="cuda") / H ** 0.5).half()
+    gates, c_all = lstm_forward(gx, w_hh, None, None, None, save=True)[3:5]
+    static_dy = torch.randn(T, B, H, device="cuda", dtype=torch.float16)
+    lstm_backward(static_dy, None, None, gates, c_all, None, None, w_hh, config=config)  # compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = lstm_backward(static_dy, None, None, gates, c_all, None, None, w_hh,
+                                 config=config)
+    for _ in range(2):
+        static_dy.copy_(torch.randn_like(static_dy))
+        before = launch_counts["registers"]
+        graph.replay()
+        eager = lstm_backward(static_dy, None, None, gates, c_all, None, None, w_hh,
+                              config=config)
         assert launch_counts["registers"] == before + 1
         for k in range(3):
             assert torch.equal(captured[k], eager[k]), k

@@ -16,6 +16,7 @@ import triton.language as tl
 from triton_lstm import LSTMFunction
 from triton_lstm.autograd import lstm_layer
 from triton_lstm.dispatch import KernelConfig, launch_counts
+from triton_lstm.kernels.barrier import unwritten
 from triton_lstm.kernels.forward import lstm_forward, rounded_to
 from triton_lstm.ops import config_to_list
 from triton_lstm.reference import lstm_layer_reference
@@ -229,8 +230,9 @@ def test_nan_and_inf_flow_through_like_nn_lstm(config_name):
 
 
 def test_registers_config_runs_its_own_tile_where_the_registers_kernel_cannot():
-    """kernels/forward_registers.py is Gluon, which has no interpreter: here a config that asks
-    for it runs the tl kernel on its tile, exactly as the same config without the flag."""
+    """kernels/forward_registers.py and backward_registers.py are Gluon, which has no
+    interpreter: here a config that asks for them runs the tl kernels on its tile, exactly as
+    the same config without the flag."""
     ref, x, hx = random_problem(5, 3, 4, 8, torch.float32)
     config = CONFIGS["dataflow-bh4"]
     runs = []
@@ -245,17 +247,39 @@ def test_registers_config_runs_its_own_tile_where_the_registers_kernel_cannot():
         assert torch.equal(plain, flagged), k
 
 
-# -- the registers forward's own code, its layouts stripped ----------------------------------------
+# -- the registers kernels' own code, their layouts stripped ------------------------------------
 
-def interpreted_registers_kernel():
-    """kernels/forward_registers.py's kernel, its own code, run by the Triton interpreter with
-    its layouts stripped: the Gluon names it calls bound to tl's (layouts None, layout
-    conversions the identity), its MMAs as exact sums, and the lane shuffle as what it
-    computes in the layout the kernel asserts (row g's partner is row g ^ 4). What this
-    leaves to the GPU tests: the layouts themselves, which the compiler checks
-    (test_codegen.py), and the hardware's pairing of the MMA operands."""
-    from triton_lstm.kernels import forward_registers as fr
+class _StrippedShared:
+    """A Gluon shared-memory allocation under the interpreter: a program runs alone there, so
+    a slot holds what was last stored in it (``permute`` views it transposed)."""
 
+    def __init__(self, slots=None, key=None, order=None):
+        self.slots, self.key, self.order = ({} if slots is None else slots), key, order
+
+    def index(self, i):
+        key = i.handle.data.reshape(-1)[0] if hasattr(i, "handle") else i
+        return _StrippedShared(self.slots, int(key))
+
+    def permute(self, order):
+        return _StrippedShared(self.slots, self.key, order)
+
+    def store(self, value):
+        self.slots[self.key] = value
+
+    def load(self, layout):
+        value = self.slots[self.key]
+        return value if self.order is None else tl.permute(value, self.order)
+
+
+def interpreted_gluon(module, kernel_name, helpers, namespace_extra=None):
+    """A Gluon kernel of ``module``, its own code, run by the Triton interpreter with its
+    layouts stripped: the Gluon names it calls bound to tl's (layouts None, layout
+    conversions the identity, shared memory a slot per key, barriers nothing: a program
+    runs alone there), its MMAs (2-D, or batched 3-D) as exact sums, and its mark checks
+    as barrier.py's. ``helpers``: the module's Gluon functions it calls, rebuilt the same
+    way; ``namespace_extra``: replacements of others. What this leaves to the GPU tests:
+    the layouts themselves, which the compiler checks (test_codegen.py), and the hardware's
+    pairing of the MMA operands."""
     def none(*args, **kwargs):
         return None
 
@@ -263,6 +287,7 @@ def interpreted_registers_kernel():
         """gl's names as tl's, looked up when called (the interpreter patches tl for a run)."""
         constexpr = tl.constexpr
         NVMMADistributedLayout = DotOperandLayout = SliceLayout = DistributedLinearLayout = none
+        BlockedLayout = SwizzledSharedLayout = none
 
         @staticmethod
         def arange(start, end, layout=None):
@@ -276,46 +301,76 @@ def interpreted_registers_kernel():
         def convert_layout(x, layout, assert_trivial=False):
             return x
 
+        @staticmethod
+        def allocate_shared_memory(dtype, shape, layout):
+            return _StrippedShared()
+
+        @staticmethod
+        def thread_barrier():
+            return None
+
         def __getattr__(self, name):
             return getattr(tl, name)
 
     def mma_v2(a, b, acc, input_precision=None):
-        return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
+        a, b = a.to(tl.float32), b.to(tl.float32)
+        if len(a.shape) == 2:
+            return acc + tl.sum(a[:, :, None] * b[None, :, :], 1)
+        return acc + tl.sum(a[:, :, :, None] * b[:, None, :, :], 2)
 
-    def partner(x):      # row g ^ 4: the halves g < 4 and g >= 4 swapped
-        low, high = tl.split(tl.permute(tl.reshape(x, [2, 4, x.shape[1]]), [1, 2, 0]))
-        return tl.reshape(tl.permute(tl.join(high, low), [2, 0, 1]), [8, x.shape[1]])
+    def marks(x):      # barrier.py's check, element by element
+        return unwritten(x).to(tl.int32)
 
-    namespace = dict(gl=StrippedGluon(), tl=tl, mma_v2=mma_v2)
+    # The module's own names (the tl functions it calls as they are), then the stripped ones.
+    namespace = dict(vars(module), gl=StrippedGluon(), tl=tl, mma_v2=mma_v2, unwritten=unwritten,
+                     _warps_barrier=StrippedGluon.thread_barrier)
 
     def rebuilt(fn):
         copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__)
         copy.__annotations__ = dict(fn.__annotations__)      # which parameters are constexpr
         return triton.jit(copy)
 
-    for name in ("_rows_apart", "_step_inputs", "_lengths", "_load_h"):
-        namespace[name] = rebuilt(getattr(fr, name).fn)
-    # The tl functions it calls as they are.
-    namespace.update(_tanh=fr._tanh, canonical=fr.canonical, step_rows=fr.step_rows,
-                     unwritten=fr.unwritten)
-    namespace.update(any_unwritten=rebuilt(fr._any_unwritten.fn), polls_in_a_row=[0])
-
-    def never_waits(tiles, CHUNKS):
-        # Programs run one after another here: a slot unwritten when polled stays so forever
-        # (step 0 asks too, of h0, and does not wait for the answer).
-        pending = any_unwritten(tiles, CHUNKS)  # noqa: F821 (the kernel's, in its namespace)
-        polls_in_a_row[0] = polls_in_a_row[0] + 1 if pending else 0  # noqa: F821
-        if polls_in_a_row[0] > 2:  # noqa: F821
-            raise AssertionError("a step polled h that no program had written")
-        return pending
-
-    namespace["_any_unwritten"] = rebuilt(never_waits)
-    namespace["_partner"] = triton.jit(partner)
-    namespace["_pause"] = triton.jit(lambda like, NS: None)
-    kernel = rebuilt(fr.lstm_forward_registers_kernel.fn)
+    namespace["_marks"] = rebuilt(marks)
+    for name in helpers:
+        namespace[name] = rebuilt(getattr(module, name).fn)
+    namespace.update(namespace_extra or {})
+    kernel_fn = getattr(module, kernel_name)
+    kernel = rebuilt(kernel_fn.fn)
     # The interpreter re-reads the source, whose annotations say gl.constexpr, a spelling it
     # does not know: its copy of the function gets the annotations themselves.
-    kernel.rewrite().__annotations__ = dict(fr.lstm_forward_registers_kernel.fn.__annotations__)
+    kernel.rewrite().__annotations__ = dict(kernel_fn.fn.__annotations__)
+    return kernel, namespace
+
+
+def _never_waits_on(check, polls_in_a_row):
+    """A poll check that fails the test where the real one would poll forever: programs run
+    one after another here, so a slot unwritten when polled stays so (step 0 asks too, of
+    the caller's tensors, and does not wait for the answer)."""
+    def never_waits(*args):
+        pending = check(*args)
+        polls_in_a_row[0] = polls_in_a_row[0] + 1 if pending else 0
+        if polls_in_a_row[0] > 2:
+            raise AssertionError("a step polled a slot that no program had written")
+        return pending
+    return never_waits
+
+
+def interpreted_registers_kernel():
+    """kernels/forward_registers.py's kernel under the interpreter (``interpreted_gluon``), with
+    its lane shuffle as what it computes in the layout the kernel asserts (row g's partner
+    is row g ^ 4)."""
+    from triton_lstm.kernels import forward_registers as fr
+
+    def partner(x):      # row g ^ 4: the halves g < 4 and g >= 4 swapped
+        low, high = tl.split(tl.permute(tl.reshape(x, [2, 4, x.shape[1]]), [1, 2, 0]))
+        return tl.reshape(tl.permute(tl.join(high, low), [2, 0, 1]), [8, x.shape[1]])
+
+    kernel, namespace = interpreted_gluon(
+        fr, "lstm_forward_registers_kernel",
+        ("_rows_apart", "_step_inputs", "_lengths", "_load_h", "_either", "_any_unwritten",
+         "_program_block"),
+        dict(_partner=triton.jit(partner), _pause=triton.jit(lambda like, NS: None)))
+    namespace["_any_unwritten"] = _never_waits_on(namespace["_any_unwritten"], [0])
     return kernel
 
 
@@ -375,6 +430,127 @@ def test_registers_kernel_code_ends_on_nan_input_and_on_the_mark_in_h0():
         assert got.isnan().any()
         torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), rtol=0, atol=3e-3)
     assert not (y.view(torch.int16) == -1).any(), "an output holds the unwritten mark"
+
+def interpreted_backward_registers_kernel():
+    """kernels/backward_registers.py's kernel under the interpreter (``interpreted_gluon``)."""
+    from triton_lstm.kernels import backward_registers as br
+    kernel, namespace = interpreted_gluon(
+        br, "lstm_backward_registers_kernel",
+        ("_load_dg", "_any_unwritten", "_lengths", "_either", "_program_block"),
+        dict(_pause=triton.jit(lambda like, NS: None)))
+    namespace["_any_unwritten"] = _never_waits_on(namespace["_any_unwritten"], [0])
+    return kernel
+
+
+def _backward_problem(T, B, H, dtype, D=2):
+    """Random inputs of one layer's backward, both directions, packed lengths and an initial
+    state: the forward's saved gates from the tl kernel, then what lstm_backward takes."""
+    gx = torch.randn(T, B, D * 4 * H).to(dtype)
+    w_hh = (torch.randn(D, 4 * H, H) / H ** 0.5).to(dtype)
+    h0, c0 = torch.randn(D, B, H).to(dtype), torch.randn(D, B, H).to(dtype)
+    lengths = torch.randint(1, T + 1, (B,), dtype=torch.int32)
+    gates, c_all = lstm_forward(gx, w_hh, h0, c0, lengths, save=True,
+                                config=CONFIGS["resident-bh4"])[3:5]
+    dy = torch.randn(T, B, D * H).to(dtype)
+    dh_n, dc_n = torch.randn(D, B, H).to(dtype), torch.randn(D, B, H).to(dtype)
+    return dict(dy=dy, dh_n=dh_n, dc_n=dc_n, gates=gates, c_all=c_all, c0=c0, lengths=lengths,
+                w_hh=w_hh), (gx, h0)
+
+
+def _float64_backward(problem, gx, h0):
+    """dG, dh0 and dc0 of the layer in float64: autograd through the reference, the input
+    projection being the identity (so the gradient of gx is dG)."""
+    D = problem["w_hh"].shape[0]
+    G = gx.shape[2]
+    leaves = [t.double().requires_grad_() for t in (gx, h0, problem["c0"])]
+    y, h_n, c_n = lstm_layer_reference(leaves[0], leaves[1], leaves[2],
+                                       torch.eye(G, dtype=torch.float64),
+                                       problem["w_hh"].double(), lengths=problem["lengths"])
+    loss = ((y * problem["dy"].double()).sum() + (h_n * problem["dh_n"].double()).sum()
+            + (c_n * problem["dc_n"].double()).sum())
+    assert D == h_n.shape[0]
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("T, B, H, dtype", [
+    (6, 11, 16, torch.float32),    # steps: one unit block a group (programs run one by one)
+    (5, 11, 13, torch.float16),    # a unit block with units missing
+    (4, 3, 7, torch.float32),
+])
+def test_registers_backward_code_matches_float64(T, B, H, dtype):
+    """The registers backward's index math, masks, gate order, lengths, both directions, its
+    state's gradients and polls, in its own code (interpreted_backward_registers_kernel):
+    within twice the tl backward's error against float64, from the same saved gates."""
+    from triton_lstm.kernels import backward_registers
+    from triton_lstm.kernels.backward import lstm_backward
+    kernel = interpreted_backward_registers_kernel()
+    problem, (gx, h0) = _backward_problem(T, B, H, dtype)
+    outputs, args, grid, constexprs = backward_registers.launch_arguments(**problem, reverse=True)
+    kernel[grid](*args, **constexprs)
+    tl_outputs = lstm_backward(**problem, config=CONFIGS["resident-bh4"])[:3]
+    want = _float64_backward(problem, gx, h0)
+    for name, got, tl_got, ref in zip(("dG", "dh0", "dc0"), outputs, tl_outputs, want):
+        assert got.dtype == tl_got.dtype, name
+        error = (got.double() - ref).abs().max().item()
+        tl_error = (tl_got.double() - ref).abs().max().item()
+        assert error <= 2 * tl_error + 1e-6, (name, error, tl_error)
+
+
+@pytest.mark.parametrize("T, B, H, dtype", [
+    (3, 3, 40, torch.float32),     # 3 unit blocks, the last with 8 of its 16 units
+    (2, 9, 33, torch.float16),     # 2 batch blocks, 3 unit blocks
+])
+def test_registers_backward_code_with_many_unit_blocks(T, B, H, dtype):
+    """Programs of several unit blocks read each other's dG, which under the interpreter (one
+    program after another) no program has written yet: dG starts as the tl backward's
+    instead of the mark, so every read finds it written. Each program's own reads and
+    writes of the whole dG and its state's gradients, against the tl backward's."""
+    from triton_lstm.kernels import backward_registers
+    from triton_lstm.kernels.backward import lstm_backward
+    kernel = interpreted_backward_registers_kernel()
+    problem, _ = _backward_problem(T, B, H, dtype)
+    tl_outputs = lstm_backward(**problem, config=CONFIGS["resident-bh4"])[:3]
+    outputs, args, grid, constexprs = backward_registers.launch_arguments(**problem, reverse=True)
+    assert grid[0] >= 3
+    outputs[0].copy_(tl_outputs[0])
+    kernel[grid](*args, **constexprs)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    for name, got, want in zip(("dG", "dh0", "dc0"), outputs, tl_outputs):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_registers_backward_code_ends_on_nan_input():
+    """A NaN in the upstream gradient is a value, never the unwritten mark: the polls end and
+    the NaNs land where the tl backward with dataflow waits puts them."""
+    from triton_lstm.kernels import backward_registers
+    from triton_lstm.kernels.backward import lstm_backward
+    kernel = interpreted_backward_registers_kernel()
+    problem, _ = _backward_problem(5, 3, 12, torch.float16, D=1)
+    problem["lengths"][1] = 5           # (the saved gates past its old length are zeros)
+    problem["dy"][2, 1, 3] = float("nan")
+    outputs, args, grid, constexprs = backward_registers.launch_arguments(**problem, reverse=True)
+    kernel[grid](*args, **constexprs)
+    want = lstm_backward(**problem, config=CONFIGS["dataflow-bh4"])[:3]
+    for got, ref in zip(outputs, want):
+        assert torch.equal(got.isnan(), ref.isnan())
+        assert got.isnan().any()
+        torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), rtol=1e-3, atol=1e-3)
+    assert not (outputs[0].view(torch.int16) == -1).any(), "dG holds the unwritten mark"
+
+
+def test_pair_mark_check_flags_exactly_the_pairs_holding_the_mark():
+    """forward_registers._marks checks two 16-bit elements at once, from the 32 bits that hold
+    both: (0xFFFEFFFE - w) & w & 0x80008000 is nonzero iff a half is all ones (the mark).
+    Every value of each half, against a set of values of the other."""
+    halves = torch.arange(1 << 16, dtype=torch.int64)
+    others = torch.tensor([0, 1, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF, 0x1234, 0xFF00, 0x00FF],
+                          dtype=torch.int64)
+    lo = torch.cat([halves.repeat(len(others)), others.repeat_interleave(1 << 16)])
+    hi = torch.cat([others.repeat_interleave(1 << 16), halves.repeat(len(others))])
+    w = hi << 16 | lo
+    flagged = ((0xFFFEFFFE - w) & w & 0x80008000) != 0
+    assert torch.equal(flagged, (lo == 0xFFFF) | (hi == 0xFFFF))
+
 
 # -- bf16 results rounded as a GPU rounds them ----------------------------------------------------
 

@@ -68,10 +68,11 @@ class KernelConfig:
     instead of the counter (sm_90+; kernels/barrier.py, ``cluster_size``); dsmem (with
     cluster, the forward, resident, no projection): each program pushes its h into every
     program's shared memory and waits on its own mbarrier for the bytes, no barrier at all
-    (kernels/dsmem.py); registers (the forward): the small-batch kernel with its weights in
-    registers and no shared memory in a step, on its own fixed tile and with dataflow waits
-    (kernels/forward_registers.py), where it runs (bf16/fp16 with H <= 512, fp32 in tf32 with
-    H <= 256; no projection, restarts, checkpoints or chunks; every program resident);
+    (kernels/dsmem.py); registers: the small-batch kernels with their weights in registers,
+    on their own fixed tiles and with dataflow waits, the forward with no shared memory in a
+    step (kernels/forward_registers.py), the backward with one round trip through it
+    (kernels/backward_registers.py), where they run (bf16/fp16 with H <= 512, fp32 in tf32
+    with H <= 256; no projection, restarts, checkpoints or chunks; every program resident);
     elsewhere this config's tile.
     """
     block_b: int
@@ -115,7 +116,8 @@ def padded(hidden_size: int) -> int:
 
 
 # The registers forward (kernels/forward_registers.py) holds a [16, HP] weight slice in the
-# MMA's operand registers, 1/32 of it a thread: at most 512 bytes (128 registers, half).
+# MMA's operand registers, 1/32 of it a thread: at most 512 bytes (128 registers, half). The
+# registers backward (kernels/backward_registers.py) holds one of the same size a warp.
 REGISTERS_SLICE_BYTES = 1024
 
 

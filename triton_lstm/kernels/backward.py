@@ -110,7 +110,7 @@ def cell_gradients(b_dr, b_dc, b_i, b_f, b_g, b_o, b_ct, b_cp, m_run, DATAFLOW: 
 
 
 @triton.jit
-def _load_saved(step, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b, o_u, m_u,
+def load_saved(step, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b, o_u, m_u,
                 p_bu, m_bu, H: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESTARTS: tl.constexpr,
                 RESTART_FROM_STATE: tl.constexpr, ACC: tl.constexpr, REVERSE):
     """What the cell phase of a step needs: gates i, f, g, o, c_t, c_{t-1} (zeros for stopped
@@ -281,7 +281,7 @@ def lstm_backward_kernel(
     # registers through the GEMM phase.
     PREFETCH_SAVED: tl.constexpr = not GATE_SPLIT
     if PREFETCH_SAVED:
-        b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
+        b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = load_saved(
             step, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b, o_u, m_u, p_bu,
             m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC, reverse)
     # Whether each row restarted at the step after this one (read by the dh phase).
@@ -322,7 +322,7 @@ def lstm_backward_kernel(
                          mask=m_b[:, None] & m_n[None, :])
         else:
             if not PREFETCH_SAVED:
-                b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
+                b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = load_saved(
                     step, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b, o_u, m_u,
                     p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC, reverse)
             if dh_phase:
@@ -419,7 +419,7 @@ def lstm_backward_kernel(
                     # loads are in flight while this program waits (barrier, or the data).
                     q_next = tl.full([BLOCK_B], (s + 1) * PHASES, tl.int32)
                     m_next = m_b & (q_next < q_end)
-                    b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
+                    b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = load_saved(
                         step - 1, length, m_next, gates, c_all, c0, restarts, c_restart, B, o_b,
                         o_u, m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC,
                         reverse)
@@ -428,7 +428,7 @@ def lstm_backward_kernel(
                 arrived = barrier_arrive(counter, leader_inc, i_h == 0, CLUSTER)
                 if PREFETCH_AFTER_ARRIVE and PREFETCH_SAVED and cell_phase:
                     # After the release: the loads do not hold up this program's arrival.
-                    b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = _load_saved(
+                    b_i, b_f, b_g, b_o, b_ct, b_cp, b_restarted = load_saved(
                         step - 1, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b,
                         o_u, m_u, p_bu, m_bu, H, HAS_H0, HAS_RESTARTS, RESTART_FROM_STATE, ACC,
                         reverse)
@@ -469,6 +469,15 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
         config = dataclasses.replace(config, gate_split=False)
     if config.dsmem and (proj or config.gate_split or dtype == torch.float64):
         config = dataclasses.replace(config, dsmem=False)   # shares of dh alone, fp32 bits
+    if config.registers:
+        from . import backward_registers   # Gluon: imported only where a config asks for it
+        if backward_registers.runs_here(H, dtype, device, proj=proj, restarts=restarts is not None,
+                                        force_stepped=force_stepped):
+            outputs = backward_registers.lstm_backward_registers(
+                dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, reverse=reverse)
+            if outputs is not None:
+                return outputs + (None, None, None)
+        config = dataclasses.replace(config, registers=False)
     dgates = torch.empty(T, B, D * 4 * H, dtype=dtype, device=device)
     dh0 = torch.empty(D, B, R, dtype=dtype, device=device)
     dh_all = torch.empty(D, T, B, R, dtype=dtype, device=device) if proj else None

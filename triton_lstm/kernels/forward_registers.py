@@ -82,6 +82,20 @@ def _step_inputs(gx, step, length, m_n, reverse, B, o_n, o_u, m_u, H: gl.constex
 
 
 @gluon.jit
+def _program_block(NUM_H_BLOCKS: gl.constexpr, D: gl.constexpr, REVERSE: gl.constexpr):
+    """This program's unit block, batch block and direction (grid axis 0 is unit blocks x
+    batch blocks, axis 1 the directions), and whether it walks time in reverse (direction 1
+    of two, unless the inputs are already in processing order)."""
+    i_p = gl.program_id(0)
+    i_d = gl.program_id(1)
+    if D == 2 and REVERSE:
+        reverse = i_d == 1
+    else:
+        reverse = i_d < 0
+    return i_p % NUM_H_BLOCKS, i_p // NUM_H_BLOCKS, i_d, reverse
+
+
+@gluon.jit
 def _lengths(lengths, o_n, m_n, T, HAS_LENGTHS: gl.constexpr):
     if HAS_LENGTHS:
         length = gl.load(lengths + o_n, mask=m_n, other=0)
@@ -112,13 +126,35 @@ def _pause(like, NS: gl.constexpr):
 
 
 @gluon.jit
+def _either(a, b):
+    return a | b
+
+
+@gluon.jit
+def _marks(x):
+    """Nonzero where x holds the all-ones mark (unwritten), zero elsewhere, as an integer of
+    x's width; for 16-bit x a pair of elements at once, from the 32 bits w = hi:lo that hold
+    both: (~w - 0x00010001) & w & 0x80008000, i.e. (0xFFFEFFFE - w) & w & 0x80008000, is
+    nonzero iff a half is 0xFFFF (a borrow out of a marked low half can flag the high one
+    too: the pair's answer stays exact). Two instructions a pair, where a compare of each
+    element takes about five."""
+    if x.dtype.primitive_bitwidth == 16:
+        marks = gl.inline_asm_elementwise(
+            "{ .reg .b32 v; sub.u32 v, 0xFFFEFFFE, $1; and.b32 v, v, $1; "
+            "and.b32 $0, v, 0x80008000; }", "=r,r", [x], dtype=gl.int16, is_pure=True, pack=2)
+    else:
+        marks = unwritten(x).to(gl.int32)
+    return marks
+
+
+@gluon.jit
 def _any_unwritten(tiles, CHUNKS: gl.constexpr):
     """Whether any element of the tiles still holds the all-ones mark (the tiles' marks
     merged first: one reduction across the warp's lanes, not one per tile)."""
-    marks = unwritten(tiles[0])
+    marks = _marks(tiles[0])
     for chunk in gl.static_range(1, CHUNKS):
-        marks = marks | unwritten(tiles[chunk])
-    return gl.max(gl.max(marks.to(gl.int32), axis=0), axis=0) > 0
+        marks = marks | _marks(tiles[chunk])
+    return gl.reduce(gl.reduce(marks, 0, _either), 0, _either) != 0
 
 
 @gluon.jit(do_not_specialize=["T", "B"])
@@ -148,14 +184,7 @@ def lstm_forward_registers_kernel(
     NUM_H_BLOCKS: gl.constexpr = (H + 3) // 4
     YS: gl.constexpr = D * H          # row stride of y
     GS: gl.constexpr = D * 4 * H      # row stride of gx
-    i_p = gl.program_id(0)
-    i_d = gl.program_id(1)
-    i_h = i_p % NUM_H_BLOCKS
-    i_b = i_p // NUM_H_BLOCKS
-    if D == 2 and REVERSE:
-        reverse = i_d == 1
-    else:
-        reverse = i_d < 0
+    i_h, i_b, i_d, reverse = _program_block(NUM_H_BLOCKS, D, REVERSE)
     i_d64 = i_d.to(gl.int64)
     gx += i_d64 * 4 * H
     w_hh += i_d64 * 4 * H * H

@@ -49,8 +49,8 @@ import triton.language as tl
 from .. import tuning
 from ..dispatch import (ON_CHIP_BUDGET, KernelConfig, dot_precision, heuristic_config,
                         launch_recurrence, on_chip_bytes, padded, state_dtype)
-from .backward import (_load_saved, cell_gradients, gate_rows_dot_resident,
-                       gate_rows_dot_streamed)
+from .backward import (cell_gradients, gate_rows_dot_resident, gate_rows_dot_streamed,
+                       load_saved)
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, published
 from .forward import (_load_gx, _tanh, gate_rows, own_block, reduction_index, rounded_to,
                       save_step, split_dot, step_rows, store_gates, streamed_dot)
@@ -222,8 +222,8 @@ def lstm_wavefront_kernel(
 @triton.jit
 def _load_layer_saved(step, length, m_b, gates, c_all, c0, B, o_b, o_u, m_u, p_bu, m_bu,
                       H: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr):
-    """backward._load_saved without restarts: gates i, f, g, o, c_t and c_{t-1} of a step."""
-    b_i, b_f, b_g, b_o, b_ct, b_cp, _ = _load_saved(step, length, m_b, gates, c_all, c0, c_all,
+    """backward.load_saved without restarts: gates i, f, g, o, c_t and c_{t-1} of a step."""
+    b_i, b_f, b_g, b_o, b_ct, b_cp, _ = load_saved(step, length, m_b, gates, c_all, c0, c_all,
                                                     c_all, B, o_b, o_u, m_u, p_bu, m_bu, H,
                                                     HAS_H0, False, False, ACC, False)
     return b_i, b_f, b_g, b_o, b_ct, b_cp

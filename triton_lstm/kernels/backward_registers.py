@@ -1,0 +1,284 @@
+"""Small-batch backward with its weights in registers: one shared-memory round trip a step.
+
+The `tl` backward (backward.py) leaves layouts to Triton, which puts several shared-memory
+round trips with barriers between warps on every step's path from the wait to the next
+dG store (perf/NOTES.md, "Open leads": 8 `bar.sync` between the barrier and the first dG
+load of the small-batch default). This kernel is written in Gluon, like
+forward_registers.py, whose shape it follows where the backward allows:
+
+- A program is four warps that own 16 hidden units of one direction for 8 batch rows.
+  Warp k holds gate k's slice of W_hh, W_hh[kH:(k+1)H, units]^T as a [16, HP] MMA operand
+  (the units are the MMA's M side, the batch its N = 8), loaded once and kept in registers
+  for the whole sequence (HP * itemsize / 2 bytes a thread: H <= 512, fp32 256).
+- A step, each warp multiplies its slice by gate k's H columns of dG_{t+1} (read from L2
+  straight into operand registers, in CHUNKS chunks with an accumulator each): the
+  [4, 16, 8] product is one batched MMA, a gate a warp. The four partial sums of dh meet
+  in shared memory, after the step's one `bar.sync`; every warp then reads its 2 of the 8
+  rows of all four, adds them, and runs the cell gradients of those rows and all 16 units.
+- Programs wait on the data (barrier.py's dataflow protocol): dG is filled with all-ones
+  bits before the launch and stored canonical, and a step reloads dG_{t+1} until none of
+  it is the mark. A warp sees only its own gate's columns, so the warps agree through
+  shared memory whether to poll again (a flag each, behind a second `bar.sync`).
+
+It runs persistently or not at all: every program must be resident (the launcher checks),
+for bf16 / fp16, and fp32 where its dots may use tf32 (nn.LSTM's rule), without
+projection or restarts; elsewhere the `tl` kernel runs (backward.py, config
+``registers``). As for the forward, the CPU tests compile it for sm_90 (test_codegen.py)
+and run its code under the `tl` interpreter with the layouts stripped (test_kernels.py);
+the GPU tests run it.
+"""
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from ..dispatch import (KernelConfig, cdiv, co_resident_programs, dot_precision, interpreting,
+                        launch_counts, launch_options, padded, registers_forward_fits)
+from . import forward_registers
+from .backward import cell_gradients, load_saved
+from .barrier import fill_unwritten
+from .forward import rounded_to, step_rows, store_gates
+from .forward_registers import (ROWS, _either, _lengths, _marks, _pause, _program_block,
+                                chunks)
+
+# The barrier among a program's warps: gl.thread_barrier in Triton 3.6, gl.barrier from 3.7.
+_warps_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+UNITS = 16                # hidden units per program: the MMA's M side in each gate's warp
+WARPS = 4                 # one warp per gate
+
+
+@gluon.jit
+def _load_dg(p_rows, m_rows, o_gate, o_k, H: gl.constexpr, KC: gl.constexpr,
+             CHUNKS: gl.constexpr):
+    """dG_{t+1}^T as CHUNKS [4, KC, ROWS] operand tiles, gate k's columns in warp k, read from
+    L2 (volatile: each poll reads memory again); rows not read come as zeros."""
+    tiles = ()
+    for chunk in gl.static_range(CHUNKS):
+        k = chunk * KC + o_k
+        p = p_rows[None, None, :] + (o_gate * H)[:, None, None] + k[None, :, None]
+        # (the last term is always true: it gives the mask the tile's full shape)
+        m = m_rows[None, None, :] & (k < H)[None, :, None] & (o_gate >= 0)[:, None, None]
+        tiles = tiles + (gl.load(p, mask=m, other=0.0, volatile=True),)
+    return tiles
+
+
+@gluon.jit
+def _any_unwritten(tiles, flags, poll, CHUNKS: gl.constexpr, FLAGS: gl.constexpr):
+    """Whether any warp's tiles still hold the all-ones mark: each warp reduces its own, the
+    four flags meet in shared memory (slot poll % 2: a slot is rewritten only after the
+    next poll's barrier, which every warp passes after reading it)."""
+    marks = _marks(tiles[0])
+    for chunk in gl.static_range(1, CHUNKS):
+        marks = marks | _marks(tiles[chunk])
+    slot = flags.index(poll % 2)
+    # k first (within a thread), then the rows (across lanes)
+    slot.store(gl.reduce(gl.reduce(marks, 1, _either), 1, _either).to(gl.int32))
+    _warps_barrier()
+    return gl.reduce(slot.load(FLAGS), 0, _either) != 0
+
+
+@gluon.jit(do_not_specialize=["T", "B"])
+def lstm_backward_registers_kernel(
+    dy,        # [T, B, D, H]   grad of y, input dtype (read when HAS_DY)
+    dh_n,      # [D, B, H]      grad of h_n, input dtype (read when HAS_DHN)
+    dc_state,  # [D, B, H]      fp32, in: dc_n (zeros without); out: the gradient of c0
+    gates,     # [D, T, B, 4H]  fp32 activated i, f, g, o saved by the forward
+    c_all,     # [D, T, B, H]   fp32 c_t saved by the forward
+    c0,        # [D, B, H]      input dtype, read when HAS_H0
+    lengths,   # [B]            int32 sequence lengths, read when HAS_LENGTHS
+    w_hh,      # [D, 4H, H]     input dtype
+    dgates,    # [T, B, D, 4H]  out: dG_t, input dtype, filled with all-ones bits by the caller
+    dh0,       # [D, B, H]      out: grad of h0, input dtype
+    T, B,
+    H: gl.constexpr, HP: gl.constexpr, D: gl.constexpr, UNITS: gl.constexpr,
+    BLOCK_B: gl.constexpr, CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr,
+    DOT_PRECISION: gl.constexpr, HAS_DY: gl.constexpr, HAS_DHN: gl.constexpr, HAS_H0: gl.constexpr,
+    HAS_LENGTHS: gl.constexpr, REVERSE: gl.constexpr, POLL_BACKOFF_NS: gl.constexpr,
+):
+    # The batched MMA: [gate, unit, k] x [gate, k, row], a gate a warp.
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1, 1],
+                                                  instr_shape=[1, 16, 8])
+    W_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=K_WIDTH)
+    G_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=K_WIDTH)
+    # The partial sums read back as [gate, row, unit] with the gates in one thread: a warp
+    # has 2 rows, a lane one unit of one row. CELL is the [row, unit] tile of the cell math.
+    SUMS: gl.constexpr = gl.BlockedLayout(size_per_thread=[4, 1, 1], threads_per_warp=[1, 2, 16],
+                                          warps_per_cta=[1, 4, 1], order=[2, 1, 0])
+    CELL: gl.constexpr = gl.SliceLayout(0, SUMS)
+    FLAGS: gl.constexpr = gl.BlockedLayout(size_per_thread=[4], threads_per_warp=[32],
+                                           warps_per_cta=[4], order=[0])
+    # Shared memory, two slots each (a slot's layout is the layout of the allocation).
+    SHARED: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
+                                                   order=[2, 1, 0])
+    FLAG_SHARED: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
+                                                        order=[0])
+    KC: gl.constexpr = HP // CHUNKS
+    NUM_H_BLOCKS: gl.constexpr = (H + UNITS - 1) // UNITS
+    YS: gl.constexpr = D * H          # row stride of dy
+    GS: gl.constexpr = D * 4 * H      # row stride of dgates
+    i_h, i_b, i_d, reverse = _program_block(NUM_H_BLOCKS, D, REVERSE)
+    i_d64 = i_d.to(gl.int64)
+    dy += i_d64 * H
+    dh_n += i_d64 * B * H
+    dc_state += i_d64 * B * H
+    gates += i_d64 * T * B * 4 * H
+    c_all += i_d64 * T * B * H
+    c0 += i_d64 * B * H
+    w_hh += i_d64 * 4 * H * H
+    dgates += i_d64 * 4 * H
+    dh0 += i_d64 * B * H
+
+    # Gate k's weight slice in warp k: W_hh[k H + j, unit]^T, [4, 16, HP] as CHUNKS tiles.
+    o_gw = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, W_OP)))
+    o_uw = i_h * UNITS + gl.arange(0, UNITS, layout=gl.SliceLayout(0, gl.SliceLayout(2, W_OP)))
+    o_kw = gl.arange(0, KC, layout=gl.SliceLayout(0, gl.SliceLayout(1, W_OP)))
+    w_tiles = ()
+    for chunk in gl.static_range(CHUNKS):
+        k = chunk * KC + o_kw
+        p = (w_hh + ((o_gw * H)[:, None, None] + k[None, None, :]) * H
+             + o_uw[None, :, None])
+        m = (o_uw < H)[None, :, None] & (k < H)[None, None, :] & (o_gw >= 0)[:, None, None]
+        w_tiles = w_tiles + (gl.load(p, mask=m, other=0.0),)
+    acc0 = gl.zeros([4, UNITS, BLOCK_B], gl.float32, MMA)
+
+    # The dG operand's gates, reduction positions and batch rows.
+    o_gate = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, G_OP)))
+    o_k = gl.arange(0, KC, layout=gl.SliceLayout(0, gl.SliceLayout(2, G_OP)))
+    o_nk = i_b * BLOCK_B + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, gl.SliceLayout(1, G_OP)))
+    m_nk = o_nk < B
+    length_k = _lengths(lengths, o_nk, m_nk, T, HAS_LENGTHS)
+
+    # The cell math's rows and units.
+    o_b = i_b * BLOCK_B + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(1, CELL))
+    o_u = i_h * UNITS + gl.arange(0, UNITS, layout=gl.SliceLayout(0, CELL))
+    m_b = o_b < B
+    m_u = o_u < H
+    m_bu = m_b[:, None] & m_u[None, :]
+    p_bu = o_b[:, None] * H + o_u[None, :]
+    length = _lengths(lengths, o_b, m_b, T, HAS_LENGTHS)
+
+    sums = gl.allocate_shared_memory(gl.float32, [2, 4, UNITS, BLOCK_B], SHARED)
+    flags = gl.allocate_shared_memory(gl.int32, [2, 4], FLAG_SHARED)
+    poll = 0
+
+    if HAS_DHN:
+        b_dhn = gl.load(dh_n + p_bu, mask=m_bu, other=0.0).to(gl.float32)
+    else:
+        b_dhn = gl.zeros([BLOCK_B, UNITS], gl.float32, CELL)
+    b_dc = gl.load(dc_state + p_bu, mask=m_bu, other=0.0)
+    b_i, b_f, b_g, b_o, b_ct, b_cp, no_restart = load_saved(
+        T - 1, length, m_b, gates, c_all, c0, gates, c_all, B, o_b, o_u, m_u, p_bu, m_bu, H,
+        HAS_H0, False, False, gl.float32, reverse)
+
+    # Stage s walks the forward's steps backwards (step = T - 1 - s); stage T gives dh0.
+    for s in range(T + 1):
+        step = T - 1 - s
+        # dh of own units: dG_{t+1} of every unit (all programs wrote it) times W_hh's columns
+        # of own units. At s = 0 no row runs at step T: nothing is read and nothing waited for.
+        t_next_k, m_rows = step_rows(step + 1, length_k, m_nk, reverse)
+        p_rows = dgates + (t_next_k * B + o_nk) * GS
+        tiles = _load_dg(p_rows, m_rows, o_gate, o_k, H, KC, CHUNKS)
+        pending = _any_unwritten(tiles, flags, poll, CHUNKS, FLAGS)
+        poll += 1
+        while pending:
+            if POLL_BACKOFF_NS > 0:
+                _pause(o_nk, POLL_BACKOFF_NS)
+            tiles = _load_dg(p_rows, m_rows, o_gate, o_k, H, KC, CHUNKS)
+            pending = _any_unwritten(tiles, flags, poll, CHUNKS, FLAGS)
+            poll += 1
+        acc = mma_v2(w_tiles[0], tiles[0], acc0, input_precision=DOT_PRECISION)
+        for chunk in gl.static_range(1, CHUNKS):   # an accumulator per chunk: parallel chains
+            acc += mma_v2(w_tiles[chunk], tiles[chunk], acc0, input_precision=DOT_PRECISION)
+        # The four gates' shares of dh through shared memory (slot s % 2: rewritten two
+        # stages on, after the barriers of the stage between).
+        slot = sums.index(s % 2)
+        slot.store(acc)
+        _warps_barrier()
+        b_dot = gl.sum(slot.permute([0, 2, 1]).load(SUMS), axis=0)     # [row, unit]
+
+        # Rows whose sequence ended after this step pass dh_n through unchanged.
+        t_next, running_next = step_rows(step + 1, length, m_b, reverse)
+        b_dh = gl.where(running_next[:, None], b_dot, b_dhn)
+        if s < T:
+            t_row, running = step_rows(step, length, m_b, reverse)
+            if HAS_DY:
+                b_dh += gl.load(dy + (t_row * B + o_b)[:, None] * YS + o_u[None, :],
+                                mask=running[:, None] & m_u[None, :], other=0.0).to(gl.float32)
+            m_run = running[:, None] & m_u[None, :]
+            b_dgi, b_dgf, b_dgg, b_dgo, b_dc_t = cell_gradients(b_dh, b_dc, b_i, b_f, b_g, b_o,
+                                                                b_ct, b_cp, m_run, True)
+            store_gates(dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :], b_dgi, b_dgf,
+                        b_dgg, b_dgo, H, m_bu)
+            b_dc = gl.where(m_run, b_dc_t * b_f, b_dc)      # stopped rows carry dc_n through
+            # The next step's saved values, in flight while this program waits for dG.
+            b_i, b_f, b_g, b_o, b_ct, b_cp, no_restart = load_saved(
+                step - 1, length, m_b, gates, c_all, c0, gates, c_all, B, o_b, o_u, m_u, p_bu,
+                m_bu, H, HAS_H0, False, False, gl.float32, reverse)
+        else:
+            gl.store(dh0 + p_bu, rounded_to(b_dh, dh0.dtype.element_ty), mask=m_bu)
+
+    gl.store(dc_state + p_bu, b_dc, mask=m_bu)
+
+
+def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, proj: bool,
+              restarts: bool, force_stepped: bool) -> bool:
+    """Whether a backward call is one this kernel runs (residency is checked at launch): the
+    registers forward's rule (its weight slice is this kernel's per warp)."""
+    return (device.type == "cuda" and not interpreting()
+            and registers_forward_fits(hidden_size, dtype)
+            and (dtype != torch.float32 or dot_precision(dtype, device) == "tf32")
+            and not (proj or restarts or force_stepped))
+
+
+def lstm_backward_registers(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse: bool):
+    """lstm_backward (backward.py) of a layer this kernel runs (``runs_here``), persistently:
+    (dgates, dh0, dc0), or None, with nothing launched, where its programs cannot all be
+    resident at once."""
+    outputs, args, grid, constexprs = launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths,
+                                                       w_hh, reverse=reverse)
+    tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=WARPS)
+    if co_resident_programs(lstm_backward_registers_kernel, args, constexprs, tile,
+                            w_hh.device) < grid[0] * grid[1]:
+        return None          # a program waiting on one that has not started would hang
+    lstm_backward_registers_kernel[grid](*args, num_warps=WARPS, num_stages=1,
+                                         **launch_options(), **constexprs)
+    launch_counts["persistent"] += 1
+    launch_counts["registers"] += 1
+    return outputs
+
+
+def launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse: bool):
+    """The outputs a launch writes (dgates filled with the unwritten mark), the kernel's
+    arguments, its grid and its compile-time constants."""
+    D, T, B, G = gates.shape
+    H = G // 4
+    device, dtype = w_hh.device, w_hh.dtype
+    dgates = fill_unwritten(torch.empty(T, B, D * 4 * H, dtype=dtype, device=device))  # polled
+    dh0 = torch.empty(D, B, H, dtype=dtype, device=device)
+    if dc_n is None:
+        dc_state = torch.zeros(D, B, H, dtype=torch.float32, device=device)
+    else:
+        dc_state = dc_n.to(torch.float32, copy=True).contiguous()
+    args = (dgates if dy is None else dy.contiguous(), dh0 if dh_n is None else dh_n.contiguous(),
+            dc_state, gates, c_all, dh0 if c0 is None else c0,
+            lengths if lengths is not None else dc_state, w_hh, dgates, dh0, T, B)
+    grid = (cdiv(B, ROWS) * cdiv(H, UNITS), D)
+    constexprs = kernel_constants(H, D, dtype, dot_precision(dtype, device), has_dy=dy is not None,
+                                  has_dhn=dh_n is not None, has_h0=c0 is not None,
+                                  has_lengths=lengths is not None, reverse=reverse)
+    return (dgates, dh0, dc_state), args, grid, constexprs
+
+
+def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, precision: str, *,
+                     has_dy: bool, has_dhn: bool, has_h0: bool, has_lengths: bool,
+                     reverse: bool) -> dict:
+    """The kernel's compile-time constants for a layer (``precision``: its dots' input
+    precision, dispatch.dot_precision); the width of its operand loads and its pause between
+    polls are the forward's knobs (forward_registers.H_LOAD_BYTES, POLL_BACKOFF_NS)."""
+    return dict(H=hidden_size, HP=padded(hidden_size), D=directions, UNITS=UNITS, BLOCK_B=ROWS,
+                CHUNKS=chunks(hidden_size),
+                K_WIDTH=forward_registers.H_LOAD_BYTES // dtype.itemsize,
+                DOT_PRECISION=precision, HAS_DY=has_dy, HAS_DHN=has_dhn, HAS_H0=has_h0,
+                HAS_LENGTHS=has_lengths, REVERSE=reverse,
+                POLL_BACKOFF_NS=forward_registers.POLL_BACKOFF_NS)
