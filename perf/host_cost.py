@@ -7,6 +7,14 @@ This prints, per implementation and mode, the CUDA runtime calls one call makes 
 torch.profiler) and the Python functions that take the host's time (cProfile).
 
     python3 perf/host_cost.py [--B 8] [--H 512] [--dtype bf16] [--top 25]
+
+Without a GPU, ``--python`` times the Python of a call alone on the CPU: the layer under the
+Triton interpreter with every recurrence launch stubbed out (nothing is computed), best of 5
+runs of 300 calls. The CPU path differs from a GPU's in a few branches (the heuristic
+instead of make tune's table, no residency check), and a GPU host runs Python at its own
+speed: compare two commits on one machine, not a GPU run with this.
+
+    TRITON_INTERPRET=1 python3 perf/host_cost.py --python [--B 8] [--H 64] [--T 1]
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import io
 import pathlib
 import pstats
 import sys
+import time
 
 import torch
 
@@ -47,6 +56,37 @@ def runtime_calls(fn) -> collections.Counter:
     return collections.Counter({name: n / 10 for name, n in counts.items()})
 
 
+def python_us_per_call(fn, calls: int = 300, runs: int = 5) -> float:
+    """Best over `runs` of the mean wall time of `calls` calls of fn, in µs."""
+    for _ in range(20):
+        fn()
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def python_only(args) -> None:
+    """The Python of a forward and a training call on the CPU, every launch stubbed out."""
+    from triton_lstm import dispatch
+    from triton_lstm.kernels import backward, forward
+    if not dispatch.interpreting():
+        sys.exit("host_cost --python: set TRITON_INTERPRET=1 (the CPU path of the layer)")
+    for module in (dispatch, forward, backward):
+        module.launch_recurrence = lambda *a, **k: None
+    dtype = torch.float32      # the CPU's: the kernels compute nothing here
+    ours = triton_lstm.LSTM(args.H, args.H, backend="triton", dtype=dtype)
+    x, hx = random_inputs(args.T, args.B, args.H, args.H, dtype, device="cpu")
+    xg, hxg = random_inputs(args.T, args.B, args.H, args.H, dtype, device="cpu",
+                            requires_grad=True)
+    for mode, fn in (("fwd", forward_fn(ours, x, hx)), ("train", train_fn(ours, xg, hxg))):
+        print(f"{mode}: {python_us_per_call(fn):.1f} µs of Python a call (fp32 B={args.B} "
+              f"H={args.H} T={args.T}, launches stubbed)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--B", type=int, default=8)
@@ -54,7 +94,11 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=1)
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--python", action="store_true",
+                        help="the Python of a call alone, on the CPU (TRITON_INTERPRET=1)")
     args = parser.parse_args()
+    if args.python:
+        return python_only(args)
     if not torch.cuda.is_available():
         sys.exit("host_cost: no CUDA GPU found")
     dtype = DTYPES[args.dtype]

@@ -86,6 +86,46 @@ def test_recurrence_ops_pass_opcheck(D, proj, lengths):
                                      w_hh, w_hr, None, False, restarts, c0))
 
 
+def test_plain_eager_calls_run_the_op_body_and_recorded_or_transformed_calls_the_op():
+    """ops.direct runs an op's body itself only in plain eager code (gradients off, real
+    tensors, nothing watching): there the dispatch of a custom op is pure host cost. Where a
+    dispatch mode, a torch.func transform, the legacy vmap of gradcheck, a tensor subclass
+    or autograd could see the call, it goes through the op (its fake and vmap rules)."""
+    from torch._vmap_internals import _vmap
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton_lstm.ops import direct, plain_eager
+
+    class Watching(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    t = torch.randn(3, 2)
+    seen = []
+
+    def record(x):
+        seen.append(plain_eager((x, None, 4)))
+        return x * 2
+
+    assert not plain_eager((t,))                          # gradients on: autograd may record
+    with torch.no_grad():
+        assert plain_eager((t, nn.Parameter(t), None, 3, [1, 2]))
+        with Watching():
+            assert not plain_eager((t,))
+        torch.vmap(record)(t)
+        _vmap(record)(t)
+        assert seen == [False, False]
+        assert not plain_eager((t, t.as_subclass(_Marked)))
+        calls = []
+        direct(lambda x: calls.append("op"), lambda x: calls.append("body"), t)
+        with Watching():
+            direct(lambda x: calls.append("op"), lambda x: calls.append("body"), t)
+        assert calls == ["body", "op"]
+
+
+class _Marked(torch.Tensor):
+    """A tensor subclass (as FakeTensor and FunctionalTensor are)."""
+
+
 # -- torch.compile ------------------------------------------------------------------------------
 
 def _graph_recorder(backend):

@@ -21,7 +21,8 @@ from torch._C._functorch import TransformType
 import torch.autograd.forward_ad as forward_ad
 
 from .dispatch import state_dtype
-from .ops import config_to_list, layer_matmul
+from .ops import (config_to_list, direct, layer_matmul, recurrence_backward_eager,
+                  recurrence_forward_eager, step_forward_eager)
 from .recompute import recompute_backward
 from .reference import lstm_layer_reference, reverse_order
 
@@ -80,6 +81,31 @@ def _forward_ad_active(tensors) -> bool:
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def eager_twin(function: type) -> type:
+    """An old-style twin of a setup_context-style Function: the same forward, setup_context
+    and backward. Function.apply binds a setup_context-style Function's arguments through
+    inspect.signature on every call (on a CPU, ~50 µs of a small-batch training call's ~300
+    µs of Python); the twin skips that. torch.func transforms need the setup_context style,
+    and torch.compile traces the Function itself: ``applied`` takes the twin elsewhere.
+    Callers pass every argument."""
+    def forward(ctx, *args):
+        outputs = function.forward(*args)
+        function.setup_context(ctx, args, outputs)
+        return outputs
+
+    return type(f"{function.__name__}Eager", (torch.autograd.Function,),
+                dict(forward=staticmethod(forward), backward=staticmethod(function.backward),
+                     __doc__=f"{function.__name__} without binding its arguments (eager_twin)."))
+
+
+def applied(function: type, *args):
+    """function.apply(*args), by its eager twin (``function.eager``) in plain eager code:
+    not under torch.compile (which traces the Function itself) or a torch.func transform."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return function.eager.apply(*args)
+
+
 def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, w_hr=None,
                config=None, force_stepped=False, restarts=None, recompute=0):
     """One layer, all its directions: y [T, B, D*R], h_n, c_n.
@@ -91,8 +117,8 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, w_hr=N
     if _forward_ad_active(tensors):
         return lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr, restarts)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        y, h_n, c_n, *_ = LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, config,
-                                             force_stepped, w_hr, restarts, recompute)
+        y, h_n, c_n, *_ = applied(LSTMFunction, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths,
+                                  config, force_stepped, w_hr, restarts, recompute)
         return y, h_n, c_n
     single = w_hh.dim() == 2
     if single:
@@ -114,9 +140,9 @@ def _recurrence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, config, force_steppe
         return overlapped_forward(x, w_ih, b_ih, b_hh, w_hh, h0, c0, lengths, w_hr, save, config,
                                   force_stepped, restarts, recompute, chunks)
     gx = input_projection(x, w_ih, b_ih, b_hh)
-    return torch.ops.triton_lstm.recurrence_forward(
-        gx, w_hh, h0, c0, lengths, w_hr, save, config_to_list(config), force_stepped, restarts,
-        h0, c0, recompute)
+    return direct(torch.ops.triton_lstm.recurrence_forward, recurrence_forward_eager,
+                  gx, w_hh, h0, c0, lengths, w_hr, save, config_to_list(config), force_stepped,
+                  restarts, h0, c0, recompute)
 
 
 class LSTMFunction(torch.autograd.Function):
@@ -233,7 +259,8 @@ def _layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths, 
     D, _, R = w_hh.shape
     H = c_all.shape[3]
     need_whr = needs[7]
-    dG, dh0, dc0, dh_all, dh_restart, dc_restart = torch.ops.triton_lstm.recurrence_backward(
+    dG, dh0, dc0, dh_all, dh_restart, dc_restart = direct(
+        torch.ops.triton_lstm.recurrence_backward, recurrence_backward_eager,
         dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr, config_to_list(config),
         force_stepped, restarts, c0)
     if restarts is not None:
@@ -368,8 +395,8 @@ def lstm_stack_wavefront(x, h0, c0, weights, lengths=None, config=None, force_st
     if _forward_ad_active(tensors):
         return _stack_reference(x, h0, c0, flat, lengths, keep)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        y, h_n, c_n, *_ = WavefrontFunction.apply(x, h0, c0, lengths, config, force_stepped,
-                                                  keep, *flat)
+        y, h_n, c_n, *_ = applied(WavefrontFunction, x, h0, c0, lengths, config,
+                                  force_stepped, keep, *flat)
         return y, h_n, c_n
     h_all, h_n, c_n, *_ = torch.ops.triton_lstm.wavefront_forward(
         *_wavefront_operands(x, flat), h0, c0, lengths, False, config_to_list(config),
@@ -535,9 +562,10 @@ def lstm_cell_step(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None):
         r, c_new, _ = lstm_step_reference(*tensors)
         return r, c_new
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        r, c_new, _ = StepFunction.apply(*tensors)
+        r, c_new, _ = applied(StepFunction, *tensors)
         return r, c_new
-    r, c_new, _ = torch.ops.triton_lstm.step_forward(*tensors, False, None)
+    r, c_new, _ = direct(torch.ops.triton_lstm.step_forward, step_forward_eager,
+                         *tensors, False, None)
     return r, c_new
 
 
@@ -558,7 +586,8 @@ class StepFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, h, c, w_ih, w_hh, b_ih, b_hh):
-        return torch.ops.triton_lstm.step_forward(x, h, c, w_ih, w_hh, b_ih, b_hh, True, None)
+        return direct(torch.ops.triton_lstm.step_forward, step_forward_eager,
+                      x, h, c, w_ih, w_hh, b_ih, b_hh, True, None)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -610,3 +639,7 @@ def lstm_step_backward(dr, dc_new, x, h, c, w_ih, w_hh, b_ih, gates, c_new, need
         dw_hh = torch.zeros_like(w_hh) if h is None else dG_w.t() @ h
     db = dG.sum(0).to(b_ih.dtype) if (b_ih is not None and (need_bih or need_bhh)) else None
     return (dx, dh, dc_prev, dw_ih, dw_hh, *bias_grads(db, need_bih, need_bhh))
+
+
+for _function in (LSTMFunction, WavefrontFunction, StepFunction):
+    _function.eager = eager_twin(_function)

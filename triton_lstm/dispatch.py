@@ -241,6 +241,7 @@ def pipelined_bytes(block_b: int, block_h: int, block_k: int, dtype: torch.dtype
     return stages * block_k * (columns + block_b) * dtype.itemsize
 
 
+@functools.lru_cache(maxsize=4096)     # asked at every launch; ~10 µs of Python to work out
 def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: int,
                      kernel: str = "forward") -> KernelConfig:
     """A sensible tile without measurements (``make tune`` measures better ones).

@@ -191,10 +191,11 @@ class LSTM(nn.LSTM):
                 "or use backend='torch' / 'auto'")
         return True
 
-    def _runs_kernels(self, input: torch.Tensor, reset) -> bool:
-        """_uses_triton, except that "auto" keeps the kernels on CUDA for what only they do
-        there (resets, recompute, the wavefront), whatever the table says of nn.LSTM's speed."""
-        if self._uses_triton(input):
+    def _runs_kernels(self, input: torch.Tensor, reset, uses_triton: bool) -> bool:
+        """_uses_triton (``uses_triton``, as _check_input found it), except that "auto" keeps
+        the kernels on CUDA for what only they do there (resets, recompute, the wavefront),
+        whatever the table says of nn.LSTM's speed."""
+        if uses_triton:
             return True
         wants_kernels = reset is not None or self.recompute is not None or self.wavefront
         return (self.backend == "auto" and input.is_cuda and wants_kernels and not exporting())
@@ -208,8 +209,7 @@ class LSTM(nn.LSTM):
                                        (input, hx), {} if reset is None else {"reset": reset})
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx, reset)
-        self._check_input(input, hx)
-        kernels = self._runs_kernels(input, reset)
+        kernels = self._runs_kernels(input, reset, self._check_input(input, hx))
         if not kernels and reset is None:
             return super().forward(input, hx)
         unbatched = input.dim() == 2
@@ -233,8 +233,8 @@ class LSTM(nn.LSTM):
 
     def _forward_packed(self, packed: PackedSequence, hx, reset):
         """Variable lengths: each row of the padded batch stops at its own length in the kernels."""
-        self._check_input(packed.data, hx, packed=True)
-        kernels = self._runs_kernels(packed.data, reset)
+        kernels = self._runs_kernels(packed.data, reset,
+                                     self._check_input(packed.data, hx, packed=True))
         if not kernels and reset is None:
             return super().forward(packed, hx)
         padded, lengths = pad_packed_sequence(packed)   # [T, B, I] in the caller's batch order
@@ -311,8 +311,9 @@ class LSTM(nn.LSTM):
             weights.append(tuple(layer))
         return weights
 
-    def _check_input(self, input, hx=None, packed: bool = False) -> None:
-        """nn.LSTM's checks and messages, each also naming what was expected."""
+    def _check_input(self, input, hx=None, packed: bool = False) -> bool:
+        """nn.LSTM's checks and messages, each also naming what was expected; returns
+        _uses_triton(input), which the dtype check needs."""
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor or PackedSequence, got {type(input).__name__}")
         if packed and input.dim() != 2:
@@ -347,9 +348,11 @@ class LSTM(nn.LSTM):
             raise LSTMInputError("Expected sequence length to be larger than 0 in RNN "
                                  f"(input shape {tuple(input.shape)}, time is dim {time_dim})")
         dtype = compute_dtype(input)
-        if self._uses_triton(input) and dtype not in KERNEL_DTYPES:
+        uses_triton = self._uses_triton(input)
+        if uses_triton and dtype not in KERNEL_DTYPES:
             raise TypeError(f"input dtype must be one of {KERNEL_DTYPES} for the Triton kernels, "
                             f"got {dtype}")
+        return uses_triton
 
     def _check_hx(self, input, hx, batch_dim, unbatched):
         if hx is None:
@@ -458,8 +461,8 @@ class LSTM(nn.LSTM):
         batched = input.dim() == 2
         time_dim = 1 if (batched and self.batch_first) else 0
         sequence = input.unsqueeze(time_dim)             # a sequence of one step, for nn.LSTM
-        self._check_input(sequence, hx)                  # dtype, device: forward's checks
-        if not self._uses_triton(input) or (batched and input.shape[0] == 0):
+        uses_triton = self._check_input(sequence, hx)    # dtype, device: forward's checks
+        if not uses_triton or (batched and input.shape[0] == 0):
             output, (h_n, c_n) = super().forward(sequence, hx)
             y = output.squeeze(time_dim)
         else:

@@ -51,6 +51,27 @@ def _or_empty(t: Optional[torch.Tensor], like: torch.Tensor, dtype=None) -> torc
     return like.new_empty(0, dtype=dtype) if t is None else t
 
 
+def plain_eager(args) -> bool:
+    """Whether a call on ``args`` is plain eager code that records nothing: real tensors,
+    gradients off (inside a Function's forward or backward, or no_grad), and no compiler,
+    torch.func transform or dispatch mode watching. There an op's body runs directly
+    (``direct``): a custom op's dispatch is ~10 µs of Python a call (on a CPU), and nothing
+    needs the op. (The batched tensors of gradcheck's legacy vmap are torch.Tensor too.)"""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and all(type(a) in _PLAIN and not torch._C._functorch.is_legacy_batchedtensor(a)
+                    for a in args if isinstance(a, torch.Tensor)))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)     # not FakeTensor, FunctionalTensor, subclasses
+
+
+def direct(op, body, *args):
+    """op(*args), or body(*args) where the call is plain eager code."""
+    return body(*args) if plain_eager(args) else op(*args)
+
+
 @custom_op("triton_lstm::recurrence_forward", mutates_args=())
 def recurrence_forward(
     gx: torch.Tensor, w_hh: torch.Tensor, h0: Optional[torch.Tensor], c0: Optional[torch.Tensor],
@@ -127,6 +148,13 @@ def recurrence_backward(
     and with restarts the gradients of the restart state, dh_restart [D, B, R] and
     dc_restart [D, B, H] (state dtype); [0]-shaped where absent.
     """
+    return recurrence_backward_eager(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr,
+                                     config, force_stepped, restarts, c_restart, reverse)
+
+
+def recurrence_backward_eager(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr, config,
+                              force_stepped, restarts=None, c_restart=None, reverse=True):
+    """The body of ``recurrence_backward``."""
     c0, w_hr, c_restart = (None if t is None else t.contiguous() for t in (c0, w_hr, c_restart))
     dG, dh0, dc0, dh_all, dh_restart, dc_restart = lstm_backward(
         dy, dh_n, dc_n, gates.contiguous(), c_all.contiguous(), c0, lengths, w_hh.contiguous(),
@@ -353,6 +381,11 @@ def step_forward(
     Returns r [B, H] (o * tanh(c_t), input dtype), c_t [B, H] (state dtype) and, when
     ``save``, the activated gates [B, 4H] (state dtype); [0]-shaped otherwise.
     """
+    return step_forward_eager(x, h, c, w_ih, w_hh, b_ih, b_hh, save, config)
+
+
+def step_forward_eager(x, h, c, w_ih, w_hh, b_ih, b_hh, save, config):
+    """The body of ``step_forward``."""
     r, c_new, gates = lstm_step(
         x.contiguous(), None if h is None else h.contiguous(),
         None if c is None else c.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
