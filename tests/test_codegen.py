@@ -186,7 +186,8 @@ def test_sm90_registers_backward_meets_in_shared_memory_once_a_step():
     """kernels/backward_registers.py's premise: each gate's weight slice in its warp's
     registers, dG loaded straight into the MMA's operand registers 16 bytes at a time, the
     four partial sums of dh and the four warps' poll flags the only shared memory (two slots
-    each), no atomics (dataflow waits). Spills: at bf16 H = 512 only (100 bytes: perf/NOTES.md)."""
+    each), no atomics (dataflow waits). Spills: at bf16 H = 512 only (112 bytes, before the
+    loop: perf/NOTES.md)."""
     rows = compile_report(["--kernels", "registers-backward", "--shapes", "8x256", "8x512",
                            "3x200", "--dtypes", "bf16", "fp16", "--directions", "2"])
     rows += compile_report(["--kernels", "registers-backward", "--shapes", "8x256", "3x200",

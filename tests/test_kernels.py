@@ -436,7 +436,7 @@ def interpreted_backward_registers_kernel():
     from triton_lstm.kernels import backward_registers as br
     kernel, namespace = interpreted_gluon(
         br, "lstm_backward_registers_kernel",
-        ("_load_dg", "_any_unwritten", "_lengths", "_either", "_program_block"),
+        ("_load_dg", "_any_unwritten", "_lengths", "_either", "_program_block", "_load_dy"),
         dict(_pause=triton.jit(lambda like, NS: None)))
     namespace["_any_unwritten"] = _never_waits_on(namespace["_any_unwritten"], [0])
     return kernel

@@ -78,6 +78,21 @@ def _any_unwritten(tiles, flags, poll, CHUNKS: gl.constexpr, FLAGS: gl.constexpr
     return gl.reduce(slot.load(FLAGS), 0, _either) != 0
 
 
+@gluon.jit
+def _load_dy(dy, step, length, m_b, B, o_b, o_u, m_u, YS: gl.constexpr, HAS_DY: gl.constexpr,
+             reverse):
+    """dy at processing step `step` as a [row, unit] tile in fp32, zeros for rows not running
+    there (and without dy)."""
+    t_row, running = step_rows(step, length, m_b, reverse)
+    m = running[:, None] & m_u[None, :]
+    if HAS_DY:
+        b_dy = gl.load(dy + (t_row * B + o_b)[:, None] * YS + o_u[None, :], mask=m,
+                       other=0.0).to(gl.float32)
+    else:
+        b_dy = gl.where(m, 0.0, 0.0)
+    return b_dy
+
+
 @gluon.jit(do_not_specialize=["T", "B"])
 def lstm_backward_registers_kernel(
     dy,        # [T, B, D, H]   grad of y, input dtype (read when HAS_DY)
@@ -170,6 +185,7 @@ def lstm_backward_registers_kernel(
     b_i, b_f, b_g, b_o, b_ct, b_cp, no_restart = load_saved(
         T - 1, length, m_b, gates, c_all, c0, gates, c_all, B, o_b, o_u, m_u, p_bu, m_bu, H,
         HAS_H0, False, False, gl.float32, reverse)
+    b_dy = _load_dy(dy, T - 1, length, m_b, B, o_b, o_u, m_u, YS, HAS_DY, reverse)
 
     # Stage s walks the forward's steps backwards (step = T - 1 - s); stage T gives dh0.
     for s in range(T + 1):
@@ -202,19 +218,18 @@ def lstm_backward_registers_kernel(
         b_dh = gl.where(running_next[:, None], b_dot, b_dhn)
         if s < T:
             t_row, running = step_rows(step, length, m_b, reverse)
-            if HAS_DY:
-                b_dh += gl.load(dy + (t_row * B + o_b)[:, None] * YS + o_u[None, :],
-                                mask=running[:, None] & m_u[None, :], other=0.0).to(gl.float32)
+            b_dh += b_dy
             m_run = running[:, None] & m_u[None, :]
             b_dgi, b_dgf, b_dgg, b_dgo, b_dc_t = cell_gradients(b_dh, b_dc, b_i, b_f, b_g, b_o,
                                                                 b_ct, b_cp, m_run, True)
             store_gates(dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :], b_dgi, b_dgf,
                         b_dgg, b_dgo, H, m_bu)
             b_dc = gl.where(m_run, b_dc_t * b_f, b_dc)      # stopped rows carry dc_n through
-            # The next step's saved values, in flight while this program waits for dG.
+            # The next step's saved values and dy, in flight while this program waits for dG.
             b_i, b_f, b_g, b_o, b_ct, b_cp, no_restart = load_saved(
                 step - 1, length, m_b, gates, c_all, c0, gates, c_all, B, o_b, o_u, m_u, p_bu,
                 m_bu, H, HAS_H0, False, False, gl.float32, reverse)
+            b_dy = _load_dy(dy, step - 1, length, m_b, B, o_b, o_u, m_u, YS, HAS_DY, reverse)
         else:
             gl.store(dh0 + p_bu, rounded_to(b_dh, dh0.dtype.element_ty), mask=m_bu)
 
