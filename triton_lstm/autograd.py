@@ -67,6 +67,11 @@ def restarted_in_time_order(restarts, lengths, direction: int) -> torch.Tensor:
     return per_step.gather(0, reverse_order(lengths, T, B, restarts.device))
 
 
+def stacked(tensors):
+    """torch.stack(tensors), one tensor as a view: a stack of one copies it (a launch)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
 def _add_direction_dim(*tensors):
     return tuple(None if t is None else t.unsqueeze(0) for t in tensors)
 
@@ -272,8 +277,8 @@ def _layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths, 
     dw_hr = None
     if w_hr is not None and need_whr:
         # h_t = r_t W_hr^T: dW_hr = sum_t dh_t^T r_t, with dh_t the total gradient of h_t.
-        dw_hr = torch.stack([layer_matmul(dh_all[d].reshape(T * B, R).t(),
-                                          r_all[d].reshape(T * B, H)) for d in range(D)])
+        dw_hr = stacked([layer_matmul(dh_all[d].reshape(T * B, R).t(),
+                                      r_all[d].reshape(T * B, H)) for d in range(D)])
     return dx, dh0, dc0.to(x.dtype), dw_ih, dw_hh, db, dw_hr
 
 
@@ -305,8 +310,8 @@ def gemms_over_dG(dG, x, h_prev, w_ih, has_bias: bool, needs):
     dw_hh = None
     if need_whh:
         dG_by_direction = dG.reshape(T * B, len(h_prev), G // len(h_prev))
-        dw_hh = torch.stack([layer_matmul(dG_by_direction[:, d].t(), h.reshape(T * B, -1))
-                             for d, h in enumerate(h_prev)])
+        dw_hh = stacked([layer_matmul(dG_by_direction[:, d].t(), h.reshape(T * B, -1))
+                         for d, h in enumerate(h_prev)])
     db = None
     if has_bias and (need_bih or need_bhh):
         db = dG2.sum(0, dtype=state_dtype(dG.dtype))

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .autograd import dropout_masks, lstm_cell_step, lstm_layer, lstm_stack_wavefront
+from .autograd import dropout_masks, lstm_cell_step, lstm_layer, lstm_stack_wavefront, stacked
 from .reference import restarts_in_processing_order
 
 
@@ -146,7 +146,7 @@ def _join(tensors, stack: bool):
     if tensors[0] is None:
         return None
     if stack:
-        return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+        return stacked(tensors)
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
