@@ -6,7 +6,9 @@ the recurrence op (ops.py). Backward: the reverse recurrence op produces dG
 non-recurrent gradients are then large GEMMs and a reduction over dG.
 
 The Functions are written in the setup_context style, so that ``torch.func``
-(grad, vmap) composes with them; vmap runs the ops' own rules (ops.py).
+(grad, vmap) composes with them; vmap runs the ops' own rules (ops.py). Plain eager calls
+go through an old-style twin of each (``eager_twin``), which skips the argument binding
+that costs a setup_context Function's every call.
 Second derivatives: when the backward itself is differentiated
 (``create_graph=True``, ``torch.func.hessian``, ...) it runs as
 ``LSTMBackwardFunction``, whose own backward differentiates the plain-PyTorch

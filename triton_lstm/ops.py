@@ -17,6 +17,9 @@ tensors of shape [0].
 ``torch.vmap`` over the ops folds the mapped dimension into the batch (rows of
 an LSTM are independent); where the weights themselves are mapped it runs the
 op once per slice.
+
+Plain eager code, which nothing records or transforms, calls the ops' bodies
+directly (``direct``): there the dispatch of a custom op is only host time.
 """
 from __future__ import annotations
 
