@@ -115,52 +115,39 @@ def test_config_labels_round_trip():
 
 
 
-@pytest.mark.parametrize("change, runs", [
+# What the registers kernels run (either kernel), and what only the forward's calls can ask.
+REGISTERS_CASES = [
     ({}, True), (dict(dtype=torch.float16), True), (dict(hidden_size=1024), False),
     (dict(dtype=torch.float32, hidden_size=256), True),
     (dict(dtype=torch.float32, hidden_size=256, tf32=False), False),
     (dict(dtype=torch.float32), False), (dict(dtype=torch.float64, hidden_size=128), False),
     (dict(device=torch.device("cpu")), False), (dict(proj=True), False),
-    (dict(restarts=True), False), (dict(ckpt_every=8), False), (dict(step_chunks=True), False),
-    (dict(force_stepped=True), False)])
-def test_registers_forward_runs_only_what_it_supports(change, runs, monkeypatch):
-    """kernels/forward_registers.py: bf16 / fp16 on a GPU, and fp32 where nn.LSTM's rule lets
-    its dots use tf32, with the weight slice in registers (H <= 512, fp32 256), one persistent
-    launch of a layer without projection, restarts or checkpoints; elsewhere the config's own
-    tile."""
-    from triton_lstm.kernels import forward_registers
+    (dict(restarts=True), False), (dict(force_stepped=True), False)]
+FORWARD_ONLY_CASES = [(dict(ckpt_every=8), False), (dict(step_chunks=True), False)]
+
+
+@pytest.mark.parametrize("kernel, change, runs",
+                         [("forward", *case) for case in REGISTERS_CASES + FORWARD_ONLY_CASES]
+                         + [("backward", *case) for case in REGISTERS_CASES])
+def test_registers_kernels_run_only_what_they_support(kernel, change, runs, monkeypatch):
+    """kernels/forward_registers.py and backward_registers.py: bf16 / fp16 on a GPU, and fp32
+    where nn.LSTM's rule lets their dots use tf32, with the weight slice in registers
+    (H <= 512, fp32 256), one persistent launch of a layer without projection or restarts
+    (nor, in the forward, checkpoints or chunks); elsewhere the config's own tile."""
+    from triton_lstm.kernels import backward_registers, forward_registers
     monkeypatch.setattr(forward_registers, "interpreting", lambda: False)
     change = dict(change)
     tf32 = change.pop("tf32", True)
     monkeypatch.setattr(dispatch, "cudnn_rnn_allows_tf32", lambda: tf32)
     call = dict(hidden_size=512, dtype=torch.bfloat16, device=torch.device("cuda"), proj=False,
-                restarts=False, ckpt_every=0, step_chunks=False, force_stepped=False)
-    call.update(change)
-    hidden_size, dtype, device = call.pop("hidden_size"), call.pop("dtype"), call.pop("device")
-    assert forward_registers.runs_here(hidden_size, dtype, device, **call) is runs
-
-
-@pytest.mark.parametrize("change, runs", [
-    ({}, True), (dict(dtype=torch.float16), True), (dict(hidden_size=1024), False),
-    (dict(dtype=torch.float32, hidden_size=256), True),
-    (dict(dtype=torch.float32, hidden_size=256, tf32=False), False),
-    (dict(dtype=torch.float32), False), (dict(dtype=torch.float64, hidden_size=128), False),
-    (dict(device=torch.device("cpu")), False), (dict(proj=True), False),
-    (dict(restarts=True), False), (dict(force_stepped=True), False)])
-def test_registers_backward_runs_only_what_it_supports(change, runs, monkeypatch):
-    """kernels/backward_registers.py: where the registers forward runs (a gate's weight slice
-    a warp is the forward's slice), one persistent launch of a layer without projection or
-    restarts; elsewhere the config's own tile."""
-    from triton_lstm.kernels import backward_registers
-    monkeypatch.setattr(backward_registers, "interpreting", lambda: False)
-    change = dict(change)
-    tf32 = change.pop("tf32", True)
-    monkeypatch.setattr(dispatch, "cudnn_rnn_allows_tf32", lambda: tf32)
-    call = dict(hidden_size=512, dtype=torch.bfloat16, device=torch.device("cuda"), proj=False,
                 restarts=False, force_stepped=False)
+    if kernel == "forward":
+        call.update(ckpt_every=0, step_chunks=False)
     call.update(change)
     hidden_size, dtype, device = call.pop("hidden_size"), call.pop("dtype"), call.pop("device")
-    assert backward_registers.runs_here(hidden_size, dtype, device, **call) is runs
+    module = forward_registers if kernel == "forward" else backward_registers
+    assert module.runs_here(hidden_size, dtype, device, **call) is runs
+
 
 def test_nearest_shape_batch_bucket_and_hidden():
     t = table(*(entry("bf16", B, H, fwd=(B, H)) for B in (8, 64, 512) for H in (256, 1024)))

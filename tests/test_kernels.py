@@ -342,14 +342,17 @@ def interpreted_gluon(module, kernel_name, helpers, namespace_extra=None):
     return kernel, namespace
 
 
-def _never_waits_on(check, polls_in_a_row):
+def _never_waits_on(check):
     """A poll check that fails the test where the real one would poll forever: programs run
     one after another here, so a slot unwritten when polled stays so (step 0 asks too, of
     the caller's tensors, and does not wait for the answer)."""
+    polls_in_a_row = 0
+
     def never_waits(*args):
+        nonlocal polls_in_a_row
         pending = check(*args)
-        polls_in_a_row[0] = polls_in_a_row[0] + 1 if pending else 0
-        if polls_in_a_row[0] > 2:
+        polls_in_a_row = polls_in_a_row + 1 if pending else 0
+        if polls_in_a_row > 2:
             raise AssertionError("a step polled a slot that no program had written")
         return pending
     return never_waits
@@ -370,7 +373,7 @@ def interpreted_registers_kernel():
         ("_rows_apart", "_step_inputs", "_lengths", "_load_h", "_either", "_any_unwritten",
          "_program_block"),
         dict(_partner=triton.jit(partner), _pause=triton.jit(lambda like, NS: None)))
-    namespace["_any_unwritten"] = _never_waits_on(namespace["_any_unwritten"], [0])
+    namespace["_any_unwritten"] = _never_waits_on(namespace["_any_unwritten"])
     return kernel
 
 
@@ -438,7 +441,7 @@ def interpreted_backward_registers_kernel():
         br, "lstm_backward_registers_kernel",
         ("_load_dg", "_any_unwritten", "_lengths", "_either", "_program_block", "_load_dy"),
         dict(_pause=triton.jit(lambda like, NS: None)))
-    namespace["_any_unwritten"] = _never_waits_on(namespace["_any_unwritten"], [0])
+    namespace["_any_unwritten"] = _never_waits_on(namespace["_any_unwritten"])
     return kernel
 
 

@@ -32,8 +32,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from ..dispatch import (KernelConfig, cdiv, co_resident_programs, dot_precision, interpreting,
-                        launch_counts, launch_options, padded, registers_forward_fits)
+from ..dispatch import KernelConfig, cdiv, dot_precision, padded
 from . import forward_registers
 from .backward import cell_gradients, load_saved
 from .barrier import fill_unwritten
@@ -238,11 +237,10 @@ def lstm_backward_registers_kernel(
 
 def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, proj: bool,
               restarts: bool, force_stepped: bool) -> bool:
-    """Whether a backward call is one this kernel runs (residency is checked at launch): the
-    registers forward's rule (its weight slice is this kernel's per warp)."""
-    return (device.type == "cuda" and not interpreting()
-            and registers_forward_fits(hidden_size, dtype)
-            and (dtype != torch.float32 or dot_precision(dtype, device) == "tf32")
+    """Whether a backward call is one this kernel runs (forward_registers.fits_here: its
+    weight slice a warp is the forward's; one persistent launch without projection or
+    restarts; residency is checked at launch)."""
+    return (forward_registers.fits_here(hidden_size, dtype, device)
             and not (proj or restarts or force_stepped))
 
 
@@ -253,13 +251,9 @@ def lstm_backward_registers(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, 
     outputs, args, grid, constexprs = launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths,
                                                        w_hh, reverse=reverse)
     tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=WARPS)
-    if co_resident_programs(lstm_backward_registers_kernel, args, constexprs, tile,
-                            w_hh.device) < grid[0] * grid[1]:
-        return None          # a program waiting on one that has not started would hang
-    lstm_backward_registers_kernel[grid](*args, num_warps=WARPS, num_stages=1,
-                                         **launch_options(), **constexprs)
-    launch_counts["persistent"] += 1
-    launch_counts["registers"] += 1
+    if not forward_registers.launch_resident(lstm_backward_registers_kernel, args, grid,
+                                             constexprs, tile, w_hh.device):
+        return None
     return outputs
 
 

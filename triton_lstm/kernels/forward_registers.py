@@ -292,15 +292,34 @@ def chunks(hidden_size: int) -> int:
     return min(4, max(16, padded(hidden_size)) // 16)
 
 
-def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, proj: bool,
-              restarts: bool, ckpt_every: int, step_chunks: bool, force_stepped: bool) -> bool:
-    """Whether a forward call is one this kernel runs (residency is checked at launch):
-    bf16 and fp16, and fp32 where its dots may use tf32 (nn.LSTM's rule), with the weight
-    slice in registers (H <= 512, fp32 256)."""
+def fits_here(hidden_size: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the registers kernels (this one and backward_registers.py) can run a layer of
+    this size and dtype on this device: a GPU, bf16 and fp16, and fp32 where their dots may
+    use tf32 (nn.LSTM's rule), with the weight slice in registers (H <= 512, fp32 256)."""
     return (device.type == "cuda" and not interpreting()
             and registers_forward_fits(hidden_size, dtype)
-            and (dtype != torch.float32 or dot_precision(dtype, device) == "tf32")
+            and (dtype != torch.float32 or dot_precision(dtype, device) == "tf32"))
+
+
+def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, proj: bool,
+              restarts: bool, ckpt_every: int, step_chunks: bool, force_stepped: bool) -> bool:
+    """Whether a forward call is one this kernel runs (``fits_here``, one persistent launch
+    without projection, restarts, checkpoints or chunks; residency is checked at launch)."""
+    return (fits_here(hidden_size, dtype, device)
             and not (proj or restarts or ckpt_every > 0 or step_chunks or force_stepped))
+
+
+def launch_resident(kernel, args: tuple, grid: tuple, constexprs: dict, tile: KernelConfig,
+                    device: torch.device) -> bool:
+    """Launch a registers kernel persistently if all its programs can be resident at once
+    (a program waiting on one that has not started would hang); False, with nothing
+    launched, where they cannot."""
+    if co_resident_programs(kernel, args, constexprs, tile, device) < grid[0] * grid[1]:
+        return False
+    kernel[grid](*args, num_warps=tile.num_warps, num_stages=1, **launch_options(), **constexprs)
+    launch_counts["persistent"] += 1
+    launch_counts["registers"] += 1
+    return True
 
 
 def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool):
@@ -310,13 +329,9 @@ def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bo
     outputs, args, grid, constexprs = launch_arguments(gx, w_hh, h0, c0, lengths, save=save,
                                                        reverse=reverse)
     tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=1)
-    if co_resident_programs(lstm_forward_registers_kernel, args, constexprs, tile,
-                            gx.device) < grid[0] * grid[1]:
-        return None          # a program waiting on one that has not started would hang
-    lstm_forward_registers_kernel[grid](*args, num_warps=1, num_stages=1, **launch_options(),
-                                        **constexprs)
-    launch_counts["persistent"] += 1
-    launch_counts["registers"] += 1
+    if not launch_resident(lstm_forward_registers_kernel, args, grid, constexprs, tile,
+                           gx.device):
+        return None
     return outputs
 
 
