@@ -10,6 +10,8 @@ run says how fast; this says what the compiler made of the code, in seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -26,6 +28,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
 
 from triton_lstm import tuning  # noqa: E402
 from triton_lstm.dispatch import heuristic_config, padded, state_dtype  # noqa: E402
@@ -205,39 +209,74 @@ def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name
                         resident=cfg.resident, split_k=cfg.split_k, warps=cfg.num_warps)
 
 
-def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0):
+def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0, state=True):
     """The small-batch forward with its weights in registers (kernels/forward_registers.py),
-    with h0, lengths and the saved gates; its tile is its own (one warp, 4 units, 8 rows)."""
+    with the saved gates, and h0 and lengths where ``state``; its tile is its own (one warp,
+    4 units, 8 rows)."""
     from triton_lstm.kernels import forward_registers as fr   # Gluon, imported where asked for
     tname, dtype = DTYPES[dtype_name]
     types = dict(gx=tname, w_hh=tname, h0=tname, c0=tname, lengths="i32", y=tname, h_n=tname,
                  c_state="fp32", gates="fp32", c_all="fp32")
     constexprs = dict(fr.kernel_constants(hidden, directions, dtype,
                                           "tf32" if dtype == torch.float32 else "ieee",
-                                          has_h0=True, has_lengths=True, save=True, reverse=True),
+                                          has_h0=state, has_lengths=state, save=True,
+                                          reverse=True),
                       POLL_BACKOFF_NS=poll_backoff_ns)
     compiled = compile_one(fr.lstm_forward_registers_kernel, types, constexprs, 1)
     return compiled_row(compiled, kernel="registers", dtype=dtype_name, B=batch, H=hidden,
                         D=directions, proj=0, tile=f"{fr.ROWS}x{fr.UNITS}", resident=True,
-                        split_k=fr.chunks(hidden), warps=1)
+                        split_k=fr.chunks(hidden, dtype), warps=1)
 
 
-def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0):
+def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0,
+                              state=True):
     """The small-batch backward with its weights in registers (kernels/backward_registers.py),
-    with dy, dh_n, c0 and lengths; its tile is its own (4 warps, 16 units, 8 rows)."""
+    with dy and dh_n, and c0 and lengths where ``state``; its tile is its own (4 warps, 16
+    units, 8 rows)."""
     from triton_lstm.kernels import backward_registers as br   # Gluon, imported where asked for
     tname, dtype = DTYPES[dtype_name]
     types = dict(dy=tname, dh_n=tname, dc_state="fp32", gates="fp32", c_all="fp32", c0=tname,
                  lengths="i32", w_hh=tname, dgates=tname, dh0=tname)
     constexprs = dict(br.kernel_constants(hidden, directions, dtype,
                                           "tf32" if dtype == torch.float32 else "ieee",
-                                          has_dy=True, has_dhn=True, has_h0=True,
-                                          has_lengths=True, reverse=True),
+                                          has_dy=True, has_dhn=True, has_h0=state,
+                                          has_lengths=state, reverse=True),
                       POLL_BACKOFF_NS=poll_backoff_ns)
     compiled = compile_one(br.lstm_backward_registers_kernel, types, constexprs, br.WARPS)
     return compiled_row(compiled, kernel="registers-backward", dtype=dtype_name, B=batch,
                         H=hidden, D=directions, proj=0, tile=f"{br.ROWS}x{br.UNITS}",
-                        resident=True, split_k=br.chunks(hidden), warps=br.WARPS)
+                        resident=True, split_k=br.chunks(hidden, dtype), warps=br.WARPS)
+
+
+@gluon.jit
+def _operand_layouts_probe(KC: gl.constexpr, K_WIDTH: gl.constexpr):
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
+                                                  instr_shape=[16, 8])
+    gl.static_print("operand 0", gl.to_linear_layout(
+        gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=K_WIDTH), [16, KC]))
+    gl.static_print("operand 1", gl.to_linear_layout(
+        gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=K_WIDTH), [KC, 8]))
+
+
+def report_registers_operands(dtype_name, hidden):
+    """Whether the registers kernels' MMA operand tiles ([16, KC] weights, [KC, 8] h or dG, at
+    their k_width) are broadcast: a register or lane basis of zero in the layout Triton
+    gives them, where a chunk of the reduction is shorter than the layout's own."""
+    from triton_lstm.kernels import forward_registers as fr
+    _, dtype = DTYPES[dtype_name]
+    constexprs = fr.kernel_constants(hidden, 1, dtype, "ieee", has_h0=False, has_lengths=False,
+                                     save=False, reverse=False)
+    kc, k_width = constexprs["HP"] // constexprs["CHUNKS"], constexprs["K_WIDTH"]
+    printed = io.StringIO()
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"      # the layouts print while it compiles
+    with contextlib.redirect_stdout(printed):
+        compile_one(_operand_layouts_probe, {}, dict(KC=kc, K_WIDTH=k_width), 1)
+    layouts = re.findall(r"operand \d.*", printed.getvalue())
+    bases = [re.search(r"reg_bases=(\[.*?\]\]).*lane_bases=(\[.*?\]\])", line).groups()
+             for line in layouts]
+    return dict(kernel="registers-operands", dtype=dtype_name, H=hidden, KC=kc,
+                k_width=k_width, layouts=len(layouts),
+                broadcast=any("[0, 0]" in regs + lanes for regs, lanes in bases))
 
 
 # The layer's GEMMs (ops.layer_matmul) in their three operand layouts, as the strides of 1 a
@@ -300,13 +339,15 @@ def main():
                                          "bb128-bh32-str-bk64-sk1-w16-st3 (tuning.config_label)")
     parser.add_argument("--kernels", nargs="+", default=["forward", "backward"],
                         choices=["forward", "backward", "wavefront", "wavefront-backward",
-                                 "registers", "registers-backward"])
+                                 "registers", "registers-backward", "registers-operands"])
     parser.add_argument("--layers", type=int, default=2,
                         help="layers of the wavefront kernels (reported in column D)")
     parser.add_argument("--dropout", action="store_true",
                         help="the wavefront kernels with dropout between layers")
     parser.add_argument("--poll-backoff", type=int, default=0,
                         help="the registers kernels' pause between polls, ns (0: none)")
+    parser.add_argument("--no-state", action="store_true",
+                        help="the registers kernels without h0 / c0 and lengths")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel")
     args = parser.parse_args()
     config = tuning.config_from_label(args.config) if args.config else None
@@ -315,7 +356,7 @@ def main():
         print("kernel   dtype     B     H  D  tile     res split warps  regs spill  shared  hload"
               "  mma")
     for r in reports(args, config):
-        if args.json:
+        if args.json or r["kernel"] == "registers-operands":
             print(json.dumps(dict(r, triton=triton.__version__)), flush=True)
             continue
         print(f"{r['kernel']:8} {r['dtype']:5} {r['B']:5} {r['H']:5} {r['D']:2}  "
@@ -339,10 +380,12 @@ def reports(args, config):
                     yield report_step(dtype_name, batch, hidden)
                 elif kernel_name == "registers":
                     yield report_registers(dtype_name, batch, hidden, args.directions,
-                                           args.poll_backoff)
+                                           args.poll_backoff, not args.no_state)
+                elif kernel_name == "registers-operands":
+                    yield report_registers_operands(dtype_name, hidden)
                 elif kernel_name == "registers-backward":
                     yield report_registers_backward(dtype_name, batch, hidden, args.directions,
-                                                    args.poll_backoff)
+                                                    args.poll_backoff, not args.no_state)
                 elif kernel_name.startswith("wavefront"):
                     yield report_wavefront(dtype_name, batch, hidden, args.layers, config,
                                            kernel_name, args.dropout)

@@ -182,6 +182,19 @@ def test_sm90_registers_forward_keeps_its_steps_out_of_shared_memory():
         assert row["state_load"] == VECTOR_BYTES, where | {"state_load": row["state_load"]}
 
 
+def test_sm90_registers_operand_tiles_span_their_chunk_of_the_reduction():
+    """The registers kernels' MMA operand tiles ([16, KC] weights, [KC, 8] of h or dG) in the
+    layouts Triton gives them: no register or lane is a broadcast copy of another, at every
+    padded size. An operand tile spans 8 k_width of the reduction; a chunk shorter than that
+    is broadcast, and each product summed more than once (forward_registers.operand_width)."""
+    rows = compile_report(["--kernels", "registers-operands", "--shapes", "8x1", "8x16", "8x20",
+                           "8x50", "8x100", "8x200", "8x256", "8x512", "--dtypes", "bf16",
+                           "fp32"])
+    assert len(rows) == 16
+    for row in rows:
+        assert row["layouts"] == 2 and not row["broadcast"], row
+
+
 def test_sm90_registers_backward_meets_in_shared_memory_once_a_step():
     """kernels/backward_registers.py's premise: each gate's weight slice in its warp's
     registers, dG loaded straight into the MMA's operand registers 16 bytes at a time, the
@@ -192,7 +205,9 @@ def test_sm90_registers_backward_meets_in_shared_memory_once_a_step():
                            "3x200", "--dtypes", "bf16", "fp16", "--directions", "2"])
     rows += compile_report(["--kernels", "registers-backward", "--shapes", "8x256", "3x200",
                             "--dtypes", "fp32"])           # tf32 MMAs
-    assert len(rows) == 8
+    rows += compile_report(["--kernels", "registers-backward", "--shapes", "3x48", "--dtypes",
+                            "bf16", "--no-state"])         # no c0 (its zeros need a layout)
+    assert len(rows) == 9
     for row in rows:
         where = {k: row[k] for k in ("dtype", "B", "H", "regs", "spill", "triton")}
         assert row["ptxas_ok"], where

@@ -231,9 +231,8 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
         # and from B = 64, streamed 64-row tiles in place of resident or narrower ones
         wgmma = (autotune.wgmma_tiles(base, kernel, B, H, dtype, D, 132)
                  if B >= 64 and (base.resident or base.block_b < 64) else [])
-        # and at 16 rows the forward with its weights in registers, where they fit
-        registers = (small and kernel == "forward"
-                     and dispatch.registers_forward_fits(H, dtype))
+        # and at 16 rows either kernel with its weights in registers, where they fit
+        registers = small and dispatch.registers_forward_fits(H, dtype)
         extra = small + streamed + large + split + len(clustered) + len(wgmma) + registers
         for neighbourhood, most in (("heuristic", 1), ("sweep", 2 + extra),
                                     ("autotune", 5), ("wide", 8 + extra)):

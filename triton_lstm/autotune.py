@@ -137,11 +137,11 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
     """The heuristic's config first, then those of its one-step neighbours that run well:
     finer / coarser (half / double the hidden block), lighter / heavier (the next warp
     layout), fewer / more rows (half / double the batch block), streamed weights; for
-    make tune's neighbourhoods, the heuristic's tiles with dataflow waits at 16 rows (and in
-    the forward, where the weights fit, with them in registers: kernels/forward_registers.py,
-    or where that cannot run the same tile in the tl kernel), streamed ones with their K
-    loop pipelined or not (the other way from the heuristic's), streamed
-    tiles of 64+ rows reshaped to move fewer bytes a step (and for a backward without
+    make tune's neighbourhoods, the heuristic's tiles with dataflow waits at 16 rows (and,
+    where the weights fit, with them in registers: kernels/forward_registers.py and
+    backward_registers.py, or where those cannot run the same tile in the tl kernel),
+    streamed ones with their K loop pipelined or not (the other way from the heuristic's),
+    streamed tiles of 64+ rows reshaped to move fewer bytes a step (and for a backward without
     projection, `proj`, its gate split), and at B >= 64 streamed wgmma tiles of 64 rows in
     place of resident tiles or tiles of fewer rows (``wgmma_tiles``)."""
     base = heuristic_config(batch, hidden, dtype, max(1, num_sms // directions), kernel)
@@ -173,7 +173,7 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
         if base.block_b == 16 and not base.dataflow:
             configs.append(dataclasses.replace(base, dataflow=True))
             configs += cluster_tiles(base, kernel, batch, hidden, dtype, directions, num_sms)
-            if kernel == "forward" and not proj and registers_forward_fits(hidden, dtype):
+            if not proj and registers_forward_fits(hidden, dtype):
                 configs.append(dataclasses.replace(base, registers=True))
         if not base.resident:   # the streamed K loop the other way: pipelined or not
             flipped = dataclasses.replace(

@@ -131,7 +131,7 @@ def load_saved(step, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b,
         if HAS_H0:
             b_cp = tl.load(c0 + o_b[:, None] * H + o_u[None, :], mask=m, other=0.0).to(ACC)
         else:
-            b_cp = tl.zeros(m.shape, dtype=ACC)
+            b_cp = tl.where(m, 0.0, 0.0).to(ACC)       # in m's layout (Gluon callers have one)
     if HAS_RESTARTS:
         b_restart, b_c_restart = load_restarts(restarts, c_restart, step, B, o_b, running, p_bu,
                                                m_bu, RESTART_FROM_STATE, ACC)

@@ -38,7 +38,7 @@ from .backward import cell_gradients, load_saved
 from .barrier import fill_unwritten
 from .forward import rounded_to, step_rows, store_gates
 from .forward_registers import (ROWS, _either, _lengths, _marks, _pause, _program_block,
-                                chunks)
+                                chunks, operand_width)
 
 # The barrier among a program's warps: gl.thread_barrier in Triton 3.6, gl.barrier from 3.7.
 _warps_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -286,8 +286,7 @@ def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, prec
     precision, dispatch.dot_precision); the width of its operand loads and its pause between
     polls are the forward's knobs (forward_registers.H_LOAD_BYTES, POLL_BACKOFF_NS)."""
     return dict(H=hidden_size, HP=padded(hidden_size), D=directions, UNITS=UNITS, BLOCK_B=ROWS,
-                CHUNKS=chunks(hidden_size),
-                K_WIDTH=forward_registers.H_LOAD_BYTES // dtype.itemsize,
+                CHUNKS=chunks(hidden_size, dtype), K_WIDTH=operand_width(hidden_size, dtype),
                 DOT_PRECISION=precision, HAS_DY=has_dy, HAS_DHN=has_dhn, HAS_H0=has_h0,
                 HAS_LENGTHS=has_lengths, REVERSE=reverse,
                 POLL_BACKOFF_NS=forward_registers.POLL_BACKOFF_NS)

@@ -287,9 +287,18 @@ def lstm_forward_registers_kernel(
     gl.store(c_state + p_cell, c, mask=first & m_cell)
 
 
-def chunks(hidden_size: int) -> int:
-    """Chunks of the reduction (independent accumulators): 4, of at least 16 positions."""
-    return min(4, max(16, padded(hidden_size)) // 16)
+def operand_width(hidden_size: int, dtype: torch.dtype) -> int:
+    """Elements of h (dG in the backward) a lane loads at once along the reduction, the MMA
+    operands' k_width: H_LOAD_BYTES' worth, at most an eighth of the padded reduction. An
+    operand tile spans 8 k_width along the reduction (4 lanes, 2 registers); a chunk shorter
+    than that is broadcast over the lanes, and the MMA sums each product more than once."""
+    return min(H_LOAD_BYTES // dtype.itemsize, padded(hidden_size) // 8)
+
+
+def chunks(hidden_size: int, dtype: torch.dtype) -> int:
+    """Chunks of the reduction (independent accumulators): up to 4, each at least one operand
+    tile long (8 operand_width)."""
+    return max(1, min(4, padded(hidden_size) // (8 * operand_width(hidden_size, dtype))))
 
 
 def fits_here(hidden_size: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -362,6 +371,6 @@ def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, prec
     """The kernel's compile-time constants for a layer (``precision``: its dots' input
     precision, dispatch.dot_precision)."""
     return dict(H=hidden_size, HP=padded(hidden_size), D=directions, BLOCK_B=ROWS,
-                CHUNKS=chunks(hidden_size), K_WIDTH=H_LOAD_BYTES // dtype.itemsize,
+                CHUNKS=chunks(hidden_size, dtype), K_WIDTH=operand_width(hidden_size, dtype),
                 DOT_PRECISION=precision, HAS_H0=has_h0, HAS_LENGTHS=has_lengths, SAVE=save,
                 REVERSE=reverse, POLL_BACKOFF_NS=POLL_BACKOFF_NS)
