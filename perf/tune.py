@@ -220,8 +220,12 @@ def build_table(rows: list[dict], provenance: dict) -> dict:
         current = layer_config_text(best)
         timed = [row for row in mine if row["kind"] in LAYER_KINDS and row["status"] == "ok"
                  and (row["kind"].startswith("cudnn") or row["config"] == current)]
-        at_table_steps = any(row["T"] == layer_steps for row in timed)
-        steps = layer_steps if at_table_steps or not timed else timed[-1]["T"]
+        # A T counts where both the kernels and nn.LSTM were timed at it: a sweep cut
+        # between the two leaves the older pair in force.
+        paired = [T for T in [layer_steps] + [row["T"] for row in reversed(timed)]
+                  if {row["kind"].split("_")[0] for row in timed if row["T"] == T}
+                  >= {"kernels", "cudnn"}]
+        steps = paired[0] if paired else (timed[-1]["T"] if timed else layer_steps)
         layer = {row["kind"]: row["us_per_step"] for row in timed if row["T"] == steps}
         if layer and steps != layer_steps:
             entry["layer_steps"] = steps

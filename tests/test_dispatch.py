@@ -1185,6 +1185,13 @@ def test_the_table_takes_layer_timings_at_its_layer_T_only():
     assert e["cudnn_us"]["train"] == 30.0 and e["backward"]["us_per_step"] == 2.0
     assert "layer_steps" not in tune.build_table(at_64 + at_256, {})["shapes"][
         "bf16/B8/H512/D1/P0"]
+    # A sweep cut between a shape's cuDNN and its kernels at 256 steps: still the 64-step
+    # pair, not cuDNN's 256 alone (auto would run the kernels unmeasured).
+    cudnn_only = [r for r in at_256 if r["kind"].startswith("cudnn")]
+    e = tune.build_table(at_64 + cudnn_only, tune.provenance(at_64, ENV, 64, 256))["shapes"][
+        "bf16/B8/H512/D1/P0"]
+    assert e["kernels_us"] == {"fwd": 3.0, "train": 9.0} and e["layer_steps"] == 64
+    assert e["cudnn_us"]["train"] == 30.0
 
 
 @requires_interpreter
