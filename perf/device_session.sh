@@ -39,6 +39,8 @@
 #   COMMIT=<hash> bash perf/device_session.sh 10  the small-batch forward and backward with their
 #                                                  weights in registers: their GPU tests and
 #                                                  timed rows (about 3 min)
+#   COMMIT=<hash> bash perf/device_session.sh 11  the cluster barrier's and the exchange's GPU
+#                                                  tests, then part 5 (about 7 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -115,7 +117,9 @@ case "${1:-}" in
     timeout 90 python3 perf/tune.py --budget-min 1.1 --shapes ${SHAPES:?} 2>&1 \
         | tee "$OUT/tune.log"
     ;;
-5)
+5|11)
+    # The cluster barrier's tests first in part 11: the table takes cluster tiles (run 6).
+    [ "$1" = 11 ] && gpu_tests 90 "$CLUSTER_TESTS"
     gpu_tests 60 "fp32_gemms"
     # The fp32 GPU tests again with the engine on (those in tf32, cuDNN's default, use it).
     TRITON_LSTM_FP32_GEMMS=triton gpu_tests 90 \
@@ -173,7 +177,7 @@ case "${1:-}" in
         | tee "$OUT/variants.log"
     ;;
 *)
-    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9|10" >&2
+    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9|10|11" >&2
     exit 2
     ;;
 esac
