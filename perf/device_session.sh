@@ -40,7 +40,8 @@
 #                                                  weights in registers: their GPU tests and
 #                                                  timed rows (about 3 min)
 #   COMMIT=<hash> bash perf/device_session.sh 11  the cluster barrier's and the exchange's GPU
-#                                                  tests, then part 5 (about 7 min)
+#                                                  tests and variants rows, then part 5
+#                                                  (about 9.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -118,8 +119,13 @@ case "${1:-}" in
         | tee "$OUT/tune.log"
     ;;
 5|11)
-    # The cluster barrier's tests first in part 11: the table takes cluster tiles (run 6).
-    [ "$1" = 11 ] && gpu_tests 90 "$CLUSTER_TESTS"
+    # Part 11: the cluster barrier's and the exchange's tests first (the table takes cluster
+    # tiles since run 6), then their variants rows, then part 5.
+    if [ "$1" = 11 ]; then
+        gpu_tests 90 "$CLUSTER_TESTS"
+        timeout 140 python3 perf/variants.py --only cluster --out "$OUT/variants-cluster" 2>&1 \
+            | tee "$OUT/variants.log"
+    fi
     gpu_tests 60 "fp32_gemms"
     # The fp32 GPU tests again with the engine on (those in tf32, cuDNN's default, use it).
     TRITON_LSTM_FP32_GEMMS=triton gpu_tests 90 \
