@@ -268,9 +268,16 @@ def report_registers_operands(dtype_name, hidden):
                                      save=False, reverse=False)
     kc, k_width = constexprs["HP"] // constexprs["CHUNKS"], constexprs["K_WIDTH"]
     printed = io.StringIO()
+    always = os.environ.get("TRITON_ALWAYS_COMPILE")
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"      # the layouts print while it compiles
-    with contextlib.redirect_stdout(printed):
-        compile_one(_operand_layouts_probe, {}, dict(KC=kc, K_WIDTH=k_width), 1)
+    try:
+        with contextlib.redirect_stdout(printed):
+            compile_one(_operand_layouts_probe, {}, dict(KC=kc, K_WIDTH=k_width), 1)
+    finally:      # the kernels compiled after it keep the cache
+        if always is None:
+            del os.environ["TRITON_ALWAYS_COMPILE"]
+        else:
+            os.environ["TRITON_ALWAYS_COMPILE"] = always
     layouts = re.findall(r"operand \d.*", printed.getvalue())
     bases = [re.search(r"reg_bases=(\[.*?\]\]).*lane_bases=(\[.*?\]\])", line).groups()
              for line in layouts]

@@ -370,8 +370,8 @@ def interpreted_registers_kernel():
 
     kernel, namespace = interpreted_gluon(
         fr, "lstm_forward_registers_kernel",
-        ("_rows_apart", "_step_inputs", "_lengths", "_load_h", "_either", "_any_unwritten",
-         "_program_block"),
+        ("_rows_apart", "_step_inputs", "_lengths", "_load_h", "_either", "_merged_marks",
+         "_any_unwritten", "_program_block"),
         dict(_partner=triton.jit(partner), _pause=triton.jit(lambda like, NS: None)))
     namespace["_any_unwritten"] = _never_waits_on(namespace["_any_unwritten"])
     return kernel
@@ -439,7 +439,8 @@ def interpreted_backward_registers_kernel():
     from triton_lstm.kernels import backward_registers as br
     kernel, namespace = interpreted_gluon(
         br, "lstm_backward_registers_kernel",
-        ("_load_dg", "_any_unwritten", "_lengths", "_either", "_program_block", "_load_dy"),
+        ("_load_dg", "_merged_marks", "_any_unwritten", "_lengths", "_either", "_program_block",
+         "_load_dy"),
         dict(_pause=triton.jit(lambda like, NS: None)))
     namespace["_any_unwritten"] = _never_waits_on(namespace["_any_unwritten"])
     return kernel

@@ -148,12 +148,19 @@ def _marks(x):
 
 
 @gluon.jit
-def _any_unwritten(tiles, CHUNKS: gl.constexpr):
-    """Whether any element of the tiles still holds the all-ones mark (the tiles' marks
-    merged first: one reduction across the warp's lanes, not one per tile)."""
+def _merged_marks(tiles, CHUNKS: gl.constexpr):
+    """The CHUNKS tiles' marks (``_marks``) merged element by element."""
     marks = _marks(tiles[0])
     for chunk in gl.static_range(1, CHUNKS):
         marks = marks | _marks(tiles[chunk])
+    return marks
+
+
+@gluon.jit
+def _any_unwritten(tiles, CHUNKS: gl.constexpr):
+    """Whether any element of the tiles still holds the all-ones mark (the tiles' marks
+    merged first: one reduction across the warp's lanes, not one per tile)."""
+    marks = _merged_marks(tiles, CHUNKS)
     return gl.reduce(gl.reduce(marks, 0, _either), 0, _either) != 0
 
 
