@@ -27,8 +27,15 @@ def forward_fn(module, x, hx):
 
 
 def train_fn(module, x, hx):
-    """Forward and backward through every input and parameter, upstream gradient on y."""
+    """Forward and backward through every input and parameter, upstream gradient on y, each
+    call from gradients set to None, as a training step after ``zero_grad()`` (PyTorch's
+    default, set_to_none) has them: the gradients are written, not added to the last call's
+    (which would time an elementwise add per leaf, an x-sized one among them, for either peer)."""
+    leaves = [t for t in (*module.parameters(), x, *(hx or ())) if t.requires_grad]
+
     def run():
+        for leaf in leaves:
+            leaf.grad = None
         y, _ = module(x, hx)
         y.backward(grad)
     y, _ = module(x, hx)

@@ -218,8 +218,11 @@ def build_table(rows: list[dict], provenance: dict) -> dict:
         entry.update({kernel: tuning.config_entry(config, us)
                       for kernel, (config, us) in best.items()})
         current = layer_config_text(best)
+        # nn.LSTM's rows timed beside these configs, else beside none named ("-": rows from
+        # before the pairing; a paired row, written later, takes their place at its T).
         timed = [row for row in mine if row["kind"] in LAYER_KINDS and row["status"] == "ok"
-                 and (row["kind"].startswith("cudnn") or row["config"] == current)]
+                 and (row["config"] == current
+                      or (row["kind"].startswith("cudnn") and row["config"] == "-"))]
         # A T counts where both the kernels and nn.LSTM were timed at it: a sweep cut
         # between the two leaves the older pair in force.
         paired = [T for T in [layer_steps] + [row["T"] for row in reversed(timed)]
@@ -296,10 +299,13 @@ def layer_runs(shape: Shape, best: dict, steps: int, device="cuda") -> dict:
     def trainable():
         return x.clone().requires_grad_(), tuple(s.clone().requires_grad_() for s in hx)
 
-    runs = {"cudnn_fwd": ("-", {}, lambda: forward_fn(lstm, x, hx)),
-            "cudnn_graph_fwd": ("-", {}, lambda: GraphedForward(lstm, x, hx)),
-            "cudnn_train": ("-", {}, lambda: train_fn(lstm, *trainable()))}
+    # nn.LSTM's rows name the kernels' configs they were timed beside: a layer timed with
+    # new configs times nn.LSTM again, so that the table compares a pair from one run.
     text = layer_config_text(best)
+    beside = "-" if text is None else text
+    runs = {"cudnn_fwd": (beside, {}, lambda: forward_fn(lstm, x, hx)),
+            "cudnn_graph_fwd": (beside, {}, lambda: GraphedForward(lstm, x, hx)),
+            "cudnn_train": (beside, {}, lambda: train_fn(lstm, *trainable()))}
     if text is not None:
         forced = {kernel: best[kernel][0] for kernel in KERNELS}
         runs["kernels_fwd"] = (text, forced, lambda: forward_fn(ours, x, hx))

@@ -1251,16 +1251,16 @@ def test_sweep_records_every_measurement_and_resumes(tmp_path, monkeypatch):
     assert not (tmp_path / "new.csv").exists()
 
 
-def test_a_sweep_at_another_layer_T_times_the_layers_again_and_not_the_candidates(tmp_path,
-                                                                                   monkeypatch):
-    per_call_ms = {"kernels_fwd": 2.56, "kernels_train": 7.68, "cudnn_fwd": 5.12,
-                   "cudnn_graph_fwd": 3.84, "cudnn_train": 10.24}   # the same per call at any T
+def fake_layer_timings(monkeypatch, per_call_ms: dict) -> list:
+    """make tune's timings faked: each layer run named as tune.layer_runs names it and taking
+    per_call_ms[kind] a call, each candidate block_h µs a step; returns the list the layer
+    kinds are appended to as they are timed."""
     timed = []
+    real_layer_runs = tune.layer_runs
 
     def fake_layer_runs(shape, best, steps, device):
-        text = tune.layer_config_text(best)
-        return {kind: ("-" if kind.startswith("cudnn") else text, {}, lambda kind=kind: kind)
-                for kind in per_call_ms}
+        return {kind: (text, {}, lambda kind=kind: kind)
+                for kind, (text, _, _) in real_layer_runs(shape, best, steps, "cpu").items()}
 
     def fake_time_ms(kind):
         timed.append(kind)
@@ -1270,6 +1270,14 @@ def test_a_sweep_at_another_layer_T_times_the_layers_again_and_not_the_candidate
     monkeypatch.setattr(autotune, "time_ms", fake_time_ms)
     monkeypatch.setattr(autotune, "measure", lambda problem, kernel, c: autotune.Measurement(
         c, "ok", 1e-4, 1.0 * c.block_h))
+    return timed
+
+
+def test_a_sweep_at_another_layer_T_times_the_layers_again_and_not_the_candidates(tmp_path,
+                                                                                   monkeypatch):
+    per_call_ms = {"kernels_fwd": 2.56, "kernels_train": 7.68, "cudnn_fwd": 5.12,
+                   "cudnn_graph_fwd": 3.84, "cudnn_train": 10.24}   # the same per call at any T
+    timed = fake_layer_timings(monkeypatch, per_call_ms)
     grid = [tune.Shape("fp32", 2, 16)]
     csv_path, json_path = tmp_path / "tune.csv", tmp_path / "cpu.json"
     assert tune.Sweep(csv_path, ENV, 4, 600, device="cpu", layer_steps=64).run(grid, "sweep",
@@ -1367,3 +1375,38 @@ def test_host_cdiv_and_next_power_of_2_agree_with_tritons():
         assert dispatch.next_power_of_2(n) == triton.next_power_of_2(n)
         for d in (1, 3, 16, 128):
             assert dispatch.cdiv(n, d) == triton.cdiv(n, d)
+
+
+def test_a_layer_whose_kernels_are_timed_again_has_nn_lstm_timed_again_beside_them(tmp_path,
+                                                                                    monkeypatch):
+    # The table compares the two from one run: a kernels timing never meets an older nn.LSTM one.
+    shape = tune.Shape("fp32", 2, 16)
+    best = {kernel: (config(), 1.0) for kernel in tune.KERNELS}
+    runs = tune.layer_runs(shape, best, 4, "cpu")
+    assert {text for text, _, _ in runs.values()} == {tune.layer_config_text(best)}
+    per_call_ms = {"kernels_fwd": 2.0, "kernels_train": 6.0, "cudnn_fwd": 10.0,
+                   "cudnn_graph_fwd": 5.0, "cudnn_train": 30.0}
+    timed = fake_layer_timings(monkeypatch, per_call_ms)
+    csv_path, json_path = tmp_path / "tune.csv", tmp_path / "cpu.json"
+    assert tune.Sweep(csv_path, ENV, 4, 600, device="cpu", layer_steps=4).run([shape], "sweep",
+                                                                             json_path)
+    # (the heuristic's configs first, then the sweep's best: each timed with nn.LSTM beside it)
+    assert all(timed.count(kind) == timed.count("kernels_train") >= 1 for kind in tune.LAYER_KINDS)
+    # A faster candidate (a new best config): both peers are timed again, and paired.
+    timed.clear()
+    per_call_ms.update(kernels_train=4.0, cudnn_train=20.0)
+    monkeypatch.setattr(autotune, "measure", lambda problem, kernel, c: autotune.Measurement(
+        c, "ok", 1e-4, 0.5 if c.block_h == 2 else 1.0 * c.block_h))
+    candidates = autotune.candidate_configs
+    monkeypatch.setattr(autotune, "candidate_configs",
+                        lambda *a: candidates(*a) + [config(block_h=2)])
+    assert tune.Sweep(csv_path, ENV, 4, 600, device="cpu", layer_steps=4).run([shape], "sweep",
+                                                                             json_path)
+    assert sorted(timed) == sorted(tune.LAYER_KINDS)
+    entry = json.loads(json_path.read_text())["shapes"]["fp32/B2/H16/D1/P0"]
+    assert entry["kernels_us"]["train"] == 1000.0 and entry["cudnn_us"]["train"] == 5000.0
+    # Rows from before the pairing ("-") still count where no paired row replaces them.
+    rows = [dict(r, config="-") if r["kind"].startswith("cudnn") else r
+            for r in tune.read_rows(csv_path)]
+    table = tune.build_table(rows, dict(layer_steps=4))
+    assert table["shapes"]["fp32/B2/H16/D1/P0"]["cudnn_us"]["train"] == 5000.0

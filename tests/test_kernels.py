@@ -604,3 +604,24 @@ def test_bf16_kernel_outputs_are_within_half_an_ulp_of_float64():
     for got, want in ((y[0], h), (dG[0], want_dG), (dh0[0], want_dh0)):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.double(), want.detach(), rtol=2 ** -8, atol=1e-6)
+
+
+@pytest.mark.parametrize("directions", [1, 2])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_dw_hh_over_y_in_place_equals_the_product_over_each_steps_previous_hidden(directions,
+                                                                                  with_h0):
+    """Full-length rows: the W_hh gradient GEMMs read y where it is (and h0 in a product of its
+    own), not a [T, B, R] copy of h_{t-1}; the sum is the same as over previous_hidden's."""
+    from triton_lstm.autograd import gradients_over_dG, previous_hidden
+    T, B, I, H, D = 5, 3, 4, 6, directions
+    dG = torch.randn(T, B, D * 4 * H, dtype=torch.float64)
+    y = torch.randn(T, B, D * H, dtype=torch.float64)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    w_ih = torch.randn(D, 4 * H, I, dtype=torch.float64)[0]
+    h0 = torch.randn(D, B, H, dtype=torch.float64) if with_h0 else None
+    needs = (False, False, False, False, True, False, False, False)
+    _, _, dw_hh, _ = gradients_over_dG(dG, x, h0, w_ih, None, y, None, None, H, needs)
+    for d in range(D):
+        prev = previous_hidden(y, h0, None, d, H)           # h_{t-1} of each step, [T, B, H]
+        want = torch.einsum("tbg,tbh->gh", dG.unflatten(-1, (D, 4 * H))[:, :, d], prev)
+        torch.testing.assert_close(dw_hh[d], want, rtol=1e-12, atol=1e-12)

@@ -190,6 +190,22 @@ def test_numbers_name_the_commit_given_for_a_copied_tree_else_git_head(monkeypat
     assert timing.tree_commit() in (head, head + "+dirty")
 
 
+def test_a_timed_training_call_writes_its_gradients_instead_of_adding_to_the_last_calls():
+    # Each call is a training step after zero_grad(): the time holds no add into old gradients.
+    import timing
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    hx = tuple(torch.randn(1, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    run = timing.train_fn(lstm, x, hx)
+    leaves = [*lstm.parameters(), x, *hx]
+    run()
+    once = [leaf.grad.clone() for leaf in leaves]
+    run()
+    assert all(torch.equal(leaf.grad, g) for leaf, g in zip(leaves, once))
+    assert all(g.abs().sum() > 0 for g in once)
+
+
 def test_compile_stack_runs_the_kernel_peers_of_a_stack_and_says_why_it_failed():
     import stack_bench
     assert stack_bench.compile_stack(("fp32", 2, 8, 2, "cpu")) == ""

@@ -23,8 +23,8 @@ from torch._C._functorch import TransformType
 import torch.autograd.forward_ad as forward_ad
 
 from .dispatch import state_dtype
-from .ops import (config_to_list, direct, layer_matmul, recurrence_backward_eager,
-                  recurrence_forward_eager, step_forward_eager)
+from .ops import (config_to_list, direct, layer_matmul, layer_matmul_plus,
+                  recurrence_backward_eager, recurrence_forward_eager, step_forward_eager)
 from .recompute import recompute_backward
 from .reference import lstm_layer_reference, reverse_order
 
@@ -292,13 +292,19 @@ def gradients_over_dG(dG, x, h0, w_ih, b_ih, y, lengths, restarts, R: int, needs
     h_prev = None
     if needs[4]:
         D = y.shape[2] // R
-        if h0 is None and lengths is None and restarts is None and y.shape[0] > 1:
-            # A zero initial state and full-length rows: h_{t-1} is y one step off, and the
-            # product of the step that sees h0 vanishes, so the GEMMs read y where it is
-            # (a copy of [T, B, R] less: 0.5 µs/step at bf16 B = 512 H = 1024).
+        if lengths is None and restarts is None and y.shape[0] > 1:
+            # Full-length rows: h_{t-1} is y one step off at every step but the one that
+            # sees h0, so the GEMMs read y where it is, and h0 (if given) in a product of its
+            # own (a [T, B, R] copy less: 0.5 µs/step at bf16 B = 512 H = 1024).
             y_d = y.unflatten(-1, (D, R))
-            h_prev = [(slice(1, None), y_d[:-1, :, 0]) if d == 0 else
-                      (slice(None, -1), y_d[1:, :, d]) for d in range(D)]
+            h_prev = []
+            for d in range(D):
+                later, first = (slice(1, None), slice(0, 1)) if d == 0 else (slice(None, -1),
+                                                                            slice(-1, None))
+                pairs = [(later, y_d[:-1, :, 0] if d == 0 else y_d[1:, :, d])]
+                if h0 is not None:   # first: the large product adds to it in one rounding
+                    pairs.insert(0, (first, h0[d].unsqueeze(0)))
+                h_prev.append(pairs)
         else:
             h_prev = [previous_hidden(y, h0, lengths, d, R, None if restarts is None else
                                       restarted_in_time_order(restarts, lengths, d))
@@ -309,9 +315,9 @@ def gradients_over_dG(dG, x, h0, w_ih, b_ih, y, lengths, restarts, R: int, needs
 
 def gemms_over_dG(dG, x, h_prev, w_ih, has_bias: bool, needs):
     """dx, dw_ih, dw_hh ([D, 4H, R]) and db (in the state dtype) over dG [T, B, D*4H], from
-    each direction's h_{t-1} (``previous_hidden``, [T, B, R], or (steps, h): h_{t-1} of
-    dG's steps ``steps``, a slice, the other steps' products being zero; None without
-    dw_hh), for all T steps or for a chunk of them (overlap.py)."""
+    each direction's h_{t-1} (``previous_hidden``, [T, B, R], or a list of (steps, h): h_{t-1}
+    of dG's steps ``steps``, a slice, the products summed and the other steps' zero; None
+    without dw_hh), for all T steps or for a chunk of them (overlap.py)."""
     T, B, I = x.shape
     need_x, _, _, need_wih, need_whh, need_bih, need_bhh, _ = needs
     G = dG.shape[2]
@@ -321,10 +327,16 @@ def gemms_over_dG(dG, x, h_prev, w_ih, has_bias: bool, needs):
     dw_hh = None
     if need_whh:
         D = len(h_prev)
-        pairs = [h if isinstance(h, tuple) else (slice(None), h) for h in h_prev]
-        dw_hh = stacked([layer_matmul(dG[steps].reshape(-1, D, G // D)[:, d].t(),
-                                      h.reshape(-1, h.shape[-1]))
-                         for d, (steps, h) in enumerate(pairs)])
+
+        def summed_products(d, pairs):
+            total = None
+            for steps, h in pairs:
+                a, b = dG[steps].reshape(-1, D, G // D)[:, d].t(), h.reshape(-1, h.shape[-1])
+                total = layer_matmul(a, b) if total is None else layer_matmul_plus(total, a, b)
+            return total
+
+        dw_hh = stacked([summed_products(d, [(slice(None), h)] if torch.is_tensor(h) else h)
+                         for d, h in enumerate(h_prev)])
     db = None
     if has_bias and (need_bih or need_bhh):
         db = dG2.sum(0, dtype=state_dtype(dG.dtype))

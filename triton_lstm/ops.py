@@ -369,6 +369,14 @@ def layer_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] 
     return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
 
 
+def layer_matmul_plus(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """c + a @ b for a layer's GEMMs (c [M, N]): one GEMM that rounds once where torch runs it
+    (addmm), else layer_matmul's product and an add."""
+    if gemms_in_triton(a.dtype, a.device):
+        return layer_matmul(a, b) + c
+    return torch.addmm(c, a, b)
+
+
 # -- one step (streaming inference) -----------------------------------------------------------
 
 @custom_op("triton_lstm::step_forward", mutates_args=())
