@@ -78,11 +78,13 @@ def compile_one(kernel, tensor_types, constexprs, num_warps, num_stages=1):
 
 
 def compiled_row(compiled, **fields) -> dict:
-    """ptxas's registers and spills, shared memory, the MMA kind and the width of the
-    shared-state loads of a compiled kernel."""
+    """ptxas's registers and spills, shared memory, the MMA kind, the width of the
+    shared-state loads and the pair mark checks of a compiled kernel."""
     ptx = compiled.asm["ptx"]
     row = ptxas_report(ptx)
     row.update(fields, shared=compiled.metadata.shared, bar_sync=ptx.count("bar.sync"),
+               # polls that check a pair of 16-bit marks at once (barrier.marks)
+               pair_checks=ptx.count("0xFFFEFFFE"),
                state_load=state_load_bytes(ptx, compiled.asm["ttgir"]), barrier=barrier_kind(ptx),
                mma="wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma"))
     return row

@@ -16,7 +16,7 @@ import triton.language as tl
 from triton_lstm import LSTMFunction
 from triton_lstm.autograd import lstm_layer
 from triton_lstm.dispatch import KernelConfig, launch_counts
-from triton_lstm.kernels.barrier import unwritten
+from triton_lstm.kernels.barrier import marks
 from triton_lstm.kernels.forward import lstm_forward, rounded_to
 from triton_lstm.ops import config_to_list
 from triton_lstm.reference import lstm_layer_reference
@@ -318,11 +318,9 @@ def interpreted_gluon(module, kernel_name, helpers, namespace_extra=None):
             return acc + tl.sum(a[:, :, None] * b[None, :, :], 1)
         return acc + tl.sum(a[:, :, :, None] * b[:, None, :, :], 2)
 
-    def marks(x):      # barrier.py's check, element by element
-        return unwritten(x).to(tl.int32)
-
-    # The module's own names (the tl functions it calls as they are), then the stripped ones.
-    namespace = dict(vars(module), gl=StrippedGluon(), tl=tl, mma_v2=mma_v2, unwritten=unwritten,
+    # The module's own names (the tl functions it calls as they are; barrier.py's mark check
+    # too, which helpers rebuilt from forward_registers.py call), then the stripped ones.
+    namespace = dict(vars(module), gl=StrippedGluon(), tl=tl, mma_v2=mma_v2, marks=marks,
                      _warps_barrier=StrippedGluon.thread_barrier)
 
     def rebuilt(fn):
@@ -330,7 +328,6 @@ def interpreted_gluon(module, kernel_name, helpers, namespace_extra=None):
         copy.__annotations__ = dict(fn.__annotations__)      # which parameters are constexpr
         return triton.jit(copy)
 
-    namespace["_marks"] = rebuilt(marks)
     for name in helpers:
         namespace[name] = rebuilt(getattr(module, name).fn)
     namespace.update(namespace_extra or {})
@@ -370,7 +367,7 @@ def interpreted_registers_kernel():
 
     kernel, namespace = interpreted_gluon(
         fr, "lstm_forward_registers_kernel",
-        ("_rows_apart", "_step_inputs", "_lengths", "_load_h", "_either", "_merged_marks",
+        ("_rows_apart", "_step_inputs", "_lengths", "_load_h", "_merged_marks",
          "_any_unwritten", "_program_block"),
         dict(_partner=triton.jit(partner), _pause=triton.jit(lambda like, NS: None)))
     namespace["_any_unwritten"] = _never_waits_on(namespace["_any_unwritten"])
@@ -439,7 +436,7 @@ def interpreted_backward_registers_kernel():
     from triton_lstm.kernels import backward_registers as br
     kernel, namespace = interpreted_gluon(
         br, "lstm_backward_registers_kernel",
-        ("_load_dg", "_merged_marks", "_any_unwritten", "_lengths", "_either", "_program_block",
+        ("_load_dg", "_merged_marks", "_any_unwritten", "_lengths", "_program_block",
          "_load_dy"),
         dict(_pause=triton.jit(lambda like, NS: None)))
     namespace["_any_unwritten"] = _never_waits_on(namespace["_any_unwritten"])
@@ -543,7 +540,7 @@ def test_registers_backward_code_ends_on_nan_input():
 
 
 def test_pair_mark_check_flags_exactly_the_pairs_holding_the_mark():
-    """forward_registers._marks checks two 16-bit elements at once, from the 32 bits that hold
+    """barrier.marks checks two 16-bit elements at once on a GPU, from the 32 bits that hold
     both: (0xFFFEFFFE - w) & w & 0x80008000 is nonzero iff a half is all ones (the mark).
     Every value of each half, against a set of values of the other."""
     halves = torch.arange(1 << 16, dtype=torch.int64)

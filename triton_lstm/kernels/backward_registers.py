@@ -35,10 +35,10 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from ..dispatch import KernelConfig, cdiv, dot_precision, padded
 from . import forward_registers
 from .backward import cell_gradients, load_saved
-from .barrier import fill_unwritten
+from .barrier import either, fill_unwritten
 from .forward import rounded_to, step_rows, store_gates
-from .forward_registers import (ROWS, _either, _lengths, _merged_marks, _pause,
-                                _program_block, chunks, operand_width)
+from .forward_registers import (ROWS, _lengths, _merged_marks, _pause, _program_block, chunks,
+                                operand_width)
 
 # The barrier among a program's warps: gl.thread_barrier in Triton 3.6, gl.barrier from 3.7.
 _warps_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -67,12 +67,12 @@ def _any_unwritten(tiles, flags, poll, CHUNKS: gl.constexpr, FLAGS: gl.constexpr
     """Whether any warp's tiles still hold the all-ones mark: each warp reduces its own, the
     four flags meet in shared memory (slot poll % 2: a slot is rewritten only after the
     next poll's barrier, which every warp passes after reading it)."""
-    marks = _merged_marks(tiles, CHUNKS)
+    merged = _merged_marks(tiles, CHUNKS)
     slot = flags.index(poll % 2)
     # k first (within a thread), then the rows (across lanes)
-    slot.store(gl.reduce(gl.reduce(marks, 1, _either), 1, _either).to(gl.int32))
+    slot.store(gl.reduce(gl.reduce(merged, 1, either), 1, either).to(gl.int32))
     _warps_barrier()
-    return gl.reduce(slot.load(FLAGS), 0, _either) != 0
+    return gl.reduce(slot.load(FLAGS), 0, either) != 0
 
 
 @gluon.jit

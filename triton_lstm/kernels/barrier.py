@@ -32,10 +32,15 @@ Producers store ``canonical(x)``, which turns any NaN into the standard quiet Na
 a NaN or inf in the data is a value like any other and never reads as "unwritten".
 Each element is stored whole, so a tile seen complete is the values written.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+# Whether the kernels run under the Triton interpreter, which has no inline assembly
+# (dispatch.interpreting's test; dispatch imports this module).
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 _SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -104,6 +109,38 @@ def unwritten(x):
 
 
 @triton.jit
+def either(a, b):
+    """a | b: the combiner that merges marks (``tl.reduce``)."""
+    return a | b
+
+
+@triton.jit
+def marks(x):
+    """Nonzero where x holds the all-ones mark (unwritten), zero elsewhere, as an integer. For
+    16-bit x on a GPU, a pair of elements at once from the 32 bits w = hi:lo that hold both:
+    (~w - 0x00010001) & w & 0x80008000, i.e. (0xFFFEFFFE - w) & w & 0x80008000, is nonzero iff
+    a half is 0xFFFF (a borrow out of a marked low half can flag the high one too: the pair's
+    answer stays exact; a thread's odd last element is paired with a padding half whose result
+    Triton drops, and no borrow runs down into the real one). Two instructions a pair, where a
+    compare of each element takes about five; under the interpreter (no inline assembly)
+    element by element."""
+    if x.dtype.primitive_bitwidth == 16 and not INTERPRETED:
+        m = tl.inline_asm_elementwise(
+            "{ .reg .b32 v; sub.u32 v, 0xFFFEFFFE, $1; and.b32 v, v, $1; "
+            "and.b32 $0, v, 0x80008000; }", "=r,r", [x], dtype=tl.int16, is_pure=True, pack=2)
+    else:
+        m = unwritten(x).to(tl.int32)
+    return m
+
+
+@triton.jit
+def any_unwritten(x):
+    """Whether any element of the tile x still holds the all-ones mark (its marks OR-ed
+    together, then one compare)."""
+    return tl.reduce(tl.reshape(marks(x), [x.numel]), 0, either) != 0
+
+
+@triton.jit
 def canonical(x):
     """x with every NaN as the standard quiet NaN, never the all-ones fill."""
     return tl.where(x != x, float("nan"), x)
@@ -124,7 +161,7 @@ def load_written(ptrs, mask, WAIT: tl.constexpr, poll):
     if WAIT:
         # Volatile: each poll reads memory again (L2); masked elements read as 0.
         b = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
-        while poll & (tl.max(tl.reshape(unwritten(b).to(tl.int32), [b.numel])) > 0):
+        while poll & any_unwritten(b):
             b = tl.load(ptrs, mask=mask, other=0.0, volatile=True)
     else:
         b = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")

@@ -48,17 +48,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import (cdiv, dot_precision, interpreting, launch_recurrence, padded,
-                        pick_config, state_dtype)
-from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
+from ..dispatch import (cdiv, dot_precision, launch_recurrence, padded, pick_config,
+                        state_dtype)
+from .barrier import (INTERPRETED, barrier_arrive, barrier_wait, fill_unwritten, load_written,
+                      published)
 from .dsmem import arm, cluster_sync, exchange_setup, exchange_slot, receive, send, wait_phase
 
 # Two bf16 faults of the Triton interpreter, worked around there and only there (compiled
 # for a GPU, the kernels are unchanged): it multiplies the raw bit patterns of bf16 operands
 # in tl.dot (triton-lang/triton#11584), so bf16 dots go through fp32 (dot_operands); and it
 # converts fp32 to bf16 by dropping the low 16 bits (its cast passes no rounding mode;
-# subnormals come out wrong too), where a GPU rounds to nearest even (rounded_to).
-INTERPRETED = tl.constexpr(interpreting())
+# subnormals come out wrong too), where a GPU rounds to nearest even (rounded_to). INTERPRETED
+# (barrier.py) says which.
 
 
 @triton.jit

@@ -38,7 +38,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from ..dispatch import (KernelConfig, cdiv, co_resident_programs, dot_precision, interpreting,
                         launch_counts, launch_options, padded, registers_forward_fits)
-from .barrier import canonical, fill_unwritten, unwritten
+from .barrier import canonical, either, fill_unwritten, marks
 from .forward import _tanh, step_rows
 
 UNITS = 4                 # hidden units per program (16 weight rows: one m16 MMA tile)
@@ -126,42 +126,21 @@ def _pause(like, NS: gl.constexpr):
 
 
 @gluon.jit
-def _either(a, b):
-    return a | b
-
-
-@gluon.jit
-def _marks(x):
-    """Nonzero where x holds the all-ones mark (unwritten), zero elsewhere, as an integer of
-    x's width; for 16-bit x a pair of elements at once, from the 32 bits w = hi:lo that hold
-    both: (~w - 0x00010001) & w & 0x80008000, i.e. (0xFFFEFFFE - w) & w & 0x80008000, is
-    nonzero iff a half is 0xFFFF (a borrow out of a marked low half can flag the high one
-    too: the pair's answer stays exact). Two instructions a pair, where a compare of each
-    element takes about five."""
-    if x.dtype.primitive_bitwidth == 16:
-        marks = gl.inline_asm_elementwise(
-            "{ .reg .b32 v; sub.u32 v, 0xFFFEFFFE, $1; and.b32 v, v, $1; "
-            "and.b32 $0, v, 0x80008000; }", "=r,r", [x], dtype=gl.int16, is_pure=True, pack=2)
-    else:
-        marks = unwritten(x).to(gl.int32)
-    return marks
-
-
-@gluon.jit
 def _merged_marks(tiles, CHUNKS: gl.constexpr):
-    """The CHUNKS tiles' marks (``_marks``) merged element by element."""
-    marks = _marks(tiles[0])
+    """The CHUNKS tiles' marks (barrier.marks: a pair of 16-bit elements at once) merged
+    element by element."""
+    merged = marks(tiles[0])
     for chunk in gl.static_range(1, CHUNKS):
-        marks = marks | _marks(tiles[chunk])
-    return marks
+        merged = merged | marks(tiles[chunk])
+    return merged
 
 
 @gluon.jit
 def _any_unwritten(tiles, CHUNKS: gl.constexpr):
     """Whether any element of the tiles still holds the all-ones mark (the tiles' marks
     merged first: one reduction across the warp's lanes, not one per tile)."""
-    marks = _merged_marks(tiles, CHUNKS)
-    return gl.reduce(gl.reduce(marks, 0, _either), 0, _either) != 0
+    merged = _merged_marks(tiles, CHUNKS)
+    return gl.reduce(gl.reduce(merged, 0, either), 0, either) != 0
 
 
 @gluon.jit(do_not_specialize=["T", "B"])
