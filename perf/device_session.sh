@@ -26,9 +26,10 @@
 #                                                  tests but the cluster barrier's and the
 #                                                  exchange's, make tune resumed for 2 min,
 #                                                  then make perf's main table (9.5 min)
-#   COMMIT=<hash> bash perf/device_session.sh 7   make tune resumed for 1.1 min at the mid-
-#                                                  batch and B = 512 shapes (after part 8),
-#                                                  then make perf's main table (4 min)
+#   COMMIT=<hash> bash perf/device_session.sh 7   the dataflow waits' GPU tests, make tune
+#                                                  resumed for 1.1 min at the mid-batch and
+#                                                  B = 512 shapes (after part 8), then make
+#                                                  perf's main table (5 min)
 #   COMMIT=<hash> bash perf/device_session.sh 8   the GPU tests run 5 did not finish, where a
 #                                                  training call's time goes (ours, with the
 #                                                  backward in chunks too, cuDNN's), make tune
@@ -139,6 +140,9 @@ case "${1:-}" in
     main_table 140
     ;;
 7)
+    # The dataflow waits' tests first: their polls check the marks a pair at a time since
+    # 60cb0e9, and the table takes dataflow tiles.
+    gpu_tests 50 "dataflow"
     tune_resumed 110 1.1 --shapes $MID_BATCH $LARGE_BATCH
     main_table 130
     ;;
