@@ -1405,8 +1405,16 @@ def test_a_layer_whose_kernels_are_timed_again_has_nn_lstm_timed_again_beside_th
     assert sorted(timed) == sorted(tune.LAYER_KINDS)
     entry = json.loads(json_path.read_text())["shapes"]["fp32/B2/H16/D1/P0"]
     assert entry["kernels_us"]["train"] == 1000.0 and entry["cudnn_us"]["train"] == 5000.0
-    # Rows from before the pairing ("-") still count where no paired row replaces them.
-    rows = [dict(r, config="-") if r["kind"].startswith("cudnn") else r
-            for r in tune.read_rows(csv_path)]
+    # Rows from before the pairing ("-") still count, and are not timed again, where no paired
+    # row replaces them: beside kernels timings that need no new run.
+    rows = [dict(r, config="-", key=tune.row_key(r["kind"], shape, "-", r["T"]))
+            if r["kind"].startswith("cudnn") else r for r in tune.read_rows(csv_path)]
     table = tune.build_table(rows, dict(layer_steps=4))
     assert table["shapes"]["fp32/B2/H16/D1/P0"]["cudnn_us"]["train"] == 5000.0
+    legacy = tmp_path / "legacy.csv"
+    for row in rows:
+        tune.append_row(legacy, row)
+    timed.clear()
+    assert tune.Sweep(legacy, ENV, 4, 600, device="cpu", layer_steps=4).run([shape], "sweep",
+                                                                           json_path)
+    assert timed == []
