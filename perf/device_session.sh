@@ -29,7 +29,7 @@
 #   COMMIT=<hash> bash perf/device_session.sh 7   the dataflow waits' GPU tests, make tune
 #                                                  resumed for 1.1 min at the mid-batch and
 #                                                  B = 512 shapes (after part 8), then make
-#                                                  perf's main table (5 min)
+#                                                  perf's main table (4.7 min)
 #   COMMIT=<hash> bash perf/device_session.sh 8   the GPU tests run 5 did not finish, where a
 #                                                  training call's time goes (ours, with the
 #                                                  backward in chunks too, cuDNN's), make tune
@@ -142,7 +142,7 @@ case "${1:-}" in
 7)
     # The dataflow waits' tests first: their polls check the marks a pair at a time since
     # 60cb0e9, and the table takes dataflow tiles.
-    gpu_tests 50 "dataflow"
+    gpu_tests 40 "dataflow"
     tune_resumed 110 1.1 --shapes $MID_BATCH $LARGE_BATCH
     main_table 130
     ;;
