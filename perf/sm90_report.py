@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 os.environ.pop("TRITON_INTERPRET", None)   # the real compiler, not the interpreter
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -270,16 +271,10 @@ def report_registers_operands(dtype_name, hidden):
                                      save=False, reverse=False)
     kc, k_width = constexprs["HP"] // constexprs["CHUNKS"], constexprs["K_WIDTH"]
     printed = io.StringIO()
-    always = os.environ.get("TRITON_ALWAYS_COMPILE")
-    os.environ["TRITON_ALWAYS_COMPILE"] = "1"      # the layouts print while it compiles
-    try:
-        with contextlib.redirect_stdout(printed):
-            compile_one(_operand_layouts_probe, {}, dict(KC=kc, K_WIDTH=k_width), 1)
-    finally:      # the kernels compiled after it keep the cache
-        if always is None:
-            del os.environ["TRITON_ALWAYS_COMPILE"]
-        else:
-            os.environ["TRITON_ALWAYS_COMPILE"] = always
+    # The layouts print while it compiles; the kernels compiled after it keep the cache.
+    with mock.patch.dict(os.environ, TRITON_ALWAYS_COMPILE="1"), \
+            contextlib.redirect_stdout(printed):
+        compile_one(_operand_layouts_probe, {}, dict(KC=kc, K_WIDTH=k_width), 1)
     layouts = re.findall(r"operand \d.*", printed.getvalue())
     bases = [re.search(r"reg_bases=(\[.*?\]\]).*lane_bases=(\[.*?\]\])", line).groups()
              for line in layouts]
