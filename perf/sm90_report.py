@@ -138,7 +138,7 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
     `stepped`: the kernel of a launch per step instead (the fallback)."""
     tname, dtype = DTYPES[dtype_name]
     cfg = config or heuristic_config(batch, hidden, dtype, max(1, NUM_SMS // directions),
-                                     kernel_name)
+                                     kernel_name, bool(proj))
     R = proj or hidden
     num_h = cfg.num_h_blocks(hidden)
     block_r = max(16, triton.next_power_of_2(triton.cdiv(R, num_h)))
@@ -172,7 +172,8 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
     compiled = compile_one(kernel, types, constexprs, cfg.num_warps)
     return compiled_row(compiled, kernel=kernel_name, dtype=dtype_name, B=batch, H=hidden,
                         D=directions, proj=proj, tile=f"{cfg.block_b}x{cfg.block_h}",
-                        resident=cfg.resident, split_k=cfg.split_k, warps=cfg.num_warps)
+                        resident=cfg.resident, split_k=cfg.split_k, warps=cfg.num_warps,
+                        gate_split=kernel_name == "backward" and cfg.gate_split)
 
 
 def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name="wavefront",

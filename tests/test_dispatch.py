@@ -225,7 +225,8 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
         small = base.block_b == 16     # make tune also times the dataflow waits there
         streamed = not base.resident   # the K loop pipelined the other way
         large = base.block_b >= 64 and streamed   # and a tile moving fewer bytes
-        split = 2 * (large and kernel == "backward")   # its gate split, pipelined and not
+        # and the backward's tile with and without its gate split, pipelined and not
+        split = 2 * (large and kernel == "backward")
         # and at 16 rows, tiles whose group is one cluster (cluster barrier)
         clustered = autotune.cluster_tiles(base, kernel, B, H, dtype, D, 132) if small else []
         # and from B = 64, streamed 64-row tiles in place of resident or narrower ones
@@ -246,8 +247,12 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
             with_dataflow = [c for c in configs if c.dataflow]
             assert with_dataflow == ([dataclasses.replace(base, dataflow=True)]
                                      if small and neighbourhood in ("sweep", "wide") else [])
-            assert len([c for c in configs if c.gate_split]) == (
-                split if neighbourhood in ("sweep", "wide") else 0)
+            both_ways = {dataclasses.replace(base, gate_split=split_by_gate, inner_stages=stages)
+                         for split_by_gate in (False, True) for stages in (1, 3)} - {base}
+            assert all((c in configs) == (neighbourhood in ("sweep", "wide")) for c in both_ways
+                       if split and autotune.runs_well(c, kernel, B, H, dtype, D, 132))
+            assert any(c.gate_split for c in configs) == (
+                base.gate_split or (split > 0 and neighbourhood in ("sweep", "wide")))
             assert [c for c in configs if c.registers] == (
                 [dataclasses.replace(base, registers=True)]
                 if registers and neighbourhood in ("sweep", "wide") else [])
@@ -354,18 +359,25 @@ def test_make_tune_also_times_the_square_backward_tile_where_it_fills_the_device
 
 
 def test_make_tune_also_times_the_backward_with_its_gate_split():
-    """The heuristic's streamed backward of 64+ rows with the gate split, pipelined and not;
-    where that grid needs two launches, also twice its units in one (2-byte dtypes)."""
+    """The heuristic's streamed backward of 64+ rows with and without the gate split (none
+    with a projection), pipelined and not; where that grid needs two launches, also twice
+    its units in one (2-byte dtypes: split, and as the square 64x64 tile, unsplit)."""
     def split_tiles(B, H, dtype, proj=False):
+        base = heuristic_config(B, H, dtype, 132, "backward", proj)
         sweep = autotune.candidate_configs("backward", B, H, dtype, 1, 132, "sweep", proj)
-        return sorted((c.block_b, c.block_h, c.inner_stages) for c in sweep if c.gate_split)
+        return sorted((c.block_b, c.block_h, c.inner_stages, c.gate_split) for c in sweep
+                      if c.block_b == base.block_b and c.block_h in (base.block_h, 2 * base.block_h)
+                      and c.block_k == 64 and not c.resident)
 
-    assert split_tiles(128, 1024, torch.bfloat16) == [(32, 32, 1), (32, 32, 3)]
-    assert split_tiles(512, 1024, torch.bfloat16) == [(64, 32, 1), (64, 32, 3), (64, 64, 1),
-                                                      (64, 64, 3)]
-    assert split_tiles(512, 1024, torch.float32) == [(64, 32, 1), (64, 32, 3)]
-    assert split_tiles(512, 1024, torch.bfloat16, proj=True) == []
-    assert split_tiles(8, 512, torch.bfloat16) == []          # resident, 16 rows
+    both_ways = [(1, False), (1, True), (3, False), (3, True)]
+    assert split_tiles(128, 1024, torch.bfloat16) == [(32, 32, *w) for w in both_ways]
+    assert split_tiles(512, 1024, torch.bfloat16) == [(64, bh, *w) for bh in (32, 64)
+                                                      for w in both_ways]
+    assert split_tiles(512, 1024, torch.float32) == [(64, 32, *w) for w in both_ways]
+    assert split_tiles(512, 1024, torch.bfloat16, proj=True) == [
+        (64, bh, stages, False) for bh in (32, 64) for stages in (1, 3)]
+    assert not any(c.gate_split for c in autotune.candidate_configs(
+        "backward", 8, 512, torch.bfloat16, 1, 132, "wide"))    # resident, 16 rows
     assert not any(c.gate_split for c in autotune.candidate_configs(
         "forward", 512, 1024, torch.bfloat16, 1, 132, "wide"))
 
@@ -585,9 +597,31 @@ def test_the_heuristic_pipelines_streamed_forward_loops_of_32_rows_where_the_sta
                               (8, 512, torch.bfloat16, 1)):    # resident
         forward = heuristic_config(B, H, dtype, 132, "forward")
         assert forward.inner_stages == want, (B, H, dtype)
-        assert heuristic_config(B, H, dtype, 132, "backward").inner_stages == 1
         assert (want == 1) or dispatch.pipelined_bytes(
             forward.block_b, forward.block_h, forward.block_k, dtype, 3) <= dispatch.ON_CHIP_BUDGET
+
+
+@pytest.mark.parametrize("B, H, dtype, proj, split, stages", [
+    (512, 1024, torch.bfloat16, False, True, 3),
+    (128, 1024, torch.float16, False, True, 3),
+    (512, 256, torch.bfloat16, False, True, 3),
+    (512, 1024, torch.float32, False, True, 1),      # fp32: split, not pipelined
+    (128, 1024, torch.float32, False, True, 1),
+    (512, 1024, torch.bfloat16, True, False, 1),     # a projection: as before
+    (512, 1024, torch.float64, False, False, 1),     # fp64: as before
+    (128, 512, torch.bfloat16, False, False, 1),     # resident
+    (8, 4096, torch.bfloat16, False, False, 1),      # streamed, 16 rows
+])
+def test_the_heuristic_backward_splits_by_gate_and_pipelines_in_2_byte_dtypes(B, H, dtype, proj,
+                                                                            split, stages):
+    """A streamed backward at batch 64+ without projection takes the gate split, pipelined in
+    bf16 / fp16 (H200: faster on every tile timed both ways, perf/NOTES.md); fp32 unpipelined."""
+    backward = heuristic_config(B, H, dtype, 132, "backward", proj)
+    assert (backward.gate_split, backward.inner_stages) == (split, stages), backward
+    assert dispatch.gate_split_applies(backward, proj) == split
+    assert autotune.runs_well(backward, "backward", B, H, dtype, 1, 132)
+    forward = heuristic_config(B, H, dtype, 132, "forward", proj)
+    assert not forward.gate_split and forward == heuristic_config(B, H, dtype, 132, "forward")
 
 
 def test_a_tile_too_large_for_the_gpus_shared_memory_runs_with_less(monkeypatch):

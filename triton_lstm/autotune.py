@@ -141,10 +141,11 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
     where the weights fit, with them in registers: kernels/forward_registers.py and
     backward_registers.py, or where those cannot run the same tile in the tl kernel),
     streamed ones with their K loop pipelined or not (the other way from the heuristic's),
-    streamed tiles of 64+ rows reshaped to move fewer bytes a step (and for a backward without
-    projection, `proj`, its gate split), and at B >= 64 streamed wgmma tiles of 64 rows in
-    place of resident tiles or tiles of fewer rows (``wgmma_tiles``)."""
-    base = heuristic_config(batch, hidden, dtype, max(1, num_sms // directions), kernel)
+    streamed tiles of 64+ rows reshaped to move fewer bytes a step (and for a backward, its
+    tile with and without the gate split, which has no projection phase: `proj`), and at
+    B >= 64 streamed wgmma tiles of 64 rows in place of resident tiles or tiles of fewer
+    rows (``wgmma_tiles``)."""
+    base = heuristic_config(batch, hidden, dtype, max(1, num_sms // directions), kernel, proj)
     layout = min(range(len(WARP_LAYOUTS)), key=lambda i: abs(WARP_LAYOUTS[i][1] - base.num_warps))
 
     def with_layout(i):
@@ -191,8 +192,10 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
             configs += [c for c in wgmma_tiles(base, kernel, batch, hidden, dtype, directions,
                                                num_sms) if c not in configs]
         if kernel == "backward" and batch >= 64 and not base.resident:
+            # The heuristic's tile with and without the gate split, pipelined and not.
             gate_split = [dataclasses.replace(base, gate_split=True, inner_stages=stages)
                           for stages in (1, PIPELINE_STAGES) if not proj]
+            unsplit = [dataclasses.replace(c, gate_split=False) for c in gate_split]
             # Where the heuristic's grid needs two launches, the gate split's fewer bytes a
             # step also pay for twice the units in one (64x64 at B=512 H=1024).
             one_launch = [dataclasses.replace(c, block_h=2 * c.block_h) for c in gate_split]
@@ -200,7 +203,7 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
                     >= cdiv(hidden, 2 * base.block_h) * cdiv(batch, base.block_b) * directions):
                 gate_split += one_launch
             configs += [c for c in square_backward_tiles(base, batch, hidden, directions, num_sms)
-                        + gate_split if c not in configs and runs_well(
+                        + gate_split + unsplit if c not in configs and runs_well(
                             c, kernel, batch, hidden, dtype, directions, num_sms)]
         longer = [longer_chunks(c, kernel, hidden, dtype) for c in configs]
         configs += [c for c in longer if c is not None and c not in configs
@@ -269,7 +272,7 @@ def square_backward_tiles(base: KernelConfig, batch: int, hidden: int, direction
     if not 3 * num_sms <= 4 * programs <= 4 * num_sms:
         return []
     square = dataclasses.replace(base, block_b=64, block_h=64, resident=False, num_warps=16,
-                                 inner_stages=1)
+                                 inner_stages=1, gate_split=False)
     return [square, dataclasses.replace(square, inner_stages=PIPELINE_STAGES)]
 
 

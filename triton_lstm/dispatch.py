@@ -243,12 +243,13 @@ def pipelined_bytes(block_b: int, block_h: int, block_k: int, dtype: torch.dtype
 
 @functools.lru_cache(maxsize=4096)     # asked at every launch; ~10 µs of Python to work out
 def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: int,
-                     kernel: str = "forward") -> KernelConfig:
+                     kernel: str = "forward", proj: bool = False) -> KernelConfig:
     """A sensible tile without measurements (``make tune`` measures better ones).
 
     Hidden blocks of 8+ units (at most 64 blocks), batch blocks of 16+ rows, the
     grid within one launch where the tiles allow; weights on chip when they fit,
-    else streamed.
+    else streamed. proj: the layer has a projection (the backward's gate split and
+    pipelined loop were measured without one).
     """
     block_h = 8
     while cdiv(hidden_size, block_h) > 64 and block_h < 64:
@@ -292,7 +293,7 @@ def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: 
     block_k = min(64, padded(hidden_size))
     # A streamed forward of 32+ rows pipelines its K loop where the stages fit on chip
     # (H200, kernel alone: bf16 B=128 H=1024 10.1 -> 6.4 us/step, B=512 H=1024 27.4 -> 20.2,
-    # fp32 B=512 H=1024 47.7 -> 34.9). The backward's has not been measured yet.
+    # fp32 B=512 H=1024 47.7 -> 34.9). The backward's: below.
     pipelined = (kernel == "forward" and not resident and block_b >= 32 and pipelined_bytes(
         block_b, block_h, block_k, dtype, PIPELINE_STAGES) <= ON_CHIP_BUDGET)
     if (kernel == "backward" and not resident and block_b >= 64
@@ -303,9 +304,23 @@ def heuristic_config(batch: int, hidden_size: int, dtype: torch.dtype, num_sms: 
         # 87 -> 75 us/step, B=128 H=1024 33.9 -> 26.2, fp32 B=512 H=256 19.6 -> 14.3). With 16
         # warps, tiles of under 64 rows spill.
         block_b, block_h = block_b // 2, block_h * 2
+    # A streamed backward at batch 64+ without projection splits dh = dG W_hh by gate: on
+    # every tile make tune timed both ways it was 1.3-2.6x faster (H200, T = 64, us/step:
+    # bf16 B=512 H=1024 64x32 75.1 -> 32.8, B=128 H=1024 32x32 26.2 -> 14.4, B=512 H=512
+    # 19.0 -> 11.2, fp32 B=128 H=1024 49.1 -> 30.0, B=128 H=512 29.5 -> 11.1; fp16 alike).
+    # In 2-byte dtypes its K loop is pipelined too (every 16-bit backward tile timed both
+    # ways was faster so, e.g. 32.8 -> 24.2, 14.4 -> 10.8, and all 50 checked right).
+    # fp32's stays unpipelined: there the gate split was faster without it (30.0 against
+    # 36.3, 11.1 against 12.1), and one pipelined fp32 backward tile computed wrong results
+    # on the GPU, not yet understood (perf/NOTES.md, run 6).
+    gate_split = (kernel == "backward" and not resident and batch >= 64 and not proj
+                  and dtype.itemsize <= 4)
+    if gate_split and dtype.itemsize == 2:
+        pipelined = pipelined_bytes(block_b, block_h, block_k, dtype, PIPELINE_STAGES,
+                                    4 * block_h) <= ON_CHIP_BUDGET
     return KernelConfig(block_b=block_b, block_h=block_h, resident=resident, block_k=block_k,
                         split_k=split_k, num_warps=num_warps,
-                        inner_stages=PIPELINE_STAGES if pipelined else 1)
+                        inner_stages=PIPELINE_STAGES if pipelined else 1, gate_split=gate_split)
 
 
 def gate_split_applies(config: KernelConfig, proj: bool) -> bool:
@@ -354,7 +369,8 @@ def pick_config(batch: int, hidden_size: int, dtype: torch.dtype, device: torch.
     if measured is not None:
         return measured[0]
     num_sms = tuning.sm_count(device)
-    return heuristic_config(batch, hidden_size, dtype, max(1, num_sms // num_directions), kernel)
+    return heuristic_config(batch, hidden_size, dtype, max(1, num_sms // num_directions), kernel,
+                            proj)
 
 
 def barrier_counters(device: torch.device) -> torch.Tensor:

@@ -195,7 +195,7 @@ def _tiles(module, data: torch.Tensor, batch: int, dtype: torch.dtype) -> dict:
                                        directions, proj, tune_if_missing=False)
         if found is None:
             found = (heuristic_config(batch, module.hidden_size, dtype,
-                                      max(1, num_sms // directions), kernel), "heuristic")
+                                      max(1, num_sms // directions), kernel, proj), "heuristic")
         tiles[kernel] = found
     return tiles
 
