@@ -833,7 +833,8 @@ def auto_module(H=512, dtype=torch.bfloat16, **options):
     (torch.float16, 16, 1024, {"batch_first": True}, True, True),
     (torch.bfloat16, 8, 512, {"bidirectional": True}, False, False),
     (torch.bfloat16, 8, 512, {"proj_size": 128}, True, True),      # never measured: kernels
-    (torch.float32, 512, 512, {}, True, True),                      # no fp32 entries: kernels
+    (torch.float32, 64, 512, {}, True, True),                       # no fp32 entries: kernels
+    (torch.float32, 512, 512, {}, False, False),    # but not where full-fp32 GEMMs outweigh
     (torch.bfloat16, 8, 4096, {}, True, True),                      # H too far: kernels
 ])
 def test_auto_picks_what_the_table_says_is_faster(fake_gpu, dtype, B, H, options, want_fwd,
@@ -898,6 +899,64 @@ def test_without_a_measurement_auto_leaves_cudnns_persistent_fp16_kernel_its_sma
     # A table that measured the shape decides, as before.
     tuning.set_table(GPU, table(entry("fp16", 8, 512, fwd=(1.0, 2.0), train=(1.0, 2.0))))
     assert uses_kernels(8)
+
+
+def test_without_a_measurement_auto_gives_nn_lstm_the_fp32_layers_its_tf32_gemms_win(
+        fake_gpu, monkeypatch):
+    """Where an fp32 layer's GEMMs would run in full fp32 against cuDNN's tf32, past the size
+    where they outweigh the recurrence (policy.FP32_GEMM_WORK, from the H200's table)."""
+    def uses_kernels(B, H, I=None, train=False, arch=(9, 0, 132), **options):
+        tuning.clear_caches()
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: (
+            types.SimpleNamespace(major=arch[0], minor=arch[1], multi_processor_count=arch[2])))
+        module = triton_lstm.LSTM(I or H, H, **options)
+        x = torch.randn(3, B, I or H, requires_grad=train)
+        with torch.set_grad_enabled(train):
+            kernels = module._uses_triton(x)
+            explained = triton_lstm.explain(module, x)
+        assert (explained.path == "kernels") == kernels
+        assert ("full fp32" in explained.why) != kernels
+        return kernels
+
+    monkeypatch.setattr(policy, "cudnn_rnn_allows_tf32", lambda: True)
+    monkeypatch.setattr(policy, "torch_matmul_allows_tf32", lambda: False)
+    # B H (I + R) against 2^27 (inference) and 2^26 (training)
+    assert not uses_kernels(128, 1024) and not uses_kernels(128, 1024, train=True)
+    assert uses_kernels(128, 512) and not uses_kernels(128, 512, train=True)    # 2^26
+    assert uses_kernels(64, 512) and uses_kernels(64, 512, train=True)          # 2^25
+    assert not uses_kernels(512, 1024, I=16, train=True)                        # 2^28 + 2^23
+    assert uses_kernels(32, 1024, I=16, train=True)                             # 2^25 + 2^19
+    assert not uses_kernels(32, 1024, I=16, train=True, num_layers=2)   # layer 2's input is H
+    assert not uses_kernels(128, 1024, train=True, proj_size=16)        # R = 16: 2^27 + 2^21
+    assert uses_kernels(16, 1024, train=True, proj_size=16)
+    assert not uses_kernels(128, 512, train=True, bidirectional=True)   # per direction
+    assert uses_kernels(128, 1024, train=True, arch=(7, 0, 80))         # no tf32 tensor cores
+    with torch.no_grad():                                               # bf16: tf32 is moot
+        assert triton_lstm.LSTM(1024, 1024, dtype=torch.bfloat16)._uses_triton(
+            torch.randn(3, 128, 1024, dtype=torch.bfloat16))
+    monkeypatch.setattr(policy, "torch_matmul_allows_tf32", lambda: True)
+    assert uses_kernels(128, 1024, train=True)         # the GEMMs in tf32 too
+    monkeypatch.setattr(policy, "torch_matmul_allows_tf32", lambda: False)
+    monkeypatch.setattr(policy, "cudnn_rnn_allows_tf32", lambda: False)
+    assert uses_kernels(128, 1024, train=True)         # nn.LSTM in full fp32 too
+    monkeypatch.setattr(policy, "cudnn_rnn_allows_tf32", lambda: True)
+    monkeypatch.setattr(dispatch, "fp32_gemms", "triton")
+    assert uses_kernels(128, 1024, train=True)         # kernels/gemm.py in tf32
+    monkeypatch.setattr(dispatch, "fp32_gemms", "torch")
+    # A table that measured the kind of shape decides, as before.
+    tuning.set_table(GPU, table(entry("fp32", 128, 1024, fwd=(1.0, 2.0), train=(1.0, 2.0))))
+    assert uses_kernels(128, 1024, train=True)
+
+
+def test_torch_matmul_allows_tf32_follows_torchs_flag():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert not dispatch.torch_matmul_allows_tf32()
+        torch.set_float32_matmul_precision("high")
+        assert dispatch.torch_matmul_allows_tf32()
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_explain_says_what_and_why(fake_gpu):
@@ -1072,6 +1131,8 @@ def test_the_auto_decision_compiles_without_graph_breaks(fake_gpu, fullgraph_ena
     # No measurement: the rule that leaves cuDNN's persistent fp16 kernel its small batches.
     check(triton_lstm.LSTM(128, 128, dtype=torch.float16), {},
           ((8, 3.0), (24, 2.0), (16, 3.0), (5, 2.0)))
+    # and the one that gives nn.LSTM fp32 layers whose GEMMs outweigh the recurrence
+    check(triton_lstm.LSTM(1024, 1024), {}, ((64, 3.0), (32, 2.0), (200, 3.0)))
 
 
 # -- make tune: bookkeeping ----------------------------------------------------------------------

@@ -204,6 +204,17 @@ def cudnn_rnn_allows_tf32() -> bool:
     return precision == "tf32"
 
 
+def torch_matmul_allows_tf32() -> bool:
+    """The flag torch.matmul follows for fp32 (the layers' GEMMs on the "torch" engine):
+    torch.backends.cuda.matmul.fp32_precision where torch has it, else its allow_tf32;
+    off by default, unlike cuDNN's RNN flag."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return matmul.allow_tf32
+    return precision == "tf32"
+
+
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Precision of the cell state and gate math: fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -8,7 +8,9 @@ A GPU without a table of its own decides by one measured on the same chip (same 
 capability and SM count, ``tuning.decision_gpu``), and takes that table's tiles too.
 Without a measurement (a GPU of another chip, a kind of shape never measured, fp64) the
 kernels run, except where PyTorch would run cuDNN's persistent fp16 kernel at a small batch
-(``cudnn_persistent_wins``); CPU tensors run nn.LSTM. Only batched sequences (3-D
+(``cudnn_persistent_wins``) and where an fp32 layer's GEMMs would run in full fp32 against
+cuDNN's tf32 at a size where they outweigh the recurrence (``fp32_gemms_outweigh``); CPU
+tensors run nn.LSTM. Only batched sequences (3-D
 input) consult the table, which measures them; 2-D input (unbatched, the data of a
 PackedSequence, one step) keeps the kernels.
 
@@ -27,8 +29,9 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import tuning
 from .dispatch import (BACKWARD_CHUNKS_ENV, FORWARD_CHUNKS_ENV, FP32_GEMMS_ENV,
-                       backward_chunk_count, dot_precision, forward_chunk_count, gemms_in_triton,
-                       heuristic_config, interpreting)
+                       backward_chunk_count, cudnn_rnn_allows_tf32, dot_precision,
+                       forward_chunk_count, gemms_in_triton, heuristic_config, interpreting,
+                       torch_matmul_allows_tf32)
 from .functional import compute_dtype
 from .kernels.wavefront import wavefront_config
 from .overlap import backward_chunks_for, forward_chunks_for
@@ -79,6 +82,39 @@ def cudnn_persistent_wins(module, input: torch.Tensor) -> bool:
     return major >= 8 and (major, minor) != (8, 6) and num_sms >= 98
 
 
+# An fp32 layer's GEMMs (the input projection; in training also dx, dW_ih and dW_hh) run in
+# full fp32 on the "torch" engine unless torch.matmul may use tf32, while nn.LSTM's run in
+# tf32 wherever cuDNN's RNN may (its default), several times faster on tensor cores (sm_80+).
+# Their work grows as B H (I + R) a step (R: proj_size, else H), and where it passed these
+# sizes nn.LSTM was faster at the fp32 shapes the H200's table measured, the kernels below
+# them: 47 of its 48 fp32 decisions (the 48th, B = 512 H = 256 training, kernels 45.3 against
+# 50.7 µs/step, where make perf then timed nn.LSTM at 38.0: perf/NOTES.md). Where no table
+# measured a GPU, auto gives such calls to nn.LSTM.
+FP32_GEMM_WORK = {"fwd": 1 << 27, "train": 1 << 26}
+
+
+@torch.compiler.assume_constant_result     # flags torch.compile cannot read while tracing
+def _gemms_full_against_tf32(device: torch.device) -> bool:
+    """Whether the kernels' fp32 GEMMs run in full fp32 where nn.LSTM's cuDNN runs tf32."""
+    return (torch.backends.cudnn.enabled and cudnn_rnn_allows_tf32()
+            and not torch_matmul_allows_tf32() and not gemms_in_triton(torch.float32, device))
+
+
+def fp32_gemms_outweigh(module, input: torch.Tensor) -> bool:
+    """Whether this batched fp32 call's GEMMs would run in full fp32 against nn.LSTM's tf32,
+    at a size past FP32_GEMM_WORK for its mode (rule above)."""
+    if input.dim() != 3 or compute_dtype(input) != torch.float32:
+        return False
+    if tuning.device_arch(input.device)[0] < 8 or not _gemms_full_against_tf32(input.device):
+        return False
+    outputs = module.proj_size or module.hidden_size
+    inputs = module.input_size
+    if module.num_layers > 1:
+        inputs = max(inputs, outputs * (2 if module.bidirectional else 1))
+    work = _batch_of(module, input) * module.hidden_size * (inputs + outputs)
+    return work >= FP32_GEMM_WORK[_mode(module, input)]
+
+
 def auto_uses_kernels(module, input: torch.Tensor) -> bool:
     """backend="auto": whether this call runs the kernels (rule in the module docstring)."""
     if not _on_cuda(input):
@@ -90,7 +126,7 @@ def auto_uses_kernels(module, input: torch.Tensor) -> bool:
         tuning.decision_gpu(input.device), dtype_name, module.hidden_size,
         2 if module.bidirectional else 1, module.proj_size > 0)
     if not decisions:
-        return not cudnn_persistent_wins(module, input)
+        return not (cudnn_persistent_wins(module, input) or fp32_gemms_outweigh(module, input))
     batch = _batch_of(module, input)
     bucket = tuning.batch_bucket([b for b, _, _ in decisions], batch)
     for measured, inference, training in decisions:
@@ -273,6 +309,12 @@ def explain(module, input, hx=None) -> Explanation:
                                f"here (fp16, one layer, batch <= {PERSISTENT_CUDNN_MAX_BATCH}), "
                                "which beat the kernels at every such shape the H200 measured: "
                                "nn.LSTM", call, **found)
+        if fp32_gemms_outweigh(module, data):
+            return Explanation("nn.LSTM", f"{why}; the kernels' fp32 GEMMs would run in full "
+                               "fp32 (torch.matmul without tf32) where nn.LSTM's run in tf32, "
+                               "at a size where nn.LSTM beat the kernels at the fp32 shapes the "
+                               "H200 measured (B x H x (input + output size) >= "
+                               f"{FP32_GEMM_WORK[mode]:,}): nn.LSTM", call, **found)
         return kernels(f"{why}: the kernels, as without measurements", **found)
 
     if not table:
