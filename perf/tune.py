@@ -17,6 +17,7 @@ perf/results/<gpu>/heatmap_<dtype>.png. A run stops starting new measurements af
 --budget-min minutes (8): run it again to go on.
 
     python3 perf/tune.py [--fresh] [--quick] [--dtypes bf16 fp16] [--shapes 8x512 ...]
+    python3 perf/tune.py --retime='-df$'  # time those candidates (and their layers) again
     python3 perf/tune.py --plan          # grid, candidates, time estimate (no GPU needed)
     python3 perf/tune.py --plot-only [--csv perf/results/<gpu>/tune.csv]   # heatmaps again
 """
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -183,6 +185,30 @@ def append_row(path: pathlib.Path, row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def write_rows(path: pathlib.Path, rows: list[dict]) -> None:
+    """tune.csv rewritten with ``rows`` (written aside, then moved over the old file)."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    part.replace(path)
+
+
+def split_for_retiming(rows: list[dict], grid: list[Shape], pattern: str) -> tuple[list, list]:
+    """(kept, dropped): dropped are the rows at the grid's shapes that name a config label
+    matching ``pattern`` (a regular expression, searched): candidates, and the layer timings
+    that ran one, the kernels' and nn.LSTM's beside them, so that a sweep times them again.
+    Shapes outside the grid keep theirs."""
+    regex, shapes = re.compile(pattern), set(grid)
+
+    def names_a_match(row):
+        return shape_of(row) in shapes and any(regex.search(label)
+                                                for label in row["config"].split("+"))
+    return ([row for row in rows if not names_a_match(row)],
+            [row for row in rows if names_a_match(row)])
 
 
 def best_configs(rows: list[dict], shape: Shape) -> dict:
@@ -635,6 +661,11 @@ def main(argv=None) -> int:
                         help="start no measurement after this many minutes (rerun to go on)")
     parser.add_argument("--retry-errors", action="store_true",
                         help="measure again what raised last time (a rerun skips it otherwise)")
+    parser.add_argument("--retime", metavar="REGEX",
+                        help="time again, at the grid's shapes, the candidates whose config "
+                             "label matches (e.g. --retime='-df$' after a change to the dataflow waits) "
+                             "and the layers timed with them; their old rows go to "
+                             "tune.csv.retimed")
     parser.add_argument("--jobs", type=int,
                         help="processes that compile the candidates ahead of the sweep (1: none; "
                              f"default: the cores, at most 16; --plan assumes {GPU_HOST_CORES})")
@@ -681,6 +712,13 @@ def main(argv=None) -> int:
     json_path = pathlib.Path(args.json or CONFIG_DIR / f"{slug}.json")
     if args.fresh and csv_path.exists():
         csv_path.replace(csv_path.with_name(csv_path.name + ".bak"))
+    if args.retime:
+        kept, dropped = split_for_retiming(read_rows(csv_path), grid, args.retime)
+        aside = csv_path.with_name(csv_path.name + ".retimed")
+        for row in dropped:
+            append_row(aside, row)
+        write_rows(csv_path, kept)
+        print(f"--retime {args.retime!r}: {len(dropped)} rows to time again, moved to {aside}")
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
           f"cuDNN {env['cudnn']}, commit {env['commit']}\n"
           f"{format_plan(grid, estimate(grid, neighbourhood, jobs=args.jobs))}\n"

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import sys
 import types
 
@@ -1400,6 +1401,35 @@ def test_a_sweep_at_another_layer_T_times_the_layers_again_and_not_the_candidate
     monkeypatch.setattr(autotune, "time_ms", lambda kind: pytest.fail("timed again"))
     assert tune.Sweep(csv_path, ENV, 4, 600, device="cpu").run(grid, "sweep", json_path)
     assert len(tune.read_rows(csv_path)) == len(rows)
+
+
+def test_retiming_drops_the_matching_rows_at_the_grids_shapes_and_the_sweep_times_them_again(
+        tmp_path, monkeypatch):
+    per_call_ms = {kind: 1.0 for kind in tune.LAYER_KINDS}
+    timed = fake_layer_timings(monkeypatch, per_call_ms)
+    grid = [tune.Shape("fp32", 2, 16), tune.Shape("fp32", 2, 32)]
+    csv_path, json_path = tmp_path / "tune.csv", tmp_path / "cpu.json"
+    assert tune.Sweep(csv_path, ENV, 4, 600, device="cpu").run(grid, "sweep", json_path)
+    rows = tune.read_rows(csv_path)
+    best = tune.best_configs(rows, grid[0])
+    label = tuning.config_label(best["forward"][0])      # the forward the layers ran with
+    kept, dropped = tune.split_for_retiming(rows, grid[:1], "^" + re.escape(label) + "$")
+    assert kept + dropped and sorted(map(str, kept + dropped)) == sorted(map(str, rows))
+    assert {tune.shape_of(r) for r in dropped} == {grid[0]}        # the other shape keeps its
+    again = [r for r in rows if r["kind"] in tune.KERNELS and r["config"] == label
+             and tune.shape_of(r) == grid[0]]
+    assert again and [r for r in dropped if r["kind"] in tune.KERNELS] == again
+    # the layers that ran it: the kernels' and nn.LSTM's timed beside them
+    assert {r["kind"] for r in dropped if r["kind"] not in tune.KERNELS} == set(tune.LAYER_KINDS)
+    tune.write_rows(csv_path, kept)
+    assert tune.read_rows(csv_path) == kept
+    measured = []
+    monkeypatch.setattr(autotune, "measure", lambda problem, kernel, c: measured.append(
+        (kernel, tuning.config_label(c))) or autotune.Measurement(c, "ok", 1e-4, 1.0 * c.block_h))
+    timed.clear()
+    assert tune.Sweep(csv_path, ENV, 4, 600, device="cpu").run(grid, "sweep", json_path)
+    assert measured == [(r["kind"], label) for r in again]
+    assert sorted(timed) == sorted(tune.LAYER_KINDS)
 
 
 def test_a_csv_of_another_format_is_refused(tmp_path):
