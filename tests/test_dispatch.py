@@ -235,7 +235,10 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
                  if B >= 64 and (base.resident or base.block_b < 64) else [])
         # and at 16 rows either kernel with its weights in registers, where they fit
         registers = small and dispatch.registers_forward_fits(H, dtype)
-        extra = small + streamed + large + split + len(clustered) + len(wgmma) + registers
+        # and the forward's 16-row tile with its reduction in chunks four accumulators take
+        chained = autotune.accumulated_chunks(base, kernel, H) if small else None
+        extra = (small + streamed + large + split + len(clustered) + len(wgmma) + registers
+                 + (chained is not None))
         for neighbourhood, most in (("heuristic", 1), ("sweep", 2 + extra),
                                     ("autotune", 5), ("wide", 8 + extra)):
             configs = autotune.candidate_configs(kernel, B, H, dtype, D, 132, neighbourhood)
@@ -259,6 +262,8 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
                 if registers and neighbourhood in ("sweep", "wide") else [])
             assert [c for c in configs if c.cluster] == (
                 clustered if neighbourhood in ("sweep", "wide") else [])
+            assert [c for c in configs if c.chunked] == (
+                [chained] if chained and neighbourhood in ("sweep", "wide") else [])
             assert all((c in configs) == (neighbourhood in ("sweep", "wide")) for c in wgmma)
             flipped = dataclasses.replace(base, inner_stages=3 if base.inner_stages == 1 else 1)
             assert (flipped in configs) == (streamed and neighbourhood in ("sweep", "wide")
@@ -381,6 +386,24 @@ def test_make_tune_also_times_the_backward_with_its_gate_split():
         "backward", 8, 512, torch.bfloat16, 1, 132, "wide"))    # resident, 16 rows
     assert not any(c.gate_split for c in autotune.candidate_configs(
         "forward", 512, 1024, torch.bfloat16, 1, 132, "wide"))
+
+
+def test_make_tune_also_times_the_small_batch_forward_with_four_accumulators():
+    """The heuristic's resident 16-row forward with its reduction in chunks four accumulators
+    take in turn, two chunks each at least (chunks of 32 at H = 256); not the backward, not
+    below H = 256, not where the tile is not resident, not on first use."""
+    def chained(kernel, B, H, dtype=torch.bfloat16, neighbourhood="sweep"):
+        return [tuning.config_label(c) for c in autotune.candidate_configs(
+            kernel, B, H, dtype, 1, 132, neighbourhood) if c.chunked]
+
+    assert chained("forward", 8, 256) == ["bb16-bh8-chk-bk32-sk4-w4"]
+    assert chained("forward", 8, 512) == ["bb16-bh8-chk-bk64-sk4-w4"]
+    assert chained("forward", 16, 1024) == ["bb16-bh16-chk-bk64-sk4-w4"]
+    assert chained("forward", 8, 1024, torch.float32) == ["bb16-bh8-chk-bk64-sk4-w4"]
+    assert chained("forward", 8, 128) == []                  # 128: one chunk of 32 each
+    assert chained("backward", 8, 512) == []
+    assert chained("forward", 128, 512) == []                # 64 rows at B = 128
+    assert chained("forward", 8, 512, neighbourhood="autotune") == []
 
 
 def test_make_tune_also_times_16_row_tiles_that_meet_at_the_cluster_barrier():

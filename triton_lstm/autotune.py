@@ -139,7 +139,8 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
     layout), fewer / more rows (half / double the batch block), streamed weights; for
     make tune's neighbourhoods, the heuristic's tiles with dataflow waits at 16 rows (and,
     where the weights fit, with them in registers: kernels/forward_registers.py and
-    backward_registers.py, or where those cannot run the same tile in the tl kernel),
+    backward_registers.py, or where those cannot run the same tile in the tl kernel; and
+    the forward's with its reduction in chunks four accumulators take, ``accumulated_chunks``),
     streamed ones with their K loop pipelined or not (the other way from the heuristic's),
     streamed tiles of 64+ rows reshaped to move fewer bytes a step (and for a backward, its
     tile with and without the gate split, which has no projection phase: `proj`), and at
@@ -176,6 +177,10 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
             configs += cluster_tiles(base, kernel, batch, hidden, dtype, directions, num_sms)
             if not proj and registers_forward_fits(hidden, dtype):
                 configs.append(dataclasses.replace(base, registers=True))
+            chained = accumulated_chunks(base, kernel, hidden)
+            if chained is not None and runs_well(chained, kernel, batch, hidden, dtype,
+                                                 directions, num_sms):
+                configs.append(chained)
         if not base.resident:   # the streamed K loop the other way: pipelined or not
             flipped = dataclasses.replace(
                 base, inner_stages=1 if base.inner_stages > 1 else PIPELINE_STAGES)
@@ -209,6 +214,22 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
         configs += [c for c in longer if c is not None and c not in configs
                     and runs_well(c, kernel, batch, hidden, dtype, directions, num_sms)]
     return configs
+
+
+def accumulated_chunks(base: KernelConfig, kernel: str, hidden: int) -> Optional[KernelConfig]:
+    """A resident forward `base` with its weight slice in chunks of the reduction that four
+    accumulators take in turn: four independent chains of MMAs a warp instead of one over
+    the whole reduction (perf/NOTES.md, "a split reduction with no exchange between
+    warps"), chunks of 64, or of 32 where an accumulator would otherwise get fewer than two
+    (Triton folds a lone chunk's sum into one chain). None for the backward (its [16, 8]
+    tile at B = 8 is one MMA column that all warps compute alike), for streamed or chunked
+    tiles, and below H = 256."""
+    if kernel != "forward" or not base.resident or base.chunked:
+        return None
+    block_k = 64 if padded(hidden) >= 4 * 2 * 64 else 32
+    if padded(hidden) < 4 * 2 * block_k:
+        return None
+    return dataclasses.replace(base, chunked=True, block_k=block_k, split_k=4)
 
 
 def longer_chunks(config: KernelConfig, kernel: str, hidden: int,
