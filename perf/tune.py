@@ -663,9 +663,9 @@ def main(argv=None) -> int:
                         help="measure again what raised last time (a rerun skips it otherwise)")
     parser.add_argument("--retime", metavar="REGEX",
                         help="time again, at the grid's shapes, the candidates whose config "
-                             "label matches (e.g. --retime='-df$' after a change to the dataflow waits) "
-                             "and the layers timed with them; their old rows go to "
-                             "tune.csv.retimed")
+                             "label matches (e.g. --retime='-df$' after a change to the "
+                             "dataflow waits) and the layers timed with them; their old rows "
+                             "go to tune.csv.retimed")
     parser.add_argument("--jobs", type=int,
                         help="processes that compile the candidates ahead of the sweep (1: none; "
                              f"default: the cores, at most 16; --plan assumes {GPU_HOST_CORES})")
