@@ -18,7 +18,8 @@ perf/results/<gpu>/heatmap_<dtype>.png. A run stops starting new measurements af
 
     python3 perf/tune.py [--fresh] [--quick] [--dtypes bf16 fp16] [--shapes 8x512 ...]
     python3 perf/tune.py --retime='-df$'  # time those candidates (and their layers) again
-    python3 perf/tune.py --plan          # grid, candidates, time estimate (no GPU needed)
+    python3 perf/tune.py --plan [--csv perf/results/<gpu>/tune.csv]   # what a run would measure
+                                         # (past the CSV's rows) and a time estimate, no GPU
     python3 perf/tune.py --plot-only [--csv perf/results/<gpu>/tune.csv]   # heatmaps again
 """
 from __future__ import annotations
@@ -503,29 +504,40 @@ def write_json(table: dict, path: pathlib.Path) -> None:
 # -- plan --------------------------------------------------------------------------------------
 
 def estimate(grid: list[Shape], neighbourhood: str = "sweep", num_sms: int = NUM_SMS,
-             jobs: int = 1) -> dict:
-    """Candidates, distinct kernel compiles and seconds the sweep of ``grid`` should take.
+             jobs: int = 1, measured: frozenset = frozenset()) -> dict:
+    """Candidates, distinct kernel compiles, layers and seconds the sweep of ``grid`` should
+    take, past what tune.csv holds (``measured``: its row keys).
 
     A compile is one (kernel, dtype, H, D, proj, config) variant: the candidates, and the
     forward that saves the activations (the backward's inputs, the layer's training) with
-    the best forward tiles, counted as the heuristic's (an assumption). ``jobs`` processes
-    compile the candidates ahead of the sweep (compile_ahead), each at the serial rate.
+    the best forward tiles, counted as the heuristic's (an assumption). A shape's layers are
+    timed where a candidate is new (the best may change) or none were timed at LAYER_STEPS.
+    ``jobs`` processes compile the candidates ahead of the sweep (compile_ahead), each at
+    the serial rate.
     """
-    compiles, candidates = set(), 0
+    compiles, candidates, layers = set(), 0, 0
     for shape in grid:
         dtype = DTYPES[shape.dtype]
         group = (shape.dtype, shape.hidden, shape.directions, shape.proj)
+        new = 0
         for kernel in KERNELS:
-            configs = shape_candidates(shape, kernel, neighbourhood, num_sms)
-            candidates += len(configs)
+            configs = [c for c in shape_candidates(shape, kernel, neighbourhood, num_sms)
+                       if row_key(kernel, shape, config_label(c)) not in measured]
+            new += len(configs)
             compiles.update((kernel, group, c) for c in configs)
-        compiles.add(("forward-save", group, heuristic_config(
-            shape.batch, shape.hidden, dtype, max(1, num_sms // shape.directions), "forward")))
+        prefix = row_key("kernels_train", shape, "")
+        if new or not any(key.startswith(prefix) and key.endswith(f"|T{LAYER_STEPS}")
+                          for key in measured):
+            layers += 1
+            compiles.add(("forward-save", group, heuristic_config(
+                shape.batch, shape.hidden, dtype, max(1, num_sms // shape.directions),
+                "forward")))
+        candidates += new
     parallel = max(1.0, jobs * PARALLEL_EFFICIENCY)
     seconds = (START_S + len(compiles) * COMPILE_S / parallel + candidates * CANDIDATE_S
-               + len(grid) * LAYER_S)
-    return dict(shapes=len(grid), candidates=candidates, compiles=len(compiles), seconds=seconds,
-                jobs=max(1, jobs), parallel=parallel)
+               + layers * LAYER_S)
+    return dict(shapes=len(grid), candidates=candidates, compiles=len(compiles), layers=layers,
+                seconds=seconds, jobs=max(1, jobs), parallel=parallel)
 
 
 def format_plan(grid: list[Shape], plan: dict) -> str:
@@ -540,8 +552,9 @@ def format_plan(grid: list[Shape], plan: dict) -> str:
         f"{plan['shapes']} shapes ({', '.join(sorted({s.dtype for s in grid}))}; {covered})",
         f"{plan['candidates']} candidate measurements, {plan['compiles']} kernel compiles",
         f"estimate: {plan['seconds'] / 60:.1f} min = {START_S} s start + {plan['compiles']} "
-        f"compiles x {COMPILE_S} s / {plan['parallel']:g} ({plan['jobs']} processes) + {plan['candidates']} candidates x {CANDIDATE_S} s + "
-        f"{plan['shapes']} layers x {LAYER_S} s"])
+        f"compiles x {COMPILE_S} s / {plan['parallel']:g} ({plan['jobs']} processes) + "
+        f"{plan['candidates']} candidates x {CANDIDATE_S} s + {plan['layers']} layers x "
+        f"{LAYER_S} s"])
 
 
 # -- pictures ----------------------------------------------------------------------------------
@@ -672,7 +685,8 @@ def main(argv=None) -> int:
     parser.add_argument("--exchange", action="store_true",
                         help="also each cluster tile exchanging h through distributed shared "
                              "memory (kernels/dsmem.py)")
-    parser.add_argument("--plan", action="store_true", help="print the grid and time estimate")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the grid and time estimate (with --csv: past its rows)")
     parser.add_argument("--plot-only", action="store_true", help="heatmaps from an existing CSV")
     parser.add_argument("--csv", help="tune.csv to read/extend (default perf/results/<gpu>/tune.csv)")
     parser.add_argument("--json", help="table to write (default triton_lstm/configs/<gpu>.json)")
@@ -685,7 +699,13 @@ def main(argv=None) -> int:
     global EXCHANGE
     EXCHANGE = args.exchange
     if args.plan:
-        print(format_plan(grid, estimate(grid, neighbourhood, jobs=args.jobs or GPU_HOST_CORES)))
+        # What a run would still measure: past the rows of --csv, where given (as --retime
+        # would leave them).
+        rows = read_rows(pathlib.Path(args.csv)) if args.csv else []
+        if args.retime:
+            rows = split_for_retiming(rows, grid, args.retime)[0]
+        print(format_plan(grid, estimate(grid, neighbourhood, jobs=args.jobs or GPU_HOST_CORES,
+                                         measured=frozenset(row["key"] for row in rows))))
         return 0
     has_gpu = torch.cuda.is_available()
     if args.plot_only:
@@ -719,14 +739,14 @@ def main(argv=None) -> int:
             append_row(aside, row)
         write_rows(csv_path, kept)
         print(f"--retime {args.retime!r}: {len(dropped)} rows to time again, moved to {aside}")
-    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-          f"cuDNN {env['cudnn']}, commit {env['commit']}\n"
-          f"{format_plan(grid, estimate(grid, neighbourhood, jobs=args.jobs))}\n"
-          f"{len(read_rows(csv_path))} rows already in {csv_path}; budget {args.budget_min:g} min",
-          flush=True)
     sweep = Sweep(csv_path, env, args.steps, args.budget_min * 60,
                   retry_errors=args.retry_errors, log=lambda line: print(line, flush=True),
                   layer_steps=args.layer_steps)
+    plan = estimate(grid, neighbourhood, jobs=args.jobs, measured=frozenset(sweep.measured))
+    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+          f"cuDNN {env['cudnn']}, commit {env['commit']}\n{format_plan(grid, plan)}\n"
+          f"past the {len(sweep.rows)} rows already in {csv_path}; budget {args.budget_min:g} min",
+          flush=True)
     compile_ahead(compile_one, compile_jobs(grid, neighbourhood, sweep.measured, sweep.num_sms,
                                             str(sweep.device)), args.jobs, log=sweep.log)
     complete = sweep.run(grid, neighbourhood, json_path)

@@ -1455,6 +1455,24 @@ def test_retiming_drops_the_matching_rows_at_the_grids_shapes_and_the_sweep_time
     assert sorted(timed) == sorted(tune.LAYER_KINDS)
 
 
+def test_the_plan_counts_what_tune_csv_does_not_hold_yet(tmp_path, monkeypatch):
+    timed = fake_layer_timings(monkeypatch, {kind: 1.0 for kind in tune.LAYER_KINDS})
+    grid = [tune.Shape("fp32", 2, 16), tune.Shape("fp32", 2, 32)]
+    fresh = tune.estimate(grid, num_sms=4)
+    assert fresh["layers"] == len(grid) and fresh["candidates"] > 0
+    csv_path = tmp_path / "tune.csv"
+    assert tune.Sweep(csv_path, ENV, 4, 600, device="cpu").run(grid, "sweep", tmp_path / "t.json")
+    assert timed
+    keys = frozenset(row["key"] for row in tune.read_rows(csv_path))
+    done = tune.estimate(grid, num_sms=4, measured=keys)
+    assert (done["candidates"], done["compiles"], done["layers"]) == (0, 0, 0)
+    assert done["seconds"] == tune.START_S
+    # one candidate of the first shape gone: it and that shape's layers again
+    one = next(k for k in sorted(keys) if k.startswith("forward|fp32/B2/H16/"))
+    again = tune.estimate(grid, num_sms=4, measured=keys - {one})
+    assert (again["candidates"], again["layers"]) == (1, 1)
+
+
 def test_a_csv_of_another_format_is_refused(tmp_path):
     path = tmp_path / "tune.csv"
     path.write_text("kind,dtype\nforward,bf16\n")
