@@ -515,24 +515,21 @@ def estimate(grid: list[Shape], neighbourhood: str = "sweep", num_sms: int = NUM
     ``jobs`` processes compile the candidates ahead of the sweep (compile_ahead), each at
     the serial rate.
     """
-    compiles, candidates, layers = set(), 0, 0
+    def group(shape):
+        return shape.dtype, shape.hidden, shape.directions, shape.proj
+
+    jobs_left = compile_jobs(grid, neighbourhood, measured, num_sms)
+    compiles = {(kernel, group(shape), label) for shape, kernel, label, _, _ in jobs_left}
+    candidates, layers = len(jobs_left), 0
+    new = {shape for shape, *_ in jobs_left}
     for shape in grid:
-        dtype = DTYPES[shape.dtype]
-        group = (shape.dtype, shape.hidden, shape.directions, shape.proj)
-        new = 0
-        for kernel in KERNELS:
-            configs = [c for c in shape_candidates(shape, kernel, neighbourhood, num_sms)
-                       if row_key(kernel, shape, config_label(c)) not in measured]
-            new += len(configs)
-            compiles.update((kernel, group, c) for c in configs)
         prefix = row_key("kernels_train", shape, "")
-        if new or not any(key.startswith(prefix) and key.endswith(f"|T{LAYER_STEPS}")
-                          for key in measured):
+        if shape in new or not any(key.startswith(prefix) and key.endswith(f"|T{LAYER_STEPS}")
+                                   for key in measured):
             layers += 1
-            compiles.add(("forward-save", group, heuristic_config(
-                shape.batch, shape.hidden, dtype, max(1, num_sms // shape.directions),
-                "forward")))
-        candidates += new
+            compiles.add(("forward-save", group(shape), heuristic_config(
+                shape.batch, shape.hidden, DTYPES[shape.dtype],
+                max(1, num_sms // shape.directions), "forward")))
     parallel = max(1.0, jobs * PARALLEL_EFFICIENCY)
     seconds = (START_S + len(compiles) * COMPILE_S / parallel + candidates * CANDIDATE_S
                + layers * LAYER_S)

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import triton
 
-from .kernels.barrier import leader_increment
+from .kernels.barrier import interpreting, leader_increment
 from .kernels.dsmem import region_bytes
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
@@ -92,11 +92,6 @@ class KernelConfig:
 
     def num_h_blocks(self, hidden_size: int) -> int:
         return cdiv(hidden_size, self.block_h)
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # triton.cdiv and triton.next_power_of_2 are ConstexprFunctions: ~1.5 µs a call from host

@@ -38,9 +38,16 @@ import torch
 import triton
 import triton.language as tl
 
-# Whether the kernels run under the Triton interpreter, which has no inline assembly
-# (dispatch.interpreting's test; dispatch imports this module).
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter (asked at each call; dispatch
+    gives the host code this function)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# The same, as the kernels were imported: the interpreter has no inline assembly.
+INTERPRETED = tl.constexpr(interpreting())
+
 _SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
