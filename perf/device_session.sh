@@ -43,6 +43,9 @@
 #   COMMIT=<hash> bash perf/device_session.sh 11  the cluster barrier's and the exchange's GPU
 #                                                  tests and variants rows, then part 5
 #                                                  (about 9.5 min)
+#   COMMIT=<hash> bash perf/device_session.sh 12  the registers backward with two warps a gate
+#                                                  (H = 1024, fp32 512): the registers kernels'
+#                                                  GPU tests, its variants rows (3.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -186,8 +189,16 @@ case "${1:-}" in
     timeout 90 python3 perf/variants.py --only registers --out "$OUT/variants-registers" 2>&1 \
         | tee "$OUT/variants.log"
     ;;
+12)
+    # The registers backward with two warps a gate (issue 8: fp16 B = 8 H = 1024 training;
+    # perf/NOTES.md, "The registers backward at H = 1024"): the registers kernels' GPU tests,
+    # then its rows beside the table's tl tiles and beside one warp a gate.
+    gpu_tests 90 "registers"
+    timeout 110 python3 perf/variants.py --only split --out "$OUT/variants-split" 2>&1 \
+        | tee "$OUT/variants.log"
+    ;;
 *)
-    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9|10|11" >&2
+    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9|10|11|12" >&2
     exit 2
     ;;
 esac

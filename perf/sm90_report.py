@@ -235,8 +235,8 @@ def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0,
 def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0,
                               state=True):
     """The small-batch backward with its weights in registers (kernels/backward_registers.py),
-    with dy and dh_n, and c0 and lengths where ``state``; its tile is its own (4 warps, 16
-    units, 8 rows)."""
+    with dy and dh_n, and c0 and lengths where ``state``; its tile is its own (16 units, 8
+    rows; 4 warps, 8 where a gate's reduction is split in two)."""
     from triton_lstm.kernels import backward_registers as br   # Gluon, imported where asked for
     tname, dtype = DTYPES[dtype_name]
     types = dict(dy=tname, dh_n=tname, dc_state="fp32", gates="fp32", c_all="fp32", c0=tname,
@@ -246,10 +246,11 @@ def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_back
                                           has_dy=True, has_dhn=True, has_h0=state,
                                           has_lengths=state, reverse=True),
                       POLL_BACKOFF_NS=poll_backoff_ns)
-    compiled = compile_one(br.lstm_backward_registers_kernel, types, constexprs, br.WARPS)
+    num_warps = br.warps(hidden, dtype)
+    compiled = compile_one(br.lstm_backward_registers_kernel, types, constexprs, num_warps)
     return compiled_row(compiled, kernel="registers-backward", dtype=dtype_name, B=batch,
                         H=hidden, D=directions, proj=0, tile=f"{br.ROWS}x{br.UNITS}",
-                        resident=True, split_k=br.chunks(hidden, dtype), warps=br.WARPS)
+                        resident=True, split_k=constexprs["CHUNKS"], warps=num_warps)
 
 
 @gluon.jit

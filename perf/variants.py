@@ -10,7 +10,8 @@ shares of dh) exchanged through distributed shared memory (dsmem) and the small-
 and backward with their weights in registers (registers; a row says "not run" where the
 config's tl tile ran instead; its rows can set the kernels' knobs after the label:
 "@backoff=NS" pauses between polls, "@load=4" loads h or dG 4 bytes at a time, the mma.sync
-fragments' own layout). Each row
+fragments' own layout, "@splits=2" gives the backward two warps a gate; the group "split"
+has the backward's rows with two warps a gate). Each row
 runs one kernel
 (forward: lstm_forward with save as in training; backward: lstm_backward on that
 forward's saved values) at T steps, D = 1, I = H, and compares its outputs with the
@@ -19,13 +20,15 @@ compiled in parallel processes (--jobs; a 2-step run each), then the rows are ti
 by one. Writes variants.csv to $OUT (or --out) and prints a table: µs per step, median
 and the 20-80% spread.
 
-    python3 perf/variants.py [--steps 256] [--only cluster|registers|small|large] [--out DIR]
+    python3 perf/variants.py [--steps 256] [--only cluster|registers|split|small|large]
+                             [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import importlib
 import os
 import pathlib
 import sys
@@ -93,6 +96,20 @@ EXPERIMENTS = [
     ("registers", "backward", "fp16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
     ("registers", "backward", "bf16", 1, 512, ["bb16-bh8-res-bk64-sk1-w4-rg"]),
     ("registers", "backward", "fp32", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-rg"]),  # tf32
+    # The registers backward with two warps a gate, half of its reduction each: past H = 512
+    # (fp32 256) beside the table's tl tile, and by choice where one warp would hold the slice
+    # (half the chain, twice the warps) beside one warp a gate.
+    ("split", "backward", "fp16", 8, 1024, ["bb16-bh16-res-bk64-sk4-w8",
+                                            "bb16-bh16-res-bk64-sk4-w8-rg",
+                                            "bb16-bh16-res-bk64-sk4-w8-rg@backoff=400"]),
+    ("split", "backward", "bf16", 16, 1024, ["bb16-bh16-res-bk64-sk4-w8",
+                                             "bb16-bh16-res-bk64-sk4-w8-rg"]),
+    ("split", "backward", "fp32", 8, 512, ["bb16-bh8-res-bk64-sk4-w8",
+                                           "bb16-bh8-res-bk64-sk4-w8-rg"]),  # tf32
+    ("split", "backward", "fp16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-rg",
+                                           "bb16-bh8-res-bk64-sk1-w4-rg@splits=2"]),
+    ("split", "backward", "bf16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-rg",
+                                           "bb16-bh8-res-bk64-sk1-w4-rg@splits=2"]),
     # Small batch: the backward's split_k (PERF-MODEL.md 2.4), loads after the arrival.
     ("small", "backward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk4-w4", "bb16-bh8-res-bk64-sk4-w8",
                                            "bb16-bh8-res-bk64-sk1-w4-pa",
@@ -174,13 +191,15 @@ def runner(kernel, gx, w_hh, h0, c0, dy, config):
 
 
 # Knobs of the registers kernels a row can set after its label, "<label>@<knob>=<value>":
-# module constants of kernels/forward_registers.py (the backward reads them too), set for
-# that row only.
-REGISTERS_KNOBS = {"backoff": "POLL_BACKOFF_NS", "load": "H_LOAD_BYTES"}
+# module constants, set for that row only: kernels/forward_registers.py's (the backward
+# reads them too) and kernels/backward_registers.py's warps a gate.
+REGISTERS_KNOBS = {"backoff": ("forward_registers", "POLL_BACKOFF_NS"),
+                   "load": ("forward_registers", "H_LOAD_BYTES"),
+                   "splits": ("backward_registers", "SPLITS")}
 
 
 def variant(label: str):
-    """(config, {constant: value}) of a row's label, its knobs after an '@'."""
+    """(config, {(module, constant): value}) of a row's label, its knobs after an '@'."""
     label, *knobs = label.split("@")
     settings = {}
     for knob in knobs:
@@ -191,15 +210,15 @@ def variant(label: str):
 
 @contextlib.contextmanager
 def knobs_set(settings: dict):
-    from triton_lstm.kernels import forward_registers
-    saved = {name: getattr(forward_registers, name) for name in settings}
-    for name, value in settings.items():
-        setattr(forward_registers, name, value)
+    modules = {key: importlib.import_module(f"triton_lstm.kernels.{key[0]}") for key in settings}
+    saved = {key: getattr(modules[key], key[1]) for key in settings}
+    for key, value in settings.items():
+        setattr(modules[key], key[1], value)
     try:
         yield
     finally:
-        for name, value in saved.items():
-            setattr(forward_registers, name, value)
+        for key, value in saved.items():
+            setattr(modules[key], key[1], value)
 
 
 def compile_config(job) -> str:
@@ -237,7 +256,7 @@ def max_rel_diff(got, want) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=256)
-    parser.add_argument("--only", choices=("cluster", "registers", "small", "large"))
+    parser.add_argument("--only", choices=("cluster", "registers", "split", "small", "large"))
     parser.add_argument("--out", default=os.environ.get("OUT") or "perf/results")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes that compile the configs ahead (1: none)")

@@ -116,27 +116,36 @@ def test_config_labels_round_trip():
 
 
 
-# What the registers kernels run (either kernel), and what only the forward's calls can ask.
+# What the registers kernels run: (change, the forward runs it, the backward runs it), and
+# what only the forward's calls can ask.
 REGISTERS_CASES = [
-    ({}, True), (dict(dtype=torch.float16), True), (dict(hidden_size=1024), False),
-    (dict(dtype=torch.float32, hidden_size=256), True),
-    (dict(dtype=torch.float32, hidden_size=256, tf32=False), False),
-    (dict(dtype=torch.float32), False), (dict(dtype=torch.float64, hidden_size=128), False),
-    (dict(device=torch.device("cpu")), False), (dict(proj=True), False),
-    (dict(restarts=True), False), (dict(force_stepped=True), False)]
+    ({}, True, True), (dict(dtype=torch.float16), True, True),
+    (dict(hidden_size=1024), False, True),      # the backward: two warps a gate
+    (dict(hidden_size=700, dtype=torch.float16), False, True),
+    (dict(hidden_size=1100), False, False),
+    (dict(dtype=torch.float32, hidden_size=256), True, True),
+    (dict(dtype=torch.float32, hidden_size=256, tf32=False), False, False),
+    (dict(dtype=torch.float32), False, True), (dict(dtype=torch.float32, hidden_size=600),
+                                               False, False),
+    (dict(dtype=torch.float64, hidden_size=128), False, False),
+    (dict(device=torch.device("cpu")), False, False), (dict(proj=True), False, False),
+    (dict(restarts=True), False, False), (dict(force_stepped=True), False, False)]
 FORWARD_ONLY_CASES = [(dict(ckpt_every=8), False), (dict(step_chunks=True), False)]
 
 
 @pytest.mark.parametrize("kernel, change, runs",
-                         [("forward", *case) for case in REGISTERS_CASES + FORWARD_ONLY_CASES]
-                         + [("backward", *case) for case in REGISTERS_CASES])
+                         [("forward", change, runs) for change, runs, _ in REGISTERS_CASES]
+                         + [("forward", *case) for case in FORWARD_ONLY_CASES]
+                         + [("backward", change, runs) for change, _, runs in REGISTERS_CASES])
 def test_registers_kernels_run_only_what_they_support(kernel, change, runs, monkeypatch):
     """kernels/forward_registers.py and backward_registers.py: bf16 / fp16 on a GPU, and fp32
     where nn.LSTM's rule lets their dots use tf32, with the weight slice in registers
-    (H <= 512, fp32 256), one persistent launch of a layer without projection or restarts
-    (nor, in the forward, checkpoints or chunks); elsewhere the config's own tile."""
+    (H <= 512, fp32 256; the backward, two warps a gate, H <= 1024, fp32 512), one persistent
+    launch of a layer without projection or restarts (nor, in the forward, checkpoints or
+    chunks); elsewhere the config's own tile."""
     from triton_lstm.kernels import backward_registers, forward_registers
     monkeypatch.setattr(forward_registers, "interpreting", lambda: False)
+    monkeypatch.setattr(backward_registers, "interpreting", lambda: False)
     change = dict(change)
     tf32 = change.pop("tf32", True)
     monkeypatch.setattr(dispatch, "cudnn_rnn_allows_tf32", lambda: tf32)
@@ -233,8 +242,11 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
         # and from B = 64, streamed 64-row tiles in place of resident or narrower ones
         wgmma = (autotune.wgmma_tiles(base, kernel, B, H, dtype, D, 132)
                  if B >= 64 and (base.resident or base.block_b < 64) else [])
-        # and at 16 rows either kernel with its weights in registers, where they fit
-        registers = small and dispatch.registers_forward_fits(H, dtype)
+        # and at 16 rows either kernel with its weights in registers, where they fit (the
+        # backward's split over two warps a gate past the forward's)
+        fits = (dispatch.registers_forward_fits if kernel == "forward"
+                else dispatch.registers_backward_fits)
+        registers = small and fits(H, dtype)
         # and the forward's 16-row tile with its reduction in chunks four accumulators take
         chained = autotune.accumulated_chunks(base, kernel, H) if small else None
         extra = (small + streamed + large + split + len(clustered) + len(wgmma) + registers

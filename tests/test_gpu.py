@@ -661,6 +661,13 @@ REGISTERS = "bb16-bh8-res-bk64-sk1-w4-rg"
     ("packed-bidir", 8, 256, "bf16", {"POLL_BACKOFF_NS": 200}, "both"),   # a pause between polls
     ("packed-bidir", 8, 256, "fp32-tf32", {}, "both"),    # fp32 in tf32, as nn.LSTM may
     ("state", 5, 100, "fp32-tf32", {}, "both"),
+    # The backward with two warps a gate, each with half of its reduction (past H = 512,
+    # fp32 256); the forward's tl tile feeds it.
+    ("packed-bidir", 8, 1024, "bf16", {}, "backward"),
+    ("plain", 16, 1024, "fp16", {}, "backward"),
+    ("state", 5, 700, "bf16", {}, "backward"),     # the second halves partly past H
+    ("packed-bidir", 8, 512, "fp32-tf32", {}, "backward"),
+    ("packed-bidir", 8, 512, "fp16", {"backward_registers.SPLITS": 2}, "backward"),  # by choice
 ])
 def test_registers_kernels_match_float64_within_twice_cudnn_error(form, batch, hidden,
                                                                   dtype_name, knobs, kernels,
@@ -668,11 +675,12 @@ def test_registers_kernels_match_float64_within_twice_cudnn_error(form, batch, h
     """Outputs and every gradient of a layer whose forward, backward or both ran in the
     registers kernels (the forward's saved gates feed either backward), against float64,
     with both directions in one grid, packed lengths, an initial state, partial unit and
-    batch blocks. The knobs are the forward module's; the backward reads them too."""
-    from triton_lstm.kernels import forward_registers
+    batch blocks. The knobs are the forward module's (the backward reads them too), or
+    another's where they name it ("module.NAME")."""
     from triton_lstm.tuning import config_from_label, forced_configs
-    for name, value in knobs.items():
-        monkeypatch.setattr(forward_registers, name, value)
+    for knob, value in knobs.items():
+        module, _, name = knob.rpartition(".")
+        monkeypatch.setattr(f"triton_lstm.kernels.{module or 'forward_registers'}.{name}", value)
     dtype, allow_tf32, slack = DTYPES[dtype_name]
     T, I = 40, 64
     torch_lstm = torch.nn.LSTM(I, hidden, bidirectional=form == "packed-bidir", device="cuda",

@@ -473,20 +473,23 @@ def _float64_backward(problem, gx, h0):
     return torch.autograd.grad(loss, leaves)
 
 
+@pytest.mark.parametrize("splits", [1, 2], ids=["warp-a-gate", "two-warps-a-gate"])
 @pytest.mark.parametrize("T, B, H, dtype", [
     (6, 11, 16, torch.float32),    # steps: one unit block a group (programs run one by one)
     (5, 11, 13, torch.float16),    # a unit block with units missing
     (4, 3, 7, torch.float32),
 ])
-def test_registers_backward_code_matches_float64(T, B, H, dtype):
+def test_registers_backward_code_matches_float64(T, B, H, dtype, splits):
     """The registers backward's index math, masks, gate order, lengths, both directions, its
     state's gradients and polls, in its own code (interpreted_backward_registers_kernel):
-    within twice the tl backward's error against float64, from the same saved gates."""
+    within twice the tl backward's error against float64, from the same saved gates. With
+    two warps a gate (a layer past H = 512) each takes half of the gate's reduction."""
     from triton_lstm.kernels import backward_registers
     from triton_lstm.kernels.backward import lstm_backward
     kernel = interpreted_backward_registers_kernel()
     problem, (gx, h0) = _backward_problem(T, B, H, dtype)
-    outputs, args, grid, constexprs = backward_registers.launch_arguments(**problem, reverse=True)
+    outputs, args, grid, constexprs = backward_registers.launch_arguments(**problem, reverse=True,
+                                                                          splits=splits)
     kernel[grid](*args, **constexprs)
     tl_outputs = lstm_backward(**problem, config=CONFIGS["resident-bh4"])[:3]
     want = _float64_backward(problem, gx, h0)
@@ -497,11 +500,12 @@ def test_registers_backward_code_matches_float64(T, B, H, dtype):
         assert error <= 2 * tl_error + 1e-6, (name, error, tl_error)
 
 
+@pytest.mark.parametrize("splits", [1, 2], ids=["warp-a-gate", "two-warps-a-gate"])
 @pytest.mark.parametrize("T, B, H, dtype", [
     (3, 3, 40, torch.float32),     # 3 unit blocks, the last with 8 of its 16 units
     (2, 9, 33, torch.float16),     # 2 batch blocks, 3 unit blocks
 ])
-def test_registers_backward_code_with_many_unit_blocks(T, B, H, dtype):
+def test_registers_backward_code_with_many_unit_blocks(T, B, H, dtype, splits):
     """Programs of several unit blocks read each other's dG, which under the interpreter (one
     program after another) no program has written yet: dG starts as the tl backward's
     instead of the mark, so every read finds it written. Each program's own reads and
@@ -511,7 +515,8 @@ def test_registers_backward_code_with_many_unit_blocks(T, B, H, dtype):
     kernel = interpreted_backward_registers_kernel()
     problem, _ = _backward_problem(T, B, H, dtype)
     tl_outputs = lstm_backward(**problem, config=CONFIGS["resident-bh4"])[:3]
-    outputs, args, grid, constexprs = backward_registers.launch_arguments(**problem, reverse=True)
+    outputs, args, grid, constexprs = backward_registers.launch_arguments(**problem, reverse=True,
+                                                                          splits=splits)
     assert grid[0] >= 3
     outputs[0].copy_(tl_outputs[0])
     kernel[grid](*args, **constexprs)

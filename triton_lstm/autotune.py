@@ -38,7 +38,8 @@ import triton
 from . import tuning
 from .dispatch import (ON_CHIP_BUDGET, PIPELINE_STAGES, STAGED_BYTES, KernelConfig, cdiv,
                        gpu_slug, heuristic_config, next_power_of_2, on_chip_bytes, padded,
-                       pipelined_bytes, registers_forward_fits, resident_operand_spills,
+                       pipelined_bytes, registers_backward_fits, registers_forward_fits,
+                       resident_operand_spills,
                        staged_bytes)
 from .kernels.backward import lstm_backward
 from .kernels.forward import lstm_forward
@@ -175,7 +176,8 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
         if base.block_b == 16 and not base.dataflow:
             configs.append(dataclasses.replace(base, dataflow=True))
             configs += cluster_tiles(base, kernel, batch, hidden, dtype, directions, num_sms)
-            if not proj and registers_forward_fits(hidden, dtype):
+            fits = registers_forward_fits if kernel == "forward" else registers_backward_fits
+            if not proj and fits(hidden, dtype):
                 configs.append(dataclasses.replace(base, registers=True))
             chained = accumulated_chunks(base, kernel, hidden)
             if chained is not None and runs_well(chained, kernel, batch, hidden, dtype,

@@ -72,8 +72,9 @@ class KernelConfig:
     on their own fixed tiles and with dataflow waits, the forward with no shared memory in a
     step (kernels/forward_registers.py), the backward with one round trip through it
     (kernels/backward_registers.py), where they run (bf16/fp16 with H <= 512, fp32 in tf32
-    with H <= 256; no projection, restarts, checkpoints or chunks; every program resident);
-    elsewhere this config's tile.
+    with H <= 256; the backward H <= 1024, fp32 512, two warps a gate past those; no
+    projection, restarts, checkpoints or chunks; every program resident); elsewhere this
+    config's tile.
     """
     block_b: int
     block_h: int
@@ -112,7 +113,8 @@ def padded(hidden_size: int) -> int:
 
 # The registers forward (kernels/forward_registers.py) holds a [16, HP] weight slice in the
 # MMA's operand registers, 1/32 of it a thread: at most 512 bytes (128 registers, half). The
-# registers backward (kernels/backward_registers.py) holds one of the same size a warp.
+# registers backward (kernels/backward_registers.py) holds one of the same size a warp, a
+# gate's whole reduction or half of it.
 REGISTERS_SLICE_BYTES = 1024
 
 
@@ -121,6 +123,13 @@ def registers_forward_fits(hidden_size: int, dtype: torch.dtype) -> bool:
     H <= 512, fp32 (which it runs in tf32 only, where nn.LSTM's rule allows) with H <= 256."""
     return (dtype in (torch.float16, torch.bfloat16, torch.float32)
             and padded(hidden_size) * dtype.itemsize <= REGISTERS_SLICE_BYTES)
+
+
+def registers_backward_fits(hidden_size: int, dtype: torch.dtype) -> bool:
+    """Whether the registers backward's weight slices fit in its registers: as the forward's,
+    or split in two halves of the reduction, a warp each (bf16 / fp16 H <= 1024, fp32 512)."""
+    return (dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and padded(hidden_size) * dtype.itemsize <= 2 * REGISTERS_SLICE_BYTES)
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:

@@ -9,12 +9,15 @@ forward_registers.py, whose shape it follows where the backward allows:
 - A program is four warps that own 16 hidden units of one direction for 8 batch rows.
   Warp k holds gate k's slice of W_hh, W_hh[kH:(k+1)H, units]^T as a [16, HP] MMA operand
   (the units are the MMA's M side, the batch its N = 8), loaded once and kept in registers
-  for the whole sequence (HP * itemsize / 2 bytes a thread: H <= 512, fp32 256).
-- A step, each warp multiplies its slice by gate k's H columns of dG_{t+1} (read from L2
-  straight into operand registers, in CHUNKS chunks with an accumulator each): the
-  [4, 16, 8] product is one batched MMA, a gate a warp. The four partial sums of dh meet
-  in shared memory, after the step's one `bar.sync`; every warp then reads its 2 of the 8
-  rows of all four, adds them, and runs the cell gradients of those rows and all 16 units.
+  for the whole sequence (HP * itemsize / 2 bytes a thread: H <= 512, fp32 256). Past
+  that (H <= 1024, fp32 512) a program is eight warps, two a gate (SPLITS), each with half
+  of the gate's reduction, [16, HP / 2]: the same registers a thread as at half the H.
+- A step, each warp multiplies its slice by its part of dG_{t+1} (gate k's H columns, or
+  its half of them; read from L2 straight into operand registers, in CHUNKS chunks with an
+  accumulator each): the [4 SPLITS, 16, 8] product is one batched MMA, a part a warp. The
+  partial sums of dh meet in shared memory, after the step's one `bar.sync`; every warp
+  then reads its 2 of the 8 rows of all of them (two warps alike with SPLITS = 2), adds
+  them, and runs the cell gradients of those rows and all 16 units.
 - Programs wait on the data (barrier.py's dataflow protocol): dG is filled with all-ones
   bits before the launch and stored canonical, and a step reloads dG_{t+1} until none of
   it is the mark. A warp sees only its own gate's columns, so the warps agree through
@@ -32,10 +35,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from ..dispatch import KernelConfig, cdiv, dot_precision, padded
+from ..dispatch import (KernelConfig, cdiv, dot_precision, padded, registers_backward_fits,
+                        registers_forward_fits)
 from . import forward_registers
 from .backward import cell_gradients, load_saved
-from .barrier import either, fill_unwritten
+from .barrier import either, fill_unwritten, interpreting
 from .forward import rounded_to, step_rows, store_gates
 from .forward_registers import (ROWS, _lengths, _merged_marks, _pause, _program_block, chunks,
                                 operand_width)
@@ -44,20 +48,22 @@ from .forward_registers import (ROWS, _lengths, _merged_marks, _pause, _program_
 _warps_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 UNITS = 16                # hidden units per program: the MMA's M side in each gate's warp
-WARPS = 4                 # one warp per gate
+# Warps a gate, None for what the layer's size needs (``splits_of``); 2 also where one warp
+# holds the slice (half the chain, twice the warps): perf/variants.py's knob.
+SPLITS = None
 
 
 @gluon.jit
-def _load_dg(p_rows, m_rows, o_gate, o_k, H: gl.constexpr, KC: gl.constexpr,
-             CHUNKS: gl.constexpr):
-    """dG_{t+1}^T as CHUNKS [4, KC, ROWS] operand tiles, gate k's columns in warp k, read from
-    L2 (volatile: each poll reads memory again); rows not read come as zeros."""
+def _load_dg(p_rows, m_rows, o_part, o_k, H: gl.constexpr, KC: gl.constexpr,
+             CHUNKS: gl.constexpr, SPLITS: gl.constexpr):
+    """dG_{t+1}^T as CHUNKS [PARTS, KC, ROWS] operand tiles, part p's columns (its piece of
+    its gate's) in warp p, read from L2 (volatile: each poll reads memory again); rows not
+    read come as zeros."""
     tiles = ()
     for chunk in gl.static_range(CHUNKS):
-        k = chunk * KC + o_k
-        p = p_rows[None, None, :] + (o_gate * H)[:, None, None] + k[None, :, None]
-        # (the last term is always true: it gives the mask the tile's full shape)
-        m = m_rows[None, None, :] & (k < H)[None, :, None] & (o_gate >= 0)[:, None, None]
+        k = (o_part % SPLITS * (CHUNKS * KC))[:, None] + (chunk * KC + o_k)[None, :]
+        p = p_rows[None, None, :] + ((o_part // SPLITS) * H)[:, None, None] + k[:, :, None]
+        m = m_rows[None, None, :] & (k < H)[:, :, None]
         tiles = tiles + (gl.load(p, mask=m, other=0.0, volatile=True),)
     return tiles
 
@@ -107,25 +113,31 @@ def lstm_backward_registers_kernel(
     BLOCK_B: gl.constexpr, CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr,
     DOT_PRECISION: gl.constexpr, HAS_DY: gl.constexpr, HAS_DHN: gl.constexpr, HAS_H0: gl.constexpr,
     HAS_LENGTHS: gl.constexpr, REVERSE: gl.constexpr, POLL_BACKOFF_NS: gl.constexpr,
+    SPLITS: gl.constexpr,
 ):
-    # The batched MMA: [gate, unit, k] x [gate, k, row], a gate a warp.
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1, 1],
+    # The batched MMA: [part, unit, k] x [part, k, row], a part a warp. Part p is piece
+    # p % SPLITS of gate p // SPLITS's reduction.
+    PARTS: gl.constexpr = 4 * SPLITS
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[PARTS, 1, 1],
                                                   instr_shape=[1, 16, 8])
     W_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=K_WIDTH)
     G_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=K_WIDTH)
-    # The partial sums read back as [gate, row, unit] with the gates in one thread: a warp
-    # has 2 rows, a lane one unit of one row. CELL is the [row, unit] tile of the cell math.
-    SUMS: gl.constexpr = gl.BlockedLayout(size_per_thread=[4, 1, 1], threads_per_warp=[1, 2, 16],
-                                          warps_per_cta=[1, 4, 1], order=[2, 1, 0])
+    # The partial sums read back as [part, row, unit] with the parts in one thread: a warp
+    # has 2 rows, a lane one unit of one row (with SPLITS = 2 warps w and w + 4 alike). CELL
+    # is the [row, unit] tile of the cell math.
+    SUMS: gl.constexpr = gl.BlockedLayout(size_per_thread=[PARTS, 1, 1],
+                                          threads_per_warp=[1, 2, 16],
+                                          warps_per_cta=[1, PARTS, 1], order=[2, 1, 0])
     CELL: gl.constexpr = gl.SliceLayout(0, SUMS)
-    FLAGS: gl.constexpr = gl.BlockedLayout(size_per_thread=[4], threads_per_warp=[32],
-                                           warps_per_cta=[4], order=[0])
+    FLAGS: gl.constexpr = gl.BlockedLayout(size_per_thread=[PARTS], threads_per_warp=[32],
+                                           warps_per_cta=[PARTS], order=[0])
     # Shared memory, two slots each (a slot's layout is the layout of the allocation).
     SHARED: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
                                                    order=[2, 1, 0])
     FLAG_SHARED: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
                                                         order=[0])
-    KC: gl.constexpr = HP // CHUNKS
+    HS: gl.constexpr = HP // SPLITS       # a part's share of the reduction
+    KC: gl.constexpr = HS // CHUNKS
     NUM_H_BLOCKS: gl.constexpr = (H + UNITS - 1) // UNITS
     YS: gl.constexpr = D * H          # row stride of dy
     GS: gl.constexpr = D * 4 * H      # row stride of dgates
@@ -141,21 +153,21 @@ def lstm_backward_registers_kernel(
     dgates += i_d64 * 4 * H
     dh0 += i_d64 * B * H
 
-    # Gate k's weight slice in warp k: W_hh[k H + j, unit]^T, [4, 16, HP] as CHUNKS tiles.
-    o_gw = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, W_OP)))
+    # Part p's weight slice in warp p: W_hh[gate H + piece HS + j, unit]^T, [PARTS, 16, HS]
+    # as CHUNKS tiles.
+    o_pw = gl.arange(0, PARTS, layout=gl.SliceLayout(1, gl.SliceLayout(2, W_OP)))
     o_uw = i_h * UNITS + gl.arange(0, UNITS, layout=gl.SliceLayout(0, gl.SliceLayout(2, W_OP)))
     o_kw = gl.arange(0, KC, layout=gl.SliceLayout(0, gl.SliceLayout(1, W_OP)))
     w_tiles = ()
     for chunk in gl.static_range(CHUNKS):
-        k = chunk * KC + o_kw
-        p = (w_hh + ((o_gw * H)[:, None, None] + k[None, None, :]) * H
-             + o_uw[None, :, None])
-        m = (o_uw < H)[None, :, None] & (k < H)[None, None, :] & (o_gw >= 0)[:, None, None]
+        k = (o_pw % SPLITS * HS)[:, None, None] + (chunk * KC + o_kw)[None, None, :]
+        p = w_hh + ((o_pw // SPLITS * H)[:, None, None] + k) * H + o_uw[None, :, None]
+        m = (o_uw < H)[None, :, None] & (k < H)
         w_tiles = w_tiles + (gl.load(p, mask=m, other=0.0),)
-    acc0 = gl.zeros([4, UNITS, BLOCK_B], gl.float32, MMA)
+    acc0 = gl.zeros([PARTS, UNITS, BLOCK_B], gl.float32, MMA)
 
-    # The dG operand's gates, reduction positions and batch rows.
-    o_gate = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, G_OP)))
+    # The dG operand's parts, reduction positions and batch rows.
+    o_part = gl.arange(0, PARTS, layout=gl.SliceLayout(1, gl.SliceLayout(2, G_OP)))
     o_k = gl.arange(0, KC, layout=gl.SliceLayout(0, gl.SliceLayout(2, G_OP)))
     o_nk = i_b * BLOCK_B + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, gl.SliceLayout(1, G_OP)))
     m_nk = o_nk < B
@@ -170,8 +182,8 @@ def lstm_backward_registers_kernel(
     p_bu = o_b[:, None] * H + o_u[None, :]
     length = _lengths(lengths, o_b, m_b, T, HAS_LENGTHS)
 
-    sums = gl.allocate_shared_memory(gl.float32, [2, 4, UNITS, BLOCK_B], SHARED)
-    flags = gl.allocate_shared_memory(gl.int32, [2, 4], FLAG_SHARED)
+    sums = gl.allocate_shared_memory(gl.float32, [2, PARTS, UNITS, BLOCK_B], SHARED)
+    flags = gl.allocate_shared_memory(gl.int32, [2, PARTS], FLAG_SHARED)
     poll = 0
 
     if HAS_DHN:
@@ -191,20 +203,20 @@ def lstm_backward_registers_kernel(
         # of own units. At s = 0 no row runs at step T: nothing is read and nothing waited for.
         t_next_k, m_rows = step_rows(step + 1, length_k, m_nk, reverse)
         p_rows = dgates + (t_next_k * B + o_nk) * GS
-        tiles = _load_dg(p_rows, m_rows, o_gate, o_k, H, KC, CHUNKS)
+        tiles = _load_dg(p_rows, m_rows, o_part, o_k, H, KC, CHUNKS, SPLITS)
         pending = _any_unwritten(tiles, flags, poll, CHUNKS, FLAGS)
         poll += 1
         while pending:
             if POLL_BACKOFF_NS > 0:
                 _pause(o_nk, POLL_BACKOFF_NS)
-            tiles = _load_dg(p_rows, m_rows, o_gate, o_k, H, KC, CHUNKS)
+            tiles = _load_dg(p_rows, m_rows, o_part, o_k, H, KC, CHUNKS, SPLITS)
             pending = _any_unwritten(tiles, flags, poll, CHUNKS, FLAGS)
             poll += 1
         acc = mma_v2(w_tiles[0], tiles[0], acc0, input_precision=DOT_PRECISION)
         for chunk in gl.static_range(1, CHUNKS):   # an accumulator per chunk: parallel chains
             acc += mma_v2(w_tiles[chunk], tiles[chunk], acc0, input_precision=DOT_PRECISION)
-        # The four gates' shares of dh through shared memory (slot s % 2: rewritten two
-        # stages on, after the barriers of the stage between).
+        # The parts' shares of dh through shared memory (slot s % 2: rewritten two stages
+        # on, after the barriers of the stage between).
         slot = sums.index(s % 2)
         slot.store(acc)
         _warps_barrier()
@@ -233,12 +245,28 @@ def lstm_backward_registers_kernel(
     gl.store(dc_state + p_bu, b_dc, mask=m_bu)
 
 
+def splits_of(hidden_size: int, dtype: torch.dtype) -> int:
+    """Warps a gate: one where the forward's weight slice fits a warp's registers, else two,
+    each with half of the gate's reduction (dispatch.registers_backward_fits); or SPLITS."""
+    if SPLITS is not None:
+        return SPLITS
+    return 1 if registers_forward_fits(hidden_size, dtype) else 2
+
+
+def warps(hidden_size: int, dtype: torch.dtype) -> int:
+    """A program's warps: one a part of the batched MMA, four gates of SPLITS parts."""
+    return 4 * splits_of(hidden_size, dtype)
+
+
 def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, proj: bool,
               restarts: bool, force_stepped: bool) -> bool:
-    """Whether a backward call is one this kernel runs (forward_registers.fits_here: its
-    weight slice a warp is the forward's; one persistent launch without projection or
-    restarts; residency is checked at launch)."""
-    return (forward_registers.fits_here(hidden_size, dtype, device)
+    """Whether a backward call is one this kernel runs: a GPU, bf16 / fp16, and fp32 where
+    its dots may use tf32 (nn.LSTM's rule), a weight slice a warp that fits its registers
+    (``registers_backward_fits``), one persistent launch without projection or restarts;
+    residency is checked at launch."""
+    return (device.type == "cuda" and not interpreting()
+            and registers_backward_fits(hidden_size, dtype)
+            and (dtype != torch.float32 or dot_precision(dtype, device) == "tf32")
             and not (proj or restarts or force_stepped))
 
 
@@ -248,16 +276,18 @@ def lstm_backward_registers(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, 
     resident at once."""
     outputs, args, grid, constexprs = launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths,
                                                        w_hh, reverse=reverse)
-    tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=WARPS)
+    tile = KernelConfig(block_b=ROWS, block_h=UNITS,
+                        num_warps=warps(gates.shape[3] // 4, w_hh.dtype))
     if not forward_registers.launch_resident(lstm_backward_registers_kernel, args, grid,
                                              constexprs, tile, w_hh.device):
         return None
     return outputs
 
 
-def launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse: bool):
+def launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse: bool,
+                     splits=None):
     """The outputs a launch writes (dgates filled with the unwritten mark), the kernel's
-    arguments, its grid and its compile-time constants."""
+    arguments, its grid and its compile-time constants (``splits``: as kernel_constants)."""
     D, T, B, G = gates.shape
     H = G // 4
     device, dtype = w_hh.device, w_hh.dtype
@@ -273,18 +303,22 @@ def launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse
     grid = (cdiv(B, ROWS) * cdiv(H, UNITS), D)
     constexprs = kernel_constants(H, D, dtype, dot_precision(dtype, device), has_dy=dy is not None,
                                   has_dhn=dh_n is not None, has_h0=c0 is not None,
-                                  has_lengths=lengths is not None, reverse=reverse)
+                                  has_lengths=lengths is not None, reverse=reverse,
+                                  splits=splits)
     return (dgates, dh0, dc_state), args, grid, constexprs
 
 
 def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, precision: str, *,
                      has_dy: bool, has_dhn: bool, has_h0: bool, has_lengths: bool,
-                     reverse: bool) -> dict:
+                     reverse: bool, splits=None) -> dict:
     """The kernel's compile-time constants for a layer (``precision``: its dots' input
     precision, dispatch.dot_precision); the width of its operand loads and its pause between
-    polls are the forward's knobs (forward_registers.H_LOAD_BYTES, POLL_BACKOFF_NS)."""
+    polls are the forward's knobs (forward_registers.H_LOAD_BYTES, POLL_BACKOFF_NS).
+    ``splits``: warps a gate, None for what the layer's size needs (``splits_of``)."""
+    splits = splits or splits_of(hidden_size, dtype)
+    share = padded(hidden_size) // splits       # a warp's share of the reduction
     return dict(H=hidden_size, HP=padded(hidden_size), D=directions, UNITS=UNITS, BLOCK_B=ROWS,
-                CHUNKS=chunks(hidden_size, dtype), K_WIDTH=operand_width(hidden_size, dtype),
+                CHUNKS=chunks(share, dtype), K_WIDTH=operand_width(share, dtype), SPLITS=splits,
                 DOT_PRECISION=precision, HAS_DY=has_dy, HAS_DHN=has_dhn, HAS_H0=has_h0,
                 HAS_LENGTHS=has_lengths, REVERSE=reverse,
                 POLL_BACKOFF_NS=forward_registers.POLL_BACKOFF_NS)

@@ -288,9 +288,9 @@ def chunks(hidden_size: int, dtype: torch.dtype) -> int:
 
 
 def fits_here(hidden_size: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the registers kernels (this one and backward_registers.py) can run a layer of
-    this size and dtype on this device: a GPU, bf16 and fp16, and fp32 where their dots may
-    use tf32 (nn.LSTM's rule), with the weight slice in registers (H <= 512, fp32 256)."""
+    """Whether this kernel can run a layer of this size and dtype on this device: a GPU, bf16
+    and fp16, and fp32 where its dots may use tf32 (nn.LSTM's rule), with the weight slice in
+    registers (H <= 512, fp32 256)."""
     return (device.type == "cuda" and not interpreting()
             and registers_forward_fits(hidden_size, dtype)
             and (dtype != torch.float32 or dot_precision(dtype, device) == "tf32"))
