@@ -45,7 +45,9 @@
 #                                                  (about 9.5 min)
 #   COMMIT=<hash> bash perf/device_session.sh 12  the registers backward with two warps a gate
 #                                                  (H = 1024, fp32 512): the registers kernels'
-#                                                  GPU tests, its variants rows (3.5 min)
+#                                                  GPU tests, its variants rows; the bias sums
+#                                                  in the backward kernel: their GPU tests,
+#                                                  training with and without (5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -193,9 +195,17 @@ case "${1:-}" in
     # The registers backward with two warps a gate (issue 8: fp16 B = 8 H = 1024 training;
     # perf/NOTES.md, "The registers backward at H = 1024"): the registers kernels' GPU tests,
     # then its rows beside the table's tl tiles and beside one warp a gate.
-    gpu_tests 90 "registers"
+    gpu_tests 90 "registers or bias_sums"
     timeout 110 python3 perf/variants.py --only split --out "$OUT/variants-split" 2>&1 \
         | tee "$OUT/variants.log"
+    # The bias gradient's sum in the backward kernel (issue 7; perf/NOTES.md, "the bias
+    # gradient summed in the backward kernel"): where a training step's time goes without
+    # and with it.
+    for sums in torch kernel; do
+        TRITON_LSTM_BIAS_SUMS=$sums timeout 50 python3 perf/train_breakdown.py \
+            --shapes bf16:512x1024 fp32:512x1024 bf16:128x1024 --out "$OUT/bias-sums-$sums" \
+            2>&1 | tee -a "$OUT/train-breakdown.log"
+    done
     ;;
 *)
     echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9|10|11|12" >&2

@@ -132,10 +132,11 @@ def ptxas_report(ptx: str) -> dict:
 
 
 def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restarts=False,
-           ckpt_every=0, config=None, resumed=False, stepped=False):
+           ckpt_every=0, config=None, resumed=False, stepped=False, bias_sums=False):
     """One persistent kernel with the dispatcher's config (or `config`), I = H; `resumed`: the
     forward's launch that starts at a later step (the forward in chunks, overlap.py);
-    `stepped`: the kernel of a launch per step instead (the fallback)."""
+    `stepped`: the kernel of a launch per step instead (the fallback); `bias_sums`: the
+    backward sums dG for the bias gradient as it goes (TRITON_LSTM_BIAS_SUMS=kernel)."""
     tname, dtype = DTYPES[dtype_name]
     cfg = config or heuristic_config(batch, hidden, dtype, max(1, NUM_SMS // directions),
                                      kernel_name, bool(proj))
@@ -166,9 +167,9 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
         types = dict(dy=tname, dh_n=tname, dc_state=acc, gates=acc, c_all=acc, c0=tname,
                      lengths="i32", w_hh=tname, w_hr=tname, dgates=tname, dh_all=tname,
                      dh_parts=acc, dh0=tname, restarts="i8", c_restart=tname, dh_restart=acc,
-                     dc_restart=acc, counters="i32")
+                     dc_restart=acc, bias_sums=acc, counters="i32")
         constexprs = dict(common, HAS_DY=True, HAS_DHN=True, GATE_SPLIT=cfg.gate_split,
-                          DSMEM=cfg.dsmem and not proj)
+                          DSMEM=cfg.dsmem and not proj, BIAS_SUMS=bias_sums)
     compiled = compile_one(kernel, types, constexprs, cfg.num_warps)
     return compiled_row(compiled, kernel=kernel_name, dtype=dtype_name, B=batch, H=hidden,
                         D=directions, proj=proj, tile=f"{cfg.block_b}x{cfg.block_h}",
@@ -354,6 +355,8 @@ def main():
                         help="the registers kernels' pause between polls, ns (0: none)")
     parser.add_argument("--no-state", action="store_true",
                         help="the registers kernels without h0 / c0 and lengths")
+    parser.add_argument("--bias-sums", action="store_true",
+                        help="the backward sums dG for the bias gradient as it goes")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel")
     args = parser.parse_args()
     config = tuning.config_from_label(args.config) if args.config else None
@@ -398,7 +401,7 @@ def reports(args, config):
                 else:
                     yield report(kernel_name, dtype_name, batch, hidden, args.directions,
                                  args.proj, args.restarts, args.ckpt, config, args.resumed,
-                                 args.stepped)
+                                 args.stepped, args.bias_sums)
 
 
 if __name__ == "__main__":

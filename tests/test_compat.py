@@ -84,6 +84,11 @@ def test_recurrence_ops_pass_opcheck(D, proj, lengths):
                                      gates, c_all, c0, lens, w_hh, w_hr, None, False))
     torch.library.opcheck(backward, (torch.randn_like(y), None, None, gates, c_all, None, lens,
                                      w_hh, w_hr, None, False, restarts, c0))
+    # With the bias gradient: summed by the kernel (streamed tiles) and after it (resident).
+    streamed = config_to_list(KernelConfig(16, 4, resident=False, block_k=16, split_k=1))
+    for bias_config in (streamed, config):
+        torch.library.opcheck(backward, (torch.randn_like(y), None, None, gates, c_all, c0, lens,
+                                         w_hh, w_hr, bias_config, False, None, None, True, True))
 
 
 def test_plain_eager_calls_run_the_op_body_and_recorded_or_transformed_calls_the_op():
@@ -378,12 +383,19 @@ def test_func_vmap_over_the_batch_matches_a_loop_of_nn_lstm():
         torch.testing.assert_close(got_h[k], h, **TOL64)
 
 
-def test_func_per_sample_gradients():
+@pytest.mark.parametrize("backward", ["default", "streamed"])
+def test_func_per_sample_gradients(backward):
+    """Per-sample gradients, the biases' among them: vmap folds the samples into the batch,
+    so a backward that sums dG for the bias (a streamed tile's, "streamed") must leave that
+    sum to the samples' own dG."""
+    from triton_lstm.tuning import forced_configs
     ours, control = _bidir_pair()
     params = {k: v.detach() for k, v in control.named_parameters()}
     xs = torch.randn(3, 4, 2, 3, dtype=torch.float64)
-    per_sample = torch.func.vmap(torch.func.grad(lambda p, x: _loss(ours, p, x)),
-                                 in_dims=(None, 0))(params, xs)
+    tile = KernelConfig(16, 4, resident=False, block_k=16, split_k=1)
+    with forced_configs(**({} if backward == "default" else dict(backward=tile))):
+        per_sample = torch.func.vmap(torch.func.grad(lambda p, x: _loss(ours, p, x)),
+                                     in_dims=(None, 0))(params, xs)
     for k, x in enumerate(xs):
         want = torch.func.grad(lambda p: _loss(control, p, x))(params)
         torch.testing.assert_close({n: g[k] for n, g in per_sample.items()}, want, **TOL64)

@@ -67,6 +67,25 @@ def test_fp32_gemms_in_the_kernel_match_float64_within_twice_cudnn_error(shape, 
     assert gemm_calls == (["tf32"] * 4 if DTYPES[dtype_name][1] else [])
 
 
+@pytest.mark.parametrize("shape", [pytest.param((16, 300, 96, 256), id="T16-B300-H256"),
+                                   pytest.param((12, 512, 64, 1024), id="T12-B512-H1024")])
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp16", "fp32-tf32"])
+def test_bias_sums_in_the_kernel_match_float64_within_twice_cudnn_error(shape, dtype_name,
+                                                                        monkeypatch):
+    """TRITON_LSTM_BIAS_SUMS=kernel: the backward's streamed tiles sum dG for the bias
+    gradient as they write it (B = 300: a last batch block of 44 rows)."""
+    from triton_lstm.kernels import backward
+    monkeypatch.setattr(dispatch, "bias_sums", "kernel")
+    decided = []
+
+    def recorded(config):
+        decided.append(dispatch.bias_sums_in_kernel(config))
+        return decided[-1]
+    monkeypatch.setattr(backward, "bias_sums_in_kernel", recorded)
+    check_persistent_against_float64(shape, dtype_name)
+    assert decided == [True], decided
+
+
 def check_persistent_against_float64(shape, dtype_name):
     dtype, allow_tf32, slack = DTYPES[dtype_name]
     T, B, I, H = shape

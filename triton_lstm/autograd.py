@@ -266,16 +266,19 @@ def _layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths, 
     D, _, R = w_hh.shape
     H = c_all.shape[3]
     need_whr = needs[7]
-    dG, dh0, dc0, dh_all, dh_restart, dc_restart = direct(
+    bias_grad = b_ih is not None and (needs[5] or needs[6])   # (the op sums dG for it)
+    dG, dh0, dc0, dh_all, dh_restart, dc_restart, db = direct(
         torch.ops.triton_lstm.recurrence_backward, recurrence_backward_eager,
         dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr, config_to_list(config),
-        force_stepped, restarts, c0)
+        force_stepped, restarts, c0, True, bias_grad)
     if restarts is not None:
         # The restarts restored (h0, c0): their gradients add to the initial state's.
         dh0 = (dh0.to(dh_restart.dtype) + dh_restart).to(dh0.dtype)
         dc0 = dc0 + dc_restart
-    dx, dw_ih, dw_hh, db = gradients_over_dG(dG, x, h0, w_ih, b_ih, y, lengths, restarts, R,
-                                             needs)
+    summed = bias_grad and db.numel() > 0       # (under vmap the sum is left to this code)
+    dx, dw_ih, dw_hh, db_over_dG = gradients_over_dG(
+        dG, x, h0, w_ih, None if summed else b_ih, y, lengths, restarts, R, needs)
+    db = db.to(dG.dtype) if summed else db_over_dG
     dw_hr = None
     if w_hr is not None and need_whr:
         # h_t = r_t W_hr^T: dW_hr = sum_t dh_t^T r_t, with dh_t the total gradient of h_t.

@@ -161,6 +161,26 @@ def gemms_in_triton(dtype: torch.dtype, device: torch.device) -> bool:
     return interpreting() or dot_precision(dtype, device) == "tf32"
 
 
+# Where the bias gradient's sum over dG is made: "torch" sums dG after the backward kernel,
+# "kernel" has the backward kernel's streamed tiles (large batch) sum each step's dG tiles
+# over their rows as they write them (kernels/backward.py, BIAS_SUMS).
+BIAS_SUMS_ENV = "TRITON_LSTM_BIAS_SUMS"
+BIAS_SUMS_ENGINES = ("torch", "kernel")
+bias_sums = os.environ.get(BIAS_SUMS_ENV, "torch")
+
+
+def bias_sums_in_kernel(config: KernelConfig) -> bool:
+    """Whether a backward launch of ``config`` sums dG for the bias gradient as it goes: with
+    ``bias_sums = "kernel"`` (under the interpreter always, so that the CPU tests cover it) and
+    streamed tiles, whose batch blocks are large: a resident tile's step is latency, which
+    the sum would lengthen, and its sums ([T, batch blocks, 4H] fp32) would near dG's own
+    size where a batch block holds a row or two."""
+    if bias_sums not in BIAS_SUMS_ENGINES:
+        raise ValueError(f"{BIAS_SUMS_ENV} (dispatch.bias_sums): expected one of "
+                         f"{', '.join(BIAS_SUMS_ENGINES)}, got {bias_sums!r}")
+    return (interpreting() or bias_sums == "kernel") and not config.resident
+
+
 # The backward of a one-direction layer in this many chunks of steps, each chunk's GEMMs
 # over dG on a side stream beside the next chunk's reverse recurrence (overlap.py); 0 or 1:
 # one launch, then the GEMMs. 0 stays the default until a GPU measurement

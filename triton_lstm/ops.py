@@ -142,35 +142,42 @@ def recurrence_backward(
     gates: torch.Tensor, c_all: torch.Tensor, c0: Optional[torch.Tensor],
     lengths: Optional[torch.Tensor], w_hh: torch.Tensor, w_hr: Optional[torch.Tensor],
     config: Optional[list[int]], force_stepped: bool, restarts: Optional[torch.Tensor] = None,
-    c_restart: Optional[torch.Tensor] = None, reverse: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    c_restart: Optional[torch.Tensor] = None, reverse: bool = True, bias_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
     """The reverse recurrence of one layer: ``kernels.backward.lstm_backward``.
 
     Returns dG [T, B, D*4H] (w_hh's dtype), dh0 [D, B, R], dc0 [D, B, H] (state
     dtype), with a projection dh_all [D, T, B, R] (the total gradient of each h_t),
-    and with restarts the gradients of the restart state, dh_restart [D, B, R] and
-    dc_restart [D, B, H] (state dtype); [0]-shaped where absent.
+    with restarts the gradients of the restart state, dh_restart [D, B, R] and
+    dc_restart [D, B, H] (state dtype), and with ``bias_grad`` the bias gradient, dG
+    summed over steps and rows, db [D*4H] (state dtype); [0]-shaped where absent.
     """
     return recurrence_backward_eager(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr,
-                                     config, force_stepped, restarts, c_restart, reverse)
+                                     config, force_stepped, restarts, c_restart, reverse,
+                                     bias_grad)
 
 
 def recurrence_backward_eager(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr, config,
-                              force_stepped, restarts=None, c_restart=None, reverse=True):
+                              force_stepped, restarts=None, c_restart=None, reverse=True,
+                              bias_grad=False):
     """The body of ``recurrence_backward``."""
     c0, w_hr, c_restart = (None if t is None else t.contiguous() for t in (c0, w_hr, c_restart))
-    dG, dh0, dc0, dh_all, dh_restart, dc_restart = lstm_backward(
+    dG, dh0, dc0, dh_all, dh_restart, dc_restart, db = lstm_backward(
         dy, dh_n, dc_n, gates.contiguous(), c_all.contiguous(), c0, lengths, w_hh.contiguous(),
         w_hr, config=config_from_list(config), force_stepped=force_stepped,
         restarts=None if restarts is None else restarts.contiguous(), c_restart=c_restart,
-        reverse=reverse)
+        reverse=reverse, bias_grad=bias_grad)
+    if bias_grad and db is None:      # the kernel left the sum to torch
+        db = dG.flatten(0, 1).sum(0, dtype=dc0.dtype)
     return (dG, dh0, dc0, _or_empty(dh_all, dG), _or_empty(dh_restart, dG, dc0.dtype),
-            _or_empty(dc_restart, dG, dc0.dtype))
+            _or_empty(dc_restart, dG, dc0.dtype), _or_empty(db, dG, dc0.dtype))
 
 
 @register_fake("triton_lstm::recurrence_backward")
 def _recurrence_backward_fake(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr, config,
-                              force_stepped, restarts=None, c_restart=None, reverse=True):
+                              force_stepped, restarts=None, c_restart=None, reverse=True,
+                              bias_grad=False):
     D, T, B, G = gates.shape
     H = G // 4
     R = w_hh.shape[2]
@@ -180,7 +187,8 @@ def _recurrence_backward_fake(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w
     return (w_hh.new_empty(T, B, D * 4 * H), w_hh.new_empty(D, B, R),
             w_hh.new_empty((D, B, H), dtype=acc), dh_all,
             w_hh.new_empty((D, B, R) if has_restarts else (0,), dtype=acc),
-            w_hh.new_empty((D, B, H) if has_restarts else (0,), dtype=acc))
+            w_hh.new_empty((D, B, H) if has_restarts else (0,), dtype=acc),
+            w_hh.new_empty((D * 4 * H,) if bias_grad else (0,), dtype=acc))
 
 
 @custom_op("triton_lstm::wavefront_forward", mutates_args=())
@@ -304,13 +312,24 @@ register_vmap("triton_lstm::recurrence_forward", _vmap_rule(
     # y, h_n, c_n, gates, c_all, r_all, h_ckpt, c_ckpt
     out_batch_axes=(1, 1, 1, 2, 2, 2, 2, 2),
     weights=(1, 5)))
-register_vmap("triton_lstm::recurrence_backward", _vmap_rule(
+_recurrence_backward_vmap = _vmap_rule(
     recurrence_backward,
     # dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr, config, force_stepped, restarts,
-    # c_restart, reverse
-    batch_axes=(1, 1, 1, 2, 2, 1, 0, None, None, None, None, 2, 1, None),
-    out_batch_axes=(1, 1, 1, 2, 1, 1),      # dG, dh0, dc0, dh_all, dh_restart, dc_restart
-    weights=(7, 8)))
+    # c_restart, reverse, bias_grad
+    batch_axes=(1, 1, 1, 2, 2, 1, 0, None, None, None, None, 2, 1, None, None),
+    # dG, dh0, dc0, dh_all, dh_restart, dc_restart, db
+    out_batch_axes=(1, 1, 1, 2, 1, 1, None),
+    weights=(7, 8))
+
+
+@register_vmap("triton_lstm::recurrence_backward")
+def _recurrence_backward_vmap_rule(info, in_dims, *args):
+    """The rule above without the bias gradient: folded into the batch, the mapped rows
+    would share one sum. It comes back [0]-shaped, and the caller sums the mapped dG."""
+    args = list(args)
+    if len(args) > 14:
+        args[14] = False
+    return _recurrence_backward_vmap(info, in_dims, *args)
 
 register_vmap("triton_lstm::wavefront_forward", _vmap_rule(
     wavefront_forward,

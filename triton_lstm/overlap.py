@@ -166,7 +166,7 @@ def overlapped_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengt
             c_all[:, s0:s1], c0 if s0 == 0 else c_all[:, s0 - 1],
             None if lengths is None else (length - s0).clamp(0, n).to(torch.int32),
             w_hh, w_hr, config, force_stepped,
-            None if restarts is None else restarts[:, s0:s1], c0, True)
+            None if restarts is None else restarts[:, s0:s1], c0, True)[:6]
         if restarts is not None:
             dh_restart += dh_rs
             dc_restart += dc_rs

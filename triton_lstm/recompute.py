@@ -91,7 +91,7 @@ def recompute_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
                                 for d in range(D)], dim=2)
         dG, dh_carry, dc_carry, dh_all, dh_rs, dc_rs = torch.ops.triton_lstm.recurrence_backward(
             dy_seg, dh_end, dc_end, gates, c_all, c_start, seg_lengths, w_hh, w_hr, config,
-            force_stepped, seg_restarts, c0, False)
+            force_stepped, seg_restarts, c0, False)[:6]
         dh_carry = dh_carry.to(acc)
         if restarts is not None:
             dh_restart = dh_restart + dh_rs

@@ -34,8 +34,11 @@ multiplies its own dG_t by the rows of its own gates of W_hh (the forward's slic
 sends every program of the group its block of that share of dh_{t-1}; step 1 adds the
 shares that arrived in its shared memory (dsmem.py).
 dc_next lives in registers and travels between launches through ``dc_state``
-(in: dc_n, out: the gradient of c0). The weight, input and bias gradients are
-large GEMMs over dG afterwards (autograd.py).
+(in: dc_n, out: the gradient of c0). The weight and input gradients are large GEMMs
+over dG afterwards (autograd.py), and the bias gradient its sum over steps and rows;
+with BIAS_SUMS each program writes its share of that sum as it goes, a step's dG
+tiles summed over its rows into ``bias_sums`` [T, batch blocks, D, 4H], so that the
+sum left (over T and the batch blocks) reads a [T, B / BLOCK_B, ...] tensor, not dG.
 """
 import dataclasses
 
@@ -43,8 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import (dot_precision, gate_split_applies, launch_recurrence, padded,
-                        pick_config, state_dtype)
+from ..dispatch import (bias_sums_in_kernel, dot_precision, gate_split_applies,
+                        launch_recurrence, padded, pick_config, state_dtype)
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
 from .dsmem import arm, cluster_sync, exchange_setup, exchange_slot, receive, send_to, wait_phase
 from .forward import (_tanh, chunked_dot, dot_operands, gate_rows, load_restarts, own_block,
@@ -141,6 +144,15 @@ def load_saved(step, length, m_b, gates, c_all, c0, restarts, c_restart, B, o_b,
     return b_i, b_f, b_g, b_o, b_ct, b_cp, b_restart
 
 
+@triton.jit
+def store_gate_sums(p, b_i, b_f, b_g, b_o, o_u, m_u, H: tl.constexpr):
+    """The column sums of four [rows, units] gate tiles at p + gate * H + unit."""
+    b_sums = tl.sum(tl.join(tl.join(b_i, b_f), tl.join(b_g, b_o)), 0)   # [unit, a, b]
+    o_two = tl.arange(0, 2)
+    gate = o_two[None, :, None] + 2 * o_two[None, None, :]               # (join order)
+    tl.store(p + gate * H + o_u[:, None, None], b_sums, mask=m_u[:, None, None] & (gate < 4))
+
+
 @triton.jit(do_not_specialize=["T", "B", "q_begin", "q_end", "batch_start", "leader_inc"])
 def lstm_backward_kernel(
     dy,        # [T, B, D, R]   grad of y, input dtype (read when HAS_DY)
@@ -161,6 +173,8 @@ def lstm_backward_kernel(
     c_restart, # [D, B, H]      the c a restart restored (RESTART_FROM_STATE, else zeros)
     dh_restart,  # [D, B, R]    fp32, zeroed by the caller; out: grad of the restart h
     dc_restart,  # [D, B, H]    fp32, zeroed by the caller; out: grad of the restart c
+    bias_sums,   # [T, NB, D, 4H] fp32 when BIAS_SUMS, out: each stage's dG summed over the
+                 #              rows of each batch block
     counters,  # [groups]       int32 barrier counters, one per (direction, batch block)
     T, B, q_begin, q_end, batch_start, leader_inc,
     H: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
@@ -171,7 +185,7 @@ def lstm_backward_kernel(
     HAS_RESTARTS: tl.constexpr, RESTART_FROM_STATE: tl.constexpr, INNER_STAGES: tl.constexpr,
     PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
     CLUSTER: tl.constexpr,
-    GATE_SPLIT: tl.constexpr, DSMEM: tl.constexpr,
+    GATE_SPLIT: tl.constexpr, DSMEM: tl.constexpr, BIAS_SUMS: tl.constexpr,
 ):
     # Stage s = 0 .. T walks the forward's steps backwards (step = T - 1 - s). Its dh
     # phase gives dh of own output units; its cell phase (s < T) gives dG of own hidden
@@ -396,6 +410,11 @@ def lstm_backward_kernel(
                                                                     b_ct, b_cp, m_run, DATAFLOW)
                 store_gates(dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :], b_dgi, b_dgf,
                             b_dgg, b_dgo, H, m_bu)
+                if BIAS_SUMS:
+                    # The four gates' rows summed at once (one exchange between warps).
+                    block = (s * tl.cdiv(B, BLOCK_B) + batch_start // BLOCK_B + i_b).to(tl.int64)
+                    store_gate_sums(bias_sums + (block * D + i_d) * (4 * H), b_dgi, b_dgf,
+                                    b_dgg, b_dgo, o_u, m_u, H)
                 if PERSISTENT and DSMEM:
                     # dG_t of own units as [rows, n = 4 * unit + gate], in dgates' dtype (the
                     # operand the other paths read back), times W_hh's rows of own gates.
@@ -441,7 +460,7 @@ def lstm_backward_kernel(
 
 def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *, config=None,
                   force_stepped: bool = False, restarts=None, c_restart=None,
-                  reverse: bool = True):
+                  reverse: bool = True, bias_grad: bool = False):
     """Run the reverse recurrence of one layer (all its directions).
 
     Args:
@@ -451,12 +470,16 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
         lengths: [B] int32 sequence lengths, or None.
         w_hh: [D, 4H, R]; w_hr: [D, R, H] projection weights, or None (then R = H).
         restarts, c_restart, reverse: as given to ``lstm_forward``.
+        bias_grad: the bias gradient is wanted; the kernel sums dG for it as it goes where
+            ``dispatch.bias_sums_in_kernel`` says so.
     Returns:
         dgates [T, B, D*4H] (w_hh's dtype; zeros past each row's length), dh0 [D, B, R],
         dc0 [D, B, H] in the state dtype, with a projection dh_all [D, T, B, R] (the
         total gradient of each h_t, w_hh's dtype) else None, and with restarts the
         gradients of the restart state, dh_restart [D, B, R] and dc_restart [D, B, H]
-        (state dtype), else None.
+        (state dtype), else None, and the bias gradient db [D*4H] (dG summed over steps
+        and rows, in the state dtype, from dG before its rounding) where the kernel summed
+        it, else None.
     """
     D, T, B, _ = gates.shape
     H = gates.shape[3] // 4
@@ -476,12 +499,15 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
             outputs = backward_registers.lstm_backward_registers(
                 dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, reverse=reverse)
             if outputs is not None:
-                return outputs + (None, None, None)
+                return outputs + (None, None, None, None)
         config = dataclasses.replace(config, registers=False)
     dgates = torch.empty(T, B, D * 4 * H, dtype=dtype, device=device)
     dh0 = torch.empty(D, B, R, dtype=dtype, device=device)
     dh_all = torch.empty(D, T, B, R, dtype=dtype, device=device) if proj else None
     dh_parts = torch.empty(D, 4, B, R, dtype=acc, device=device) if config.gate_split else None
+    sums_bias = bias_grad and bias_sums_in_kernel(config)
+    bias_sums = (torch.empty(T, triton.cdiv(B, config.block_b), D, 4 * H, dtype=acc,
+                             device=device) if sums_bias else None)
     if config.dataflow:          # the slots other programs poll
         fill_unwritten(dgates)
         if proj:
@@ -500,13 +526,13 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
             restarts if has_restarts else dc_state,
             c_restart if c_restart is not None else dc_state,
             dh_restart if has_restarts else dc_state, dc_restart if has_restarts else dc_state,
-            T, B)
+            bias_sums if sums_bias else dc_state, T, B)
     constexprs = dict(H=H, HP=padded(H), R=R, RP=padded(R), D=D, PROJ=proj,
                       HAS_DY=dy is not None, HAS_DHN=dh_n is not None, HAS_H0=c0 is not None,
                       HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(dtype, device),
                       REVERSE=reverse, HAS_RESTARTS=has_restarts,
                       RESTART_FROM_STATE=c_restart is not None, GATE_SPLIT=config.gate_split,
-                      DSMEM=False)
+                      DSMEM=False, BIAS_SUMS=sums_bias)
     # Phases: T + 1 stages, two each with a projection or a gate split (the last stage of a
     # projection has no cell phase).
     num_steps = 2 * (T + 1) if config.gate_split else T * (2 if proj else 1) + 1
@@ -515,4 +541,5 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
                       device=device, force_stepped=force_stepped,
                       # each element of a [rows, HP] share of dh to its owner
                       pushes_per_exchange=lambda c: c.block_b * padded(H))
-    return dgates, dh0, dc_state, dh_all, dh_restart, dc_restart
+    db = bias_sums.sum((0, 1)).flatten() if sums_bias else None
+    return dgates, dh0, dc_state, dh_all, dh_restart, dc_restart, db
