@@ -681,9 +681,11 @@ REGISTERS = "bb16-bh8-res-bk64-sk1-w4-rg"
     ("packed-bidir", 8, 256, "fp32-tf32", {}, "both"),    # fp32 in tf32, as nn.LSTM may
     ("state", 5, 100, "fp32-tf32", {}, "both"),
     # The backward with two warps a gate, each with half of its reduction (past H = 512,
-    # fp32 256); the forward's tl tile feeds it.
-    ("packed-bidir", 8, 1024, "bf16", {}, "backward"),
-    ("plain", 16, 1024, "fp16", {}, "backward"),
+    # fp32 256); the forward's tl tile feeds it. (Grids of at most 96 programs of 8 warps,
+    # one an SM: resident on any H100 or H200.)
+    ("plain", 8, 1024, "fp16", {}, "backward"),
+    ("packed-bidir", 8, 768, "bf16", {}, "backward"),
+    ("plain", 12, 768, "fp16", {}, "backward"),    # two batch blocks, the second of 4 rows
     ("state", 5, 700, "bf16", {}, "backward"),     # the second halves partly past H
     ("packed-bidir", 8, 512, "fp32-tf32", {}, "backward"),
     ("packed-bidir", 8, 512, "fp16", {"backward_registers.SPLITS": 2}, "backward"),  # by choice

@@ -71,7 +71,7 @@ def _load_dg(p_rows, m_rows, o_part, o_k, H: gl.constexpr, KC: gl.constexpr,
 @gluon.jit
 def _any_unwritten(tiles, flags, poll, CHUNKS: gl.constexpr, FLAGS: gl.constexpr):
     """Whether any warp's tiles still hold the all-ones mark: each warp reduces its own, the
-    four flags meet in shared memory (slot poll % 2: a slot is rewritten only after the
+    warps' flags meet in shared memory (slot poll % 2: a slot is rewritten only after the
     next poll's barrier, which every warp passes after reading it)."""
     merged = _merged_marks(tiles, CHUNKS)
     slot = flags.index(poll % 2)
