@@ -345,7 +345,7 @@ def test_make_tune_also_times_pipelined_tiles_with_chunks_of_128():
         return sorted((c.block_b, c.block_h, c.num_warps) for c in configs if c.block_k == 128)
 
     assert longer("backward", 512, 1024, torch.bfloat16) == [(64, 32, 16), (64, 64, 16)]
-    assert longer("backward", 512, 1024, torch.float32) == [(64, 32, 16)]   # (no square)
+    assert longer("backward", 512, 1024, torch.float32) == [(64, 32, 16), (64, 64, 16)]
     assert longer("forward", 512, 1024, torch.bfloat16) == [(128, 8, 16), (128, 16, 16)]
     assert longer("forward", 512, 1024, torch.float32) == []
     assert longer("forward", 128, 256, torch.bfloat16) == []           # 2 chunks of 128
@@ -360,8 +360,9 @@ def test_make_tune_also_times_pipelined_tiles_with_chunks_of_128():
 
 
 def test_make_tune_also_times_the_square_backward_tile_where_it_fills_the_device():
-    """64x64 reads the fewest bytes of dG and W a step for its area; 2-byte dtypes at H >= 1024
-    only (ptxas: fp32 spills there), and only where 3/4 of the SMs get a program."""
+    """64x64 reads the fewest bytes of dG and W a step for its area; bf16 / fp16 / fp32 at
+    H >= 1024 only (ptxas: fp32 spills 16-60 bytes there, fp64 more), and only where 3/4 of
+    the SMs get a program."""
     square = dict(block_b=64, block_h=64, resident=False, num_warps=16)
 
     def squares(B, H, dtype, D=1):
@@ -370,7 +371,7 @@ def test_make_tune_also_times_the_square_backward_tile_where_it_fills_the_device
                       and all(getattr(c, k) == v for k, v in square.items()))
 
     assert squares(512, 1024, torch.bfloat16) == squares(512, 1024, torch.float16) == [1, 3]
-    assert squares(512, 1024, torch.float32) == []
+    assert squares(512, 1024, torch.float32) == [1, 3]
     assert squares(256, 1024, torch.bfloat16) == []      # 64 programs of 132
     assert squares(512, 512, torch.bfloat16) == []
     assert squares(512, 1024, torch.bfloat16, D=2) == []     # 256 programs: two launches
@@ -379,7 +380,8 @@ def test_make_tune_also_times_the_square_backward_tile_where_it_fills_the_device
 def test_make_tune_also_times_the_backward_with_its_gate_split():
     """The heuristic's streamed backward of 64+ rows with and without the gate split (none
     with a projection), pipelined and not; where that grid needs two launches, also twice
-    its units in one (2-byte dtypes: split, and as the square 64x64 tile, unsplit)."""
+    its units in one (split, and as the square 64x64 tile, unsplit; fp32's split one
+    unpipelined: pipelined it would not fit in shared memory)."""
     def split_tiles(B, H, dtype, proj=False):
         base = heuristic_config(B, H, dtype, 132, "backward", proj)
         sweep = autotune.candidate_configs("backward", B, H, dtype, 1, 132, "sweep", proj)
@@ -391,7 +393,8 @@ def test_make_tune_also_times_the_backward_with_its_gate_split():
     assert split_tiles(128, 1024, torch.bfloat16) == [(32, 32, *w) for w in both_ways]
     assert split_tiles(512, 1024, torch.bfloat16) == [(64, bh, *w) for bh in (32, 64)
                                                       for w in both_ways]
-    assert split_tiles(512, 1024, torch.float32) == [(64, 32, *w) for w in both_ways]
+    assert split_tiles(512, 1024, torch.float32) == [(64, 32, *w) for w in both_ways] + [
+        (64, 64, 1, False), (64, 64, 1, True), (64, 64, 3, False)]
     assert split_tiles(512, 1024, torch.bfloat16, proj=True) == [
         (64, bh, stages, False) for bh in (32, 64) for stages in (1, 3)]
     assert not any(c.gate_split for c in autotune.candidate_configs(
@@ -704,10 +707,14 @@ def test_runs_well_rejects_what_cannot_run_well():
     assert autotune.runs_well(streamed_128x32, "forward", 512, 1024, torch.bfloat16, 1, 132)
     assert not autotune.runs_well(streamed_128x32, "forward", 512, 1024, torch.float32, 1, 132)
     assert not autotune.runs_well(streamed_128x32, "backward", 512, 1024, torch.bfloat16, 1, 132)
-    # The backward's square 64x64 compiles spill-free in 2-byte dtypes at H >= 1024 only.
+    # The backward's square 64x64 compiles spill-free in 2-byte dtypes at H >= 1024 only, in
+    # fp32 with 16 bytes of spill there (its gate split 176); 128-row fp32 tiles spill more.
     square = dataclasses.replace(streamed_128x32, block_b=64, block_h=64)
     assert autotune.runs_well(square, "backward", 512, 1024, torch.bfloat16, 1, 132)
-    assert not autotune.runs_well(square, "backward", 512, 1024, torch.float32, 1, 132)
+    assert autotune.runs_well(square, "backward", 512, 1024, torch.float32, 1, 132)
+    assert not autotune.runs_well(square, "backward", 512, 1024, torch.float64, 1, 132)
+    assert not autotune.runs_well(dataclasses.replace(streamed_128x32, gate_split=True),
+                                  "backward", 512, 1024, torch.float32, 1, 132)
     assert not autotune.runs_well(square, "backward", 1024, 512, torch.bfloat16, 1, 132)
     assert not autotune.runs_well(config(block_h=64), "forward", 8, 1024, torch.float32, 1, 132)  # 1 MB on chip
     # The unsplit backward spills past 512 bytes of weight slice per thread; 8 warps, split, do not.

@@ -62,7 +62,9 @@ REGISTER_TILE = 2048        # batch rows x hidden units per program: larger tile
 STREAMED_TILE = 4096        # but not streamed 2-byte ones at 16 warps: the forward (ptxas, 3.6:
                             # 106 regs at 128x32), the backward's 64x64 for H >= 1024 (128),
                             # and its gate split at 64x64 or 128x32 (100-180 bytes of spill,
-                            # SASS: loop invariants reloaded once a phase, not in the K loop)
+                            # SASS: loop invariants reloaded once a phase, not in the K loop);
+                            # nor fp32's backward 64x64 for H >= 1024 (16 bytes of spill, its
+                            # gate split 176: fp32 B = 512 H = 1024 in one launch, not two)
 BACKWARD_SLICE_BYTES = 512  # unsplit backward: weight slice per thread past which it spills
 
 
@@ -80,9 +82,11 @@ def runs_well(config: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
         return False
     if cdiv(hidden, config.block_h) * directions > num_sms:
         return False
-    wide_ok = (not config.resident and config.num_warps >= 16 and dtype.itemsize == 2
-               and (kernel == "forward" or (padded(hidden) >= 1024
-                                            and (config.block_b <= 64 or config.gate_split))))
+    wide_ok = (not config.resident and config.num_warps >= 16
+               and (dtype.itemsize == 2 if kernel == "forward" else
+                    padded(hidden) >= 1024 and (config.block_b <= 64 if dtype.itemsize == 4
+                                                else dtype.itemsize == 2 and (
+                                                    config.block_b <= 64 or config.gate_split))))
     if config.block_b * config.block_h > (STREAMED_TILE if wide_ok else REGISTER_TILE):
         return False
     if config.gate_split and (kernel != "backward" or config.resident or config.dataflow):
