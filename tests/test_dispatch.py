@@ -361,7 +361,7 @@ def test_make_tune_also_times_pipelined_tiles_with_chunks_of_128():
 
 def test_make_tune_also_times_the_square_backward_tile_where_it_fills_the_device():
     """64x64 reads the fewest bytes of dG and W a step for its area; bf16 / fp16 / fp32 at
-    H >= 1024 only (ptxas: fp32 spills 16-60 bytes there, fp64 more), and only where 3/4 of
+    H >= 512 only (ptxas: fp32 spills 16-60 bytes there, fp64 more), and only where 3/4 of
     the SMs get a program."""
     square = dict(block_b=64, block_h=64, resident=False, num_warps=16)
 
@@ -373,7 +373,8 @@ def test_make_tune_also_times_the_square_backward_tile_where_it_fills_the_device
     assert squares(512, 1024, torch.bfloat16) == squares(512, 1024, torch.float16) == [1, 3]
     assert squares(512, 1024, torch.float32) == [1, 3]
     assert squares(256, 1024, torch.bfloat16) == []      # 64 programs of 132
-    assert squares(512, 512, torch.bfloat16) == []
+    assert squares(512, 512, torch.bfloat16) == []           # 64 programs
+    assert squares(512, 512, torch.bfloat16, D=2) == [1, 3]  # 128 in one launch, not 256 in two
     assert squares(512, 1024, torch.bfloat16, D=2) == []     # 256 programs: two launches
 
 
@@ -707,15 +708,17 @@ def test_runs_well_rejects_what_cannot_run_well():
     assert autotune.runs_well(streamed_128x32, "forward", 512, 1024, torch.bfloat16, 1, 132)
     assert not autotune.runs_well(streamed_128x32, "forward", 512, 1024, torch.float32, 1, 132)
     assert not autotune.runs_well(streamed_128x32, "backward", 512, 1024, torch.bfloat16, 1, 132)
-    # The backward's square 64x64 compiles spill-free in 2-byte dtypes at H >= 1024 only, in
-    # fp32 with 16 bytes of spill there (its gate split 176); 128-row fp32 tiles spill more.
+    # The backward's square 64x64 compiles spill-free in 2-byte dtypes at H >= 512 only, in
+    # fp32 with 16-24 bytes of spill there (its gate split 168-176); 128-row fp32 tiles spill
+    # more.
     square = dataclasses.replace(streamed_128x32, block_b=64, block_h=64)
     assert autotune.runs_well(square, "backward", 512, 1024, torch.bfloat16, 1, 132)
     assert autotune.runs_well(square, "backward", 512, 1024, torch.float32, 1, 132)
+    assert autotune.runs_well(square, "backward", 1024, 512, torch.bfloat16, 1, 132)
     assert not autotune.runs_well(square, "backward", 512, 1024, torch.float64, 1, 132)
     assert not autotune.runs_well(dataclasses.replace(streamed_128x32, gate_split=True),
                                   "backward", 512, 1024, torch.float32, 1, 132)
-    assert not autotune.runs_well(square, "backward", 1024, 512, torch.bfloat16, 1, 132)
+    assert not autotune.runs_well(square, "backward", 1024, 256, torch.bfloat16, 1, 132)
     assert not autotune.runs_well(config(block_h=64), "forward", 8, 1024, torch.float32, 1, 132)  # 1 MB on chip
     # The unsplit backward spills past 512 bytes of weight slice per thread; 8 warps, split, do not.
     assert not autotune.runs_well(config(block_h=16), "backward", 8, 1024, torch.bfloat16, 1, 132)
@@ -1191,6 +1194,29 @@ def test_default_grid_covers_make_perf_and_fits_the_budget():
     plan = tune.estimate(grid, jobs=tune.GPU_HOST_CORES)   # compiled ahead on a GPU host's cores
     assert plan["seconds"] <= 8 * 60 and plan["compiles"] > 100
     assert tune.estimate(grid, "wide", jobs=tune.GPU_HOST_CORES)["seconds"] > plan["seconds"]
+
+
+def test_make_tune_times_the_heuristic_tiles_of_other_layers_and_a_backward_in_one_launch():
+    """Bidirectional and projected layers get the heuristic's tiles only, and a backward whose
+    grid needs two launches (256 programs of 16 warps: both directions at B = 512 H = 512)
+    also with twice its units in one, as it is and as the square 64x64."""
+    grid = [s for s in tune.default_grid() if (s.directions, s.proj) != (1, 0)]
+    for shape in grid:
+        dtype = tune.DTYPES[shape.dtype]
+        for kernel in tune.KERNELS:
+            base = heuristic_config(shape.batch, shape.hidden, dtype, 132 // shape.directions,
+                                    kernel, shape.proj > 0)
+            configs = tune.shape_candidates(shape, kernel, "sweep", 132)
+            assert configs[0] == base
+            two_launches = (kernel == "backward" and (shape.batch, shape.hidden,
+                                                      shape.directions) == (512, 512, 2))
+            assert len(configs) > 1 if two_launches else configs == [base], shape
+            for c in configs[1:]:     # one launch: a program of 16 warps an SM
+                assert c.block_h == 2 * base.block_h and c.num_warps == 16
+                assert (-(-shape.hidden // c.block_h) * -(-shape.batch // c.block_b)
+                        * shape.directions <= 132)
+            assert all(autotune.runs_well(c, kernel, shape.batch, shape.hidden, dtype,
+                                          shape.directions, 132) for c in configs[1:])
 
 
 def test_compile_ahead_lists_each_candidate_the_sweep_still_lacks_and_builds_it():

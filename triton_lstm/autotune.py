@@ -59,12 +59,13 @@ CHECK_BOUNDS = {"fp32": 1e-2, "bf16": 5e-2, "fp16": 1e-2, "fp64": 1e-9}
 WARP_LAYOUTS = ((1, 4), (4, 8), (4, 16))   # (split_k, num_warps), light tiles to heavy ones
 # Register bounds, from ptxas on sm_90 (perf/NOTES.md, "Which tiles spill"):
 REGISTER_TILE = 2048        # batch rows x hidden units per program: larger tiles spill,
-STREAMED_TILE = 4096        # but not streamed 2-byte ones at 16 warps: the forward (ptxas, 3.6:
-                            # 106 regs at 128x32), the backward's 64x64 for H >= 1024 (128),
-                            # and its gate split at 64x64 or 128x32 (100-180 bytes of spill,
-                            # SASS: loop invariants reloaded once a phase, not in the K loop);
-                            # nor fp32's backward 64x64 for H >= 1024 (16 bytes of spill, its
-                            # gate split 176: fp32 B = 512 H = 1024 in one launch, not two)
+STREAMED_TILE = 4096        # but not streamed ones at 16 warps (ptxas, Triton 3.6): the
+                            # 2-byte forward (106 regs at 128x32); the backward's from H = 512,
+                            # 64x64 (2-byte: no spill; fp32: 16-24 bytes) and its gate split
+                            # at 64x64 (96-180 bytes; fp32 168-176) or, 2-byte, 128x32, where
+                            # SASS reloads loop invariants once a phase, not in the K loop.
+                            # They put B = 512 H = 1024, and both directions of B = 512
+                            # H = 512, in one launch instead of two.
 BACKWARD_SLICE_BYTES = 512  # unsplit backward: weight slice per thread past which it spills
 
 
@@ -84,7 +85,7 @@ def runs_well(config: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
         return False
     wide_ok = (not config.resident and config.num_warps >= 16
                and (dtype.itemsize == 2 if kernel == "forward" else
-                    padded(hidden) >= 1024 and (config.block_b <= 64 if dtype.itemsize == 4
+                    padded(hidden) >= 512 and (config.block_b <= 64 if dtype.itemsize == 4
                                                 else dtype.itemsize == 2 and (
                                                     config.block_b <= 64 or config.gate_split))))
     if config.block_b * config.block_h > (STREAMED_TILE if wide_ok else REGISTER_TILE):
@@ -209,10 +210,8 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
             unsplit = [dataclasses.replace(c, gate_split=False) for c in gate_split]
             # Where the heuristic's grid needs two launches, the gate split's fewer bytes a
             # step also pay for twice the units in one (64x64 at B=512 H=1024).
-            one_launch = [dataclasses.replace(c, block_h=2 * c.block_h) for c in gate_split]
-            if (cdiv(hidden, base.block_h) * cdiv(batch, base.block_b) * directions > num_sms
-                    >= cdiv(hidden, 2 * base.block_h) * cdiv(batch, base.block_b) * directions):
-                gate_split += one_launch
+            if needs_two_launches(base, batch, hidden, directions, num_sms):
+                gate_split += [dataclasses.replace(c, block_h=2 * c.block_h) for c in gate_split]
             configs += [c for c in square_backward_tiles(base, batch, hidden, directions, num_sms)
                         + gate_split + unsplit if c not in configs and runs_well(
                             c, kernel, batch, hidden, dtype, directions, num_sms)]
@@ -220,6 +219,27 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
         configs += [c for c in longer if c is not None and c not in configs
                     and runs_well(c, kernel, batch, hidden, dtype, directions, num_sms)]
     return configs
+
+
+def needs_two_launches(base: KernelConfig, batch: int, hidden: int, directions: int,
+                       num_sms: int) -> bool:
+    """Whether `base`'s grid has more programs than SMs where one of twice its hidden block
+    has no more (a program an SM: the 16-warp streamed tiles)."""
+    rows = cdiv(batch, base.block_b) * directions
+    return cdiv(hidden, base.block_h) * rows > num_sms >= cdiv(hidden, 2 * base.block_h) * rows
+
+
+def one_launch_backward(base: KernelConfig, batch: int, hidden: int, dtype: torch.dtype,
+                        directions: int, num_sms: int) -> list[KernelConfig]:
+    """The streamed backward `base` with twice its hidden block, as it is and as the square
+    64x64 (unsplit), where `base` needs two launches and these one: what make tune also times
+    at layers it gives the heuristic's tiles only (both directions at B = 512 H = 512)."""
+    if base.resident or not needs_two_launches(base, batch, hidden, directions, num_sms):
+        return []
+    wider = [dataclasses.replace(base, block_h=2 * base.block_h)]
+    wider += square_backward_tiles(base, batch, hidden, directions, num_sms)
+    return [c for i, c in enumerate(wider) if c not in wider[:i] and c != base and runs_well(
+        c, "backward", batch, hidden, dtype, directions, num_sms)]
 
 
 def accumulated_chunks(base: KernelConfig, kernel: str, hidden: int) -> Optional[KernelConfig]:
