@@ -132,14 +132,14 @@ EXCHANGE = False
 def shape_candidates(shape: Shape, kernel: str, neighbourhood: str, num_sms: int) -> list:
     """The kernel's candidate configs at this shape (autotune.candidate_configs), with
     --exchange the dsmem twins of its cluster tiles; at a layer that gets the heuristic's
-    tiles only, the backward's also in one launch where the heuristic's needs two."""
+    tiles only, also in one launch where the heuristic's need two."""
     dtype = DTYPES[shape.dtype]
     configs = autotune.candidate_configs(kernel, shape.batch, shape.hidden, dtype,
                                          shape.directions, num_sms,
                                          candidates_for(shape, neighbourhood), shape.proj > 0)
-    if candidates_for(shape, neighbourhood) == "heuristic" and kernel == "backward":
-        configs += autotune.one_launch_backward(configs[0], shape.batch, shape.hidden, dtype,
-                                                shape.directions, num_sms)
+    if candidates_for(shape, neighbourhood) == "heuristic":
+        configs += autotune.one_launch_tiles(configs[0], kernel, shape.batch, shape.hidden,
+                                             dtype, shape.directions, num_sms)
     if EXCHANGE and not shape.proj:
         configs += [dataclasses.replace(c, dsmem=True) for c in configs
                     if c.cluster and c.resident]

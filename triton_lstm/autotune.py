@@ -229,17 +229,18 @@ def needs_two_launches(base: KernelConfig, batch: int, hidden: int, directions: 
     return cdiv(hidden, base.block_h) * rows > num_sms >= cdiv(hidden, 2 * base.block_h) * rows
 
 
-def one_launch_backward(base: KernelConfig, batch: int, hidden: int, dtype: torch.dtype,
-                        directions: int, num_sms: int) -> list[KernelConfig]:
-    """The streamed backward `base` with twice its hidden block, as it is and as the square
-    64x64 (unsplit), where `base` needs two launches and these one: what make tune also times
+def one_launch_tiles(base: KernelConfig, kernel: str, batch: int, hidden: int,
+                     dtype: torch.dtype, directions: int, num_sms: int) -> list[KernelConfig]:
+    """The streamed `base` with twice its hidden block (for the backward also as the square
+    64x64, unsplit), where `base` needs two launches and these one: what make tune also times
     at layers it gives the heuristic's tiles only (both directions at B = 512 H = 512)."""
     if base.resident or not needs_two_launches(base, batch, hidden, directions, num_sms):
         return []
     wider = [dataclasses.replace(base, block_h=2 * base.block_h)]
-    wider += square_backward_tiles(base, batch, hidden, directions, num_sms)
+    if kernel == "backward":
+        wider += square_backward_tiles(base, batch, hidden, directions, num_sms)
     return [c for i, c in enumerate(wider) if c not in wider[:i] and c != base and runs_well(
-        c, "backward", batch, hidden, dtype, directions, num_sms)]
+        c, kernel, batch, hidden, dtype, directions, num_sms)]
 
 
 def accumulated_chunks(base: KernelConfig, kernel: str, hidden: int) -> Optional[KernelConfig]:
