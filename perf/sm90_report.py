@@ -247,7 +247,7 @@ def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_back
                                           has_dy=True, has_dhn=True, has_h0=state,
                                           has_lengths=state, reverse=True),
                       POLL_BACKOFF_NS=poll_backoff_ns)
-    num_warps = br.warps(hidden, dtype)
+    num_warps = 4 * constexprs["SPLITS"]     # a warp a part: four gates of SPLITS parts
     compiled = compile_one(br.lstm_backward_registers_kernel, types, constexprs, num_warps)
     return compiled_row(compiled, kernel="registers-backward", dtype=dtype_name, B=batch,
                         H=hidden, D=directions, proj=0, tile=f"{br.ROWS}x{br.UNITS}",

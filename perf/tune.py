@@ -133,11 +133,10 @@ def shape_candidates(shape: Shape, kernel: str, neighbourhood: str, num_sms: int
     """The kernel's candidate configs at this shape (autotune.candidate_configs), with
     --exchange the dsmem twins of its cluster tiles; at a layer that gets the heuristic's
     tiles only, also in one launch where the heuristic's need two."""
-    dtype = DTYPES[shape.dtype]
+    dtype, chosen = DTYPES[shape.dtype], candidates_for(shape, neighbourhood)
     configs = autotune.candidate_configs(kernel, shape.batch, shape.hidden, dtype,
-                                         shape.directions, num_sms,
-                                         candidates_for(shape, neighbourhood), shape.proj > 0)
-    if candidates_for(shape, neighbourhood) == "heuristic":
+                                         shape.directions, num_sms, chosen, shape.proj > 0)
+    if chosen == "heuristic":
         configs += autotune.one_launch_tiles(configs[0], kernel, shape.batch, shape.hidden,
                                              dtype, shape.directions, num_sms)
     if EXCHANGE and not shape.proj:

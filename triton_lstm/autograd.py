@@ -23,7 +23,7 @@ from torch._C._functorch import TransformType
 import torch.autograd.forward_ad as forward_ad
 
 from .dispatch import state_dtype
-from .ops import (config_to_list, direct, layer_matmul, layer_matmul_plus,
+from .ops import (bias_gradient, config_to_list, direct, layer_matmul, layer_matmul_plus,
                   recurrence_backward_eager, recurrence_forward_eager, step_forward_eager)
 from .recompute import recompute_backward
 from .reference import lstm_layer_reference, reverse_order
@@ -344,7 +344,7 @@ def gemms_over_dG(dG, x, h_prev, w_ih, has_bias: bool, needs):
                          for d, h in enumerate(h_prev)])
     db = None
     if has_bias and (need_bih or need_bhh):
-        db = dG2.sum(0, dtype=state_dtype(dG.dtype))
+        db = bias_gradient(dG2)
     return dx, dw_ih, dw_hh, db
 
 

@@ -83,12 +83,8 @@ def runs_well(config: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
         return False
     if cdiv(hidden, config.block_h) * directions > num_sms:
         return False
-    wide_ok = (not config.resident and config.num_warps >= 16
-               and (dtype.itemsize == 2 if kernel == "forward" else
-                    padded(hidden) >= 512 and (config.block_b <= 64 if dtype.itemsize == 4
-                                                else dtype.itemsize == 2 and (
-                                                    config.block_b <= 64 or config.gate_split))))
-    if config.block_b * config.block_h > (STREAMED_TILE if wide_ok else REGISTER_TILE):
+    wide = STREAMED_TILE if wide_tile_ok(config, kernel, hidden, dtype) else REGISTER_TILE
+    if config.block_b * config.block_h > wide:
         return False
     if config.gate_split and (kernel != "backward" or config.resident or config.dataflow):
         return False
@@ -115,6 +111,21 @@ def runs_well(config: KernelConfig, kernel: str, batch: int, hidden: int, dtype:
         if dtype.itemsize == 4 and config.block_h < 8 and staged >= STAGED_BYTES:
             return False    # fp32, 4-unit blocks: the per-gate dots are too narrow for MMA
     return True
+
+
+def wide_tile_ok(config: KernelConfig, kernel: str, hidden: int, dtype: torch.dtype) -> bool:
+    """Whether `config` may have STREAMED_TILE cells (rule at STREAMED_TILE): streamed, 16
+    warps, and the 2-byte forward, or the backward from H = 512 with 64 rows (2-byte: or
+    its gate split at 128)."""
+    if config.resident or config.num_warps < 16:
+        return False
+    if kernel == "forward":
+        return dtype.itemsize == 2
+    if padded(hidden) < 512:
+        return False
+    if dtype.itemsize == 4:
+        return config.block_b <= 64
+    return dtype.itemsize == 2 and (config.block_b <= 64 or config.gate_split)
 
 
 # Which one-step neighbours of the heuristic's config are candidates, in order, and how

@@ -169,9 +169,15 @@ def recurrence_backward_eager(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w
         restarts=None if restarts is None else restarts.contiguous(), c_restart=c_restart,
         reverse=reverse, bias_grad=bias_grad)
     if bias_grad and db is None:      # the kernel left the sum to torch
-        db = dG.flatten(0, 1).sum(0, dtype=dc0.dtype)
+        db = bias_gradient(dG)
     return (dG, dh0, dc0, _or_empty(dh_all, dG), _or_empty(dh_restart, dG, dc0.dtype),
             _or_empty(dc_restart, dG, dc0.dtype), _or_empty(db, dG, dc0.dtype))
+
+
+def bias_gradient(dG: torch.Tensor) -> torch.Tensor:
+    """db, both biases' gradient: dG ([T, B, D*4H], or its rows) summed over every step and
+    row, in the state dtype."""
+    return dG.flatten(0, -2).sum(0, dtype=state_dtype(dG.dtype))
 
 
 @register_fake("triton_lstm::recurrence_backward")

@@ -150,7 +150,7 @@ def store_gate_sums(p, b_i, b_f, b_g, b_o, o_u, m_u, H: tl.constexpr):
     b_sums = tl.sum(tl.join(tl.join(b_i, b_f), tl.join(b_g, b_o)), 0)   # [unit, a, b]
     o_two = tl.arange(0, 2)
     gate = o_two[None, :, None] + 2 * o_two[None, None, :]               # (join order)
-    tl.store(p + gate * H + o_u[:, None, None], b_sums, mask=m_u[:, None, None] & (gate < 4))
+    tl.store(p + gate * H + o_u[:, None, None], b_sums, mask=m_u[:, None, None])
 
 
 @triton.jit(do_not_specialize=["T", "B", "q_begin", "q_end", "batch_start", "leader_inc"])
@@ -505,9 +505,9 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
     dh0 = torch.empty(D, B, R, dtype=dtype, device=device)
     dh_all = torch.empty(D, T, B, R, dtype=dtype, device=device) if proj else None
     dh_parts = torch.empty(D, 4, B, R, dtype=acc, device=device) if config.gate_split else None
-    sums_bias = bias_grad and bias_sums_in_kernel(config)
+    kernel_sums = bias_grad and bias_sums_in_kernel(config)
     bias_sums = (torch.empty(T, triton.cdiv(B, config.block_b), D, 4 * H, dtype=acc,
-                             device=device) if sums_bias else None)
+                             device=device) if kernel_sums else None)
     if config.dataflow:          # the slots other programs poll
         fill_unwritten(dgates)
         if proj:
@@ -526,13 +526,13 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
             restarts if has_restarts else dc_state,
             c_restart if c_restart is not None else dc_state,
             dh_restart if has_restarts else dc_state, dc_restart if has_restarts else dc_state,
-            bias_sums if sums_bias else dc_state, T, B)
+            bias_sums if kernel_sums else dc_state, T, B)
     constexprs = dict(H=H, HP=padded(H), R=R, RP=padded(R), D=D, PROJ=proj,
                       HAS_DY=dy is not None, HAS_DHN=dh_n is not None, HAS_H0=c0 is not None,
                       HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(dtype, device),
                       REVERSE=reverse, HAS_RESTARTS=has_restarts,
                       RESTART_FROM_STATE=c_restart is not None, GATE_SPLIT=config.gate_split,
-                      DSMEM=False, BIAS_SUMS=sums_bias)
+                      DSMEM=False, BIAS_SUMS=kernel_sums)
     # Phases: T + 1 stages, two each with a projection or a gate split (the last stage of a
     # projection has no cell phase).
     num_steps = 2 * (T + 1) if config.gate_split else T * (2 if proj else 1) + 1
@@ -541,5 +541,5 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
                       device=device, force_stepped=force_stepped,
                       # each element of a [rows, HP] share of dh to its owner
                       pushes_per_exchange=lambda c: c.block_b * padded(H))
-    db = bias_sums.sum((0, 1)).flatten() if sums_bias else None
+    db = bias_sums.sum((0, 1)).flatten() if kernel_sums else None
     return dgates, dh0, dc_state, dh_all, dh_restart, dc_restart, db

@@ -253,11 +253,6 @@ def splits_of(hidden_size: int, dtype: torch.dtype) -> int:
     return 1 if registers_forward_fits(hidden_size, dtype) else 2
 
 
-def warps(hidden_size: int, dtype: torch.dtype) -> int:
-    """A program's warps: one a part of the batched MMA, four gates of SPLITS parts."""
-    return 4 * splits_of(hidden_size, dtype)
-
-
 def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, proj: bool,
               restarts: bool, force_stepped: bool) -> bool:
     """Whether a backward call is one this kernel runs: a GPU, bf16 / fp16, and fp32 where
@@ -276,8 +271,8 @@ def lstm_backward_registers(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, 
     resident at once."""
     outputs, args, grid, constexprs = launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths,
                                                        w_hh, reverse=reverse)
-    tile = KernelConfig(block_b=ROWS, block_h=UNITS,
-                        num_warps=warps(gates.shape[3] // 4, w_hh.dtype))
+    # a warp a part of the batched MMA: four gates of SPLITS parts
+    tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=4 * constexprs["SPLITS"])
     if not forward_registers.launch_resident(lstm_backward_registers_kernel, args, grid,
                                              constexprs, tile, w_hh.device):
         return None
