@@ -95,6 +95,17 @@ CASES = {
                                              "--kernels", "backward",
                                              "--config", "bb64-bh64-str-bk128-sk4-w16-st3"],
                                             False),
+    # make tune's pipelined tiles with 5 stages at H >= 1024 (autotune.deeper_pipeline).
+    "wgmma-five-stages-forward": (["--shapes", "128x1024", "512x1024", "--dtypes", "bf16",
+                                   "fp16", "--kernels", "forward",
+                                   "--config", "bb64-bh32-str-bk64-sk4-w8-st5"], True),
+    "wgmma-five-stages-backward": (["--shapes", "512x1024", "64x1024", "--dtypes", "bf16",
+                                    "--kernels", "backward",
+                                    "--config", "bb64-bh64-str-bk64-sk4-w16-st5"], True),
+    # No spill under Triton 3.6 (the GPU machines'); 84 bytes under 3.9.
+    "wgmma-five-stages-gate-split": (["--shapes", "512x1024", "--dtypes", "bf16", "--kernels",
+                                      "backward",
+                                      "--config", "bb64-bh32-str-bk64-sk4-w16-st5-gs"], False),
     # The backward's dh as a GEMM phase split by gate (make tune's gate_split candidates).
     "gate-split": (["--shapes", "512x1024", "--dtypes", "bf16", "fp32", "--kernels", "backward",
                     "--config", "bb128-bh16-str-bk64-sk4-w16-st3-gs"], True),

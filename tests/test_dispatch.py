@@ -258,7 +258,12 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
             longer = [c for c in configs if c.block_k == 128]
             assert all(dataclasses.replace(c, block_k=64) in configs for c in longer)
             assert longer == [] or neighbourhood in ("sweep", "wide")
-            assert configs[0] == base and len(set(configs)) == len(configs) <= most + len(longer)
+            # and with more pipeline stages
+            deeper = [c for c in configs if c.inner_stages == autotune.DEEP_STAGES]
+            assert all(dataclasses.replace(c, inner_stages=3) in configs for c in deeper)
+            assert deeper == [] or neighbourhood in ("sweep", "wide")
+            assert configs[0] == base and len(set(configs)) == len(configs) <= (
+                most + len(longer) + len(deeper))
             assert all(autotune.runs_well(c, kernel, B, H, dtype, D, 132) for c in configs[1:])
             with_dataflow = [c for c in configs if c.dataflow]
             assert with_dataflow == ([dataclasses.replace(base, dataflow=True)]
@@ -321,7 +326,7 @@ def test_make_tune_also_times_64_row_streamed_tiles_from_batch_64():
         configs = autotune.candidate_configs(kernel, B, H, dtype, 1, 132, neighbourhood)
         return sorted((c.block_h, c.num_warps, c.inner_stages) for c in configs
                       if c.block_b == 64 and not c.resident and not c.gate_split
-                      and c.block_k == 64)
+                      and c.block_k == 64 and c.inner_stages != autotune.DEEP_STAGES)
 
     assert rows64("forward", 64, 1024, torch.bfloat16) == [(16, 8, 3), (32, 8, 3)]
     assert rows64("backward", 64, 1024, torch.bfloat16) == [(16, 8, 1), (16, 8, 3), (32, 16, 1),
@@ -359,6 +364,31 @@ def test_make_tune_also_times_pipelined_tiles_with_chunks_of_128():
                for c in sweep if c.block_k == 128)
 
 
+def test_make_tune_also_times_pipelined_tiles_with_five_stages_at_h_1024():
+    """Twice the chunks in flight: every pipelined streamed candidate in chunks of 64 at
+    H >= 1024 in a 2-byte dtype (ptxas: fp32's forward tiles spill with 5 stages), forward
+    and backward, gate split or not; never at smaller H, resident or unpipelined tiles, nor
+    in first-use tuning."""
+    def deeper(kernel, B, H, dtype, neighbourhood="sweep"):
+        configs = autotune.candidate_configs(kernel, B, H, dtype, 1, 132, neighbourhood)
+        five = [c for c in configs if c.inner_stages == autotune.DEEP_STAGES]
+        assert all(dataclasses.replace(c, inner_stages=3) in configs for c in five)
+        assert all(c.block_k == 64 and not c.resident for c in five)
+        return sorted((c.block_b, c.block_h, c.gate_split) for c in five)
+
+    assert deeper("forward", 128, 1024, torch.bfloat16) == [(64, 8, False), (64, 16, False),
+                                                            (64, 32, False)]
+    assert deeper("forward", 512, 1024, torch.float16) == [(128, 8, False), (128, 16, False),
+                                                           (128, 32, False)]
+    assert deeper("backward", 512, 1024, torch.bfloat16) == [
+        (64, 16, True), (64, 32, False), (64, 32, True), (64, 64, False), (64, 64, True)]
+    assert deeper("forward", 128, 1024, torch.float32) == []
+    assert deeper("forward", 512, 512, torch.bfloat16) == []           # 8 chunks
+    assert deeper("backward", 128, 512, torch.bfloat16) == []
+    assert deeper("forward", 8, 1024, torch.bfloat16) == []            # resident
+    assert deeper("backward", 512, 1024, torch.bfloat16, "autotune") == []
+
+
 def test_make_tune_also_times_the_square_backward_tile_where_it_fills_the_device():
     """64x64 reads the fewest bytes of dG and W a step for its area; bf16 / fp16 / fp32 at
     H >= 512 only (ptxas: fp32 spills 16-60 bytes there, fp64 more), and only where 3/4 of
@@ -370,7 +400,8 @@ def test_make_tune_also_times_the_square_backward_tile_where_it_fills_the_device
         return sorted(c.inner_stages for c in sweep if not c.gate_split and c.block_k == 64
                       and all(getattr(c, k) == v for k, v in square.items()))
 
-    assert squares(512, 1024, torch.bfloat16) == squares(512, 1024, torch.float16) == [1, 3]
+    # (and at H = 1024 in 2-byte dtypes with 5 stages: deeper_pipeline)
+    assert squares(512, 1024, torch.bfloat16) == squares(512, 1024, torch.float16) == [1, 3, 5]
     assert squares(512, 1024, torch.float32) == [1, 3]
     assert squares(256, 1024, torch.bfloat16) == []      # 64 programs of 132
     assert squares(512, 512, torch.bfloat16) == []           # 64 programs
@@ -388,7 +419,8 @@ def test_make_tune_also_times_the_backward_with_its_gate_split():
         sweep = autotune.candidate_configs("backward", B, H, dtype, 1, 132, "sweep", proj)
         return sorted((c.block_b, c.block_h, c.inner_stages, c.gate_split) for c in sweep
                       if c.block_b == base.block_b and c.block_h in (base.block_h, 2 * base.block_h)
-                      and c.block_k == 64 and not c.resident)
+                      and c.block_k == 64 and not c.resident
+                      and c.inner_stages != autotune.DEEP_STAGES)   # (their own test)
 
     both_ways = [(1, False), (1, True), (3, False), (3, True)]
     assert split_tiles(128, 1024, torch.bfloat16) == [(32, 32, *w) for w in both_ways]

@@ -66,6 +66,7 @@ STREAMED_TILE = 4096        # but not streamed ones at 16 warps (ptxas, Triton 3
                             # SASS reloads loop invariants once a phase, not in the K loop.
                             # They put B = 512 H = 1024, and both directions of B = 512
                             # H = 512, in one launch instead of two.
+DEEP_STAGES = 5             # make tune's deeper twin of a pipelined loop (deeper_pipeline)
 BACKWARD_SLICE_BYTES = 512  # unsplit backward: weight slice per thread past which it spills
 
 
@@ -162,7 +163,8 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
     streamed tiles of 64+ rows reshaped to move fewer bytes a step (and for a backward, its
     tile with and without the gate split, which has no projection phase: `proj`), and at
     B >= 64 streamed wgmma tiles of 64 rows in place of resident tiles or tiles of fewer
-    rows (``wgmma_tiles``)."""
+    rows (``wgmma_tiles``); pipelined candidates also with chunks of 128 (``longer_chunks``)
+    and with 5 stages (``deeper_pipeline``) where those compile well."""
     base = heuristic_config(batch, hidden, dtype, max(1, num_sms // directions), kernel, proj)
     layout = min(range(len(WARP_LAYOUTS)), key=lambda i: abs(WARP_LAYOUTS[i][1] - base.num_warps))
 
@@ -229,6 +231,9 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
         longer = [longer_chunks(c, kernel, hidden, dtype) for c in configs]
         configs += [c for c in longer if c is not None and c not in configs
                     and runs_well(c, kernel, batch, hidden, dtype, directions, num_sms)]
+        deeper = [deeper_pipeline(c, kernel, hidden, dtype) for c in configs]
+        configs += [c for c in deeper if c is not None and c not in configs
+                    and runs_well(c, kernel, batch, hidden, dtype, directions, num_sms)]
     return configs
 
 
@@ -292,6 +297,25 @@ def longer_chunks(config: KernelConfig, kernel: str, hidden: int,
     if kernel == "backward" and padded(hidden) < 1024:
         return None
     return dataclasses.replace(config, block_k=128)
+
+
+def deeper_pipeline(config: KernelConfig, kernel: str, hidden: int,
+                    dtype: torch.dtype) -> Optional[KernelConfig]:
+    """`config` with DEEP_STAGES stages in its pipelined K loop instead of PIPELINE_STAGES, if
+    it is a pipelined streamed config in chunks of 64 at H >= 1024 (16 chunks a step in the
+    forward, 64 in the backward) in a 2-byte dtype; else None. (fp32's 16-warp forward tiles
+    spill 116-148 bytes with 5 stages and none with 3: ptxas, sm_90, Triton 3.6.)
+
+    A chunk is two cp.async groups (its rows of h or dG, its weight columns). With 3 stages a
+    program multiplies one chunk while two are in flight (cp.async.wait_group 2), with 5 while
+    four are (wait_group 6): twice the bytes in flight per L2 round trip, which is what the
+    streamed steps took their time over (perf/NOTES.md, "After run 5: bytes in flight"), where
+    the L2's bandwidth leaves room. ptxas: the same registers within 14, no spill where 3
+    stages have none."""
+    if (config.resident or config.inner_stages != PIPELINE_STAGES or config.block_k != 64
+            or padded(hidden) < 1024 or dtype.itemsize != 2):
+        return None
+    return dataclasses.replace(config, inner_stages=DEEP_STAGES)
 
 
 def wgmma_tiles(base: KernelConfig, kernel: str, batch: int, hidden: int, dtype: torch.dtype,
