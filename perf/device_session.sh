@@ -26,10 +26,11 @@
 #                                                  tests but the cluster barrier's and the
 #                                                  exchange's, make tune resumed for 2 min,
 #                                                  then make perf's main table (9.5 min)
-#   COMMIT=<hash> bash perf/device_session.sh 7   the dataflow waits' GPU tests, make tune
-#                                                  resumed for 1.3 min at the mid-batch and
-#                                                  B = 512 shapes (after part 8), then make
-#                                                  perf's main table (4.8 min)
+#   COMMIT=<hash> bash perf/device_session.sh 7   the dataflow waits' and the ring forward's
+#                                                  GPU tests, make tune resumed for 1.6 min
+#                                                  at the mid-batch and B = 512 shapes (after
+#                                                  part 8), then make perf's main table
+#                                                  (5.3 min)
 #   COMMIT=<hash> bash perf/device_session.sh 8   the GPU tests run 5 did not finish, where a
 #                                                  training call's time goes (ours, with the
 #                                                  backward in chunks too, cuDNN's), make tune
@@ -145,10 +146,11 @@ case "${1:-}" in
     main_table 140
     ;;
 7)
-    # The dataflow waits' tests first: their polls check the marks a pair at a time since
-    # 60cb0e9, and the table takes dataflow tiles.
-    gpu_tests 40 "dataflow"
-    tune_resumed 120 1.3 --shapes $MID_BATCH $LARGE_BATCH
+    # The dataflow waits' tests first (their polls check the marks a pair at a time since
+    # 60cb0e9, and the table takes dataflow tiles) and the ring forward's
+    # (kernels/forward_ring.py), whose tiles make tune times next.
+    gpu_tests 60 "dataflow or ring"
+    tune_resumed 130 1.6 --shapes $MID_BATCH $LARGE_BATCH
     main_table 130
     ;;
 8)

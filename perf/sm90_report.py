@@ -33,7 +33,7 @@ from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 
 from triton_lstm import tuning  # noqa: E402
-from triton_lstm.dispatch import heuristic_config, padded, state_dtype  # noqa: E402
+from triton_lstm.dispatch import KernelConfig, heuristic_config, padded, state_dtype  # noqa: E402
 from triton_lstm.kernels.backward import lstm_backward_kernel  # noqa: E402
 from triton_lstm.kernels import gemm  # noqa: E402
 from triton_lstm.kernels.forward import lstm_forward_kernel  # noqa: E402
@@ -112,6 +112,10 @@ def state_load_bytes(ptx: str, ttgir: str):
     widths += [int(contiguity) * ELEMENT_BYTES[elem] for contiguity, elem in re.findall(
         r"async_copy_global_to_local .*cache_?[mM]odifier = cg.*contiguity = (\d+).*"
         r"x!tt\.ptr<(\w+)>", ttgir)]
+    if re.search(r"async_copy_global_to_local .*cache_?[mM]odifier = cg", ttgir) and not widths:
+        # A Gluon kernel's own copies (no contiguity in its IR): the cp.async they became.
+        widths += [int(size, 0) for size in re.findall(
+            r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+|\d+)", ptx)]
     return min(widths, default=None)
 
 
@@ -254,6 +258,24 @@ def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_back
                         resident=True, split_k=constexprs["CHUNKS"], warps=num_warps)
 
 
+def report_ring(dtype_name, batch, hidden, directions=1, config=None, state=True):
+    """The mid-batch forward with its weights in shared memory and h in a ring of cp.async
+    stages (kernels/forward_ring.py), with the saved gates, and h0 and lengths where
+    ``state``; ``config``: its tile (default 64x16, 5 stages)."""
+    from triton_lstm.kernels import forward_ring as fr       # Gluon, imported where asked for
+    tname, dtype = DTYPES[dtype_name]
+    config = config or KernelConfig(block_b=fr.ROWS, block_h=16, resident=False,
+                                    num_warps=fr.WARPS, inner_stages=5, ring=True)
+    types = dict(gx=tname, w_hh=tname, h0=tname, c0=tname, lengths="i32", y=tname, h_n=tname,
+                 c_state="fp32", gates="fp32", c_all="fp32", counters="i32")
+    constexprs = fr.kernel_constants(hidden, directions, config, has_h0=state,
+                                     has_lengths=state, save=True, reverse=True)
+    compiled = compile_one(fr.lstm_forward_ring_kernel, types, constexprs, fr.WARPS)
+    return compiled_row(compiled, kernel="ring", dtype=dtype_name, B=batch, H=hidden,
+                        D=directions, proj=0, tile=f"{fr.ROWS.value}x{config.block_h}",
+                        resident=True, split_k=config.inner_stages, warps=fr.WARPS)
+
+
 @gluon.jit
 def _operand_layouts_probe(KC: gl.constexpr, K_WIDTH: gl.constexpr):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
@@ -346,7 +368,8 @@ def main():
                                          "bb128-bh32-str-bk64-sk1-w16-st3 (tuning.config_label)")
     parser.add_argument("--kernels", nargs="+", default=["forward", "backward"],
                         choices=["forward", "backward", "wavefront", "wavefront-backward",
-                                 "registers", "registers-backward", "registers-operands"])
+                                 "registers", "registers-backward", "registers-operands",
+                                 "ring"])
     parser.add_argument("--layers", type=int, default=2,
                         help="layers of the wavefront kernels (reported in column D)")
     parser.add_argument("--dropout", action="store_true",
@@ -392,6 +415,9 @@ def reports(args, config):
                                            args.poll_backoff, not args.no_state)
                 elif kernel_name == "registers-operands":
                     yield report_registers_operands(dtype_name, hidden)
+                elif kernel_name == "ring":
+                    yield report_ring(dtype_name, batch, hidden, args.directions, config,
+                                      not args.no_state)
                 elif kernel_name == "registers-backward":
                     yield report_registers_backward(dtype_name, batch, hidden, args.directions,
                                                     args.poll_backoff, not args.no_state)

@@ -208,6 +208,28 @@ def test_sm90_registers_forward_keeps_its_steps_out_of_shared_memory():
         assert row["state_load"] == VECTOR_BYTES, where | {"state_load": row["state_load"]}
 
 
+def test_sm90_ring_forward_keeps_its_weights_in_shared_memory():
+    """kernels/forward_ring.py's premise: the weight slice in shared memory for the whole
+    sequence (the kernel's one large allocation beside a ring of [64, 64] chunks of h and the
+    product's [64, 4 BLOCK_H] fp32), h copied in 16 bytes at a time (cp.async), wgmma, the
+    counter barrier, no spill: at every tile make tune gives it (autotune.ring_tiles)."""
+    rows = compile_report(["--kernels", "ring", "--shapes", "128x1024", "64x512", "128x256",
+                           "--dtypes", "bf16", "fp16"])
+    rows += compile_report(["--kernels", "ring", "--shapes", "64x1024", "128x512", "--dtypes",
+                            "bf16", "--config", "bb64-bh8-str-bk64-sk4-w8-st5-rn"])
+    assert len(rows) == 8
+    for row in rows:
+        where = {k: row[k] for k in ("dtype", "B", "H", "tile", "regs", "spill", "triton")}
+        block_h = int(row["tile"].split("x")[1])
+        hp = triton.next_power_of_2(row["H"])
+        assert row["ptxas_ok"] and row["spill"] == 0, where
+        ring_and_product = 5 * 64 * 64 * 2 + 64 * 4 * block_h * 4
+        assert row["shared"] >= hp * 4 * block_h * 2 + ring_and_product, where | {
+            "shared": row["shared"]}
+        assert row["mma"] == "wgmma" and row["barrier"] == "counter", where
+        assert row["state_load"] == VECTOR_BYTES, where | {"state_load": row["state_load"]}
+
+
 def test_sm90_registers_operand_tiles_span_their_chunk_of_the_reduction():
     """The registers kernels' MMA operand tiles ([16, KC] weights, [KC, 8] of h or dG) in the
     layouts Triton gives them: no register or lane is a broadcast copy of another, at every

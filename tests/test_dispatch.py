@@ -108,8 +108,8 @@ def test_config_labels_round_trip():
     assert tuning.config_entry(c, 3.14159)["us_per_step"] == 3.142
     every_flag = dataclasses.replace(c, inner_stages=3, prefetch_after_arrive=True,
                                      dataflow=True, gate_split=True, cluster=True, dsmem=True,
-                                     registers=True)
-    assert tuning.config_label(every_flag) == "bb64-bh16-str-bk64-sk4-w16-st3-pa-df-gs-cl-ds-rg"
+                                     registers=True, ring=True)
+    assert tuning.config_label(every_flag) == "bb64-bh16-str-bk64-sk4-w16-st3-pa-df-gs-cl-ds-rg-rn"
     assert tuning.config_from_label(tuning.config_label(every_flag)) == every_flag
     with pytest.raises(ValueError, match="label"):
         tuning.config_from_label("bb64-bh16")
@@ -259,11 +259,16 @@ def test_candidates_start_with_the_heuristic_and_run_well(dtype, B, H, D):
             assert all(dataclasses.replace(c, block_k=64) in configs for c in longer)
             assert longer == [] or neighbourhood in ("sweep", "wide")
             # and with more pipeline stages
-            deeper = [c for c in configs if c.inner_stages == autotune.DEEP_STAGES]
+            deeper = [c for c in configs if c.inner_stages == autotune.DEEP_STAGES
+                      and not c.ring]
             assert all(dataclasses.replace(c, inner_stages=3) in configs for c in deeper)
             assert deeper == [] or neighbourhood in ("sweep", "wide")
+            # and the forward with its weights in shared memory
+            ring = [c for c in configs if c.ring]
+            assert ring == (autotune.ring_tiles(kernel, B, H, dtype, D, 132)
+                            if neighbourhood in ("sweep", "wide") else [])
             assert configs[0] == base and len(set(configs)) == len(configs) <= (
-                most + len(longer) + len(deeper))
+                most + len(longer) + len(deeper) + len(ring))
             assert all(autotune.runs_well(c, kernel, B, H, dtype, D, 132) for c in configs[1:])
             with_dataflow = [c for c in configs if c.dataflow]
             assert with_dataflow == ([dataclasses.replace(base, dataflow=True)]
@@ -371,7 +376,7 @@ def test_make_tune_also_times_pipelined_tiles_with_five_stages_at_h_1024():
     in first-use tuning."""
     def deeper(kernel, B, H, dtype, neighbourhood="sweep"):
         configs = autotune.candidate_configs(kernel, B, H, dtype, 1, 132, neighbourhood)
-        five = [c for c in configs if c.inner_stages == autotune.DEEP_STAGES]
+        five = [c for c in configs if c.inner_stages == autotune.DEEP_STAGES and not c.ring]
         assert all(dataclasses.replace(c, inner_stages=3) in configs for c in five)
         assert all(c.block_k == 64 and not c.resident for c in five)
         return sorted((c.block_b, c.block_h, c.gate_split) for c in five)
@@ -387,6 +392,38 @@ def test_make_tune_also_times_pipelined_tiles_with_five_stages_at_h_1024():
     assert deeper("backward", 128, 512, torch.bfloat16) == []
     assert deeper("forward", 8, 1024, torch.bfloat16) == []            # resident
     assert deeper("backward", 512, 1024, torch.bfloat16, "autotune") == []
+
+
+def test_make_tune_also_times_the_forward_with_its_weights_in_shared_memory():
+    """kernels/forward_ring.py at 64x8 and 64x16 with a ring of 5: the forward only, bf16 /
+    fp16, from B = 64, no projection, where the weight slice fits in shared memory and every
+    program on the device at once (B = 128 H = 1024: 64x16 only; B = 512: H = 256 at 64x16).
+    Not in first-use tuning."""
+    def ring(kernel, B, H, dtype=torch.bfloat16, D=1, neighbourhood="sweep", proj=False):
+        return sorted((c.block_b, c.block_h, c.inner_stages) for c in autotune.candidate_configs(
+            kernel, B, H, dtype, D, 132, neighbourhood, proj) if c.ring)
+
+    assert ring("forward", 64, 1024) == ring("forward", 128, 512, torch.float16) == [
+        (64, 8, 5), (64, 16, 5)]
+    assert ring("forward", 128, 1024) == [(64, 16, 5)]
+    assert ring("forward", 512, 256) == [(64, 16, 5)]
+    assert ring("forward", 512, 1024) == []
+    assert ring("forward", 128, 1024, torch.float32) == []
+    assert ring("forward", 16, 512) == []
+    assert ring("backward", 128, 1024) == []
+    assert ring("forward", 64, 1024, D=2) == [(64, 16, 5)]          # 2 x 64 programs
+    assert ring("forward", 128, 1024, proj=True) == []
+    assert ring("forward", 128, 1024, neighbourhood="autotune") == []
+    # The kernel's own bounds: 64 rows, a ring of 3-8 chunks of 64, the slice in shared memory.
+    tile = KernelConfig(block_b=64, block_h=16, resident=False, num_warps=8, inner_stages=5,
+                        ring=True)
+    assert dispatch.ring_forward_fits(tile, 1024, torch.float16)
+    assert not dispatch.ring_forward_fits(tile, 2048, torch.float16)     # a 256 KB slice
+    assert not dispatch.ring_forward_fits(dataclasses.replace(tile, block_h=32), 1024,
+                                          torch.bfloat16)
+    assert not dispatch.ring_forward_fits(dataclasses.replace(tile, block_b=32), 512,
+                                          torch.bfloat16)
+    assert not dispatch.ring_forward_fits(tile, 64, torch.bfloat16)      # one chunk
 
 
 def test_make_tune_also_times_the_square_backward_tile_where_it_fills_the_device():

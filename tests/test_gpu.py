@@ -661,6 +661,71 @@ def forwards_with_nan_and_inf(configs, count, flag):
     return gx, w_hh, runs
 
 
+def outputs_and_gradients(module, x, hx, lengths, upstream=None):
+    """A layer's outputs (packed data where `lengths`) and the gradients of their sum against
+    `upstream` (random when None) for the input, the parameters and the state, and upstream."""
+    leaf = x.detach().requires_grad_()
+    inputs = leaf
+    if lengths is not None:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        leaf = packed.data.detach().requires_grad_()
+        inputs = torch.nn.utils.rnn.PackedSequence(leaf, packed.batch_sizes,
+                                                   packed.sorted_indices, packed.unsorted_indices)
+    state = None if hx is None else tuple(t.detach().requires_grad_() for t in hx)
+    out, (h, c) = module(inputs, state)
+    outs = (out.data if lengths is not None else out, h, c)
+    if upstream is None:
+        upstream = [torch.randn_like(t) for t in outs]
+    loss = sum((t * u).sum() for t, u in zip(outs, upstream))
+    grads = torch.autograd.grad(loss, [leaf] + list(module.parameters()) + list(state or ()))
+    return [t.detach() for t in outs] + list(grads), upstream
+
+
+def layer_within_twice_cudnn_error(form, batch, hidden, dtype_name, forced, count, launches):
+    """A layer of 40 steps of 64 inputs ("plain"; "packed-bidir": both directions, packed
+    lengths; "state": an initial h and c) run with the `forced` configs counts `launches`
+    more launch_counts[count], and its outputs and every gradient lie within twice nn.LSTM's
+    error of float64."""
+    from triton_lstm.tuning import forced_configs
+    dtype, allow_tf32, slack = DTYPES[dtype_name]
+    T, I = 40, 64
+    torch_lstm = torch.nn.LSTM(I, hidden, bidirectional=form == "packed-bidir", device="cuda",
+                               dtype=dtype)
+    ours = triton_copy(torch_lstm)
+    x = torch.randn(T, batch, I, device="cuda", dtype=dtype)
+    lengths = torch.randint(1, T + 1, (batch,)) if form == "packed-bidir" else None
+    hx = (tuple(torch.randn(1, batch, hidden, device="cuda", dtype=dtype) for _ in range(2))
+          if form == "state" else None)
+    before = launch_counts[count]
+    with tf32(allow_tf32), forced_configs(**forced):
+        ours_all, upstream = outputs_and_gradients(ours, x, hx, lengths)
+    assert launch_counts[count] == before + launches
+    with tf32(allow_tf32):
+        torch_all, _ = outputs_and_gradients(torch_lstm, x, hx, lengths, upstream)
+    to64 = [t.detach().cpu().double() for t in (hx or ())]
+    ref_all, _ = outputs_and_gradients(float64_copy(torch_lstm), x.cpu().double(), to64 or None,
+                                       lengths, [u.cpu().double() for u in upstream])
+    assert_within_twice_the_reference_error(ours_all, torch_all, ref_all, slack)
+
+
+def assert_replays_like_eager(run, static_input, count, outputs):
+    """`run()` captured in a CUDA graph after an eager call (which compiles): each replay, with
+    new values in `static_input`, equals an eager call in its first `outputs` outputs, and
+    an eager call counts one launch_counts[count]."""
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for _ in range(2):
+        static_input.copy_(torch.randn_like(static_input))
+        before = launch_counts[count]
+        graph.replay()
+        eager = run()
+        assert launch_counts[count] == before + 1
+        for k in range(outputs):
+            assert torch.equal(captured[k], eager[k]), k
+
+
 # The forward and the backward with their weights in registers (kernels/forward_registers.py,
 # kernels/backward_registers.py); where they do not run, the config's tl tile does.
 REGISTERS = "bb16-bh8-res-bk64-sk1-w4-rg"
@@ -698,52 +763,16 @@ def test_registers_kernels_match_float64_within_twice_cudnn_error(form, batch, h
     with both directions in one grid, packed lengths, an initial state, partial unit and
     batch blocks. The knobs are the forward module's (the backward reads them too), or
     another's where they name it ("module.NAME")."""
-    from triton_lstm.tuning import config_from_label, forced_configs
+    from triton_lstm.tuning import config_from_label
     for knob, value in knobs.items():
         module, _, name = knob.rpartition(".")
         monkeypatch.setattr(f"triton_lstm.kernels.{module or 'forward_registers'}.{name}", value)
-    dtype, allow_tf32, slack = DTYPES[dtype_name]
-    T, I = 40, 64
-    torch_lstm = torch.nn.LSTM(I, hidden, bidirectional=form == "packed-bidir", device="cuda",
-                               dtype=dtype)
-    ours = triton_copy(torch_lstm)
-    x = torch.randn(T, batch, I, device="cuda", dtype=dtype)
-    lengths = torch.randint(1, T + 1, (batch,)) if form == "packed-bidir" else None
-    hx = (tuple(torch.randn(1, batch, hidden, device="cuda", dtype=dtype) for _ in range(2))
-          if form == "state" else None)
-
-    def run(module, x, hx, upstream=None):
-        leaf = x.detach().requires_grad_()
-        inputs = leaf
-        if lengths is not None:
-            packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-            leaf = packed.data.detach().requires_grad_()
-            inputs = torch.nn.utils.rnn.PackedSequence(leaf, packed.batch_sizes,
-                                                       packed.sorted_indices,
-                                                       packed.unsorted_indices)
-        state = None if hx is None else tuple(t.detach().requires_grad_() for t in hx)
-        out, (h, c) = module(inputs, state)
-        outs = (out.data if lengths is not None else out, h, c)
-        if upstream is None:
-            upstream = [torch.randn_like(t) for t in outs]
-        loss = sum((t * u).sum() for t, u in zip(outs, upstream))
-        grads = torch.autograd.grad(loss, [leaf] + list(module.parameters()) + list(state or ()))
-        return [t.detach() for t in outs] + list(grads), upstream
-
     config = config_from_label(REGISTERS)
     plain = dataclasses.replace(config, registers=False)
     forced = dict(forward=config if kernels != "backward" else plain,
                   backward=config if kernels != "forward" else plain)
-    before = launch_counts["registers"]
-    with tf32(allow_tf32), forced_configs(**forced):
-        ours_all, upstream = run(ours, x, hx)
-    assert launch_counts["registers"] == before + (2 if kernels == "both" else 1)
-    with tf32(allow_tf32):
-        torch_all, _ = run(torch_lstm, x, hx, upstream)
-    to64 = [t.detach().cpu().double() for t in (hx or ())]
-    ref_all, _ = run(float64_copy(torch_lstm), x.cpu().double(), to64 or None,
-                     [u.cpu().double() for u in upstream])
-    assert_within_twice_the_reference_error(ours_all, torch_all, ref_all, slack)
+    layer_within_twice_cudnn_error(form, batch, hidden, dtype_name, forced, "registers",
+                                   2 if kernels == "both" else 1)
 
 
 @pytest.mark.timeout(120)
@@ -774,18 +803,66 @@ def test_registers_forward_replays_from_a_cuda_graph_like_eager():
     T, B, H = 16, 8, 256
     w_hh = (torch.randn(1, 4 * H, H, device="cuda") / H ** 0.5).half()
     static_gx = torch.randn(T, B, 4 * H, device="cuda", dtype=torch.float16)
-    lstm_forward(static_gx, w_hh, None, None, None, save=False, config=config)   # compiles
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = lstm_forward(static_gx, w_hh, None, None, None, save=False, config=config)
-    for _ in range(2):
-        static_gx.copy_(torch.randn_like(static_gx))
-        before = launch_counts["registers"]
-        graph.replay()
-        eager = lstm_forward(static_gx, w_hh, None, None, None, save=False, config=config)
-        assert launch_counts["registers"] == before + 1
-        for k in range(3):
-            assert torch.equal(captured[k], eager[k]), k
+    assert_replays_like_eager(
+        lambda: lstm_forward(static_gx, w_hh, None, None, None, save=False, config=config),
+        static_gx, "registers", 3)
+
+
+# The forward with its weights in shared memory and h in a ring of copies
+# (kernels/forward_ring.py); where it does not run, the config's tl tile does.
+RING = "bb64-bh16-str-bk64-sk4-w8-st5-rn"
+
+
+@pytest.mark.timeout(120)     # a barrier that never opens fails here instead of hanging
+@pytest.mark.parametrize("form, batch, hidden, dtype_name, label", [
+    ("packed-bidir", 64, 256, "bf16", RING),
+    ("plain", 128, 1024, "fp16", RING),
+    ("plain", 128, 1024, "bf16", RING),
+    ("state", 70, 200, "bf16", RING),        # two batch blocks, the second of 6 rows; 13 blocks
+    ("packed-bidir", 64, 512, "fp16", "bb64-bh8-str-bk64-sk4-w8-st5-rn"),   # 128 programs
+    ("plain", 64, 1000, "bf16", "bb64-bh16-str-bk64-sk4-w8-st3-rn"),   # a ring of 3
+    ("state", 64, 130, "fp16", "bb64-bh8-str-bk64-sk4-w8-st8-rn"),     # deeper than the chunks
+])
+def test_ring_forward_matches_float64_within_twice_cudnn_error(form, batch, hidden, dtype_name,
+                                                               label):
+    """Outputs and every gradient of a layer whose forward ran in the ring kernel (its saved
+    gates feed the tl backward), against float64: both directions in one grid, packed
+    lengths, an initial state, partial unit and batch blocks, H not a power of two."""
+    from triton_lstm.tuning import config_from_label
+    layer_within_twice_cudnn_error(form, batch, hidden, dtype_name,
+                                   dict(forward=config_from_label(label)), "ring", 1)
+
+
+@pytest.mark.timeout(120)
+def test_ring_forward_equals_its_tl_tile_on_nan_input_and_replays_from_a_cuda_graph():
+    """A NaN or inf in the input flows as in the tl tile's forward (the same NaNs, the other
+    rows as close to float64), and a CUDA-graph replay equals an eager call."""
+    from triton_lstm.reference import lstm_layer_reference
+    from triton_lstm.tuning import config_from_label
+    config = config_from_label(RING)
+    T, B, H = 16, 128, 512
+    w_hh = (torch.randn(1, 4 * H, H, device="cuda") / H ** 0.5).half()
+    gx = torch.randn(T, B, 4 * H, device="cuda", dtype=torch.float16)
+    gx[3, 0, 5] = float("nan")
+    gx[5, 0, 7] = float("inf")
+    runs = []
+    for run_config, ring_launches in ((dataclasses.replace(config, ring=False), 0), (config, 1)):
+        before = launch_counts["ring"]
+        runs.append(lstm_forward(gx, w_hh, None, None, None, save=False, config=run_config))
+        assert launch_counts["ring"] == before + ring_launches
+    for k in range(3):
+        assert runs[1][k].isnan().any() and torch.equal(runs[0][k].isnan(), runs[1][k].isnan()), k
+    finite = slice(1, None)      # rows are independent: row 0 alone has a NaN and an inf
+    want = lstm_layer_reference(gx[:, finite].cpu().double(), None, None,
+                                torch.eye(4 * H, dtype=torch.float64), w_hh.cpu().double())
+    tl_tile, ring = ([y[:, finite], h[:, finite], c[:, finite]] for y, h, c, *_ in runs)
+    assert_within_twice_the_reference_error(ring, tl_tile, want, DTYPES["fp16"][2],
+                                            ["y", "h_n", "c_n"], theirs_name="the tl tile")
+
+    static_gx = gx.nan_to_num()
+    assert_replays_like_eager(
+        lambda: lstm_forward(static_gx, w_hh, None, None, None, save=True, config=config),
+        static_gx, "ring", 5)
 
 
 @pytest.mark.timeout(120)

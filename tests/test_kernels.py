@@ -229,19 +229,21 @@ def test_nan_and_inf_flow_through_like_nn_lstm(config_name):
             assert not (got.view(torch.int64) == -1).any(), "an output holds the unwritten mark"
 
 
-def test_registers_config_runs_its_own_tile_where_the_registers_kernel_cannot():
-    """kernels/forward_registers.py and backward_registers.py are Gluon, which has no
-    interpreter: here a config that asks for them runs the tl kernels on its tile, exactly as
-    the same config without the flag."""
+@pytest.mark.parametrize("flag, config_name", [("registers", "dataflow-bh4"),
+                                               ("ring", "streamed-bh8-bk16")])
+def test_gluon_config_runs_its_own_tile_where_its_kernel_cannot(flag, config_name):
+    """kernels/forward_registers.py, backward_registers.py and forward_ring.py are Gluon,
+    which has no interpreter: here a config that asks for them runs the tl kernels on its
+    tile, exactly as the same config without the flag."""
     ref, x, hx = random_problem(5, 3, 4, 8, torch.float32)
-    config = CONFIGS["dataflow-bh4"]
+    config = CONFIGS[config_name]
     runs = []
-    for run_config in (config, dataclasses.replace(config, registers=True)):
-        before = launch_counts["registers"]
+    for run_config in (config, dataclasses.replace(config, **{flag: True})):
+        before = launch_counts[flag]
         y, h, c, *_ = LSTMFunction.apply(x, hx[0][0], hx[1][0], *ref.parameters(), None,
                                          run_config)
         grads = torch.autograd.grad(y.square().sum() + c.sum(), [x, *ref.parameters()])
-        assert launch_counts["registers"] == before
+        assert launch_counts[flag] == before
         runs.append([y, h, c, *grads])
     for k, (plain, flagged) in enumerate(zip(*runs)):
         assert torch.equal(plain, flagged), k
@@ -251,10 +253,12 @@ def test_registers_config_runs_its_own_tile_where_the_registers_kernel_cannot():
 
 class _StrippedShared:
     """A Gluon shared-memory allocation under the interpreter: a program runs alone there, so
-    a slot holds what was last stored in it (``permute`` views it transposed)."""
+    a slot holds what was last stored in it (``permute`` views it transposed, ``slice`` views
+    a block of its columns)."""
 
-    def __init__(self, slots=None, key=None, order=None):
+    def __init__(self, slots=None, key=None, order=None, columns=None):
         self.slots, self.key, self.order = ({} if slots is None else slots), key, order
+        self.columns = columns
 
     def index(self, i):
         key = i.handle.data.reshape(-1)[0] if hasattr(i, "handle") else i
@@ -263,12 +267,23 @@ class _StrippedShared:
     def permute(self, order):
         return _StrippedShared(self.slots, self.key, order)
 
+    def slice(self, start, length, dim=0):
+        assert dim == 1 and start % length == 0, "a block of columns, at a multiple of its width"
+        return _StrippedShared(self.slots, self.key, self.order, (start // length, length))
+
     def store(self, value):
         self.slots[self.key] = value
 
     def load(self, layout):
         value = self.slots[self.key]
-        return value if self.order is None else tl.permute(value, self.order)
+        value = value if self.order is None else tl.permute(value, self.order)
+        if self.columns is not None:      # block `block` of the [rows, blocks * width] value
+            block, width = self.columns
+            rows, blocks = value.shape[0], value.shape[1] // width
+            value = tl.reshape(value, [rows, blocks, width])
+            pick = tl.arange(0, blocks)[None, :, None] == block
+            value = tl.sum(tl.where(pick, value, 0.0), 1)
+        return value
 
 
 def interpreted_gluon(module, kernel_name, helpers, namespace_extra=None):
@@ -300,6 +315,8 @@ def interpreted_gluon(module, kernel_name, helpers, namespace_extra=None):
         @staticmethod
         def convert_layout(x, layout, assert_trivial=False):
             return x
+
+        NVMMASharedLayout = none
 
         @staticmethod
         def allocate_shared_memory(dtype, shape, layout):
@@ -368,7 +385,7 @@ def interpreted_registers_kernel():
     kernel, namespace = interpreted_gluon(
         fr, "lstm_forward_registers_kernel",
         ("_rows_apart", "_step_inputs", "_lengths", "_load_h", "_merged_marks",
-         "_any_unwritten", "_program_block"),
+         "_any_unwritten", "_program_block", "_direction_parts"),
         dict(_partner=triton.jit(partner), _pause=triton.jit(lambda like, NS: None)))
     namespace["_any_unwritten"] = _never_waits_on(namespace["_any_unwritten"])
     return kernel
@@ -430,6 +447,79 @@ def test_registers_kernel_code_ends_on_nan_input_and_on_the_mark_in_h0():
         assert got.isnan().any()
         torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), rtol=0, atol=3e-3)
     assert not (y.view(torch.int16) == -1).any(), "an output holds the unwritten mark"
+
+def interpreted_ring_kernel():
+    """kernels/forward_ring.py's kernel under the interpreter (``interpreted_gluon``): a copy
+    into the ring a load stored in its slot, the wgmma an exact sum, the waits and fences
+    nothing (a program runs alone)."""
+    from triton_lstm.kernels import forward_ring as fr
+
+    def copy_async(smem, pointer, mask=None, cache_modifier=""):
+        smem.store(tl.load(pointer, mask=mask, other=0.0))
+
+    class StrippedCopies:
+        commit_group = wait_group = staticmethod(lambda *args: None)
+
+    def warpgroup_mma(a, b, acc, is_async=False):
+        a, b = a.load(None).to(tl.float32), b.load(None).to(tl.float32)
+        return acc + tl.sum(a[:, :, None] * b[None, :, :], 1)
+
+    kernel, _ = interpreted_gluon(
+        fr, "lstm_forward_ring_kernel",
+        ("_copy_chunk", "_recurrent_product", "_gates_apart", "_lengths", "_program_block",
+         "_direction_parts", "_arrive", "_wait"),
+        dict(async_copy=StrippedCopies(), _copy_async=copy_async, warpgroup_mma=warpgroup_mma,
+             warpgroup_mma_wait=lambda n, deps: deps[0], fence_async_shared=lambda: None))
+    return kernel
+
+
+@pytest.mark.parametrize("T, B, H, block_h, block_k, stages, dtype", [
+    (6, 70, 16, 16, 16, 3, torch.float16),   # steps: one unit block a group, one chunk
+    (5, 70, 30, 32, 16, 5, torch.bfloat16),  # 2 units missing, ring deeper than the chunks
+    (1, 70, 100, 16, 64, 3, torch.float16),  # one step: 7 unit blocks, 2 chunks, 2 batch blocks
+    (1, 130, 120, 16, 32, 4, torch.bfloat16),  # 4 chunks through a ring of 4, 3 batch blocks
+])
+def test_ring_kernel_code_matches_float64(T, B, H, block_h, block_k, stages, dtype):
+    """The ring forward's index math, masks, gate order, ring slots, lengths, both directions,
+    initial state and saved gates, in its own code (interpreted_ring_kernel); its gates and c
+    against the tl kernel's, which the tests above hold to float64. (Chunks of under 64 and
+    steps of one group: the interpreter runs programs one after another, and strips the
+    layouts that tie a GPU's chunks to 64.)"""
+    from triton_lstm.kernels import forward_ring
+    kernel = interpreted_ring_kernel()
+    D = 2
+    gx = torch.randn(T, B, D * 4 * H).to(dtype)
+    w_hh = (torch.randn(D, 4 * H, H) / H ** 0.5).to(dtype)
+    h0, c0 = torch.randn(D, B, H).to(dtype), torch.randn(D, B, H).to(dtype)
+    lengths = torch.randint(1, T + 1, (B,), dtype=torch.int32)
+    config = KernelConfig(block_b=64, block_h=block_h, resident=False, num_warps=8,
+                          inner_stages=stages, ring=True)
+    outputs, args, grid, constexprs = forward_ring.launch_arguments(
+        gx, w_hh, h0, c0, lengths, config, save=True, reverse=True)
+    for out in outputs:
+        out.fill_(float("nan"))           # poisoned: every element read must be written
+    kernel[grid](*args, **dict(constexprs, BLOCK_K=block_k))
+    y, h_n, c_n, gates, c_all = outputs
+    want = lstm_layer_reference(gx.double(), h0.double(), c0.double(),
+                                torch.eye(D * 4 * H, dtype=torch.float64), w_hh.double(),
+                                lengths=lengths)
+    # An h a step rounds to the input dtype: one ulp of it apart, and the kernels part.
+    tol = dict(rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 3e-3)
+    for name, got, ref in zip(("y", "h_n", "c_n"), (y, h_n, c_n), want):
+        torch.testing.assert_close(got.double(), ref, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    tl_gates, tl_c_all = lstm_forward(gx, w_hh, h0, c0, lengths, save=True,
+                                      config=CONFIGS["resident-bh4"])[3:5]
+    torch.testing.assert_close(gates, tl_gates, **tol)
+    torch.testing.assert_close(c_all, tl_c_all, **tol)
+    # Each row's first step in each direction starts from h0 in both: there they agree to
+    # fp32's rounding.
+    rows = torch.arange(B)
+    for d, first in enumerate((torch.zeros(B, dtype=torch.long), lengths.long() - 1)):
+        torch.testing.assert_close(gates[d, first, rows], tl_gates[d, first, rows], rtol=0,
+                                   atol=1e-5)
+        torch.testing.assert_close(c_all[d, first, rows], tl_c_all[d, first, rows], rtol=0,
+                                   atol=1e-5)
+
 
 def interpreted_backward_registers_kernel():
     """kernels/backward_registers.py's kernel under the interpreter (``interpreted_gluon``)."""

@@ -36,10 +36,10 @@ import torch
 import triton
 
 from . import tuning
-from .dispatch import (ON_CHIP_BUDGET, PIPELINE_STAGES, STAGED_BYTES, KernelConfig, cdiv,
-                       gpu_slug, heuristic_config, next_power_of_2, on_chip_bytes, padded,
-                       pipelined_bytes, registers_backward_fits, registers_forward_fits,
-                       resident_operand_spills,
+from .dispatch import (ON_CHIP_BUDGET, PIPELINE_STAGES, RING_BLOCK_K, RING_ROWS, STAGED_BYTES,
+                       KernelConfig, cdiv, gpu_slug, heuristic_config, next_power_of_2,
+                       on_chip_bytes, padded, pipelined_bytes, registers_backward_fits,
+                       registers_forward_fits, resident_operand_spills, ring_forward_fits,
                        staged_bytes)
 from .kernels.backward import lstm_backward
 from .kernels.forward import lstm_forward
@@ -164,7 +164,8 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
     tile with and without the gate split, which has no projection phase: `proj`), and at
     B >= 64 streamed wgmma tiles of 64 rows in place of resident tiles or tiles of fewer
     rows (``wgmma_tiles``); pipelined candidates also with chunks of 128 (``longer_chunks``)
-    and with 5 stages (``deeper_pipeline``) where those compile well."""
+    and with 5 stages (``deeper_pipeline``) where those compile well; and the forward with
+    its weights in shared memory and h in a ring of copies (``ring_tiles``)."""
     base = heuristic_config(batch, hidden, dtype, max(1, num_sms // directions), kernel, proj)
     layout = min(range(len(WARP_LAYOUTS)), key=lambda i: abs(WARP_LAYOUTS[i][1] - base.num_warps))
 
@@ -234,6 +235,8 @@ def candidate_configs(kernel: str, batch: int, hidden: int, dtype: torch.dtype, 
         deeper = [deeper_pipeline(c, kernel, hidden, dtype) for c in configs]
         configs += [c for c in deeper if c is not None and c not in configs
                     and runs_well(c, kernel, batch, hidden, dtype, directions, num_sms)]
+        configs += [c for c in ring_tiles(kernel, batch, hidden, dtype, directions, num_sms, proj)
+                    if c not in configs]
     return configs
 
 
@@ -316,6 +319,24 @@ def deeper_pipeline(config: KernelConfig, kernel: str, hidden: int,
             or padded(hidden) < 1024 or dtype.itemsize != 2):
         return None
     return dataclasses.replace(config, inner_stages=DEEP_STAGES)
+
+
+def ring_tiles(kernel: str, batch: int, hidden: int, dtype: torch.dtype, directions: int,
+               num_sms: int, proj: bool = False) -> list[KernelConfig]:
+    """The forward with its weights in shared memory and h in a ring of DEEP_STAGES copies
+    (kernels/forward_ring.py) at 64x8 and 64x16, where the kernel takes the tile
+    (dispatch.ring_forward_fits: bf16 / fp16, the weight slice in shared memory) and the
+    grid fits the device at once (one program an SM, B <= 128 at H = 1024): a step reads
+    only h from L2, half a streamed 64x16 tile's bytes. No projection. A config's own tile,
+    which runs where the kernel cannot, is the streamed 64-row one pipelined alike."""
+    if kernel != "forward" or proj or batch < RING_ROWS:
+        return []
+    tiles = [KernelConfig(block_b=RING_ROWS, block_h=bh, resident=False, block_k=RING_BLOCK_K,
+                          split_k=4, num_warps=8, inner_stages=DEEP_STAGES, ring=True)
+             for bh in (8, 16)]
+    return [t for t in tiles if ring_forward_fits(t, hidden, dtype)
+            and cdiv(batch, RING_ROWS) * cdiv(hidden, t.block_h) * directions <= num_sms
+            and runs_well(t, kernel, batch, hidden, dtype, directions, num_sms)]
 
 
 def wgmma_tiles(base: KernelConfig, kernel: str, batch: int, hidden: int, dtype: torch.dtype,

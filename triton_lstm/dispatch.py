@@ -74,7 +74,11 @@ class KernelConfig:
     (kernels/backward_registers.py), where they run (bf16/fp16 with H <= 512, fp32 in tf32
     with H <= 256; the backward H <= 1024, fp32 512, two warps a gate past those; no
     projection, restarts, checkpoints or chunks; every program resident); elsewhere this
-    config's tile.
+    config's tile; ring (the forward): its tile (64 rows, streamed, inner_stages the ring's
+    slots) in kernels/forward_ring.py, with the weight slice in shared memory for the whole
+    sequence and h read into a ring of cp.async copies, where that runs (bf16 / fp16, the
+    slice in shared memory, no projection, restarts, checkpoints or chunks, every program
+    resident); elsewhere, and in the backward, this config's tile.
     """
     block_b: int
     block_h: int
@@ -90,6 +94,7 @@ class KernelConfig:
     cluster: bool = False
     dsmem: bool = False
     registers: bool = False
+    ring: bool = False
 
     def num_h_blocks(self, hidden_size: int) -> int:
         return cdiv(hidden_size, self.block_h)
@@ -123,6 +128,30 @@ def registers_forward_fits(hidden_size: int, dtype: torch.dtype) -> bool:
     H <= 512, fp32 (which it runs in tf32 only, where nn.LSTM's rule allows) with H <= 256."""
     return (dtype in (torch.float16, torch.bfloat16, torch.float32)
             and padded(hidden_size) * dtype.itemsize <= REGISTERS_SLICE_BYTES)
+
+
+# The forward with its weights in shared memory and h in a ring of copies (kernels/
+# forward_ring.py): 64 batch rows a program (wgmma's M for its one warpgroup), chunks of 64.
+RING_ROWS = 64
+RING_BLOCK_K = 64
+
+
+def ring_shared_bytes(hidden_size: int, block_h: int, stages: int) -> int:
+    """Shared memory of a ring forward program (2-byte dtypes): its weight slice, its ring of
+    h chunks, and the product once in fp32 to split it into the gates."""
+    return (padded(hidden_size) * 4 * block_h * 2 + stages * RING_ROWS * RING_BLOCK_K * 2
+            + RING_ROWS * 4 * block_h * 4)
+
+
+def ring_forward_fits(config: KernelConfig, hidden_size: int, dtype: torch.dtype) -> bool:
+    """Whether `config`'s tile is one the ring forward takes: bf16 / fp16, 64 rows, 8-32
+    units, a ring of 3-8 stages of chunks of 64 (two chunks at least), all within
+    ON_CHIP_BUDGET of shared memory."""
+    return (dtype in (torch.bfloat16, torch.float16) and config.block_b == RING_ROWS
+            and config.block_h in (8, 16, 32) and config.block_k == RING_BLOCK_K
+            and 3 <= config.inner_stages <= 8 and padded(hidden_size) >= 2 * RING_BLOCK_K
+            and ring_shared_bytes(hidden_size, config.block_h, config.inner_stages)
+            <= ON_CHIP_BUDGET)
 
 
 def registers_backward_fits(hidden_size: int, dtype: torch.dtype) -> bool:

@@ -62,7 +62,8 @@ def config_label(config: KernelConfig) -> str:
     weights in chunks, '-st3' for pipelined inner loops, '-pa' for prefetch after arrival,
     '-df' for dataflow waits instead of the grid barrier, '-gs' for the backward's gate split,
     '-cl' for the cluster barrier, '-ds' for h pushed through distributed shared memory, '-rg'
-    for the forward with its weights in registers."""
+    for the small-batch kernels with their weights in registers, '-rn' for the forward with
+    its weights in shared memory and h in a ring of copies."""
     kind = ("chk" if config.chunked else "res") if config.resident else "str"
     return (f"bb{config.block_b}-bh{config.block_h}-{kind}"
             f"-bk{config.block_k}-sk{config.split_k}-w{config.num_warps}"
@@ -70,11 +71,11 @@ def config_label(config: KernelConfig) -> str:
             + ("-pa" if config.prefetch_after_arrive else "")
             + ("-df" if config.dataflow else "") + ("-gs" if config.gate_split else "")
             + ("-cl" if config.cluster else "") + ("-ds" if config.dsmem else "")
-            + ("-rg" if config.registers else ""))
+            + ("-rg" if config.registers else "") + ("-rn" if config.ring else ""))
 
 
 _LABEL = re.compile(r"bb(\d+)-bh(\d+)-(res|chk|str)-bk(\d+)-sk(\d+)-w(\d+)(?:-st(\d+))?(-pa)?(-df)?"
-                    r"(-gs)?(-cl)?(-ds)?(-rg)?")
+                    r"(-gs)?(-cl)?(-ds)?(-rg)?(-rn)?")
 
 
 def config_from_label(label: str) -> KernelConfig:
@@ -82,13 +83,14 @@ def config_from_label(label: str) -> KernelConfig:
     if match is None:
         raise ValueError(f"not a config label: {label!r} (e.g. bb16-bh8-res-bk64-sk1-w4)")
     (block_b, block_h, resident, block_k, split_k, num_warps, stages, after, dataflow,
-     gate_split, cluster, dsmem, registers) = match.groups()
+     gate_split, cluster, dsmem, registers, ring) = match.groups()
     return KernelConfig(block_b=int(block_b), block_h=int(block_h), resident=resident != "str",
                         block_k=int(block_k), split_k=int(split_k), num_warps=int(num_warps),
                         inner_stages=int(stages or 1), prefetch_after_arrive=after is not None,
                         chunked=resident == "chk", dataflow=dataflow is not None,
                         gate_split=gate_split is not None, cluster=cluster is not None,
-                        dsmem=dsmem is not None, registers=registers is not None)
+                        dsmem=dsmem is not None, registers=registers is not None,
+                        ring=ring is not None)
 
 
 def config_entry(config: KernelConfig, us_per_step: float) -> dict:

@@ -652,6 +652,17 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
             if outputs is not None:
                 return outputs + (None, None, None)
         config = dataclasses.replace(config, registers=False)
+    if config.ring:
+        from . import forward_ring        # Gluon: imported only where a config asks for it
+        if forward_ring.runs_here(config, H, dtype, device, proj=w_hr is not None,
+                                  restarts=restarts is not None, ckpt_every=ckpt_every,
+                                  step_chunks=step_chunks is not None,
+                                  force_stepped=force_stepped):
+            outputs = forward_ring.lstm_forward_ring(gx, w_hh, h0, c0, lengths, config,
+                                                     save=save, reverse=reverse)
+            if outputs is not None:
+                return outputs + (None, None, None)
+        config = dataclasses.replace(config, ring=False)
     acc = state_dtype(dtype)
     proj = w_hr is not None
     y = torch.empty(T, B, D * R, dtype=dtype, device=device)

@@ -96,6 +96,16 @@ def _program_block(NUM_H_BLOCKS: gl.constexpr, D: gl.constexpr, REVERSE: gl.cons
 
 
 @gluon.jit
+def _direction_parts(i_d, T, B, H: gl.constexpr, gx, w_hh, h0, c0, y, h_n, c_state, gates,
+                     c_all):
+    """A forward's tensors where direction i_d's part of each starts (64-bit offsets)."""
+    i_d64 = i_d.to(gl.int64)
+    return (gx + i_d64 * 4 * H, w_hh + i_d64 * 4 * H * H, h0 + i_d64 * B * H,
+            c0 + i_d64 * B * H, y + i_d64 * H, h_n + i_d64 * B * H, c_state + i_d64 * B * H,
+            gates + i_d64 * T * B * 4 * H, c_all + i_d64 * T * B * H)
+
+
+@gluon.jit
 def _lengths(lengths, o_n, m_n, T, HAS_LENGTHS: gl.constexpr):
     if HAS_LENGTHS:
         length = gl.load(lengths + o_n, mask=m_n, other=0)
@@ -171,16 +181,8 @@ def lstm_forward_registers_kernel(
     YS: gl.constexpr = D * H          # row stride of y
     GS: gl.constexpr = D * 4 * H      # row stride of gx
     i_h, i_b, i_d, reverse = _program_block(NUM_H_BLOCKS, D, REVERSE)
-    i_d64 = i_d.to(gl.int64)
-    gx += i_d64 * 4 * H
-    w_hh += i_d64 * 4 * H * H
-    h0 += i_d64 * B * H
-    c0 += i_d64 * B * H
-    y += i_d64 * H
-    h_n += i_d64 * B * H
-    c_state += i_d64 * B * H
-    gates += i_d64 * T * B * 4 * H
-    c_all += i_d64 * T * B * H
+    gx, w_hh, h0, c0, y, h_n, c_state, gates, c_all = _direction_parts(
+        i_d, T, B, H, gx, w_hh, h0, c0, y, h_n, c_state, gates, c_all)
 
     # The weight slice, [16, HP] as CHUNKS operand tiles (row r: see the module's docstring).
     o_r = gl.arange(0, 16, layout=gl.SliceLayout(1, W_OP))
@@ -305,15 +307,15 @@ def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, pro
 
 
 def launch_resident(kernel, args: tuple, grid: tuple, constexprs: dict, tile: KernelConfig,
-                    device: torch.device) -> bool:
-    """Launch a registers kernel persistently if all its programs can be resident at once
-    (a program waiting on one that has not started would hang); False, with nothing
-    launched, where they cannot."""
+                    device: torch.device, kind: str = "registers") -> bool:
+    """Launch a Gluon kernel persistently if all its programs can be resident at once (a
+    program waiting on one that has not started would hang), counted as `kind`; False, with
+    nothing launched, where they cannot."""
     if co_resident_programs(kernel, args, constexprs, tile, device) < grid[0] * grid[1]:
         return False
     kernel[grid](*args, num_warps=tile.num_warps, num_stages=1, **launch_options(), **constexprs)
     launch_counts["persistent"] += 1
-    launch_counts["registers"] += 1
+    launch_counts[kind] += 1
     return True
 
 
