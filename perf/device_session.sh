@@ -49,6 +49,9 @@
 #                                                  GPU tests, its variants rows; the bias sums
 #                                                  in the backward kernel: their GPU tests,
 #                                                  training with and without (5 min)
+#   COMMIT=<hash> bash perf/device_session.sh 13  the cluster barrier's and the exchange's
+#                                                  GPU tests, part 7, the registers kernels'
+#                                                  and the bias sums' GPU tests (8.3 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -209,8 +212,20 @@ case "${1:-}" in
             2>&1 | tee -a "$OUT/train-breakdown.log"
     done
     ;;
+13)
+    # The next session's first call, the measurements issue 7's and 8's numbers rest on: the
+    # GPU tests of what the shipped table or make tune's new candidates run and no GPU has
+    # (the cluster barrier's and the exchange's apart: a trapping kernel breaks its worker's
+    # CUDA context), then part 7 (make tune at the mid-batch and B = 512 shapes, make perf's
+    # main table), then the registers kernels' and the bias sums' tests.
+    gpu_tests 90 "$CLUSTER_TESTS"
+    gpu_tests 60 "dataflow or ring"
+    tune_resumed 130 1.6 --shapes $MID_BATCH $LARGE_BATCH
+    main_table 130
+    gpu_tests 90 "registers or bias_sums"
+    ;;
 *)
-    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9|10|11|12" >&2
+    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13" >&2
     exit 2
     ;;
 esac

@@ -71,8 +71,9 @@ def _recurrent_product(ring, w_chunks, p_rows, m_rows, o_k, H: gl.constexpr, N: 
         async_copy.commit_group()          # one group a chunk, empty past the last
     acc = gl.zeros([ROWS, N], gl.float32, ACC_LAYOUT)
     for kc in range(NUM_CHUNKS):
-        async_copy.wait_group(STAGES - 2)  # this thread's copies of chunk kc have landed
-        _warps_barrier()                   # and every thread's
+        async_copy.wait_group(STAGES - 2)  # this thread's copies of chunk kc have landed,
+        fence_async_shared()               # visible to wgmma (which reads through the async
+        _warps_barrier()                   # proxy), and every thread's
         acc = warpgroup_mma(ring.index(kc % STAGES), w_chunks.index(kc).permute((1, 0)), acc,
                             is_async=True)
         # Chunk kc - 1's product is done: its slot takes chunk kc + STAGES - 1.
