@@ -217,7 +217,9 @@ def test_sm90_ring_forward_keeps_its_weights_in_shared_memory():
                            "--dtypes", "bf16", "fp16"])
     rows += compile_report(["--kernels", "ring", "--shapes", "64x1024", "128x512", "--dtypes",
                             "bf16", "--config", "bb64-bh8-str-bk64-sk4-w8-st5-rn"])
-    assert len(rows) == 8
+    rows += compile_report(["--kernels", "ring", "--shapes", "128x1024", "--dtypes", "fp16",
+                            "--config", "bb64-bh16-str-bk64-sk4-w8-st7-rn"])   # the deepest
+    assert len(rows) == 9
     for row in rows:
         where = {k: row[k] for k in ("dtype", "B", "H", "tile", "regs", "spill", "triton")}
         block_h = int(row["tile"].split("x")[1])

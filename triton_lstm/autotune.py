@@ -324,18 +324,27 @@ def deeper_pipeline(config: KernelConfig, kernel: str, hidden: int,
 def ring_tiles(kernel: str, batch: int, hidden: int, dtype: torch.dtype, directions: int,
                num_sms: int, proj: bool = False) -> list[KernelConfig]:
     """The forward with its weights in shared memory and h in a ring of DEEP_STAGES copies
-    (kernels/forward_ring.py) at 64x8 and 64x16, where the kernel takes the tile
+    (kernels/forward_ring.py) at 64x8 and 64x16, at H >= 1024 also with the deepest ring
+    that fits (up to 8 slots), where the kernel takes the tile
     (dispatch.ring_forward_fits: bf16 / fp16, the weight slice in shared memory) and the
     grid fits the device at once (one program an SM, B <= 128 at H = 1024): a step reads
     only h from L2, half a streamed 64x16 tile's bytes. No projection. A config's own tile,
     which runs where the kernel cannot, is the streamed 64-row one pipelined alike."""
     if kernel != "forward" or proj or batch < RING_ROWS:
         return []
-    tiles = [KernelConfig(block_b=RING_ROWS, block_h=bh, resident=False, block_k=RING_BLOCK_K,
-                          split_k=4, num_warps=8, inner_stages=DEEP_STAGES, ring=True)
-             for bh in (8, 16)]
-    return [t for t in tiles if ring_forward_fits(t, hidden, dtype)
-            and cdiv(batch, RING_ROWS) * cdiv(hidden, t.block_h) * directions <= num_sms
+    tiles = []
+    for block_h in (8, 16):
+        tile = KernelConfig(block_b=RING_ROWS, block_h=block_h, resident=False,
+                            block_k=RING_BLOCK_K, split_k=4, num_warps=8, ring=True)
+        depths = [s for s in range(DEEP_STAGES, 9) if ring_forward_fits(
+            dataclasses.replace(tile, inner_stages=s), hidden, dtype)]
+        if not depths:
+            continue
+        # 16 chunks a step from H = 1024: also the deepest ring that fits (64x16: 7 slots).
+        deepest = depths[-1] if padded(hidden) >= 1024 else depths[0]
+        tiles += [dataclasses.replace(tile, inner_stages=s) for s in sorted({depths[0], deepest})]
+    return [t for t in tiles
+            if cdiv(batch, RING_ROWS) * cdiv(hidden, t.block_h) * directions <= num_sms
             and runs_well(t, kernel, batch, hidden, dtype, directions, num_sms)]
 
 
