@@ -158,7 +158,8 @@ def lstm_forward_ring_kernel(
     gx, w_hh, h0, c0, y, h_n, c_state, gates, c_all = _direction_parts(
         i_d, T, B, H, gx, w_hh, h0, c0, y, h_n, c_state, gates, c_all)
 
-    # The weight slice, once: chunk kc is W_hh[rows of the N columns, kc * BLOCK_K + k].
+    # The weight slice, once: chunk kc is W_hh[rows of the N columns, kc * BLOCK_K + k],
+    # every chunk's copy in flight at once.
     w_chunks = gl.allocate_shared_memory(w_hh.dtype.element_ty, [NUM_CHUNKS, N, BLOCK_K],
                                          OPERAND)
     o_n = gl.arange(0, N, layout=gl.SliceLayout(1, COPY))
@@ -167,9 +168,9 @@ def lstm_forward_ring_kernel(
     o_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, COPY))
     for kc in range(NUM_CHUNKS):
         k = kc * BLOCK_K + o_k
-        w_chunks.index(kc).store(gl.load(w_hh + w_row[:, None] * H + k[None, :],
-                                         mask=(w_unit < H)[:, None] & (k < H)[None, :],
-                                         other=0.0))
+        _copy_async(w_chunks.index(kc), w_hh + w_row[:, None] * H + k[None, :],
+                    mask=(w_unit < H)[:, None] & (k < H)[None, :])
+    async_copy.commit_group()
     ring = gl.allocate_shared_memory(y.dtype.element_ty, [STAGES, ROWS, BLOCK_K], OPERAND)
     scratch = gl.allocate_shared_memory(gl.float32, [ROWS, N], PLAIN)
 
@@ -194,8 +195,8 @@ def lstm_forward_ring_kernel(
     p_rows = h0 + o_bk.to(gl.int64) * H           # h_{t-1} of each row, here h0
     t_row, running = step_rows(0, length, m_b, reverse)
     gx_i, gx_f, gx_g, gx_o = _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H, GS, gl.float32)
-    # The weight chunks were stored by threads (the generic proxy) and wgmma reads them
-    # through the async proxy: a proxy fence in every thread, then all threads meet.
+    # The weight chunks landed (this thread's), visible to wgmma's async proxy, every thread's.
+    async_copy.wait_group(0)
     fence_async_shared()
     _warps_barrier()
 
