@@ -467,7 +467,7 @@ def interpreted_ring_kernel():
     kernel, _ = interpreted_gluon(
         fr, "lstm_forward_ring_kernel",
         ("_copy_chunk", "_recurrent_product", "_gates_apart", "_lengths", "_program_block",
-         "_direction_parts", "_arrive", "_wait"),
+         "_direction_parts"),
         dict(async_copy=StrippedCopies(), _copy_async=copy_async, warpgroup_mma=warpgroup_mma,
              warpgroup_mma_wait=lambda n, deps: deps[0], fence_async_shared=lambda: None))
     return kernel

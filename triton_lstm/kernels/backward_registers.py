@@ -41,11 +41,9 @@ from . import forward_registers
 from .backward import cell_gradients, load_saved
 from .barrier import either, fill_unwritten, interpreting
 from .forward import rounded_to, step_rows, store_gates
-from .forward_registers import (ROWS, _lengths, _merged_marks, _pause, _program_block, chunks,
-                                operand_width)
+from .forward_registers import (ROWS, _lengths, _merged_marks, _pause, _program_block,
+                                _warps_barrier, chunks, operand_width)
 
-# The barrier among a program's warps: gl.thread_barrier in Triton 3.6, gl.barrier from 3.7.
-_warps_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 UNITS = 16                # hidden units per program: the MMA's M side in each gate's warp
 # Warps a gate, None for what the layer's size needs (``splits_of``); 2 also where one warp

@@ -51,6 +51,9 @@ H_LOAD_BYTES = 16
 # Each poll of 128 programs reads 1 MB from L2 at H = 512; a pause trades that traffic, which
 # the producers' stores and loads share, for up to its own length of latency.
 POLL_BACKOFF_NS = 0
+# The barrier among a program's warps (the Gluon kernels that have several): gl.thread_barrier
+# in Triton 3.6, gl.barrier from 3.7.
+_warps_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
 @gluon.jit

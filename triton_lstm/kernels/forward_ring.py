@@ -35,11 +35,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from ..dispatch import (RING_BLOCK_K, RING_ROWS, KernelConfig, barrier_counters, cdiv,
                         interpreting, leader_increment, padded, ring_forward_fits)
+from .barrier import barrier_arrive, barrier_wait
 from .forward import _load_gx, _tanh, rounded_to, save_step, step_rows
-from .forward_registers import _direction_parts, _lengths, _program_block, launch_resident
+from .forward_registers import (_direction_parts, _lengths, _program_block, _warps_barrier,
+                                launch_resident)
 
-# The barrier among a program's warps: gl.thread_barrier in Triton 3.6, gl.barrier from 3.7.
-_warps_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 # A cp.async of a tile into shared memory: async_copy_global_to_shared in Triton 3.6, async_load
 # in later ones.
 _copy_async = (getattr(async_copy, "async_load", None)
@@ -99,23 +99,6 @@ def _gates_apart(scratch, acc, BLOCK_H: gl.constexpr, GATE_LAYOUT: gl.constexpr)
             scratch.slice(BLOCK_H, BLOCK_H, dim=1).load(GATE_LAYOUT),
             scratch.slice(2 * BLOCK_H, BLOCK_H, dim=1).load(GATE_LAYOUT),
             scratch.slice(3 * BLOCK_H, BLOCK_H, dim=1).load(GATE_LAYOUT))
-
-
-@gluon.jit
-def _arrive(counter, leader_inc, is_leader):
-    """barrier.barrier_arrive (the counter): every warp's stores issued, then the release."""
-    _warps_barrier()
-    return gl.atomic_add(counter, gl.where(is_leader, leader_inc, 1), sem="release",
-                         scope="gpu")
-
-
-@gluon.jit
-def _wait(counter, arrived):
-    """barrier.barrier_wait (the counter): until the group's top bit flips (acquire)."""
-    now = gl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-    while (arrived ^ now) >= 0:
-        now = gl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-    _warps_barrier()
 
 
 @gluon.jit(do_not_specialize=["T", "B", "leader_inc"])
@@ -225,7 +208,8 @@ def lstm_forward_ring_kernel(
         gx_i, gx_f, gx_g, gx_o = _load_gx(gx, t_row, running, B, o_b, o_u, m_u, H, GS,
                                           gl.float32)
         if t < T - 1:
-            _wait(counter, _arrive(counter, leader_inc, i_h == 0))
+            arrived = barrier_arrive(counter, leader_inc, i_h == 0, False)
+            barrier_wait(counter, arrived, False)
 
     gl.store(c_state + p_bu, c, mask=m_bu)
 
