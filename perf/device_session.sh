@@ -52,6 +52,9 @@
 #   COMMIT=<hash> bash perf/device_session.sh 13  the cluster barrier's and the exchange's
 #                                                  GPU tests, part 7, the registers kernels'
 #                                                  and the bias sums' GPU tests (8.3 min)
+#   COMMIT=<hash> bash perf/device_session.sh 14  where a forward step's time goes, from the
+#                                                  kernels' own clock: its GPU tests, then
+#                                                  perf/step_timeline.py (2.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -224,8 +227,15 @@ case "${1:-}" in
     main_table 130
     gpu_tests 90 "registers or bias_sums"
     ;;
+14)
+    # Where a forward step's time goes (issues 8 and 7; perf/NOTES.md, "After run 6: a step's
+    # timeline from the kernels' own clock"): the stamps' GPU tests, then the timeline of
+    # the small-batch variants and the table's large-batch tiles (the exchange's rows last).
+    gpu_tests 40 "timeline"
+    timeout 110 python3 perf/step_timeline.py --out "$OUT/timeline" 2>&1 | tee "$OUT/timeline.log"
+    ;;
 *)
-    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13" >&2
+    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14" >&2
     exit 2
     ;;
 esac

@@ -86,6 +86,8 @@ def compiled_row(compiled, **fields) -> dict:
     row.update(fields, shared=compiled.metadata.shared, bar_sync=ptx.count("bar.sync"),
                # polls that check a pair of 16-bit marks at once (barrier.marks)
                pair_checks=ptx.count("0xFFFEFFFE"),
+               # clock reads of a step's timeline (kernels/timeline.py)
+               stamps=ptx.count("%globaltimer"),
                state_load=state_load_bytes(ptx, compiled.asm["ttgir"]), barrier=barrier_kind(ptx),
                mma="wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma"))
     return row
@@ -136,11 +138,13 @@ def ptxas_report(ptx: str) -> dict:
 
 
 def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restarts=False,
-           ckpt_every=0, config=None, resumed=False, stepped=False, bias_sums=False):
+           ckpt_every=0, config=None, resumed=False, stepped=False, bias_sums=False,
+           stamps=False):
     """One persistent kernel with the dispatcher's config (or `config`), I = H; `resumed`: the
     forward's launch that starts at a later step (the forward in chunks, overlap.py);
     `stepped`: the kernel of a launch per step instead (the fallback); `bias_sums`: the
-    backward sums dG for the bias gradient as it goes (TRITON_LSTM_BIAS_SUMS=kernel)."""
+    backward sums dG for the bias gradient as it goes (TRITON_LSTM_BIAS_SUMS=kernel);
+    `stamps`: the forward records each step's timeline (kernels/timeline.py)."""
     tname, dtype = DTYPES[dtype_name]
     cfg = config or heuristic_config(batch, hidden, dtype, max(1, NUM_SMS // directions),
                                      kernel_name, bool(proj))
@@ -163,9 +167,10 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
         types = dict(gx=tname, w_hh=tname, w_hr=tname, h0=tname, c0=tname, lengths="i32",
                      y=tname, h_n=tname, r_all=tname, c_state=acc, gates=acc, c_all=acc,
                      restarts="i8", hw_restart=acc, c_restart=tname, h_ckpt=tname, c_ckpt=acc,
-                     counters="i32")
+                     stamps="i64", counters="i32")
         constexprs = dict(common, SAVE=not ckpt_every, CKPT_EVERY=ckpt_every,
-                          DSMEM=cfg.dsmem and not proj and not resumed, RESUMED=resumed)
+                          DSMEM=cfg.dsmem and not proj and not resumed, RESUMED=resumed,
+                          STAMPS=stamps)
     else:
         kernel = lstm_backward_kernel
         types = dict(dy=tname, dh_n=tname, dc_state=acc, gates=acc, c_all=acc, c0=tname,
@@ -218,18 +223,19 @@ def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name
                         resident=cfg.resident, split_k=cfg.split_k, warps=cfg.num_warps)
 
 
-def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0, state=True):
+def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0, state=True,
+                     stamps=False):
     """The small-batch forward with its weights in registers (kernels/forward_registers.py),
-    with the saved gates, and h0 and lengths where ``state``; its tile is its own (one warp,
-    4 units, 8 rows)."""
+    with the saved gates, and h0 and lengths where ``state``, recording its timeline where
+    ``stamps``; its tile is its own (one warp, 4 units, 8 rows)."""
     from triton_lstm.kernels import forward_registers as fr   # Gluon, imported where asked for
     tname, dtype = DTYPES[dtype_name]
     types = dict(gx=tname, w_hh=tname, h0=tname, c0=tname, lengths="i32", y=tname, h_n=tname,
-                 c_state="fp32", gates="fp32", c_all="fp32")
+                 c_state="fp32", gates="fp32", c_all="fp32", stamps="i64")
     constexprs = dict(fr.kernel_constants(hidden, directions, dtype,
                                           "tf32" if dtype == torch.float32 else "ieee",
                                           has_h0=state, has_lengths=state, save=True,
-                                          reverse=True),
+                                          reverse=True, stamps=stamps),
                       POLL_BACKOFF_NS=poll_backoff_ns)
     compiled = compile_one(fr.lstm_forward_registers_kernel, types, constexprs, 1)
     return compiled_row(compiled, kernel="registers", dtype=dtype_name, B=batch, H=hidden,
@@ -258,18 +264,19 @@ def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_back
                         resident=True, split_k=constexprs["CHUNKS"], warps=num_warps)
 
 
-def report_ring(dtype_name, batch, hidden, directions=1, config=None, state=True):
+def report_ring(dtype_name, batch, hidden, directions=1, config=None, state=True, stamps=False):
     """The mid-batch forward with its weights in shared memory and h in a ring of cp.async
     stages (kernels/forward_ring.py), with the saved gates, and h0 and lengths where
-    ``state``; ``config``: its tile (default 64x16, 5 stages)."""
+    ``state``, recording its timeline where ``stamps``; ``config``: its tile (default 64x16,
+    5 stages)."""
     from triton_lstm.kernels import forward_ring as fr       # Gluon, imported where asked for
     tname, dtype = DTYPES[dtype_name]
     config = config or KernelConfig(block_b=fr.ROWS, block_h=16, resident=False,
                                     num_warps=fr.WARPS, inner_stages=5, ring=True)
     types = dict(gx=tname, w_hh=tname, h0=tname, c0=tname, lengths="i32", y=tname, h_n=tname,
-                 c_state="fp32", gates="fp32", c_all="fp32", counters="i32")
+                 c_state="fp32", gates="fp32", c_all="fp32", stamps="i64", counters="i32")
     constexprs = fr.kernel_constants(hidden, directions, config, has_h0=state,
-                                     has_lengths=state, save=True, reverse=True)
+                                     has_lengths=state, save=True, reverse=True, stamps=stamps)
     compiled = compile_one(fr.lstm_forward_ring_kernel, types, constexprs, fr.WARPS)
     return compiled_row(compiled, kernel="ring", dtype=dtype_name, B=batch, H=hidden,
                         D=directions, proj=0, tile=f"{fr.ROWS.value}x{config.block_h}",
@@ -380,6 +387,8 @@ def main():
                         help="the registers kernels without h0 / c0 and lengths")
     parser.add_argument("--bias-sums", action="store_true",
                         help="the backward sums dG for the bias gradient as it goes")
+    parser.add_argument("--stamps", action="store_true",
+                        help="the forwards record each step's timeline (kernels/timeline.py)")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel")
     args = parser.parse_args()
     config = tuning.config_from_label(args.config) if args.config else None
@@ -412,12 +421,12 @@ def reports(args, config):
                     yield report_step(dtype_name, batch, hidden)
                 elif kernel_name == "registers":
                     yield report_registers(dtype_name, batch, hidden, args.directions,
-                                           args.poll_backoff, not args.no_state)
+                                           args.poll_backoff, not args.no_state, args.stamps)
                 elif kernel_name == "registers-operands":
                     yield report_registers_operands(dtype_name, hidden)
                 elif kernel_name == "ring":
                     yield report_ring(dtype_name, batch, hidden, args.directions, config,
-                                      not args.no_state)
+                                      not args.no_state, args.stamps)
                 elif kernel_name == "registers-backward":
                     yield report_registers_backward(dtype_name, batch, hidden, args.directions,
                                                     args.poll_backoff, not args.no_state)
@@ -427,7 +436,7 @@ def reports(args, config):
                 else:
                     yield report(kernel_name, dtype_name, batch, hidden, args.directions,
                                  args.proj, args.restarts, args.ckpt, config, args.resumed,
-                                 args.stepped, args.bias_sums)
+                                 args.stepped, args.bias_sums, args.stamps)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,7 @@ def test_sm90_state_loads_are_vectorised(case):
         if defaults:
             assert row["spill"] == 0, where | {"spill": row["spill"]}
         assert row["barrier"] == expected_barrier(args), where | {"barrier": row["barrier"]}
+        assert row["stamps"] == 0, where        # no clock reads unless asked (timeline.py)
         if row["barrier"] == "none" and "--stepped" not in args and "--step" not in args \
                 and row["dtype"] in ("bf16", "fp16"):
             # dataflow polls check 16-bit marks a pair at a time (barrier.marks)
@@ -176,6 +177,25 @@ def expected_barrier(args) -> str:
     if label.endswith("-ds"):
         return "dsmem"
     return "cluster" if label.endswith("-cl") else ("none" if "-df" in label else "counter")
+
+
+def test_sm90_forwards_read_the_clock_at_each_event_of_a_step_when_asked():
+    """kernels/timeline.py: with stamps a forward reads the global clock as a step begins and
+    after its h is stored, and where it waits on the data (the registers kernel's polls, the
+    exchange's wait) when h_{t-1} is in; without spilling where it did not before (the tl
+    tiles, the registers kernel, the ring)."""
+    rows = compile_report(["--kernels", "forward", "registers", "--shapes", "8x256", "--dtypes",
+                           "fp16", "--stamps"])
+    rows += compile_report(["--kernels", "forward", "--shapes", "8x256", "--dtypes", "fp16",
+                            "--stamps", "--config", "bb16-bh16-res-bk64-sk1-w4-cl-ds"])
+    rows += compile_report(["--kernels", "ring", "--shapes", "128x1024", "--dtypes", "bf16",
+                            "--stamps"])
+    assert [(row["kernel"], row["barrier"]) for row in rows] == [
+        ("forward", "counter"), ("registers", "none"), ("forward", "dsmem"), ("ring", "counter")]
+    for row in rows:
+        where = {k: row[k] for k in ("kernel", "barrier", "regs", "spill", "triton")}
+        assert row["ptxas_ok"] and row["spill"] == 0, where
+        assert row["stamps"] == (2 if row["barrier"] == "counter" else 3), where
 
 
 def test_sm90_layer_gemms_are_tf32_wgmma_without_spills():

@@ -422,3 +422,97 @@ def test_train_breakdown_groups_a_calls_kernels_per_step(tmp_path):
     assert {r["backward_chunks"] for r in timed} == {4}
     assert train_breakdown.breakdown([], T)["span_us"] == 0.0
 
+
+
+def _timeline(steps, programs, with_h_in=True, start=1_764_000_000_000_000_000):
+    """Stamps of a made-up launch: step t begins at start + 2000 t ns, program p 100 p ns
+    later; h is in 300 ns after the step begins and stored 500 ns after that; two polls."""
+    from triton_lstm.kernels import timeline
+    stamps = torch.zeros(steps, timeline.MAX_PROGRAMS, timeline.EVENTS, dtype=torch.int64)
+    t = torch.arange(steps)[:, None]
+    p = torch.arange(programs)[None, :]
+    begins = start + 2000 * t + 100 * p
+    stamps[:, :programs, timeline.STEP_BEGINS] = begins
+    if with_h_in:
+        stamps[:, :programs, timeline.H_IN] = begins + 300
+        stamps[:, :programs, timeline.POLLS] = 2
+    stamps[:, :programs, timeline.H_STORED] = begins + 800
+    return stamps
+
+
+def test_step_timeline_takes_a_step_apart_from_the_kernels_stamps():
+    import step_timeline
+    got = step_timeline.summarize(_timeline(6, 3))
+    assert got["programs"] == 3
+    # the last store of a step: its begin + 200 (program 2) + 800
+    assert got["period_us"] == pytest.approx(2.0)
+    assert got["busy_us"] == pytest.approx(0.8)
+    assert got["h_wait_us"] == pytest.approx(0.3)
+    assert got["after_h_us"] == pytest.approx(0.5)
+    assert got["release_us"] == pytest.approx(1.0)      # next begin (+2000) - last store (+1000)
+    assert got["handoff_us"] == pytest.approx(1.4)      # program 1's h in (+2400) - (+1000)
+    assert got["skew_us"] == pytest.approx(0.2)
+    assert got["polls"] == 2
+    assert got["timer_ns"] == 300                       # a program's closest stamps
+
+
+def test_step_timeline_leaves_out_what_a_kernel_does_not_record():
+    # A kernel at a barrier records no h_in and no polls; programs that never ran, nothing.
+    import step_timeline
+    got = step_timeline.summarize(_timeline(6, 2, with_h_in=False))
+    assert got["programs"] == 2
+    assert got["h_wait_us"] is None and got["after_h_us"] is None
+    assert got["handoff_us"] is None and got["polls"] is None
+    assert got["busy_us"] == pytest.approx(0.8) and got["release_us"] == pytest.approx(1.1)
+    assert step_timeline.summarize(_timeline(2, 2)) == dict(programs=2)
+
+
+def test_step_timeline_rows_name_configs_and_knobs_that_exist():
+    import step_timeline
+    from triton_lstm.kernels import forward_registers
+    labels = [label for *_, labels in step_timeline.ROWS for label in labels if label != "layer"]
+    for label in labels:
+        config, settings = step_timeline.variant(label)
+        assert step_timeline.config_label(config) == label.split("@")[0]
+        for (module, name), _ in settings.items():
+            assert hasattr(forward_registers, name) and module == "forward_registers"
+    # the exchange's rows come last: a push that never lands traps and ends the process
+    exchange = [i for i, label in enumerate(labels) if label.endswith("-ds")]
+    assert exchange == list(range(len(labels) - len(exchange), len(labels))) and exchange
+
+
+def test_step_timeline_row_runs_the_labelled_forward_and_keeps_its_stamps(monkeypatch):
+    # The row's plumbing on the CPU: the forward it calls stands in for the kernel, recording
+    # a made-up timeline (_timeline) where the GPU's clock would; no timer runs.
+    import step_timeline
+    calls = []
+
+    def forward(gx, w_hh, h0, c0, lengths, *, save, config, stamps=None):
+        calls.append((config, stamps is not None, gx.shape))
+        if stamps is not None:
+            stamps.copy_(_timeline(gx.shape[0], 3))
+            dispatch.launch_counts["registers"] += config.registers
+        return None
+
+    monkeypatch.setattr(step_timeline, "lstm_forward", forward)
+    monkeypatch.setattr(step_timeline, "bench_ms", lambda fn: (fn() or 2e-3, 0.0, 0.0))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    label, kernel, figures, raw, host, stamped = step_timeline.run_row(
+        "fp16", 8, 16, 6, "bb16-bh8-res-bk64-sk1-w4-rg@backoff=100", device="cpu")
+    assert label == "bb16-bh8-res-bk64-sk1-w4-rg" and kernel == "registers"
+    assert [c[1] for c in calls] == [False, True, False, True]
+    assert all(c[0].registers and c[2] == (6, 8, 64) for c in calls)
+    assert figures["period_us"] == pytest.approx(2.0) and figures["polls"] == 2
+    assert host == stamped == pytest.approx(2e-3 * 1e3 / 6)
+    # ns from the first stamp, per program that ran; the polls as counted
+    assert raw.dtype == torch.int32 and raw.shape == (6, 3, 4)
+    assert raw[0, 0, 0] == 0 and raw[1, 2, 2] == 2000 + 200 + 800
+    assert (raw[..., 3] == 2).all()
+
+
+def test_step_timeline_stamps_need_a_gpu():
+    from triton_lstm.kernels import timeline
+    from triton_lstm.kernels.forward import lstm_forward
+    gx, w_hh, h0, c0, _ = variants.problem(torch.float32, 2, 8, 3, device="cpu")
+    with pytest.raises(ValueError, match="stamps"):
+        lstm_forward(gx, w_hh, h0, c0, None, save=False, stamps=timeline.stamps_buffer(3, "cpu"))

@@ -50,9 +50,10 @@ import triton.language as tl
 
 from ..dispatch import (cdiv, dot_precision, launch_recurrence, padded, pick_config,
                         state_dtype)
-from .barrier import (INTERPRETED, barrier_arrive, barrier_wait, fill_unwritten, load_written,
-                      published)
+from .barrier import (INTERPRETED, barrier_arrive, barrier_wait, fill_unwritten, interpreting,
+                      load_written, published)
 from .dsmem import arm, cluster_sync, exchange_setup, exchange_slot, receive, send, wait_phase
+from . import timeline
 
 # Two bf16 faults of the Triton interpreter, worked around there and only there (compiled
 # for a GPU, the kernels are unchanged): it multiplies the raw bit patterns of bf16 operands
@@ -370,6 +371,7 @@ def lstm_forward_kernel(
     c_restart, # [D, B, H]      the c a restart restores (RESTART_FROM_STATE, else zeros)
     h_ckpt,    # [D, NC, B, R]  out when CKPT_EVERY: h before processing steps k * CKPT_EVERY
     c_ckpt,    # [D, NC, B, H]  fp32, the same for c (slot 0, the initial state, is the caller's)
+    stamps,    # [T, MAX_PROGRAMS, EVENTS] int64 out when STAMPS: each step's timeline
     counters,  # [groups]       int32 barrier counters, one per (direction, batch block)
     T, B, q_begin, q_end, batch_start, leader_inc,
     H: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
@@ -379,7 +381,7 @@ def lstm_forward_kernel(
     DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr, HAS_RESTARTS: tl.constexpr,
     RESTART_FROM_STATE: tl.constexpr, CKPT_EVERY: tl.constexpr, INNER_STAGES: tl.constexpr,
     PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
-    CLUSTER: tl.constexpr, DSMEM: tl.constexpr, RESUMED: tl.constexpr,
+    CLUSTER: tl.constexpr, DSMEM: tl.constexpr, RESUMED: tl.constexpr, STAMPS: tl.constexpr,
 ):
     # Each step is one phase (cell update), or two with a projection (PROJ): the cell
     # phase over own hidden units, a barrier, then h = r W_hr^T over own output units.
@@ -495,6 +497,8 @@ def lstm_forward_kernel(
         else:
             cell_phase: tl.constexpr = True
         if cell_phase:
+            if STAMPS:
+                timeline.step_begins(stamps, t)
             # h of the previous step of every unit, written by all programs of this group.
             p_rows = p_prev_h
             m_rows = m_prev_h
@@ -512,6 +516,8 @@ def lstm_forward_kernel(
                     # h_{t-1} is exchange t; then its slot's next phase, exchange t + 2.
                     h_slot, h_mbar, h_parity = exchange_slot(exchange, SLOT, t)
                     wait_phase(h_mbar, h_parity)
+                    if STAMPS:
+                        timeline.h_in(stamps, t)
                     b_acc = pushed_dot(h_slot, m_rows, o_j, b_w, R, HB, SPLIT_K, DOT_PRECISION,
                                        ACC)
                     if t + 2 < q_end:
@@ -547,6 +553,8 @@ def lstm_forward_kernel(
                 tl.store(r_all + (t_row * B + o_b)[:, None] * H + o_u[None, :], b_h, mask=m_bu)
             else:
                 tl.store(y + (t_row * B + o_b)[:, None] * YS + o_u[None, :], b_h, mask=m_bu)
+                if STAMPS:
+                    timeline.h_stored(stamps, t)
                 tl.store(h_n + p_bu, b_h, mask=m_bu & (t == length - 1)[:, None])
             if SAVE:
                 save_step(gates, c_all, t_row, B, o_b, o_u, H, b_i, b_f, b_g, b_o, b_c, m_run,
@@ -579,6 +587,8 @@ def lstm_forward_kernel(
                              y.dtype.element_ty)
             m_br = m_b[:, None] & m_r[None, :]
             tl.store(y + (t_row * B + o_b)[:, None] * YS + o_r[None, :], b_y, mask=m_br)
+            if STAMPS:
+                timeline.h_stored(stamps, t)
             tl.store(h_n + o_b[:, None] * R + o_r[None, :], b_y,
                      mask=m_br & (t == length - 1)[:, None])
             if CKPT_EVERY > 0:
@@ -602,7 +612,7 @@ def lstm_forward_kernel(
 
 def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=None,
                  force_stepped: bool = False, restarts=None, h_restart=None, c_restart=None,
-                 ckpt_every: int = 0, reverse: bool = True, step_chunks=None):
+                 ckpt_every: int = 0, reverse: bool = True, step_chunks=None, stamps=None):
     """Run the recurrence of one layer (all its directions) over a precomputed input projection.
 
     Args:
@@ -624,6 +634,8 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
         step_chunks: None, or (one direction) an iterable of step ranges (s0, s1) that cover
             [0, T) in order: each range's recurrence is launched as the iterable hands it
             over, so that a generator can get gx[s0:s1] ready in between (overlap.py).
+        stamps: None, or a timeline.stamps_buffer of T steps that the kernel records each
+            step's timeline in (a GPU's clock: not under the interpreter).
     Returns:
         y [T, B, D*R] (zeros past each row's length), h_n [D, B, R], c_n [D, B, H],
         gates [D, T, B, 4H] or None, c_all [D, T, B, H] or None (these three in the state
@@ -637,6 +649,10 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
     device, dtype = gx.device, gx.dtype
     if step_chunks is not None and D != 1:
         raise ValueError(f"lstm_forward: step_chunks needs one direction, got {D}")
+    if stamps is not None and (interpreting() or tuple(stamps.shape[:1]) != (T,)):
+        raise ValueError(f"lstm_forward: stamps must be a timeline.stamps_buffer of {T} steps "
+                         f"on a GPU, got {tuple(stamps.shape)} on {stamps.device}"
+                         + (" under the interpreter" if interpreting() else ""))
     config = config or pick_config(B, H, dtype, device, "forward", D, proj=w_hr is not None)
     if config.dsmem and (w_hr is not None or dtype == torch.float64 or step_chunks is not None):
         # It pushes one h, 32 bits an element, and only from step 0 (its mbarriers' phases).
@@ -648,7 +664,8 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
                                        step_chunks=step_chunks is not None,
                                        force_stepped=force_stepped):
             outputs = forward_registers.lstm_forward_registers(gx, w_hh, h0, c0, lengths,
-                                                               save=save, reverse=reverse)
+                                                               save=save, reverse=reverse,
+                                                               stamps=stamps)
             if outputs is not None:
                 return outputs + (None, None, None)
         config = dataclasses.replace(config, registers=False)
@@ -659,7 +676,7 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
                                   step_chunks=step_chunks is not None,
                                   force_stepped=force_stepped):
             outputs = forward_ring.lstm_forward_ring(gx, w_hh, h0, c0, lengths, config,
-                                                     save=save, reverse=reverse)
+                                                     save=save, reverse=reverse, stamps=stamps)
             if outputs is not None:
                 return outputs + (None, None, None)
         config = dataclasses.replace(config, ring=False)
@@ -693,13 +710,15 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
             restarts if restarts is not None else c_state,
             hw_restart if hw_restart is not None else c_state,
             c_restart if restart_from_state else y,
-            h_ckpt if ckpt_every > 0 else y, c_ckpt if ckpt_every > 0 else c_state, T, B)
+            h_ckpt if ckpt_every > 0 else y, c_ckpt if ckpt_every > 0 else c_state,
+            stamps if stamps is not None else c_state, T, B)
     constexprs = dict(H=H, HP=padded(H), R=R, RP=padded(R), D=D, PROJ=proj, HAS_H0=has_h0,
                       HAS_LENGTHS=lengths is not None, SAVE=save,
                       DOT_PRECISION=dot_precision(dtype, device), REVERSE=reverse,
                       HAS_RESTARTS=restarts is not None,
                       RESTART_FROM_STATE=hw_restart is not None,
-                      CKPT_EVERY=ckpt_every, DSMEM=False, RESUMED=False)
+                      CKPT_EVERY=ckpt_every, DSMEM=False, RESUMED=False,
+                      STAMPS=stamps is not None)
     phases = 2 if proj else 1
     for s0, s1 in [(0, T)] if step_chunks is None else step_chunks:
         launch_recurrence(lstm_forward_kernel, args, constexprs, first_step=s0 * phases,

@@ -40,6 +40,7 @@ from ..dispatch import (KernelConfig, cdiv, co_resident_programs, dot_precision,
                         launch_counts, launch_options, padded, registers_forward_fits)
 from .barrier import canonical, either, fill_unwritten, marks
 from .forward import _tanh, step_rows
+from . import timeline
 
 UNITS = 4                 # hidden units per program (16 weight rows: one m16 MMA tile)
 ROWS = 8                  # batch rows per program (one n8 MMA tile: 16 would spill at H = 256)
@@ -168,12 +169,13 @@ def lstm_forward_registers_kernel(
     c_state,   # [D, B, H]      fp32 out: c after each row's last step
     gates,     # [D, T, B, 4H]  fp32 out when SAVE
     c_all,     # [D, T, B, H]   fp32 out when SAVE
+    stamps,    # [T, MAX_PROGRAMS, EVENTS] int64 out when STAMPS: each step's timeline
     T, B,
     H: gl.constexpr, HP: gl.constexpr, D: gl.constexpr, BLOCK_B: gl.constexpr,
     CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr, DOT_PRECISION: gl.constexpr,
     HAS_H0: gl.constexpr,
     HAS_LENGTHS: gl.constexpr, SAVE: gl.constexpr, REVERSE: gl.constexpr,
-    POLL_BACKOFF_NS: gl.constexpr,
+    POLL_BACKOFF_NS: gl.constexpr, STAMPS: gl.constexpr,
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                   instr_shape=[16, 8])
@@ -232,12 +234,20 @@ def lstm_forward_registers_kernel(
                                                           o_u, m_u, H, GS)
 
     for t in range(T):
+        if STAMPS:
+            timeline.step_begins(stamps, t)
+            polls = 1
         tiles = _load_h(p_rows, m_rows, o_k, H, KC, CHUNKS)
         # h0 is the caller's and may hold any bits; later steps wait for their producers.
         while (t > 0) & _any_unwritten(tiles, CHUNKS):
             if POLL_BACKOFF_NS > 0:
                 _pause(o_nk, POLL_BACKOFF_NS)
             tiles = _load_h(p_rows, m_rows, o_k, H, KC, CHUNKS)
+            if STAMPS:
+                polls += 1
+        if STAMPS:
+            timeline.h_in(stamps, t)
+            timeline.polls(stamps, t, polls)
         acc = mma_v2(w_tiles[0], tiles[0], acc0, input_precision=DOT_PRECISION)
         for chunk in gl.static_range(1, CHUNKS):   # an accumulator per chunk: parallel chains
             acc += mma_v2(w_tiles[chunk], tiles[chunk], acc0, input_precision=DOT_PRECISION)
@@ -256,6 +266,8 @@ def lstm_forward_registers_kernel(
 
         p_y = y + (t_row * B + o_n)[None, :] * YS + o_u[:, None]
         gl.store(p_y, b_h, mask=first & m_cell)
+        if STAMPS:
+            timeline.h_stored(stamps, t)
         gl.store(h_n + p_cell, b_h, mask=first & m_cell & (t == length - 1)[None, :])
         if SAVE:
             p_save = (t_row * B + o_n)[None, :] * (4 * H) + o_u[:, None]
@@ -322,12 +334,13 @@ def launch_resident(kernel, args: tuple, grid: tuple, constexprs: dict, tile: Ke
     return True
 
 
-def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool):
+def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool,
+                           stamps=None):
     """lstm_forward (forward.py) of a layer this kernel runs (``runs_here``), persistently:
     (y, h_n, c_n, gates, c_all), or None, with nothing launched, where its programs cannot
-    all be resident at once."""
+    all be resident at once. ``stamps``: a timeline.stamps_buffer to record the steps in."""
     outputs, args, grid, constexprs = launch_arguments(gx, w_hh, h0, c0, lengths, save=save,
-                                                       reverse=reverse)
+                                                       reverse=reverse, stamps=stamps)
     tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=1)
     if not launch_resident(lstm_forward_registers_kernel, args, grid, constexprs, tile,
                            gx.device):
@@ -335,7 +348,7 @@ def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bo
     return outputs
 
 
-def launch_arguments(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool):
+def launch_arguments(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool, stamps=None):
     """The outputs a launch writes (y filled with the unwritten mark), the kernel's
     arguments, its grid and its compile-time constants."""
     T, B, G = gx.shape
@@ -350,18 +363,21 @@ def launch_arguments(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool):
     has_h0 = h0 is not None
     args = (gx, w_hh, h0 if has_h0 else y, c0 if has_h0 else y,
             lengths if lengths is not None else c_state, y, h_n, c_state,
-            gates if save else c_state, c_all if save else c_state, T, B)
+            gates if save else c_state, c_all if save else c_state,
+            stamps if stamps is not None else c_state, T, B)
     grid = (cdiv(B, ROWS) * cdiv(H, UNITS), D)
     constexprs = kernel_constants(H, D, dtype, dot_precision(dtype, device), has_h0=has_h0,
-                                  has_lengths=lengths is not None, save=save, reverse=reverse)
+                                  has_lengths=lengths is not None, save=save, reverse=reverse,
+                                  stamps=stamps is not None)
     return (y, h_n, c_state, gates, c_all), args, grid, constexprs
 
 
 def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, precision: str, *,
-                     has_h0: bool, has_lengths: bool, save: bool, reverse: bool) -> dict:
+                     has_h0: bool, has_lengths: bool, save: bool, reverse: bool,
+                     stamps: bool = False) -> dict:
     """The kernel's compile-time constants for a layer (``precision``: its dots' input
-    precision, dispatch.dot_precision)."""
+    precision, dispatch.dot_precision; ``stamps``: record each step's timeline)."""
     return dict(H=hidden_size, HP=padded(hidden_size), D=directions, BLOCK_B=ROWS,
                 CHUNKS=chunks(hidden_size, dtype), K_WIDTH=operand_width(hidden_size, dtype),
                 DOT_PRECISION=precision, HAS_H0=has_h0, HAS_LENGTHS=has_lengths, SAVE=save,
-                REVERSE=reverse, POLL_BACKOFF_NS=POLL_BACKOFF_NS)
+                REVERSE=reverse, POLL_BACKOFF_NS=POLL_BACKOFF_NS, STAMPS=stamps)

@@ -35,6 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from ..dispatch import (RING_BLOCK_K, RING_ROWS, KernelConfig, barrier_counters, cdiv,
                         interpreting, leader_increment, padded, ring_forward_fits)
+from . import timeline
 from .barrier import barrier_arrive, barrier_wait
 from .forward import _load_gx, _tanh, rounded_to, save_step, step_rows
 from .forward_registers import (_direction_parts, _lengths, _program_block, _warps_barrier,
@@ -113,11 +114,12 @@ def lstm_forward_ring_kernel(
     c_state,   # [D, B, H]      fp32 out: c after each row's last step
     gates,     # [D, T, B, 4H]  fp32 out when SAVE
     c_all,     # [D, T, B, H]   fp32 out when SAVE
+    stamps,    # [T, MAX_PROGRAMS, EVENTS] int64 out when STAMPS: each step's timeline
     counters,  # [groups]       int32 barrier counters, one per (direction, batch block)
     T, B, leader_inc,
     H: gl.constexpr, HP: gl.constexpr, D: gl.constexpr, BLOCK_H: gl.constexpr,
     BLOCK_K: gl.constexpr, STAGES: gl.constexpr, HAS_H0: gl.constexpr,
-    HAS_LENGTHS: gl.constexpr, SAVE: gl.constexpr, REVERSE: gl.constexpr,
+    HAS_LENGTHS: gl.constexpr, SAVE: gl.constexpr, REVERSE: gl.constexpr, STAMPS: gl.constexpr,
 ):
     N: gl.constexpr = 4 * BLOCK_H
     NUM_CHUNKS: gl.constexpr = HP // BLOCK_K
@@ -184,6 +186,8 @@ def lstm_forward_ring_kernel(
     _warps_barrier()
 
     for t in range(T):
+        if STAMPS:
+            timeline.step_begins(stamps, t)
         acc = _recurrent_product(ring, w_chunks, p_rows, m_rows, o_k, H, N, NUM_CHUNKS, STAGES,
                                  BLOCK_K, ACC_LAYOUT)
         a_i, a_f, a_g, a_o = _gates_apart(scratch, acc, BLOCK_H, GATE_LAYOUT)
@@ -195,6 +199,8 @@ def lstm_forward_ring_kernel(
         c = gl.where(m_run, b_f * c + b_i * b_g, c)          # stopped rows keep their state
         b_h = rounded_to(gl.where(m_run, b_o * _tanh(c), 0.0), y.dtype.element_ty)
         gl.store(y + (t_row * B + o_b)[:, None] * YS + o_u[None, :], b_h, mask=m_bu)
+        if STAMPS:
+            timeline.h_stored(stamps, t)
         gl.store(h_n + p_bu, b_h, mask=m_bu & (t == length - 1)[:, None])
         if SAVE:
             save_step(gates, c_all, t_row, B, o_b, o_u, H, b_i, b_f, b_g, b_o, c, m_run, m_bu)
@@ -226,12 +232,13 @@ def runs_here(config: KernelConfig, hidden_size: int, dtype: torch.dtype, device
 
 
 def lstm_forward_ring(gx, w_hh, h0, c0, lengths, config: KernelConfig, *, save: bool,
-                      reverse: bool):
+                      reverse: bool, stamps=None):
     """lstm_forward (forward.py) of a layer this kernel runs (``runs_here``) with `config`'s
     tile, persistently: (y, h_n, c_n, gates, c_all), or None, with nothing launched, where
-    its programs cannot all be resident at once."""
+    its programs cannot all be resident at once. ``stamps``: a timeline.stamps_buffer to
+    record the steps in."""
     outputs, args, grid, constexprs = launch_arguments(gx, w_hh, h0, c0, lengths, config,
-                                                       save=save, reverse=reverse)
+                                                       save=save, reverse=reverse, stamps=stamps)
     tile = KernelConfig(block_b=RING_ROWS, block_h=config.block_h, num_warps=WARPS)
     if not launch_resident(lstm_forward_ring_kernel, args, grid, constexprs, tile, gx.device,
                            "ring"):
@@ -240,7 +247,7 @@ def lstm_forward_ring(gx, w_hh, h0, c0, lengths, config: KernelConfig, *, save: 
 
 
 def launch_arguments(gx, w_hh, h0, c0, lengths, config: KernelConfig, *, save: bool,
-                     reverse: bool):
+                     reverse: bool, stamps=None):
     """The outputs a launch writes, the kernel's arguments (the barrier counters of this
     device and stream among them), its grid and its compile-time constants."""
     T, B, G = gx.shape
@@ -256,17 +263,19 @@ def launch_arguments(gx, w_hh, h0, c0, lengths, config: KernelConfig, *, save: b
     num_h = cdiv(H, config.block_h)
     args = (gx, w_hh, h0 if has_h0 else y, c0 if has_h0 else y,
             lengths if lengths is not None else c_state, y, h_n, c_state,
-            gates if save else c_state, c_all if save else c_state, barrier_counters(device), T,
-            B, leader_increment(num_h))
+            gates if save else c_state, c_all if save else c_state,
+            stamps if stamps is not None else c_state, barrier_counters(device), T, B,
+            leader_increment(num_h))
     grid = (cdiv(B, RING_ROWS) * num_h, D)
     constexprs = kernel_constants(H, D, config, has_h0=has_h0, has_lengths=lengths is not None,
-                                  save=save, reverse=reverse)
+                                  save=save, reverse=reverse, stamps=stamps is not None)
     return (y, h_n, c_state, gates, c_all), args, grid, constexprs
 
 
 def kernel_constants(hidden_size: int, directions: int, config: KernelConfig, *, has_h0: bool,
-                     has_lengths: bool, save: bool, reverse: bool) -> dict:
-    """The kernel's compile-time constants for a layer and `config`'s tile."""
+                     has_lengths: bool, save: bool, reverse: bool, stamps: bool = False) -> dict:
+    """The kernel's compile-time constants for a layer and `config`'s tile (``stamps``: record
+    each step's timeline)."""
     return dict(H=hidden_size, HP=padded(hidden_size), D=directions, BLOCK_H=config.block_h,
                 BLOCK_K=BLOCK_K, STAGES=config.inner_stages, HAS_H0=has_h0,
-                HAS_LENGTHS=has_lengths, SAVE=save, REVERSE=reverse)
+                HAS_LENGTHS=has_lengths, SAVE=save, REVERSE=reverse, STAMPS=stamps)

@@ -1,0 +1,205 @@
+"""Where a forward step's time goes, from the kernels' own clock (kernels/timeline.py).
+
+A persistent forward at small batch spends ~2 µs a step (perf/NOTES.md, run 6) where the
+model adds up to ~1-1.4: the host's timer cannot say whether the rest is the wait for the
+other programs, the read of h, the dot, the gate math or programs running apart. Each row
+here runs one forward kernel (T steps, D = 1, I = H, inference: no saved gates) with its
+programs recording, every step, the GPU's global clock when the step begins, when h_{t-1}
+is in (kernels that wait on the data) and when its h is stored, and how many polls h took.
+Per row, in µs (medians over the steps between the first and the last):
+
+    period      one step of the whole grid: from the last program's store of h_{t-1}
+                to the last program's store of h_t (the host's µs/step, seen from inside)
+    busy        a program's step, from its beginning to its store of h
+    h_wait      from the step's beginning to h_{t-1} in (dataflow polls, pushed h)
+    after_h     from h_{t-1} in to the store of h_t: the dot, the gate math, the store
+    release     from the last program's store of h_t to the first program's start of step
+                t + 1: the barrier's latency past its last arrival (below zero where
+                programs begin a step before the data is there: dataflow, pushed h)
+    handoff     from the last program's store of h_t to a (median) program having all of
+                it: the store's way to the other SMs and the poll or wait that sees it
+    skew        from the first program's store of h_t to the last's
+    polls       rounds a step's poll of h took (dataflow kernels)
+
+and the host's µs/step of the same call with and without the recording. Writes
+step_timeline.csv and the raw stamps (step_timeline.pt: ns from the first, per row) to $OUT
+(or --out). A row's config is a label (tuning.config_label, with variants.py's "@knob=value"
+for the registers kernels), or "layer" for the config the layer picks on this GPU.
+
+    python3 perf/step_timeline.py [--steps 256] [--only small|large] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from timing import bench_ms, compile_ahead  # noqa: E402
+from variants import DTYPES, knobs_set, problem, variant, write_csv  # noqa: E402
+from triton_lstm.dispatch import launch_counts, pick_config  # noqa: E402
+from triton_lstm.kernels.forward import lstm_forward  # noqa: E402
+from triton_lstm.kernels.timeline import (H_IN, H_STORED, POLLS, STEP_BEGINS,  # noqa: E402
+                                          stamps_buffer)
+from triton_lstm.tuning import config_label  # noqa: E402
+
+# (group, dtype, B, H, configs): the safe ones first; the cluster's exchange last, where a
+# push that never lands traps and ends the process (written rows stay in the CSV).
+ROWS = [
+    ("small", "fp16", 8, 256, ["layer", "bb16-bh8-res-bk64-sk1-w4", "bb16-bh8-res-bk64-sk1-w4-df",
+                               "bb16-bh8-res-bk64-sk1-w4-rg",
+                               "bb16-bh8-res-bk64-sk1-w4-rg@backoff=100",
+                               "bb16-bh16-res-bk64-sk1-w4-cl"]),
+    ("small", "bf16", 8, 512, ["layer", "bb16-bh8-res-bk64-sk1-w4", "bb16-bh8-res-bk64-sk1-w4-df",
+                               "bb16-bh8-res-bk64-sk1-w4-rg",
+                               "bb16-bh8-res-bk64-sk1-w4-rg@backoff=400",
+                               "bb16-bh32-res-bk64-sk1-w4-cl"]),
+    ("small", "fp16", 8, 1024, ["layer"]),
+    ("large", "bf16", 128, 1024, ["layer", "bb64-bh16-str-bk64-sk4-w8-st5-rn"]),
+    ("large", "bf16", 512, 1024, ["layer"]),
+    ("small", "fp16", 8, 256, ["bb16-bh16-res-bk64-sk1-w4-cl-ds"]),
+    ("small", "bf16", 8, 512, ["bb16-bh32-res-bk64-sk1-w4-cl-ds"]),
+]
+FIELDS = ["group", "dtype", "B", "H", "T", "config", "kernel", "programs", "period_us",
+          "busy_us", "h_wait_us", "after_h_us", "release_us", "handoff_us", "skew_us", "polls",
+          "timer_ns", "host_us", "host_stamped_us", "gpu", "torch", "triton"]
+
+
+def summarize(stamps: torch.Tensor) -> dict:
+    """The row's figures (module docstring) from a launch's stamps, [T, MAX_PROGRAMS, EVENTS]
+    int64 (ns; zero where a program or event recorded nothing). Steps 1 .. T - 2 count: the
+    first has no wait and the last no successor."""
+    ran = stamps[0, :, STEP_BEGINS] != 0
+    steps, programs = stamps.shape[0], int(ran.sum())
+    if programs == 0 or steps < 3:
+        return dict(programs=programs)
+    # ns from the first stamp (the clock counts from 1970: past float64's 2^53 ns as it is)
+    events = stamps[:, ran][..., [STEP_BEGINS, H_IN, H_STORED]]
+    s = (events - events[0, :, 0].min()).double().masked_fill(events == 0, float("nan"))
+    begins, h_in, stored = s[..., 0], s[..., 1], s[..., 2]
+    polls = stamps[1:-1, ran, POLLS].double()
+    last_stored = stored.max(dim=1).values                     # [T]
+    # Per step t = 1 .. T - 2: what t took, and how step t + 1 got going after it.
+    period = last_stored[1:-1] - last_stored[:-2]
+    release = begins[2:].min(dim=1).values - last_stored[1:-1]
+    handoff = h_in[2:].nanmedian(dim=1).values - last_stored[1:-1]
+    skew = last_stored[1:-1] - stored[1:-1].min(dim=1).values
+    # The clock's resolution: the smallest step between two stamps of one program.
+    times = s.permute(1, 0, 2).reshape(programs, -1)
+    gaps = times.sort(dim=1).values.diff(dim=1)
+    gaps = gaps[gaps > 0]
+    return dict(
+        programs=programs, period_us=_us(period), busy_us=_us((stored - begins)[1:-1]),
+        h_wait_us=_us((h_in - begins)[1:-1]), after_h_us=_us((stored - h_in)[1:-1]),
+        release_us=_us(release), handoff_us=_us(handoff), skew_us=_us(skew),
+        polls=float(polls[polls > 0].median()) if (polls > 0).any() else None,
+        timer_ns=float(gaps.min()) if gaps.numel() else None)
+
+
+def _us(ns: torch.Tensor):
+    """The median of the known values (ns) in µs, or None if none is known."""
+    ns = ns.flatten()
+    ns = ns[~ns.isnan()]
+    return float(ns.median()) * 1e-3 if ns.numel() else None
+
+
+def forward_call(dtype_name: str, B: int, H: int, T: int, label: str, device="cuda"):
+    """(config, knob settings, call(stamps)) of a row: its forward on fresh inputs."""
+    dtype = DTYPES[dtype_name]
+    gx, w_hh, h0, c0, _ = problem(dtype, B, H, T, device)
+    if label == "layer":
+        config, settings = pick_config(B, H, dtype, gx.device, "forward", 1), {}
+    else:
+        config, settings = variant(label)
+
+    def call(stamps=None):
+        return lstm_forward(gx, w_hh, h0, c0, None, save=False, config=config, stamps=stamps)
+    return config, settings, call
+
+
+def compile_row(job) -> str:
+    """Compile a row's kernel with and without stamps on a 2-step run (workers of
+    compile_ahead); "" or why it failed (the row itself records that)."""
+    dtype_name, B, H, label = job
+    try:
+        config, settings, call = forward_call(dtype_name, B, H, 2, label)
+        with knobs_set(settings):
+            call()
+            call(stamps_buffer(2, "cuda"))
+        torch.cuda.synchronize()
+        return ""
+    except Exception as exc:
+        return f"{dtype_name} B={B} H={H} {label}: {type(exc).__name__}"
+
+
+def run_row(dtype_name: str, B: int, H: int, T: int, label: str, device="cuda"):
+    """(config label, kernel that ran, figures, raw stamps, host µs/step without and with
+    the stamps)."""
+    config, settings, call = forward_call(dtype_name, B, H, T, label, device)
+    stamps = stamps_buffer(T, device)
+    with knobs_set(settings):
+        call()
+        before = dict(launch_counts)
+        call(stamps)
+        torch.cuda.synchronize()
+        kernel = next((kind for kind in ("registers", "ring")
+                       if launch_counts[kind] > before.get(kind, 0)), "tl")
+        recorded = stamps.cpu()
+        host = bench_ms(call)[0] * 1e3 / T
+        host_stamped = bench_ms(lambda: call(stamps))[0] * 1e3 / T
+    # ns from the launch's first stamp (int32), polls as they are, programs that ran
+    ran = recorded[0, :, STEP_BEGINS] != 0
+    raw = recorded[:, ran]
+    if ran.any():
+        times = raw[..., [STEP_BEGINS, H_IN, H_STORED]]
+        raw[..., [STEP_BEGINS, H_IN, H_STORED]] = torch.where(
+            times == 0, -1, times - times[0, :, 0].min())
+    return config_label(config), kernel, summarize(recorded), raw.to(torch.int32), host, \
+        host_stamped
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--only", choices=("small", "large"))
+    parser.add_argument("--out", default=os.environ.get("OUT") or "perf/results")
+    parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
+                        help="processes that compile the kernels ahead (1: none)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("step_timeline: no CUDA GPU found")
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+               triton=__import__("triton").__version__)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, raw = [], {}
+    jobs = [(group, dtype_name, B, H, label) for group, dtype_name, B, H, labels in ROWS
+            if not args.only or group == args.only for label in labels]
+    # not the exchange's rows: a trap there would end the worker pool
+    compile_ahead(compile_row, [job[1:] for job in jobs if not job[4].endswith("-ds")],
+                  args.jobs)
+    for group, dtype_name, B, H, label in jobs:
+        row = dict(group=group, dtype=dtype_name, B=B, H=H, T=args.steps, config=label, **env)
+        try:
+            config, kernel, figures, stamps, host, stamped = run_row(dtype_name, B, H,
+                                                                     args.steps, label)
+            row.update(figures, kernel=kernel, host_us=host, host_stamped_us=stamped)
+            if label == "layer":
+                row["config"] = f"layer: {config}"
+            raw[f"{dtype_name} B={B} H={H} {row['config']}"] = stamps
+        except Exception as exc:   # recorded, never timed
+            row["kernel"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        rows.append(row)
+        print("  ".join(f"{k}={row.get(k)}" for k in FIELDS[:17]), flush=True)
+        write_csv(out / "step_timeline.csv", FIELDS, rows)
+        torch.save(raw, out / "step_timeline.pt")
+    print(f"wrote {out / 'step_timeline.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
