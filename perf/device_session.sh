@@ -52,9 +52,10 @@
 #   COMMIT=<hash> bash perf/device_session.sh 13  the cluster barrier's and the exchange's
 #                                                  GPU tests, part 7, the registers kernels'
 #                                                  and the bias sums' GPU tests (8.3 min)
-#   COMMIT=<hash> bash perf/device_session.sh 14  where a forward step's time goes, from the
-#                                                  kernels' own clock: its GPU tests, then
-#                                                  perf/step_timeline.py (2.5 min)
+#   COMMIT=<hash> bash perf/device_session.sh 14  where a step's time goes, forward and
+#                                                  backward, from the kernels' own clock: its
+#                                                  GPU tests, then perf/step_timeline.py
+#                                                  (2.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -228,9 +229,10 @@ case "${1:-}" in
     gpu_tests 90 "registers or bias_sums"
     ;;
 14)
-    # Where a forward step's time goes (issues 8 and 7; perf/NOTES.md, "After run 6: a step's
+    # Where a step's time goes (issues 8 and 7; perf/NOTES.md, "After run 6: a step's
     # timeline from the kernels' own clock"): the stamps' GPU tests, then the timeline of
-    # the small-batch variants and the table's large-batch tiles (the exchange's rows last).
+    # the small-batch variants and the table's large-batch tiles, forward and backward (the
+    # exchange's rows last).
     gpu_tests 40 "timeline"
     timeout 110 python3 perf/step_timeline.py --out "$OUT/timeline" 2>&1 | tee "$OUT/timeline.log"
     ;;

@@ -144,7 +144,7 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
     forward's launch that starts at a later step (the forward in chunks, overlap.py);
     `stepped`: the kernel of a launch per step instead (the fallback); `bias_sums`: the
     backward sums dG for the bias gradient as it goes (TRITON_LSTM_BIAS_SUMS=kernel);
-    `stamps`: the forward records each step's timeline (kernels/timeline.py)."""
+    `stamps`: the kernel records each step's timeline (kernels/timeline.py)."""
     tname, dtype = DTYPES[dtype_name]
     cfg = config or heuristic_config(batch, hidden, dtype, max(1, NUM_SMS // directions),
                                      kernel_name, bool(proj))
@@ -176,9 +176,9 @@ def report(kernel_name, dtype_name, batch, hidden, directions=1, proj=0, restart
         types = dict(dy=tname, dh_n=tname, dc_state=acc, gates=acc, c_all=acc, c0=tname,
                      lengths="i32", w_hh=tname, w_hr=tname, dgates=tname, dh_all=tname,
                      dh_parts=acc, dh0=tname, restarts="i8", c_restart=tname, dh_restart=acc,
-                     dc_restart=acc, bias_sums=acc, counters="i32")
+                     dc_restart=acc, bias_sums=acc, stamps="i64", counters="i32")
         constexprs = dict(common, HAS_DY=True, HAS_DHN=True, GATE_SPLIT=cfg.gate_split,
-                          DSMEM=cfg.dsmem and not proj, BIAS_SUMS=bias_sums)
+                          DSMEM=cfg.dsmem and not proj, BIAS_SUMS=bias_sums, STAMPS=stamps)
     compiled = compile_one(kernel, types, constexprs, cfg.num_warps)
     return compiled_row(compiled, kernel=kernel_name, dtype=dtype_name, B=batch, H=hidden,
                         D=directions, proj=proj, tile=f"{cfg.block_b}x{cfg.block_h}",
@@ -244,18 +244,18 @@ def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0,
 
 
 def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0,
-                              state=True):
+                              state=True, stamps=False):
     """The small-batch backward with its weights in registers (kernels/backward_registers.py),
     with dy and dh_n, and c0 and lengths where ``state``; its tile is its own (16 units, 8
     rows; 4 warps, 8 where a gate's reduction is split in two)."""
     from triton_lstm.kernels import backward_registers as br   # Gluon, imported where asked for
     tname, dtype = DTYPES[dtype_name]
     types = dict(dy=tname, dh_n=tname, dc_state="fp32", gates="fp32", c_all="fp32", c0=tname,
-                 lengths="i32", w_hh=tname, dgates=tname, dh0=tname)
+                 lengths="i32", w_hh=tname, dgates=tname, dh0=tname, stamps="i64")
     constexprs = dict(br.kernel_constants(hidden, directions, dtype,
                                           "tf32" if dtype == torch.float32 else "ieee",
                                           has_dy=True, has_dhn=True, has_h0=state,
-                                          has_lengths=state, reverse=True),
+                                          has_lengths=state, reverse=True, stamps=stamps),
                       POLL_BACKOFF_NS=poll_backoff_ns)
     num_warps = 4 * constexprs["SPLITS"]     # a warp a part: four gates of SPLITS parts
     compiled = compile_one(br.lstm_backward_registers_kernel, types, constexprs, num_warps)
@@ -388,7 +388,7 @@ def main():
     parser.add_argument("--bias-sums", action="store_true",
                         help="the backward sums dG for the bias gradient as it goes")
     parser.add_argument("--stamps", action="store_true",
-                        help="the forwards record each step's timeline (kernels/timeline.py)")
+                        help="the kernels record each step's timeline (kernels/timeline.py)")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel")
     args = parser.parse_args()
     config = tuning.config_from_label(args.config) if args.config else None
@@ -429,7 +429,8 @@ def reports(args, config):
                                       not args.no_state, args.stamps)
                 elif kernel_name == "registers-backward":
                     yield report_registers_backward(dtype_name, batch, hidden, args.directions,
-                                                    args.poll_backoff, not args.no_state)
+                                                    args.poll_backoff, not args.no_state,
+                                                    args.stamps)
                 elif kernel_name.startswith("wavefront"):
                     yield report_wavefront(dtype_name, batch, hidden, args.layers, config,
                                            kernel_name, args.dropout)

@@ -1,25 +1,27 @@
-"""Where a forward step's time goes, from the kernels' own clock (kernels/timeline.py).
+"""Where a step's time goes, from the kernels' own clock (kernels/timeline.py).
 
 A persistent forward at small batch spends ~2 µs a step (perf/NOTES.md, run 6) where the
 model adds up to ~1-1.4: the host's timer cannot say whether the rest is the wait for the
-other programs, the read of h, the dot, the gate math or programs running apart. Each row
-here runs one forward kernel (T steps, D = 1, I = H, inference: no saved gates) with its
-programs recording, every step, the GPU's global clock when the step begins, when h_{t-1}
-is in (kernels that wait on the data) and when its h is stored, and how many polls h took.
-Per row, in µs (medians over the steps between the first and the last):
+other programs, the read of their state, the dot, the gate math or programs running apart.
+Each row here runs one kernel (T steps, D = 1, I = H; the forward for inference, without
+saved gates; the backward on a training forward's saved values) with its programs
+recording, every step (the backward: every stage but its last), the GPU's global clock when
+the step begins, when what it reads from the others is in (h_{t-1}, dG_{t+1}: kernels that
+wait on the data) and when its own part is stored (h_t, dG_t), and how many polls the wait
+took. Per row, in µs (medians over the steps between the first and the last):
 
-    period      one step of the whole grid: from the last program's store of h_{t-1}
-                to the last program's store of h_t (the host's µs/step, seen from inside)
-    busy        a program's step, from its beginning to its store of h
-    h_wait      from the step's beginning to h_{t-1} in (dataflow polls, pushed h)
-    after_h     from h_{t-1} in to the store of h_t: the dot, the gate math, the store
-    release     from the last program's store of h_t to the first program's start of step
-                t + 1: the barrier's latency past its last arrival (below zero where
-                programs begin a step before the data is there: dataflow, pushed h)
-    handoff     from the last program's store of h_t to a (median) program having all of
-                it: the store's way to the other SMs and the poll or wait that sees it
-    skew        from the first program's store of h_t to the last's
-    polls       rounds a step's poll of h took (dataflow kernels)
+    period      one step of the whole grid: from the last program's store of step t - 1 to
+                the last program's store of step t (the host's µs/step, seen from inside)
+    busy        a program's step, from its beginning to its store
+    wait        from the step's beginning to its input in (dataflow polls, pushed state)
+    after_wait  from the input in to the store: the dot, the gate math, the store
+    release     from the last program's store of step t to the first program's start of
+                step t + 1: the barrier's latency past its last arrival (below zero where
+                programs begin a step before the data is there: dataflow, pushed state)
+    handoff     from the last program's store of step t to a (median) program having all
+                of it: the store's way to the other SMs and the poll or wait that sees it
+    skew        from the first program's store of a step to the last's
+    polls       rounds a step's wait took (the registers kernels' polls)
 
 and the host's µs/step of the same call with and without the recording. Writes
 step_timeline.csv and the raw stamps (step_timeline.pt: ns from the first, per row) to $OUT
@@ -42,30 +44,38 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from timing import bench_ms, compile_ahead  # noqa: E402
 from variants import DTYPES, knobs_set, problem, variant, write_csv  # noqa: E402
 from triton_lstm.dispatch import launch_counts, pick_config  # noqa: E402
+from triton_lstm.kernels.backward import lstm_backward  # noqa: E402
 from triton_lstm.kernels.forward import lstm_forward  # noqa: E402
-from triton_lstm.kernels.timeline import (H_IN, H_STORED, POLLS, STEP_BEGINS,  # noqa: E402
+from triton_lstm.kernels.timeline import (POLLS, STEP_BEGINS, STORED, WAIT_ENDS,  # noqa: E402
                                           stamps_buffer)
 from triton_lstm.tuning import config_label  # noqa: E402
 
-# (group, dtype, B, H, configs): the safe ones first; the cluster's exchange last, where a
-# push that never lands traps and ends the process (written rows stay in the CSV).
+# (group, kernel, dtype, B, H, configs): the safe ones first; the cluster's exchange last,
+# where a push that never lands traps and ends the process (written rows stay in the CSV).
 ROWS = [
-    ("small", "fp16", 8, 256, ["layer", "bb16-bh8-res-bk64-sk1-w4", "bb16-bh8-res-bk64-sk1-w4-df",
-                               "bb16-bh8-res-bk64-sk1-w4-rg",
-                               "bb16-bh8-res-bk64-sk1-w4-rg@backoff=100",
-                               "bb16-bh16-res-bk64-sk1-w4-cl"]),
-    ("small", "bf16", 8, 512, ["layer", "bb16-bh8-res-bk64-sk1-w4", "bb16-bh8-res-bk64-sk1-w4-df",
-                               "bb16-bh8-res-bk64-sk1-w4-rg",
-                               "bb16-bh8-res-bk64-sk1-w4-rg@backoff=400",
-                               "bb16-bh32-res-bk64-sk1-w4-cl"]),
-    ("small", "fp16", 8, 1024, ["layer"]),
-    ("large", "bf16", 128, 1024, ["layer", "bb64-bh16-str-bk64-sk4-w8-st5-rn"]),
-    ("large", "bf16", 512, 1024, ["layer"]),
-    ("small", "fp16", 8, 256, ["bb16-bh16-res-bk64-sk1-w4-cl-ds"]),
-    ("small", "bf16", 8, 512, ["bb16-bh32-res-bk64-sk1-w4-cl-ds"]),
+    ("small", "forward", "fp16", 8, 256, ["layer", "bb16-bh8-res-bk64-sk1-w4",
+                                          "bb16-bh8-res-bk64-sk1-w4-df",
+                                          "bb16-bh8-res-bk64-sk1-w4-rg",
+                                          "bb16-bh8-res-bk64-sk1-w4-rg@backoff=100",
+                                          "bb16-bh16-res-bk64-sk1-w4-cl"]),
+    ("small", "forward", "bf16", 8, 512, ["layer", "bb16-bh8-res-bk64-sk1-w4",
+                                          "bb16-bh8-res-bk64-sk1-w4-df",
+                                          "bb16-bh8-res-bk64-sk1-w4-rg",
+                                          "bb16-bh8-res-bk64-sk1-w4-rg@backoff=400",
+                                          "bb16-bh32-res-bk64-sk1-w4-cl"]),
+    ("small", "forward", "fp16", 8, 1024, ["layer"]),
+    ("small", "backward", "fp16", 8, 256, ["layer", "bb16-bh8-res-bk64-sk1-w4"]),
+    ("small", "backward", "bf16", 8, 512, ["layer"]),
+    ("large", "forward", "bf16", 128, 1024, ["layer", "bb64-bh16-str-bk64-sk4-w8-st5-rn"]),
+    ("large", "forward", "bf16", 512, 1024, ["layer"]),
+    ("large", "backward", "bf16", 128, 1024, ["layer"]),
+    ("large", "backward", "bf16", 512, 1024, ["layer"]),
+    ("small", "forward", "fp16", 8, 256, ["bb16-bh16-res-bk64-sk1-w4-cl-ds"]),
+    ("small", "forward", "bf16", 8, 512, ["bb16-bh32-res-bk64-sk1-w4-cl-ds"]),
+    ("small", "backward", "fp16", 8, 256, ["bb16-bh16-res-bk64-sk1-w4-cl-ds"]),
 ]
-FIELDS = ["group", "dtype", "B", "H", "T", "config", "kernel", "programs", "period_us",
-          "busy_us", "h_wait_us", "after_h_us", "release_us", "handoff_us", "skew_us", "polls",
+FIELDS = ["group", "kernel", "dtype", "B", "H", "T", "config", "ran", "programs", "period_us",
+          "busy_us", "wait_us", "after_wait_us", "release_us", "handoff_us", "skew_us", "polls",
           "timer_ns", "host_us", "host_stamped_us", "gpu", "torch", "triton"]
 
 
@@ -78,15 +88,15 @@ def summarize(stamps: torch.Tensor) -> dict:
     if programs == 0 or steps < 3:
         return dict(programs=programs)
     # ns from the first stamp (the clock counts from 1970: past float64's 2^53 ns as it is)
-    events = stamps[:, ran][..., [STEP_BEGINS, H_IN, H_STORED]]
+    events = stamps[:, ran][..., [STEP_BEGINS, WAIT_ENDS, STORED]]
     s = (events - events[0, :, 0].min()).double().masked_fill(events == 0, float("nan"))
-    begins, h_in, stored = s[..., 0], s[..., 1], s[..., 2]
+    begins, arrived, stored = s[..., 0], s[..., 1], s[..., 2]
     polls = stamps[1:-1, ran, POLLS].double()
     last_stored = stored.max(dim=1).values                     # [T]
     # Per step t = 1 .. T - 2: what t took, and how step t + 1 got going after it.
     period = last_stored[1:-1] - last_stored[:-2]
     release = begins[2:].min(dim=1).values - last_stored[1:-1]
-    handoff = h_in[2:].nanmedian(dim=1).values - last_stored[1:-1]
+    handoff = arrived[2:].nanmedian(dim=1).values - last_stored[1:-1]
     skew = last_stored[1:-1] - stored[1:-1].min(dim=1).values
     # The clock's resolution: the smallest step between two stamps of one program.
     times = s.permute(1, 0, 2).reshape(programs, -1)
@@ -94,7 +104,7 @@ def summarize(stamps: torch.Tensor) -> dict:
     gaps = gaps[gaps > 0]
     return dict(
         programs=programs, period_us=_us(period), busy_us=_us((stored - begins)[1:-1]),
-        h_wait_us=_us((h_in - begins)[1:-1]), after_h_us=_us((stored - h_in)[1:-1]),
+        wait_us=_us((arrived - begins)[1:-1]), after_wait_us=_us((stored - arrived)[1:-1]),
         release_us=_us(release), handoff_us=_us(handoff), skew_us=_us(skew),
         polls=float(polls[polls > 0].median()) if (polls > 0).any() else None,
         timer_ns=float(gaps.min()) if gaps.numel() else None)
@@ -107,58 +117,67 @@ def _us(ns: torch.Tensor):
     return float(ns.median()) * 1e-3 if ns.numel() else None
 
 
-def forward_call(dtype_name: str, B: int, H: int, T: int, label: str, device="cuda"):
-    """(config, knob settings, call(stamps)) of a row: its forward on fresh inputs."""
+def kernel_call(kernel: str, dtype_name: str, B: int, H: int, T: int, label: str,
+                device="cuda"):
+    """(config, knob settings, call(stamps=None)) of a row: its kernel on fresh inputs (the
+    backward on the saved values of a training forward with the layer's config)."""
     dtype = DTYPES[dtype_name]
-    gx, w_hh, h0, c0, _ = problem(dtype, B, H, T, device)
+    gx, w_hh, h0, c0, dy = problem(dtype, B, H, T, device)
     if label == "layer":
-        config, settings = pick_config(B, H, dtype, gx.device, "forward", 1), {}
+        config, settings = pick_config(B, H, dtype, gx.device, kernel, 1), {}
     else:
         config, settings = variant(label)
+    if kernel == "forward":
+        def call(stamps=None):
+            return lstm_forward(gx, w_hh, h0, c0, None, save=False, config=config,
+                                stamps=stamps)
+        return config, settings, call
+    _, _, _, gates, c_all, *_ = lstm_forward(gx, w_hh, h0, c0, None, save=True)
 
     def call(stamps=None):
-        return lstm_forward(gx, w_hh, h0, c0, None, save=False, config=config, stamps=stamps)
+        return lstm_backward(dy, None, None, gates, c_all, c0, None, w_hh, config=config,
+                             stamps=stamps)
     return config, settings, call
 
 
 def compile_row(job) -> str:
     """Compile a row's kernel with and without stamps on a 2-step run (workers of
     compile_ahead); "" or why it failed (the row itself records that)."""
-    dtype_name, B, H, label = job
+    kernel, dtype_name, B, H, label = job
     try:
-        config, settings, call = forward_call(dtype_name, B, H, 2, label)
+        config, settings, call = kernel_call(kernel, dtype_name, B, H, 2, label)
         with knobs_set(settings):
             call()
             call(stamps_buffer(2, "cuda"))
         torch.cuda.synchronize()
         return ""
     except Exception as exc:
-        return f"{dtype_name} B={B} H={H} {label}: {type(exc).__name__}"
+        return f"{kernel} {dtype_name} B={B} H={H} {label}: {type(exc).__name__}"
 
 
-def run_row(dtype_name: str, B: int, H: int, T: int, label: str, device="cuda"):
-    """(config label, kernel that ran, figures, raw stamps, host µs/step without and with
+def run_row(kernel: str, dtype_name: str, B: int, H: int, T: int, label: str, device="cuda"):
+    """(config label, the kernel that ran, figures, raw stamps, host µs/step without and with
     the stamps)."""
-    config, settings, call = forward_call(dtype_name, B, H, T, label, device)
+    config, settings, call = kernel_call(kernel, dtype_name, B, H, T, label, device)
     stamps = stamps_buffer(T, device)
     with knobs_set(settings):
         call()
         before = dict(launch_counts)
         call(stamps)
         torch.cuda.synchronize()
-        kernel = next((kind for kind in ("registers", "ring")
-                       if launch_counts[kind] > before.get(kind, 0)), "tl")
+        ran = next((kind for kind in ("registers", "ring")
+                    if launch_counts[kind] > before.get(kind, 0)), "tl")
         recorded = stamps.cpu()
         host = bench_ms(call)[0] * 1e3 / T
         host_stamped = bench_ms(lambda: call(stamps))[0] * 1e3 / T
     # ns from the launch's first stamp (int32), polls as they are, programs that ran
-    ran = recorded[0, :, STEP_BEGINS] != 0
-    raw = recorded[:, ran]
-    if ran.any():
-        times = raw[..., [STEP_BEGINS, H_IN, H_STORED]]
-        raw[..., [STEP_BEGINS, H_IN, H_STORED]] = torch.where(
+    programs = recorded[0, :, STEP_BEGINS] != 0
+    raw = recorded[:, programs]
+    if programs.any():
+        times = raw[..., [STEP_BEGINS, WAIT_ENDS, STORED]]
+        raw[..., [STEP_BEGINS, WAIT_ENDS, STORED]] = torch.where(
             times == 0, -1, times - times[0, :, 0].min())
-    return config_label(config), kernel, summarize(recorded), raw.to(torch.int32), host, \
+    return config_label(config), ran, summarize(recorded), raw.to(torch.int32), host, \
         host_stamped
 
 
@@ -177,24 +196,26 @@ def main() -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, raw = [], {}
-    jobs = [(group, dtype_name, B, H, label) for group, dtype_name, B, H, labels in ROWS
+    jobs = [(group, kernel, dtype_name, B, H, label)
+            for group, kernel, dtype_name, B, H, labels in ROWS
             if not args.only or group == args.only for label in labels]
     # not the exchange's rows: a trap there would end the worker pool
-    compile_ahead(compile_row, [job[1:] for job in jobs if not job[4].endswith("-ds")],
+    compile_ahead(compile_row, [job[1:] for job in jobs if not job[5].endswith("-ds")],
                   args.jobs)
-    for group, dtype_name, B, H, label in jobs:
-        row = dict(group=group, dtype=dtype_name, B=B, H=H, T=args.steps, config=label, **env)
+    for group, kernel, dtype_name, B, H, label in jobs:
+        row = dict(group=group, kernel=kernel, dtype=dtype_name, B=B, H=H, T=args.steps,
+                   config=label, **env)
         try:
-            config, kernel, figures, stamps, host, stamped = run_row(dtype_name, B, H,
-                                                                     args.steps, label)
-            row.update(figures, kernel=kernel, host_us=host, host_stamped_us=stamped)
+            config, ran, figures, stamps, host, stamped = run_row(kernel, dtype_name, B, H,
+                                                                  args.steps, label)
+            row.update(figures, ran=ran, host_us=host, host_stamped_us=stamped)
             if label == "layer":
                 row["config"] = f"layer: {config}"
-            raw[f"{dtype_name} B={B} H={H} {row['config']}"] = stamps
+            raw[f"{kernel} {dtype_name} B={B} H={H} {row['config']}"] = stamps
         except Exception as exc:   # recorded, never timed
-            row["kernel"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            row["ran"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         rows.append(row)
-        print("  ".join(f"{k}={row.get(k)}" for k in FIELDS[:17]), flush=True)
+        print("  ".join(f"{k}={row.get(k)}" for k in FIELDS[:18]), flush=True)
         write_csv(out / "step_timeline.csv", FIELDS, rows)
         torch.save(raw, out / "step_timeline.pt")
     print(f"wrote {out / 'step_timeline.csv'}")

@@ -179,19 +179,21 @@ def expected_barrier(args) -> str:
     return "cluster" if label.endswith("-cl") else ("none" if "-df" in label else "counter")
 
 
-def test_sm90_forwards_read_the_clock_at_each_event_of_a_step_when_asked():
-    """kernels/timeline.py: with stamps a forward reads the global clock as a step begins and
-    after its h is stored, and where it waits on the data (the registers kernel's polls, the
-    exchange's wait) when h_{t-1} is in; without spilling where it did not before (the tl
-    tiles, the registers kernel, the ring)."""
-    rows = compile_report(["--kernels", "forward", "registers", "--shapes", "8x256", "--dtypes",
-                           "fp16", "--stamps"])
-    rows += compile_report(["--kernels", "forward", "--shapes", "8x256", "--dtypes", "fp16",
-                            "--stamps", "--config", "bb16-bh16-res-bk64-sk1-w4-cl-ds"])
+def test_sm90_kernels_read_the_clock_at_each_event_of_a_step_when_asked():
+    """kernels/timeline.py: with stamps a recurrence reads the global clock as a step begins
+    and after its part is stored, and where it waits on the data (the registers kernels'
+    polls, the exchange's wait) when that wait ends; without spilling where it did not before
+    (the tl tiles, the registers kernels, the ring)."""
+    rows = compile_report(["--kernels", "forward", "backward", "registers", "registers-backward",
+                           "--shapes", "8x256", "--dtypes", "fp16", "--stamps"])
+    rows += compile_report(["--shapes", "8x256", "--dtypes", "fp16", "--stamps", "--config",
+                            "bb16-bh16-res-bk64-sk1-w4-cl-ds"])
     rows += compile_report(["--kernels", "ring", "--shapes", "128x1024", "--dtypes", "bf16",
                             "--stamps"])
     assert [(row["kernel"], row["barrier"]) for row in rows] == [
-        ("forward", "counter"), ("registers", "none"), ("forward", "dsmem"), ("ring", "counter")]
+        ("forward", "counter"), ("backward", "counter"), ("registers", "none"),
+        ("registers-backward", "none"), ("forward", "dsmem"), ("backward", "dsmem"),
+        ("ring", "counter")]
     for row in rows:
         where = {k: row[k] for k in ("kernel", "barrier", "regs", "spill", "triton")}
         assert row["ptxas_ok"] and row["spill"] == 0, where

@@ -809,43 +809,59 @@ def test_registers_forward_replays_from_a_cuda_graph_like_eager():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("label", ["bb16-bh8-res-bk64-sk1-w4", "bb16-bh8-res-bk64-sk1-w4-df",
-                                   REGISTERS, "bb64-bh16-str-bk64-sk4-w8-st5-rn"])
-def test_a_forward_recording_its_timeline_computes_the_same_and_stamps_every_step(label):
-    """kernels/timeline.py: stamps change nothing the forward computes, and every program
-    records every step in order: it begins, has h_{t-1} (where it waits on the data, after
-    at least one poll), stores h_t, then begins the next step."""
+@pytest.mark.parametrize("kernel, label", [
+    ("forward", "bb16-bh8-res-bk64-sk1-w4"), ("forward", "bb16-bh8-res-bk64-sk1-w4-df"),
+    ("forward", REGISTERS), ("forward", "bb64-bh16-str-bk64-sk4-w8-st5-rn"),
+    ("backward", "bb16-bh8-res-bk64-sk1-w4"), ("backward", "bb32-bh32-str-bk64-sk4-w8-st3-gs"),
+    ("backward", REGISTERS)])
+def test_a_kernel_recording_its_timeline_computes_the_same_and_stamps_every_step(kernel, label):
+    """kernels/timeline.py: stamps change nothing a kernel computes, and every program records
+    every step (the backward: stage) in order: it begins, has what it waits for (where it
+    waits on the data, after at least one poll), stores its part, then begins the next."""
     from triton_lstm.kernels import timeline
+    from triton_lstm.kernels.backward import lstm_backward
     from triton_lstm.tuning import config_from_label
     config = config_from_label(label)
     T, B, H = 12, 8, 256
     gx = torch.randn(T, B, 4 * H, device="cuda", dtype=torch.float16)
     w_hh = (torch.randn(1, 4 * H, H, device="cuda") / H ** 0.5).half()
     h0, c0 = torch.randn(2, 1, B, H, device="cuda", dtype=torch.float16)
-    plain = lstm_forward(gx, w_hh, h0, c0, None, save=True, config=config)
+    if kernel == "forward":
+        def run(stamps=None):
+            return lstm_forward(gx, w_hh, h0, c0, None, save=True, config=config, stamps=stamps)
+    else:
+        _, _, _, gates, c_all, *_ = lstm_forward(gx, w_hh, h0, c0, None, save=True)
+        dy = torch.randn(T, B, H, device="cuda", dtype=torch.float16)
+
+        def run(stamps=None):
+            return lstm_backward(dy, None, None, gates, c_all, c0, None, w_hh, config=config,
+                                 stamps=stamps)
+    plain = run()
     stamps = timeline.stamps_buffer(T, "cuda")
-    # the Gluon kernels' own tiles: 4 units and 8 rows (registers), BLOCK_H and 64 (ring)
-    kind, block_b, block_h = (("registers", 8, 4) if config.registers else
+    # the Gluon kernels' own tiles: registers forward 8 rows x 4 units, backward 8 x 16; ring
+    # 64 x BLOCK_H
+    kind, block_b, block_h = (("registers", 8, 4 if kernel == "forward" else 16)
+                              if config.registers else
                               ("ring", 64, config.block_h) if config.ring else
                               ("persistent", config.block_b, config.block_h))
     before = launch_counts[kind]
-    stamped = lstm_forward(gx, w_hh, h0, c0, None, save=True, config=config, stamps=stamps)
+    stamped = run(stamps)
     assert launch_counts[kind] == before + 1
-    for a, b in zip(plain[:5], stamped[:5]):
-        assert torch.equal(a, b)
+    for a, b in zip(plain, stamped):
+        assert (a is None and b is None) or torch.equal(a, b)
     programs = -(-H // block_h) * -(-B // block_b)
     stamps = stamps.cpu()
     assert (stamps[:, programs:] == 0).all()
     s = stamps[:, :programs]
-    begins, h_in, stored = (s[..., e] for e in (timeline.STEP_BEGINS, timeline.H_IN,
-                                                timeline.H_STORED))
+    begins, arrived, stored = (s[..., e] for e in (timeline.STEP_BEGINS, timeline.WAIT_ENDS,
+                                                   timeline.STORED))
     assert (begins > 0).all() and (stored >= begins).all()
     assert (begins[1:] >= stored[:-1]).all()
     if config.registers:
-        assert (h_in >= begins).all() and (stored >= h_in).all()
+        assert (arrived >= begins).all() and (stored >= arrived).all()
         assert (s[..., timeline.POLLS] >= 1).all()
     else:
-        assert (h_in == 0).all()
+        assert (arrived == 0).all()
 
 
 # The forward with its weights in shared memory and h in a ring of copies

@@ -424,19 +424,20 @@ def test_train_breakdown_groups_a_calls_kernels_per_step(tmp_path):
 
 
 
-def _timeline(steps, programs, with_h_in=True, start=1_764_000_000_000_000_000):
+def _timeline(steps, programs, with_wait=True, start=1_764_000_000_000_000_000):
     """Stamps of a made-up launch: step t begins at start + 2000 t ns, program p 100 p ns
-    later; h is in 300 ns after the step begins and stored 500 ns after that; two polls."""
+    later; its wait ends 300 ns after the step begins and it stores 500 ns after that; two
+    polls."""
     from triton_lstm.kernels import timeline
     stamps = torch.zeros(steps, timeline.MAX_PROGRAMS, timeline.EVENTS, dtype=torch.int64)
     t = torch.arange(steps)[:, None]
     p = torch.arange(programs)[None, :]
     begins = start + 2000 * t + 100 * p
     stamps[:, :programs, timeline.STEP_BEGINS] = begins
-    if with_h_in:
-        stamps[:, :programs, timeline.H_IN] = begins + 300
+    if with_wait:
+        stamps[:, :programs, timeline.WAIT_ENDS] = begins + 300
         stamps[:, :programs, timeline.POLLS] = 2
-    stamps[:, :programs, timeline.H_STORED] = begins + 800
+    stamps[:, :programs, timeline.STORED] = begins + 800
     return stamps
 
 
@@ -447,8 +448,8 @@ def test_step_timeline_takes_a_step_apart_from_the_kernels_stamps():
     # the last store of a step: its begin + 200 (program 2) + 800
     assert got["period_us"] == pytest.approx(2.0)
     assert got["busy_us"] == pytest.approx(0.8)
-    assert got["h_wait_us"] == pytest.approx(0.3)
-    assert got["after_h_us"] == pytest.approx(0.5)
+    assert got["wait_us"] == pytest.approx(0.3)
+    assert got["after_wait_us"] == pytest.approx(0.5)
     assert got["release_us"] == pytest.approx(1.0)      # next begin (+2000) - last store (+1000)
     assert got["handoff_us"] == pytest.approx(1.4)      # program 1's h in (+2400) - (+1000)
     assert got["skew_us"] == pytest.approx(0.2)
@@ -457,11 +458,11 @@ def test_step_timeline_takes_a_step_apart_from_the_kernels_stamps():
 
 
 def test_step_timeline_leaves_out_what_a_kernel_does_not_record():
-    # A kernel at a barrier records no h_in and no polls; programs that never ran, nothing.
+    # A kernel at a barrier records no end of a wait and no polls; programs that never ran, nothing.
     import step_timeline
-    got = step_timeline.summarize(_timeline(6, 2, with_h_in=False))
+    got = step_timeline.summarize(_timeline(6, 2, with_wait=False))
     assert got["programs"] == 2
-    assert got["h_wait_us"] is None and got["after_h_us"] is None
+    assert got["wait_us"] is None and got["after_wait_us"] is None
     assert got["handoff_us"] is None and got["polls"] is None
     assert got["busy_us"] == pytest.approx(0.8) and got["release_us"] == pytest.approx(1.1)
     assert step_timeline.summarize(_timeline(2, 2)) == dict(programs=2)
@@ -471,6 +472,7 @@ def test_step_timeline_rows_name_configs_and_knobs_that_exist():
     import step_timeline
     from triton_lstm.kernels import forward_registers
     labels = [label for *_, labels in step_timeline.ROWS for label in labels if label != "layer"]
+    assert {row[1] for row in step_timeline.ROWS} == {"forward", "backward"}
     for label in labels:
         config, settings = step_timeline.variant(label)
         assert step_timeline.config_label(config) == label.split("@")[0]
@@ -497,9 +499,9 @@ def test_step_timeline_row_runs_the_labelled_forward_and_keeps_its_stamps(monkey
     monkeypatch.setattr(step_timeline, "lstm_forward", forward)
     monkeypatch.setattr(step_timeline, "bench_ms", lambda fn: (fn() or 2e-3, 0.0, 0.0))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    label, kernel, figures, raw, host, stamped = step_timeline.run_row(
-        "fp16", 8, 16, 6, "bb16-bh8-res-bk64-sk1-w4-rg@backoff=100", device="cpu")
-    assert label == "bb16-bh8-res-bk64-sk1-w4-rg" and kernel == "registers"
+    label, ran, figures, raw, host, stamped = step_timeline.run_row(
+        "forward", "fp16", 8, 16, 6, "bb16-bh8-res-bk64-sk1-w4-rg@backoff=100", device="cpu")
+    assert label == "bb16-bh8-res-bk64-sk1-w4-rg" and ran == "registers"
     assert [c[1] for c in calls] == [False, True, False, True]
     assert all(c[0].registers and c[2] == (6, 8, 64) for c in calls)
     assert figures["period_us"] == pytest.approx(2.0) and figures["polls"] == 2

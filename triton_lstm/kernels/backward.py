@@ -48,6 +48,7 @@ import triton.language as tl
 
 from ..dispatch import (bias_sums_in_kernel, dot_precision, gate_split_applies,
                         launch_recurrence, padded, pick_config, state_dtype)
+from . import timeline
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
 from .dsmem import arm, cluster_sync, exchange_setup, exchange_slot, receive, send_to, wait_phase
 from .forward import (_tanh, chunked_dot, dot_operands, gate_rows, load_restarts, own_block,
@@ -175,6 +176,7 @@ def lstm_backward_kernel(
     dc_restart,  # [D, B, H]    fp32, zeroed by the caller; out: grad of the restart c
     bias_sums,   # [T, NB, D, 4H] fp32 when BIAS_SUMS, out: each stage's dG summed over the
                  #              rows of each batch block
+    stamps,    # [T, MAX_PROGRAMS, EVENTS] int64 out when STAMPS: stages 0 .. T - 1's timeline
     counters,  # [groups]       int32 barrier counters, one per (direction, batch block)
     T, B, q_begin, q_end, batch_start, leader_inc,
     H: tl.constexpr, HP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
@@ -185,7 +187,7 @@ def lstm_backward_kernel(
     HAS_RESTARTS: tl.constexpr, RESTART_FROM_STATE: tl.constexpr, INNER_STAGES: tl.constexpr,
     PREFETCH_AFTER_ARRIVE: tl.constexpr, CHUNKED: tl.constexpr, DATAFLOW: tl.constexpr,
     CLUSTER: tl.constexpr,
-    GATE_SPLIT: tl.constexpr, DSMEM: tl.constexpr, BIAS_SUMS: tl.constexpr,
+    GATE_SPLIT: tl.constexpr, DSMEM: tl.constexpr, BIAS_SUMS: tl.constexpr, STAMPS: tl.constexpr,
 ):
     # Stage s = 0 .. T walks the forward's steps backwards (step = T - 1 - s). Its dh
     # phase gives dh of own output units; its cell phase (s < T) gives dG of own hidden
@@ -319,6 +321,9 @@ def lstm_backward_kernel(
             cell_phase = cell_phase & (q % 2 == 1)
         else:
             gemm_phase: tl.constexpr = False
+        if STAMPS:
+            if (q % PHASES == 0) & (s < T):      # a stage's first phase
+                timeline.step_begins(stamps, s)
         if gemm_phase:
             # Shares of dG_{t+1} @ W_hh: gate k's H columns of dG against W_hh's rows of
             # gate k, for the item's output units; the owners add them next phase.
@@ -362,6 +367,9 @@ def lstm_backward_kernel(
                     # The group's shares of own units: exchange s; then the slot's next.
                     share_slot, share_mbar, share_parity = exchange_slot(exchange, SLOT, s)
                     wait_phase(share_mbar, share_parity)
+                    if STAMPS:
+                        if s < T:
+                            timeline.wait_ends(stamps, s)
                     b_dot = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC)
                     for k in tl.static_range(NUM_H_BLOCKS):
                         b_dot += receive(share_slot + k * PIECE + p_own).to(tl.float32,
@@ -410,6 +418,8 @@ def lstm_backward_kernel(
                                                                     b_ct, b_cp, m_run, DATAFLOW)
                 store_gates(dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :], b_dgi, b_dgf,
                             b_dgg, b_dgo, H, m_bu)
+                if STAMPS:
+                    timeline.stored(stamps, s)
                 if BIAS_SUMS:
                     # The four gates' rows summed at once (one exchange between warps).
                     block = (s * tl.cdiv(B, BLOCK_B) + batch_start // BLOCK_B + i_b).to(tl.int64)
@@ -460,7 +470,7 @@ def lstm_backward_kernel(
 
 def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *, config=None,
                   force_stepped: bool = False, restarts=None, c_restart=None,
-                  reverse: bool = True, bias_grad: bool = False):
+                  reverse: bool = True, bias_grad: bool = False, stamps=None):
     """Run the reverse recurrence of one layer (all its directions).
 
     Args:
@@ -472,6 +482,8 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
         restarts, c_restart, reverse: as given to ``lstm_forward``.
         bias_grad: the bias gradient is wanted; the kernel sums dG for it as it goes where
             ``dispatch.bias_sums_in_kernel`` says so.
+        stamps: None, or a timeline.stamps_buffer of T steps that the kernel records its
+            stages 0 .. T - 1 in (a GPU's clock: not under the interpreter).
     Returns:
         dgates [T, B, D*4H] (w_hh's dtype; zeros past each row's length), dh0 [D, B, R],
         dc0 [D, B, H] in the state dtype, with a projection dh_all [D, T, B, R] (the
@@ -487,6 +499,7 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
     device, dtype = w_hh.device, w_hh.dtype
     acc = state_dtype(dtype)
     proj = w_hr is not None
+    timeline.check_stamps("lstm_backward", stamps, T)
     config = config or pick_config(B, H, dtype, device, "backward", D, proj=proj)
     if config.gate_split and not gate_split_applies(config, proj):
         config = dataclasses.replace(config, gate_split=False)
@@ -497,7 +510,7 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
         if backward_registers.runs_here(H, dtype, device, proj=proj, restarts=restarts is not None,
                                         force_stepped=force_stepped):
             outputs = backward_registers.lstm_backward_registers(
-                dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, reverse=reverse)
+                dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, reverse=reverse, stamps=stamps)
             if outputs is not None:
                 return outputs + (None, None, None, None)
         config = dataclasses.replace(config, registers=False)
@@ -526,13 +539,14 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
             restarts if has_restarts else dc_state,
             c_restart if c_restart is not None else dc_state,
             dh_restart if has_restarts else dc_state, dc_restart if has_restarts else dc_state,
-            bias_sums if kernel_sums else dc_state, T, B)
+            bias_sums if kernel_sums else dc_state, stamps if stamps is not None else dc_state,
+            T, B)
     constexprs = dict(H=H, HP=padded(H), R=R, RP=padded(R), D=D, PROJ=proj,
                       HAS_DY=dy is not None, HAS_DHN=dh_n is not None, HAS_H0=c0 is not None,
                       HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(dtype, device),
                       REVERSE=reverse, HAS_RESTARTS=has_restarts,
                       RESTART_FROM_STATE=c_restart is not None, GATE_SPLIT=config.gate_split,
-                      DSMEM=False, BIAS_SUMS=kernel_sums)
+                      DSMEM=False, BIAS_SUMS=kernel_sums, STAMPS=stamps is not None)
     # Phases: T + 1 stages, two each with a projection or a gate split (the last stage of a
     # projection has no cell phase).
     num_steps = 2 * (T + 1) if config.gate_split else T * (2 if proj else 1) + 1

@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from ..dispatch import (KernelConfig, cdiv, dot_precision, padded, registers_backward_fits,
                         registers_forward_fits)
-from . import forward_registers
+from . import forward_registers, timeline
 from .backward import cell_gradients, load_saved
 from .barrier import either, fill_unwritten, interpreting
 from .forward import rounded_to, step_rows, store_gates
@@ -106,12 +106,13 @@ def lstm_backward_registers_kernel(
     w_hh,      # [D, 4H, H]     input dtype
     dgates,    # [T, B, D, 4H]  out: dG_t, input dtype, filled with all-ones bits by the caller
     dh0,       # [D, B, H]      out: grad of h0, input dtype
+    stamps,    # [T, MAX_PROGRAMS, EVENTS] int64 out when STAMPS: stages 0 .. T - 1's timeline
     T, B,
     H: gl.constexpr, HP: gl.constexpr, D: gl.constexpr, UNITS: gl.constexpr,
     BLOCK_B: gl.constexpr, CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr,
     DOT_PRECISION: gl.constexpr, HAS_DY: gl.constexpr, HAS_DHN: gl.constexpr, HAS_H0: gl.constexpr,
     HAS_LENGTHS: gl.constexpr, REVERSE: gl.constexpr, POLL_BACKOFF_NS: gl.constexpr,
-    SPLITS: gl.constexpr,
+    SPLITS: gl.constexpr, STAMPS: gl.constexpr,
 ):
     # The batched MMA: [part, unit, k] x [part, k, row], a part a warp. Part p is piece
     # p % SPLITS of gate p // SPLITS's reduction.
@@ -197,6 +198,10 @@ def lstm_backward_registers_kernel(
     # Stage s walks the forward's steps backwards (step = T - 1 - s); stage T gives dh0.
     for s in range(T + 1):
         step = T - 1 - s
+        if STAMPS:
+            if s < T:
+                timeline.step_begins(stamps, s)
+            polls = 1
         # dh of own units: dG_{t+1} of every unit (all programs wrote it) times W_hh's columns
         # of own units. At s = 0 no row runs at step T: nothing is read and nothing waited for.
         t_next_k, m_rows = step_rows(step + 1, length_k, m_nk, reverse)
@@ -210,6 +215,12 @@ def lstm_backward_registers_kernel(
             tiles = _load_dg(p_rows, m_rows, o_part, o_k, H, KC, CHUNKS, SPLITS)
             pending = _any_unwritten(tiles, flags, poll, CHUNKS, FLAGS)
             poll += 1
+            if STAMPS:
+                polls += 1
+        if STAMPS:
+            if s < T:
+                timeline.wait_ends(stamps, s)
+                timeline.polls(stamps, s, polls)
         acc = mma_v2(w_tiles[0], tiles[0], acc0, input_precision=DOT_PRECISION)
         for chunk in gl.static_range(1, CHUNKS):   # an accumulator per chunk: parallel chains
             acc += mma_v2(w_tiles[chunk], tiles[chunk], acc0, input_precision=DOT_PRECISION)
@@ -231,6 +242,8 @@ def lstm_backward_registers_kernel(
                                                                 b_ct, b_cp, m_run, True)
             store_gates(dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :], b_dgi, b_dgf,
                         b_dgg, b_dgo, H, m_bu)
+            if STAMPS:
+                timeline.stored(stamps, s)
             b_dc = gl.where(m_run, b_dc_t * b_f, b_dc)      # stopped rows carry dc_n through
             # The next step's saved values and dy, in flight while this program waits for dG.
             b_i, b_f, b_g, b_o, b_ct, b_cp, no_restart = load_saved(
@@ -263,12 +276,13 @@ def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, pro
             and not (proj or restarts or force_stepped))
 
 
-def lstm_backward_registers(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse: bool):
+def lstm_backward_registers(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse: bool,
+                            stamps=None):
     """lstm_backward (backward.py) of a layer this kernel runs (``runs_here``), persistently:
     (dgates, dh0, dc0), or None, with nothing launched, where its programs cannot all be
-    resident at once."""
+    resident at once. ``stamps``: a timeline.stamps_buffer to record the stages in."""
     outputs, args, grid, constexprs = launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths,
-                                                       w_hh, reverse=reverse)
+                                                       w_hh, reverse=reverse, stamps=stamps)
     # a warp a part of the batched MMA: four gates of SPLITS parts
     tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=4 * constexprs["SPLITS"])
     if not forward_registers.launch_resident(lstm_backward_registers_kernel, args, grid,
@@ -278,7 +292,7 @@ def lstm_backward_registers(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, 
 
 
 def launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse: bool,
-                     splits=None):
+                     splits=None, stamps=None):
     """The outputs a launch writes (dgates filled with the unwritten mark), the kernel's
     arguments, its grid and its compile-time constants (``splits``: as kernel_constants)."""
     D, T, B, G = gates.shape
@@ -292,26 +306,28 @@ def launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse
         dc_state = dc_n.to(torch.float32, copy=True).contiguous()
     args = (dgates if dy is None else dy.contiguous(), dh0 if dh_n is None else dh_n.contiguous(),
             dc_state, gates, c_all, dh0 if c0 is None else c0,
-            lengths if lengths is not None else dc_state, w_hh, dgates, dh0, T, B)
+            lengths if lengths is not None else dc_state, w_hh, dgates, dh0,
+            stamps if stamps is not None else dc_state, T, B)
     grid = (cdiv(B, ROWS) * cdiv(H, UNITS), D)
     constexprs = kernel_constants(H, D, dtype, dot_precision(dtype, device), has_dy=dy is not None,
                                   has_dhn=dh_n is not None, has_h0=c0 is not None,
                                   has_lengths=lengths is not None, reverse=reverse,
-                                  splits=splits)
+                                  splits=splits, stamps=stamps is not None)
     return (dgates, dh0, dc_state), args, grid, constexprs
 
 
 def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, precision: str, *,
                      has_dy: bool, has_dhn: bool, has_h0: bool, has_lengths: bool,
-                     reverse: bool, splits=None) -> dict:
+                     reverse: bool, splits=None, stamps: bool = False) -> dict:
     """The kernel's compile-time constants for a layer (``precision``: its dots' input
     precision, dispatch.dot_precision); the width of its operand loads and its pause between
     polls are the forward's knobs (forward_registers.H_LOAD_BYTES, POLL_BACKOFF_NS).
-    ``splits``: warps a gate, None for what the layer's size needs (``splits_of``)."""
+    ``splits``: warps a gate, None for what the layer's size needs (``splits_of``);
+    ``stamps``: record each stage's timeline."""
     splits = splits or splits_of(hidden_size, dtype)
     share = padded(hidden_size) // splits       # a warp's share of the reduction
     return dict(H=hidden_size, HP=padded(hidden_size), D=directions, UNITS=UNITS, BLOCK_B=ROWS,
                 CHUNKS=chunks(share, dtype), K_WIDTH=operand_width(share, dtype), SPLITS=splits,
                 DOT_PRECISION=precision, HAS_DY=has_dy, HAS_DHN=has_dhn, HAS_H0=has_h0,
                 HAS_LENGTHS=has_lengths, REVERSE=reverse,
-                POLL_BACKOFF_NS=forward_registers.POLL_BACKOFF_NS)
+                POLL_BACKOFF_NS=forward_registers.POLL_BACKOFF_NS, STAMPS=stamps)

@@ -50,8 +50,8 @@ import triton.language as tl
 
 from ..dispatch import (cdiv, dot_precision, launch_recurrence, padded, pick_config,
                         state_dtype)
-from .barrier import (INTERPRETED, barrier_arrive, barrier_wait, fill_unwritten, interpreting,
-                      load_written, published)
+from .barrier import (INTERPRETED, barrier_arrive, barrier_wait, fill_unwritten, load_written,
+                      published)
 from .dsmem import arm, cluster_sync, exchange_setup, exchange_slot, receive, send, wait_phase
 from . import timeline
 
@@ -517,7 +517,7 @@ def lstm_forward_kernel(
                     h_slot, h_mbar, h_parity = exchange_slot(exchange, SLOT, t)
                     wait_phase(h_mbar, h_parity)
                     if STAMPS:
-                        timeline.h_in(stamps, t)
+                        timeline.wait_ends(stamps, t)
                     b_acc = pushed_dot(h_slot, m_rows, o_j, b_w, R, HB, SPLIT_K, DOT_PRECISION,
                                        ACC)
                     if t + 2 < q_end:
@@ -554,7 +554,7 @@ def lstm_forward_kernel(
             else:
                 tl.store(y + (t_row * B + o_b)[:, None] * YS + o_u[None, :], b_h, mask=m_bu)
                 if STAMPS:
-                    timeline.h_stored(stamps, t)
+                    timeline.stored(stamps, t)
                 tl.store(h_n + p_bu, b_h, mask=m_bu & (t == length - 1)[:, None])
             if SAVE:
                 save_step(gates, c_all, t_row, B, o_b, o_u, H, b_i, b_f, b_g, b_o, b_c, m_run,
@@ -588,7 +588,7 @@ def lstm_forward_kernel(
             m_br = m_b[:, None] & m_r[None, :]
             tl.store(y + (t_row * B + o_b)[:, None] * YS + o_r[None, :], b_y, mask=m_br)
             if STAMPS:
-                timeline.h_stored(stamps, t)
+                timeline.stored(stamps, t)
             tl.store(h_n + o_b[:, None] * R + o_r[None, :], b_y,
                      mask=m_br & (t == length - 1)[:, None])
             if CKPT_EVERY > 0:
@@ -649,10 +649,7 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
     device, dtype = gx.device, gx.dtype
     if step_chunks is not None and D != 1:
         raise ValueError(f"lstm_forward: step_chunks needs one direction, got {D}")
-    if stamps is not None and (interpreting() or tuple(stamps.shape[:1]) != (T,)):
-        raise ValueError(f"lstm_forward: stamps must be a timeline.stamps_buffer of {T} steps "
-                         f"on a GPU, got {tuple(stamps.shape)} on {stamps.device}"
-                         + (" under the interpreter" if interpreting() else ""))
+    timeline.check_stamps("lstm_forward", stamps, T)
     config = config or pick_config(B, H, dtype, device, "forward", D, proj=w_hr is not None)
     if config.dsmem and (w_hr is not None or dtype == torch.float64 or step_chunks is not None):
         # It pushes one h, 32 bits an element, and only from step 0 (its mbarriers' phases).

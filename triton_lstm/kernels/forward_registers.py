@@ -246,7 +246,7 @@ def lstm_forward_registers_kernel(
             if STAMPS:
                 polls += 1
         if STAMPS:
-            timeline.h_in(stamps, t)
+            timeline.wait_ends(stamps, t)
             timeline.polls(stamps, t, polls)
         acc = mma_v2(w_tiles[0], tiles[0], acc0, input_precision=DOT_PRECISION)
         for chunk in gl.static_range(1, CHUNKS):   # an accumulator per chunk: parallel chains
@@ -267,7 +267,7 @@ def lstm_forward_registers_kernel(
         p_y = y + (t_row * B + o_n)[None, :] * YS + o_u[:, None]
         gl.store(p_y, b_h, mask=first & m_cell)
         if STAMPS:
-            timeline.h_stored(stamps, t)
+            timeline.stored(stamps, t)
         gl.store(h_n + p_cell, b_h, mask=first & m_cell & (t == length - 1)[None, :])
         if SAVE:
             p_save = (t_row * B + o_n)[None, :] * (4 * H) + o_u[:, None]

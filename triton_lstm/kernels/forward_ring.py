@@ -200,7 +200,7 @@ def lstm_forward_ring_kernel(
         b_h = rounded_to(gl.where(m_run, b_o * _tanh(c), 0.0), y.dtype.element_ty)
         gl.store(y + (t_row * B + o_b)[:, None] * YS + o_u[None, :], b_h, mask=m_bu)
         if STAMPS:
-            timeline.h_stored(stamps, t)
+            timeline.stored(stamps, t)
         gl.store(h_n + p_bu, b_h, mask=m_bu & (t == length - 1)[:, None])
         if SAVE:
             save_step(gates, c_all, t_row, B, o_b, o_u, H, b_i, b_f, b_g, b_o, c, m_run, m_bu)
