@@ -21,6 +21,7 @@ took. Per row, in µs (medians over the steps between the first and the last):
     handoff     from the last program's store of step t to a (median) program having all
                 of it: the store's way to the other SMs and the poll or wait that sees it
     skew        from the first program's store of a step to the last's
+    last_sms    the SMs of the programs most often last to store, with their share of steps
     polls       rounds a step's wait took (the registers kernels' polls)
 
 and the host's µs/step of the same call with and without the recording. Writes
@@ -46,8 +47,8 @@ from variants import DTYPES, knobs_set, problem, variant, write_csv  # noqa: E40
 from triton_lstm.dispatch import launch_counts, pick_config  # noqa: E402
 from triton_lstm.kernels.backward import lstm_backward  # noqa: E402
 from triton_lstm.kernels.forward import lstm_forward  # noqa: E402
-from triton_lstm.kernels.timeline import (POLLS, STEP_BEGINS, STORED, WAIT_ENDS,  # noqa: E402
-                                          stamps_buffer)
+from triton_lstm.kernels.timeline import (POLLS, SM, STEP_BEGINS, STORED,  # noqa: E402
+                                          WAIT_ENDS, stamps_buffer)
 from triton_lstm.tuning import config_label  # noqa: E402
 
 # (group, kernel, dtype, B, H, configs): the safe ones first; the cluster's exchange last,
@@ -75,8 +76,8 @@ ROWS = [
     ("small", "backward", "fp16", 8, 256, ["bb16-bh16-res-bk64-sk1-w4-cl-ds"]),
 ]
 FIELDS = ["group", "kernel", "dtype", "B", "H", "T", "config", "ran", "programs", "period_us",
-          "busy_us", "wait_us", "after_wait_us", "release_us", "handoff_us", "skew_us", "polls",
-          "timer_ns", "host_us", "host_stamped_us", "gpu", "torch", "triton"]
+          "busy_us", "wait_us", "after_wait_us", "release_us", "handoff_us", "skew_us",
+          "last_sms", "polls", "timer_ns", "host_us", "host_stamped_us", "gpu", "torch", "triton"]
 
 
 def summarize(stamps: torch.Tensor) -> dict:
@@ -98,6 +99,11 @@ def summarize(stamps: torch.Tensor) -> dict:
     release = begins[2:].min(dim=1).values - last_stored[1:-1]
     handoff = arrived[2:].nanmedian(dim=1).values - last_stored[1:-1]
     skew = last_stored[1:-1] - stored[1:-1].min(dim=1).values
+    # Which programs store last, by their SM: a place that is slow every step shows here.
+    last = torch.bincount(stored[1:-1].argmax(dim=1), minlength=programs)
+    sms = stamps[0, ran, SM]
+    last_sms = ", ".join(f"sm {int(sms[p])} {100 * int(last[p]) // (steps - 2)}%"
+                         for p in last.argsort(descending=True)[:3] if last[p] > 0)
     # The clock's resolution: the smallest step between two stamps of one program.
     times = s.permute(1, 0, 2).reshape(programs, -1)
     gaps = times.sort(dim=1).values.diff(dim=1)
@@ -105,7 +111,7 @@ def summarize(stamps: torch.Tensor) -> dict:
     return dict(
         programs=programs, period_us=_us(period), busy_us=_us((stored - begins)[1:-1]),
         wait_us=_us((arrived - begins)[1:-1]), after_wait_us=_us((stored - arrived)[1:-1]),
-        release_us=_us(release), handoff_us=_us(handoff), skew_us=_us(skew),
+        release_us=_us(release), handoff_us=_us(handoff), skew_us=_us(skew), last_sms=last_sms,
         polls=float(polls[polls > 0].median()) if (polls > 0).any() else None,
         timer_ns=float(gaps.min()) if gaps.numel() else None)
 
@@ -170,7 +176,8 @@ def run_row(kernel: str, dtype_name: str, B: int, H: int, T: int, label: str, de
         recorded = stamps.cpu()
         host = bench_ms(call)[0] * 1e3 / T
         host_stamped = bench_ms(lambda: call(stamps))[0] * 1e3 / T
-    # ns from the launch's first stamp (int32), polls as they are, programs that ran
+    # The programs that ran: their times in ns from the first stamp (int32), polls and SMs as
+    # they are.
     programs = recorded[0, :, STEP_BEGINS] != 0
     raw = recorded[:, programs]
     if programs.any():

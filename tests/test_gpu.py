@@ -817,7 +817,8 @@ def test_registers_forward_replays_from_a_cuda_graph_like_eager():
 def test_a_kernel_recording_its_timeline_computes_the_same_and_stamps_every_step(kernel, label):
     """kernels/timeline.py: stamps change nothing a kernel computes, and every program records
     every step (the backward: stage) in order: it begins, has what it waits for (where it
-    waits on the data, after at least one poll), stores its part, then begins the next."""
+    waits on the data, after at least one poll), stores its part, then begins the next; on
+    one SM throughout."""
     from triton_lstm.kernels import timeline
     from triton_lstm.kernels.backward import lstm_backward
     from triton_lstm.tuning import config_from_label
@@ -857,6 +858,8 @@ def test_a_kernel_recording_its_timeline_computes_the_same_and_stamps_every_step
                                                    timeline.STORED))
     assert (begins > 0).all() and (stored >= begins).all()
     assert (begins[1:] >= stored[:-1]).all()
+    sm = s[..., timeline.SM]
+    assert (sm == sm[0]).all() and (sm >= 0).all()     # a program stays on its SM
     if config.registers:
         assert (arrived >= begins).all() and (stored >= arrived).all()
         assert (s[..., timeline.POLLS] >= 1).all()

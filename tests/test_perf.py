@@ -438,6 +438,7 @@ def _timeline(steps, programs, with_wait=True, start=1_764_000_000_000_000_000):
         stamps[:, :programs, timeline.WAIT_ENDS] = begins + 300
         stamps[:, :programs, timeline.POLLS] = 2
     stamps[:, :programs, timeline.STORED] = begins + 800
+    stamps[:, :programs, timeline.SM] = 2 * p + 1
     return stamps
 
 
@@ -453,6 +454,7 @@ def test_step_timeline_takes_a_step_apart_from_the_kernels_stamps():
     assert got["release_us"] == pytest.approx(1.0)      # next begin (+2000) - last store (+1000)
     assert got["handoff_us"] == pytest.approx(1.4)      # program 1's h in (+2400) - (+1000)
     assert got["skew_us"] == pytest.approx(0.2)
+    assert got["last_sms"] == "sm 5 100%"               # program 2 stores last every step
     assert got["polls"] == 2
     assert got["timer_ns"] == 300                       # a program's closest stamps
 
@@ -507,9 +509,9 @@ def test_step_timeline_row_runs_the_labelled_forward_and_keeps_its_stamps(monkey
     assert figures["period_us"] == pytest.approx(2.0) and figures["polls"] == 2
     assert host == stamped == pytest.approx(2e-3 * 1e3 / 6)
     # ns from the first stamp, per program that ran; the polls as counted
-    assert raw.dtype == torch.int32 and raw.shape == (6, 3, 4)
+    assert raw.dtype == torch.int32 and raw.shape == (6, 3, 5)
     assert raw[0, 0, 0] == 0 and raw[1, 2, 2] == 2000 + 200 + 800
-    assert (raw[..., 3] == 2).all()
+    assert (raw[..., 3] == 2).all() and raw[0, :, 4].tolist() == [1, 3, 5]
 
 
 def test_step_timeline_stamps_need_a_gpu():

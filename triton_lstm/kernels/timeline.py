@@ -16,7 +16,8 @@ event has no place in a kernel:
                  dots: no stamp);
     STORED       the step's own part for the others has been stored (h_t; dG_t), issued: its
                  way to the other SMs follows;
-    POLLS        rounds of polling the wait took (a count, not a time).
+    POLLS        rounds of polling the wait took (a count, not a time);
+    SM           the SM the program runs on (%smid, recorded as the step begins).
 
 The stamps are thread 0's (a program's warps may run apart between barriers). A warp issues
 in order, and every stamp comes after an instruction that needs the data the event is about
@@ -29,13 +30,13 @@ import triton.language as tl
 
 from .barrier import interpreting
 
-STEP_BEGINS, WAIT_ENDS, STORED, POLLS = range(4)   # the events: a stamp's last index
-EVENTS = 4
+STEP_BEGINS, WAIT_ENDS, STORED, POLLS, SM = range(5)   # the events: a stamp's last index
+EVENTS = 5
 # Programs a launch may record (the stamps of higher ones are dropped): more than the
 # small-batch and persistent grids of a layer have.
 MAX_PROGRAMS = 1024
 # The same as the kernels see them.
-_STEP_BEGINS, _WAIT_ENDS, _STORED, _POLLS = (tl.constexpr(event) for event in range(EVENTS))
+_STEP_BEGINS, _WAIT_ENDS, _STORED, _POLLS, _SM = (tl.constexpr(e) for e in range(EVENTS))
 _EVENTS = tl.constexpr(EVENTS)
 _MAX_PROGRAMS = tl.constexpr(MAX_PROGRAMS)
 
@@ -78,6 +79,8 @@ def _record(stamps, step, event: tl.constexpr, value):
 @triton.jit
 def step_begins(stamps, step):
     _record(stamps, step, _STEP_BEGINS, now())
+    _record(stamps, step, _SM, tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [],
+                                                         dtype=tl.int32, is_pure=True, pack=1))
 
 
 @triton.jit
