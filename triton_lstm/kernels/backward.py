@@ -52,8 +52,8 @@ from . import timeline
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, load_written, published
 from .dsmem import arm, cluster_sync, exchange_setup, exchange_slot, receive, send_to, wait_phase
 from .forward import (_tanh, chunked_dot, dot_operands, gate_rows, load_restarts, own_block,
-                      reduction_index, resident_chunks, rounded_to, split_dot, step_rows,
-                      store_gates, streamed_dot)
+                      program_block, reduction_index, resident_chunks, rounded_to, split_dot,
+                      step_rows, store_gates, streamed_dot)
 
 
 @triton.jit
@@ -200,17 +200,7 @@ def lstm_backward_kernel(
     ACC: tl.constexpr = dc_state.dtype.element_ty   # fp32 (fp64 for fp64 inputs)
     YS: tl.constexpr = D * R                        # row stride of dy
     GS: tl.constexpr = D * 4 * H                    # row stride of dgates
-    i_p = tl.program_id(0)
-    i_d = tl.program_id(1)
-    i_h = i_p % NUM_H_BLOCKS
-    i_b = i_p // NUM_H_BLOCKS
-    counter = counters + i_d * (tl.num_programs(0) // NUM_H_BLOCKS) + i_b
-    if D == 1:
-        reverse = False
-    elif REVERSE:
-        reverse = i_d == 1
-    else:
-        reverse = False     # inputs already in processing order (recompute segments)
+    i_h, i_b, i_d, counter, reverse = program_block(counters, NUM_H_BLOCKS, D, REVERSE)
     # Per-direction bases (64-bit: T * B * 4H can pass 2**31).
     i_d64 = tl.cast(i_d, tl.int64)
     dy += i_d64 * R

@@ -259,6 +259,22 @@ def step_rows(step, length, m_b, reverse):
 
 
 @triton.jit
+def program_block(counters, NUM_H_BLOCKS: tl.constexpr, D: tl.constexpr, REVERSE: tl.constexpr):
+    """This program's hidden block, batch block and direction (grid axis 0 is hidden blocks x
+    batch blocks, axis 1 the directions), its barrier group's counter (one per direction and
+    batch block), and whether it walks time in reverse: direction 1 of two, unless the inputs
+    are already in processing order (recompute segments)."""
+    i_p = tl.program_id(0)
+    i_d = tl.program_id(1)
+    counter = counters + i_d * (tl.num_programs(0) // NUM_H_BLOCKS) + i_p // NUM_H_BLOCKS
+    if D == 2 and REVERSE:
+        reverse = i_d == 1
+    else:
+        reverse = False
+    return i_p % NUM_H_BLOCKS, i_p // NUM_H_BLOCKS, i_d, counter, reverse
+
+
+@triton.jit
 def own_block(batch_start, i_b, i_h, B, T, lengths, H: tl.constexpr, BLOCK_B: tl.constexpr,
               BLOCK_H: tl.constexpr, HAS_LENGTHS: tl.constexpr):
     """A program's batch rows o_b and hidden units o_u, their masks, its [rows, units] offsets
@@ -391,17 +407,7 @@ def lstm_forward_kernel(
     ACC: tl.constexpr = c_state.dtype.element_ty    # fp32 (fp64 for fp64 inputs)
     YS: tl.constexpr = D * R                        # row stride of y
     GS: tl.constexpr = D * 4 * H                    # row stride of gx
-    i_p = tl.program_id(0)
-    i_d = tl.program_id(1)
-    i_h = i_p % NUM_H_BLOCKS
-    i_b = i_p // NUM_H_BLOCKS
-    counter = counters + i_d * (tl.num_programs(0) // NUM_H_BLOCKS) + i_b
-    if D == 1:
-        reverse = False
-    elif REVERSE:
-        reverse = i_d == 1
-    else:
-        reverse = False     # inputs already in processing order (recompute segments)
+    i_h, i_b, i_d, counter, reverse = program_block(counters, NUM_H_BLOCKS, D, REVERSE)
     # Per-direction bases (64-bit: T * B * 4H can pass 2**31).
     i_d64 = tl.cast(i_d, tl.int64)
     gx += i_d64 * 4 * H
