@@ -21,6 +21,9 @@ took. Per row, in µs (medians over the steps between the first and the last):
     handoff     from the last program's store of step t to a (median) program having all
                 of it: the store's way to the other SMs and the poll or wait that sees it
     skew        from the first program's store of a step to the last's
+    crit_*      the step's critical program (the last to store): when it began (start) and
+                had its input (in) after the step before ended, and its busy time; step by
+                step, period = crit_start + crit_busy
     last_sms    the SMs of the programs most often last to store, with their share of steps
     polls       rounds a step's wait took (the registers kernels' polls)
 
@@ -77,7 +80,7 @@ ROWS = [
 ]
 FIELDS = ["group", "kernel", "dtype", "B", "H", "T", "config", "ran", "programs", "period_us",
           "busy_us", "wait_us", "after_wait_us", "release_us", "handoff_us", "skew_us",
-          "last_sms", "polls", "timer_ns", "host_us", "host_stamped_us", "gpu", "torch", "triton"]
+          "crit_start_us", "crit_in_us", "crit_busy_us", "last_sms", "polls", "timer_ns", "host_us", "host_stamped_us", "gpu", "torch", "triton"]
 
 
 def summarize(stamps: torch.Tensor) -> dict:
@@ -99,8 +102,15 @@ def summarize(stamps: torch.Tensor) -> dict:
     release = begins[2:].min(dim=1).values - last_stored[1:-1]
     handoff = arrived[2:].nanmedian(dim=1).values - last_stored[1:-1]
     skew = last_stored[1:-1] - stored[1:-1].min(dim=1).values
+    # The step's critical program, the last to store: when it began and had its input after
+    # the step before ended (period = crit_start + crit_busy, step by step).
+    crit = stored[1:-1].argmax(dim=1, keepdim=True)
+    before = last_stored[:-2, None]
+    crit_start = begins[1:-1].gather(1, crit) - before
+    crit_in = arrived[1:-1].gather(1, crit) - before
+    crit_busy = (stored - begins)[1:-1].gather(1, crit)
     # Which programs store last, by their SM: a place that is slow every step shows here.
-    last = torch.bincount(stored[1:-1].argmax(dim=1), minlength=programs)
+    last = torch.bincount(crit.flatten(), minlength=programs)
     sms = stamps[0, ran, SM]
     last_sms = ", ".join(f"sm {int(sms[p])} {100 * int(last[p]) // (steps - 2)}%"
                          for p in last.argsort(descending=True)[:3] if last[p] > 0)
@@ -111,7 +121,9 @@ def summarize(stamps: torch.Tensor) -> dict:
     return dict(
         programs=programs, period_us=_us(period), busy_us=_us((stored - begins)[1:-1]),
         wait_us=_us((arrived - begins)[1:-1]), after_wait_us=_us((stored - arrived)[1:-1]),
-        release_us=_us(release), handoff_us=_us(handoff), skew_us=_us(skew), last_sms=last_sms,
+        release_us=_us(release), handoff_us=_us(handoff), skew_us=_us(skew),
+        crit_start_us=_us(crit_start), crit_in_us=_us(crit_in), crit_busy_us=_us(crit_busy),
+        last_sms=last_sms,
         polls=float(polls[polls > 0].median()) if (polls > 0).any() else None,
         timer_ns=float(gaps.min()) if gaps.numel() else None)
 
@@ -222,7 +234,7 @@ def main() -> int:
         except Exception as exc:   # recorded, never timed
             row["ran"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         rows.append(row)
-        print("  ".join(f"{k}={row.get(k)}" for k in FIELDS[:18]), flush=True)
+        print("  ".join(f"{k}={row.get(k)}" for k in FIELDS[:21]), flush=True)
         write_csv(out / "step_timeline.csv", FIELDS, rows)
         torch.save(raw, out / "step_timeline.pt")
     print(f"wrote {out / 'step_timeline.csv'}")

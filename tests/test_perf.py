@@ -454,6 +454,10 @@ def test_step_timeline_takes_a_step_apart_from_the_kernels_stamps():
     assert got["release_us"] == pytest.approx(1.0)      # next begin (+2000) - last store (+1000)
     assert got["handoff_us"] == pytest.approx(1.4)      # program 1's h in (+2400) - (+1000)
     assert got["skew_us"] == pytest.approx(0.2)
+    # the critical program (2) begins 2000 + 200 - 1000 after the last store, waits 300
+    assert got["crit_start_us"] == pytest.approx(1.2) and got["crit_in_us"] == pytest.approx(1.5)
+    assert got["crit_busy_us"] == pytest.approx(0.8)
+    assert got["crit_start_us"] + got["crit_busy_us"] == pytest.approx(got["period_us"])
     assert got["last_sms"] == "sm 5 100%"               # program 2 stores last every step
     assert got["polls"] == 2
     assert got["timer_ns"] == 300                       # a program's closest stamps
@@ -465,7 +469,7 @@ def test_step_timeline_leaves_out_what_a_kernel_does_not_record():
     got = step_timeline.summarize(_timeline(6, 2, with_wait=False))
     assert got["programs"] == 2
     assert got["wait_us"] is None and got["after_wait_us"] is None
-    assert got["handoff_us"] is None and got["polls"] is None
+    assert got["handoff_us"] is None and got["polls"] is None and got["crit_in_us"] is None
     assert got["busy_us"] == pytest.approx(0.8) and got["release_us"] == pytest.approx(1.1)
     assert step_timeline.summarize(_timeline(2, 2)) == dict(programs=2)
 
