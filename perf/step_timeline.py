@@ -29,10 +29,12 @@ took. Per row, in µs (medians over the steps between the first and the last):
 
 and the host's µs/step of the same call with and without the recording. Writes
 step_timeline.csv and the raw stamps (step_timeline.pt: ns from the first, per row) to $OUT
-(or --out). A row's config is a label (tuning.config_label, with variants.py's "@knob=value"
+(or --out), and with matplotlib a picture of a few steps of every row (step_timeline.png;
+`--plot FILE.pt` draws it again from saved stamps, on any machine). A row's config is a label (tuning.config_label, with variants.py's "@knob=value"
 for the registers kernels), or "layer" for the config the layer picks on this GPU.
 
     python3 perf/step_timeline.py [--steps 256] [--only small|large] [--out DIR]
+    python3 perf/step_timeline.py --plot DIR/step_timeline.pt [--out DIR]
 """
 from __future__ import annotations
 
@@ -200,6 +202,37 @@ def run_row(kernel: str, dtype_name: str, B: int, H: int, T: int, label: str, de
         host_stamped
 
 
+def plot_steps(raw: dict, path: pathlib.Path, first: int = 100, count: int = 6) -> None:
+    """A panel a row: `count` steps from `first` (from the middle of a shorter run) of every
+    program (one line each), the wait (light) and the work after it (dark) from the step's
+    begin to its store, a tick at each store; time in µs from the first step's begin."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(raw), 1, figsize=(11, 2.2 * len(raw)), squeeze=False)
+    for ax, (name, stamps) in zip(axes[:, 0], raw.items()):
+        start = min(first, stamps.shape[0] // 2)
+        steps = stamps[start:start + count].double()
+        origin = steps[0, :, STEP_BEGINS].min()
+        for p in range(steps.shape[1]):
+            for begin, arrived, stored in steps[:, p, [STEP_BEGINS, WAIT_ENDS, STORED]].tolist():
+                middle = arrived if arrived >= 0 else begin
+                ax.plot([(begin - origin) * 1e-3, (middle - origin) * 1e-3], [p, p],
+                        color="#9ecae1", linewidth=1.5)
+                ax.plot([(middle - origin) * 1e-3, (stored - origin) * 1e-3], [p, p],
+                        color="#08519c", linewidth=1.5)
+                ax.plot([(stored - origin) * 1e-3], [p], marker="|", color="black",
+                        markersize=4)
+        ax.set_title(name, fontsize="small")
+        ax.set_ylabel("program")
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[-1, 0].set_xlabel("µs from the first step's first begin")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=256)
@@ -207,12 +240,19 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or "perf/results")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes that compile the kernels ahead (1: none)")
+    parser.add_argument("--plot", metavar="FILE.pt",
+                        help="only draw step_timeline.png from stamps saved by a run")
     args = parser.parse_args()
+    out = pathlib.Path(args.out)
+    if args.plot:
+        out.mkdir(parents=True, exist_ok=True)
+        plot_steps(torch.load(args.plot), out / "step_timeline.png")
+        print(f"wrote {out / 'step_timeline.png'}")
+        return 0
     if not torch.cuda.is_available():
         sys.exit("step_timeline: no CUDA GPU found")
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                triton=__import__("triton").__version__)
-    out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, raw = [], {}
     jobs = [(group, kernel, dtype_name, B, H, label)
@@ -238,6 +278,10 @@ def main() -> int:
         write_csv(out / "step_timeline.csv", FIELDS, rows)
         torch.save(raw, out / "step_timeline.pt")
     print(f"wrote {out / 'step_timeline.csv'}")
+    try:
+        plot_steps(raw, out / "step_timeline.png")
+    except ImportError:
+        print("matplotlib not installed: no picture")
     return 0
 
 

@@ -518,6 +518,25 @@ def test_step_timeline_row_runs_the_labelled_forward_and_keeps_its_stamps(monkey
     assert (raw[..., 3] == 2).all() and raw[0, :, 4].tolist() == [1, 3, 5]
 
 
+def test_step_timeline_draws_saved_stamps_without_a_gpu(tmp_path):
+    pytest.importorskip("matplotlib")
+    # Raw stamps as a run saves them (ns from the first, int32; -1 where nothing was recorded).
+    stamps = _timeline(8, 3)
+    raw = (stamps - stamps[0, 0, 0]).to(torch.int32)[:, :3]
+    raw[..., 3:] = stamps[:, :3, 3:].to(torch.int32)
+    barrier = raw.clone()
+    barrier[..., 1] = -1                                 # a kernel at a barrier
+    torch.save({"forward fp16 B=8 H=16 a": raw, "backward fp16 B=8 H=16 b": barrier},
+               tmp_path / "step_timeline.pt")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "perf/step_timeline.py", "--plot",
+                             str(tmp_path / "step_timeline.pt"), "--out", str(tmp_path)],
+                            cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    png = tmp_path / "step_timeline.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
 def test_step_timeline_stamps_need_a_gpu():
     from triton_lstm.kernels import timeline
     from triton_lstm.kernels.forward import lstm_forward
