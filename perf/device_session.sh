@@ -55,7 +55,7 @@
 #   COMMIT=<hash> bash perf/device_session.sh 14  where a step's time goes, forward and
 #                                                  backward, from the kernels' own clock: its
 #                                                  GPU tests, then perf/step_timeline.py
-#                                                  (2.5 min)
+#                                                  (3 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -233,7 +233,7 @@ case "${1:-}" in
     # timeline from the kernels' own clock"): the stamps' GPU tests, then the timeline of
     # the small-batch variants and the table's large-batch tiles, forward and backward (the
     # exchange's rows last).
-    gpu_tests 40 "timeline"
+    gpu_tests 60 "timeline"
     timeout 110 python3 perf/step_timeline.py --out "$OUT/timeline" 2>&1 | tee "$OUT/timeline.log"
     ;;
 *)
