@@ -50,10 +50,10 @@ import triton.language as tl
 
 from ..dispatch import (cdiv, dot_precision, launch_recurrence, padded, pick_config,
                         state_dtype)
+from . import timeline
 from .barrier import (INTERPRETED, barrier_arrive, barrier_wait, fill_unwritten, load_written,
                       published)
 from .dsmem import arm, cluster_sync, exchange_setup, exchange_slot, receive, send, wait_phase
-from . import timeline
 
 # Two bf16 faults of the Triton interpreter, worked around there and only there (compiled
 # for a GPU, the kernels are unchanged): it multiplies the raw bit patterns of bf16 operands

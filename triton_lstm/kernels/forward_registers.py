@@ -38,9 +38,9 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from ..dispatch import (KernelConfig, cdiv, co_resident_programs, dot_precision, interpreting,
                         launch_counts, launch_options, padded, registers_forward_fits)
+from . import timeline
 from .barrier import canonical, either, fill_unwritten, marks
 from .forward import _tanh, step_rows
-from . import timeline
 
 UNITS = 4                 # hidden units per program (16 weight rows: one m16 MMA tile)
 ROWS = 8                  # batch rows per program (one n8 MMA tile: 16 would spill at H = 256)
