@@ -259,6 +259,19 @@ def step_rows(step, length, m_b, reverse):
 
 
 @triton.jit
+def cell_update(z_i, z_f, z_g, z_o, c, m_run):
+    """One step of the LSTM cell from the four gates' pre-activations (x W_ih^T + h W_hh^T +
+    biases): the activated gates i, f, g, o, the new c and h = o tanh(c). Where m_run is
+    false (a row past its length) c keeps its value and h is 0."""
+    b_i = tl.sigmoid(z_i)
+    b_f = tl.sigmoid(z_f)
+    b_g = _tanh(z_g)
+    b_o = tl.sigmoid(z_o)
+    c = tl.where(m_run, b_f * c + b_i * b_g, c)          # stopped rows keep their state
+    return b_i, b_f, b_g, b_o, c, tl.where(m_run, b_o * _tanh(c), 0.0)
+
+
+@triton.jit
 def program_block(counters, NUM_H_BLOCKS: tl.constexpr, D: tl.constexpr, REVERSE: tl.constexpr):
     """This program's hidden block, batch block and direction (grid axis 0 is hidden blocks x
     batch blocks, axis 1 the directions), its barrier group's counter (one per direction and
@@ -539,14 +552,10 @@ def lstm_forward_kernel(
             b_ai, b_ag = tl.split(b_even)
             b_af, b_ao = tl.split(b_odd)
 
-            b_i = tl.sigmoid(b_ai + b_gxi)
-            b_f = tl.sigmoid(b_af + b_gxf)
-            b_g = _tanh(b_ag + b_gxg)
-            b_o = tl.sigmoid(b_ao + b_gxo)
             m_run = running[:, None] & m_u[None, :]
-            b_c = tl.where(m_run, b_f * b_c + b_i * b_g, b_c)      # stopped rows keep their state
-            b_h = published(tl.where(m_run, b_o * _tanh(b_c), 0.0), DATAFLOW)
-            b_h = rounded_to(b_h, y.dtype.element_ty)
+            b_i, b_f, b_g, b_o, b_c, b_h = cell_update(b_ai + b_gxi, b_af + b_gxf, b_ag + b_gxg,
+                                                       b_ao + b_gxo, b_c, m_run)
+            b_h = rounded_to(published(b_h, DATAFLOW), y.dtype.element_ty)
             if PERSISTENT and DSMEM:
                 if q < q_end - 1:
                     h_slot, h_mbar, h_parity = exchange_slot(exchange, SLOT, t + 1)

@@ -31,7 +31,6 @@ this one for sm_90 and check what it compiles to (test_codegen.py), and run its 
 the `tl` interpreter with the layouts stripped (test_kernels.py); the GPU tests run it.
 """
 import torch
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -40,7 +39,7 @@ from ..dispatch import (KernelConfig, cdiv, co_resident_programs, dot_precision,
                         launch_counts, launch_options, padded, registers_forward_fits)
 from . import timeline
 from .barrier import canonical, either, fill_unwritten, marks
-from .forward import _tanh, step_rows
+from .forward import cell_update, step_rows
 
 UNITS = 4                 # hidden units per program (16 weight rows: one m16 MMA tile)
 ROWS = 8                  # batch rows per program (one n8 MMA tile: 16 would spill at H = 256)
@@ -255,13 +254,12 @@ def lstm_forward_registers_kernel(
         x_lo, x_hi = _rows_apart(acc, GATES)
         y_lo = _partner(x_lo)
         y_hi = _partner(x_hi)
-        b_i = tl.sigmoid(gl.where(first, x_lo, y_lo) + gx_i.to(gl.float32))
-        b_f = tl.sigmoid(gl.where(first, x_hi, y_hi) + gx_f.to(gl.float32))
-        b_g = _tanh(gl.where(first, y_lo, x_lo) + gx_g.to(gl.float32))
-        b_o = tl.sigmoid(gl.where(first, y_hi, x_hi) + gx_o.to(gl.float32))
         m_run = running[None, :] & m_u
-        c = gl.where(m_run, b_f * c + b_i * b_g, c)          # stopped rows keep their state
-        b_h = gl.where(m_run, b_o * _tanh(c), 0.0)
+        b_i, b_f, b_g, b_o, c, b_h = cell_update(
+            gl.where(first, x_lo, y_lo) + gx_i.to(gl.float32),
+            gl.where(first, x_hi, y_hi) + gx_f.to(gl.float32),
+            gl.where(first, y_lo, x_lo) + gx_g.to(gl.float32),
+            gl.where(first, y_hi, x_hi) + gx_o.to(gl.float32), c, m_run)
         b_h = canonical(b_h).to(y.dtype.element_ty)
 
         p_y = y + (t_row * B + o_n)[None, :] * YS + o_u[:, None]

@@ -26,7 +26,6 @@ interpreter: the CPU tests compile it for sm_90 (test_codegen.py) and run its co
 `tl` interpreter with the layouts stripped (test_kernels.py); the GPU tests run it.
 """
 import torch
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -37,7 +36,7 @@ from ..dispatch import (RING_BLOCK_K, RING_ROWS, KernelConfig, barrier_counters,
                         interpreting, leader_increment, padded, ring_forward_fits)
 from . import timeline
 from .barrier import barrier_arrive, barrier_wait
-from .forward import _load_gx, _tanh, rounded_to, save_step, step_rows
+from .forward import _load_gx, cell_update, rounded_to, save_step, step_rows
 from .forward_registers import (_direction_parts, _lengths, _program_block, _warps_barrier,
                                 launch_resident)
 
@@ -191,13 +190,10 @@ def lstm_forward_ring_kernel(
         acc = _recurrent_product(ring, w_chunks, p_rows, m_rows, o_k, H, N, NUM_CHUNKS, STAGES,
                                  BLOCK_K, ACC_LAYOUT)
         a_i, a_f, a_g, a_o = _gates_apart(scratch, acc, BLOCK_H, GATE_LAYOUT)
-        b_i = tl.sigmoid(a_i + gx_i)
-        b_f = tl.sigmoid(a_f + gx_f)
-        b_g = _tanh(a_g + gx_g)
-        b_o = tl.sigmoid(a_o + gx_o)
         m_run = running[:, None] & m_u[None, :]
-        c = gl.where(m_run, b_f * c + b_i * b_g, c)          # stopped rows keep their state
-        b_h = rounded_to(gl.where(m_run, b_o * _tanh(c), 0.0), y.dtype.element_ty)
+        b_i, b_f, b_g, b_o, c, b_h = cell_update(a_i + gx_i, a_f + gx_f, a_g + gx_g, a_o + gx_o, c,
+                                                 m_run)
+        b_h = rounded_to(b_h, y.dtype.element_ty)
         gl.store(y + (t_row * B + o_b)[:, None] * YS + o_u[None, :], b_h, mask=m_bu)
         if STAMPS:
             timeline.stored(stamps, t)

@@ -52,7 +52,7 @@ from ..dispatch import (ON_CHIP_BUDGET, KernelConfig, dot_precision, heuristic_c
 from .backward import (cell_gradients, gate_rows_dot_resident, gate_rows_dot_streamed,
                        load_saved)
 from .barrier import barrier_arrive, barrier_wait, fill_unwritten, published
-from .forward import (_load_gx, _tanh, gate_rows, own_block, reduction_index, rounded_to,
+from .forward import (_load_gx, cell_update, gate_rows, own_block, reduction_index, rounded_to,
                       save_step, split_dot, step_rows, store_gates, streamed_dot)
 
 
@@ -177,14 +177,11 @@ def lstm_wavefront_kernel(
         b_even, b_odd = tl.split(tl.reshape(b_acc, [BLOCK_B, BLOCK_H, 2, 2]))
         b_ai, b_ag = tl.split(b_even)
         b_af, b_ao = tl.split(b_odd)
-        b_i = tl.sigmoid(b_ai + b_gxi + b_bi)
-        b_f = tl.sigmoid(b_af + b_gxf + b_bf)
-        b_g = _tanh(b_ag + b_gxg + b_bg)
-        b_o = tl.sigmoid(b_ao + b_gxo + b_bo)
         m_run = running[:, None] & m_u[None, :]
-        b_c = tl.where(m_run, b_f * b_c + b_i * b_g, b_c)      # stopped rows keep their state
-        b_h = published(tl.where(m_run, b_o * _tanh(b_c), 0.0), DATAFLOW)
-        b_h = rounded_to(b_h, h_all.dtype.element_ty)
+        b_i, b_f, b_g, b_o, b_c, b_h = cell_update(b_ai + b_gxi + b_bi, b_af + b_gxf + b_bf,
+                                                   b_ag + b_gxg + b_bg, b_ao + b_gxo + b_bo, b_c,
+                                                   m_run)
+        b_h = rounded_to(published(b_h, DATAFLOW), h_all.dtype.element_ty)
 
         t_b = tl.full([BLOCK_B], t, tl.int32)
         m_step = m_bu & ((t_b >= 0) & (t_b < T))[:, None]   # an idle layer writes nothing
