@@ -224,23 +224,36 @@ def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name
 
 
 def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0, state=True,
-                     stamps=False):
+                     stamps=False, exchange=False):
     """The small-batch forward with its weights in registers (kernels/forward_registers.py),
     with the saved gates, and h0 and lengths where ``state``, recording its timeline where
-    ``stamps``; its tile is its own (one warp, 4 units, 8 rows)."""
+    ``stamps``; its tile is its own (one warp, 4 units, 8 rows), or with ``exchange`` the
+    programs of several warps that push h through their cluster (``exchange_shape``)."""
     from triton_lstm.kernels import forward_registers as fr   # Gluon, imported where asked for
     tname, dtype = DTYPES[dtype_name]
     types = dict(gx=tname, w_hh=tname, h0=tname, c0=tname, lengths="i32", y=tname, h_n=tname,
                  c_state="fp32", gates="fp32", c_all="fp32", stamps="i64")
+    warps = fr.exchange_shape(hidden)[0] if exchange else 1
     constexprs = dict(fr.kernel_constants(hidden, directions, dtype,
                                           "tf32" if dtype == torch.float32 else "ieee",
                                           has_h0=state, has_lengths=state, save=True,
-                                          reverse=True, stamps=stamps),
+                                          reverse=True, stamps=stamps, warps=warps,
+                                          exchange=exchange),
                       POLL_BACKOFF_NS=poll_backoff_ns)
-    compiled = compile_one(fr.lstm_forward_registers_kernel, types, constexprs, 1)
-    return compiled_row(compiled, kernel="registers", dtype=dtype_name, B=batch, H=hidden,
-                        D=directions, proj=0, tile=f"{fr.ROWS}x{fr.UNITS}", resident=True,
-                        split_k=fr.chunks(hidden, dtype), warps=1)
+    compiled = compile_one(fr.lstm_forward_registers_kernel, types, constexprs, warps)
+    row = compiled_row(compiled, kernel="registers-exchange" if exchange else "registers",
+                       dtype=dtype_name, B=batch, H=hidden, D=directions, proj=0,
+                       tile=f"{fr.ROWS}x{fr.UNITS * warps}", resident=True,
+                       split_k=fr.chunks(hidden, dtype), warps=warps)
+    if exchange:   # st.async in the kernel, and as many as the launch asks for
+        ptx = compiled.asm["ptx"]
+        row.update(pushes=ptx.count("st.async"),
+                   launch_pushes=fr.exchange_pushes(fr.exchange_shape(hidden)[1], dtype),
+                   launch_parameters=list(compiled.packed_metadata),
+                   # bytes of each load of h from the exchange slot (16: vectorised)
+                   shared_load_bytes=sorted({int(vec or 1) * 4 for vec in re.findall(
+                       r"ld\.shared(?:\.v(\d))?\.b32", ptx)}))
+    return row
 
 
 def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0,
@@ -375,7 +388,8 @@ def main():
                                          "bb128-bh32-str-bk64-sk1-w16-st3 (tuning.config_label)")
     parser.add_argument("--kernels", nargs="+", default=["forward", "backward"],
                         choices=["forward", "backward", "wavefront", "wavefront-backward",
-                                 "registers", "registers-backward", "registers-operands",
+                                 "registers", "registers-exchange", "registers-backward",
+                                 "registers-operands",
                                  "ring"])
     parser.add_argument("--layers", type=int, default=2,
                         help="layers of the wavefront kernels (reported in column D)")
@@ -422,6 +436,9 @@ def reports(args, config):
                 elif kernel_name == "registers":
                     yield report_registers(dtype_name, batch, hidden, args.directions,
                                            args.poll_backoff, not args.no_state, args.stamps)
+                elif kernel_name == "registers-exchange":
+                    yield report_registers(dtype_name, batch, hidden, args.directions, 0,
+                                           not args.no_state, args.stamps, exchange=True)
                 elif kernel_name == "registers-operands":
                     yield report_registers_operands(dtype_name, hidden)
                 elif kernel_name == "ring":

@@ -79,6 +79,9 @@ ROWS = [
     ("small", "forward", "fp16", 8, 256, ["bb16-bh16-res-bk64-sk1-w4-cl-ds"]),
     ("small", "forward", "bf16", 8, 512, ["bb16-bh32-res-bk64-sk1-w4-cl-ds"]),
     ("small", "backward", "fp16", 8, 256, ["bb16-bh16-res-bk64-sk1-w4-cl-ds"]),
+    # The registers forward pushing h through its cluster (forward_registers.py, EXCHANGE).
+    ("small", "forward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
+    ("small", "forward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
 ]
 FIELDS = ["group", "kernel", "dtype", "B", "H", "T", "config", "ran", "programs", "period_us",
           "busy_us", "wait_us", "after_wait_us", "release_us", "handoff_us", "skew_us",
@@ -187,6 +190,8 @@ def run_row(kernel: str, dtype_name: str, B: int, H: int, T: int, label: str, de
         torch.cuda.synchronize()
         ran = next((kind for kind in ("registers", "ring")
                     if launch_counts[kind] > before.get(kind, 0)), "tl")
+        if ran == "registers" and launch_counts["clustered"] > before.get("clustered", 0):
+            ran = "registers-exchange"
         recorded = stamps.cpu()
         host = bench_ms(call)[0] * 1e3 / T
         host_stamped = bench_ms(lambda: call(stamps))[0] * 1e3 / T

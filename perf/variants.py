@@ -10,9 +10,11 @@ shares of dh) exchanged through distributed shared memory (dsmem) and the small-
 and backward with their weights in registers (registers; a row says "not run" where the
 config's tl tile ran instead; its rows can set the kernels' knobs after the label:
 "@backoff=NS" pauses between polls, "@load=4" loads h or dG 4 bytes at a time, the mma.sync
-fragments' own layout, "@splits=2" gives the backward two warps a gate; the group "split"
-has the backward's rows with two warps a gate). Each row
-runs one kernel
+fragments' own layout, "@splits=2" gives the backward two warps a gate, "@warps=8" the
+forward that pushes h programs of 8 warps; the group "split" has the backward's rows with
+two warps a gate, the group "pushed" the registers forward pushing h through its cluster,
+beside it reading h from L2; a row says "not run (h read from L2)" where no cluster
+launched). Each row runs one kernel
 (forward: lstm_forward with save as in training; backward: lstm_backward on that
 forward's saved values) at T steps, D = 1, I = H, and compares its outputs with the
 heuristic config's (a variant must compute the same function). Every config is first
@@ -20,7 +22,8 @@ compiled in parallel processes (--jobs; a 2-step run each), then the rows are ti
 by one. Writes variants.csv to $OUT (or --out) and prints a table: µs per step, median
 and the 20-80% spread.
 
-    python3 perf/variants.py [--steps 256] [--only cluster|registers|split|small|large]
+    python3 perf/variants.py [--steps 256]
+                             [--only cluster|registers|split|small|large|pushed]
                              [--out DIR]
 """
 from __future__ import annotations
@@ -161,6 +164,18 @@ EXPERIMENTS = [
                                              "bb128-bh32-str-bk32-sk4-w16-st3"]),
     ("large", "forward", "bf16", 512, 256, ["bb128-bh4-res-bk64-sk4-w8",
                                             "bb128-bh8-str-bk64-sk4-w8"]),
+    # The registers forward pushing h through its cluster (kernels/forward_registers.py,
+    # EXCHANGE) beside the same kernel reading h from L2, last (a push that never completes
+    # traps); "@warps=8" makes programs of 8 warps (clusters of 8 at H = 256).
+    ("pushed", "forward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df-rg",
+                                           "bb16-bh8-res-bk64-sk1-w4-df-ds-rg",
+                                           "bb16-bh8-res-bk64-sk1-w4-df-ds-rg@warps=8"]),
+    ("pushed", "forward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-df-rg",
+                                           "bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
+    ("pushed", "forward", "fp16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
+    ("pushed", "forward", "bf16", 1, 512, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
+    ("pushed", "forward", "fp16", 16, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
+    ("pushed", "forward", "fp32", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),   # tf32
 ]
 FIELDS = ["group", "kernel", "dtype", "B", "H", "T", "config", "heuristic", "median_us", "q20_us",
           "q80_us", "max_rel_diff", "status", "gpu", "torch", "triton"]
@@ -195,6 +210,7 @@ def runner(kernel, gx, w_hh, h0, c0, dy, config):
 # reads them too) and kernels/backward_registers.py's warps a gate.
 REGISTERS_KNOBS = {"backoff": ("forward_registers", "POLL_BACKOFF_NS"),
                    "load": ("forward_registers", "H_LOAD_BYTES"),
+                   "warps": ("forward_registers", "EXCHANGE_WARPS"),
                    "splits": ("backward_registers", "SPLITS")}
 
 
@@ -256,7 +272,8 @@ def max_rel_diff(got, want) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=256)
-    parser.add_argument("--only", choices=("cluster", "registers", "split", "small", "large"))
+    parser.add_argument("--only", choices=("cluster", "registers", "split", "small", "large",
+                                           "pushed"))
     parser.add_argument("--out", default=os.environ.get("OUT") or "perf/results")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes that compile the configs ahead (1: none)")
@@ -294,11 +311,15 @@ def main() -> int:
                 with knobs_set(settings):
                     run = runner(kernel, *inputs, config)
                     before = launch_counts["registers"]
+                    clustered = launch_counts["clustered"]
                     row["max_rel_diff"] = max_rel_diff(run(), want)
                     if not row["max_rel_diff"] <= bound:
                         row["status"] = "wrong"
                     elif config.registers and launch_counts["registers"] == before:
                         row["status"] = "not run (its tl tile ran)"
+                    elif (config.registers and config.dsmem
+                          and launch_counts["clustered"] == clustered):
+                        row["status"] = "not run (h read from L2)"
                     else:
                         ms = bench_ms(run, warmup_ms=25, rep_ms=100)
                         row.update(median_us=ms[0] * 1e3 / T, q20_us=ms[1] * 1e3 / T,

@@ -190,10 +190,12 @@ def test_sm90_kernels_read_the_clock_at_each_event_of_a_step_when_asked():
                             "bb16-bh16-res-bk64-sk1-w4-cl-ds"])
     rows += compile_report(["--kernels", "ring", "--shapes", "128x1024", "--dtypes", "bf16",
                             "--stamps"])
+    rows += compile_report(["--kernels", "registers-exchange", "--shapes", "8x256", "--dtypes",
+                            "bf16", "--stamps"])
     assert [(row["kernel"], row["barrier"]) for row in rows] == [
         ("forward", "counter"), ("backward", "counter"), ("registers", "none"),
         ("registers-backward", "none"), ("forward", "dsmem"), ("backward", "dsmem"),
-        ("ring", "counter")]
+        ("ring", "counter"), ("registers-exchange", "dsmem")]
     for row in rows:
         where = {k: row[k] for k in ("kernel", "barrier", "regs", "spill", "triton")}
         assert row["ptxas_ok"] and row["spill"] == 0, where
@@ -228,6 +230,34 @@ def test_sm90_registers_forward_keeps_its_steps_out_of_shared_memory():
         assert row["shared"] == 0 and row["bar_sync"] == 0, where | {"shared": row["shared"]}
         assert row["mma"] == "mma.sync" and row["barrier"] == "none", where
         assert row["state_load"] == VECTOR_BYTES, where | {"state_load": row["state_load"]}
+
+
+def test_sm90_registers_forward_pushing_h_reads_it_from_shared_memory_only():
+    """The registers forward with h pushed through its cluster (forward_registers.py,
+    EXCHANGE): programs of 1-8 warps; h read from the exchange slot straight into the MMA's
+    operand registers, up to 16 bytes a load (the operand's k_width), never from L2
+    (barrier "dsmem"); as many st.async as the launch counts on (a thread, one element of
+    its tile: none pushed twice); no barrier between warps, a line of shared memory of its
+    own (what declares the symbol the exchange's addresses start from); the launch
+    parameters dispatch.launch_in_clusters rewrites. No spill where the kernel reading h
+    from L2 has none or fewer."""
+    rows = compile_report(["--kernels", "registers-exchange", "--shapes", "8x256", "8x512",
+                           "3x64", "3x30", "--dtypes", "bf16", "fp16", "--directions", "2"])
+    rows += compile_report(["--kernels", "registers-exchange", "--shapes", "8x256", "3x30",
+                            "--dtypes", "fp32"])                      # tf32 MMAs
+    assert len(rows) == 10
+    for row in rows:
+        where = {k: row[k] for k in ("dtype", "H", "warps", "regs", "spill", "triton")}
+        item = 4 if row["dtype"] == "fp32" else 2
+        hp = triton.next_power_of_2(row["H"])
+        assert row["ptxas_ok"], where
+        assert row["warps"] == max(1, hp // 64), where
+        assert row["barrier"] == "dsmem" and row["mma"] == "mma.sync", where
+        assert row["pushes"] == row["launch_pushes"], where | {"pushes": row["pushes"]}
+        assert row["shared_load_bytes"] == [min(VECTOR_BYTES, hp // 8 * item)], where
+        assert row["shared"] == 128 and row["bar_sync"] == 0, where | {"shared": row["shared"]}
+        assert row["launch_parameters"] == [row["warps"], 1, row["shared"]], where
+        assert row["spill"] == 0 or (row["dtype"] == "fp32" and row["spill"] <= 16), where
 
 
 def test_sm90_ring_forward_keeps_its_weights_in_shared_memory():

@@ -159,6 +159,74 @@ def test_registers_kernels_run_only_what_they_support(kernel, change, runs, monk
     assert module.runs_here(hidden_size, dtype, device, **call) is runs
 
 
+@pytest.mark.parametrize("hidden, dtype, arch, fits, want", [
+    (256, torch.float16, 9, True, ("clusters", 4, 16)),     # 16 programs of 4 warps
+    (512, torch.bfloat16, 9, True, ("clusters", 8, 16)),
+    (30, torch.float32, 9, True, ("clusters", 1, 8)),       # 8 programs of one warp
+    (256, torch.float16, 9, False, ("L2", 1, None)),         # the cluster cannot be resident
+    (100, torch.float16, 9, True, ("L2", 1, None)),          # 13 programs: no such cluster
+    (256, torch.float16, 8, True, ("L2", 1, None)),          # no clusters before sm_90
+])
+def test_registers_forward_pushes_h_where_its_programs_make_a_cluster(hidden, dtype, arch, fits,
+                                                                      want, monkeypatch):
+    """kernels/forward_registers.py with ``exchange``: each batch block's programs (4 units
+    a warp, the fewest warps that make a cluster of at most 16) as one cluster, with the
+    exchange's shared memory and its count of st.async, and nothing polled (y not filled
+    with the mark); where the cluster is not one the launcher starts, cannot be resident, or
+    the GPU has none, the kernel of one-warp programs reading h from L2."""
+    from triton_lstm.kernels import forward_registers
+    launches = []
+
+    def in_clusters(kernel, grid, args, flags, cluster, extra_shared, pushes):
+        launches.append(("clusters", flags["num_warps"], cluster, grid, flags["WARPS"],
+                         flags["EXCHANGE"], extra_shared, pushes, args[5]))
+        return fits
+
+    def resident(kernel, args, grid, constexprs, tile, device):
+        launches.append(("L2", tile.num_warps, None, grid, constexprs["WARPS"],
+                         constexprs["EXCHANGE"], None, None, args[5]))
+        return True
+
+    monkeypatch.setattr(forward_registers, "launch_in_clusters", in_clusters)
+    monkeypatch.setattr(forward_registers, "launch_resident", resident)
+    monkeypatch.setattr(tuning, "device_arch", lambda device: (arch, 0, 132))
+    T, B = 3, 10
+    gx = torch.randn(T, B, 4 * hidden).to(dtype)
+    w_hh = torch.randn(1, 4 * hidden, hidden).to(dtype)
+    y = forward_registers.lstm_forward_registers(gx, w_hh, None, None, None, save=False,
+                                                 reverse=True, exchange=True)[0]
+    kind, warps, cluster = want
+    launched = launches[-1]
+    assert launched[:3] == want
+    units = 4 * warps
+    assert launched[3] == (2 * -(-hidden // units), 1) and launched[4] == warps
+    assert launched[5] == (kind == "clusters") and launched[8] is y
+    marked = (y.view(torch.int16 if dtype.itemsize == 2 else torch.int32) == -1).all()
+    if kind == "clusters":
+        row_bytes = triton.next_power_of_2(max(hidden, 16)) * dtype.itemsize + 64
+        assert launched[6] == 2 * 8 * row_bytes + 16
+        assert launched[7] == 2 * ((cluster + 1) // 2) * (1 if dtype.itemsize == 2 else 2)
+        assert len(launches) == 1
+    else:
+        assert marked, "the slots that programs poll are filled with the unwritten mark"
+    forward_registers.lstm_forward_registers(gx, w_hh, None, None, None, save=False,
+                                             reverse=True)       # without exchange: L2
+    assert launches[-1][0] == "L2" and launches[-1][4:6] == (1, False)
+
+
+def test_a_registers_config_with_dsmem_has_the_registers_forward_push_h(monkeypatch):
+    from triton_lstm.kernels import forward, forward_registers
+    asked = []
+    monkeypatch.setattr(forward_registers, "runs_here", lambda *a, **k: True)
+    monkeypatch.setattr(forward_registers, "lstm_forward_registers",
+                        lambda *a, exchange, **k: asked.append(exchange) or (None,) * 5)
+    gx, w_hh = torch.randn(2, 3, 64), torch.randn(1, 64, 16)
+    for dsmem in (False, True):
+        config = KernelConfig(block_b=16, block_h=8, dataflow=True, registers=True, dsmem=dsmem)
+        forward.lstm_forward(gx, w_hh, None, None, None, save=False, config=config)
+    assert asked == [False, True]
+
+
 def test_nearest_shape_batch_bucket_and_hidden():
     t = table(*(entry("bf16", B, H, fwd=(B, H)) for B in (8, 64, 512) for H in (256, 1024)))
 

@@ -729,6 +729,8 @@ def assert_replays_like_eager(run, static_input, count, outputs):
 # The forward and the backward with their weights in registers (kernels/forward_registers.py,
 # kernels/backward_registers.py); where they do not run, the config's tl tile does.
 REGISTERS = "bb16-bh8-res-bk64-sk1-w4-rg"
+# The registers forward pushing h through each batch block's cluster (EXCHANGE).
+PUSHED = "bb16-bh8-res-bk64-sk1-w4-df-ds-rg"
 
 
 @pytest.mark.timeout(120)     # a dataflow wait that never ends fails here instead of hanging
@@ -808,10 +810,81 @@ def test_registers_forward_replays_from_a_cuda_graph_like_eager():
         static_gx, "registers", 3)
 
 
+@pytest.mark.timeout(120)    # a push that never lands traps (dsmem.WAIT_LIMIT) before this
+@pytest.mark.parametrize("form, batch, hidden, dtype_name, warps", [
+    ("packed-bidir", 8, 256, "fp16", None),      # clusters of 16 programs of 4 warps
+    ("packed-bidir", 8, 512, "bf16", None),      # of 8 warps
+    ("state", 13, 256, "fp16", None),            # two batch blocks, the second of 5 rows
+    ("state", 3, 250, "bf16", None),             # the last program with 10 units of 16
+    ("plain", 1, 64, "bf16", None),              # programs of one warp
+    ("state", 3, 30, "fp16", None),              # clusters of 8, the last with 2 units
+    ("plain", 8, 256, "fp16", 8),                # clusters of 8 programs of 8 warps
+    ("packed-bidir", 8, 256, "fp32-tf32", None),
+    ("state", 5, 30, "fp32-tf32", None),
+])
+def test_registers_forward_with_pushed_h_computes_what_it_computes_reading_it(
+        form, batch, hidden, dtype_name, warps, monkeypatch):
+    """The registers forward with h pushed through each batch block's cluster (kernels/
+    forward_registers.py, EXCHANGE) against the same kernel reading h from L2: bitwise equal
+    outputs, saved gates and c (the same MMAs in the same order, the same h), with both
+    directions in one grid, packed lengths, an initial state, partial unit and batch blocks,
+    programs of one warp to eight."""
+    from triton_lstm.kernels import forward_registers
+    from triton_lstm.tuning import config_from_label
+    monkeypatch.setattr(forward_registers, "EXCHANGE_WARPS", warps)
+    pushing = config_from_label(PUSHED)
+    reading = dataclasses.replace(pushing, dsmem=False)
+    dtype = DTYPES[dtype_name][0]
+    T, D = 24, 2 if form == "packed-bidir" else 1
+    gx = torch.randn(T, batch, D * 4 * hidden, device="cuda", dtype=dtype)
+    w_hh = (torch.randn(D, 4 * hidden, hidden, device="cuda") / hidden ** 0.5).to(dtype)
+    h0 = c0 = lengths = None
+    if form == "state":
+        h0, c0 = torch.randn(2, D, batch, hidden, device="cuda", dtype=dtype)
+    if form == "packed-bidir":
+        lengths = torch.randint(1, T + 1, (batch,), device="cuda", dtype=torch.int32)
+    runs = []
+    with tf32(True):
+        for config in (reading, pushing):
+            before = dict(launch_counts)
+            runs.append(lstm_forward(gx, w_hh, h0, c0, lengths, save=True, config=config)[:5])
+            assert launch_counts["registers"] == before["registers"] + 1
+            assert launch_counts["clustered"] == before["clustered"] + config.dsmem
+    for k, (read, pushed) in enumerate(zip(*runs)):
+        assert torch.isfinite(read).all(), k
+        assert torch.equal(pushed, read), k
+
+
+@pytest.mark.timeout(120)
+def test_registers_forward_with_pushed_h_and_nan_and_inf_input_ends_as_reading_it():
+    """The push waits on bytes, never on values: NaN and inf in the input change nothing
+    about when a step ends, and the outputs equal those of the kernel reading h from L2."""
+    from triton_lstm.tuning import config_from_label
+    config = config_from_label(PUSHED)
+    _, _, runs = forwards_with_nan_and_inf((dataclasses.replace(config, dsmem=False), config),
+                                           "clustered", "dsmem")
+    for k, (read, pushed) in enumerate(zip(*runs)):
+        torch.testing.assert_close(pushed.nan_to_num(), read.nan_to_num(), rtol=0, atol=0,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.timeout(120)
+def test_registers_forward_with_pushed_h_replays_from_a_cuda_graph_like_eager():
+    """The clustered launch is captured: each replay equals an eager call on the same input."""
+    from triton_lstm.tuning import config_from_label
+    config = config_from_label(PUSHED)
+    T, B, H = 16, 8, 256
+    w_hh = (torch.randn(1, 4 * H, H, device="cuda") / H ** 0.5).half()
+    static_gx = torch.randn(T, B, 4 * H, device="cuda", dtype=torch.float16)
+    assert_replays_like_eager(
+        lambda: lstm_forward(static_gx, w_hh, None, None, None, save=False, config=config),
+        static_gx, "clustered", 3)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kernel, label", [
     ("forward", "bb16-bh8-res-bk64-sk1-w4"), ("forward", "bb16-bh8-res-bk64-sk1-w4-df"),
-    ("forward", REGISTERS), ("forward", "bb64-bh16-str-bk64-sk4-w8-st5-rn"),
+    ("forward", REGISTERS), ("forward", PUSHED), ("forward", "bb64-bh16-str-bk64-sk4-w8-st5-rn"),
     ("backward", "bb16-bh8-res-bk64-sk1-w4"), ("backward", "bb32-bh32-str-bk64-sk4-w8-st3-gs"),
     ("backward", REGISTERS)])
 def test_a_kernel_recording_its_timeline_computes_the_same_and_stamps_every_step(kernel, label):
@@ -841,7 +914,8 @@ def test_a_kernel_recording_its_timeline_computes_the_same_and_stamps_every_step
     stamps = timeline.stamps_buffer(T, "cuda")
     # the Gluon kernels' own tiles: registers forward 8 rows x 4 units, backward 8 x 16; ring
     # 64 x BLOCK_H
-    kind, block_b, block_h = (("registers", 8, 4 if kernel == "forward" else 16)
+    kind, block_b, block_h = (("registers", 8, 16 if kernel == "backward" or config.dsmem
+                               else 4)     # pushing h: programs of 4 warps at H = 256
                               if config.registers else
                               ("ring", 64, config.block_h) if config.ring else
                               ("persistent", config.block_b, config.block_h))

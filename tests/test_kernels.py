@@ -378,9 +378,10 @@ def interpreted_registers_kernel():
     is row g ^ 4)."""
     from triton_lstm.kernels import forward_registers as fr
 
-    def partner(x):      # row g ^ 4: the halves g < 4 and g >= 4 swapped
-        low, high = tl.split(tl.permute(tl.reshape(x, [2, 4, x.shape[1]]), [1, 2, 0]))
-        return tl.reshape(tl.permute(tl.join(high, low), [2, 0, 1]), [8, x.shape[1]])
+    def partner(x):      # row g ^ 4 of each warp's 8: the halves g < 4 and g >= 4 swapped
+        warps, n = x.shape[0] // 8, x.shape[1]
+        low, high = tl.split(tl.permute(tl.reshape(x, [warps, 2, 4, n]), [0, 2, 3, 1]))
+        return tl.reshape(tl.permute(tl.join(high, low), [0, 3, 1, 2]), [8 * warps, n])
 
     kernel, namespace = interpreted_gluon(
         fr, "lstm_forward_registers_kernel",
@@ -391,16 +392,20 @@ def interpreted_registers_kernel():
     return kernel
 
 
-@pytest.mark.parametrize("T, B, H, dtype", [
-    (6, 11, 4, torch.float32),     # steps: one unit block a group (programs run one by one)
-    (6, 11, 3, torch.float16),     # a unit block with a unit missing
-    (1, 11, 50, torch.float32),    # one step: 13 unit blocks, 4 chunks of the reduction
-    (1, 3, 20, torch.float16),
+@pytest.mark.parametrize("T, B, H, dtype, warps", [
+    (6, 11, 4, torch.float32, 1),     # steps: one unit block a group (programs run one by one)
+    (6, 11, 3, torch.float16, 1),     # a unit block with a unit missing
+    (1, 11, 50, torch.float32, 1),    # one step: 13 unit blocks, 4 chunks of the reduction
+    (1, 3, 20, torch.float16, 1),
+    (6, 11, 7, torch.float32, 2),     # programs of several warps (the exchange's), steps
+    (1, 11, 20, torch.float16, 2),    # 3 unit blocks of 8, the last with 4 units missing
+    (1, 3, 50, torch.float32, 4),
 ])
-def test_registers_kernel_code_matches_float64(T, B, H, dtype):
+def test_registers_kernel_code_matches_float64(T, B, H, dtype, warps):
     """The registers forward's index math, masks, gate order, lengths, both directions, initial
-    state, saved gates and polls, in its own code (interpreted_registers_kernel); its gates
-    and c against the tl kernel's, which the tests above hold to float64."""
+    state, saved gates and polls, in its own code (interpreted_registers_kernel), with programs
+    of one warp and of several; its gates and c against the tl kernel's, which the tests above
+    hold to float64."""
     from triton_lstm.kernels import forward_registers
     kernel = interpreted_registers_kernel()
     D = 2
@@ -409,9 +414,11 @@ def test_registers_kernel_code_matches_float64(T, B, H, dtype):
     h0, c0 = torch.randn(D, B, H).to(dtype), torch.randn(D, B, H).to(dtype)
     lengths = torch.randint(1, T + 1, (B,), dtype=torch.int32)
     outputs, args, grid, constexprs = forward_registers.launch_arguments(
-        gx, w_hh, h0, c0, lengths, save=True, reverse=True)
+        gx, w_hh, h0, c0, lengths, save=True, reverse=True, warps=warps)
+    y, h_n, c_n, gates, c_all = outputs          # y: filled with the unwritten mark
+    for out in (h_n, c_n, gates, c_all):
+        out.fill_(float("nan"))                  # poisoned: what is compared must be written
     kernel[grid](*args, **constexprs)
-    y, h_n, c_n, gates, c_all = outputs
     want = lstm_layer_reference(gx.double(), h0.double(), c0.double(),
                                 torch.eye(D * 4 * H, dtype=torch.float64), w_hh.double(),
                                 lengths=lengths)
@@ -447,6 +454,118 @@ def test_registers_kernel_code_ends_on_nan_input_and_on_the_mark_in_h0():
         assert got.isnan().any()
         torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), rtol=0, atol=3e-3)
     assert not (y.view(torch.int16) == -1).any(), "an output holds the unwritten mark"
+
+class _ClusterMemory:
+    """The shared memory of a cluster's programs as the exchange's pushes write it, element by
+    element (dsmem.send_to: each valid element's 32 bits to its address in program `rank`),
+    and the loads of one program from it (forward_registers._shared_load: each element from
+    its own address, as a pack's consecutive elements are)."""
+
+    def __init__(self, item):
+        self.item, self.words, self.reader = item, {}, 0
+
+    def send_to(self, addr, bits, mbar, rank, valid):
+        where = [a.handle.data for a in (addr, bits, rank, valid)]
+        for a, b, r, v in zip(*(x.reshape(-1) for x in __import__("numpy").broadcast_arrays(
+                *where))):
+            if v:
+                assert (int(r), int(a)) not in self.words, "an element pushed twice"
+                assert int(a) % 4 == 0, "a push's 32 bits are aligned"
+                self.words[int(r), int(a)] = int(b) & 0xFFFFFFFF
+
+    def shared_load(self, addr, y, K_WIDTH):
+        import numpy as np
+        from triton.runtime.interpreter import TensorHandle
+        dtype = y.dtype.element_ty
+        a = addr.handle.data
+        out = np.zeros(a.shape, np.uint32)
+        for i, element in enumerate(a.reshape(-1)):
+            word = self.words[self.reader, int(element) // 4 * 4]   # unwritten: KeyError
+            shift = 8 * (int(element) % 4)
+            out.reshape(-1)[i] = (word >> shift) & (0xFFFFFFFF >> (32 - 8 * self.item))
+        bits = out.astype({2: np.uint16, 4: np.uint32}[self.item]).view(
+            {2: np.float16 if dtype == tl.float16 else np.uint16, 4: np.float32}[self.item])
+        return tl.core.tensor(TensorHandle(bits, dtype), tl.block_type(dtype, list(a.shape)))
+
+
+@pytest.mark.parametrize("H, dtype, warps", [
+    (64, torch.float16, 1), (256, torch.bfloat16, 4), (250, torch.float16, 4),
+    (30, torch.float32, 1), (64, torch.float32, 2), (128, torch.bfloat16, 2)])
+def test_registers_forward_exchange_lands_h_where_its_loads_read_it(H, dtype, warps):
+    """kernels/forward_registers.py's exchange, its own code (_push, _receive_h) under the
+    interpreter: every program of a cluster pushes its units of h for 8 rows (16-bit h as
+    pairs of units after the shuffle with the unit beside, fp32 element by element, each
+    half of a warp to half the cluster), and every program then reads h^T back as the MMA's
+    operand tiles: each 32 bits of the phase pushed once to each program, a phase's bytes
+    what the mbarrier is armed for, and the tiles h^T exactly (zeros past H)."""
+    from triton_lstm.kernels import forward_registers as fr
+    memory = _ClusterMemory(dtype.itemsize)
+
+    def beside(x):     # lane ^ 4: unit 2u's and 2u + 1's tiles swapped (row g ^ 1)
+        units, n = x.shape[0], x.shape[1]
+        even, odd = tl.split(tl.permute(tl.reshape(x, [units // 2, 2, n]), [0, 2, 1]))
+        return tl.reshape(tl.permute(tl.join(odd, even), [0, 2, 1]), [units, n])
+
+    _, namespace = interpreted_gluon(
+        fr, "lstm_forward_registers_kernel", ("_row_pairs", "_push", "_receive_h"),
+        dict(send_to=memory.send_to, _shared_load=memory.shared_load,
+             _unit_beside=triton.jit(beside)))
+
+    @triton.jit
+    def push(h, y, i_h, HP: tl.constexpr, WARPS: tl.constexpr, GROUP: tl.constexpr,
+             SLOT: tl.constexpr, ROW_BYTES: tl.constexpr, PUSH: tl.constexpr):
+        # the kernel's gate tiles of program i_h (gates_layout; rows g >= 4 of a warp's 8:
+        # the other half of the warp, which holds the same h), h of its units
+        o_g = tl.arange(0, 8 * WARPS)
+        first = ((o_g % 8) // 4 == 0)[:, None]
+        o_u = i_h * 4 * WARPS + 4 * (o_g // 8) + o_g % 4
+        o_n = tl.arange(0, 8)
+        b_h = tl.load(h + o_n[None, :] * HP + o_u[:, None]).to(tl.float32)
+        PUSH(b_h, o_u, o_n, first, 0, SLOT, 1, ROW_BYTES, GROUP, y)
+
+    @triton.jit
+    def receive(out, y, HP: tl.constexpr, KC: tl.constexpr, CHUNKS: tl.constexpr,
+                K_WIDTH: tl.constexpr, SLOT: tl.constexpr, ROW_BYTES: tl.constexpr,
+                EXCHANGE_SLOT: tl.constexpr, RECEIVE: tl.constexpr):
+        o_k, o_nk = tl.arange(0, KC), tl.arange(0, 8)
+        slot, _, _ = EXCHANGE_SLOT(0, SLOT, 1)
+        tiles = RECEIVE(slot, o_k, o_nk, ROW_BYTES, KC, CHUNKS, K_WIDTH, y)
+        for chunk in tl.static_range(CHUNKS):
+            tl.store(out + o_nk[None, :] * HP + chunk * KC + o_k[:, None], tiles[chunk])
+
+    warps_before, fr.EXCHANGE_WARPS = fr.EXCHANGE_WARPS, warps
+    try:
+        assert fr.exchange_shape(H)[0] == warps
+        group = fr.exchange_shape(H)[1]
+    finally:
+        fr.EXCHANGE_WARPS = warps_before
+    constexprs = fr.kernel_constants(H, 1, dtype, "ieee", has_h0=False, has_lengths=False,
+                                     save=False, reverse=False, warps=warps, exchange=True)
+    hp, kc = constexprs["HP"], constexprs["HP"] // constexprs["CHUNKS"]
+    row_bytes = hp * dtype.itemsize + fr.ROW_PAD_BYTES
+    slot = fr.ROWS * row_bytes
+    assert 2 * slot + 16 == fr.exchange_bytes(H, dtype)
+    h = torch.zeros(fr.ROWS, hp, dtype=dtype)
+    h[:, :H] = torch.randn(fr.ROWS, H).to(dtype)
+    y = torch.empty(1, dtype=dtype)
+    for i_h in range(group):
+        push[(1,)](h, y, i_h, hp, warps, group, slot, row_bytes, namespace["_push"])
+    # each program's phase: every unit any program has (4 * warps * group) for 8 rows
+    sent = fr.ROWS * 4 * warps * group * dtype.itemsize
+    for rank in range(group):
+        assert 4 * sum(r == rank for r, _ in memory.words) == sent, rank
+    for rank in range(group):
+        memory.reader = rank
+        out = torch.full((fr.ROWS, hp), float("nan"), dtype=dtype)    # poisoned
+        # units no program has stay as the kernel zeroes them first (_zero_shared)
+        for k in range(4 * warps * group, hp):
+            for n in range(fr.ROWS):
+                memory.words.setdefault((rank, slot + (n * row_bytes + k * dtype.itemsize)
+                                         // 4 * 4), 0)
+        receive[(1,)](out, y, hp, kc, constexprs["CHUNKS"], constexprs["K_WIDTH"], slot,
+                      row_bytes, fr.exchange_slot, namespace["_receive_h"])
+        assert torch.equal(out, h), rank
+
 
 def interpreted_ring_kernel():
     """kernels/forward_ring.py's kernel under the interpreter (``interpreted_gluon``): a copy

@@ -262,7 +262,7 @@ def lstm_backward_kernel(
         HB: tl.constexpr = NUM_H_BLOCKS * BLOCK_H
         SLOT: tl.constexpr = BLOCK_B * HB * 4
         PIECE: tl.constexpr = BLOCK_B * BLOCK_H * 4
-        exchange = exchange_setup(SLOT)
+        exchange = exchange_setup(SLOT, SLOT)
         w_row, m_n = gate_rows(i_h, BLOCK_H, H)             # own gates' rows
         o_k = tl.arange(0, HP)                              # every unit
         b_wrows = tl.load(w_hh + w_row[:, None] * R + o_k[None, :],

@@ -56,21 +56,28 @@ def _thread0(asm: tl.constexpr, a, b):
 
 
 @triton.jit
-def exchange_setup(SLOT_BYTES: tl.constexpr):
-    """This program's exchange buffer (the last REGION bytes of its shared memory: two slots
-    of SLOT_BYTES, two mbarriers) with both mbarriers initialised, armed for their first
-    phase, and seen initialised by the whole cluster. Returns the buffer's shared-memory
-    address."""
-    REGION: tl.constexpr = 2 * SLOT_BYTES + 16       # region_bytes
-    base = tl.inline_asm_elementwise(
+def region_base(REGION: tl.constexpr):
+    """The shared-memory address of this program's last REGION bytes."""
+    return tl.inline_asm_elementwise(
         "{ .reg .u32 size; mov.u32 size, %dynamic_smem_size; mov.u32 $0, global_smem; "
         "add.u32 $0, $0, size; sub.u32 $0, $0, $1; }",
-        "=r,r", [tl.full([], REGION, tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
+        "=r,r", [tl.cast(REGION, tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def exchange_setup(SLOT_BYTES: tl.constexpr, PHASE_BYTES: tl.constexpr):
+    """This program's exchange buffer (the last REGION bytes of its shared memory: two slots
+    of SLOT_BYTES, two mbarriers) with both mbarriers initialised, armed for their first
+    phase (PHASE_BYTES each: the bytes an exchange sends a program, the whole slot where
+    nothing in it is padding), and seen initialised by the whole cluster. Returns the
+    buffer's shared-memory address. (Its constants are tl.cast, not tl.full: Gluon kernels
+    call these helpers too, and Gluon's full asks for a layout.)"""
+    base = region_base(2 * SLOT_BYTES + 16)         # region_bytes
     mbar = base + 2 * SLOT_BYTES
     _thread0("@p mbarrier.init.shared::cta.b64 [$1], 1; @p mbarrier.init.shared::cta.b64 [$2], 1; "
              "fence.mbarrier_init.release.cluster;", mbar, mbar + 8)
-    arm(mbar, SLOT_BYTES)
-    arm(mbar + 8, SLOT_BYTES)
+    arm(mbar, PHASE_BYTES)
+    arm(mbar + 8, PHASE_BYTES)
     cluster_sync()
     return base
 
@@ -93,7 +100,7 @@ def cluster_sync():
 def arm(mbar, nbytes):
     """Thread 0 arrives at mbar, expecting nbytes for its current phase."""
     _thread0("@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [$1], $2;", mbar,
-             tl.full([], nbytes, tl.int32))
+             tl.cast(nbytes, tl.int32))
 
 
 @triton.jit
@@ -122,7 +129,7 @@ def send(addr, bits, mbar, GROUP: tl.constexpr):
             "{ .reg .u32 a, m; mapa.shared::cluster.u32 a, $1, $4; "
             "mapa.shared::cluster.u32 m, $3, $4; "
             "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [a], $2, [m]; "
-            "mov.u32 $0, 0; }", "=r,r,r,r,r", [addr, bits, mbar, tl.full([], rank, tl.int32)],
+            "mov.u32 $0, 0; }", "=r,r,r,r,r", [addr, bits, mbar, tl.cast(rank, tl.int32)],
             dtype=tl.int32, is_pure=False, pack=1)
 
 

@@ -500,7 +500,7 @@ def lstm_forward_kernel(
         tl.static_assert(CLUSTER and RESIDENT and not (CHUNKED or PROJ or DATAFLOW or RESUMED))
         HB: tl.constexpr = NUM_H_BLOCKS * BLOCK_H
         SLOT: tl.constexpr = BLOCK_B * HB * 4
-        exchange = exchange_setup(SLOT)
+        exchange = exchange_setup(SLOT, SLOT)
         o_push = 4 * (tl.arange(0, BLOCK_B)[:, None] * HB + o_u[None, :])
         b_h0 = tl.load(h0 + o_b[:, None] * R + o_u[None, :], mask=m_first[:, None] & m_u[None, :],
                        other=0.0)
@@ -675,9 +675,11 @@ def lstm_forward(gx, w_hh, h0, c0, lengths, w_hr=None, *, save: bool, config=Non
                                        restarts=restarts is not None, ckpt_every=ckpt_every,
                                        step_chunks=step_chunks is not None,
                                        force_stepped=force_stepped):
+            # dsmem: h pushed through the cluster of each batch block's programs.
             outputs = forward_registers.lstm_forward_registers(gx, w_hh, h0, c0, lengths,
                                                                save=save, reverse=reverse,
-                                                               stamps=stamps)
+                                                               stamps=stamps,
+                                                               exchange=config.dsmem)
             if outputs is not None:
                 return outputs + (None, None, None)
         config = dataclasses.replace(config, registers=False)

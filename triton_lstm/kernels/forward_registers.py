@@ -23,6 +23,16 @@ Gluon, Triton's language with explicit layouts, so that none of them is there:
   filled with all-ones bits before the launch, producers store canonical values (any NaN
   as the standard quiet NaN), and a step reloads h_{t-1} until none of it is the mark.
 
+A program may also be several warps side by side (WARPS: 4 * WARPS units), and with
+EXCHANGE (config ``dsmem``) the programs of a batch block and direction run as one thread-
+block cluster that pushes h into every program's shared memory instead (dsmem.py's
+protocol): each step waits on its own mbarrier, reads h_{t-1} from shared memory straight
+into the operand registers, and sends its units of h_t to every program of the cluster
+(``st.async``; lanes 16-31 hold the same h as lanes 0-15, so each half sends to half the
+cluster). A step then reads nothing from L2 and polls nothing; NaN or inf mean nothing to
+the wait, which counts bytes. Slot rows are padded by 64 bytes, so that the 8 lanes of a
+16-byte load phase hit 8 different bank groups.
+
 It runs persistently or not at all: every program must be resident (the launcher checks),
 for bf16 / fp16, and fp32 where its dots may use tf32 (nn.LSTM's rule: mma.sync has no
 exact fp32), without projection, restarts or checkpoints; elsewhere the `tl` kernel runs
@@ -35,14 +45,23 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .. import tuning
 from ..dispatch import (KernelConfig, cdiv, co_resident_programs, dot_precision, interpreting,
-                        launch_counts, launch_options, padded, registers_forward_fits)
+                        launch_counts, launch_in_clusters, launch_options, padded,
+                        registers_forward_fits)
 from . import timeline
 from .barrier import canonical, either, fill_unwritten, marks
+from .dsmem import (arm, cluster_sync, exchange_setup, exchange_slot, region_base, send_to,
+                    wait_phase)
 from .forward import cell_update, step_rows
 
-UNITS = 4                 # hidden units per program (16 weight rows: one m16 MMA tile)
+UNITS = 4                 # hidden units per warp (16 weight rows: one m16 MMA tile)
 ROWS = 8                  # batch rows per program (one n8 MMA tile: 16 would spill at H = 256)
+# Padding past each row of h in an exchange slot: 64 bytes put the 8 lanes of a 16-byte load
+# phase (4 along the reduction, 2 rows) on 8 different bank groups.
+ROW_PAD_BYTES = 64
+# Warps of a program that pushes h (None: the fewest that make a cluster of at most 16).
+EXCHANGE_WARPS = None
 # Bytes of h a lane holds, and loads at once, along the reduction (the operands' k_width is
 # this many elements): 16, where the mma.sync fragments' own layout gives 4 (4x the loads,
 # half of every 32-byte sector unused).
@@ -56,6 +75,18 @@ POLL_BACKOFF_NS = 0
 _warps_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 
+@gluon.constexpr_function
+def gates_layout(warps):
+    """The gate tiles' layout, [8 * warps, ROWS]: warp w holds rows 8w .. 8w + 7, its units'
+    accumulator rows g and g + 8 apart, where they already are. Lane 4g + t holds row g and
+    batch rows 2t, 2t + 1 (lane bits 2-4 are g's bits 0-2: lane ^ 16 holds row g ^ 4, which
+    _partner relies on, and lane ^ 4 the unit beside, which _push relies on)."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 1]], lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[8 << i, 0] for i in range(warps.bit_length() - 1)], block_bases=[],
+        shape=[8 * warps, ROWS])
+
+
 @gluon.jit
 def _partner(x):
     """Each register's value in lane ^ 16: the other two gates of the same unit and rows."""
@@ -64,12 +95,128 @@ def _partner(x):
 
 
 @gluon.jit
+def _unit_beside(x):
+    """Each register's value in lane ^ 4: the same rows of the unit beside (2u and 2u + 1)."""
+    return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 31, 0xffffffff;", "=f,f",
+                                     [x], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
 def _rows_apart(acc, GATES: gl.constexpr):
-    """The [16, N] accumulator's rows g and g + 8 as two [8, N] tiles in the GATES layout;
-    assert_trivial: it fails to compile if that would move any data."""
-    lo, hi = gl.split(gl.permute(gl.reshape(acc, [2, 8, acc.shape[1]]), [1, 2, 0]))
-    return (gl.convert_layout(lo, GATES, assert_trivial=True),
-            gl.convert_layout(hi, GATES, assert_trivial=True))
+    """The [16 * W, N] accumulator's rows g and g + 8 of each warp's 16 as two [8 * W, N]
+    tiles in the GATES layout; assert_trivial: it fails to compile if that would move any
+    data."""
+    W: gl.constexpr = acc.shape[0] // 16
+    N: gl.constexpr = acc.shape[1]
+    lo, hi = gl.split(gl.permute(gl.reshape(acc, [W, 2, 8, N]), [0, 2, 3, 1]))
+    return (gl.convert_layout(gl.reshape(lo, [8 * W, N]), GATES, assert_trivial=True),
+            gl.convert_layout(gl.reshape(hi, [8 * W, N]), GATES, assert_trivial=True))
+
+
+@gluon.jit
+def _row_pairs(x):
+    """A [units, ROWS] gate tile as two [units, ROWS / 2] tiles, rows 2t and 2t + 1: a lane's
+    two registers apart."""
+    return gl.split(gl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+
+
+@gluon.jit
+def _push(b_h, o_u, o_n, first, base, SLOT: gl.constexpr, j, ROW_BYTES: gl.constexpr,
+          GROUP: gl.constexpr, y):
+    """This program's units of h (b_h: fp32 in the gate tiles' layout, the same in both
+    halves of a warp) into exchange j's slot of every program of the cluster, in y's dtype,
+    rows ROW_BYTES apart. 16-bit h goes as pairs of units (a shuffle with the unit beside:
+    32 bits, the smallest st.async), fp32 as it is; lanes 0-15 send to the first half of the
+    cluster, lanes 16-31 to the rest."""
+    slot, mbar, _ = exchange_slot(base, SLOT, j)
+    DT = y.dtype.element_ty
+    HALF: gl.constexpr = (GROUP + 1) // 2
+    x_e, x_o = _row_pairs(b_h)
+    unit, _ = _row_pairs(o_u[:, None] + 0 * o_n[None, :])
+    row, _ = _row_pairs(o_n[None, :] + 0 * o_u[:, None])
+    rank0, _ = _row_pairs(gl.where(first, 0, HALF) + 0 * o_n[None, :])
+    if DT.primitive_bitwidth == 16:
+        # The lane of unit 2u sends rows 2t of units 2u, 2u + 1; the lane of 2u + 1 rows 2t + 1.
+        odd = unit % 2
+        beside = _unit_beside(gl.where(odd == 1, x_e, x_o))
+        lo = gl.where(odd == 1, beside, x_e).to(DT).to(gl.int16, bitcast=True).to(gl.int32)
+        hi = gl.where(odd == 1, x_o, beside).to(DT).to(gl.int16, bitcast=True).to(gl.int32)
+        bits = (lo & 0xFFFF) | (hi << 16)
+        addr = slot + (row + odd) * ROW_BYTES + (unit - odd) * 2
+        for k in gl.static_range(HALF):
+            send_to(addr, bits, mbar, rank0 + k, rank0 + k < GROUP)
+    else:
+        addr = slot + row * ROW_BYTES + unit * 4
+        for k in gl.static_range(HALF):
+            send_to(addr, x_e.to(gl.int32, bitcast=True), mbar, rank0 + k, rank0 + k < GROUP)
+            send_to(addr + ROW_BYTES, x_o.to(gl.int32, bitcast=True), mbar, rank0 + k,
+                    rank0 + k < GROUP)
+
+
+@gluon.constexpr_function
+def _shared_load_asm(nbytes):
+    """ld.shared of `nbytes` (4, 8 or 16) into 32-bit registers $0 ..; the address follows."""
+    words = nbytes // 4
+    if words == 1:
+        return "ld.shared.b32 $0, [$1];"
+    regs = ", ".join(f"${i}" for i in range(words))
+    return f"ld.shared.v{words}.b32 {{{regs}}}, [${words}];"
+
+
+@gluon.constexpr_function
+def _shared_load_constraints(nbytes, elements):
+    """The constraints of _shared_load_asm for `elements` elements of the tile a lane packs
+    into those registers: an output a 32-bit register, an input (its address) an element."""
+    return ",".join(["=r"] * (nbytes // 4) + ["r"] * elements)
+
+
+@gluon.jit
+def _shared_load(addr, y, K_WIDTH: gl.constexpr):
+    """The elements (y's dtype) at shared-memory addresses `addr`, K_WIDTH consecutive ones a
+    load: the operand layout holds them in consecutive registers, which the asm's pack takes
+    in order, so a pack's first address is the one loaded from."""
+    DT = y.dtype.element_ty
+    ITEM: gl.constexpr = DT.primitive_bitwidth // 8
+    ASM: gl.constexpr = _shared_load_asm(K_WIDTH * ITEM)
+    CONSTRAINTS: gl.constexpr = _shared_load_constraints(K_WIDTH * ITEM, K_WIDTH)
+    return gl.inline_asm_elementwise(ASM, CONSTRAINTS, [addr], dtype=DT, is_pure=False,
+                                     pack=K_WIDTH)
+
+
+@gluon.jit
+def _receive_h(slot, o_k, o_nk, ROW_BYTES: gl.constexpr, KC: gl.constexpr,
+               CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr, y):
+    """h_{t-1}^T (y's dtype) as CHUNKS [KC, ROWS] operand tiles from this program's exchange
+    slot, rows ROW_BYTES apart: a lane's K_WIDTH consecutive elements along the reduction in
+    one load."""
+    ITEM: gl.constexpr = y.dtype.element_ty.primitive_bitwidth // 8
+    tiles = ()
+    for chunk in gl.static_range(CHUNKS):
+        addr = slot + o_nk[None, :] * ROW_BYTES + (chunk * KC + o_k[:, None]) * ITEM
+        tiles = tiles + (_shared_load(addr, y, K_WIDTH),)
+    return tiles
+
+
+@gluon.jit
+def _zero_shared(base, NBYTES: gl.constexpr, WARPS: gl.constexpr):
+    """Zero NBYTES (a multiple of 16) of shared memory from `base`, every thread a part."""
+    LINE: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    o = gl.arange(0, 32 * WARPS, layout=LINE) * 16
+    for start in gl.static_range(0, NBYTES, 512 * WARPS):
+        gl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.lt.u32 p, $1, $2; @p st.shared.v4.b32 [$1], {0, 0, 0, 0}; "
+            "mov.u32 $0, 0; }", "=r,r,r", [base + start + o, base + NBYTES + 0 * o],
+            dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _own_shared_memory(WARPS: gl.constexpr):
+    """Triton declares the symbol that shared-memory addresses start from (global_smem, which
+    dsmem.exchange_setup reads) only where a kernel allocates shared memory of its own: a
+    line of 32 words, zeroed once."""
+    LINE: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    line = gl.allocate_shared_memory(gl.int32, [32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    line.store(gl.zeros([32], gl.int32, LINE))
 
 
 @gluon.jit
@@ -163,7 +310,7 @@ def lstm_forward_registers_kernel(
     h0,        # [D, B, H]      read when HAS_H0
     c0,        # [D, B, H]      read when HAS_H0
     lengths,   # [B]            int32, read when HAS_LENGTHS
-    y,         # [T, B, D, H]   out, filled with all-ones bits by the caller
+    y,         # [T, B, D, H]   out, filled with all-ones bits by the caller (but for EXCHANGE)
     h_n,       # [D, B, H]      out
     c_state,   # [D, B, H]      fp32 out: c after each row's last step
     gates,     # [D, T, B, 4H]  fp32 out when SAVE
@@ -171,27 +318,30 @@ def lstm_forward_registers_kernel(
     stamps,    # [T, MAX_PROGRAMS, EVENTS] int64 out when STAMPS: each step's timeline
     T, B,
     H: gl.constexpr, HP: gl.constexpr, D: gl.constexpr, BLOCK_B: gl.constexpr,
-    CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr, DOT_PRECISION: gl.constexpr,
-    HAS_H0: gl.constexpr,
+    WARPS: gl.constexpr, CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr,
+    DOT_PRECISION: gl.constexpr, HAS_H0: gl.constexpr,
     HAS_LENGTHS: gl.constexpr, SAVE: gl.constexpr, REVERSE: gl.constexpr,
-    POLL_BACKOFF_NS: gl.constexpr, STAMPS: gl.constexpr,
+    POLL_BACKOFF_NS: gl.constexpr, EXCHANGE: gl.constexpr, STAMPS: gl.constexpr,
 ):
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, 8])
     W_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=K_WIDTH)
     H_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=K_WIDTH)
+    GATES: gl.constexpr = gates_layout(WARPS)
     KC: gl.constexpr = HP // CHUNKS
-    NUM_H_BLOCKS: gl.constexpr = (H + 3) // 4
+    BLOCK_U: gl.constexpr = 4 * WARPS        # hidden units of a program, 4 a warp
+    NUM_H_BLOCKS: gl.constexpr = (H + BLOCK_U - 1) // BLOCK_U
     YS: gl.constexpr = D * H          # row stride of y
     GS: gl.constexpr = D * 4 * H      # row stride of gx
     i_h, i_b, i_d, reverse = _program_block(NUM_H_BLOCKS, D, REVERSE)
     gx, w_hh, h0, c0, y, h_n, c_state, gates, c_all = _direction_parts(
         i_d, T, B, H, gx, w_hh, h0, c0, y, h_n, c_state, gates, c_all)
 
-    # The weight slice, [16, HP] as CHUNKS operand tiles (row r: see the module's docstring).
-    o_r = gl.arange(0, 16, layout=gl.SliceLayout(1, W_OP))
-    w_unit = i_h * 4 + o_r % 4
-    w_row = (2 * ((o_r % 8) // 4) + o_r // 8) * H + w_unit
+    # The weight slice, [16 * WARPS, HP] as CHUNKS operand tiles, 16 rows a warp (row r of a
+    # warp's 16: see the module's docstring).
+    o_r = gl.arange(0, 16 * WARPS, layout=gl.SliceLayout(1, W_OP))
+    w_unit = i_h * BLOCK_U + 4 * (o_r // 16) + o_r % 4
+    w_row = (2 * ((o_r % 8) // 4) + (o_r % 16) // 8) * H + w_unit
     o_kw = gl.arange(0, KC, layout=gl.SliceLayout(0, W_OP))
     w_tiles = ()
     for chunk in gl.static_range(CHUNKS):
@@ -200,16 +350,12 @@ def lstm_forward_registers_kernel(
                                      mask=(w_unit < H)[:, None] & (k < H)[None, :],
                                      other=0.0),)
 
-    # The gate tiles: the accumulator's rows g and g + 8 apart, [8, BLOCK_B] each, where
-    # they already are. Lane 4g + t holds row g and batch rows 2t, 2t + 1 (lane bits 2-4 are
-    # g's bits 0-2: lane ^ 16 holds row g ^ 4, which _partner relies on).
-    GATES: gl.constexpr = gl.DistributedLinearLayout(
-        reg_bases=[[0, 1]], lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], warp_bases=[],
-        block_bases=[], shape=[8, BLOCK_B])
-    acc0 = gl.zeros([16, BLOCK_B], gl.float32, MMA)
-    o_g = gl.arange(0, 8, layout=gl.SliceLayout(1, GATES))
-    first = (o_g // 4 == 0)[:, None]              # this lane holds gates i, f (else g, o)
-    o_u = i_h * 4 + o_g % 4
+    # The gate tiles: each warp's accumulator rows g and g + 8 apart, [8, BLOCK_B] a warp
+    # (gates_layout).
+    acc0 = gl.zeros([16 * WARPS, BLOCK_B], gl.float32, MMA)
+    o_g = gl.arange(0, 8 * WARPS, layout=gl.SliceLayout(1, GATES))
+    first = ((o_g % 8) // 4 == 0)[:, None]        # this lane holds gates i, f (else g, o)
+    o_u = i_h * BLOCK_U + 4 * (o_g // 8) + o_g % 4
     m_u = (o_u < H)[:, None]
     o_n = i_b * BLOCK_B + gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, GATES))
     m_n = o_n < B
@@ -226,24 +372,48 @@ def lstm_forward_registers_kernel(
         c = gl.load(c0 + p_cell, mask=m_cell, other=0.0).to(gl.float32)
         m_rows = m_nk
     else:
-        c = gl.zeros([8, BLOCK_B], gl.float32, GATES)
+        c = gl.zeros([8 * WARPS, BLOCK_B], gl.float32, GATES)
         m_rows = m_nk & (o_nk < 0)
     p_rows = h0 + o_nk.to(gl.int64) * H           # h_{t-1} of each row, here h0
     t_row, running, gx_i, gx_f, gx_g, gx_o = _step_inputs(gx, 0, length, m_n, reverse, B, o_n,
                                                           o_u, m_u, H, GS)
+    if EXCHANGE:
+        # h pushed into every program's shared memory (dsmem.py): slots of [BLOCK_B, HP]
+        # rows padded, zeroed first (units no program sends stay zero), and h0 goes out as
+        # exchange 0, as if a step before step 0 had made it.
+        ROW_BYTES: gl.constexpr = HP * y.dtype.element_ty.primitive_bitwidth // 8 + 64
+        SLOT: gl.constexpr = BLOCK_B * ROW_BYTES
+        SENT: gl.constexpr = (BLOCK_B * NUM_H_BLOCKS * BLOCK_U
+                              * y.dtype.element_ty.primitive_bitwidth // 8)   # a phase's bytes
+        _own_shared_memory(WARPS)
+        _zero_shared(region_base(2 * SLOT + 16), 2 * SLOT, WARPS)
+        exchange = exchange_setup(SLOT, SENT)
+        if HAS_H0:
+            b_h0 = gl.load(h0 + p_cell, mask=m_cell, other=0.0).to(gl.float32)
+        else:
+            b_h0 = gl.zeros([8 * WARPS, BLOCK_B], gl.float32, GATES)
+        _push(b_h0, o_u, o_n, first, exchange, SLOT, 0, ROW_BYTES, NUM_H_BLOCKS, y)
 
     for t in range(T):
         if STAMPS:
             timeline.step_begins(stamps, t)
             polls = 1
-        tiles = _load_h(p_rows, m_rows, o_k, H, KC, CHUNKS)
-        # h0 is the caller's and may hold any bits; later steps wait for their producers.
-        while (t > 0) & _any_unwritten(tiles, CHUNKS):
-            if POLL_BACKOFF_NS > 0:
-                _pause(o_nk, POLL_BACKOFF_NS)
+        if EXCHANGE:
+            # h_{t-1} is exchange t; then its slot's next phase, exchange t + 2.
+            h_slot, h_mbar, h_parity = exchange_slot(exchange, SLOT, t)
+            wait_phase(h_mbar, h_parity)
+            tiles = _receive_h(h_slot, o_k, o_nk, ROW_BYTES, KC, CHUNKS, K_WIDTH, y)
+            if t + 2 < T:
+                arm(h_mbar, SENT)
+        else:
             tiles = _load_h(p_rows, m_rows, o_k, H, KC, CHUNKS)
-            if STAMPS:
-                polls += 1
+            # h0 is the caller's and may hold any bits; later steps wait for their producers.
+            while (t > 0) & _any_unwritten(tiles, CHUNKS):
+                if POLL_BACKOFF_NS > 0:
+                    _pause(o_nk, POLL_BACKOFF_NS)
+                tiles = _load_h(p_rows, m_rows, o_k, H, KC, CHUNKS)
+                if STAMPS:
+                    polls += 1
         if STAMPS:
             timeline.wait_ends(stamps, t)
             timeline.polls(stamps, t, polls)
@@ -260,7 +430,12 @@ def lstm_forward_registers_kernel(
             gl.where(first, x_hi, y_hi) + gx_f.to(gl.float32),
             gl.where(first, y_lo, x_lo) + gx_g.to(gl.float32),
             gl.where(first, y_hi, x_hi) + gx_o.to(gl.float32), c, m_run)
-        b_h = canonical(b_h).to(y.dtype.element_ty)
+        b_h = canonical(b_h)
+        if EXCHANGE:
+            if t < T - 1:
+                _push(b_h, o_u, o_n, first, exchange, SLOT, t + 1, ROW_BYTES, NUM_H_BLOCKS,
+                      y)
+        b_h = b_h.to(y.dtype.element_ty)
 
         p_y = y + (t_row * B + o_n)[None, :] * YS + o_u[:, None]
         gl.store(p_y, b_h, mask=first & m_cell)
@@ -286,6 +461,8 @@ def lstm_forward_registers_kernel(
                                                               B, o_n, o_u, m_u, H, GS)
 
     gl.store(c_state + p_cell, c, mask=first & m_cell)
+    if EXCHANGE:
+        cluster_sync()      # no program leaves while another's pushes may still reach it
 
 
 def operand_width(hidden_size: int, dtype: torch.dtype) -> int:
@@ -332,28 +509,72 @@ def launch_resident(kernel, args: tuple, grid: tuple, constexprs: dict, tile: Ke
     return True
 
 
+def exchange_shape(hidden_size: int):
+    """(warps a program, programs a cluster) of the forward that pushes h: the fewest warps
+    that make a cluster of at most 16 (EXCHANGE_WARPS where set), or None where that cluster
+    is not one Triton's launcher starts (2-8 programs, or 16)."""
+    warps = EXCHANGE_WARPS or max(1, padded(hidden_size) // 64)
+    programs = cdiv(hidden_size, UNITS * warps)
+    return (warps, programs) if 2 <= programs <= 8 or programs == 16 else None
+
+
+def exchange_bytes(hidden_size: int, dtype: torch.dtype) -> int:
+    """Shared memory a program of the forward that pushes h adds past Triton's own: two slots of
+    ROWS padded rows of h, two mbarriers (the kernel's region)."""
+    return 2 * ROWS * (padded(hidden_size) * dtype.itemsize + ROW_PAD_BYTES) + 16
+
+
+def exchange_pushes(programs: int, dtype: torch.dtype) -> int:
+    """st.async instructions of the kernel that pushes h (h0's and a step's): a thread sends
+    one element of its [units, ROWS / 2] tile to half the cluster, 16-bit h a pair of units
+    at once, fp32 its two rows one by one. More would mean Triton's layout gives a thread
+    two elements, pushed twice."""
+    return 2 * ((programs + 1) // 2) * (1 if dtype.itemsize == 2 else 2)
+
+
 def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool,
-                           stamps=None):
+                           stamps=None, exchange: bool = False):
     """lstm_forward (forward.py) of a layer this kernel runs (``runs_here``), persistently:
     (y, h_n, c_n, gates, c_all), or None, with nothing launched, where its programs cannot
-    all be resident at once. ``stamps``: a timeline.stamps_buffer to record the steps in."""
+    all be resident at once. ``stamps``: a timeline.stamps_buffer to record the steps in.
+    ``exchange``: push h through clusters where the layer's programs make one
+    (``exchange_shape``, sm_90+), else read it from L2."""
+    device = gx.device
+    shape = exchange_shape(gx.shape[2] // (4 * w_hh.shape[0])) if exchange else None
+    if shape is not None and tuning.device_arch(device)[0] >= 9:
+        warps, programs = shape
+        outputs, args, grid, constexprs = launch_arguments(
+            gx, w_hh, h0, c0, lengths, save=save, reverse=reverse, stamps=stamps, warps=warps,
+            exchange=True)
+        if launch_in_clusters(lstm_forward_registers_kernel, grid, args,
+                              dict(num_warps=warps, num_stages=1, **constexprs), programs,
+                              exchange_bytes(constexprs["H"], gx.dtype),
+                              exchange_pushes(programs, gx.dtype)):
+            launch_counts["persistent"] += 1
+            launch_counts["registers"] += 1
+            launch_counts["clustered"] += 1
+            return outputs
     outputs, args, grid, constexprs = launch_arguments(gx, w_hh, h0, c0, lengths, save=save,
                                                        reverse=reverse, stamps=stamps)
     tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=1)
     if not launch_resident(lstm_forward_registers_kernel, args, grid, constexprs, tile,
-                           gx.device):
+                           device):
         return None
     return outputs
 
 
-def launch_arguments(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool, stamps=None):
-    """The outputs a launch writes (y filled with the unwritten mark), the kernel's
-    arguments, its grid and its compile-time constants."""
+def launch_arguments(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool, stamps=None,
+                     warps: int = 1, exchange: bool = False):
+    """The outputs a launch writes (y filled with the unwritten mark where programs poll it),
+    the kernel's arguments, its grid (programs of ``warps`` warps) and its compile-time
+    constants."""
     T, B, G = gx.shape
     D = w_hh.shape[0]
     H = G // (4 * D)
     device, dtype = gx.device, gx.dtype
-    y = fill_unwritten(torch.empty(T, B, D * H, dtype=dtype, device=device))   # polled slots
+    y = torch.empty(T, B, D * H, dtype=dtype, device=device)
+    if not exchange:
+        fill_unwritten(y)       # polled slots
     h_n = torch.empty(D, B, H, dtype=dtype, device=device)
     c_state = torch.empty(D, B, H, dtype=torch.float32, device=device)
     gates = torch.empty(D, T, B, 4 * H, dtype=torch.float32, device=device) if save else None
@@ -363,19 +584,21 @@ def launch_arguments(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool, st
             lengths if lengths is not None else c_state, y, h_n, c_state,
             gates if save else c_state, c_all if save else c_state,
             stamps if stamps is not None else c_state, T, B)
-    grid = (cdiv(B, ROWS) * cdiv(H, UNITS), D)
+    grid = (cdiv(B, ROWS) * cdiv(H, UNITS * warps), D)
     constexprs = kernel_constants(H, D, dtype, dot_precision(dtype, device), has_h0=has_h0,
                                   has_lengths=lengths is not None, save=save, reverse=reverse,
-                                  stamps=stamps is not None)
+                                  stamps=stamps is not None, warps=warps, exchange=exchange)
     return (y, h_n, c_state, gates, c_all), args, grid, constexprs
 
 
 def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, precision: str, *,
                      has_h0: bool, has_lengths: bool, save: bool, reverse: bool,
-                     stamps: bool = False) -> dict:
+                     stamps: bool = False, warps: int = 1, exchange: bool = False) -> dict:
     """The kernel's compile-time constants for a layer (``precision``: its dots' input
-    precision, dispatch.dot_precision; ``stamps``: record each step's timeline)."""
-    return dict(H=hidden_size, HP=padded(hidden_size), D=directions, BLOCK_B=ROWS,
+    precision, dispatch.dot_precision; ``stamps``: record each step's timeline; ``warps``:
+    a program's; ``exchange``: h pushed through the cluster)."""
+    return dict(H=hidden_size, HP=padded(hidden_size), D=directions, BLOCK_B=ROWS, WARPS=warps,
                 CHUNKS=chunks(hidden_size, dtype), K_WIDTH=operand_width(hidden_size, dtype),
                 DOT_PRECISION=precision, HAS_H0=has_h0, HAS_LENGTHS=has_lengths, SAVE=save,
-                REVERSE=reverse, POLL_BACKOFF_NS=POLL_BACKOFF_NS, STAMPS=stamps)
+                REVERSE=reverse, POLL_BACKOFF_NS=POLL_BACKOFF_NS, EXCHANGE=exchange,
+                STAMPS=stamps)
