@@ -846,7 +846,7 @@ def test_registers_forward_with_pushed_h_computes_what_it_computes_reading_it(
     runs = []
     with tf32(True):
         for config in (reading, pushing):
-            before = dict(launch_counts)
+            before = launch_counts.copy()
             runs.append(lstm_forward(gx, w_hh, h0, c0, lengths, save=True, config=config)[:5])
             assert launch_counts["registers"] == before["registers"] + 1
             assert launch_counts["clustered"] == before["clustered"] + config.dsmem
