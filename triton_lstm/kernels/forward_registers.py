@@ -540,7 +540,9 @@ def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bo
     ``exchange``: push h through clusters where the layer's programs make one
     (``exchange_shape``, sm_90+), else read it from L2."""
     device = gx.device
-    shape = exchange_shape(gx.shape[2] // (4 * w_hh.shape[0])) if exchange else None
+    # (T > 0: every push of a launch is waited for before its programs leave)
+    shape = (exchange_shape(gx.shape[2] // (4 * w_hh.shape[0]))
+             if exchange and gx.shape[0] > 0 else None)
     if shape is not None and tuning.device_arch(device)[0] >= 9:
         warps, programs = shape
         outputs, args, grid, constexprs = launch_arguments(
