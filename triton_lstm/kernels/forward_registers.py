@@ -121,20 +121,20 @@ def _row_pairs(x):
 
 
 @gluon.jit
-def _push(b_h, o_u, o_n, first, base, SLOT: gl.constexpr, j, ROW_BYTES: gl.constexpr,
+def _push(b_h, o_u, rows, first, base, SLOT: gl.constexpr, j, ROW_BYTES: gl.constexpr,
           GROUP: gl.constexpr, y):
     """This program's units of h (b_h: fp32 in the gate tiles' layout, the same in both
-    halves of a warp) into exchange j's slot of every program of the cluster, in y's dtype,
-    rows ROW_BYTES apart. 16-bit h goes as pairs of units (a shuffle with the unit beside:
+    halves of a warp; `rows`: its rows within the batch block) into exchange j's slot of
+    every program of the cluster, in y's dtype, rows ROW_BYTES apart. 16-bit h goes as pairs of units (a shuffle with the unit beside:
     32 bits, the smallest st.async), fp32 as it is; lanes 0-15 send to the first half of the
     cluster, lanes 16-31 to the rest."""
     slot, mbar, _ = exchange_slot(base, SLOT, j)
     DT = y.dtype.element_ty
     HALF: gl.constexpr = (GROUP + 1) // 2
     x_e, x_o = _row_pairs(b_h)
-    unit, _ = _row_pairs(o_u[:, None] + 0 * o_n[None, :])
-    row, _ = _row_pairs(o_n[None, :] + 0 * o_u[:, None])
-    rank0, _ = _row_pairs(gl.where(first, 0, HALF) + 0 * o_n[None, :])
+    unit, _ = _row_pairs(o_u[:, None] + 0 * rows[None, :])
+    row, _ = _row_pairs(rows[None, :] + 0 * o_u[:, None])
+    rank0, _ = _row_pairs(gl.where(first, 0, HALF) + 0 * rows[None, :])
     if DT.primitive_bitwidth == 16:
         # The lane of unit 2u sends rows 2t of units 2u, 2u + 1; the lane of 2u + 1 rows 2t + 1.
         odd = unit % 2
@@ -184,15 +184,15 @@ def _shared_load(addr, y, K_WIDTH: gl.constexpr):
 
 
 @gluon.jit
-def _receive_h(slot, o_k, o_nk, ROW_BYTES: gl.constexpr, KC: gl.constexpr,
+def _receive_h(slot, o_k, rows, ROW_BYTES: gl.constexpr, KC: gl.constexpr,
                CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr, y):
     """h_{t-1}^T (y's dtype) as CHUNKS [KC, ROWS] operand tiles from this program's exchange
-    slot, rows ROW_BYTES apart: a lane's K_WIDTH consecutive elements along the reduction in
-    one load."""
+    slot (`rows`: the batch block's, 0 ..), rows ROW_BYTES apart: a lane's K_WIDTH
+    consecutive elements along the reduction in one load."""
     ITEM: gl.constexpr = y.dtype.element_ty.primitive_bitwidth // 8
     tiles = ()
     for chunk in gl.static_range(CHUNKS):
-        addr = slot + o_nk[None, :] * ROW_BYTES + (chunk * KC + o_k[:, None]) * ITEM
+        addr = slot + rows[None, :] * ROW_BYTES + (chunk * KC + o_k[:, None]) * ITEM
         tiles = tiles + (_shared_load(addr, y, K_WIDTH),)
     return tiles
 
@@ -392,7 +392,10 @@ def lstm_forward_registers_kernel(
             b_h0 = gl.load(h0 + p_cell, mask=m_cell, other=0.0).to(gl.float32)
         else:
             b_h0 = gl.zeros([8 * WARPS, BLOCK_B], gl.float32, GATES)
-        _push(b_h0, o_u, o_n, first, exchange, SLOT, 0, ROW_BYTES, NUM_H_BLOCKS, y)
+        # A slot's rows are the batch block's (0 .. BLOCK_B - 1), in both operands' layouts.
+        rows = gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, GATES))
+        rows_k = gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, H_OP))
+        _push(b_h0, o_u, rows, first, exchange, SLOT, 0, ROW_BYTES, NUM_H_BLOCKS, y)
 
     for t in range(T):
         if STAMPS:
@@ -402,7 +405,7 @@ def lstm_forward_registers_kernel(
             # h_{t-1} is exchange t; then its slot's next phase, exchange t + 2.
             h_slot, h_mbar, h_parity = exchange_slot(exchange, SLOT, t)
             wait_phase(h_mbar, h_parity)
-            tiles = _receive_h(h_slot, o_k, o_nk, ROW_BYTES, KC, CHUNKS, K_WIDTH, y)
+            tiles = _receive_h(h_slot, o_k, rows_k, ROW_BYTES, KC, CHUNKS, K_WIDTH, y)
             if t + 2 < T:
                 arm(h_mbar, SENT)
         else:
@@ -433,7 +436,7 @@ def lstm_forward_registers_kernel(
         b_h = canonical(b_h)
         if EXCHANGE:
             if t < T - 1:
-                _push(b_h, o_u, o_n, first, exchange, SLOT, t + 1, ROW_BYTES, NUM_H_BLOCKS,
+                _push(b_h, o_u, rows, first, exchange, SLOT, t + 1, ROW_BYTES, NUM_H_BLOCKS,
                       y)
         b_h = b_h.to(y.dtype.element_ty)
 
