@@ -49,15 +49,16 @@
 #                                                  GPU tests, its variants rows; the bias sums
 #                                                  in the backward kernel: their GPU tests,
 #                                                  training with and without (5 min)
-#   COMMIT=<hash> bash perf/device_session.sh 13  the cluster barrier's and the exchanges'
-#                                                  GPU tests (the registers forward's too),
-#                                                  part 7, the registers kernels' and the
-#                                                  bias sums' GPU tests (8.7 min)
+#   COMMIT=<hash> bash perf/device_session.sh 13  the cluster barrier's and the tl
+#                                                  exchange's GPU tests, part 7, the registers
+#                                                  kernels' and the bias sums' GPU tests
+#                                                  (8.5 min)
 #   COMMIT=<hash> bash perf/device_session.sh 14  where a step's time goes, forward and
 #                                                  backward, from the kernels' own clock: its
-#                                                  GPU tests, then perf/step_timeline.py; the
-#                                                  registers forward pushing h beside it
-#                                                  reading h from L2 (4 min)
+#                                                  GPU tests and the registers kernels'
+#                                                  exchanges', perf/step_timeline.py, then
+#                                                  those exchanges' rows beside the kernels
+#                                                  reading from L2 (4.6 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -224,7 +225,7 @@ case "${1:-}" in
     # (the cluster barrier's and the exchange's apart: a trapping kernel breaks its worker's
     # CUDA context), then part 7 (make tune at the mid-batch and B = 512 shapes, make perf's
     # main table), then the registers kernels' and the bias sums' tests.
-    gpu_tests 110 "$CLUSTER_TESTS"
+    gpu_tests 100 "($CLUSTER_TESTS) and not registers"
     gpu_tests 60 "dataflow or ring"
     tune_resumed 130 1.6 --shapes $MID_BATCH $LARGE_BATCH
     main_table 130
@@ -234,12 +235,13 @@ case "${1:-}" in
     # Where a step's time goes (issues 8 and 7; perf/NOTES.md, "After run 6: a step's
     # timeline from the kernels' own clock"): the stamps' GPU tests, then the timeline of
     # the small-batch variants and the table's large-batch tiles, forward and backward (the
-    # exchanges' rows last: the tl forward's and backward's, then the registers forward's,
-    # "After run 6: the registers forward pushes h through its cluster"). Then that forward's
-    # rows beside the same kernel reading h from L2.
-    gpu_tests 60 "timeline"
+    # exchanges' rows last: the tl forward's and backward's, then the registers kernels',
+    # "After run 6: the registers kernels push h and dG through their cluster"), with the
+    # GPU tests of the registers kernels' exchanges first. Then their rows beside the same
+    # kernels reading h and dG from L2.
+    gpu_tests 90 "timeline or (pushed and registers)"
     timeout 110 python3 perf/step_timeline.py --out "$OUT/timeline" 2>&1 | tee "$OUT/timeline.log"
-    timeout 60 python3 perf/variants.py --only pushed --out "$OUT/variants-pushed" 2>&1 \
+    timeout 75 python3 perf/variants.py --only pushed --out "$OUT/variants-pushed" 2>&1 \
         | tee "$OUT/variants.log"
     ;;
 *)

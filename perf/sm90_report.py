@@ -245,22 +245,31 @@ def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0,
                        dtype=dtype_name, B=batch, H=hidden, D=directions, proj=0,
                        tile=f"{fr.ROWS}x{fr.UNITS * warps}", resident=True,
                        split_k=fr.chunks(hidden, dtype), warps=warps)
-    if exchange:   # st.async in the kernel, and as many as the launch asks for
-        ptx = compiled.asm["ptx"]
-        row.update(pushes=ptx.count("st.async"),
-                   launch_pushes=fr.exchange_pushes(fr.exchange_shape(hidden)[1], dtype),
-                   launch_parameters=list(compiled.packed_metadata),
-                   # bytes of each load of h from the exchange slot (16: vectorised)
-                   shared_load_bytes=sorted({int(vec or 1) * 4 for vec in re.findall(
-                       r"ld\.shared(?:\.v(\d))?\.b32", ptx)}))
+    if exchange:
+        row.update(exchange_fields(compiled, fr.exchange_pushes(fr.exchange_shape(hidden)[1],
+                                                                dtype)))
     return row
 
 
+def exchange_fields(compiled, launch_pushes: int) -> dict:
+    """A registers kernel that pushes its state through the cluster: its st.async and the
+    count its launch asks for, its launch parameters (dispatch.launch_in_clusters rewrites
+    them), the bytes of its loads from the exchange slot (16: vectorised) and the shared
+    memory it declares apart from that (the ld.shared / st.shared of its own buffers count
+    too)."""
+    ptx = compiled.asm["ptx"]
+    return dict(pushes=ptx.count("st.async"), launch_pushes=launch_pushes,
+                launch_parameters=list(compiled.packed_metadata),
+                shared_load_bytes=sorted({int(vec or 1) * 4 for vec in re.findall(
+                    r"ld\.shared(?:\.v(\d))?\.b32", ptx)}))
+
+
 def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0,
-                              state=True, stamps=False):
+                              state=True, stamps=False, exchange=False):
     """The small-batch backward with its weights in registers (kernels/backward_registers.py),
     with dy and dh_n, and c0 and lengths where ``state``; its tile is its own (16 units, 8
-    rows; 4 warps, 8 where a gate's reduction is split in two)."""
+    rows; 4 warps, 8 where a gate's reduction is split in two); with ``exchange``, dG pushed
+    through the cluster of a batch block's programs."""
     from triton_lstm.kernels import backward_registers as br   # Gluon, imported where asked for
     tname, dtype = DTYPES[dtype_name]
     types = dict(dy=tname, dh_n=tname, dc_state="fp32", gates="fp32", c_all="fp32", c0=tname,
@@ -268,13 +277,19 @@ def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_back
     constexprs = dict(br.kernel_constants(hidden, directions, dtype,
                                           "tf32" if dtype == torch.float32 else "ieee",
                                           has_dy=True, has_dhn=True, has_h0=state,
-                                          has_lengths=state, reverse=True, stamps=stamps),
+                                          has_lengths=state, reverse=True, stamps=stamps,
+                                          exchange=exchange),
                       POLL_BACKOFF_NS=poll_backoff_ns)
     num_warps = 4 * constexprs["SPLITS"]     # a warp a part: four gates of SPLITS parts
     compiled = compile_one(br.lstm_backward_registers_kernel, types, constexprs, num_warps)
-    return compiled_row(compiled, kernel="registers-backward", dtype=dtype_name, B=batch,
-                        H=hidden, D=directions, proj=0, tile=f"{br.ROWS}x{br.UNITS}",
-                        resident=True, split_k=constexprs["CHUNKS"], warps=num_warps)
+    row = compiled_row(compiled, kernel="registers-backward-exchange" if exchange
+                       else "registers-backward", dtype=dtype_name, B=batch, H=hidden,
+                       D=directions, proj=0, tile=f"{br.ROWS}x{br.UNITS}", resident=True,
+                       split_k=constexprs["CHUNKS"], warps=num_warps)
+    if exchange:
+        row.update(exchange_fields(compiled, br.exchange_pushes(
+            br.exchange_programs(hidden, dtype), dtype)))
+    return row
 
 
 def report_ring(dtype_name, batch, hidden, directions=1, config=None, state=True, stamps=False):
@@ -389,7 +404,7 @@ def main():
     parser.add_argument("--kernels", nargs="+", default=["forward", "backward"],
                         choices=["forward", "backward", "wavefront", "wavefront-backward",
                                  "registers", "registers-exchange", "registers-backward",
-                                 "registers-operands",
+                                 "registers-backward-exchange", "registers-operands",
                                  "ring"])
     parser.add_argument("--layers", type=int, default=2,
                         help="layers of the wavefront kernels (reported in column D)")
@@ -444,10 +459,11 @@ def reports(args, config):
                 elif kernel_name == "ring":
                     yield report_ring(dtype_name, batch, hidden, args.directions, config,
                                       not args.no_state, args.stamps)
-                elif kernel_name == "registers-backward":
+                elif kernel_name.startswith("registers-backward"):
                     yield report_registers_backward(dtype_name, batch, hidden, args.directions,
                                                     args.poll_backoff, not args.no_state,
-                                                    args.stamps)
+                                                    args.stamps,
+                                                    kernel_name.endswith("-exchange"))
                 elif kernel_name.startswith("wavefront"):
                     yield report_wavefront(dtype_name, batch, hidden, args.layers, config,
                                            kernel_name, args.dropout)

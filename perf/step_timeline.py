@@ -79,9 +79,10 @@ ROWS = [
     ("small", "forward", "fp16", 8, 256, ["bb16-bh16-res-bk64-sk1-w4-cl-ds"]),
     ("small", "forward", "bf16", 8, 512, ["bb16-bh32-res-bk64-sk1-w4-cl-ds"]),
     ("small", "backward", "fp16", 8, 256, ["bb16-bh16-res-bk64-sk1-w4-cl-ds"]),
-    # The registers forward pushing h through its cluster (forward_registers.py, EXCHANGE).
+    # The registers kernels pushing h (dG) through their cluster (EXCHANGE).
     ("small", "forward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
     ("small", "forward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
+    ("small", "backward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
 ]
 FIELDS = ["group", "kernel", "dtype", "B", "H", "T", "config", "ran", "programs", "period_us",
           "busy_us", "wait_us", "after_wait_us", "release_us", "handoff_us", "skew_us",

@@ -12,9 +12,9 @@ config's tl tile ran instead; its rows can set the kernels' knobs after the labe
 "@backoff=NS" pauses between polls, "@load=4" loads h or dG 4 bytes at a time, the mma.sync
 fragments' own layout, "@splits=2" gives the backward two warps a gate, "@warps=8" the
 forward that pushes h programs of 8 warps; the group "split" has the backward's rows with
-two warps a gate, the group "pushed" the registers forward pushing h through its cluster,
-beside it reading h from L2; a row says "not run (h read from L2)" where no cluster
-launched). Each row runs one kernel
+two warps a gate, the group "pushed" the registers forward pushing h (the backward dG)
+through its cluster, beside it reading them from L2; a row says "not run (read from L2)"
+where no cluster launched). Each row runs one kernel
 (forward: lstm_forward with save as in training; backward: lstm_backward on that
 forward's saved values) at T steps, D = 1, I = H, and compares its outputs with the
 heuristic config's (a variant must compute the same function). Every config is first
@@ -176,6 +176,13 @@ EXPERIMENTS = [
     ("pushed", "forward", "bf16", 1, 512, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
     ("pushed", "forward", "fp16", 16, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
     ("pushed", "forward", "fp32", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),   # tf32
+    # The registers backward pushing dG through its cluster (backward_registers.py), H <= 256.
+    ("pushed", "backward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df-rg",
+                                            "bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
+    ("pushed", "backward", "bf16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
+    ("pushed", "backward", "bf16", 1, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
+    ("pushed", "backward", "fp16", 16, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
+    ("pushed", "backward", "fp32", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),  # tf32
 ]
 FIELDS = ["group", "kernel", "dtype", "B", "H", "T", "config", "heuristic", "median_us", "q20_us",
           "q80_us", "max_rel_diff", "status", "gpu", "torch", "triton"]
@@ -319,7 +326,7 @@ def main() -> int:
                         row["status"] = "not run (its tl tile ran)"
                     elif (config.registers and config.dsmem
                           and launch_counts["clustered"] == clustered):
-                        row["status"] = "not run (h read from L2)"
+                        row["status"] = "not run (read from L2)"
                     else:
                         ms = bench_ms(run, warmup_ms=25, rep_ms=100)
                         row.update(median_us=ms[0] * 1e3 / T, q20_us=ms[1] * 1e3 / T,

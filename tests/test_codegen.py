@@ -260,6 +260,27 @@ def test_sm90_registers_forward_pushing_h_reads_it_from_shared_memory_only():
         assert row["spill"] == 0 or (row["dtype"] == "fp32" and row["spill"] <= 16), where
 
 
+def test_sm90_registers_backward_pushing_dg_reads_it_from_shared_memory_only():
+    """The registers backward with dG pushed through its cluster (backward_registers.py,
+    EXCHANGE): dG read from the exchange slot straight into the MMA's operand registers, 16
+    bytes a load, never from L2 (barrier "dsmem"); as many st.async as the launch counts on;
+    the partial sums of dh still meeting in shared memory (its one barrier a stage, and one
+    where a slot is reused), the launch parameters dispatch.launch_in_clusters rewrites; no
+    spill."""
+    rows = compile_report(["--kernels", "registers-backward-exchange", "--shapes", "8x256",
+                           "3x100", "--dtypes", "bf16", "fp16", "fp32", "--directions", "2"])
+    assert len(rows) == 6
+    for row in rows:
+        where = {k: row[k] for k in ("dtype", "H", "warps", "regs", "spill", "triton")}
+        assert row["ptxas_ok"] and row["spill"] == 0, where
+        assert row["warps"] == 4 and row["barrier"] == "dsmem" and row["mma"] == "mma.sync", where
+        assert row["pushes"] == row["launch_pushes"], where | {"pushes": row["pushes"]}
+        # 16-byte loads of dG, 4-byte ones of the partial sums
+        assert row["shared_load_bytes"] == [4, VECTOR_BYTES], where
+        assert row["bar_sync"] <= 2, where | {"bar_sync": row["bar_sync"]}
+        assert row["launch_parameters"] == [4, 1, row["shared"]], where
+
+
 def test_sm90_ring_forward_keeps_its_weights_in_shared_memory():
     """kernels/forward_ring.py's premise: the weight slice in shared memory for the whole
     sequence (the kernel's one large allocation beside a ring of [64, 64] chunks of h and the

@@ -214,17 +214,72 @@ def test_registers_forward_pushes_h_where_its_programs_make_a_cluster(hidden, dt
     assert launches[-1][0] == "L2" and launches[-1][4:6] == (1, False)
 
 
-def test_a_registers_config_with_dsmem_has_the_registers_forward_push_h(monkeypatch):
-    from triton_lstm.kernels import forward, forward_registers
+@pytest.mark.parametrize("hidden, dtype, arch, fits, want", [
+    (256, torch.float16, 9, True, ("clusters", 16)),     # 16 programs of 16 units
+    (100, torch.float32, 9, True, ("clusters", 7)),
+    (256, torch.float16, 9, False, ("L2", None)),         # the cluster cannot be resident
+    (160, torch.float16, 9, True, ("L2", None)),          # 10 programs: no such cluster
+    (512, torch.bfloat16, 9, True, ("L2", None)),         # 32 programs: past a cluster
+    (256, torch.float16, 8, True, ("L2", None)),          # no clusters before sm_90
+])
+def test_registers_backward_pushes_dg_where_its_programs_make_a_cluster(hidden, dtype, arch,
+                                                                        fits, want,
+                                                                        monkeypatch):
+    """kernels/backward_registers.py with ``exchange``: each batch block's programs as one
+    cluster, with the exchange's shared memory and its count of st.async, and nothing polled
+    (dG not filled with the mark); elsewhere the kernel reading dG from L2."""
+    from triton_lstm.kernels import backward_registers, forward_registers
+    launches = []
+
+    def in_clusters(kernel, grid, args, flags, cluster, extra_shared, pushes):
+        launches.append(("clusters", cluster, grid, flags["EXCHANGE"], extra_shared, pushes,
+                         args[8]))
+        return fits
+
+    def resident(kernel, args, grid, constexprs, tile, device):
+        launches.append(("L2", None, grid, constexprs["EXCHANGE"], None, None, args[8]))
+        return True
+
+    monkeypatch.setattr(backward_registers, "launch_in_clusters", in_clusters)
+    monkeypatch.setattr(forward_registers, "launch_resident", resident)
+    monkeypatch.setattr(tuning, "device_arch", lambda device: (arch, 0, 132))
+    T, B = 3, 10
+    gates, c_all = torch.rand(1, T, B, 4 * hidden), torch.rand(1, T, B, hidden)
+    w_hh = torch.randn(1, 4 * hidden, hidden).to(dtype)
+    dy = torch.randn(T, B, hidden).to(dtype)
+    dgates = backward_registers.lstm_backward_registers(dy, None, None, gates, c_all, None, None,
+                                                        w_hh, reverse=True, exchange=True)[0]
+    kind, cluster = want
+    launched = launches[-1]
+    assert launched[:2] == want and launched[6] is dgates
+    assert launched[2] == (2 * -(-hidden // 16), 1) and launched[3] == (kind == "clusters")
+    marked = (dgates.view(torch.int16 if dtype.itemsize == 2 else torch.int32) == -1).all()
+    if kind == "clusters":
+        row_bytes = 4 * triton.next_power_of_2(hidden) * dtype.itemsize + 64
+        assert launched[4] == 2 * 8 * row_bytes + 16
+        assert launched[5] == 2 * cluster * (2 if dtype.itemsize == 2 else 4)
+        assert len(launches) == 1
+    else:
+        assert marked, "the slots that programs poll are filled with the unwritten mark"
+
+
+def test_a_registers_config_with_dsmem_has_the_registers_kernels_push(monkeypatch):
+    from triton_lstm.kernels import backward, backward_registers, forward, forward_registers
     asked = []
-    monkeypatch.setattr(forward_registers, "runs_here", lambda *a, **k: True)
+    for module in (forward_registers, backward_registers):
+        monkeypatch.setattr(module, "runs_here", lambda *a, **k: True)
     monkeypatch.setattr(forward_registers, "lstm_forward_registers",
                         lambda *a, exchange, **k: asked.append(exchange) or (None,) * 5)
+    monkeypatch.setattr(backward_registers, "lstm_backward_registers",
+                        lambda *a, exchange, **k: asked.append(exchange) or (None,) * 3)
     gx, w_hh = torch.randn(2, 3, 64), torch.randn(1, 64, 16)
+    gates, c_all = torch.rand(1, 2, 3, 64), torch.rand(1, 2, 3, 16)
     for dsmem in (False, True):
         config = KernelConfig(block_b=16, block_h=8, dataflow=True, registers=True, dsmem=dsmem)
         forward.lstm_forward(gx, w_hh, None, None, None, save=False, config=config)
-    assert asked == [False, True]
+        backward.lstm_backward(torch.randn(2, 3, 16), None, None, gates, c_all, None, None,
+                               w_hh, config=config)
+    assert asked == [False, False, True, True]
 
 
 def test_nearest_shape_batch_bucket_and_hidden():

@@ -661,6 +661,32 @@ def forwards_with_nan_and_inf(configs, count, flag):
     return gx, w_hh, runs
 
 
+def backwards_with_nan_and_inf(configs, count, flag):
+    """lstm_backward of both directions (fp16, T = 32, B = 8, H = 256; dy with a NaN in row 0
+    at step 20 and an inf in row 1 at step 9) on one forward's saved values under each
+    config, its dG, dh0 and dc0. Each run counts one launch_counts[count] where its config
+    has `flag`; all runs put their NaNs in the same places. Returns gx, w_hh, dy and the
+    runs."""
+    from triton_lstm.kernels.backward import lstm_backward
+    T, B, H = 32, 8, 256
+    gx = torch.randn(T, B, 8 * H, device="cuda", dtype=torch.float16)
+    w_hh = (torch.randn(2, 4 * H, H, device="cuda") / H ** 0.5).half()
+    gates, c_all = lstm_forward(gx, w_hh, None, None, None, save=True)[3:5]
+    dy = torch.randn(T, B, 2 * H, device="cuda", dtype=torch.float16)
+    dy[20, 0, :4] = float("nan")
+    dy[9, 1, H:H + 4] = float("inf")
+    runs = []
+    for config in configs:
+        before = launch_counts[count]
+        runs.append(lstm_backward(dy, None, None, gates, c_all, None, None, w_hh,
+                                  config=config)[:3])
+        assert launch_counts[count] == before + getattr(config, flag)
+    for k, outputs in enumerate(zip(*runs)):
+        assert outputs[0].isnan().any(), k
+        assert all(torch.equal(outputs[0].isnan(), other.isnan()) for other in outputs[1:]), k
+    return gx, w_hh, dy, runs
+
+
 def outputs_and_gradients(module, x, hx, lengths, upstream=None):
     """A layer's outputs (packed data where `lengths`) and the gradients of their sum against
     `upstream` (random when None) for the input, the parameters and the state, and upstream."""
@@ -810,6 +836,43 @@ def test_registers_forward_replays_from_a_cuda_graph_like_eager():
         static_gx, "registers", 3)
 
 
+def small_layer_problem(form, batch, hidden, dtype_name, T=24):
+    """A layer's recurrences' inputs (T steps, I = H, both directions where `form` is
+    "packed-bidir", with lengths; an initial state, dh_n and dc_n where it is "state"): gx,
+    w_hh, h0, c0, lengths, dy, dh_n, dc_n (None where the form has none)."""
+    dtype = DTYPES[dtype_name][0]
+    D = 2 if form == "packed-bidir" else 1
+    gx = torch.randn(T, batch, D * 4 * hidden, device="cuda", dtype=dtype)
+    w_hh = (torch.randn(D, 4 * hidden, hidden, device="cuda") / hidden ** 0.5).to(dtype)
+    dy = torch.randn(T, batch, D * hidden, device="cuda", dtype=dtype)
+    h0 = c0 = lengths = dh_n = dc_n = None
+    if form == "state":
+        h0, c0, dh_n = torch.randn(3, D, batch, hidden, device="cuda", dtype=dtype)
+        dc_n = torch.randn(D, batch, hidden, device="cuda")
+    if form == "packed-bidir":
+        lengths = torch.randint(1, T + 1, (batch,), device="cuda", dtype=torch.int32)
+    return gx, w_hh, h0, c0, lengths, dy, dh_n, dc_n
+
+
+def assert_pushing_equals_reading(run):
+    """`run(config)` with the registers kernels reading their state from L2 and pushing it
+    through their cluster (PUSHED): a registers launch each, the second in clusters, and
+    bitwise equal outputs (the same MMAs and sums in the same order on the same values),
+    all finite."""
+    from triton_lstm.tuning import config_from_label
+    pushing = config_from_label(PUSHED)
+    runs = []
+    with tf32(True):
+        for config in (dataclasses.replace(pushing, dsmem=False), pushing):
+            before = launch_counts.copy()
+            runs.append(run(config))
+            assert launch_counts["registers"] == before["registers"] + 1
+            assert launch_counts["clustered"] == before["clustered"] + config.dsmem
+    for k, (read, pushed) in enumerate(zip(*runs)):
+        assert torch.isfinite(read).all(), k
+        assert torch.equal(pushed, read), k
+
+
 @pytest.mark.timeout(120)    # a push that never lands traps (dsmem.WAIT_LIMIT) before this
 @pytest.mark.parametrize("form, batch, hidden, dtype_name, warps", [
     ("packed-bidir", 8, 256, "fp16", None),      # clusters of 16 programs of 4 warps
@@ -830,29 +893,10 @@ def test_registers_forward_with_pushed_h_computes_what_it_computes_reading_it(
     directions in one grid, packed lengths, an initial state, partial unit and batch blocks,
     programs of one warp to eight."""
     from triton_lstm.kernels import forward_registers
-    from triton_lstm.tuning import config_from_label
     monkeypatch.setattr(forward_registers, "EXCHANGE_WARPS", warps)
-    pushing = config_from_label(PUSHED)
-    reading = dataclasses.replace(pushing, dsmem=False)
-    dtype = DTYPES[dtype_name][0]
-    T, D = 24, 2 if form == "packed-bidir" else 1
-    gx = torch.randn(T, batch, D * 4 * hidden, device="cuda", dtype=dtype)
-    w_hh = (torch.randn(D, 4 * hidden, hidden, device="cuda") / hidden ** 0.5).to(dtype)
-    h0 = c0 = lengths = None
-    if form == "state":
-        h0, c0 = torch.randn(2, D, batch, hidden, device="cuda", dtype=dtype)
-    if form == "packed-bidir":
-        lengths = torch.randint(1, T + 1, (batch,), device="cuda", dtype=torch.int32)
-    runs = []
-    with tf32(True):
-        for config in (reading, pushing):
-            before = launch_counts.copy()
-            runs.append(lstm_forward(gx, w_hh, h0, c0, lengths, save=True, config=config)[:5])
-            assert launch_counts["registers"] == before["registers"] + 1
-            assert launch_counts["clustered"] == before["clustered"] + config.dsmem
-    for k, (read, pushed) in enumerate(zip(*runs)):
-        assert torch.isfinite(read).all(), k
-        assert torch.equal(pushed, read), k
+    gx, w_hh, h0, c0, lengths, *_ = small_layer_problem(form, batch, hidden, dtype_name)
+    assert_pushing_equals_reading(
+        lambda config: lstm_forward(gx, w_hh, h0, c0, lengths, save=True, config=config)[:5])
 
 
 @pytest.mark.timeout(120)
@@ -886,7 +930,7 @@ def test_registers_forward_with_pushed_h_replays_from_a_cuda_graph_like_eager():
     ("forward", "bb16-bh8-res-bk64-sk1-w4"), ("forward", "bb16-bh8-res-bk64-sk1-w4-df"),
     ("forward", REGISTERS), ("forward", PUSHED), ("forward", "bb64-bh16-str-bk64-sk4-w8-st5-rn"),
     ("backward", "bb16-bh8-res-bk64-sk1-w4"), ("backward", "bb32-bh32-str-bk64-sk4-w8-st3-gs"),
-    ("backward", REGISTERS)])
+    ("backward", REGISTERS), ("backward", PUSHED)])
 def test_a_kernel_recording_its_timeline_computes_the_same_and_stamps_every_step(kernel, label):
     """kernels/timeline.py: stamps change nothing a kernel computes, and every program records
     every step (the backward: stage) in order: it begins, has what it waits for (where it
@@ -1002,25 +1046,12 @@ def test_ring_forward_equals_its_tl_tile_on_nan_input_and_replays_from_a_cuda_gr
 def test_registers_backward_with_nan_and_inf_input_ends_and_matches_the_barrier_path():
     """A NaN or inf in the gradients is never taken for the unwritten mark: the backward ends,
     its NaNs are the barrier path's, and the rows without NaN match float64 as closely."""
-    from triton_lstm.kernels.backward import lstm_backward
     from triton_lstm.reference import lstm_layer_reference
     from triton_lstm.tuning import config_from_label
     config = config_from_label(REGISTERS)
-    T, B, H = 32, 8, 256
-    gx = torch.randn(T, B, 8 * H, device="cuda", dtype=torch.float16)
-    w_hh = (torch.randn(2, 4 * H, H, device="cuda") / H ** 0.5).half()
-    gates, c_all = lstm_forward(gx, w_hh, None, None, None, save=True)[3:5]
-    dy = torch.randn(T, B, 2 * H, device="cuda", dtype=torch.float16)
-    dy[20, 0, :4] = float("nan")
-    dy[9, 1, H:H + 4] = float("inf")
-    runs = []
-    for run_config in (dataclasses.replace(config, registers=False), config):
-        before = launch_counts["registers"]
-        runs.append(lstm_backward(dy, None, None, gates, c_all, None, None, w_hh,
-                                  config=run_config)[:3])
-        assert launch_counts["registers"] == before + run_config.registers
-    for k, (barrier, registers) in enumerate(zip(*runs)):
-        assert barrier.isnan().any() and torch.equal(barrier.isnan(), registers.isnan()), k
+    gx, w_hh, dy, runs = backwards_with_nan_and_inf(
+        (dataclasses.replace(config, registers=False), config), "registers", "registers")
+    H = w_hh.shape[2]
     # Rows are independent: rows 2.. have neither, against float64 (gx through an identity
     # W_ih, so the gradient of gx is dG).
     rows = slice(2, None)
@@ -1031,6 +1062,44 @@ def test_registers_backward_with_nan_and_inf_input_ends_and_matches_the_barrier_
     assert_within_twice_the_reference_error([runs[1][0][:, rows]], [runs[0][0][:, rows]], want,
                                             DTYPES["fp16"][2], ["dG"],
                                             theirs_name="the barrier path")
+
+
+@pytest.mark.timeout(120)    # a push that never lands traps (dsmem.WAIT_LIMIT) before this
+@pytest.mark.parametrize("form, batch, hidden, dtype_name", [
+    ("packed-bidir", 8, 256, "fp16"),      # clusters of 16 programs
+    ("state", 13, 256, "bf16"),            # two batch blocks, the second of 5 rows
+    ("state", 3, 100, "fp16"),             # clusters of 7, the last program with 4 units
+    ("plain", 1, 64, "bf16"),
+    ("packed-bidir", 8, 256, "fp32-tf32"),
+])
+def test_registers_backward_with_pushed_dg_computes_what_it_computes_reading_it(
+        form, batch, hidden, dtype_name):
+    """The registers backward with dG pushed through each batch block's cluster (kernels/
+    backward_registers.py, EXCHANGE) against the same kernel reading dG from L2, on one
+    forward's saved values: bitwise equal dG, dh0 and dc0 (the same MMAs and sums in the same
+    order, the same dG), with both directions in one grid, packed lengths, dh_n and dc_n, c0,
+    partial unit and batch blocks."""
+    from triton_lstm.kernels.backward import lstm_backward
+    gx, w_hh, h0, c0, lengths, dy, dh_n, dc_n = small_layer_problem(form, batch, hidden,
+                                                                    dtype_name)
+    with tf32(True):
+        gates, c_all = lstm_forward(gx, w_hh, h0, c0, lengths, save=True)[3:5]
+    assert_pushing_equals_reading(
+        lambda config: lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh,
+                                     config=config)[:3])
+
+
+@pytest.mark.timeout(120)
+def test_registers_backward_with_pushed_dg_and_nan_and_inf_input_ends_as_reading_it():
+    """The push waits on bytes, never on values: NaN and inf in the gradients change nothing
+    about when a stage ends, and dG equals the kernel's reading dG from L2."""
+    from triton_lstm.tuning import config_from_label
+    config = config_from_label(PUSHED)
+    *_, runs = backwards_with_nan_and_inf((dataclasses.replace(config, dsmem=False), config),
+                                          "clustered", "dsmem")
+    for k, (read, pushed) in enumerate(zip(*runs)):
+        torch.testing.assert_close(pushed.nan_to_num(), read.nan_to_num(), rtol=0, atol=0,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.timeout(120)

@@ -507,7 +507,8 @@ def test_registers_forward_exchange_lands_h_where_its_loads_read_it(H, dtype, wa
         return tl.reshape(tl.permute(tl.join(odd, even), [0, 2, 1]), [units, n])
 
     _, namespace = interpreted_gluon(
-        fr, "lstm_forward_registers_kernel", ("_row_pairs", "_push", "_receive_h"),
+        fr, "lstm_forward_registers_kernel", ("_row_pairs", "_pair_bits", "_push",
+                                              "_receive_h"),
         dict(send_to=memory.send_to, _shared_load=memory.shared_load,
              _unit_beside=triton.jit(beside)))
 
@@ -565,6 +566,82 @@ def test_registers_forward_exchange_lands_h_where_its_loads_read_it(H, dtype, wa
         receive[(1,)](out, y, hp, kc, constexprs["CHUNKS"], constexprs["K_WIDTH"], slot,
                       row_bytes, fr.exchange_slot, namespace["_receive_h"])
         assert torch.equal(out, h), rank
+
+
+@pytest.mark.parametrize("H, dtype", [(64, torch.float16), (256, torch.bfloat16),
+                                      (100, torch.float16), (48, torch.float32)])
+def test_registers_backward_exchange_lands_dg_where_its_loads_read_it(H, dtype):
+    """kernels/backward_registers.py's exchange, its own code (_push_dg, _receive_dg) under the
+    interpreter: every program of a cluster pushes dG of its 16 units for 8 rows (16-bit dG
+    as pairs of units after the shuffle with the lane beside, the lane of unit 2u sending
+    gates i and f, that of 2u + 1 gates g and o; fp32 gate by gate), and every program then
+    reads each gate's dG^T back as the MMA's operand tiles: each 32 bits of the phase pushed
+    once to each program, a phase's bytes what the mbarrier is armed for, and the tiles dG^T
+    exactly (zeros past H)."""
+    from triton_lstm.kernels import backward_registers as br
+    memory = _ClusterMemory(dtype.itemsize)
+
+    def beside(x):     # lane ^ 1: unit 2u's and 2u + 1's values swapped
+        rows, units = x.shape[0], x.shape[1]
+        even, odd = tl.split(tl.reshape(x, [rows, units // 2, 2]))
+        return tl.reshape(tl.join(odd, even), [rows, units])
+
+    _, namespace = interpreted_gluon(
+        br, "lstm_backward_registers_kernel", ("_pair_bits", "_push_dg", "_receive_dg"),
+        dict(send_to=memory.send_to, _shared_load=memory.shared_load,
+             _lane_beside=triton.jit(beside)))
+
+    @triton.jit
+    def push(dg, out, i_h, HP: tl.constexpr, GROUP: tl.constexpr, SLOT: tl.constexpr,
+             ROW_BYTES: tl.constexpr, PUSH: tl.constexpr):
+        # the cell tiles of program i_h: its 16 units of 8 rows, a gate each
+        rows = tl.arange(0, 8)
+        o_u = i_h * 16 + tl.arange(0, 16)
+        p = dg + rows[:, None] * (4 * HP) + o_u[None, :]
+        PUSH(tl.load(p).to(tl.float32), tl.load(p + HP).to(tl.float32),
+             tl.load(p + 2 * HP).to(tl.float32), tl.load(p + 3 * HP).to(tl.float32), o_u, rows,
+             0, SLOT, 1, ROW_BYTES, HP, GROUP, out)
+
+    @triton.jit
+    def receive(out, HP: tl.constexpr, KC: tl.constexpr, CHUNKS: tl.constexpr,
+                K_WIDTH: tl.constexpr, SLOT: tl.constexpr, ROW_BYTES: tl.constexpr,
+                EXCHANGE_SLOT: tl.constexpr, RECEIVE: tl.constexpr):
+        o_part, o_k, rows = tl.arange(0, 4), tl.arange(0, KC), tl.arange(0, 8)
+        slot, _, _ = EXCHANGE_SLOT(0, SLOT, 1)
+        tiles = RECEIVE(slot, rows, o_part, o_k, ROW_BYTES, HP, KC, CHUNKS, K_WIDTH, out)
+        for chunk in tl.static_range(CHUNKS):
+            tl.store(out + rows[None, None, :] * (4 * HP) + (o_part * HP)[:, None, None]
+                     + (chunk * KC + o_k)[None, :, None], tiles[chunk])
+
+    group = br.exchange_programs(H, dtype)
+    constexprs = br.kernel_constants(H, 1, dtype, "ieee", has_dy=False, has_dhn=False,
+                                     has_h0=False, has_lengths=False, reverse=False,
+                                     exchange=True)
+    hp, kc = constexprs["HP"], constexprs["HP"] // constexprs["CHUNKS"]
+    row_bytes = 4 * hp * dtype.itemsize + br.ROW_PAD_BYTES
+    slot = br.ROWS * row_bytes
+    assert 2 * slot + 16 == br.exchange_bytes(H, dtype)
+    dg = torch.zeros(br.ROWS, 4, hp, dtype=dtype)
+    dg[:, :, :H] = torch.randn(br.ROWS, 4, H).to(dtype)
+    dg = dg.reshape(br.ROWS, 4 * hp)
+    for i_h in range(group):
+        push[(1,)](dg, torch.empty(1, dtype=dtype), i_h, hp, group, slot, row_bytes,
+                   namespace["_push_dg"])
+    sent = br.ROWS * 16 * group * 4 * dtype.itemsize     # each program's phase
+    for rank in range(group):
+        assert 4 * sum(r == rank for r, _ in memory.words) == sent, rank
+    for rank in range(group):
+        memory.reader = rank
+        for k in range(16 * group, hp):        # units no program has: zeroed first
+            for gate in range(4):
+                for n in range(br.ROWS):
+                    memory.words.setdefault(
+                        (rank, slot + (n * row_bytes + (gate * hp + k) * dtype.itemsize)
+                         // 4 * 4), 0)
+        out = torch.full((br.ROWS, 4 * hp), float("nan"), dtype=dtype)    # poisoned
+        receive[(1,)](out, hp, kc, constexprs["CHUNKS"], constexprs["K_WIDTH"], slot,
+                      row_bytes, br.exchange_slot, namespace["_receive_dg"])
+        assert torch.equal(out, dg), rank
 
 
 def interpreted_ring_kernel():

@@ -74,10 +74,10 @@ class KernelConfig:
     (kernels/backward_registers.py), where they run (bf16/fp16 with H <= 512, fp32 in tf32
     with H <= 256; the backward H <= 1024, fp32 512, two warps a gate past those; no
     projection, restarts, checkpoints or chunks; every program resident); with dsmem too,
-    the registers forward runs each batch block's programs (several warps each) as one
-    cluster that pushes h through shared memory (sm_90+, clusters of 2-8 programs or 16:
-    forward_registers.exchange_shape), elsewhere it reads h from L2; elsewhere this
-    config's tile; ring (the forward): its tile (64 rows, streamed, inner_stages the ring's
+    the registers kernels run each batch block's programs as one cluster that pushes h (dG)
+    through shared memory (sm_90+, clusters of 2-8 programs or 16: forward_registers.
+    exchange_shape, backward_registers.exchange_programs), elsewhere they read it from L2;
+    elsewhere this config's tile; ring (the forward): its tile (64 rows, streamed, inner_stages the ring's
     slots) in kernels/forward_ring.py, with the weight slice in shared memory for the whole
     sequence and h read into a ring of cp.async copies, where that runs (bf16 / fp16, the
     slice in shared memory, no projection, restarts, checkpoints or chunks, every program

@@ -500,7 +500,8 @@ def lstm_backward(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, w_hr=None, *,
         if backward_registers.runs_here(H, dtype, device, proj=proj, restarts=restarts is not None,
                                         force_stepped=force_stepped):
             outputs = backward_registers.lstm_backward_registers(
-                dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, reverse=reverse, stamps=stamps)
+                dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, reverse=reverse, stamps=stamps,
+                exchange=config.dsmem)      # dsmem: dG pushed through each batch block's cluster
             if outputs is not None:
                 return outputs + (None, None, None, None)
         config = dataclasses.replace(config, registers=False)

@@ -23,6 +23,13 @@ forward_registers.py, whose shape it follows where the backward allows:
   it is the mark. A warp sees only its own gate's columns, so the warps agree through
   shared memory whether to poll again (a flag each, behind a second `bar.sync`).
 
+With EXCHANGE (config ``dsmem``), where a batch block's programs make one cluster (H <= 256,
+one warp a gate), each program pushes its dG_t into every program's shared memory instead
+(dsmem.py's protocol, as forward_registers.py pushes h): a stage waits on its own mbarrier
+and reads dG_{t+1} from shared memory straight into the operand registers, nothing from
+L2 and no polls. 16-bit dG goes as pairs of units (a shuffle with the lane beside: the lane
+of unit 2u sends gates i and f of units 2u, 2u + 1, the lane of 2u + 1 gates g and o).
+
 It runs persistently or not at all: every program must be resident (the launcher checks),
 for bf16 / fp16, and fp32 where its dots may use tf32 (nn.LSTM's rule), without
 projection or restarts; elsewhere the `tl` kernel runs (backward.py, config
@@ -35,14 +42,18 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from ..dispatch import (KernelConfig, cdiv, dot_precision, padded, registers_backward_fits,
-                        registers_forward_fits)
+from .. import tuning
+from ..dispatch import (KernelConfig, cdiv, dot_precision, launch_counts, launch_in_clusters,
+                        padded, registers_backward_fits, registers_forward_fits)
 from . import forward_registers, timeline
 from .backward import cell_gradients, load_saved
 from .barrier import either, fill_unwritten, interpreting
+from .dsmem import (arm, cluster_sync, exchange_setup, exchange_slot, region_base, send_to,
+                    wait_phase)
 from .forward import rounded_to, step_rows, store_gates
-from .forward_registers import (ROWS, _lengths, _merged_marks, _pause, _program_block,
-                                _warps_barrier, chunks, operand_width)
+from .forward_registers import (ROW_PAD_BYTES, ROWS, _lengths, _merged_marks, _pair_bits,
+                                _pause, _program_block, _shared_load, _warps_barrier,
+                                _zero_shared, chunks, operand_width)
 
 
 UNITS = 16                # hidden units per program: the MMA's M side in each gate's warp
@@ -80,6 +91,67 @@ def _any_unwritten(tiles, flags, poll, CHUNKS: gl.constexpr, FLAGS: gl.constexpr
 
 
 @gluon.jit
+def _receive_dg(slot, rows, o_part, o_k, ROW_BYTES: gl.constexpr, HP: gl.constexpr,
+                KC: gl.constexpr, CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr, dgates):
+    """dG_{t+1}^T (dgates' dtype) as _load_dg's operand tiles, from this program's exchange
+    slot: a row of 4 HP elements a batch row (`rows`: the batch block's, 0 ..), gate k's
+    columns from k HP, rows ROW_BYTES apart."""
+    ITEM: gl.constexpr = dgates.dtype.element_ty.primitive_bitwidth // 8
+    tiles = ()
+    for chunk in gl.static_range(CHUNKS):
+        col = (o_part * HP)[:, None] + (chunk * KC + o_k)[None, :]
+        addr = slot + rows[None, None, :] * ROW_BYTES + col[:, :, None] * ITEM
+        tiles = tiles + (_shared_load(addr, dgates, K_WIDTH),)
+    return tiles
+
+
+@gluon.jit
+def _lane_beside(x):
+    """Each register's value in lane ^ 1: the same row of the unit beside (2u and 2u + 1)."""
+    return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 31, 0xffffffff;", "=f,f",
+                                     [x], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _push_dg(b_dgi, b_dgf, b_dgg, b_dgo, o_u, rows, base, SLOT: gl.constexpr, j,
+             ROW_BYTES: gl.constexpr, HP: gl.constexpr, GROUP: gl.constexpr, dgates):
+    """This program's dG (four [row, unit] fp32 tiles, a lane one unit of one row; `rows`:
+    the batch block's, 0 ..) into exchange j's slot of every program of the cluster, in
+    dgates' dtype as the kernel stores it: gate k of unit u at column k HP + u. 16-bit dG
+    goes as pairs of units, fp32 as it is."""
+    slot, mbar, _ = exchange_slot(base, SLOT, j)
+    ITEM: gl.constexpr = dgates.dtype.element_ty.primitive_bitwidth // 8
+    unit = o_u[None, :] + 0 * rows[:, None]
+    row = rows[:, None] + 0 * o_u[None, :]
+    valid = unit >= 0
+    if ITEM == 2:
+        # The lane of unit 2u sends gates i, f of units 2u, 2u + 1; the lane of 2u + 1 g, o.
+        odd = unit % 2
+        beside_1 = _lane_beside(gl.where(odd == 1, b_dgi, b_dgg))
+        beside_2 = _lane_beside(gl.where(odd == 1, b_dgf, b_dgo))
+        bits_1 = _pair_bits(gl.where(odd == 1, beside_1, b_dgi),
+                            gl.where(odd == 1, b_dgg, beside_1), dgates)
+        bits_2 = _pair_bits(gl.where(odd == 1, beside_2, b_dgf),
+                            gl.where(odd == 1, b_dgo, beside_2), dgates)
+        addr = slot + row * ROW_BYTES + (2 * odd * HP + unit - odd) * 2
+        for rank in gl.static_range(GROUP):
+            send_to(addr, bits_1, mbar, rank + 0 * unit, valid)
+            send_to(addr + HP * 2, bits_2, mbar, rank + 0 * unit, valid)
+    else:
+        DT = dgates.dtype.element_ty
+        addr = slot + row * ROW_BYTES + unit * 4
+        for rank in gl.static_range(GROUP):
+            send_to(addr, rounded_to(b_dgi, DT).to(gl.int32, bitcast=True), mbar,
+                    rank + 0 * unit, valid)
+            send_to(addr + HP * 4, rounded_to(b_dgf, DT).to(gl.int32, bitcast=True), mbar,
+                    rank + 0 * unit, valid)
+            send_to(addr + HP * 8, rounded_to(b_dgg, DT).to(gl.int32, bitcast=True), mbar,
+                    rank + 0 * unit, valid)
+            send_to(addr + HP * 12, rounded_to(b_dgo, DT).to(gl.int32, bitcast=True), mbar,
+                    rank + 0 * unit, valid)
+
+
+@gluon.jit
 def _load_dy(dy, step, length, m_b, B, o_b, o_u, m_u, YS: gl.constexpr, HAS_DY: gl.constexpr,
              reverse):
     """dy at processing step `step` as a [row, unit] tile in fp32, zeros for rows not running
@@ -105,6 +177,7 @@ def lstm_backward_registers_kernel(
     lengths,   # [B]            int32 sequence lengths, read when HAS_LENGTHS
     w_hh,      # [D, 4H, H]     input dtype
     dgates,    # [T, B, D, 4H]  out: dG_t, input dtype, filled with all-ones bits by the caller
+               #                (but for EXCHANGE)
     dh0,       # [D, B, H]      out: grad of h0, input dtype
     stamps,    # [T, MAX_PROGRAMS, EVENTS] int64 out when STAMPS: stages 0 .. T - 1's timeline
     T, B,
@@ -112,7 +185,7 @@ def lstm_backward_registers_kernel(
     BLOCK_B: gl.constexpr, CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr,
     DOT_PRECISION: gl.constexpr, HAS_DY: gl.constexpr, HAS_DHN: gl.constexpr, HAS_H0: gl.constexpr,
     HAS_LENGTHS: gl.constexpr, REVERSE: gl.constexpr, POLL_BACKOFF_NS: gl.constexpr,
-    SPLITS: gl.constexpr, STAMPS: gl.constexpr,
+    SPLITS: gl.constexpr, EXCHANGE: gl.constexpr, STAMPS: gl.constexpr,
 ):
     # The batched MMA: [part, unit, k] x [part, k, row], a part a warp. Part p is piece
     # p % SPLITS of gate p // SPLITS's reduction.
@@ -194,6 +267,23 @@ def lstm_backward_registers_kernel(
         T - 1, length, m_b, gates, c_all, c0, gates, c_all, B, o_b, o_u, m_u, p_bu, m_bu, H,
         HAS_H0, False, False, gl.float32, reverse)
     b_dy = _load_dy(dy, T - 1, length, m_b, B, o_b, o_u, m_u, YS, HAS_DY, reverse)
+    if EXCHANGE:
+        # dG pushed into every program's shared memory (dsmem.py): slots of [BLOCK_B, 4 HP]
+        # rows padded, zeroed first (units no program has stay zero), and zeros go out as
+        # exchange 0 (no row runs at step T), as if a stage before stage 0 had made them.
+        gl.static_assert(SPLITS == 1)       # a lane's dG is one unit of one row
+        ITEM: gl.constexpr = dgates.dtype.element_ty.primitive_bitwidth // 8
+        ROW_BYTES: gl.constexpr = 4 * HP * ITEM + 64       # ROW_PAD_BYTES
+        SLOT: gl.constexpr = BLOCK_B * ROW_BYTES
+        SENT: gl.constexpr = BLOCK_B * NUM_H_BLOCKS * UNITS * 4 * ITEM   # a phase's bytes
+        _zero_shared(region_base(2 * SLOT + 16), 2 * SLOT, PARTS)
+        exchange = exchange_setup(SLOT, SENT)
+        # A slot's rows are the batch block's (0 .. BLOCK_B - 1), in both layouts.
+        rows = gl.arange(0, BLOCK_B, layout=gl.SliceLayout(1, CELL))
+        rows_k = gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, gl.SliceLayout(1, G_OP)))
+        zeros = gl.zeros([BLOCK_B, UNITS], gl.float32, CELL)
+        _push_dg(zeros, zeros, zeros, zeros, o_u, rows, exchange, SLOT, 0, ROW_BYTES, HP,
+                 NUM_H_BLOCKS, dgates)
 
     # Stage s walks the forward's steps backwards (step = T - 1 - s); stage T gives dh0.
     for s in range(T + 1):
@@ -204,19 +294,28 @@ def lstm_backward_registers_kernel(
             polls = 1
         # dh of own units: dG_{t+1} of every unit (all programs wrote it) times W_hh's columns
         # of own units. At s = 0 no row runs at step T: nothing is read and nothing waited for.
-        t_next_k, m_rows = step_rows(step + 1, length_k, m_nk, reverse)
-        p_rows = dgates + (t_next_k * B + o_nk) * GS
-        tiles = _load_dg(p_rows, m_rows, o_part, o_k, H, KC, CHUNKS, SPLITS)
-        pending = _any_unwritten(tiles, flags, poll, CHUNKS, FLAGS)
-        poll += 1
-        while pending:
-            if POLL_BACKOFF_NS > 0:
-                _pause(o_nk, POLL_BACKOFF_NS)
+        if EXCHANGE:
+            # dG_{t+1} is exchange s; then its slot's next phase, exchange s + 2.
+            dg_slot, dg_mbar, dg_parity = exchange_slot(exchange, SLOT, s)
+            wait_phase(dg_mbar, dg_parity)
+            tiles = _receive_dg(dg_slot, rows_k, o_part, o_k, ROW_BYTES, HP, KC, CHUNKS,
+                                K_WIDTH, dgates)
+            if s + 2 <= T:
+                arm(dg_mbar, SENT)
+        else:
+            t_next_k, m_rows = step_rows(step + 1, length_k, m_nk, reverse)
+            p_rows = dgates + (t_next_k * B + o_nk) * GS
             tiles = _load_dg(p_rows, m_rows, o_part, o_k, H, KC, CHUNKS, SPLITS)
             pending = _any_unwritten(tiles, flags, poll, CHUNKS, FLAGS)
             poll += 1
-            if STAMPS:
-                polls += 1
+            while pending:
+                if POLL_BACKOFF_NS > 0:
+                    _pause(o_nk, POLL_BACKOFF_NS)
+                tiles = _load_dg(p_rows, m_rows, o_part, o_k, H, KC, CHUNKS, SPLITS)
+                pending = _any_unwritten(tiles, flags, poll, CHUNKS, FLAGS)
+                poll += 1
+                if STAMPS:
+                    polls += 1
         if STAMPS:
             if s < T:
                 timeline.wait_ends(stamps, s)
@@ -240,6 +339,9 @@ def lstm_backward_registers_kernel(
             m_run = running[:, None] & m_u[None, :]
             b_dgi, b_dgf, b_dgg, b_dgo, b_dc_t = cell_gradients(b_dh, b_dc, b_i, b_f, b_g, b_o,
                                                                 b_ct, b_cp, m_run, True)
+            if EXCHANGE:
+                _push_dg(b_dgi, b_dgf, b_dgg, b_dgo, o_u, rows, exchange, SLOT, s + 1,
+                         ROW_BYTES, HP, NUM_H_BLOCKS, dgates)
             store_gates(dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :], b_dgi, b_dgf,
                         b_dgg, b_dgo, H, m_bu)
             if STAMPS:
@@ -254,6 +356,8 @@ def lstm_backward_registers_kernel(
             gl.store(dh0 + p_bu, rounded_to(b_dh, dh0.dtype.element_ty), mask=m_bu)
 
     gl.store(dc_state + p_bu, b_dc, mask=m_bu)
+    if EXCHANGE:
+        cluster_sync()      # no program leaves while another's pushes may still reach it
 
 
 def splits_of(hidden_size: int, dtype: torch.dtype) -> int:
@@ -276,29 +380,70 @@ def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, pro
             and not (proj or restarts or force_stepped))
 
 
+def exchange_programs(hidden_size: int, dtype: torch.dtype):
+    """Programs of a cluster of the backward that pushes dG (a batch block's), or None where
+    it does not run: a warp a gate, and a cluster Triton's launcher starts (2-8 or 16)."""
+    programs = cdiv(hidden_size, UNITS)
+    return (programs if splits_of(hidden_size, dtype) == 1
+            and (2 <= programs <= 8 or programs == 16) else None)
+
+
+def exchange_bytes(hidden_size: int, dtype: torch.dtype) -> int:
+    """Shared memory a program of the backward that pushes dG adds past Triton's own: two
+    slots of ROWS padded rows of dG (4 HP elements each), two mbarriers."""
+    return 2 * ROWS * (4 * padded(hidden_size) * dtype.itemsize + ROW_PAD_BYTES) + 16
+
+
+def exchange_pushes(programs: int, dtype: torch.dtype) -> int:
+    """st.async instructions of the backward that pushes dG (the zeros of exchange 0 and a
+    stage's): a thread sends its unit of one row to every program, 16-bit dG as two pairs
+    of units, fp32 as four gates. More would mean Triton's layout gives a thread two."""
+    return 2 * programs * (2 if dtype.itemsize == 2 else 4)
+
+
 def lstm_backward_registers(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse: bool,
-                            stamps=None):
+                            stamps=None, exchange: bool = False):
     """lstm_backward (backward.py) of a layer this kernel runs (``runs_here``), persistently:
     (dgates, dh0, dc0), or None, with nothing launched, where its programs cannot all be
-    resident at once. ``stamps``: a timeline.stamps_buffer to record the stages in."""
+    resident at once. ``stamps``: a timeline.stamps_buffer to record the stages in.
+    ``exchange``: push dG through clusters where a batch block's programs make one
+    (``exchange_programs``, sm_90+), else read it from L2."""
+    device, dtype = w_hh.device, w_hh.dtype
+    hidden_size = gates.shape[3] // 4
+    programs = exchange_programs(hidden_size, dtype) if exchange and gates.shape[1] > 0 else None
+    if programs is not None and tuning.device_arch(device)[0] >= 9:
+        outputs, args, grid, constexprs = launch_arguments(
+            dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, reverse=reverse, stamps=stamps,
+            exchange=True)
+        if launch_in_clusters(lstm_backward_registers_kernel, grid, args,
+                              dict(num_warps=4, num_stages=1, **constexprs), programs,
+                              exchange_bytes(hidden_size, dtype),
+                              exchange_pushes(programs, dtype)):
+            launch_counts["persistent"] += 1
+            launch_counts["registers"] += 1
+            launch_counts["clustered"] += 1
+            return outputs
     outputs, args, grid, constexprs = launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths,
                                                        w_hh, reverse=reverse, stamps=stamps)
     # a warp a part of the batched MMA: four gates of SPLITS parts
     tile = KernelConfig(block_b=ROWS, block_h=UNITS, num_warps=4 * constexprs["SPLITS"])
     if not forward_registers.launch_resident(lstm_backward_registers_kernel, args, grid,
-                                             constexprs, tile, w_hh.device):
+                                             constexprs, tile, device):
         return None
     return outputs
 
 
 def launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse: bool,
-                     splits=None, stamps=None):
-    """The outputs a launch writes (dgates filled with the unwritten mark), the kernel's
-    arguments, its grid and its compile-time constants (``splits``: as kernel_constants)."""
+                     splits=None, stamps=None, exchange: bool = False):
+    """The outputs a launch writes (dgates filled with the unwritten mark where programs poll
+    it), the kernel's arguments, its grid and its compile-time constants (``splits``: as
+    kernel_constants; ``exchange``: dG pushed through the cluster)."""
     D, T, B, G = gates.shape
     H = G // 4
     device, dtype = w_hh.device, w_hh.dtype
-    dgates = fill_unwritten(torch.empty(T, B, D * 4 * H, dtype=dtype, device=device))  # polled
+    dgates = torch.empty(T, B, D * 4 * H, dtype=dtype, device=device)
+    if not exchange:
+        fill_unwritten(dgates)      # polled slots
     dh0 = torch.empty(D, B, H, dtype=dtype, device=device)
     if dc_n is None:
         dc_state = torch.zeros(D, B, H, dtype=torch.float32, device=device)
@@ -312,22 +457,24 @@ def launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse
     constexprs = kernel_constants(H, D, dtype, dot_precision(dtype, device), has_dy=dy is not None,
                                   has_dhn=dh_n is not None, has_h0=c0 is not None,
                                   has_lengths=lengths is not None, reverse=reverse,
-                                  splits=splits, stamps=stamps is not None)
+                                  splits=splits, stamps=stamps is not None, exchange=exchange)
     return (dgates, dh0, dc_state), args, grid, constexprs
 
 
 def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, precision: str, *,
                      has_dy: bool, has_dhn: bool, has_h0: bool, has_lengths: bool,
-                     reverse: bool, splits=None, stamps: bool = False) -> dict:
+                     reverse: bool, splits=None, stamps: bool = False,
+                     exchange: bool = False) -> dict:
     """The kernel's compile-time constants for a layer (``precision``: its dots' input
     precision, dispatch.dot_precision); the width of its operand loads and its pause between
     polls are the forward's knobs (forward_registers.H_LOAD_BYTES, POLL_BACKOFF_NS).
     ``splits``: warps a gate, None for what the layer's size needs (``splits_of``);
-    ``stamps``: record each stage's timeline."""
+    ``stamps``: record each stage's timeline; ``exchange``: dG pushed through the cluster."""
     splits = splits or splits_of(hidden_size, dtype)
     share = padded(hidden_size) // splits       # a warp's share of the reduction
     return dict(H=hidden_size, HP=padded(hidden_size), D=directions, UNITS=UNITS, BLOCK_B=ROWS,
                 CHUNKS=chunks(share, dtype), K_WIDTH=operand_width(share, dtype), SPLITS=splits,
                 DOT_PRECISION=precision, HAS_DY=has_dy, HAS_DHN=has_dhn, HAS_H0=has_h0,
                 HAS_LENGTHS=has_lengths, REVERSE=reverse,
-                POLL_BACKOFF_NS=forward_registers.POLL_BACKOFF_NS, STAMPS=stamps)
+                POLL_BACKOFF_NS=forward_registers.POLL_BACKOFF_NS, EXCHANGE=exchange,
+                STAMPS=stamps)

@@ -53,7 +53,7 @@ from . import timeline
 from .barrier import canonical, either, fill_unwritten, marks
 from .dsmem import (arm, cluster_sync, exchange_setup, exchange_slot, region_base, send_to,
                     wait_phase)
-from .forward import cell_update, step_rows
+from .forward import cell_update, rounded_to, step_rows
 
 UNITS = 4                 # hidden units per warp (16 weight rows: one m16 MMA tile)
 ROWS = 8                  # batch rows per program (one n8 MMA tile: 16 would spill at H = 256)
@@ -121,6 +121,16 @@ def _row_pairs(x):
 
 
 @gluon.jit
+def _pair_bits(lo, hi, out):
+    """Two fp32 values rounded to out's 16-bit dtype, as the kernels store them, in the low
+    and high halves of 32 bits."""
+    DT = out.dtype.element_ty
+    lo16 = rounded_to(lo, DT).to(gl.int16, bitcast=True).to(gl.int32)
+    hi16 = rounded_to(hi, DT).to(gl.int16, bitcast=True).to(gl.int32)
+    return (lo16 & 0xFFFF) | (hi16 << 16)
+
+
+@gluon.jit
 def _push(b_h, o_u, rows, first, base, SLOT: gl.constexpr, j, ROW_BYTES: gl.constexpr,
           GROUP: gl.constexpr, y):
     """This program's units of h (b_h: fp32 in the gate tiles' layout, the same in both
@@ -139,9 +149,7 @@ def _push(b_h, o_u, rows, first, base, SLOT: gl.constexpr, j, ROW_BYTES: gl.cons
         # The lane of unit 2u sends rows 2t of units 2u, 2u + 1; the lane of 2u + 1 rows 2t + 1.
         odd = unit % 2
         beside = _unit_beside(gl.where(odd == 1, x_e, x_o))
-        lo = gl.where(odd == 1, beside, x_e).to(DT).to(gl.int16, bitcast=True).to(gl.int32)
-        hi = gl.where(odd == 1, x_o, beside).to(DT).to(gl.int16, bitcast=True).to(gl.int32)
-        bits = (lo & 0xFFFF) | (hi << 16)
+        bits = _pair_bits(gl.where(odd == 1, beside, x_e), gl.where(odd == 1, x_o, beside), y)
         addr = slot + (row + odd) * ROW_BYTES + (unit - odd) * 2
         for k in gl.static_range(HALF):
             send_to(addr, bits, mbar, rank0 + k, rank0 + k < GROUP)
