@@ -242,10 +242,11 @@ def test_sm90_registers_forward_pushing_h_reads_it_from_shared_memory_only():
     parameters dispatch.launch_in_clusters rewrites. No spill where the kernel reading h
     from L2 has none or fewer."""
     rows = compile_report(["--kernels", "registers-exchange", "--shapes", "8x256", "8x512",
-                           "3x64", "3x30", "--dtypes", "bf16", "fp16", "--directions", "2"])
+                           "3x64", "3x30", "3x100", "--dtypes", "bf16", "fp16", "--directions",
+                           "2"])                                      # 3x100: 16 of 13 programs
     rows += compile_report(["--kernels", "registers-exchange", "--shapes", "8x256", "3x30",
                             "--dtypes", "fp32"])                      # tf32 MMAs
-    assert len(rows) == 10
+    assert len(rows) == 12
     for row in rows:
         where = {k: row[k] for k in ("dtype", "H", "warps", "regs", "spill", "triton")}
         item = 4 if row["dtype"] == "fp32" else 2
@@ -268,8 +269,9 @@ def test_sm90_registers_backward_pushing_dg_reads_it_from_shared_memory_only():
     where a slot is reused), the launch parameters dispatch.launch_in_clusters rewrites; no
     spill."""
     rows = compile_report(["--kernels", "registers-backward-exchange", "--shapes", "8x256",
-                           "3x100", "--dtypes", "bf16", "fp16", "fp32", "--directions", "2"])
-    assert len(rows) == 6
+                           "3x100", "3x200", "--dtypes", "bf16", "fp16", "fp32", "--directions",
+                           "2"])                                      # 3x200: 16 of 13 programs
+    assert len(rows) == 9
     for row in rows:
         where = {k: row[k] for k in ("dtype", "H", "warps", "regs", "spill", "triton")}
         assert row["ptxas_ok"] and row["spill"] == 0, where

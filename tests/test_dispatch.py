@@ -164,16 +164,18 @@ def test_registers_kernels_run_only_what_they_support(kernel, change, runs, monk
     (512, torch.bfloat16, 9, True, ("clusters", 8, 16)),
     (30, torch.float32, 9, True, ("clusters", 1, 8)),       # 8 programs of one warp
     (256, torch.float16, 9, False, ("L2", 1, None)),         # the cluster cannot be resident
-    (100, torch.float16, 9, True, ("L2", 1, None)),          # 13 programs: no such cluster
+    (100, torch.float16, 9, True, ("clusters", 2, 16)),      # 13 programs of units, 3 without
+    (4, torch.float16, 9, True, ("L2", 1, None)),            # one program: no cluster
     (256, torch.float16, 8, True, ("L2", 1, None)),          # no clusters before sm_90
 ])
 def test_registers_forward_pushes_h_where_its_programs_make_a_cluster(hidden, dtype, arch, fits,
                                                                       want, monkeypatch):
     """kernels/forward_registers.py with ``exchange``: each batch block's programs (4 units
-    a warp, the fewest warps that make a cluster of at most 16) as one cluster, with the
-    exchange's shared memory and its count of st.async, and nothing polled (y not filled
-    with the mark); where the cluster is not one the launcher starts, cannot be resident, or
-    the GPU has none, the kernel of one-warp programs reading h from L2."""
+    a warp, the fewest warps that make a cluster of at most 16; 9-15 programs of units make
+    16) as one cluster, with the exchange's shared memory and its count of st.async, and
+    nothing polled (y not filled with the mark); where a batch block is one program, the
+    cluster cannot be resident, or the GPU has none, the kernel of one-warp programs reading
+    h from L2."""
     from triton_lstm.kernels import forward_registers
     launches = []
 
@@ -198,8 +200,7 @@ def test_registers_forward_pushes_h_where_its_programs_make_a_cluster(hidden, dt
     kind, warps, cluster = want
     launched = launches[-1]
     assert launched[:3] == want
-    units = 4 * warps
-    assert launched[3] == (2 * -(-hidden // units), 1) and launched[4] == warps
+    assert launched[3] == (2 * (cluster or -(-hidden // 4)), 1) and launched[4] == warps
     assert launched[5] == (kind == "clusters") and launched[8] is y
     marked = (y.view(torch.int16 if dtype.itemsize == 2 else torch.int32) == -1).all()
     if kind == "clusters":
@@ -218,7 +219,7 @@ def test_registers_forward_pushes_h_where_its_programs_make_a_cluster(hidden, dt
     (256, torch.float16, 9, True, ("clusters", 16)),     # 16 programs of 16 units
     (100, torch.float32, 9, True, ("clusters", 7)),
     (256, torch.float16, 9, False, ("L2", None)),         # the cluster cannot be resident
-    (160, torch.float16, 9, True, ("L2", None)),          # 10 programs: no such cluster
+    (160, torch.float16, 9, True, ("clusters", 16)),      # 10 programs of units, 6 without
     (512, torch.bfloat16, 9, True, ("L2", None)),         # 32 programs: past a cluster
     (256, torch.float16, 8, True, ("L2", None)),          # no clusters before sm_90
 ])
@@ -252,7 +253,8 @@ def test_registers_backward_pushes_dg_where_its_programs_make_a_cluster(hidden, 
     kind, cluster = want
     launched = launches[-1]
     assert launched[:2] == want and launched[6] is dgates
-    assert launched[2] == (2 * -(-hidden // 16), 1) and launched[3] == (kind == "clusters")
+    assert launched[2] == (2 * (cluster or -(-hidden // 16)), 1)
+    assert launched[3] == (kind == "clusters")
     marked = (dgates.view(torch.int16 if dtype.itemsize == 2 else torch.int32) == -1).all()
     if kind == "clusters":
         row_bytes = 4 * triton.next_power_of_2(hidden) * dtype.itemsize + 64

@@ -881,6 +881,7 @@ def assert_pushing_equals_reading(run):
     ("state", 3, 250, "bf16", None),             # the last program with 10 units of 16
     ("plain", 1, 64, "bf16", None),              # programs of one warp
     ("state", 3, 30, "fp16", None),              # clusters of 8, the last with 2 units
+    ("state", 3, 100, "fp16", None),             # 13 programs of units, 3 without: 16
     ("plain", 8, 256, "fp16", 8),                # clusters of 8 programs of 8 warps
     ("packed-bidir", 8, 256, "fp32-tf32", None),
     ("state", 5, 30, "fp32-tf32", None),
@@ -891,7 +892,7 @@ def test_registers_forward_with_pushed_h_computes_what_it_computes_reading_it(
     forward_registers.py, EXCHANGE) against the same kernel reading h from L2: bitwise equal
     outputs, saved gates and c (the same MMAs in the same order, the same h), with both
     directions in one grid, packed lengths, an initial state, partial unit and batch blocks,
-    programs of one warp to eight."""
+    programs of one warp to eight, clusters with programs of no units."""
     from triton_lstm.kernels import forward_registers
     monkeypatch.setattr(forward_registers, "EXCHANGE_WARPS", warps)
     gx, w_hh, h0, c0, lengths, *_ = small_layer_problem(form, batch, hidden, dtype_name)
@@ -1069,6 +1070,7 @@ def test_registers_backward_with_nan_and_inf_input_ends_and_matches_the_barrier_
     ("packed-bidir", 8, 256, "fp16"),      # clusters of 16 programs
     ("state", 13, 256, "bf16"),            # two batch blocks, the second of 5 rows
     ("state", 3, 100, "fp16"),             # clusters of 7, the last program with 4 units
+    ("state", 3, 200, "bf16"),             # 13 programs of units, 3 without: 16
     ("plain", 1, 64, "bf16"),
     ("packed-bidir", 8, 256, "fp32-tf32"),
 ])

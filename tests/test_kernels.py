@@ -490,7 +490,8 @@ class _ClusterMemory:
 
 @pytest.mark.parametrize("H, dtype, warps", [
     (64, torch.float16, 1), (256, torch.bfloat16, 4), (250, torch.float16, 4),
-    (30, torch.float32, 1), (64, torch.float32, 2), (128, torch.bfloat16, 2)])
+    (30, torch.float32, 1), (64, torch.float32, 2), (128, torch.bfloat16, 2),
+    (100, torch.float16, 2)])     # 13 programs of units and 3 without: a cluster of 16
 def test_registers_forward_exchange_lands_h_where_its_loads_read_it(H, dtype, warps):
     """kernels/forward_registers.py's exchange, its own code (_push, _receive_h) under the
     interpreter: every program of a cluster pushes its units of h for 8 rows (16-bit h as
@@ -569,7 +570,8 @@ def test_registers_forward_exchange_lands_h_where_its_loads_read_it(H, dtype, wa
 
 
 @pytest.mark.parametrize("H, dtype", [(64, torch.float16), (256, torch.bfloat16),
-                                      (100, torch.float16), (48, torch.float32)])
+                                      (100, torch.float16), (48, torch.float32),
+                                      (200, torch.bfloat16)])   # 13 programs of units of 16
 def test_registers_backward_exchange_lands_dg_where_its_loads_read_it(H, dtype):
     """kernels/backward_registers.py's exchange, its own code (_push_dg, _receive_dg) under the
     interpreter: every program of a cluster pushes dG of its 16 units for 8 rows (16-bit dG

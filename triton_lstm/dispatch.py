@@ -397,6 +397,15 @@ def gate_split_applies(config: KernelConfig, proj: bool) -> bool:
     return config.gate_split and not (config.resident or config.dataflow or proj)
 
 
+def cluster_programs(programs: int) -> Optional[int]:
+    """Programs of a cluster that holds `programs`: as many where Triton's launcher starts a
+    cluster of that size (2-8, or 16, the largest of sm_90, non-portable), 16 for 9-15 (the
+    programs past `programs` have no units), None below 2 or past 16."""
+    if 2 <= programs <= 8 or programs == 16:
+        return programs
+    return 16 if 9 <= programs <= 15 else None
+
+
 def cluster_size(config: KernelConfig, hidden_size: int, device: torch.device,
                  shared_barrier: bool = False) -> int:
     """Programs per thread-block cluster of a persistent launch: the barrier group's hidden

@@ -43,8 +43,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .. import tuning
-from ..dispatch import (KernelConfig, cdiv, dot_precision, launch_counts, launch_in_clusters,
-                        padded, registers_backward_fits, registers_forward_fits)
+from ..dispatch import (KernelConfig, cdiv, cluster_programs, dot_precision, launch_counts,
+                        launch_in_clusters, padded, registers_backward_fits,
+                        registers_forward_fits)
 from . import forward_registers, timeline
 from .backward import cell_gradients, load_saved
 from .barrier import either, fill_unwritten, interpreting
@@ -182,7 +183,8 @@ def lstm_backward_registers_kernel(
     stamps,    # [T, MAX_PROGRAMS, EVENTS] int64 out when STAMPS: stages 0 .. T - 1's timeline
     T, B,
     H: gl.constexpr, HP: gl.constexpr, D: gl.constexpr, UNITS: gl.constexpr,
-    BLOCK_B: gl.constexpr, CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr,
+    NUM_H_BLOCKS: gl.constexpr, BLOCK_B: gl.constexpr, CHUNKS: gl.constexpr,
+    K_WIDTH: gl.constexpr,
     DOT_PRECISION: gl.constexpr, HAS_DY: gl.constexpr, HAS_DHN: gl.constexpr, HAS_H0: gl.constexpr,
     HAS_LENGTHS: gl.constexpr, REVERSE: gl.constexpr, POLL_BACKOFF_NS: gl.constexpr,
     SPLITS: gl.constexpr, EXCHANGE: gl.constexpr, STAMPS: gl.constexpr,
@@ -210,7 +212,6 @@ def lstm_backward_registers_kernel(
                                                         order=[0])
     HS: gl.constexpr = HP // SPLITS       # a part's share of the reduction
     KC: gl.constexpr = HS // CHUNKS
-    NUM_H_BLOCKS: gl.constexpr = (H + UNITS - 1) // UNITS
     YS: gl.constexpr = D * H          # row stride of dy
     GS: gl.constexpr = D * 4 * H      # row stride of dgates
     i_h, i_b, i_d, reverse = _program_block(NUM_H_BLOCKS, D, REVERSE)
@@ -382,10 +383,10 @@ def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, pro
 
 def exchange_programs(hidden_size: int, dtype: torch.dtype):
     """Programs of a cluster of the backward that pushes dG (a batch block's), or None where
-    it does not run: a warp a gate, and a cluster Triton's launcher starts (2-8 or 16)."""
-    programs = cdiv(hidden_size, UNITS)
-    return (programs if splits_of(hidden_size, dtype) == 1
-            and (2 <= programs <= 8 or programs == 16) else None)
+    it does not run: a warp a gate, and a cluster Triton's launcher starts
+    (dispatch.cluster_programs: 9-15 unit blocks make 16 programs, the last without units)."""
+    programs = cluster_programs(cdiv(hidden_size, UNITS))
+    return programs if splits_of(hidden_size, dtype) == 1 else None
 
 
 def exchange_bytes(hidden_size: int, dtype: torch.dtype) -> int:
@@ -453,11 +454,11 @@ def launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse
             dc_state, gates, c_all, dh0 if c0 is None else c0,
             lengths if lengths is not None else dc_state, w_hh, dgates, dh0,
             stamps if stamps is not None else dc_state, T, B)
-    grid = (cdiv(B, ROWS) * cdiv(H, UNITS), D)
     constexprs = kernel_constants(H, D, dtype, dot_precision(dtype, device), has_dy=dy is not None,
                                   has_dhn=dh_n is not None, has_h0=c0 is not None,
                                   has_lengths=lengths is not None, reverse=reverse,
                                   splits=splits, stamps=stamps is not None, exchange=exchange)
+    grid = (cdiv(B, ROWS) * constexprs["NUM_H_BLOCKS"], D)
     return (dgates, dh0, dc_state), args, grid, constexprs
 
 
@@ -469,10 +470,14 @@ def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, prec
     precision, dispatch.dot_precision); the width of its operand loads and its pause between
     polls are the forward's knobs (forward_registers.H_LOAD_BYTES, POLL_BACKOFF_NS).
     ``splits``: warps a gate, None for what the layer's size needs (``splits_of``);
-    ``stamps``: record each stage's timeline; ``exchange``: dG pushed through the cluster."""
+    ``stamps``: record each stage's timeline; ``exchange``: dG pushed through the cluster,
+    whose programs may outnumber the unit blocks (``exchange_programs``)."""
     splits = splits or splits_of(hidden_size, dtype)
     share = padded(hidden_size) // splits       # a warp's share of the reduction
-    return dict(H=hidden_size, HP=padded(hidden_size), D=directions, UNITS=UNITS, BLOCK_B=ROWS,
+    blocks = cdiv(hidden_size, UNITS)
+    return dict(H=hidden_size, HP=padded(hidden_size), D=directions, UNITS=UNITS,
+                NUM_H_BLOCKS=exchange_programs(hidden_size, dtype) if exchange else blocks,
+                BLOCK_B=ROWS,
                 CHUNKS=chunks(share, dtype), K_WIDTH=operand_width(share, dtype), SPLITS=splits,
                 DOT_PRECISION=precision, HAS_DY=has_dy, HAS_DHN=has_dhn, HAS_H0=has_h0,
                 HAS_LENGTHS=has_lengths, REVERSE=reverse,

@@ -46,9 +46,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .. import tuning
-from ..dispatch import (KernelConfig, cdiv, co_resident_programs, dot_precision, interpreting,
-                        launch_counts, launch_in_clusters, launch_options, padded,
-                        registers_forward_fits)
+from ..dispatch import (KernelConfig, cdiv, cluster_programs, co_resident_programs,
+                        dot_precision, interpreting, launch_counts, launch_in_clusters,
+                        launch_options, padded, registers_forward_fits)
 from . import timeline
 from .barrier import canonical, either, fill_unwritten, marks
 from .dsmem import (arm, cluster_sync, exchange_setup, exchange_slot, region_base, send_to,
@@ -135,9 +135,9 @@ def _push(b_h, o_u, rows, first, base, SLOT: gl.constexpr, j, ROW_BYTES: gl.cons
           GROUP: gl.constexpr, y):
     """This program's units of h (b_h: fp32 in the gate tiles' layout, the same in both
     halves of a warp; `rows`: its rows within the batch block) into exchange j's slot of
-    every program of the cluster, in y's dtype, rows ROW_BYTES apart. 16-bit h goes as pairs of units (a shuffle with the unit beside:
-    32 bits, the smallest st.async), fp32 as it is; lanes 0-15 send to the first half of the
-    cluster, lanes 16-31 to the rest."""
+    every program of the cluster, in y's dtype, rows ROW_BYTES apart. 16-bit h goes as pairs
+    of units (a shuffle with the unit beside: 32 bits, the smallest st.async), fp32 as it
+    is; lanes 0-15 send to the first half of the cluster, lanes 16-31 to the rest."""
     slot, mbar, _ = exchange_slot(base, SLOT, j)
     DT = y.dtype.element_ty
     HALF: gl.constexpr = (GROUP + 1) // 2
@@ -326,8 +326,8 @@ def lstm_forward_registers_kernel(
     stamps,    # [T, MAX_PROGRAMS, EVENTS] int64 out when STAMPS: each step's timeline
     T, B,
     H: gl.constexpr, HP: gl.constexpr, D: gl.constexpr, BLOCK_B: gl.constexpr,
-    WARPS: gl.constexpr, CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr,
-    DOT_PRECISION: gl.constexpr, HAS_H0: gl.constexpr,
+    WARPS: gl.constexpr, NUM_H_BLOCKS: gl.constexpr, CHUNKS: gl.constexpr,
+    K_WIDTH: gl.constexpr, DOT_PRECISION: gl.constexpr, HAS_H0: gl.constexpr,
     HAS_LENGTHS: gl.constexpr, SAVE: gl.constexpr, REVERSE: gl.constexpr,
     POLL_BACKOFF_NS: gl.constexpr, EXCHANGE: gl.constexpr, STAMPS: gl.constexpr,
 ):
@@ -338,7 +338,6 @@ def lstm_forward_registers_kernel(
     GATES: gl.constexpr = gates_layout(WARPS)
     KC: gl.constexpr = HP // CHUNKS
     BLOCK_U: gl.constexpr = 4 * WARPS        # hidden units of a program, 4 a warp
-    NUM_H_BLOCKS: gl.constexpr = (H + BLOCK_U - 1) // BLOCK_U
     YS: gl.constexpr = D * H          # row stride of y
     GS: gl.constexpr = D * 4 * H      # row stride of gx
     i_h, i_b, i_d, reverse = _program_block(NUM_H_BLOCKS, D, REVERSE)
@@ -522,11 +521,12 @@ def launch_resident(kernel, args: tuple, grid: tuple, constexprs: dict, tile: Ke
 
 def exchange_shape(hidden_size: int):
     """(warps a program, programs a cluster) of the forward that pushes h: the fewest warps
-    that make a cluster of at most 16 (EXCHANGE_WARPS where set), or None where that cluster
-    is not one Triton's launcher starts (2-8 programs, or 16)."""
+    that make a cluster of at most 16 (EXCHANGE_WARPS where set), one Triton's launcher
+    starts (dispatch.cluster_programs: 9-15 programs make 16, the last without units); or
+    None."""
     warps = EXCHANGE_WARPS or max(1, padded(hidden_size) // 64)
-    programs = cdiv(hidden_size, UNITS * warps)
-    return (warps, programs) if 2 <= programs <= 8 or programs == 16 else None
+    programs = cluster_programs(cdiv(hidden_size, UNITS * warps))
+    return None if programs is None else (warps, programs)
 
 
 def exchange_bytes(hidden_size: int, dtype: torch.dtype) -> int:
@@ -597,10 +597,10 @@ def launch_arguments(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool, st
             lengths if lengths is not None else c_state, y, h_n, c_state,
             gates if save else c_state, c_all if save else c_state,
             stamps if stamps is not None else c_state, T, B)
-    grid = (cdiv(B, ROWS) * cdiv(H, UNITS * warps), D)
     constexprs = kernel_constants(H, D, dtype, dot_precision(dtype, device), has_h0=has_h0,
                                   has_lengths=lengths is not None, save=save, reverse=reverse,
                                   stamps=stamps is not None, warps=warps, exchange=exchange)
+    grid = (cdiv(B, ROWS) * constexprs["NUM_H_BLOCKS"], D)
     return (y, h_n, c_state, gates, c_all), args, grid, constexprs
 
 
@@ -609,8 +609,11 @@ def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, prec
                      stamps: bool = False, warps: int = 1, exchange: bool = False) -> dict:
     """The kernel's compile-time constants for a layer (``precision``: its dots' input
     precision, dispatch.dot_precision; ``stamps``: record each step's timeline; ``warps``:
-    a program's; ``exchange``: h pushed through the cluster)."""
+    a program's; ``exchange``: h pushed through the cluster, whose programs may outnumber
+    the unit blocks: dispatch.cluster_programs)."""
+    blocks = cdiv(hidden_size, UNITS * warps)
     return dict(H=hidden_size, HP=padded(hidden_size), D=directions, BLOCK_B=ROWS, WARPS=warps,
+                NUM_H_BLOCKS=cluster_programs(blocks) if exchange else blocks,
                 CHUNKS=chunks(hidden_size, dtype), K_WIDTH=operand_width(hidden_size, dtype),
                 DOT_PRECISION=precision, HAS_H0=has_h0, HAS_LENGTHS=has_lengths, SAVE=save,
                 REVERSE=reverse, POLL_BACKOFF_NS=POLL_BACKOFF_NS, EXCHANGE=exchange,
