@@ -241,7 +241,7 @@ def test_registers_backward_pushes_dg_where_its_programs_make_a_cluster(hidden, 
         launches.append(("L2", None, grid, constexprs["EXCHANGE"], None, None, args[8]))
         return True
 
-    monkeypatch.setattr(backward_registers, "launch_in_clusters", in_clusters)
+    monkeypatch.setattr(forward_registers, "launch_in_clusters", in_clusters)
     monkeypatch.setattr(forward_registers, "launch_resident", resident)
     monkeypatch.setattr(tuning, "device_arch", lambda device: (arch, 0, 132))
     T, B = 3, 10

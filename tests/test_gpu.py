@@ -661,6 +661,14 @@ def forwards_with_nan_and_inf(configs, count, flag):
     return gx, w_hh, runs
 
 
+def assert_equal_but_for_nans(runs):
+    """Two runs' outputs bitwise equal outside their NaNs (which forwards_with_nan_and_inf
+    and backwards_with_nan_and_inf have found in the same places)."""
+    for k, (first, second) in enumerate(zip(*runs)):
+        torch.testing.assert_close(second.nan_to_num(), first.nan_to_num(), rtol=0, atol=0,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
 def backwards_with_nan_and_inf(configs, count, flag):
     """lstm_backward of both directions (fp16, T = 32, B = 8, H = 256; dy with a NaN in row 0
     at step 20 and an inf in row 1 at step 9) on one forward's saved values under each
@@ -823,17 +831,19 @@ def test_registers_forward_with_nan_and_inf_input_ends_and_matches_the_barrier_p
 
 
 @pytest.mark.timeout(120)
-def test_registers_forward_replays_from_a_cuda_graph_like_eager():
-    """The launch and the fill of its polled slots are both captured: each replay equals an
-    eager call on the same input."""
+@pytest.mark.parametrize("label, count", [(REGISTERS, "registers"), (PUSHED, "clustered")],
+                         ids=["reading", "pushed"])
+def test_registers_forward_replays_from_a_cuda_graph_like_eager(label, count):
+    """The launch and the fill of its polled slots (or the clustered launch pushing h) are
+    captured: each replay equals an eager call on the same input."""
     from triton_lstm.tuning import config_from_label
-    config = config_from_label(REGISTERS)
+    config = config_from_label(label)
     T, B, H = 16, 8, 256
     w_hh = (torch.randn(1, 4 * H, H, device="cuda") / H ** 0.5).half()
     static_gx = torch.randn(T, B, 4 * H, device="cuda", dtype=torch.float16)
     assert_replays_like_eager(
         lambda: lstm_forward(static_gx, w_hh, None, None, None, save=False, config=config),
-        static_gx, "registers", 3)
+        static_gx, count, 3)
 
 
 def small_layer_problem(form, batch, hidden, dtype_name, T=24):
@@ -901,29 +911,18 @@ def test_registers_forward_with_pushed_h_computes_what_it_computes_reading_it(
 
 
 @pytest.mark.timeout(120)
-def test_registers_forward_with_pushed_h_and_nan_and_inf_input_ends_as_reading_it():
-    """The push waits on bytes, never on values: NaN and inf in the input change nothing
-    about when a step ends, and the outputs equal those of the kernel reading h from L2."""
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
+def test_registers_kernels_with_pushed_state_and_nan_and_inf_input_end_as_reading_it(kernel):
+    """The push waits on bytes, never on values: NaN and inf in the input (the backward's:
+    in the gradients) change nothing about when a step ends, and the outputs equal those of
+    the kernel reading h (dG) from L2."""
     from triton_lstm.tuning import config_from_label
     config = config_from_label(PUSHED)
-    _, _, runs = forwards_with_nan_and_inf((dataclasses.replace(config, dsmem=False), config),
-                                           "clustered", "dsmem")
-    for k, (read, pushed) in enumerate(zip(*runs)):
-        torch.testing.assert_close(pushed.nan_to_num(), read.nan_to_num(), rtol=0, atol=0,
-                                   msg=lambda m, k=k: f"{k}: {m}")
-
-
-@pytest.mark.timeout(120)
-def test_registers_forward_with_pushed_h_replays_from_a_cuda_graph_like_eager():
-    """The clustered launch is captured: each replay equals an eager call on the same input."""
-    from triton_lstm.tuning import config_from_label
-    config = config_from_label(PUSHED)
-    T, B, H = 16, 8, 256
-    w_hh = (torch.randn(1, 4 * H, H, device="cuda") / H ** 0.5).half()
-    static_gx = torch.randn(T, B, 4 * H, device="cuda", dtype=torch.float16)
-    assert_replays_like_eager(
-        lambda: lstm_forward(static_gx, w_hh, None, None, None, save=False, config=config),
-        static_gx, "clustered", 3)
+    with_nan_and_inf = (forwards_with_nan_and_inf if kernel == "forward"
+                        else backwards_with_nan_and_inf)
+    runs = with_nan_and_inf((dataclasses.replace(config, dsmem=False), config), "clustered",
+                            "dsmem")[-1]
+    assert_equal_but_for_nans(runs)
 
 
 @pytest.mark.timeout(120)
@@ -1092,19 +1091,6 @@ def test_registers_backward_with_pushed_dg_computes_what_it_computes_reading_it(
 
 
 @pytest.mark.timeout(120)
-def test_registers_backward_with_pushed_dg_and_nan_and_inf_input_ends_as_reading_it():
-    """The push waits on bytes, never on values: NaN and inf in the gradients change nothing
-    about when a stage ends, and dG equals the kernel's reading dG from L2."""
-    from triton_lstm.tuning import config_from_label
-    config = config_from_label(PUSHED)
-    *_, runs = backwards_with_nan_and_inf((dataclasses.replace(config, dsmem=False), config),
-                                          "clustered", "dsmem")
-    for k, (read, pushed) in enumerate(zip(*runs)):
-        torch.testing.assert_close(pushed.nan_to_num(), read.nan_to_num(), rtol=0, atol=0,
-                                   msg=lambda m, k=k: f"{k}: {m}")
-
-
-@pytest.mark.timeout(120)
 def test_registers_backward_replays_from_a_cuda_graph_like_eager():
     """The launch and the fill of its polled slots are both captured: each replay equals an
     eager call on the same upstream gradient."""
@@ -1189,9 +1175,7 @@ def test_pushed_h_with_nan_and_inf_input_ends_and_equals_the_counter_path():
     config = config_from_label("bb16-bh16-res-bk64-sk1-w4-cl-ds")
     _, _, runs = forwards_with_nan_and_inf(
         (dataclasses.replace(config, cluster=False, dsmem=False), config), "clustered", "dsmem")
-    for k, (counter, pushed) in enumerate(zip(*runs)):
-        torch.testing.assert_close(pushed.nan_to_num(), counter.nan_to_num(), rtol=0, atol=0,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+    assert_equal_but_for_nans(runs)
 
 
 @pytest.mark.timeout(120)

@@ -77,11 +77,12 @@ class KernelConfig:
     the registers kernels run each batch block's programs as one cluster that pushes h (dG)
     through shared memory (sm_90+, clusters of 2-8 programs or 16: forward_registers.
     exchange_shape, backward_registers.exchange_programs), elsewhere they read it from L2;
-    elsewhere this config's tile; ring (the forward): its tile (64 rows, streamed, inner_stages the ring's
-    slots) in kernels/forward_ring.py, with the weight slice in shared memory for the whole
-    sequence and h read into a ring of cp.async copies, where that runs (bf16 / fp16, the
-    slice in shared memory, no projection, restarts, checkpoints or chunks, every program
-    resident); elsewhere, and in the backward, this config's tile.
+    elsewhere this config's tile; ring (the forward): its tile (64 rows, streamed,
+    inner_stages the ring's slots) in kernels/forward_ring.py, with the weight slice in
+    shared memory for the whole sequence and h read into a ring of cp.async copies, where
+    that runs (bf16 / fp16, the slice in shared memory, no projection, restarts,
+    checkpoints or chunks, every program resident); elsewhere, and in the backward, this
+    config's tile.
     """
     block_b: int
     block_h: int
@@ -417,7 +418,7 @@ def cluster_size(config: KernelConfig, hidden_size: int, device: torch.device,
     if not config.cluster or config.dataflow or shared_barrier or device.type != "cuda":
         return 1
     num_h = config.num_h_blocks(hidden_size)
-    if not (2 <= num_h <= 8 or num_h == 16):
+    if cluster_programs(num_h) != num_h:      # a cluster the launcher starts, of these alone
         return 1
     from . import tuning   # tuning imports this module
     return num_h if tuning.device_arch(device)[0] >= 9 else 1

@@ -43,9 +43,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .. import tuning
-from ..dispatch import (KernelConfig, cdiv, cluster_programs, dot_precision, launch_counts,
-                        launch_in_clusters, padded, registers_backward_fits,
-                        registers_forward_fits)
+from ..dispatch import (KernelConfig, cdiv, cluster_programs, dot_precision, padded,
+                        registers_backward_fits, registers_forward_fits)
 from . import forward_registers, timeline
 from .backward import cell_gradients, load_saved
 from .barrier import either, fill_unwritten, interpreting
@@ -140,16 +139,16 @@ def _push_dg(b_dgi, b_dgf, b_dgg, b_dgo, o_u, rows, base, SLOT: gl.constexpr, j,
             send_to(addr + HP * 2, bits_2, mbar, rank + 0 * unit, valid)
     else:
         DT = dgates.dtype.element_ty
+        bits_i = rounded_to(b_dgi, DT).to(gl.int32, bitcast=True)
+        bits_f = rounded_to(b_dgf, DT).to(gl.int32, bitcast=True)
+        bits_g = rounded_to(b_dgg, DT).to(gl.int32, bitcast=True)
+        bits_o = rounded_to(b_dgo, DT).to(gl.int32, bitcast=True)
         addr = slot + row * ROW_BYTES + unit * 4
         for rank in gl.static_range(GROUP):
-            send_to(addr, rounded_to(b_dgi, DT).to(gl.int32, bitcast=True), mbar,
-                    rank + 0 * unit, valid)
-            send_to(addr + HP * 4, rounded_to(b_dgf, DT).to(gl.int32, bitcast=True), mbar,
-                    rank + 0 * unit, valid)
-            send_to(addr + HP * 8, rounded_to(b_dgg, DT).to(gl.int32, bitcast=True), mbar,
-                    rank + 0 * unit, valid)
-            send_to(addr + HP * 12, rounded_to(b_dgo, DT).to(gl.int32, bitcast=True), mbar,
-                    rank + 0 * unit, valid)
+            send_to(addr, bits_i, mbar, rank + 0 * unit, valid)
+            send_to(addr + HP * 4, bits_f, mbar, rank + 0 * unit, valid)
+            send_to(addr + HP * 8, bits_g, mbar, rank + 0 * unit, valid)
+            send_to(addr + HP * 12, bits_o, mbar, rank + 0 * unit, valid)
 
 
 @gluon.jit
@@ -416,13 +415,10 @@ def lstm_backward_registers(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, 
         outputs, args, grid, constexprs = launch_arguments(
             dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, reverse=reverse, stamps=stamps,
             exchange=True)
-        if launch_in_clusters(lstm_backward_registers_kernel, grid, args,
-                              dict(num_warps=4, num_stages=1, **constexprs), programs,
-                              exchange_bytes(hidden_size, dtype),
-                              exchange_pushes(programs, dtype)):
-            launch_counts["persistent"] += 1
-            launch_counts["registers"] += 1
-            launch_counts["clustered"] += 1
+        if forward_registers.launch_clustered(lstm_backward_registers_kernel, args, grid,
+                                              constexprs, 4, programs,
+                                              exchange_bytes(hidden_size, dtype),
+                                              exchange_pushes(programs, dtype)):
             return outputs
     outputs, args, grid, constexprs = launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths,
                                                        w_hh, reverse=reverse, stamps=stamps)

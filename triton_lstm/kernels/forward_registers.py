@@ -462,11 +462,12 @@ def lstm_forward_registers_kernel(
             gl.store(c_all + (t_row * B + o_n)[None, :] * H + o_u[:, None],
                      gl.where(m_run, c, 0.0), mask=m_save)
 
-        # The next step: where h_t of each row is, which rows read it, and its input
-        # projection, in flight while the step waits for the other programs.
-        t_row_k, running_k = step_rows(t, length_k, m_nk, reverse)
-        p_rows = y + (t_row_k * B + o_nk) * YS
-        t_next_k, m_rows = step_rows(t + 1, length_k, m_nk, reverse)
+        # The next step: where h_t of each row is and which rows read it (reading h from
+        # L2), and its input projection, in flight while the step waits for the others.
+        if not EXCHANGE:
+            t_row_k, running_k = step_rows(t, length_k, m_nk, reverse)
+            p_rows = y + (t_row_k * B + o_nk) * YS
+            t_next_k, m_rows = step_rows(t + 1, length_k, m_nk, reverse)
         t_row, running, gx_i, gx_f, gx_g, gx_o = _step_inputs(gx, t + 1, length, m_n, reverse,
                                                               B, o_n, o_u, m_u, H, GS)
 
@@ -543,6 +544,22 @@ def exchange_pushes(programs: int, dtype: torch.dtype) -> int:
     return 2 * ((programs + 1) // 2) * (1 if dtype.itemsize == 2 else 2)
 
 
+def launch_clustered(kernel, args: tuple, grid: tuple, constexprs: dict, num_warps: int,
+                     programs: int, extra_shared: int, pushes: int) -> bool:
+    """Launch a registers kernel that pushes its state (EXCHANGE) with each `programs`
+    consecutive programs as one cluster (dispatch.launch_in_clusters, with its exchange's
+    shared memory and its count of st.async), counted as a persistent, registers and
+    clustered launch; False, with nothing launched, where such a cluster cannot run."""
+    if not launch_in_clusters(kernel, grid, args,
+                              dict(num_warps=num_warps, num_stages=1, **constexprs), programs,
+                              extra_shared, pushes):
+        return False
+    launch_counts["persistent"] += 1
+    launch_counts["registers"] += 1
+    launch_counts["clustered"] += 1
+    return True
+
+
 def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bool,
                            stamps=None, exchange: bool = False):
     """lstm_forward (forward.py) of a layer this kernel runs (``runs_here``), persistently:
@@ -559,13 +576,9 @@ def lstm_forward_registers(gx, w_hh, h0, c0, lengths, *, save: bool, reverse: bo
         outputs, args, grid, constexprs = launch_arguments(
             gx, w_hh, h0, c0, lengths, save=save, reverse=reverse, stamps=stamps, warps=warps,
             exchange=True)
-        if launch_in_clusters(lstm_forward_registers_kernel, grid, args,
-                              dict(num_warps=warps, num_stages=1, **constexprs), programs,
-                              exchange_bytes(constexprs["H"], gx.dtype),
-                              exchange_pushes(programs, gx.dtype)):
-            launch_counts["persistent"] += 1
-            launch_counts["registers"] += 1
-            launch_counts["clustered"] += 1
+        if launch_clustered(lstm_forward_registers_kernel, args, grid, constexprs, warps,
+                            programs, exchange_bytes(constexprs["H"], gx.dtype),
+                            exchange_pushes(programs, gx.dtype)):
             return outputs
     outputs, args, grid, constexprs = launch_arguments(gx, w_hh, h0, c0, lengths, save=save,
                                                        reverse=reverse, stamps=stamps)
