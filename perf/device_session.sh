@@ -58,7 +58,7 @@
 #                                                  GPU tests and the registers kernels'
 #                                                  exchanges', perf/step_timeline.py, then
 #                                                  those exchanges' rows beside the kernels
-#                                                  reading from L2 (4.6 min)
+#                                                  reading from L2 (4.8 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -241,7 +241,7 @@ case "${1:-}" in
     # kernels reading h and dG from L2.
     gpu_tests 90 "timeline or (pushed and registers)"
     timeout 110 python3 perf/step_timeline.py --out "$OUT/timeline" 2>&1 | tee "$OUT/timeline.log"
-    timeout 75 python3 perf/variants.py --only pushed --out "$OUT/variants-pushed" 2>&1 \
+    timeout 85 python3 perf/variants.py --only pushed --out "$OUT/variants-pushed" 2>&1 \
         | tee "$OUT/variants.log"
     ;;
 *)

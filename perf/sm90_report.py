@@ -280,11 +280,12 @@ def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_back
                                           has_lengths=state, reverse=True, stamps=stamps,
                                           exchange=exchange),
                       POLL_BACKOFF_NS=poll_backoff_ns)
-    num_warps = 4 * constexprs["SPLITS"]     # a warp a part: four gates of SPLITS parts
+    # a part a warp (four gates of SPLITS parts), UNIT_WARPS side by side
+    num_warps = 4 * constexprs["SPLITS"] * constexprs["UNIT_WARPS"]
     compiled = compile_one(br.lstm_backward_registers_kernel, types, constexprs, num_warps)
     row = compiled_row(compiled, kernel="registers-backward-exchange" if exchange
                        else "registers-backward", dtype=dtype_name, B=batch, H=hidden,
-                       D=directions, proj=0, tile=f"{br.ROWS}x{br.UNITS}", resident=True,
+                       D=directions, proj=0, tile=f"{br.ROWS}x{constexprs['UNITS']}", resident=True,
                        split_k=constexprs["CHUNKS"], warps=num_warps)
     if exchange:
         row.update(exchange_fields(compiled, br.exchange_pushes(

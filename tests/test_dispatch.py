@@ -216,12 +216,15 @@ def test_registers_forward_pushes_h_where_its_programs_make_a_cluster(hidden, dt
 
 
 @pytest.mark.parametrize("hidden, dtype, arch, fits, want", [
-    (256, torch.float16, 9, True, ("clusters", 16)),     # 16 programs of 16 units
-    (100, torch.float32, 9, True, ("clusters", 7)),
-    (256, torch.float16, 9, False, ("L2", None)),         # the cluster cannot be resident
-    (160, torch.float16, 9, True, ("clusters", 16)),      # 10 programs of units, 6 without
-    (512, torch.bfloat16, 9, True, ("L2", None)),         # 32 programs: past a cluster
-    (256, torch.float16, 8, True, ("L2", None)),          # no clusters before sm_90
+    (256, torch.float16, 9, True, ("clusters", 16, 4)),  # 16 programs of 16 units
+    (100, torch.float32, 9, True, ("clusters", 7, 4)),
+    (256, torch.float16, 9, False, ("L2", None, 4)),      # the cluster cannot be resident
+    (160, torch.float16, 9, True, ("clusters", 16, 4)),   # 10 programs of units, 6 without
+    (512, torch.bfloat16, 9, True, ("clusters", 16, 8)),  # 16 programs of 32 units
+    (300, torch.float16, 9, True, ("clusters", 16, 8)),   # 10 programs of 32 units, 6 without
+    (512, torch.float32, 9, True, ("L2", None, 8)),       # two warps a gate's reduction
+    (1024, torch.bfloat16, 9, True, ("L2", None, 8)),     # the same
+    (256, torch.float16, 8, True, ("L2", None, 4)),       # no clusters before sm_90
 ])
 def test_registers_backward_pushes_dg_where_its_programs_make_a_cluster(hidden, dtype, arch,
                                                                         fits, want,
@@ -233,12 +236,13 @@ def test_registers_backward_pushes_dg_where_its_programs_make_a_cluster(hidden, 
     launches = []
 
     def in_clusters(kernel, grid, args, flags, cluster, extra_shared, pushes):
-        launches.append(("clusters", cluster, grid, flags["EXCHANGE"], extra_shared, pushes,
-                         args[8]))
+        launches.append(("clusters", cluster, flags["num_warps"], grid, flags["EXCHANGE"],
+                         extra_shared, pushes, args[8]))
         return fits
 
     def resident(kernel, args, grid, constexprs, tile, device):
-        launches.append(("L2", None, grid, constexprs["EXCHANGE"], None, None, args[8]))
+        launches.append(("L2", None, tile.num_warps, grid, constexprs["EXCHANGE"], None, None,
+                         args[8]))
         return True
 
     monkeypatch.setattr(forward_registers, "launch_in_clusters", in_clusters)
@@ -250,16 +254,16 @@ def test_registers_backward_pushes_dg_where_its_programs_make_a_cluster(hidden, 
     dy = torch.randn(T, B, hidden).to(dtype)
     dgates = backward_registers.lstm_backward_registers(dy, None, None, gates, c_all, None, None,
                                                         w_hh, reverse=True, exchange=True)[0]
-    kind, cluster = want
+    kind, cluster, warps = want
     launched = launches[-1]
-    assert launched[:2] == want and launched[6] is dgates
-    assert launched[2] == (2 * (cluster or -(-hidden // 16)), 1)
-    assert launched[3] == (kind == "clusters")
+    assert launched[:3] == want and launched[7] is dgates
+    assert launched[3] == (2 * (cluster or -(-hidden // 16)), 1)
+    assert launched[4] == (kind == "clusters")
     marked = (dgates.view(torch.int16 if dtype.itemsize == 2 else torch.int32) == -1).all()
     if kind == "clusters":
         row_bytes = 4 * triton.next_power_of_2(hidden) * dtype.itemsize + 64
-        assert launched[4] == 2 * 8 * row_bytes + 16
-        assert launched[5] == 2 * cluster * (2 if dtype.itemsize == 2 else 4)
+        assert launched[5] == 2 * 8 * row_bytes + 16
+        assert launched[6] == 2 * cluster * (2 if dtype.itemsize == 2 else 4)
         assert len(launches) == 1
     else:
         assert marked, "the slots that programs poll are filled with the unwritten mark"

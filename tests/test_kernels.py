@@ -569,17 +569,21 @@ def test_registers_forward_exchange_lands_h_where_its_loads_read_it(H, dtype, wa
         assert torch.equal(out, h), rank
 
 
-@pytest.mark.parametrize("H, dtype", [(64, torch.float16), (256, torch.bfloat16),
-                                      (100, torch.float16), (48, torch.float32),
-                                      (200, torch.bfloat16)])   # 13 programs of units of 16
-def test_registers_backward_exchange_lands_dg_where_its_loads_read_it(H, dtype):
+@pytest.mark.parametrize("H, dtype, unit_warps", [
+    (64, torch.float16, 1), (256, torch.bfloat16, 1), (100, torch.float16, 1),
+    (48, torch.float32, 1),
+    (200, torch.bfloat16, 1),     # 13 programs of 16 units and 3 without: a cluster of 16
+    (512, torch.bfloat16, 2),     # 16 programs of 32 units
+    (300, torch.float16, 2),      # 10 programs of 32 units, the last with 12, and 6 without
+    (256, torch.float16, 2)])     # 8 programs of 32 units (the knob)
+def test_registers_backward_exchange_lands_dg_where_its_loads_read_it(H, dtype, unit_warps):
     """kernels/backward_registers.py's exchange, its own code (_push_dg, _receive_dg) under the
-    interpreter: every program of a cluster pushes dG of its 16 units for 8 rows (16-bit dG
-    as pairs of units after the shuffle with the lane beside, the lane of unit 2u sending
-    gates i and f, that of 2u + 1 gates g and o; fp32 gate by gate), and every program then
-    reads each gate's dG^T back as the MMA's operand tiles: each 32 bits of the phase pushed
-    once to each program, a phase's bytes what the mbarrier is armed for, and the tiles dG^T
-    exactly (zeros past H)."""
+    interpreter: every program of a cluster pushes dG of its 16 or 32 units for 8 rows
+    (16-bit dG as pairs of units after the shuffle with the lane beside, the lane of unit 2u
+    sending gates i and f, that of 2u + 1 gates g and o; fp32 gate by gate), and every
+    program then reads each gate's dG^T back as the MMA's operand tiles, chunk by chunk: each
+    32 bits of the phase pushed once to each program, a phase's bytes what the mbarrier is
+    armed for, and the tiles dG^T exactly (zeros past H)."""
     from triton_lstm.kernels import backward_registers as br
     memory = _ClusterMemory(dtype.itemsize)
 
@@ -594,11 +598,11 @@ def test_registers_backward_exchange_lands_dg_where_its_loads_read_it(H, dtype):
              _lane_beside=triton.jit(beside)))
 
     @triton.jit
-    def push(dg, out, i_h, HP: tl.constexpr, GROUP: tl.constexpr, SLOT: tl.constexpr,
-             ROW_BYTES: tl.constexpr, PUSH: tl.constexpr):
-        # the cell tiles of program i_h: its 16 units of 8 rows, a gate each
+    def push(dg, out, i_h, HP: tl.constexpr, UNITS: tl.constexpr, GROUP: tl.constexpr,
+             SLOT: tl.constexpr, ROW_BYTES: tl.constexpr, PUSH: tl.constexpr):
+        # the cell tiles of program i_h: its units of 8 rows, a gate each
         rows = tl.arange(0, 8)
-        o_u = i_h * 16 + tl.arange(0, 16)
+        o_u = i_h * UNITS + tl.arange(0, UNITS)
         p = dg + rows[:, None] * (4 * HP) + o_u[None, :]
         PUSH(tl.load(p).to(tl.float32), tl.load(p + HP).to(tl.float32),
              tl.load(p + 2 * HP).to(tl.float32), tl.load(p + 3 * HP).to(tl.float32), o_u, rows,
@@ -610,15 +614,25 @@ def test_registers_backward_exchange_lands_dg_where_its_loads_read_it(H, dtype):
                 EXCHANGE_SLOT: tl.constexpr, RECEIVE: tl.constexpr):
         o_part, o_k, rows = tl.arange(0, 4), tl.arange(0, KC), tl.arange(0, 8)
         slot, _, _ = EXCHANGE_SLOT(0, SLOT, 1)
-        tiles = RECEIVE(slot, rows, o_part, o_k, ROW_BYTES, HP, KC, CHUNKS, K_WIDTH, out)
         for chunk in tl.static_range(CHUNKS):
+            tile = RECEIVE(slot, rows, o_part, o_k, chunk, ROW_BYTES, HP, KC, K_WIDTH, out)
             tl.store(out + rows[None, None, :] * (4 * HP) + (o_part * HP)[:, None, None]
-                     + (chunk * KC + o_k)[None, :, None], tiles[chunk])
+                     + (chunk * KC + o_k)[None, :, None], tile)
 
-    group = br.exchange_programs(H, dtype)
-    constexprs = br.kernel_constants(H, 1, dtype, "ieee", has_dy=False, has_dhn=False,
-                                     has_h0=False, has_lengths=False, reverse=False,
-                                     exchange=True)
+    knob_before, br.EXCHANGE_UNIT_WARPS = br.EXCHANGE_UNIT_WARPS, unit_warps
+    try:
+        group = br.exchange_programs(H, dtype)
+        constexprs = br.kernel_constants(H, 1, dtype, "ieee", has_dy=False, has_dhn=False,
+                                         has_h0=False, has_lengths=False, reverse=False,
+                                         exchange=True)
+    finally:
+        br.EXCHANGE_UNIT_WARPS = knob_before
+    units = constexprs["UNITS"]
+    assert units == 16 * unit_warps and constexprs["UNIT_WARPS"] == unit_warps
+    if unit_warps == br.exchange_unit_warps(H):      # what the layer's size takes unasked
+        assert br.kernel_constants(H, 1, dtype, "ieee", has_dy=False, has_dhn=False,
+                                   has_h0=False, has_lengths=False, reverse=False,
+                                   exchange=True) == constexprs
     hp, kc = constexprs["HP"], constexprs["HP"] // constexprs["CHUNKS"]
     row_bytes = 4 * hp * dtype.itemsize + br.ROW_PAD_BYTES
     slot = br.ROWS * row_bytes
@@ -627,14 +641,14 @@ def test_registers_backward_exchange_lands_dg_where_its_loads_read_it(H, dtype):
     dg[:, :, :H] = torch.randn(br.ROWS, 4, H).to(dtype)
     dg = dg.reshape(br.ROWS, 4 * hp)
     for i_h in range(group):
-        push[(1,)](dg, torch.empty(1, dtype=dtype), i_h, hp, group, slot, row_bytes,
+        push[(1,)](dg, torch.empty(1, dtype=dtype), i_h, hp, units, group, slot, row_bytes,
                    namespace["_push_dg"])
-    sent = br.ROWS * 16 * group * 4 * dtype.itemsize     # each program's phase
+    sent = br.ROWS * units * group * 4 * dtype.itemsize     # each program's phase
     for rank in range(group):
         assert 4 * sum(r == rank for r, _ in memory.words) == sent, rank
     for rank in range(group):
         memory.reader = rank
-        for k in range(16 * group, hp):        # units no program has: zeroed first
+        for k in range(units * group, hp):        # units no program has: zeroed first
             for gate in range(4):
                 for n in range(br.ROWS):
                     memory.words.setdefault(
@@ -761,23 +775,32 @@ def _float64_backward(problem, gx, h0):
     return torch.autograd.grad(loss, leaves)
 
 
-@pytest.mark.parametrize("splits", [1, 2], ids=["warp-a-gate", "two-warps-a-gate"])
+# Warps a gate: one; two with half of its reduction each (past H = 512); two side by side
+# with 16 units each (the programs of 32 units that push dG at H = 512).
+WARPS_A_GATE = pytest.mark.parametrize("splits, unit_warps", [(1, 1), (2, 1), (1, 2)],
+                                       ids=["warp-a-gate", "two-warps-a-gate",
+                                            "two-warps-side-by-side"])
+
+
+@WARPS_A_GATE
 @pytest.mark.parametrize("T, B, H, dtype", [
     (6, 11, 16, torch.float32),    # steps: one unit block a group (programs run one by one)
     (5, 11, 13, torch.float16),    # a unit block with units missing
     (4, 3, 7, torch.float32),
 ])
-def test_registers_backward_code_matches_float64(T, B, H, dtype, splits):
+def test_registers_backward_code_matches_float64(T, B, H, dtype, splits, unit_warps):
     """The registers backward's index math, masks, gate order, lengths, both directions, its
     state's gradients and polls, in its own code (interpreted_backward_registers_kernel):
     within twice the tl backward's error against float64, from the same saved gates. With
-    two warps a gate (a layer past H = 512) each takes half of the gate's reduction."""
+    two warps a gate (a layer past H = 512) each takes half of the gate's reduction; with
+    two side by side (H = 512 pushing dG) a program has 32 units."""
     from triton_lstm.kernels import backward_registers
     from triton_lstm.kernels.backward import lstm_backward
     kernel = interpreted_backward_registers_kernel()
     problem, (gx, h0) = _backward_problem(T, B, H, dtype)
-    outputs, args, grid, constexprs = backward_registers.launch_arguments(**problem, reverse=True,
-                                                                          splits=splits)
+    outputs, args, grid, constexprs = backward_registers.launch_arguments(
+        **problem, reverse=True, splits=splits, unit_warps=unit_warps)
+    assert constexprs["UNITS"] == 16 * unit_warps
     kernel[grid](*args, **constexprs)
     tl_outputs = lstm_backward(**problem, config=CONFIGS["resident-bh4"])[:3]
     want = _float64_backward(problem, gx, h0)
@@ -788,12 +811,12 @@ def test_registers_backward_code_matches_float64(T, B, H, dtype, splits):
         assert error <= 2 * tl_error + 1e-6, (name, error, tl_error)
 
 
-@pytest.mark.parametrize("splits", [1, 2], ids=["warp-a-gate", "two-warps-a-gate"])
+@WARPS_A_GATE
 @pytest.mark.parametrize("T, B, H, dtype", [
-    (3, 3, 40, torch.float32),     # 3 unit blocks, the last with 8 of its 16 units
-    (2, 9, 33, torch.float16),     # 2 batch blocks, 3 unit blocks
+    (3, 3, 40, torch.float32),     # 3 unit blocks, the last with 8 of its 16 units (32: 2, 8)
+    (2, 9, 33, torch.float16),     # 2 batch blocks, 3 unit blocks (32 units: 2)
 ])
-def test_registers_backward_code_with_many_unit_blocks(T, B, H, dtype, splits):
+def test_registers_backward_code_with_many_unit_blocks(T, B, H, dtype, splits, unit_warps):
     """Programs of several unit blocks read each other's dG, which under the interpreter (one
     program after another) no program has written yet: dG starts as the tl backward's
     instead of the mark, so every read finds it written. Each program's own reads and
@@ -803,9 +826,9 @@ def test_registers_backward_code_with_many_unit_blocks(T, B, H, dtype, splits):
     kernel = interpreted_backward_registers_kernel()
     problem, _ = _backward_problem(T, B, H, dtype)
     tl_outputs = lstm_backward(**problem, config=CONFIGS["resident-bh4"])[:3]
-    outputs, args, grid, constexprs = backward_registers.launch_arguments(**problem, reverse=True,
-                                                                          splits=splits)
-    assert grid[0] >= 3
+    outputs, args, grid, constexprs = backward_registers.launch_arguments(
+        **problem, reverse=True, splits=splits, unit_warps=unit_warps)
+    assert constexprs["NUM_H_BLOCKS"] >= 2
     outputs[0].copy_(tl_outputs[0])
     kernel[grid](*args, **constexprs)
     tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)

@@ -8,7 +8,8 @@ forward_registers.py, whose shape it follows where the backward allows:
 
 - A program is four warps that own 16 hidden units of one direction for 8 batch rows.
   Warp k holds gate k's slice of W_hh, W_hh[kH:(k+1)H, units]^T as a [16, HP] MMA operand
-  (the units are the MMA's M side, the batch its N = 8), loaded once and kept in registers
+  (the units are the MMA's M side, the batch its N = 8), loaded once (along W_hh's rows
+  into shared memory, a chunk at a time, then into the operand) and kept in registers
   for the whole sequence (HP * itemsize / 2 bytes a thread: H <= 512, fp32 256). Past
   that (H <= 1024, fp32 512) a program is eight warps, two a gate (SPLITS), each with half
   of the gate's reduction, [16, HP / 2]: the same registers a thread as at half the H.
@@ -23,12 +24,14 @@ forward_registers.py, whose shape it follows where the backward allows:
   it is the mark. A warp sees only its own gate's columns, so the warps agree through
   shared memory whether to poll again (a flag each, behind a second `bar.sync`).
 
-With EXCHANGE (config ``dsmem``), where a batch block's programs make one cluster (H <= 256,
-one warp a gate), each program pushes its dG_t into every program's shared memory instead
-(dsmem.py's protocol, as forward_registers.py pushes h): a stage waits on its own mbarrier
-and reads dG_{t+1} from shared memory straight into the operand registers, nothing from
-L2 and no polls. 16-bit dG goes as pairs of units (a shuffle with the lane beside: the lane
-of unit 2u sends gates i and f of units 2u, 2u + 1, the lane of 2u + 1 gates g and o).
+With EXCHANGE (config ``dsmem``), where a batch block's programs make one cluster (a warp's
+slice the whole of its gate's reduction: H <= 512, fp32 256), each program pushes its dG_t
+into every program's shared memory instead (dsmem.py's protocol, as forward_registers.py
+pushes h): a stage waits on its own mbarrier and reads dG_{t+1} from shared memory straight
+into the operand registers, a chunk before its MMAs, nothing from L2 and no polls. 16-bit
+dG goes as pairs of units (a shuffle with the lane beside: the lane of unit 2u sends gates
+i and f of units 2u, 2u + 1, the lane of 2u + 1 gates g and o). Past H = 256 a program is
+eight warps, two a gate side by side (UNIT_WARPS), 32 units: 16 programs make H = 512.
 
 It runs persistently or not at all: every program must be resident (the launcher checks),
 for bf16 / fp16, and fp32 where its dots may use tf32 (nn.LSTM's rule), without
@@ -56,10 +59,14 @@ from .forward_registers import (ROW_PAD_BYTES, ROWS, _lengths, _merged_marks, _p
                                 _zero_shared, chunks, operand_width)
 
 
-UNITS = 16                # hidden units per program: the MMA's M side in each gate's warp
+UNITS = 16                # hidden units a warp: the MMA's M side in each gate's warp
 # Warps a gate, None for what the layer's size needs (``splits_of``); 2 also where one warp
 # holds the slice (half the chain, twice the warps): perf/variants.py's knob.
 SPLITS = None
+# Warps a gate side by side along the units in the backward that pushes dG, None for the
+# fewest that make a batch block's programs one cluster (``exchange_unit_warps``): 2 also at
+# H <= 256 (clusters of half the programs): perf/variants.py's knob.
+EXCHANGE_UNIT_WARPS = None
 
 
 @gluon.jit
@@ -91,18 +98,15 @@ def _any_unwritten(tiles, flags, poll, CHUNKS: gl.constexpr, FLAGS: gl.constexpr
 
 
 @gluon.jit
-def _receive_dg(slot, rows, o_part, o_k, ROW_BYTES: gl.constexpr, HP: gl.constexpr,
-                KC: gl.constexpr, CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr, dgates):
-    """dG_{t+1}^T (dgates' dtype) as _load_dg's operand tiles, from this program's exchange
-    slot: a row of 4 HP elements a batch row (`rows`: the batch block's, 0 ..), gate k's
-    columns from k HP, rows ROW_BYTES apart."""
+def _receive_dg(slot, rows, o_part, o_k, chunk, ROW_BYTES: gl.constexpr, HP: gl.constexpr,
+                KC: gl.constexpr, K_WIDTH: gl.constexpr, dgates):
+    """Chunk `chunk` of dG_{t+1}^T (dgates' dtype) as _load_dg's operand tile, from this
+    program's exchange slot: a row of 4 HP elements a batch row (`rows`: the batch block's,
+    0 ..), gate k's columns from k HP, rows ROW_BYTES apart."""
     ITEM: gl.constexpr = dgates.dtype.element_ty.primitive_bitwidth // 8
-    tiles = ()
-    for chunk in gl.static_range(CHUNKS):
-        col = (o_part * HP)[:, None] + (chunk * KC + o_k)[None, :]
-        addr = slot + rows[None, None, :] * ROW_BYTES + col[:, :, None] * ITEM
-        tiles = tiles + (_shared_load(addr, dgates, K_WIDTH),)
-    return tiles
+    col = (o_part * HP)[:, None] + (chunk * KC + o_k)[None, :]
+    addr = slot + rows[None, None, :] * ROW_BYTES + col[:, :, None] * ITEM
+    return _shared_load(addr, dgates, K_WIDTH)
 
 
 @gluon.jit
@@ -183,27 +187,31 @@ def lstm_backward_registers_kernel(
     T, B,
     H: gl.constexpr, HP: gl.constexpr, D: gl.constexpr, UNITS: gl.constexpr,
     NUM_H_BLOCKS: gl.constexpr, BLOCK_B: gl.constexpr, CHUNKS: gl.constexpr,
-    K_WIDTH: gl.constexpr,
+    K_WIDTH: gl.constexpr, UNIT_WARPS: gl.constexpr,
     DOT_PRECISION: gl.constexpr, HAS_DY: gl.constexpr, HAS_DHN: gl.constexpr, HAS_H0: gl.constexpr,
     HAS_LENGTHS: gl.constexpr, REVERSE: gl.constexpr, POLL_BACKOFF_NS: gl.constexpr,
     SPLITS: gl.constexpr, EXCHANGE: gl.constexpr, STAMPS: gl.constexpr,
 ):
-    # The batched MMA: [part, unit, k] x [part, k, row], a part a warp. Part p is piece
-    # p % SPLITS of gate p // SPLITS's reduction.
+    # The batched MMA: [part, unit, k] x [part, k, row], a part UNIT_WARPS warps (16 units
+    # each). Part p is piece p % SPLITS of gate p // SPLITS's reduction.
     PARTS: gl.constexpr = 4 * SPLITS
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[PARTS, 1, 1],
+    WARPS: gl.constexpr = PARTS * UNIT_WARPS
+    gl.static_assert(UNITS == 16 * UNIT_WARPS)
+    gl.static_assert(SPLITS == 1 or UNIT_WARPS == 1)
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0],
+                                                  warps_per_cta=[PARTS, UNIT_WARPS, 1],
                                                   instr_shape=[1, 16, 8])
     W_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=K_WIDTH)
     G_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=K_WIDTH)
     # The partial sums read back as [part, row, unit] with the parts in one thread: a warp
-    # has 2 rows, a lane one unit of one row (with SPLITS = 2 warps w and w + 4 alike). CELL
-    # is the [row, unit] tile of the cell math.
+    # has 2 rows of 16 units, a lane one unit of one row (with SPLITS = 2 warps w and w + 4
+    # alike). CELL is the [row, unit] tile of the cell math.
     SUMS: gl.constexpr = gl.BlockedLayout(size_per_thread=[PARTS, 1, 1],
                                           threads_per_warp=[1, 2, 16],
-                                          warps_per_cta=[1, PARTS, 1], order=[2, 1, 0])
+                                          warps_per_cta=[1, PARTS, UNIT_WARPS], order=[2, 1, 0])
     CELL: gl.constexpr = gl.SliceLayout(0, SUMS)
     FLAGS: gl.constexpr = gl.BlockedLayout(size_per_thread=[PARTS], threads_per_warp=[32],
-                                           warps_per_cta=[PARTS], order=[0])
+                                           warps_per_cta=[WARPS], order=[0])
     # Shared memory, two slots each (a slot's layout is the layout of the allocation).
     SHARED: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
                                                    order=[2, 1, 0])
@@ -225,17 +233,27 @@ def lstm_backward_registers_kernel(
     dgates += i_d64 * 4 * H
     dh0 += i_d64 * B * H
 
-    # Part p's weight slice in warp p: W_hh[gate H + piece HS + j, unit]^T, [PARTS, 16, HS]
-    # as CHUNKS tiles.
-    o_pw = gl.arange(0, PARTS, layout=gl.SliceLayout(1, gl.SliceLayout(2, W_OP)))
-    o_uw = i_h * UNITS + gl.arange(0, UNITS, layout=gl.SliceLayout(0, gl.SliceLayout(2, W_OP)))
-    o_kw = gl.arange(0, KC, layout=gl.SliceLayout(0, gl.SliceLayout(1, W_OP)))
+    # Part p's weight slice in its warps: W_hh[gate H + piece HS + j, unit]^T, [PARTS, UNITS,
+    # HS] as CHUNKS tiles. W_hh's rows run along the units, the operand's registers along the
+    # reduction: a chunk is read along the rows into shared memory, then into the operand.
+    STAGE: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4, 1], threads_per_warp=[1, 4, 8],
+                                           warps_per_cta=[PARTS, UNIT_WARPS, 1],
+                                           order=[1, 2, 0])
+    STAGE_SHARED: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1,
+                                                         order=[1, 2, 0])
+    o_pw = gl.arange(0, PARTS, layout=gl.SliceLayout(1, gl.SliceLayout(2, STAGE)))
+    o_uw = i_h * UNITS + gl.arange(0, UNITS, layout=gl.SliceLayout(0, gl.SliceLayout(2, STAGE)))
+    o_kw = gl.arange(0, KC, layout=gl.SliceLayout(0, gl.SliceLayout(1, STAGE)))
+    staged = gl.allocate_shared_memory(w_hh.dtype.element_ty, [PARTS, UNITS, KC], STAGE_SHARED)
     w_tiles = ()
     for chunk in gl.static_range(CHUNKS):
         k = (o_pw % SPLITS * HS)[:, None, None] + (chunk * KC + o_kw)[None, None, :]
         p = w_hh + ((o_pw // SPLITS * H)[:, None, None] + k) * H + o_uw[None, :, None]
         m = (o_uw < H)[None, :, None] & (k < H)
-        w_tiles = w_tiles + (gl.load(p, mask=m, other=0.0),)
+        staged.store(gl.load(p, mask=m, other=0.0))
+        _warps_barrier()
+        w_tiles = w_tiles + (staged.load(W_OP),)
+        _warps_barrier()     # read by every warp before the next chunk overwrites it
     acc0 = gl.zeros([PARTS, UNITS, BLOCK_B], gl.float32, MMA)
 
     # The dG operand's parts, reduction positions and batch rows.
@@ -276,7 +294,7 @@ def lstm_backward_registers_kernel(
         ROW_BYTES: gl.constexpr = 4 * HP * ITEM + 64       # ROW_PAD_BYTES
         SLOT: gl.constexpr = BLOCK_B * ROW_BYTES
         SENT: gl.constexpr = BLOCK_B * NUM_H_BLOCKS * UNITS * 4 * ITEM   # a phase's bytes
-        _zero_shared(region_base(2 * SLOT + 16), 2 * SLOT, PARTS)
+        _zero_shared(region_base(2 * SLOT + 16), 2 * SLOT, WARPS)
         exchange = exchange_setup(SLOT, SENT)
         # A slot's rows are the batch block's (0 .. BLOCK_B - 1), in both layouts.
         rows = gl.arange(0, BLOCK_B, layout=gl.SliceLayout(1, CELL))
@@ -298,8 +316,19 @@ def lstm_backward_registers_kernel(
             # dG_{t+1} is exchange s; then its slot's next phase, exchange s + 2.
             dg_slot, dg_mbar, dg_parity = exchange_slot(exchange, SLOT, s)
             wait_phase(dg_mbar, dg_parity)
-            tiles = _receive_dg(dg_slot, rows_k, o_part, o_k, ROW_BYTES, HP, KC, CHUNKS,
-                                K_WIDTH, dgates)
+            if STAMPS:
+                if s < T:
+                    timeline.wait_ends(stamps, s)
+                    timeline.polls(stamps, s, polls)
+            # a chunk read just before its MMAs: the whole of dG^T at once is a warp's
+            # 4 HP / 8 registers beside the weights' HP / 2 (spills at H = 512)
+            acc = mma_v2(w_tiles[0], _receive_dg(dg_slot, rows_k, o_part, o_k, 0, ROW_BYTES,
+                                                 HP, KC, K_WIDTH, dgates),
+                         acc0, input_precision=DOT_PRECISION)
+            for chunk in gl.static_range(1, CHUNKS):
+                acc += mma_v2(w_tiles[chunk], _receive_dg(dg_slot, rows_k, o_part, o_k, chunk,
+                                                          ROW_BYTES, HP, KC, K_WIDTH, dgates),
+                              acc0, input_precision=DOT_PRECISION)
             if s + 2 <= T:
                 arm(dg_mbar, SENT)
         else:
@@ -316,13 +345,14 @@ def lstm_backward_registers_kernel(
                 poll += 1
                 if STAMPS:
                     polls += 1
-        if STAMPS:
-            if s < T:
-                timeline.wait_ends(stamps, s)
-                timeline.polls(stamps, s, polls)
-        acc = mma_v2(w_tiles[0], tiles[0], acc0, input_precision=DOT_PRECISION)
-        for chunk in gl.static_range(1, CHUNKS):   # an accumulator per chunk: parallel chains
-            acc += mma_v2(w_tiles[chunk], tiles[chunk], acc0, input_precision=DOT_PRECISION)
+            if STAMPS:
+                if s < T:
+                    timeline.wait_ends(stamps, s)
+                    timeline.polls(stamps, s, polls)
+            acc = mma_v2(w_tiles[0], tiles[0], acc0, input_precision=DOT_PRECISION)
+            for chunk in gl.static_range(1, CHUNKS):   # an accumulator a chunk: parallel chains
+                acc += mma_v2(w_tiles[chunk], tiles[chunk], acc0,
+                              input_precision=DOT_PRECISION)
         # The parts' shares of dh through shared memory (slot s % 2: rewritten two stages
         # on, after the barriers of the stage between).
         slot = sums.index(s % 2)
@@ -380,12 +410,21 @@ def runs_here(hidden_size: int, dtype: torch.dtype, device: torch.device, *, pro
             and not (proj or restarts or force_stepped))
 
 
+def exchange_unit_warps(hidden_size: int) -> int:
+    """Warps a gate, side by side along the units, in the backward that pushes dG: the fewest
+    whose programs (16 units a warp) make a batch block one cluster of at most 16, 1 to
+    H = 256, 2 to 512 (EXCHANGE_UNIT_WARPS where set)."""
+    return EXCHANGE_UNIT_WARPS or max(1, padded(hidden_size) // (16 * UNITS))
+
+
 def exchange_programs(hidden_size: int, dtype: torch.dtype):
     """Programs of a cluster of the backward that pushes dG (a batch block's), or None where
-    it does not run: a warp a gate, and a cluster Triton's launcher starts
-    (dispatch.cluster_programs: 9-15 unit blocks make 16 programs, the last without units)."""
-    programs = cluster_programs(cdiv(hidden_size, UNITS))
-    return programs if splits_of(hidden_size, dtype) == 1 else None
+    it does not run: a warp's slice the whole of a gate's reduction (``splits_of``), and a
+    cluster Triton's launcher starts (dispatch.cluster_programs: 9-15 unit blocks make 16
+    programs, the last ones without units)."""
+    if splits_of(hidden_size, dtype) != 1:
+        return None
+    return cluster_programs(cdiv(hidden_size, UNITS * exchange_unit_warps(hidden_size)))
 
 
 def exchange_bytes(hidden_size: int, dtype: torch.dtype) -> int:
@@ -416,7 +455,7 @@ def lstm_backward_registers(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, 
             dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, reverse=reverse, stamps=stamps,
             exchange=True)
         if forward_registers.launch_clustered(lstm_backward_registers_kernel, args, grid,
-                                              constexprs, 4, programs,
+                                              constexprs, 4 * constexprs["UNIT_WARPS"], programs,
                                               exchange_bytes(hidden_size, dtype),
                                               exchange_pushes(programs, dtype)):
             return outputs
@@ -431,10 +470,10 @@ def lstm_backward_registers(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, 
 
 
 def launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse: bool,
-                     splits=None, stamps=None, exchange: bool = False):
+                     splits=None, unit_warps=None, stamps=None, exchange: bool = False):
     """The outputs a launch writes (dgates filled with the unwritten mark where programs poll
-    it), the kernel's arguments, its grid and its compile-time constants (``splits``: as
-    kernel_constants; ``exchange``: dG pushed through the cluster)."""
+    it), the kernel's arguments, its grid and its compile-time constants (``splits``,
+    ``unit_warps``: as kernel_constants; ``exchange``: dG pushed through the cluster)."""
     D, T, B, G = gates.shape
     H = G // 4
     device, dtype = w_hh.device, w_hh.dtype
@@ -453,27 +492,32 @@ def launch_arguments(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse
     constexprs = kernel_constants(H, D, dtype, dot_precision(dtype, device), has_dy=dy is not None,
                                   has_dhn=dh_n is not None, has_h0=c0 is not None,
                                   has_lengths=lengths is not None, reverse=reverse,
-                                  splits=splits, stamps=stamps is not None, exchange=exchange)
+                                  splits=splits, unit_warps=unit_warps,
+                                  stamps=stamps is not None, exchange=exchange)
     grid = (cdiv(B, ROWS) * constexprs["NUM_H_BLOCKS"], D)
     return (dgates, dh0, dc_state), args, grid, constexprs
 
 
 def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, precision: str, *,
                      has_dy: bool, has_dhn: bool, has_h0: bool, has_lengths: bool,
-                     reverse: bool, splits=None, stamps: bool = False,
+                     reverse: bool, splits=None, unit_warps=None, stamps: bool = False,
                      exchange: bool = False) -> dict:
     """The kernel's compile-time constants for a layer (``precision``: its dots' input
     precision, dispatch.dot_precision); the width of its operand loads and its pause between
     polls are the forward's knobs (forward_registers.H_LOAD_BYTES, POLL_BACKOFF_NS).
-    ``splits``: warps a gate, None for what the layer's size needs (``splits_of``);
-    ``stamps``: record each stage's timeline; ``exchange``: dG pushed through the cluster,
-    whose programs may outnumber the unit blocks (``exchange_programs``)."""
+    ``splits``: warps a gate, None for what the layer's size needs (``splits_of``), each with
+    a piece of its reduction; ``unit_warps``: warps a gate side by side, 16 units each, None
+    for 1 (with ``exchange``, what its cluster needs: ``exchange_unit_warps``); ``stamps``:
+    record each stage's timeline; ``exchange``: dG pushed through the cluster, whose programs
+    may outnumber the unit blocks (``exchange_programs``)."""
     splits = splits or splits_of(hidden_size, dtype)
+    unit_warps = unit_warps or (exchange_unit_warps(hidden_size) if exchange else 1)
     share = padded(hidden_size) // splits       # a warp's share of the reduction
-    blocks = cdiv(hidden_size, UNITS)
-    return dict(H=hidden_size, HP=padded(hidden_size), D=directions, UNITS=UNITS,
+    units = UNITS * unit_warps                  # a program's
+    blocks = cdiv(hidden_size, units)
+    return dict(H=hidden_size, HP=padded(hidden_size), D=directions, UNITS=units,
                 NUM_H_BLOCKS=exchange_programs(hidden_size, dtype) if exchange else blocks,
-                BLOCK_B=ROWS,
+                BLOCK_B=ROWS, UNIT_WARPS=unit_warps,
                 CHUNKS=chunks(share, dtype), K_WIDTH=operand_width(share, dtype), SPLITS=splits,
                 DOT_PRECISION=precision, HAS_DY=has_dy, HAS_DHN=has_dhn, HAS_H0=has_h0,
                 HAS_LENGTHS=has_lengths, REVERSE=reverse,
