@@ -254,23 +254,28 @@ def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0,
 def exchange_fields(compiled, launch_pushes: int) -> dict:
     """A registers kernel that pushes its state through the cluster: its st.async and the
     count its launch asks for, its launch parameters (dispatch.launch_in_clusters rewrites
-    them), the bytes of its loads from the exchange slot (16: vectorised) and the shared
+    them), the bytes of its pushes and of its loads from the exchange slot (16: vectorised)
+    and the shared
     memory it declares apart from that (the ld.shared / st.shared of its own buffers count
     too)."""
     ptx = compiled.asm["ptx"]
     return dict(pushes=ptx.count("st.async"), launch_pushes=launch_pushes,
+                push_bytes=sorted({4 * int(vec or 1) for vec in re.findall(
+                    r"st\.async\.\S*?(?:\.v(\d))?\.b32", ptx)}),
                 launch_parameters=list(compiled.packed_metadata),
                 shared_load_bytes=sorted({int(vec or 1) * 4 for vec in re.findall(
                     r"ld\.shared(?:\.v(\d))?\.b32", ptx)}))
 
 
 def report_registers_backward(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0,
-                              state=True, stamps=False, exchange=False):
+                              state=True, stamps=False, exchange=False, push_bytes=4):
     """The small-batch backward with its weights in registers (kernels/backward_registers.py),
     with dy and dh_n, and c0 and lengths where ``state``; its tile is its own (16 units, 8
     rows; 4 warps, 8 where a gate's reduction is split in two); with ``exchange``, dG pushed
-    through the cluster of a batch block's programs."""
+    through the cluster of a batch block's programs (32 units, 8 warps past H = 256),
+    ``push_bytes`` a lane in one st.async."""
     from triton_lstm.kernels import backward_registers as br   # Gluon, imported where asked for
+    br.PUSH_BYTES = push_bytes
     tname, dtype = DTYPES[dtype_name]
     types = dict(dy=tname, dh_n=tname, dc_state="fp32", gates="fp32", c_all="fp32", c0=tname,
                  lengths="i32", w_hh=tname, dgates=tname, dh0=tname, stamps="i64")
@@ -413,6 +418,9 @@ def main():
                         help="the wavefront kernels with dropout between layers")
     parser.add_argument("--poll-backoff", type=int, default=0,
                         help="the registers kernels' pause between polls, ns (0: none)")
+    parser.add_argument("--push-bytes", type=int, default=4, choices=(4, 8),
+                        help="bytes a lane pushes in one st.async in the registers backward "
+                             "that pushes 16-bit dG (backward_registers.PUSH_BYTES)")
     parser.add_argument("--no-state", action="store_true",
                         help="the registers kernels without h0 / c0 and lengths")
     parser.add_argument("--bias-sums", action="store_true",
@@ -464,7 +472,8 @@ def reports(args, config):
                     yield report_registers_backward(dtype_name, batch, hidden, args.directions,
                                                     args.poll_backoff, not args.no_state,
                                                     args.stamps,
-                                                    kernel_name.endswith("-exchange"))
+                                                    kernel_name.endswith("-exchange"),
+                                                    args.push_bytes)
                 elif kernel_name.startswith("wavefront"):
                     yield report_wavefront(dtype_name, batch, hidden, args.layers, config,
                                            kernel_name, args.dropout)

@@ -268,13 +268,21 @@ def test_sm90_registers_backward_pushing_dg_reads_it_from_shared_memory_only():
     the partial sums of dh still meeting in shared memory (its one barrier a stage, and one
     where a slot is reused; two a chunk of the weights before the loop), the launch
     parameters dispatch.launch_in_clusters rewrites; no spill. Past H = 256 a program is 32
-    units, two warps a gate side by side (8 warps)."""
+    units, two warps a gate side by side (8 warps). With 16-bit dG in fours of units
+    (backward_registers.PUSH_BYTES 8), half the st.async, 8 bytes each."""
     rows = compile_report(["--kernels", "registers-backward-exchange", "--shapes", "8x256",
                            "3x100", "3x200", "--dtypes", "bf16", "fp16", "fp32", "--directions",
                            "2"])                                      # 3x200: 16 of 13 programs
     rows += compile_report(["--kernels", "registers-backward-exchange", "--shapes", "8x512",
                             "3x300", "--dtypes", "bf16", "fp16"])     # 3x300: 16 of 10
-    assert len(rows) == 13
+    pushing_fours = compile_report(["--kernels", "registers-backward-exchange", "--shapes",
+                                    "8x512", "3x100", "--dtypes", "fp16", "--push-bytes", "8"])
+    for row in pushing_fours:       # half the st.async of pairs, 8 bytes each
+        pairs = [r for r in rows if (r["dtype"], r["H"]) == ("fp16", row["H"])]
+        assert len(pairs) == 1 and pairs[0]["push_bytes"] == [4], pairs
+        assert 2 * row["pushes"] == pairs[0]["pushes"] and row["push_bytes"] == [8], row
+    rows += pushing_fours
+    assert len(rows) == 15
     for row in rows:
         where = {k: row[k] for k in ("dtype", "H", "warps", "regs", "spill", "triton")}
         assert row["ptxas_ok"] and row["spill"] == 0, where

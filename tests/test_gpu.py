@@ -1065,29 +1065,32 @@ def test_registers_backward_with_nan_and_inf_input_ends_and_matches_the_barrier_
 
 
 @pytest.mark.timeout(120)    # a push that never lands traps (dsmem.WAIT_LIMIT) before this
-@pytest.mark.parametrize("form, batch, hidden, dtype_name, unit_warps", [
-    ("packed-bidir", 8, 256, "fp16", None),   # clusters of 16 programs of 4 warps
-    ("state", 13, 256, "bf16", None),         # two batch blocks, the second of 5 rows
-    ("state", 3, 100, "fp16", None),          # clusters of 7, the last program with 4 units
-    ("state", 3, 200, "bf16", None),          # 13 programs of units, 3 without: 16
-    ("plain", 1, 64, "bf16", None),
-    ("packed-bidir", 8, 256, "fp32-tf32", None),
-    ("packed-bidir", 8, 512, "bf16", None),   # 16 programs of 8 warps, 32 units each
-    ("plain", 8, 512, "fp16", None),
-    ("state", 3, 300, "fp16", None),          # 10 programs of units (the last 12), 6 without
-    ("plain", 8, 256, "fp16", 2),             # clusters of 8 programs of 8 warps
+@pytest.mark.parametrize("form, batch, hidden, dtype_name, knobs", [
+    ("packed-bidir", 8, 256, "fp16", {}),     # clusters of 16 programs of 4 warps
+    ("state", 13, 256, "bf16", {}),           # two batch blocks, the second of 5 rows
+    ("state", 3, 100, "fp16", {}),            # clusters of 7, the last program with 4 units
+    ("state", 3, 200, "bf16", {}),            # 13 programs of units, 3 without: 16
+    ("plain", 1, 64, "bf16", {}),
+    ("packed-bidir", 8, 256, "fp32-tf32", {}),
+    ("packed-bidir", 8, 512, "bf16", {}),     # 16 programs of 8 warps, 32 units each
+    ("plain", 8, 512, "fp16", {}),
+    ("state", 3, 300, "fp16", {}),            # 10 programs of units (the last 12), 6 without
+    ("plain", 8, 256, "fp16", {"EXCHANGE_UNIT_WARPS": 2}),    # clusters of 8 of 8 warps
+    ("packed-bidir", 8, 512, "fp16", {"PUSH_BYTES": 8}),      # fours of units a push
+    ("state", 3, 100, "bf16", {"PUSH_BYTES": 8}),
 ])
 def test_registers_backward_with_pushed_dg_computes_what_it_computes_reading_it(
-        form, batch, hidden, dtype_name, unit_warps, monkeypatch):
+        form, batch, hidden, dtype_name, knobs, monkeypatch):
     """The registers backward with dG pushed through each batch block's cluster (kernels/
     backward_registers.py, EXCHANGE) against the same kernel reading dG from L2 (programs of
     16 units), on one forward's saved values: bitwise equal dG, dh0 and dc0 (the same MMAs
     and sums in the same order, the same dG), with both directions in one grid, packed
     lengths, dh_n and dc_n, c0, partial unit and batch blocks, programs of 16 and 32 units,
-    clusters with programs of no units."""
+    clusters with programs of no units, 16-bit dG pushed in pairs and in fours of units."""
     from triton_lstm.kernels import backward_registers
     from triton_lstm.kernels.backward import lstm_backward
-    monkeypatch.setattr(backward_registers, "EXCHANGE_UNIT_WARPS", unit_warps)
+    for name, value in knobs.items():
+        monkeypatch.setattr(backward_registers, name, value)
     gx, w_hh, h0, c0, lengths, dy, dh_n, dc_n = small_layer_problem(form, batch, hidden,
                                                                     dtype_name)
     with tf32(True):

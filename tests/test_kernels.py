@@ -457,21 +457,28 @@ def test_registers_kernel_code_ends_on_nan_input_and_on_the_mark_in_h0():
 
 class _ClusterMemory:
     """The shared memory of a cluster's programs as the exchange's pushes write it, element by
-    element (dsmem.send_to: each valid element's 32 bits to its address in program `rank`),
-    and the loads of one program from it (forward_registers._shared_load: each element from
-    its own address, as a pack's consecutive elements are)."""
+    element (dsmem.send_to: each valid element's 32 bits to its address in program `rank`;
+    dsmem.send_pair_to: two words, the second 4 bytes on), and the loads of one program from
+    it (forward_registers._shared_load: each element from its own address, as a pack's
+    consecutive elements are)."""
 
     def __init__(self, item):
         self.item, self.words, self.reader = item, {}, 0
+        self.pushes = 0       # st.async instructions, a lane's each
 
-    def send_to(self, addr, bits, mbar, rank, valid):
+    def send_to(self, addr, bits, mbar, rank, valid, align=4):
+        import numpy as np
         where = [a.handle.data for a in (addr, bits, rank, valid)]
-        for a, b, r, v in zip(*(x.reshape(-1) for x in __import__("numpy").broadcast_arrays(
-                *where))):
+        for a, b, r, v in zip(*(x.reshape(-1) for x in np.broadcast_arrays(*where))):
             if v:
                 assert (int(r), int(a)) not in self.words, "an element pushed twice"
-                assert int(a) % 4 == 0, "a push's 32 bits are aligned"
+                assert int(a) % align == 0, "a push's words are aligned to its size"
                 self.words[int(r), int(a)] = int(b) & 0xFFFFFFFF
+                self.pushes += align == 4
+
+    def send_pair_to(self, addr, lo, hi, mbar, rank, valid):
+        self.send_to(addr, lo, mbar, rank, valid, align=8)
+        self.send_to(addr + 4, hi, mbar, rank, valid, align=4)
 
     def shared_load(self, addr, y, K_WIDTH):
         import numpy as np
@@ -569,22 +576,27 @@ def test_registers_forward_exchange_lands_h_where_its_loads_read_it(H, dtype, wa
         assert torch.equal(out, h), rank
 
 
-@pytest.mark.parametrize("H, dtype, unit_warps", [
-    (64, torch.float16, 1), (256, torch.bfloat16, 1), (100, torch.float16, 1),
-    (48, torch.float32, 1),
-    (200, torch.bfloat16, 1),     # 13 programs of 16 units and 3 without: a cluster of 16
-    (512, torch.bfloat16, 2),     # 16 programs of 32 units
-    (300, torch.float16, 2),      # 10 programs of 32 units, the last with 12, and 6 without
-    (256, torch.float16, 2)])     # 8 programs of 32 units (the knob)
-def test_registers_backward_exchange_lands_dg_where_its_loads_read_it(H, dtype, unit_warps):
+@pytest.mark.parametrize("H, dtype, unit_warps, push_bytes", [
+    (64, torch.float16, 1, 4), (256, torch.bfloat16, 1, 4), (100, torch.float16, 1, 4),
+    (48, torch.float32, 1, 4),
+    (200, torch.bfloat16, 1, 4),     # 13 programs of 16 units and 3 without: a cluster of 16
+    (512, torch.bfloat16, 2, 4),     # 16 programs of 32 units
+    (300, torch.float16, 2, 4),      # 10 programs of 32 units, the last with 12, and 6 without
+    (256, torch.float16, 2, 4),      # 8 programs of 32 units (the knob)
+    (512, torch.float16, 2, 8),      # fours of units in 8 bytes (the knob)
+    (100, torch.bfloat16, 1, 8)])
+def test_registers_backward_exchange_lands_dg_where_its_loads_read_it(H, dtype, unit_warps,
+                                                                      push_bytes, monkeypatch):
     """kernels/backward_registers.py's exchange, its own code (_push_dg, _receive_dg) under the
     interpreter: every program of a cluster pushes dG of its 16 or 32 units for 8 rows
     (16-bit dG as pairs of units after the shuffle with the lane beside, the lane of unit 2u
-    sending gates i and f, that of 2u + 1 gates g and o; fp32 gate by gate), and every
-    program then reads each gate's dG^T back as the MMA's operand tiles, chunk by chunk: each
-    32 bits of the phase pushed once to each program, a phase's bytes what the mbarrier is
-    armed for, and the tiles dG^T exactly (zeros past H)."""
+    sending gates i and f, that of 2u + 1 gates g and o, or as fours of units after a second
+    shuffle with the lane two on; fp32 gate by gate), and every program then reads each
+    gate's dG^T back as the MMA's operand tiles, chunk by chunk: each 32 bits of the phase
+    pushed once to each program, as many st.async as the launch counts on, a phase's bytes
+    what the mbarrier is armed for, and the tiles dG^T exactly (zeros past H)."""
     from triton_lstm.kernels import backward_registers as br
+    monkeypatch.setattr(br, "PUSH_BYTES", push_bytes)
     memory = _ClusterMemory(dtype.itemsize)
 
     def beside(x):     # lane ^ 1: unit 2u's and 2u + 1's values swapped
@@ -592,21 +604,28 @@ def test_registers_backward_exchange_lands_dg_where_its_loads_read_it(H, dtype, 
         even, odd = tl.split(tl.reshape(x, [rows, units // 2, 2]))
         return tl.reshape(tl.join(odd, even), [rows, units])
 
+    def two_apart(x):  # lane ^ 2: units 4v, 4v + 1 and 4v + 2, 4v + 3 swapped
+        rows, units = x.shape[0], x.shape[1]
+        low, high = tl.split(tl.permute(tl.reshape(x, [rows, units // 4, 2, 2]), [0, 1, 3, 2]))
+        return tl.reshape(tl.permute(tl.join(high, low), [0, 1, 3, 2]), [rows, units])
+
     _, namespace = interpreted_gluon(
         br, "lstm_backward_registers_kernel", ("_pair_bits", "_push_dg", "_receive_dg"),
-        dict(send_to=memory.send_to, _shared_load=memory.shared_load,
-             _lane_beside=triton.jit(beside)))
+        dict(send_to=memory.send_to, send_pair_to=memory.send_pair_to,
+             _shared_load=memory.shared_load, _lane_beside=triton.jit(beside),
+             _lanes_apart_2=triton.jit(two_apart)))
 
     @triton.jit
     def push(dg, out, i_h, HP: tl.constexpr, UNITS: tl.constexpr, GROUP: tl.constexpr,
-             SLOT: tl.constexpr, ROW_BYTES: tl.constexpr, PUSH: tl.constexpr):
+             SLOT: tl.constexpr, ROW_BYTES: tl.constexpr, PUSH_BYTES: tl.constexpr,
+             PUSH: tl.constexpr):
         # the cell tiles of program i_h: its units of 8 rows, a gate each
         rows = tl.arange(0, 8)
         o_u = i_h * UNITS + tl.arange(0, UNITS)
         p = dg + rows[:, None] * (4 * HP) + o_u[None, :]
         PUSH(tl.load(p).to(tl.float32), tl.load(p + HP).to(tl.float32),
              tl.load(p + 2 * HP).to(tl.float32), tl.load(p + 3 * HP).to(tl.float32), o_u, rows,
-             0, SLOT, 1, ROW_BYTES, HP, GROUP, out)
+             0, SLOT, 1, ROW_BYTES, HP, GROUP, PUSH_BYTES, out)
 
     @triton.jit
     def receive(out, HP: tl.constexpr, KC: tl.constexpr, CHUNKS: tl.constexpr,
@@ -640,9 +659,12 @@ def test_registers_backward_exchange_lands_dg_where_its_loads_read_it(H, dtype, 
     dg = torch.zeros(br.ROWS, 4, hp, dtype=dtype)
     dg[:, :, :H] = torch.randn(br.ROWS, 4, H).to(dtype)
     dg = dg.reshape(br.ROWS, 4 * hp)
+    assert constexprs["PUSH_BYTES"] == push_bytes
     for i_h in range(group):
         push[(1,)](dg, torch.empty(1, dtype=dtype), i_h, hp, units, group, slot, row_bytes,
-                   namespace["_push_dg"])
+                   push_bytes, namespace["_push_dg"])
+    # a lane's st.async in an exchange: the launch counts two exchanges (zeros, then a stage)
+    assert memory.pushes == group * br.ROWS * units * br.exchange_pushes(group, dtype) // 2
     sent = br.ROWS * units * group * 4 * dtype.itemsize     # each program's phase
     for rank in range(group):
         assert 4 * sum(r == rank for r, _ in memory.words) == sent, rank

@@ -51,8 +51,8 @@ from ..dispatch import (KernelConfig, cdiv, cluster_programs, dot_precision, pad
 from . import forward_registers, timeline
 from .backward import cell_gradients, load_saved
 from .barrier import either, fill_unwritten, interpreting
-from .dsmem import (arm, cluster_sync, exchange_setup, exchange_slot, region_base, send_to,
-                    wait_phase)
+from .dsmem import (arm, cluster_sync, exchange_setup, exchange_slot, region_base, send_pair_to,
+                    send_to, wait_phase)
 from .forward import rounded_to, step_rows, store_gates
 from .forward_registers import (ROW_PAD_BYTES, ROWS, _lengths, _merged_marks, _pair_bits,
                                 _pause, _program_block, _shared_load, _warps_barrier,
@@ -67,6 +67,10 @@ SPLITS = None
 # fewest that make a batch block's programs one cluster (``exchange_unit_warps``): 2 also at
 # H <= 256 (clusters of half the programs): perf/variants.py's knob.
 EXCHANGE_UNIT_WARPS = None
+# Bytes a lane pushes to a program in one st.async in the backward that pushes 16-bit dG: 4
+# (a pair of units of one gate), or 8 (four units of one gate, after one more shuffle: half
+# the st.async, the same bytes): perf/variants.py's knob.
+PUSH_BYTES = 4
 
 
 @gluon.jit
@@ -117,12 +121,20 @@ def _lane_beside(x):
 
 
 @gluon.jit
+def _lanes_apart_2(x):
+    """Each register's 32 bits in lane ^ 2: the same row, two units on."""
+    return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 31, 0xffffffff;", "=r,r",
+                                     [x], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
 def _push_dg(b_dgi, b_dgf, b_dgg, b_dgo, o_u, rows, base, SLOT: gl.constexpr, j,
-             ROW_BYTES: gl.constexpr, HP: gl.constexpr, GROUP: gl.constexpr, dgates):
+             ROW_BYTES: gl.constexpr, HP: gl.constexpr, GROUP: gl.constexpr,
+             PUSH_BYTES: gl.constexpr, dgates):
     """This program's dG (four [row, unit] fp32 tiles, a lane one unit of one row; `rows`:
     the batch block's, 0 ..) into exchange j's slot of every program of the cluster, in
     dgates' dtype as the kernel stores it: gate k of unit u at column k HP + u. 16-bit dG
-    goes as pairs of units, fp32 as it is."""
+    goes as pairs of units (PUSH_BYTES 4) or fours (8), fp32 as it is."""
     slot, mbar, _ = exchange_slot(base, SLOT, j)
     ITEM: gl.constexpr = dgates.dtype.element_ty.primitive_bitwidth // 8
     unit = o_u[None, :] + 0 * rows[:, None]
@@ -137,10 +149,21 @@ def _push_dg(b_dgi, b_dgf, b_dgg, b_dgo, o_u, rows, base, SLOT: gl.constexpr, j,
                             gl.where(odd == 1, b_dgg, beside_1), dgates)
         bits_2 = _pair_bits(gl.where(odd == 1, beside_2, b_dgf),
                             gl.where(odd == 1, b_dgo, beside_2), dgates)
-        addr = slot + row * ROW_BYTES + (2 * odd * HP + unit - odd) * 2
-        for rank in gl.static_range(GROUP):
-            send_to(addr, bits_1, mbar, rank + 0 * unit, valid)
-            send_to(addr + HP * 2, bits_2, mbar, rank + 0 * unit, valid)
+        if PUSH_BYTES == 8:
+            # Lanes 4v + 2 and 4v swap a pair: lane 4v + b (b = 0, 1; + 1 where odd) then
+            # holds gate 2 odd + b of units 4v .. 4v + 3, low pair first.
+            upper = (unit // 2) % 2
+            got = _lanes_apart_2(gl.where(upper == 1, bits_1, bits_2))
+            lo = gl.where(upper == 1, got, bits_1)
+            hi = gl.where(upper == 1, bits_2, got)
+            addr = slot + row * ROW_BYTES + ((2 * odd + upper) * HP + unit - unit % 4) * 2
+            for rank in gl.static_range(GROUP):
+                send_pair_to(addr, lo, hi, mbar, rank + 0 * unit, valid)
+        else:
+            addr = slot + row * ROW_BYTES + (2 * odd * HP + unit - odd) * 2
+            for rank in gl.static_range(GROUP):
+                send_to(addr, bits_1, mbar, rank + 0 * unit, valid)
+                send_to(addr + HP * 2, bits_2, mbar, rank + 0 * unit, valid)
     else:
         DT = dgates.dtype.element_ty
         bits_i = rounded_to(b_dgi, DT).to(gl.int32, bitcast=True)
@@ -187,7 +210,7 @@ def lstm_backward_registers_kernel(
     T, B,
     H: gl.constexpr, HP: gl.constexpr, D: gl.constexpr, UNITS: gl.constexpr,
     NUM_H_BLOCKS: gl.constexpr, BLOCK_B: gl.constexpr, CHUNKS: gl.constexpr,
-    K_WIDTH: gl.constexpr, UNIT_WARPS: gl.constexpr,
+    K_WIDTH: gl.constexpr, UNIT_WARPS: gl.constexpr, PUSH_BYTES: gl.constexpr,
     DOT_PRECISION: gl.constexpr, HAS_DY: gl.constexpr, HAS_DHN: gl.constexpr, HAS_H0: gl.constexpr,
     HAS_LENGTHS: gl.constexpr, REVERSE: gl.constexpr, POLL_BACKOFF_NS: gl.constexpr,
     SPLITS: gl.constexpr, EXCHANGE: gl.constexpr, STAMPS: gl.constexpr,
@@ -301,7 +324,7 @@ def lstm_backward_registers_kernel(
         rows_k = gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, gl.SliceLayout(1, G_OP)))
         zeros = gl.zeros([BLOCK_B, UNITS], gl.float32, CELL)
         _push_dg(zeros, zeros, zeros, zeros, o_u, rows, exchange, SLOT, 0, ROW_BYTES, HP,
-                 NUM_H_BLOCKS, dgates)
+                 NUM_H_BLOCKS, PUSH_BYTES, dgates)
 
     # Stage s walks the forward's steps backwards (step = T - 1 - s); stage T gives dh0.
     for s in range(T + 1):
@@ -371,7 +394,7 @@ def lstm_backward_registers_kernel(
                                                                 b_ct, b_cp, m_run, True)
             if EXCHANGE:
                 _push_dg(b_dgi, b_dgf, b_dgg, b_dgo, o_u, rows, exchange, SLOT, s + 1,
-                         ROW_BYTES, HP, NUM_H_BLOCKS, dgates)
+                         ROW_BYTES, HP, NUM_H_BLOCKS, PUSH_BYTES, dgates)
             store_gates(dgates + (t_row * B + o_b)[:, None] * GS + o_u[None, :], b_dgi, b_dgf,
                         b_dgg, b_dgo, H, m_bu)
             if STAMPS:
@@ -436,8 +459,9 @@ def exchange_bytes(hidden_size: int, dtype: torch.dtype) -> int:
 def exchange_pushes(programs: int, dtype: torch.dtype) -> int:
     """st.async instructions of the backward that pushes dG (the zeros of exchange 0 and a
     stage's): a thread sends its unit of one row to every program, 16-bit dG as two pairs
-    of units, fp32 as four gates. More would mean Triton's layout gives a thread two."""
-    return 2 * programs * (2 if dtype.itemsize == 2 else 4)
+    of units (one four of units with PUSH_BYTES 8), fp32 as four gates. More would mean
+    Triton's layout gives a thread two."""
+    return 2 * programs * ((1 if PUSH_BYTES == 8 else 2) if dtype.itemsize == 2 else 4)
 
 
 def lstm_backward_registers(dy, dh_n, dc_n, gates, c_all, c0, lengths, w_hh, *, reverse: bool,
@@ -522,4 +546,4 @@ def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, prec
                 DOT_PRECISION=precision, HAS_DY=has_dy, HAS_DHN=has_dhn, HAS_H0=has_h0,
                 HAS_LENGTHS=has_lengths, REVERSE=reverse,
                 POLL_BACKOFF_NS=forward_registers.POLL_BACKOFF_NS, EXCHANGE=exchange,
-                STAMPS=stamps)
+                PUSH_BYTES=PUSH_BYTES, STAMPS=stamps)

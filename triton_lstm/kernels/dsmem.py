@@ -146,6 +146,19 @@ def send_to(addr, bits, mbar, rank, valid):
 
 
 @triton.jit
+def send_pair_to(addr, lo, hi, mbar, rank, valid):
+    """Each valid element's two 32-bit words (lo at its address, hi 4 bytes on; 8-byte
+    aligned) to program `rank` of the cluster in one st.async, the bytes counted on that
+    program's mbar."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .u32 a, m; setp.ne.u32 p, $6, 0; "
+        "@p mapa.shared::cluster.u32 a, $1, $5; @p mapa.shared::cluster.u32 m, $4, $5; "
+        "@p st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [a], {$2, $3}, [m]; "
+        "mov.u32 $0, 0; }", "=r,r,r,r,r,r,r", [addr, lo, hi, mbar, rank, valid.to(tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def receive(addr):
     """The 32 bits at each shared-memory address of this program."""
     return tl.inline_asm_elementwise("ld.shared.b32 $0, [$1];", "=r,r", [addr], dtype=tl.int32,
