@@ -59,6 +59,10 @@
 #                                                  exchanges', perf/step_timeline.py, then
 #                                                  those exchanges' rows beside the kernels
 #                                                  reading from L2 (4.8 min)
+#   COMMIT=<hash> bash perf/device_session.sh 15  the exchanges as make tune candidates at
+#                                                  issue 8's small-batch shapes once their
+#                                                  GPU tests pass, then make perf's main
+#                                                  table (about 7.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -102,6 +106,8 @@ LATE_TESTS="wavefront or resets or 100k or reduce_overhead or recompute"
 # The cluster barrier's and the exchange's tests run apart, in part 2 before their variants:
 # a kernel that traps breaks its worker's CUDA context for the tests after it.
 CLUSTER_TESTS="cluster or pushed"
+# Issue 8's small-batch shapes, where the exchanges would become make tune candidates.
+SMALL_BATCH="8x256 8x512 1x256 1x512 16x256 16x512"
 
 case "${1:-}" in
 1)
@@ -244,8 +250,22 @@ case "${1:-}" in
     timeout 85 python3 perf/variants.py --only pushed --out "$OUT/variants-pushed" 2>&1 \
         | tee "$OUT/variants.log"
     ;;
+15)
+    # make tune with the exchanges (the tl exchange's cluster tiles and the registers
+    # kernels pushing h and dG: tune.py --exchange) at issue 8's small-batch shapes, only if
+    # all their GPU tests pass (a failure of any leaves them out), then make perf's main
+    # table, where issue 8's layer rows are read (perf/NOTES.md, "After run 6: the
+    # registers backward pushes dG at H = 512 too").
+    if gpu_tests 120 "$CLUSTER_TESTS"; then
+        tune_resumed 200 2.5 --exchange --shapes $SMALL_BATCH
+    else
+        echo "the exchanges' GPU tests did not all pass: make tune without them" \
+            | tee -a "$OUT/tune.log"
+    fi
+    main_table 130
+    ;;
 *)
-    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14" >&2
+    echo "usage: OUT=DIR bash perf/device_session.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14|15" >&2
     exit 2
     ;;
 esac

@@ -125,14 +125,27 @@ def candidates_for(shape: Shape, neighbourhood: str) -> str:
 
 
 # --exchange: each cluster tile also with h (and the backward's shares of dh) exchanged
-# through distributed shared memory (kernels/dsmem.py); off until its GPU tests have passed.
+# through distributed shared memory (kernels/dsmem.py), and the registers kernels' tiles
+# with h (dG) pushed through their clusters where those are built; off until their GPU tests
+# have passed.
 EXCHANGE = False
+
+
+def registers_push_here(kernel: str, hidden: int, dtype) -> bool:
+    """Whether the registers kernel's config with dsmem pushes its state through clusters at
+    this H (forward_registers.exchange_shape, backward_registers.exchange_programs), where
+    otherwise it would time the same launch as without."""
+    from triton_lstm.kernels import backward_registers, forward_registers   # Gluon
+    if kernel == "forward":
+        return forward_registers.exchange_shape(hidden) is not None
+    return backward_registers.exchange_programs(hidden, dtype) is not None
 
 
 def shape_candidates(shape: Shape, kernel: str, neighbourhood: str, num_sms: int) -> list:
     """The kernel's candidate configs at this shape (autotune.candidate_configs), with
-    --exchange the dsmem twins of its cluster tiles; at a layer that gets the heuristic's
-    tiles only, also in one launch where the heuristic's need two."""
+    --exchange the dsmem twins of its cluster tiles and of its registers tile; at a layer
+    that gets the heuristic's tiles only, also in one launch where the heuristic's need
+    two."""
     dtype, chosen = DTYPES[shape.dtype], candidates_for(shape, neighbourhood)
     configs = autotune.candidate_configs(kernel, shape.batch, shape.hidden, dtype,
                                          shape.directions, num_sms, chosen, shape.proj > 0)
@@ -140,8 +153,9 @@ def shape_candidates(shape: Shape, kernel: str, neighbourhood: str, num_sms: int
         configs += autotune.one_launch_tiles(configs[0], kernel, shape.batch, shape.hidden,
                                              dtype, shape.directions, num_sms)
     if EXCHANGE and not shape.proj:
+        pushing = registers_push_here(kernel, shape.hidden, dtype)
         configs += [dataclasses.replace(c, dsmem=True) for c in configs
-                    if c.cluster and c.resident]
+                    if (c.cluster and c.resident) or (c.registers and pushing)]
     return configs
 
 
@@ -685,7 +699,8 @@ def main(argv=None) -> int:
                              f"default: the cores, at most 16; --plan assumes {GPU_HOST_CORES})")
     parser.add_argument("--exchange", action="store_true",
                         help="also each cluster tile exchanging h through distributed shared "
-                             "memory (kernels/dsmem.py)")
+                             "memory (kernels/dsmem.py), and the registers kernels pushing h "
+                             "(dG) through their clusters")
     parser.add_argument("--plan", action="store_true",
                         help="print the grid and time estimate (with --csv: past its rows)")
     parser.add_argument("--plot-only", action="store_true", help="heatmaps from an existing CSV")

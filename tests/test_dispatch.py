@@ -1444,15 +1444,25 @@ def test_plan_prints_the_estimate_without_a_gpu(capsys):
     assert 1 < minutes <= 8 and "kernel compiles" in out
 
 
-def test_make_tune_exchange_adds_the_dsmem_twin_of_each_cluster_tile(monkeypatch):
-    plain, projected = tune.Shape("fp16", 8, 256), tune.Shape("fp16", 8, 256, 1, 128)
-    without = tune.shape_candidates(plain, "backward", "sweep", 132)
+@pytest.mark.parametrize("kernel, B, H, registers_push", [
+    ("backward", 8, 256, True), ("forward", 8, 256, True), ("backward", 8, 512, True),
+    ("forward", 1, 512, True),
+    ("backward", 8, 1024, False)])     # two warps a gate's reduction: dG read from L2
+def test_make_tune_exchange_adds_the_dsmem_twin_of_each_cluster_and_registers_tile(
+        kernel, B, H, registers_push, monkeypatch):
+    """--exchange: each cluster tile also exchanging through distributed shared memory, and
+    the registers tile pushing its state through its clusters where it can (elsewhere its
+    dsmem twin would time the same launch again); never with a projection."""
+    plain, projected = tune.Shape("fp16", B, H), tune.Shape("fp16", B, H, 1, 128)
+    without = tune.shape_candidates(plain, kernel, "sweep", 132)
     monkeypatch.setattr(tune, "EXCHANGE", True)
-    pushing = tune.shape_candidates(plain, "backward", "sweep", 132)
-    clustered = [c for c in without if c.cluster]
-    assert len(clustered) == 2 and not any(c.dsmem for c in without)
-    assert pushing == without + [dataclasses.replace(c, dsmem=True) for c in clustered]
-    assert not any(c.dsmem for c in tune.shape_candidates(projected, "forward", "wide", 132))
+    pushing = tune.shape_candidates(plain, kernel, "sweep", 132)
+    clustered = [c for c in without if c.cluster and c.resident]
+    registers = [c for c in without if c.registers]
+    assert len(registers) == 1 and not any(c.dsmem for c in without)
+    twins = [c for c in without if c in clustered or (c in registers and registers_push)]
+    assert pushing == without + [dataclasses.replace(c, dsmem=True) for c in twins]
+    assert not any(c.dsmem for c in tune.shape_candidates(projected, kernel, "wide", 132))
     assert tune.main(["--plan"]) == 0 and not tune.EXCHANGE     # the flag, each run
 
 
