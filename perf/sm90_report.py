@@ -224,12 +224,14 @@ def report_wavefront(dtype_name, batch, hidden, layers, config=None, kernel_name
 
 
 def report_registers(dtype_name, batch, hidden, directions=1, poll_backoff_ns=0, state=True,
-                     stamps=False, exchange=False):
+                     stamps=False, exchange=False, push_bytes=4):
     """The small-batch forward with its weights in registers (kernels/forward_registers.py),
     with the saved gates, and h0 and lengths where ``state``, recording its timeline where
     ``stamps``; its tile is its own (one warp, 4 units, 8 rows), or with ``exchange`` the
-    programs of several warps that push h through their cluster (``exchange_shape``)."""
+    programs of several warps that push h through their cluster (``exchange_shape``),
+    ``push_bytes`` a lane in one st.async."""
     from triton_lstm.kernels import forward_registers as fr   # Gluon, imported where asked for
+    fr.PUSH_BYTES = push_bytes
     tname, dtype = DTYPES[dtype_name]
     types = dict(gx=tname, w_hh=tname, h0=tname, c0=tname, lengths="i32", y=tname, h_n=tname,
                  c_state="fp32", gates="fp32", c_all="fp32", stamps="i64")
@@ -419,8 +421,8 @@ def main():
     parser.add_argument("--poll-backoff", type=int, default=0,
                         help="the registers kernels' pause between polls, ns (0: none)")
     parser.add_argument("--push-bytes", type=int, default=4, choices=(4, 8),
-                        help="bytes a lane pushes in one st.async in the registers backward "
-                             "that pushes 16-bit dG (backward_registers.PUSH_BYTES)")
+                        help="bytes a lane pushes in one st.async in the registers kernels "
+                             "that push 16-bit h and dG (their PUSH_BYTES)")
     parser.add_argument("--no-state", action="store_true",
                         help="the registers kernels without h0 / c0 and lengths")
     parser.add_argument("--bias-sums", action="store_true",
@@ -462,7 +464,8 @@ def reports(args, config):
                                            args.poll_backoff, not args.no_state, args.stamps)
                 elif kernel_name == "registers-exchange":
                     yield report_registers(dtype_name, batch, hidden, args.directions, 0,
-                                           not args.no_state, args.stamps, exchange=True)
+                                           not args.no_state, args.stamps, exchange=True,
+                                           push_bytes=args.push_bytes)
                 elif kernel_name == "registers-operands":
                     yield report_registers_operands(dtype_name, hidden)
                 elif kernel_name == "ring":

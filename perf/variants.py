@@ -12,8 +12,8 @@ config's tl tile ran instead; its rows can set the kernels' knobs after the labe
 "@backoff=NS" pauses between polls, "@load=4" loads h or dG 4 bytes at a time, the mma.sync
 fragments' own layout, "@splits=2" gives the backward two warps a gate, "@warps=8" the
 forward that pushes h programs of 8 warps, "@unit_warps=2" the backward that pushes dG
-programs of 32 units (two warps a gate side by side), "@push=8" that backward's lanes
-pushes of 8 bytes (fours of units); the group "split" has the backward's rows with
+programs of 32 units (two warps a gate side by side), "@push=8" the lanes of both kernels
+that push 16-bit h and dG pushes of 8 bytes (fours of units); the group "split" has the backward's rows with
 two warps a gate, the group "pushed" the registers forward pushing h (the backward dG)
 through its cluster, beside it reading them from L2; a row says "not run (read from L2)"
 where no cluster launched). Each row runs one kernel
@@ -173,7 +173,8 @@ EXPERIMENTS = [
                                            "bb16-bh8-res-bk64-sk1-w4-df-ds-rg",
                                            "bb16-bh8-res-bk64-sk1-w4-df-ds-rg@warps=8"]),
     ("pushed", "forward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-df-rg",
-                                           "bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
+                                           "bb16-bh8-res-bk64-sk1-w4-df-ds-rg",
+                                           "bb16-bh8-res-bk64-sk1-w4-df-ds-rg@push=8"]),
     ("pushed", "forward", "fp16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
     ("pushed", "forward", "bf16", 1, 512, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
     ("pushed", "forward", "fp16", 16, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
@@ -225,13 +226,14 @@ def runner(kernel, gx, w_hh, h0, c0, dy, config):
 # Knobs of the registers kernels a row can set after its label, "<label>@<knob>=<value>":
 # module constants, set for that row only: kernels/forward_registers.py's (the backward
 # reads them too) and kernels/backward_registers.py's warps a gate (along its reduction, or
-# side by side in the backward that pushes dG) and bytes a push.
-REGISTERS_KNOBS = {"backoff": ("forward_registers", "POLL_BACKOFF_NS"),
-                   "load": ("forward_registers", "H_LOAD_BYTES"),
-                   "warps": ("forward_registers", "EXCHANGE_WARPS"),
-                   "unit_warps": ("backward_registers", "EXCHANGE_UNIT_WARPS"),
-                   "push": ("backward_registers", "PUSH_BYTES"),
-                   "splits": ("backward_registers", "SPLITS")}
+# side by side in the backward that pushes dG); a knob may set a constant in both.
+REGISTERS_KNOBS = {"backoff": [("forward_registers", "POLL_BACKOFF_NS")],
+                   "load": [("forward_registers", "H_LOAD_BYTES")],
+                   "warps": [("forward_registers", "EXCHANGE_WARPS")],
+                   "unit_warps": [("backward_registers", "EXCHANGE_UNIT_WARPS")],
+                   "push": [("forward_registers", "PUSH_BYTES"),
+                            ("backward_registers", "PUSH_BYTES")],
+                   "splits": [("backward_registers", "SPLITS")]}
 
 
 def variant(label: str):
@@ -240,7 +242,7 @@ def variant(label: str):
     settings = {}
     for knob in knobs:
         name, value = knob.split("=")
-        settings[REGISTERS_KNOBS[name]] = int(value)
+        settings.update((target, int(value)) for target in REGISTERS_KNOBS[name])
     return config_from_label(label), settings
 
 

@@ -240,13 +240,21 @@ def test_sm90_registers_forward_pushing_h_reads_it_from_shared_memory_only():
     its tile: none pushed twice); no barrier between warps, a line of shared memory of its
     own (what declares the symbol the exchange's addresses start from); the launch
     parameters dispatch.launch_in_clusters rewrites. No spill where the kernel reading h
-    from L2 has none or fewer."""
+    from L2 has none or fewer. With 16-bit h in fours of units (forward_registers.PUSH_BYTES
+    8), half the st.async, 8 bytes each."""
     rows = compile_report(["--kernels", "registers-exchange", "--shapes", "8x256", "8x512",
                            "3x64", "3x30", "3x100", "--dtypes", "bf16", "fp16", "--directions",
                            "2"])                                      # 3x100: 16 of 13 programs
     rows += compile_report(["--kernels", "registers-exchange", "--shapes", "8x256", "3x30",
                             "--dtypes", "fp32"])                      # tf32 MMAs
-    assert len(rows) == 12
+    pushing_fours = compile_report(["--kernels", "registers-exchange", "--shapes", "8x512",
+                                    "3x30", "--dtypes", "fp16", "--push-bytes", "8"])
+    for row in pushing_fours:       # half the st.async of pairs, 8 bytes each
+        pairs = [r for r in rows if (r["dtype"], r["H"]) == ("fp16", row["H"])]
+        assert len(pairs) == 1 and pairs[0]["push_bytes"] == [4], pairs
+        assert 2 * row["pushes"] == pairs[0]["pushes"] and row["push_bytes"] == [8], row
+    rows += pushing_fours
+    assert len(rows) == 14
     for row in rows:
         where = {k: row[k] for k in ("dtype", "H", "warps", "regs", "spill", "triton")}
         item = 4 if row["dtype"] == "fp32" else 2

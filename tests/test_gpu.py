@@ -884,27 +884,31 @@ def assert_pushing_equals_reading(run):
 
 
 @pytest.mark.timeout(120)    # a push that never lands traps (dsmem.WAIT_LIMIT) before this
-@pytest.mark.parametrize("form, batch, hidden, dtype_name, warps", [
-    ("packed-bidir", 8, 256, "fp16", None),      # clusters of 16 programs of 4 warps
-    ("packed-bidir", 8, 512, "bf16", None),      # of 8 warps
-    ("state", 13, 256, "fp16", None),            # two batch blocks, the second of 5 rows
-    ("state", 3, 250, "bf16", None),             # the last program with 10 units of 16
-    ("plain", 1, 64, "bf16", None),              # programs of one warp
-    ("state", 3, 30, "fp16", None),              # clusters of 8, the last with 2 units
-    ("state", 3, 100, "fp16", None),             # 13 programs of units, 3 without: 16
-    ("plain", 8, 256, "fp16", 8),                # clusters of 8 programs of 8 warps
-    ("packed-bidir", 8, 256, "fp32-tf32", None),
-    ("state", 5, 30, "fp32-tf32", None),
+@pytest.mark.parametrize("form, batch, hidden, dtype_name, knobs", [
+    ("packed-bidir", 8, 256, "fp16", {}),        # clusters of 16 programs of 4 warps
+    ("packed-bidir", 8, 512, "bf16", {}),        # of 8 warps
+    ("state", 13, 256, "fp16", {}),              # two batch blocks, the second of 5 rows
+    ("state", 3, 250, "bf16", {}),               # the last program with 10 units of 16
+    ("plain", 1, 64, "bf16", {}),                # programs of one warp
+    ("state", 3, 30, "fp16", {}),                # clusters of 8, the last with 2 units
+    ("state", 3, 100, "fp16", {}),               # 13 programs of units, 3 without: 16
+    ("plain", 8, 256, "fp16", {"EXCHANGE_WARPS": 8}),   # clusters of 8 programs of 8 warps
+    ("packed-bidir", 8, 256, "fp32-tf32", {}),
+    ("state", 5, 30, "fp32-tf32", {}),
+    ("packed-bidir", 8, 512, "fp16", {"PUSH_BYTES": 8}),   # fours of units a push
+    ("state", 3, 30, "bf16", {"PUSH_BYTES": 8}),
 ])
 def test_registers_forward_with_pushed_h_computes_what_it_computes_reading_it(
-        form, batch, hidden, dtype_name, warps, monkeypatch):
+        form, batch, hidden, dtype_name, knobs, monkeypatch):
     """The registers forward with h pushed through each batch block's cluster (kernels/
     forward_registers.py, EXCHANGE) against the same kernel reading h from L2: bitwise equal
     outputs, saved gates and c (the same MMAs in the same order, the same h), with both
     directions in one grid, packed lengths, an initial state, partial unit and batch blocks,
-    programs of one warp to eight, clusters with programs of no units."""
+    programs of one warp to eight, clusters with programs of no units, 16-bit h pushed in
+    pairs and in fours of units."""
     from triton_lstm.kernels import forward_registers
-    monkeypatch.setattr(forward_registers, "EXCHANGE_WARPS", warps)
+    for name, value in knobs.items():
+        monkeypatch.setattr(forward_registers, name, value)
     gx, w_hh, h0, c0, lengths, *_ = small_layer_problem(form, batch, hidden, dtype_name)
     assert_pushing_equals_reading(
         lambda config: lstm_forward(gx, w_hh, h0, c0, lengths, save=True, config=config)[:5])

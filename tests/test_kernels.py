@@ -495,18 +495,25 @@ class _ClusterMemory:
         return tl.core.tensor(TensorHandle(bits, dtype), tl.block_type(dtype, list(a.shape)))
 
 
-@pytest.mark.parametrize("H, dtype, warps", [
-    (64, torch.float16, 1), (256, torch.bfloat16, 4), (250, torch.float16, 4),
-    (30, torch.float32, 1), (64, torch.float32, 2), (128, torch.bfloat16, 2),
-    (100, torch.float16, 2)])     # 13 programs of units and 3 without: a cluster of 16
-def test_registers_forward_exchange_lands_h_where_its_loads_read_it(H, dtype, warps):
+@pytest.mark.parametrize("H, dtype, warps, push_bytes", [
+    (64, torch.float16, 1, 4), (256, torch.bfloat16, 4, 4), (250, torch.float16, 4, 4),
+    (30, torch.float32, 1, 4), (64, torch.float32, 2, 4), (128, torch.bfloat16, 2, 4),
+    (100, torch.float16, 2, 4),   # 13 programs of units and 3 without: a cluster of 16
+    (256, torch.float16, 4, 8),   # fours of units in 8 bytes, to a quarter of the cluster
+    (100, torch.bfloat16, 2, 8),
+    (30, torch.float16, 1, 8)])   # 8 programs: quarters of 2
+def test_registers_forward_exchange_lands_h_where_its_loads_read_it(H, dtype, warps,
+                                                                   push_bytes, monkeypatch):
     """kernels/forward_registers.py's exchange, its own code (_push, _receive_h) under the
     interpreter: every program of a cluster pushes its units of h for 8 rows (16-bit h as
-    pairs of units after the shuffle with the unit beside, fp32 element by element, each
-    half of a warp to half the cluster), and every program then reads h^T back as the MMA's
-    operand tiles: each 32 bits of the phase pushed once to each program, a phase's bytes
-    what the mbarrier is armed for, and the tiles h^T exactly (zeros past H)."""
+    pairs of units after the shuffle with the unit beside, each half of a warp to half the
+    cluster, or as fours of units after a second shuffle, each quarter to a quarter; fp32
+    element by element), and every program then reads h^T back as the MMA's operand tiles:
+    each 32 bits of the phase pushed once to each program, as many st.async as the launch
+    counts on, a phase's bytes what the mbarrier is armed for, and the tiles h^T exactly
+    (zeros past H)."""
     from triton_lstm.kernels import forward_registers as fr
+    monkeypatch.setattr(fr, "PUSH_BYTES", push_bytes)
     memory = _ClusterMemory(dtype.itemsize)
 
     def beside(x):     # lane ^ 4: unit 2u's and 2u + 1's tiles swapped (row g ^ 1)
@@ -514,15 +521,22 @@ def test_registers_forward_exchange_lands_h_where_its_loads_read_it(H, dtype, wa
         even, odd = tl.split(tl.permute(tl.reshape(x, [units // 2, 2, n]), [0, 2, 1]))
         return tl.reshape(tl.permute(tl.join(odd, even), [0, 2, 1]), [units, n])
 
+    def two_apart(x):  # lane ^ 8: units 2u, 2u + 1 and the two on swapped (row g ^ 2)
+        units, n = x.shape[0], x.shape[1]
+        low, high = tl.split(tl.permute(tl.reshape(x, [units // 4, 2, 2, n]), [0, 2, 3, 1]))
+        return tl.reshape(tl.permute(tl.join(high, low), [0, 3, 1, 2]), [units, n])
+
     _, namespace = interpreted_gluon(
         fr, "lstm_forward_registers_kernel", ("_row_pairs", "_pair_bits", "_push",
                                               "_receive_h"),
-        dict(send_to=memory.send_to, _shared_load=memory.shared_load,
-             _unit_beside=triton.jit(beside)))
+        dict(send_to=memory.send_to, send_pair_to=memory.send_pair_to,
+             _shared_load=memory.shared_load, _unit_beside=triton.jit(beside),
+             _units_apart_2=triton.jit(two_apart)))
 
     @triton.jit
     def push(h, y, i_h, HP: tl.constexpr, WARPS: tl.constexpr, GROUP: tl.constexpr,
-             SLOT: tl.constexpr, ROW_BYTES: tl.constexpr, PUSH: tl.constexpr):
+             SLOT: tl.constexpr, ROW_BYTES: tl.constexpr, PUSH_BYTES: tl.constexpr,
+             PUSH: tl.constexpr):
         # the kernel's gate tiles of program i_h (gates_layout; rows g >= 4 of a warp's 8:
         # the other half of the warp, which holds the same h), h of its units
         o_g = tl.arange(0, 8 * WARPS)
@@ -530,7 +544,7 @@ def test_registers_forward_exchange_lands_h_where_its_loads_read_it(H, dtype, wa
         o_u = i_h * 4 * WARPS + 4 * (o_g // 8) + o_g % 4
         o_n = tl.arange(0, 8)
         b_h = tl.load(h + o_n[None, :] * HP + o_u[:, None]).to(tl.float32)
-        PUSH(b_h, o_u, o_n, first, 0, SLOT, 1, ROW_BYTES, GROUP, y)
+        PUSH(b_h, o_u, o_n, first, 0, SLOT, 1, ROW_BYTES, GROUP, PUSH_BYTES, y)
 
     @triton.jit
     def receive(out, y, HP: tl.constexpr, KC: tl.constexpr, CHUNKS: tl.constexpr,
@@ -557,8 +571,12 @@ def test_registers_forward_exchange_lands_h_where_its_loads_read_it(H, dtype, wa
     h = torch.zeros(fr.ROWS, hp, dtype=dtype)
     h[:, :H] = torch.randn(fr.ROWS, H).to(dtype)
     y = torch.empty(1, dtype=dtype)
+    assert constexprs["PUSH_BYTES"] == push_bytes
     for i_h in range(group):
-        push[(1,)](h, y, i_h, hp, warps, group, slot, row_bytes, namespace["_push"])
+        push[(1,)](h, y, i_h, hp, warps, group, slot, row_bytes, push_bytes, namespace["_push"])
+    # a lane's st.async in an exchange: the launch counts two (h0's, then a step's); a
+    # lane holds one element of a [8 warps, 4] tile, both halves of a warp pushing
+    assert memory.pushes == group * 32 * warps * fr.exchange_pushes(group, dtype) // 2
     # each program's phase: every unit any program has (4 * warps * group) for 8 rows
     sent = fr.ROWS * 4 * warps * group * dtype.itemsize
     for rank in range(group):

@@ -51,8 +51,8 @@ from ..dispatch import (KernelConfig, cdiv, cluster_programs, co_resident_progra
                         launch_options, padded, registers_forward_fits)
 from . import timeline
 from .barrier import canonical, either, fill_unwritten, marks
-from .dsmem import (arm, cluster_sync, exchange_setup, exchange_slot, region_base, send_to,
-                    wait_phase)
+from .dsmem import (arm, cluster_sync, exchange_setup, exchange_slot, region_base, send_pair_to,
+                    send_to, wait_phase)
 from .forward import cell_update, rounded_to, step_rows
 
 UNITS = 4                 # hidden units per warp (16 weight rows: one m16 MMA tile)
@@ -62,6 +62,11 @@ ROWS = 8                  # batch rows per program (one n8 MMA tile: 16 would sp
 ROW_PAD_BYTES = 64
 # Warps of a program that pushes h (None: the fewest that make a cluster of at most 16).
 EXCHANGE_WARPS = None
+# Bytes a lane pushes to a program in one st.async where h is 16-bit: 4 (a pair of units of
+# one row), or 8 (a warp's four units of one row, after one more shuffle; each lane then
+# sends to a quarter of the cluster: half the st.async, the same bytes): perf/variants.py's
+# knob.
+PUSH_BYTES = 4
 # Bytes of h a lane holds, and loads at once, along the reduction (the operands' k_width is
 # this many elements): 16, where the mma.sync fragments' own layout gives 4 (4x the loads,
 # half of every 32-byte sector unused).
@@ -102,6 +107,13 @@ def _unit_beside(x):
 
 
 @gluon.jit
+def _units_apart_2(x):
+    """Each register's 32 bits in lane ^ 8: the same rows of the unit two on (u ^ 2)."""
+    return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 8, 31, 0xffffffff;", "=r,r",
+                                     [x], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
 def _rows_apart(acc, GATES: gl.constexpr):
     """The [16 * W, N] accumulator's rows g and g + 8 of each warp's 16 as two [8 * W, N]
     tiles in the GATES layout; assert_trivial: it fails to compile if that would move any
@@ -132,12 +144,13 @@ def _pair_bits(lo, hi, out):
 
 @gluon.jit
 def _push(b_h, o_u, rows, first, base, SLOT: gl.constexpr, j, ROW_BYTES: gl.constexpr,
-          GROUP: gl.constexpr, y):
+          GROUP: gl.constexpr, PUSH_BYTES: gl.constexpr, y):
     """This program's units of h (b_h: fp32 in the gate tiles' layout, the same in both
     halves of a warp; `rows`: its rows within the batch block) into exchange j's slot of
     every program of the cluster, in y's dtype, rows ROW_BYTES apart. 16-bit h goes as pairs
-    of units (a shuffle with the unit beside: 32 bits, the smallest st.async), fp32 as it
-    is; lanes 0-15 send to the first half of the cluster, lanes 16-31 to the rest."""
+    of units (a shuffle with the unit beside: 32 bits, the smallest st.async), or with
+    PUSH_BYTES 8 as fours; fp32 as it is. Lanes 0-15 send to the first half of the cluster,
+    lanes 16-31 to the rest (fours: each quarter of the warp to a quarter)."""
     slot, mbar, _ = exchange_slot(base, SLOT, j)
     DT = y.dtype.element_ty
     HALF: gl.constexpr = (GROUP + 1) // 2
@@ -150,9 +163,22 @@ def _push(b_h, o_u, rows, first, base, SLOT: gl.constexpr, j, ROW_BYTES: gl.cons
         odd = unit % 2
         beside = _unit_beside(gl.where(odd == 1, x_e, x_o))
         bits = _pair_bits(gl.where(odd == 1, beside, x_e), gl.where(odd == 1, x_o, beside), y)
-        addr = slot + (row + odd) * ROW_BYTES + (unit - odd) * 2
-        for k in gl.static_range(HALF):
-            send_to(addr, bits, mbar, rank0 + k, rank0 + k < GROUP)
+        if PUSH_BYTES == 8:
+            # Lanes of units u and u ^ 2 swap their pairs: both then hold the warp's four
+            # units of one row, and send them to two quarters of the cluster.
+            upper = (unit // 2) % 2
+            other = _units_apart_2(bits)
+            QUARTER: gl.constexpr = (GROUP + 3) // 4
+            rank_q = 2 * rank0 // HALF * QUARTER + upper * QUARTER
+            lo = gl.where(upper == 1, other, bits)
+            hi = gl.where(upper == 1, bits, other)
+            addr = slot + (row + odd) * ROW_BYTES + (unit - unit % 4) * 2
+            for k in gl.static_range(QUARTER):
+                send_pair_to(addr, lo, hi, mbar, rank_q + k, rank_q + k < GROUP)
+        else:
+            addr = slot + (row + odd) * ROW_BYTES + (unit - odd) * 2
+            for k in gl.static_range(HALF):
+                send_to(addr, bits, mbar, rank0 + k, rank0 + k < GROUP)
     else:
         addr = slot + row * ROW_BYTES + unit * 4
         for k in gl.static_range(HALF):
@@ -330,6 +356,7 @@ def lstm_forward_registers_kernel(
     K_WIDTH: gl.constexpr, DOT_PRECISION: gl.constexpr, HAS_H0: gl.constexpr,
     HAS_LENGTHS: gl.constexpr, SAVE: gl.constexpr, REVERSE: gl.constexpr,
     POLL_BACKOFF_NS: gl.constexpr, EXCHANGE: gl.constexpr, STAMPS: gl.constexpr,
+    PUSH_BYTES: gl.constexpr,
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, 8])
@@ -402,7 +429,7 @@ def lstm_forward_registers_kernel(
         # A slot's rows are the batch block's (0 .. BLOCK_B - 1), in both operands' layouts.
         rows = gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, GATES))
         rows_k = gl.arange(0, BLOCK_B, layout=gl.SliceLayout(0, H_OP))
-        _push(b_h0, o_u, rows, first, exchange, SLOT, 0, ROW_BYTES, NUM_H_BLOCKS, y)
+        _push(b_h0, o_u, rows, first, exchange, SLOT, 0, ROW_BYTES, NUM_H_BLOCKS, PUSH_BYTES, y)
 
     for t in range(T):
         if STAMPS:
@@ -444,7 +471,7 @@ def lstm_forward_registers_kernel(
         if EXCHANGE:
             if t < T - 1:
                 _push(b_h, o_u, rows, first, exchange, SLOT, t + 1, ROW_BYTES, NUM_H_BLOCKS,
-                      y)
+                      PUSH_BYTES, y)
         b_h = b_h.to(y.dtype.element_ty)
 
         p_y = y + (t_row * B + o_n)[None, :] * YS + o_u[:, None]
@@ -539,8 +566,10 @@ def exchange_bytes(hidden_size: int, dtype: torch.dtype) -> int:
 def exchange_pushes(programs: int, dtype: torch.dtype) -> int:
     """st.async instructions of the kernel that pushes h (h0's and a step's): a thread sends
     one element of its [units, ROWS / 2] tile to half the cluster, 16-bit h a pair of units
-    at once, fp32 its two rows one by one. More would mean Triton's layout gives a thread
-    two elements, pushed twice."""
+    at once (or four units to a quarter, PUSH_BYTES 8), fp32 its two rows one by one. More
+    would mean Triton's layout gives a thread two elements, pushed twice."""
+    if dtype.itemsize == 2 and PUSH_BYTES == 8:
+        return 2 * ((programs + 3) // 4)
     return 2 * ((programs + 1) // 2) * (1 if dtype.itemsize == 2 else 2)
 
 
@@ -630,4 +659,4 @@ def kernel_constants(hidden_size: int, directions: int, dtype: torch.dtype, prec
                 CHUNKS=chunks(hidden_size, dtype), K_WIDTH=operand_width(hidden_size, dtype),
                 DOT_PRECISION=precision, HAS_H0=has_h0, HAS_LENGTHS=has_lengths, SAVE=save,
                 REVERSE=reverse, POLL_BACKOFF_NS=POLL_BACKOFF_NS, EXCHANGE=exchange,
-                STAMPS=stamps)
+                STAMPS=stamps, PUSH_BYTES=PUSH_BYTES)
