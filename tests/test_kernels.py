@@ -651,10 +651,10 @@ def test_registers_backward_exchange_lands_dg_where_its_loads_read_it(H, dtype, 
                 EXCHANGE_SLOT: tl.constexpr, RECEIVE: tl.constexpr):
         o_part, o_k, rows = tl.arange(0, 4), tl.arange(0, KC), tl.arange(0, 8)
         slot, _, _ = EXCHANGE_SLOT(0, SLOT, 1)
+        tiles = RECEIVE(slot, rows, o_part, o_k, ROW_BYTES, HP, KC, CHUNKS, K_WIDTH, out)
         for chunk in tl.static_range(CHUNKS):
-            tile = RECEIVE(slot, rows, o_part, o_k, chunk, ROW_BYTES, HP, KC, K_WIDTH, out)
             tl.store(out + rows[None, None, :] * (4 * HP) + (o_part * HP)[:, None, None]
-                     + (chunk * KC + o_k)[None, :, None], tile)
+                     + (chunk * KC + o_k)[None, :, None], tiles[chunk])
 
     knob_before, br.EXCHANGE_UNIT_WARPS = br.EXCHANGE_UNIT_WARPS, unit_warps
     try:

@@ -28,7 +28,7 @@ With EXCHANGE (config ``dsmem``), where a batch block's programs make one cluste
 slice the whole of its gate's reduction: H <= 512, fp32 256), each program pushes its dG_t
 into every program's shared memory instead (dsmem.py's protocol, as forward_registers.py
 pushes h): a stage waits on its own mbarrier and reads dG_{t+1} from shared memory straight
-into the operand registers, a chunk before its MMAs, nothing from L2 and no polls. 16-bit
+into the operand registers, nothing from L2 and no polls. 16-bit
 dG goes as pairs of units (a shuffle with the lane beside: the lane of unit 2u sends gates
 i and f of units 2u, 2u + 1, the lane of 2u + 1 gates g and o). Past H = 256 a program is
 eight warps, two a gate side by side (UNIT_WARPS), 32 units: 16 programs make H = 512.
@@ -102,15 +102,18 @@ def _any_unwritten(tiles, flags, poll, CHUNKS: gl.constexpr, FLAGS: gl.constexpr
 
 
 @gluon.jit
-def _receive_dg(slot, rows, o_part, o_k, chunk, ROW_BYTES: gl.constexpr, HP: gl.constexpr,
-                KC: gl.constexpr, K_WIDTH: gl.constexpr, dgates):
-    """Chunk `chunk` of dG_{t+1}^T (dgates' dtype) as _load_dg's operand tile, from this
-    program's exchange slot: a row of 4 HP elements a batch row (`rows`: the batch block's,
-    0 ..), gate k's columns from k HP, rows ROW_BYTES apart."""
+def _receive_dg(slot, rows, o_part, o_k, ROW_BYTES: gl.constexpr, HP: gl.constexpr,
+                KC: gl.constexpr, CHUNKS: gl.constexpr, K_WIDTH: gl.constexpr, dgates):
+    """dG_{t+1}^T (dgates' dtype) as _load_dg's operand tiles, from this program's exchange
+    slot: a row of 4 HP elements a batch row (`rows`: the batch block's, 0 ..), gate k's
+    columns from k HP, rows ROW_BYTES apart."""
     ITEM: gl.constexpr = dgates.dtype.element_ty.primitive_bitwidth // 8
-    col = (o_part * HP)[:, None] + (chunk * KC + o_k)[None, :]
-    addr = slot + rows[None, None, :] * ROW_BYTES + col[:, :, None] * ITEM
-    return _shared_load(addr, dgates, K_WIDTH)
+    tiles = ()
+    for chunk in gl.static_range(CHUNKS):
+        col = (o_part * HP)[:, None] + (chunk * KC + o_k)[None, :]
+        addr = slot + rows[None, None, :] * ROW_BYTES + col[:, :, None] * ITEM
+        tiles = tiles + (_shared_load(addr, dgates, K_WIDTH),)
+    return tiles
 
 
 @gluon.jit
@@ -339,19 +342,8 @@ def lstm_backward_registers_kernel(
             # dG_{t+1} is exchange s; then its slot's next phase, exchange s + 2.
             dg_slot, dg_mbar, dg_parity = exchange_slot(exchange, SLOT, s)
             wait_phase(dg_mbar, dg_parity)
-            if STAMPS:
-                if s < T:
-                    timeline.wait_ends(stamps, s)
-                    timeline.polls(stamps, s, polls)
-            # a chunk read just before its MMAs: the whole of dG^T at once is a warp's
-            # 4 HP / 8 registers beside the weights' HP / 2 (spills at H = 512)
-            acc = mma_v2(w_tiles[0], _receive_dg(dg_slot, rows_k, o_part, o_k, 0, ROW_BYTES,
-                                                 HP, KC, K_WIDTH, dgates),
-                         acc0, input_precision=DOT_PRECISION)
-            for chunk in gl.static_range(1, CHUNKS):
-                acc += mma_v2(w_tiles[chunk], _receive_dg(dg_slot, rows_k, o_part, o_k, chunk,
-                                                          ROW_BYTES, HP, KC, K_WIDTH, dgates),
-                              acc0, input_precision=DOT_PRECISION)
+            tiles = _receive_dg(dg_slot, rows_k, o_part, o_k, ROW_BYTES, HP, KC, CHUNKS,
+                                K_WIDTH, dgates)
             if s + 2 <= T:
                 arm(dg_mbar, SENT)
         else:
@@ -368,14 +360,13 @@ def lstm_backward_registers_kernel(
                 poll += 1
                 if STAMPS:
                     polls += 1
-            if STAMPS:
-                if s < T:
-                    timeline.wait_ends(stamps, s)
-                    timeline.polls(stamps, s, polls)
-            acc = mma_v2(w_tiles[0], tiles[0], acc0, input_precision=DOT_PRECISION)
-            for chunk in gl.static_range(1, CHUNKS):   # an accumulator a chunk: parallel chains
-                acc += mma_v2(w_tiles[chunk], tiles[chunk], acc0,
-                              input_precision=DOT_PRECISION)
+        if STAMPS:
+            if s < T:
+                timeline.wait_ends(stamps, s)
+                timeline.polls(stamps, s, polls)
+        acc = mma_v2(w_tiles[0], tiles[0], acc0, input_precision=DOT_PRECISION)
+        for chunk in gl.static_range(1, CHUNKS):   # an accumulator per chunk: parallel chains
+            acc += mma_v2(w_tiles[chunk], tiles[chunk], acc0, input_precision=DOT_PRECISION)
         # The parts' shares of dh through shared memory (slot s % 2: rewritten two stages
         # on, after the barriers of the stage between).
         slot = sums.index(s % 2)
