@@ -1,4 +1,6 @@
 """Shared test helpers: random problems, a float64 reference, gradient collection."""
+import copy
+
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -46,6 +48,22 @@ def packed_outputs_and_grads(module, x, hx, reset, lengths, upstream):
     leaves = [x] + (list(hx) if hx is not None else []) + list(module.parameters())
     loss = sum((t * u).sum() for t, u in zip(outs, upstream(outs)))
     return [t.detach() for t in outs] + list(torch.autograd.grad(loss, leaves))
+
+
+def nn_lstm_under_cpu_autocast(control, dtype, x, hx=None):
+    """nn.LSTM's forward under CPU autocast to ``dtype`` where oneDNN has that LSTM (bf16, on
+    CPUs with AVX-512), else nn.LSTM run in ``dtype`` by hand, which is what autocast means
+    (oneDNN has no fp16 LSTM under CPU autocast, nor a bf16 one on AVX2 CPUs): the module
+    that ran (``control``, or a copy of it in ``dtype``) and its outputs."""
+    if dtype == torch.bfloat16:
+        try:
+            with torch.autocast("cpu", dtype=dtype):
+                return control, control(x, hx)
+        except RuntimeError as error:
+            if "primitive descriptor" not in str(error):
+                raise
+    by_hand = copy.deepcopy(control).to(dtype)
+    return by_hand, by_hand(x.to(dtype), None if hx is None else tuple(t.to(dtype) for t in hx))
 
 
 def float64_copy(module):

@@ -19,7 +19,7 @@ from triton_lstm.dispatch import KernelConfig
 from triton_lstm.ops import config_to_list
 
 from .conftest import requires_interpreter
-from .helpers import float64_copy, relative_error, triton_copy
+from .helpers import float64_copy, nn_lstm_under_cpu_autocast, relative_error, triton_copy
 
 pytestmark = requires_interpreter
 TOL64 = dict(rtol=1e-10, atol=1e-10)
@@ -232,16 +232,10 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_lstm(dtype, input_dtype
     for name, p in ours.named_parameters():
         assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
 
-    # The control: nn.LSTM under the same autocast where its CPU kernel runs (bf16); oneDNN has
-    # no fp16 LSTM under CPU autocast, so there it is nn.LSTM run in fp16 by hand, which is
-    # what autocast means.
+    # The control: nn.LSTM under the same autocast where its CPU kernel runs, else run in the
+    # autocast dtype by hand.
     reference_in = x_in.detach().clone().requires_grad_()
-    if dtype == torch.bfloat16:
-        with torch.autocast("cpu", dtype=dtype):
-            y_control, _ = control(reference_in)
-    else:
-        control = copy.deepcopy(control).to(dtype)
-        y_control, _ = control(reference_in.to(dtype))
+    control, (y_control, _) = nn_lstm_under_cpu_autocast(control, dtype, reference_in)
     assert y_control.dtype == dtype
     (y_control.float() * upstream).sum().backward()
 

@@ -19,7 +19,7 @@ from triton_lstm.kernels.step import StepConfig
 from triton_lstm.reference import lstm_step_reference
 
 from .conftest import requires_interpreter
-from .helpers import triton_copy
+from .helpers import nn_lstm_under_cpu_autocast, triton_copy
 
 pytestmark = requires_interpreter
 TOLERANCES = {  # dtype: assert_close tolerances of a stepped sequence against forward
@@ -244,7 +244,7 @@ def test_autocast_computes_in_the_autocast_dtype_and_forward_mode_ad_works():
     hx = random_state(ours)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, (h, c) = ours.step(x, hx)
-        want_y, _ = control(x.unsqueeze(0), hx)
+    _, (want_y, _) = nn_lstm_under_cpu_autocast(control, torch.bfloat16, x.unsqueeze(0), hx)
     assert y.dtype == h.dtype == c.dtype == torch.bfloat16
     torch.testing.assert_close(y, want_y[0], **TOLERANCES[torch.bfloat16])
     y.float().sum().backward()
