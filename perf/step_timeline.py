@@ -83,6 +83,7 @@ ROWS = [
     ("small", "forward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
     ("small", "forward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
     ("small", "backward", "fp16", 8, 256, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),
+    ("small", "backward", "bf16", 8, 512, ["bb16-bh8-res-bk64-sk1-w4-df-ds-rg"]),  # 32 units
 ]
 FIELDS = ["group", "kernel", "dtype", "B", "H", "T", "config", "ran", "programs", "period_us",
           "busy_us", "wait_us", "after_wait_us", "release_us", "handoff_us", "skew_us",
