@@ -16,14 +16,15 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e ".[test,perf]"
 
+# On every core (pytest-xdist): the interpreted kernels and the sm_90 compiles are CPU-bound.
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n auto tests
 
 # The sm_90 code checks (tests/test_codegen.py) again, compiled by the GPU machines' Triton
 # (installed into a folder of its own that shadows the usual one on PYTHONPATH).
 codegen-check: install
 	test -d $(DEVICE_TRITON_DIR)/triton || $(PIP) install -q --no-deps --target $(DEVICE_TRITON_DIR) "triton==$(DEVICE_TRITON)"
-	PYTHONPATH=$(CURDIR)/$(DEVICE_TRITON_DIR) $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_codegen.py
+	PYTHONPATH=$(CURDIR)/$(DEVICE_TRITON_DIR) $(PYTHON) -m pytest -q -n auto -p no:cacheprovider tests/test_codegen.py
 
 perf: install
 	$(PYTHON) perf/bench.py
