@@ -232,6 +232,16 @@ def test_sm90_registers_forward_keeps_its_steps_out_of_shared_memory():
         assert row["state_load"] == VECTOR_BYTES, where | {"state_load": row["state_load"]}
 
 
+def assert_fours_push_half_as_often(fours, rows):
+    """A registers kernel pushing 16-bit state in fours of units (PUSH_BYTES 8): half the
+    st.async of the same kernel pushing pairs (its fp16 row at the same H in `rows`), 8
+    bytes each."""
+    for row in fours:
+        pairs = [r for r in rows if (r["dtype"], r["H"]) == ("fp16", row["H"])]
+        assert len(pairs) == 1 and pairs[0]["push_bytes"] == [4], pairs
+        assert 2 * row["pushes"] == pairs[0]["pushes"] and row["push_bytes"] == [8], row
+
+
 def test_sm90_registers_forward_pushing_h_reads_it_from_shared_memory_only():
     """The registers forward with h pushed through its cluster (forward_registers.py,
     EXCHANGE): programs of 1-8 warps; h read from the exchange slot straight into the MMA's
@@ -249,10 +259,7 @@ def test_sm90_registers_forward_pushing_h_reads_it_from_shared_memory_only():
                             "--dtypes", "fp32"])                      # tf32 MMAs
     pushing_fours = compile_report(["--kernels", "registers-exchange", "--shapes", "8x512",
                                     "3x30", "--dtypes", "fp16", "--push-bytes", "8"])
-    for row in pushing_fours:       # half the st.async of pairs, 8 bytes each
-        pairs = [r for r in rows if (r["dtype"], r["H"]) == ("fp16", row["H"])]
-        assert len(pairs) == 1 and pairs[0]["push_bytes"] == [4], pairs
-        assert 2 * row["pushes"] == pairs[0]["pushes"] and row["push_bytes"] == [8], row
+    assert_fours_push_half_as_often(pushing_fours, rows)
     rows += pushing_fours
     assert len(rows) == 14
     for row in rows:
@@ -285,10 +292,7 @@ def test_sm90_registers_backward_pushing_dg_reads_it_from_shared_memory_only():
                             "3x300", "--dtypes", "bf16", "fp16"])     # 3x300: 16 of 10
     pushing_fours = compile_report(["--kernels", "registers-backward-exchange", "--shapes",
                                     "8x512", "3x100", "--dtypes", "fp16", "--push-bytes", "8"])
-    for row in pushing_fours:       # half the st.async of pairs, 8 bytes each
-        pairs = [r for r in rows if (r["dtype"], r["H"]) == ("fp16", row["H"])]
-        assert len(pairs) == 1 and pairs[0]["push_bytes"] == [4], pairs
-        assert 2 * row["pushes"] == pairs[0]["pushes"] and row["push_bytes"] == [8], row
+    assert_fours_push_half_as_often(pushing_fours, rows)
     rows += pushing_fours
     assert len(rows) == 15
     for row in rows:

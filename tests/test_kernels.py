@@ -466,19 +466,25 @@ class _ClusterMemory:
         self.item, self.words, self.reader = item, {}, 0
         self.pushes = 0       # st.async instructions, a lane's each
 
-    def send_to(self, addr, bits, mbar, rank, valid, align=4):
+    def _write(self, addr, bits, rank, valid, align):
+        """Each valid element's word at its address in program `rank`; how many were valid."""
         import numpy as np
         where = [a.handle.data for a in (addr, bits, rank, valid)]
+        written = 0
         for a, b, r, v in zip(*(x.reshape(-1) for x in np.broadcast_arrays(*where))):
             if v:
                 assert (int(r), int(a)) not in self.words, "an element pushed twice"
                 assert int(a) % align == 0, "a push's words are aligned to its size"
                 self.words[int(r), int(a)] = int(b) & 0xFFFFFFFF
-                self.pushes += align == 4
+                written += 1
+        return written
+
+    def send_to(self, addr, bits, mbar, rank, valid):
+        self.pushes += self._write(addr, bits, rank, valid, 4)
 
     def send_pair_to(self, addr, lo, hi, mbar, rank, valid):
-        self.send_to(addr, lo, mbar, rank, valid, align=8)
-        self.send_to(addr + 4, hi, mbar, rank, valid, align=4)
+        self.pushes += self._write(addr, lo, rank, valid, 8)
+        self._write(addr + 4, hi, rank, valid, 4)
 
     def shared_load(self, addr, y, K_WIDTH):
         import numpy as np

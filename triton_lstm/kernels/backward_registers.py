@@ -54,9 +54,9 @@ from .barrier import either, fill_unwritten, interpreting
 from .dsmem import (arm, cluster_sync, exchange_setup, exchange_slot, region_base, send_pair_to,
                     send_to, wait_phase)
 from .forward import rounded_to, step_rows, store_gates
-from .forward_registers import (ROW_PAD_BYTES, ROWS, _lengths, _merged_marks, _pair_bits,
-                                _pause, _program_block, _shared_load, _warps_barrier,
-                                _zero_shared, chunks, operand_width)
+from .forward_registers import (ROW_PAD_BYTES, ROWS, _lane_xor, _lengths, _merged_marks,
+                                _pair_bits, _pause, _program_block, _shared_load,
+                                _warps_barrier, _zero_shared, chunks, operand_width)
 
 
 UNITS = 16                # hidden units a warp: the MMA's M side in each gate's warp
@@ -119,15 +119,13 @@ def _receive_dg(slot, rows, o_part, o_k, ROW_BYTES: gl.constexpr, HP: gl.constex
 @gluon.jit
 def _lane_beside(x):
     """Each register's value in lane ^ 1: the same row of the unit beside (2u and 2u + 1)."""
-    return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 1, 31, 0xffffffff;", "=f,f",
-                                     [x], dtype=gl.float32, is_pure=True, pack=1)
+    return _lane_xor(x, 1)
 
 
 @gluon.jit
 def _lanes_apart_2(x):
     """Each register's 32 bits in lane ^ 2: the same row, two units on."""
-    return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 2, 31, 0xffffffff;", "=r,r",
-                                     [x], dtype=gl.int32, is_pure=True, pack=1)
+    return _lane_xor(x, 2)
 
 
 @gluon.jit

@@ -92,25 +92,38 @@ def gates_layout(warps):
         shape=[8 * warps, ROWS])
 
 
+@gluon.constexpr_function
+def _lane_xor_asm(lanes, dtype):
+    """shfl.bfly of one 32-bit register with lane ^ `lanes`, and its constraints for `dtype`
+    (fp32 or int32)."""
+    register = "f" if dtype == gl.float32 else "r"
+    return (f"shfl.sync.bfly.b32 $0, $1, {lanes}, 31, 0xffffffff;",
+            f"={register},{register}")
+
+
+@gluon.jit
+def _lane_xor(x, LANES: gl.constexpr):
+    """Each register's value (fp32 or int32) in lane ^ LANES of the warp."""
+    ASM: gl.constexpr = _lane_xor_asm(LANES, x.dtype)
+    return gl.inline_asm_elementwise(ASM[0], ASM[1], [x], dtype=x.dtype, is_pure=True, pack=1)
+
+
 @gluon.jit
 def _partner(x):
     """Each register's value in lane ^ 16: the other two gates of the same unit and rows."""
-    return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 16, 31, 0xffffffff;", "=f,f",
-                                     [x], dtype=gl.float32, is_pure=True, pack=1)
+    return _lane_xor(x, 16)
 
 
 @gluon.jit
 def _unit_beside(x):
     """Each register's value in lane ^ 4: the same rows of the unit beside (2u and 2u + 1)."""
-    return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 4, 31, 0xffffffff;", "=f,f",
-                                     [x], dtype=gl.float32, is_pure=True, pack=1)
+    return _lane_xor(x, 4)
 
 
 @gluon.jit
 def _units_apart_2(x):
     """Each register's 32 bits in lane ^ 8: the same rows of the unit two on (u ^ 2)."""
-    return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, 8, 31, 0xffffffff;", "=r,r",
-                                     [x], dtype=gl.int32, is_pure=True, pack=1)
+    return _lane_xor(x, 8)
 
 
 @gluon.jit
