@@ -108,6 +108,46 @@ def assert_within_twice_the_reference_error(ours, theirs, want, slack, names=Non
             f"{name}: error {ours_err:.2e} vs {theirs_name}'s {their_err:.2e} (+{slack:.0e})")
 
 
+def _spans(indices):
+    """Sorted integers as ranges: [0, 1, 2, 5] -> "0-2, 5"."""
+    spans, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            spans.append(f"{start}" if start == i else f"{start}-{i}")
+            start = None
+    return ", ".join(spans)
+
+
+def assert_identical(got, want, name):
+    """got equals want element for element, NaN where want has NaN. Where not, the message says
+    where they part: how many elements differ, the first index along dim 0 (the step of a
+    [T, B, ...] output) with a difference, and there the rows (dim 1) and last-dim indices
+    (units, gates) that differ, so one failed GPU run tells which step, rows and programs'
+    units went wrong."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (
+        f"{name}: {got.dtype}{list(got.shape)} against {want.dtype}{list(want.shape)}")
+    differs = ~((got == want) | (got.isnan() & want.isnan()))
+    if not differs.any():
+        return
+    differs, got, want = differs.cpu(), got.detach().cpu(), want.detach().cpu()
+    first = differs.nonzero()[0].tolist()
+    where = f"first at index {first}"
+    if differs.dim() >= 2:
+        step = differs[first[0]]
+        rows = step.flatten(1).any(1).nonzero().flatten().tolist()
+        columns = step.reshape(-1, step.shape[-1]).any(0).nonzero().flatten().tolist()
+        where += (f"; at dim-0 index {first[0]}: dim-1 indices {_spans(rows)}, last-dim "
+                  f"indices {_spans(columns)} of {step.shape[-1]}")
+    both = ~(got.isnan() | want.isnan()) & differs
+    largest = (got[both].double() - want[both].double()).abs().max().item() if both.any() else 0
+    raise AssertionError(
+        f"{name}: {int(differs.sum())} of {differs.numel()} elements differ, {where}; "
+        f"largest difference {largest:.3g}; NaNs {int(got.isnan().sum())} against "
+        f"{int(want.isnan().sum())}")
+
+
 def triton_copy(ref, **kwargs):
     return triton_lstm.LSTM.from_torch(ref, backend="triton", **kwargs)
 

@@ -19,9 +19,9 @@ from triton_lstm.dispatch import KernelConfig, launch_counts
 from triton_lstm.kernels.forward import lstm_forward
 
 from .conftest import requires_cuda
-from .helpers import (assert_within_twice_the_reference_error, chained_layers, float64_copy,
-                      float64_reference, outputs_and_grads, relative_error, stack_weights,
-                      triton_copy)
+from .helpers import (assert_identical, assert_within_twice_the_reference_error, chained_layers,
+                      float64_copy, float64_reference, outputs_and_grads, relative_error,
+                      stack_weights, triton_copy)
 
 pytestmark = requires_cuda
 
@@ -120,9 +120,9 @@ def test_two_runs_are_bitwise_equal_and_stepped_matches_persistent(dtype, config
         y, h, c, *_ = LSTMFunction.apply(x, None, None, *params, None, config, force_stepped)
         grads = torch.autograd.grad((y * 1.5).sum() + h.sum() - c.sum(), [x] + params)
         runs.append([y, h, c, *grads])
-    for first, second, stepped in zip(*runs):
-        assert torch.equal(first, second)
-        assert torch.equal(first, stepped)
+    for k, (first, second, stepped) in enumerate(zip(*runs)):
+        assert_identical(second, first, f"output {k}, again")
+        assert_identical(stepped, first, f"output {k}, stepped")
 
 
 @pytest.mark.parametrize("proj_size", [0, 128], ids=["", "proj"])
@@ -145,7 +145,7 @@ def test_forward_in_step_chunks_is_bitwise_the_one_launch(dtype, proj_size):
     assert launch_counts["persistent"] >= before + 4, "the persistent path did not run"
     for k, (a, b) in enumerate(zip(whole, chunked)):
         if a is not None:
-            assert torch.equal(a, b), f"output {k}"
+            assert_identical(b, a, f"output {k}")
 
 
 @pytest.mark.parametrize("shape", [pytest.param((8, 128, 64, 1024), id="T8-B128-H1024"),
@@ -262,7 +262,7 @@ def test_cuda_graph_replay(label):
         captured.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(captured, eager)
+        assert_identical(captured, eager, "y replayed")
 
 
 # -- integration: AMP, torch.compile, CUDA graphs of a whole training step --------------------
@@ -493,8 +493,9 @@ def test_step_loop_captured_in_a_cuda_graph_replays_like_eager(dtype, proj_size)
             y_buf.fill_(float("nan"))
             graph.replay()
             torch.cuda.synchronize()
-            assert torch.equal(y_buf, eager_ys[t]), f"step {t}"
-        assert torch.equal(h_buf, state[0]) and torch.equal(c_buf, state[1])
+            assert_identical(y_buf, eager_ys[t], f"y of step {t}")
+        assert_identical(h_buf, state[0], "h")
+        assert_identical(c_buf, state[1], "c")
 
 
 # -- resets, recompute, long sequences ------------------------------------------------------
@@ -635,9 +636,7 @@ def test_dataflow_waits_compute_what_the_barrier_computes_nan_and_inf_included(l
         assert launch_counts["persistent"] >= before + 2
         runs.append([y, h, c, *grads])
     for k, (barrier, dataflow) in enumerate(zip(*runs)):
-        assert torch.equal(barrier.isnan(), dataflow.isnan()), k
-        torch.testing.assert_close(dataflow.nan_to_num(), barrier.nan_to_num(), rtol=0, atol=0,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+        assert_identical(dataflow, barrier, f"output {k}")
 
 
 def forwards_with_nan_and_inf(configs, count, flag):
@@ -657,16 +656,16 @@ def forwards_with_nan_and_inf(configs, count, flag):
         assert launch_counts[count] == before + getattr(config, flag)
     for k, outputs in enumerate(zip(*runs)):
         assert outputs[0].isnan().any(), k
-        assert all(torch.equal(outputs[0].isnan(), other.isnan()) for other in outputs[1:]), k
+        for other in outputs[1:]:
+            assert_identical(other.isnan(), outputs[0].isnan(), f"the NaNs of output {k}")
     return gx, w_hh, runs
 
 
 def assert_equal_but_for_nans(runs):
-    """Two runs' outputs bitwise equal outside their NaNs (which forwards_with_nan_and_inf
-    and backwards_with_nan_and_inf have found in the same places)."""
+    """Two runs' outputs equal element for element, NaN where NaN (forwards_with_nan_and_inf
+    and backwards_with_nan_and_inf have found the NaNs in the same places)."""
     for k, (first, second) in enumerate(zip(*runs)):
-        torch.testing.assert_close(second.nan_to_num(), first.nan_to_num(), rtol=0, atol=0,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+        assert_identical(second, first, f"output {k}")
 
 
 def backwards_with_nan_and_inf(configs, count, flag):
@@ -691,7 +690,8 @@ def backwards_with_nan_and_inf(configs, count, flag):
         assert launch_counts[count] == before + getattr(config, flag)
     for k, outputs in enumerate(zip(*runs)):
         assert outputs[0].isnan().any(), k
-        assert all(torch.equal(outputs[0].isnan(), other.isnan()) for other in outputs[1:]), k
+        for other in outputs[1:]:
+            assert_identical(other.isnan(), outputs[0].isnan(), f"the NaNs of output {k}")
     return gx, w_hh, dy, runs
 
 
@@ -757,7 +757,7 @@ def assert_replays_like_eager(run, static_input, count, outputs):
         eager = run()
         assert launch_counts[count] == before + 1
         for k in range(outputs):
-            assert torch.equal(captured[k], eager[k]), k
+            assert_identical(captured[k], eager[k], f"output {k} replayed")
 
 
 # The forward and the backward with their weights in registers (kernels/forward_registers.py,
@@ -880,7 +880,7 @@ def assert_pushing_equals_reading(run):
             assert launch_counts["clustered"] == before["clustered"] + config.dsmem
     for k, (read, pushed) in enumerate(zip(*runs)):
         assert torch.isfinite(read).all(), k
-        assert torch.equal(pushed, read), k
+        assert_identical(pushed, read, f"output {k} pushed")
 
 
 @pytest.mark.timeout(120)    # a push that never lands traps (dsmem.WAIT_LIMIT) before this
@@ -970,8 +970,10 @@ def test_a_kernel_recording_its_timeline_computes_the_same_and_stamps_every_step
     before = launch_counts[kind]
     stamped = run(stamps)
     assert launch_counts[kind] == before + 1
-    for a, b in zip(plain, stamped):
-        assert (a is None and b is None) or torch.equal(a, b)
+    for k, (a, b) in enumerate(zip(plain, stamped)):
+        assert (a is None) == (b is None), k
+        if a is not None:
+            assert_identical(b, a, f"output {k} stamped")
     programs = -(-H // block_h) * -(-B // block_b)
     stamps = stamps.cpu()
     assert (stamps[:, programs:] == 0).all()
@@ -1032,7 +1034,8 @@ def test_ring_forward_equals_its_tl_tile_on_nan_input_and_replays_from_a_cuda_gr
         runs.append(lstm_forward(gx, w_hh, None, None, None, save=False, config=run_config))
         assert launch_counts["ring"] == before + ring_launches
     for k in range(3):
-        assert runs[1][k].isnan().any() and torch.equal(runs[0][k].isnan(), runs[1][k].isnan()), k
+        assert runs[1][k].isnan().any(), k
+        assert_identical(runs[1][k].isnan(), runs[0][k].isnan(), f"the NaNs of output {k}")
     finite = slice(1, None)      # rows are independent: row 0 alone has a NaN and an inf
     want = lstm_layer_reference(gx[:, finite].cpu().double(), None, None,
                                 torch.eye(4 * H, dtype=torch.float64), w_hh.cpu().double())
@@ -1129,7 +1132,7 @@ def test_registers_backward_replays_from_a_cuda_graph_like_eager():
                               config=config)
         assert launch_counts["registers"] == before + 1
         for k in range(3):
-            assert torch.equal(captured[k], eager[k]), k
+            assert_identical(captured[k], eager[k], f"output {k} replayed")
 
 
 @pytest.mark.timeout(120)
@@ -1177,8 +1180,7 @@ def test_cluster_barrier_computes_what_the_counter_barrier_computes(form, hidden
         runs.append([y, h, c, *grads])
     for k, (counter, cluster) in enumerate(zip(*runs)):
         assert torch.isfinite(counter).all(), k
-        torch.testing.assert_close(cluster, counter, rtol=0, atol=0,
-                                   msg=lambda m, k=k: f"{k}: {m}")
+        assert_identical(cluster, counter, f"output {k} in the cluster")
 
 
 @pytest.mark.timeout(120)
@@ -1294,9 +1296,8 @@ def test_wavefront_is_deterministic_stepped_dataflow_equal_persistent_and_nan_in
                                     [xg, weights[1][1]])
         runs.append([y, h, c, *grads])
     for k, (first, *others) in enumerate(zip(*runs)):
-        for other in others:      # again, stepped, dataflow
-            assert torch.equal(first.isnan(), other.isnan()), k
-            assert torch.equal(first.nan_to_num(), other.nan_to_num()), k
+        for run_name, other in zip(("again", "stepped", "dataflow"), others):
+            assert_identical(other, first, f"output {k} {run_name}")
     assert runs[0][0][:, 2:].isfinite().all()      # rows without NaN input stay finite
 
 
@@ -1314,7 +1315,7 @@ def test_wavefront_cuda_graph_replay():
         for _ in range(3):
             x_buf.copy_(torch.randn_like(x_buf))
             graph.replay()
-            torch.testing.assert_close(y_buf, ours(x_buf)[0], rtol=0, atol=0)
+            assert_identical(y_buf, ours(x_buf)[0], "y replayed")
 
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
