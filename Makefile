@@ -9,8 +9,14 @@ OUT ?= perf/results
 # The Triton the lent GPU machines run: the sm_90 code checks run under it too.
 DEVICE_TRITON ?= 3.6.0
 DEVICE_TRITON_DIR = .triton-$(DEVICE_TRITON)
+# And their torch. How torch.compile, export, vmap and autograd treat the layer changes from one
+# torch to the next, so the tests of that run under it too, in a virtual environment of its own
+# (PyPI's build of it, which runs on a CPU too; a few GB).
+DEVICE_TORCH ?= 2.11.0
+DEVICE_VENV = .venv-torch-$(DEVICE_TORCH)
+DEVICE_TORCH_TESTS = test_compat or compile or vmap or export or jit or autocast or func or gradcheck
 
-.PHONY: install test codegen-check perf perf-quick tune gpu-check demo lint
+.PHONY: install test codegen-check device-torch-check perf perf-quick tune gpu-check demo lint
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -25,6 +31,12 @@ test: install
 codegen-check: install
 	test -d $(DEVICE_TRITON_DIR)/triton || $(PIP) install -q --no-deps --target $(DEVICE_TRITON_DIR) "triton==$(DEVICE_TRITON)"
 	PYTHONPATH=$(CURDIR)/$(DEVICE_TRITON_DIR) $(PYTHON) -m pytest -q -n auto -p no:cacheprovider tests/test_codegen.py
+
+# The integration tests (torch.compile, export, vmap, autocast, gradcheck) under the GPU
+# machines' torch and Triton.
+device-torch-check:
+	test -x $(DEVICE_VENV)/bin/python || ($(PYTHON) -m venv $(DEVICE_VENV) && $(DEVICE_VENV)/bin/pip install -q "torch==$(DEVICE_TORCH)" "triton==$(DEVICE_TRITON)" "numpy<2.4" pytest pytest-xdist)
+	PYTHONPATH=$(CURDIR) $(DEVICE_VENV)/bin/python -m pytest -q -n auto -p no:cacheprovider tests -k "$(DEVICE_TORCH_TESTS)"
 
 perf: install
 	$(PYTHON) perf/bench.py

@@ -59,10 +59,10 @@
 #                                                  exchanges', perf/step_timeline.py, then
 #                                                  those exchanges' rows beside the kernels
 #                                                  reading from L2 (4.8 min)
-#   COMMIT=<hash> bash perf/device_session.sh 15  the exchanges as make tune candidates at
-#                                                  issue 8's small-batch shapes once their
-#                                                  GPU tests pass, then make perf's main
-#                                                  table (about 7.5 min)
+#   COMMIT=<hash> bash perf/device_session.sh 15  torch.compile's GPU tests, the exchanges as
+#                                                  make tune candidates at issue 8's small-
+#                                                  batch shapes once their GPU tests pass,
+#                                                  then make perf's main table (about 8.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
@@ -256,6 +256,10 @@ case "${1:-}" in
     # all their GPU tests pass (a failure of any leaves them out), then make perf's main
     # table, where issue 8's layer rows are read (perf/NOTES.md, "After run 6: the
     # registers backward pushes dG at H = 512 too").
+    # First torch.compile's GPU tests: under the machines' torch 2.11 a compiled model ran
+    # nn.LSTM before module.exporting's workaround (README, the versions); they now check
+    # that the kernels run.
+    gpu_tests 60 "compile_reduce_overhead or compiled_gradients"
     if gpu_tests 120 "$CLUSTER_TESTS"; then
         tune_resumed 200 2.5 --exchange --shapes $SMALL_BATCH
     else

@@ -178,6 +178,31 @@ def test_compile_fullgraph_dynamic_shapes_trains_like_eager(backend, fullgraph_e
     assert any("embedding" in t for t in targets) and any("linear" in t for t in targets)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["one-direction", "bidirectional"])
+def test_compiled_gradients_through_the_final_state_equal_eager(bidirectional, fullgraph_enabled):
+    """Under torch.compile the kernels run, and every output takes its gradient as in eager,
+    h_n and c_n included. (Dynamo in torch 2.11, not in 2.13, folded is_exporting() to True,
+    which sent compiled calls to nn.LSTM, and gave no gradient to an autograd.Function output
+    that an op returned as its own input, such as c_n cast to its own dtype.)"""
+    torch._dynamo.reset()
+    ours = triton_lstm.LSTM(3, 4, num_layers=2, bidirectional=bidirectional, backend="triton",
+                            dtype=torch.float64)
+
+    def loss(x):
+        y, (h, c) = ours(x)
+        return y.sin().sum() + (h * h).sum() + (c * c).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    before = kernel_launches()
+    got = torch.autograd.grad(compiled(x), [x, *ours.parameters()])
+    assert kernel_launches() > before, "the compiled call ran no kernel"
+    want = torch.autograd.grad(loss(x), [x, *ours.parameters()])
+    for name, g, w in zip(["x"] + [n for n, _ in ours.named_parameters()], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=name)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
 def test_compile_default_mode_runs_the_kernels_and_trains_like_eager(backend):
     """Without enable_fullgraph, dynamo runs the parent eagerly and compiles the LSTM on its own."""

@@ -389,17 +389,58 @@ def test_compile_reduce_overhead_training_matches_eager():
         model = _char_model()
         eager = copy.deepcopy(model)
         compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        compiled_launches = 0
         for _ in range(4):
             tokens = torch.randint(0, 50, (33, 8), device="cuda")
             losses = []
             for m, fn in ((model, compiled), (eager, eager)):
                 m.zero_grad()
+                before = sum(launch_counts.values())
                 loss = _loss(fn, tokens)
                 loss.backward()
+                if fn is compiled:
+                    compiled_launches += sum(launch_counts.values()) - before
                 losses.append(loss.detach().clone())
             torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-4)
             for (name, p), q in zip(model.named_parameters(), eager.parameters()):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+        # The compiled model runs the kernels (its warm-up and capture launch them through
+        # Python; replays do not count), not nn.LSTM.
+        assert compiled_launches > 0, "the compiled model ran no kernel"
+    finally:
+        triton_lstm.enable_fullgraph(False)
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_compiled_gradients_through_the_final_state_equal_eager(dtype_name):
+    """torch.compile runs the kernels, and every output of a bidirectional stack takes its
+    gradient as in eager, h_n and c_n included (test_compat's twin on the GPU machines' torch:
+    torch 2.11's Dynamo sent compiled calls to nn.LSTM, and dropped c_n's gradient)."""
+    dtype, allow_tf32, _ = DTYPES[dtype_name]
+    triton_lstm.enable_fullgraph()
+    try:
+        ours = triton_lstm.LSTM(64, 128, num_layers=2, bidirectional=True, backend="triton",
+                                device="cuda", dtype=dtype)
+
+        def loss(x):
+            y, (h, c) = ours(x)
+            return (y.float().sin().sum() + h.float().square().sum()
+                    + c.float().square().sum())
+
+        compiled = torch.compile(loss, fullgraph=True)
+        x = torch.randn(20, 8, 64, device="cuda", dtype=dtype, requires_grad=True)
+        with tf32(allow_tf32):
+            before = sum(launch_counts.values())
+            got = torch.autograd.grad(compiled(x), [x, *ours.parameters()])
+            assert sum(launch_counts.values()) > before, "the compiled call ran no kernel"
+            want = torch.autograd.grad(loss(x), [x, *ours.parameters()])
+        # Inductor fuses the ops around the kernels its own way: equal up to rounding, where
+        # a dropped gradient is off by its whole size.
+        limit = 1e-4 if dtype == torch.float32 else 2e-2
+        names = ["x"] + [name for name, _ in ours.named_parameters()]
+        for name, g, w in zip(names, got, want):
+            assert relative_error(g, w) <= limit, name
     finally:
         triton_lstm.enable_fullgraph(False)
         torch._dynamo.reset()

@@ -22,7 +22,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch._C._functorch import TransformType
 import torch.autograd.forward_ad as forward_ad
 
-from .dispatch import state_dtype
+from .dispatch import state_dtype, to_dtype
 from .ops import (bias_gradient, config_to_list, direct, layer_matmul, layer_matmul_plus,
                   recurrence_backward_eager, recurrence_forward_eager, step_forward_eager)
 from .recompute import recompute_backward
@@ -190,7 +190,7 @@ class LSTMFunction(torch.autograd.Function):
             w_hh, h0, c0, w_hr = _add_direction_dim(w_hh, h0, c0, w_hr)
         y, h_n, c_n, *saved = _recurrence(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, config,
                                           force_stepped, w_hr, restarts, not recompute, recompute)
-        c_n = c_n.to(x.dtype)
+        c_n = to_dtype(c_n, x.dtype)
         if single:
             h_n, c_n = h_n[0], c_n[0]
         return (y, h_n, c_n, *saved)
@@ -273,18 +273,18 @@ def _layer_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengths, 
         force_stepped, restarts, c0, True, bias_grad)
     if restarts is not None:
         # The restarts restored (h0, c0): their gradients add to the initial state's.
-        dh0 = (dh0.to(dh_restart.dtype) + dh_restart).to(dh0.dtype)
+        dh0 = to_dtype(dh0.to(dh_restart.dtype) + dh_restart, dh0.dtype)
         dc0 = dc0 + dc_restart
     summed = bias_grad and db.numel() > 0       # (under vmap the sum is left to this code)
     dx, dw_ih, dw_hh, db_over_dG = gradients_over_dG(
         dG, x, h0, w_ih, None if summed else b_ih, y, lengths, restarts, R, needs)
-    db = db.to(dG.dtype) if summed else db_over_dG
+    db = to_dtype(db, dG.dtype) if summed else db_over_dG
     dw_hr = None
     if w_hr is not None and need_whr:
         # h_t = r_t W_hr^T: dW_hr = sum_t dh_t^T r_t, with dh_t the total gradient of h_t.
         dw_hr = stacked([layer_matmul(dh_all[d].reshape(T * B, R).t(),
                                       r_all[d].reshape(T * B, H)) for d in range(D)])
-    return dx, dh0, dc0.to(x.dtype), dw_ih, dw_hh, db, dw_hr
+    return dx, dh0, to_dtype(dc0, x.dtype), dw_ih, dw_hh, db, dw_hr
 
 
 def gradients_over_dG(dG, x, h0, w_ih, b_ih, y, lengths, restarts, R: int, needs):
@@ -315,7 +315,7 @@ def gradients_over_dG(dG, x, h0, w_ih, b_ih, y, lengths, restarts, R: int, needs
                                       restarted_in_time_order(restarts, lengths, d))
                       for d in range(D)]
     dx, dw_ih, dw_hh, db = gemms_over_dG(dG, x, h_prev, w_ih, b_ih is not None, needs)
-    return dx, dw_ih, dw_hh, None if db is None else db.to(dG.dtype)
+    return dx, dw_ih, dw_hh, None if db is None else to_dtype(db, dG.dtype)
 
 
 def gemms_over_dG(dG, x, h_prev, w_ih, has_bias: bool, needs):
@@ -508,7 +508,7 @@ class WavefrontFunction(torch.autograd.Function):
             *_wavefront_operands(x, weights), h0, c0, lengths, True, config_to_list(config),
             force_stepped, keep)
         # y is its own tensor, not a view of the saved h_all.
-        return h_all[-1, 1:].clone(), h_n, c_n.to(x.dtype), h_all, gates, c_all, x_all
+        return h_all[-1, 1:].clone(), h_n, to_dtype(c_n, x.dtype), h_all, gates, c_all, x_all
 
     @staticmethod
     def setup_context(ctx, inputs, output):

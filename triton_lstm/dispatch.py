@@ -277,6 +277,14 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype: t itself where it is in dtype already, with no op. The autograd Functions
+    return their outputs through this: under torch.compile in torch 2.11 (not in 2.13), an
+    output made by an op that returns its own input (``.to`` its own dtype, ``.contiguous()``
+    of a contiguous tensor) got zeros for its gradient."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def staged_bytes(hidden_size: int, block_b: int, dtype: torch.dtype, num_warps: int) -> int:
     """Bytes per thread of a [BLOCK_B, HP] operand staged for the recurrent dot."""
     return block_b * padded(hidden_size) * dtype.itemsize // (32 * num_warps)

@@ -32,8 +32,16 @@ def exporting() -> bool:
     They record nn.LSTM's own op (aten.lstm), which every exporter and runtime
     knows; the kernels are for running, and torch.compile keeps them.
     """
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_exporting())
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _export_flag()
+
+
+def _export_flag() -> bool:
+    """torch.compiler.is_exporting(), read so that torch.compile sees it as it is: Dynamo in
+    torch 2.11 (not in 2.13) folds the call to True in every graph it traces, which sent every
+    compiled call to nn.LSTM. torch.export sets the flag the call returns, and Dynamo reads
+    (and guards on) a module attribute's value."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 def _copy_requires_grad(source: nn.Module, target: nn.Module) -> None:

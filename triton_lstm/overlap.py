@@ -35,7 +35,7 @@ from torch._C._functorch import is_legacy_batchedtensor
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .autograd import gemms_over_dG, previous_hidden
-from .dispatch import backward_chunk_count, forward_chunk_count, state_dtype
+from .dispatch import backward_chunk_count, forward_chunk_count, state_dtype, to_dtype
 from .ops import config_to_list, layer_matmul, recurrence_forward_eager
 from .reference import row_lengths
 
@@ -180,11 +180,11 @@ def overlapped_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, w_hr, lengt
     if side is not None:
         torch.cuda.current_stream(device).wait_stream(side)
 
-    dh0 = (dh_carry.to(acc) + dh_restart).to(dtype)
-    dc0 = (dc_carry + dc_restart).to(dtype)
-    return (dx, dh0, dc0, None if dw_ih is None else dw_ih.to(dtype),
+    dh0 = to_dtype(dh_carry.to(acc) + dh_restart, dtype)
+    dc0 = to_dtype(dc_carry + dc_restart, dtype)
+    return (dx, dh0, dc0, None if dw_ih is None else to_dtype(dw_ih, dtype),
             None if dw_hh is None else dw_hh.to(dtype)[None],
-            None if db is None else db.to(dtype),
+            None if db is None else to_dtype(db, dtype),
             None if dw_hr is None else dw_hr.to(dtype)[None])
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import state_dtype
+from .dispatch import state_dtype, to_dtype
 from .ops import config_to_list, layer_matmul
 from .reference import reverse_order, row_lengths
 
@@ -120,8 +120,8 @@ def recompute_backward(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
                 db[d] = db[d] + g.sum(0, dtype=acc)
 
     dh0, dc0 = dh_carry + dh_restart, dc_carry + dc_restart
-    return (None if dx is None else dx.to(dtype), dh0.to(dtype), dc0.to(dtype),
-            torch.cat(dw_ih).to(dtype) if need_wih else None,
-            torch.stack(dw_hh).to(dtype) if need_whh else None,
-            torch.cat(db).to(dtype) if need_b else None,
-            torch.stack(dw_hr).to(dtype) if (w_hr is not None and need_whr) else None)
+    return (None if dx is None else to_dtype(dx, dtype), to_dtype(dh0, dtype),
+            to_dtype(dc0, dtype), to_dtype(torch.cat(dw_ih), dtype) if need_wih else None,
+            to_dtype(torch.stack(dw_hh), dtype) if need_whh else None,
+            to_dtype(torch.cat(db), dtype) if need_b else None,
+            to_dtype(torch.stack(dw_hr), dtype) if (w_hr is not None and need_whr) else None)
