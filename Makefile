@@ -33,9 +33,10 @@ codegen-check: install
 	PYTHONPATH=$(CURDIR)/$(DEVICE_TRITON_DIR) $(PYTHON) -m pytest -q -n auto -p no:cacheprovider tests/test_codegen.py
 
 # The integration tests (torch.compile, export, vmap, autocast, gradcheck) under the GPU
-# machines' torch and Triton.
+# machines' torch and Triton. Its environment is set up again unless every package imports
+# (an install cut short leaves the environment behind).
 device-torch-check:
-	test -x $(DEVICE_VENV)/bin/python || ($(PYTHON) -m venv $(DEVICE_VENV) && $(DEVICE_VENV)/bin/pip install -q "torch==$(DEVICE_TORCH)" "triton==$(DEVICE_TRITON)" "numpy<2.4" pytest pytest-xdist)
+	$(DEVICE_VENV)/bin/python -c "import torch, triton, numpy, pytest, xdist" 2>/dev/null || ($(PYTHON) -m venv $(DEVICE_VENV) && $(DEVICE_VENV)/bin/pip install -q "torch==$(DEVICE_TORCH)" "triton==$(DEVICE_TRITON)" "numpy<2.4" pytest pytest-xdist)
 	PYTHONPATH=$(CURDIR) $(DEVICE_VENV)/bin/python -m pytest -q -n auto -p no:cacheprovider tests -k "$(DEVICE_TORCH_TESTS)"
 
 perf: install
